@@ -1,0 +1,274 @@
+//! Audit events of cardvault: who touched which card data, when, from where,
+//! and with what result (PCI DSS 10.2).
+//!
+//! This crate owns the *shape* of an audit event and its canonical encoding.
+//! It stores nothing itself: the vault's store appends events in the same
+//! database transaction as the change they record, and the tamper-evident
+//! chain and the auditors' verifier build on [`AuditEvent::canonical_bytes`].
+//!
+//! Public API:
+//! - [`AuditEvent`]: one entry; built with [`AuditEvent::new`] and setters.
+//! - [`Action`], [`Outcome`]: closed vocabularies with stable names.
+//! - [`StoredEvent`]: an event with the sequence number the store gave it.
+//!
+//! Invariant: an event holds token ids, tenants, principal names and error
+//! codes, never a PAN, never a fingerprint (fingerprints could correlate cards
+//! across tenants). The one free-text field, `reason`, is checked by the
+//! caller to hold no card number before it gets here, and the store refuses
+//! events whose text looks like one.
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// What was done. The string names are stable: they are stored and audited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Tokenize,
+    Detokenize,
+    MetadataRead,
+    Delete,
+    /// A request whose credentials were missing, malformed, unknown or revoked.
+    AuthenticationFailed,
+    /// An authenticated request that its principal's roles or tenants do not allow.
+    AuthorizationDenied,
+    PrincipalCreated,
+    PrincipalRevoked,
+    KeyGenerated,
+    ServiceStart,
+    ServiceStop,
+}
+
+impl Action {
+    /// The stable name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Tokenize => "tokenize",
+            Action::Detokenize => "detokenize",
+            Action::MetadataRead => "metadata_read",
+            Action::Delete => "delete",
+            Action::AuthenticationFailed => "authentication_failed",
+            Action::AuthorizationDenied => "authorization_denied",
+            Action::PrincipalCreated => "principal_created",
+            Action::PrincipalRevoked => "principal_revoked",
+            Action::KeyGenerated => "key_generated",
+            Action::ServiceStart => "service_start",
+            Action::ServiceStop => "service_stop",
+        }
+    }
+
+    /// Parse a stored name.
+    pub fn parse(name: &str) -> Option<Self> {
+        ALL_ACTIONS.iter().copied().find(|a| a.as_str() == name)
+    }
+}
+
+const ALL_ACTIONS: [Action; 11] = [
+    Action::Tokenize,
+    Action::Detokenize,
+    Action::MetadataRead,
+    Action::Delete,
+    Action::AuthenticationFailed,
+    Action::AuthorizationDenied,
+    Action::PrincipalCreated,
+    Action::PrincipalRevoked,
+    Action::KeyGenerated,
+    Action::ServiceStart,
+    Action::ServiceStop,
+];
+
+/// How it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The operation happened.
+    Success,
+    /// The caller was refused (authentication or authorization).
+    Denied,
+    /// The operation did not happen (bad input, unknown token, server fault).
+    Failure,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Denied => "denied",
+            Outcome::Failure => "failure",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        [Outcome::Success, Outcome::Denied, Outcome::Failure]
+            .into_iter()
+            .find(|o| o.as_str() == name)
+    }
+}
+
+/// One audit entry (PCI DSS 10.2.2: user, type of event, date and time,
+/// success or failure, origination, identity of affected data).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// UTC time the event was recorded.
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    /// Principal name, when the caller authenticated (or claimed one).
+    pub principal: Option<String>,
+    /// Source address of the request (`ip:port`), or `local` for the CLI.
+    pub source: Option<String>,
+    pub action: Action,
+    pub tenant: Option<String>,
+    /// Token id affected; never a PAN.
+    pub token: Option<String>,
+    pub outcome: Outcome,
+    /// Stable error code when the outcome is not success.
+    pub error_code: Option<String>,
+    /// Request id, echoed to the caller in `x-request-id`.
+    pub request_id: Option<String>,
+    /// Business reason given by the caller (detokenize).
+    pub reason: Option<String>,
+    /// Short non-secret detail, e.g. `created` / `existing` for tokenize.
+    pub detail: Option<String>,
+}
+
+impl AuditEvent {
+    /// A new event stamped with the current UTC time.
+    pub fn new(action: Action, outcome: Outcome) -> Self {
+        Self {
+            time: OffsetDateTime::now_utc(),
+            principal: None,
+            source: None,
+            action,
+            tenant: None,
+            token: None,
+            outcome,
+            error_code: None,
+            request_id: None,
+            reason: None,
+            detail: None,
+        }
+    }
+
+    pub fn principal(mut self, v: impl Into<String>) -> Self {
+        self.principal = Some(v.into());
+        self
+    }
+    pub fn source(mut self, v: impl Into<String>) -> Self {
+        self.source = Some(v.into());
+        self
+    }
+    pub fn tenant(mut self, v: impl Into<String>) -> Self {
+        self.tenant = Some(v.into());
+        self
+    }
+    pub fn token(mut self, v: impl Into<String>) -> Self {
+        self.token = Some(v.into());
+        self
+    }
+    pub fn error_code(mut self, v: impl Into<String>) -> Self {
+        self.error_code = Some(v.into());
+        self
+    }
+    pub fn request_id(mut self, v: impl Into<String>) -> Self {
+        self.request_id = Some(v.into());
+        self
+    }
+    pub fn reason(mut self, v: impl Into<String>) -> Self {
+        self.reason = Some(v.into());
+        self
+    }
+    pub fn detail(mut self, v: impl Into<String>) -> Self {
+        self.detail = Some(v.into());
+        self
+    }
+
+    /// Every free-text field of the event, for content checks before storing.
+    pub fn text_fields(&self) -> impl Iterator<Item = &str> {
+        [
+            &self.principal,
+            &self.source,
+            &self.tenant,
+            &self.token,
+            &self.error_code,
+            &self.request_id,
+            &self.reason,
+            &self.detail,
+        ]
+        .into_iter()
+        .filter_map(|f| f.as_deref())
+    }
+
+    /// Canonical, unambiguous encoding of the event (without its sequence
+    /// number): the input of the hash chain. Fields are length-prefixed in a
+    /// fixed order; absent fields are distinguishable from empty ones.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"cardvault/audit-event/v1");
+        let time = self.time.unix_timestamp_nanos().to_be_bytes();
+        put(&mut out, Some(&time[..]));
+        for field in [
+            self.principal.as_deref(),
+            self.source.as_deref(),
+            Some(self.action.as_str()),
+            self.tenant.as_deref(),
+            self.token.as_deref(),
+            Some(self.outcome.as_str()),
+            self.error_code.as_deref(),
+            self.request_id.as_deref(),
+            self.reason.as_deref(),
+            self.detail.as_deref(),
+        ] {
+            put(&mut out, field.map(str::as_bytes));
+        }
+        out
+    }
+}
+
+fn put(out: &mut Vec<u8>, field: Option<&[u8]>) {
+    match field {
+        None => out.push(0),
+        Some(bytes) => {
+            out.push(1);
+            // Fields are bounded far below 4 GiB by the API's input limits.
+            let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(bytes);
+        }
+    }
+}
+
+/// An event as stored, with the sequence number the store assigned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredEvent {
+    pub seq: i64,
+    #[serde(flatten)]
+    pub event: AuditEvent,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn action_and_outcome_names_round_trip() {
+        for a in ALL_ACTIONS {
+            assert_eq!(Action::parse(a.as_str()), Some(a));
+        }
+        for o in [Outcome::Success, Outcome::Denied, Outcome::Failure] {
+            assert_eq!(Outcome::parse(o.as_str()), Some(o));
+        }
+        assert_eq!(Action::parse("nope"), None);
+    }
+
+    #[test]
+    fn canonical_bytes_distinguish_absent_empty_and_shifted_fields() {
+        let base = AuditEvent::new(Action::Tokenize, Outcome::Success);
+        let empty_tenant = base.clone().tenant("");
+        let a = base.clone().tenant("ab").token("c");
+        let b = base.clone().tenant("a").token("bc");
+        assert_ne!(base.canonical_bytes(), empty_tenant.canonical_bytes());
+        assert_ne!(a.canonical_bytes(), b.canonical_bytes());
+        assert_eq!(a.canonical_bytes(), a.clone().canonical_bytes());
+    }
+}

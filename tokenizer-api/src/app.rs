@@ -1,0 +1,201 @@
+//! Building and running the service: data dir, KEK, store, vault, HTTP server.
+
+use std::fs;
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::dev::{Server, Service as _};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::{web, App, HttpMessage, HttpServer};
+use audit::Action;
+use base64::Engine as _;
+use hsm_shim::{KekError, SoftwareKek};
+use vault::keys::KeysError;
+use vault::store::sqlite::SqliteStore;
+use vault::store::{Store, StoreError};
+use vault::Vault;
+
+use crate::config::Settings;
+use crate::routes::{self, AppState, RequestId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("--dev listens on loopback only; {0} is not a loopback address")]
+    DevNotLoopback(SocketAddr),
+    #[error("data dir {0}: {1}")]
+    DataDir(String, #[source] io::Error),
+    #[error("{0}; create one with `tokenizer kek generate` (or use --dev for a throwaway setup)")]
+    KekMissing(#[source] KekError),
+    #[error(transparent)]
+    Kek(#[from] KekError),
+    #[error("cannot open the database: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot load the vault keys: {0}")]
+    Keys(#[from] KeysError),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, #[source] io::Error),
+    #[error("cannot record service start in the audit trail: {0}")]
+    Audit(#[source] vault::VaultError),
+}
+
+/// Create the data dir (mode 0700) if missing; warn if others can read it.
+pub fn prepare_data_dir(dir: &Path) -> Result<(), StartError> {
+    let shown = || dir.display().to_string();
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| StartError::DataDir(shown(), e))?;
+    }
+    let mode = fs::metadata(dir)
+        .map_err(|e| StartError::DataDir(shown(), e))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        tracing::warn!(data_dir = %dir.display(), mode = format!("{:o}", mode & 0o777), "data dir is accessible by group or others; chmod 700 it");
+    }
+    Ok(())
+}
+
+/// Open the SQLite store under the data dir; the database file is made 0600.
+pub async fn open_store(settings: &Settings) -> Result<SqliteStore, StartError> {
+    prepare_data_dir(&settings.data_dir)?;
+    let path = settings.database_path();
+    let store = SqliteStore::open(&path).await?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+        .map_err(|e| StartError::DataDir(path.display().to_string(), e))?;
+    Ok(store)
+}
+
+fn load_kek(settings: &Settings) -> Result<SoftwareKek, StartError> {
+    if settings.dev && !settings.kek_file.exists() {
+        tracing::warn!(kek_file = %settings.kek_file.display(), "dev mode: generating an INSECURE software KEK next to the data");
+        return Ok(SoftwareKek::generate(&settings.kek_file)?);
+    }
+    SoftwareKek::load(&settings.kek_file).map_err(|e| match e {
+        KekError::Read { .. } => StartError::KekMissing(e),
+        other => StartError::Kek(other),
+    })
+}
+
+/// A built, bound, not yet running service.
+pub struct Application {
+    server: Server,
+    addr: SocketAddr,
+    vault: Arc<Vault>,
+    store: SqliteStore,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Application {
+    /// Open everything and bind the listener (port 0 picks a free port).
+    pub async fn build(settings: &Settings) -> Result<Application, StartError> {
+        if settings.dev && !settings.listen.ip().is_loopback() {
+            return Err(StartError::DevNotLoopback(settings.listen));
+        }
+        prepare_data_dir(&settings.data_dir)?;
+        let kek = load_kek(settings)?;
+        let store = open_store(settings).await?;
+        let dyn_store: Arc<dyn Store> = Arc::new(store.clone());
+        // The KEK is used to unwrap the vault keys once, then dropped (and
+        // zeroized): the running service holds only the unwrapped keys.
+        let vault = Arc::new(Vault::open(dyn_store, &kek).await?);
+        drop(kek);
+        vault
+            .record_lifecycle(
+                Action::ServiceStart,
+                if settings.dev { "dev" } else { "production" },
+            )
+            .await
+            .map_err(StartError::Audit)?;
+
+        let state = web::Data::new(AppState {
+            vault: vault.clone(),
+            max_body_bytes: settings.max_body_bytes,
+            max_batch_body_bytes: settings.max_batch_body_bytes,
+        });
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .wrap_fn(|req, srv| {
+                    let id = new_request_id();
+                    req.extensions_mut().insert(RequestId(id.clone()));
+                    let method = req.method().clone();
+                    let started = Instant::now();
+                    let fut = srv.call(req);
+                    async move {
+                        let mut res = fut.await?;
+                        if let Ok(v) = HeaderValue::from_str(&id) {
+                            res.headers_mut().insert(HeaderName::from_static("x-request-id"), v);
+                        }
+                        // The route pattern, never the raw path: a client may
+                        // put anything in a URL, including a card number.
+                        let route = res.request().match_pattern().unwrap_or_else(|| "<unmatched>".to_owned());
+                        tracing::info!(
+                            request_id = %id,
+                            method = %method,
+                            route = %route,
+                            status = res.status().as_u16(),
+                            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                            "request"
+                        );
+                        Ok(res)
+                    }
+                })
+                .configure(routes::configure)
+                .default_service(web::to(routes::not_found))
+        })
+        .bind(settings.listen)
+        .map_err(|e| StartError::Bind(settings.listen, e))?;
+        let addr = server.addrs().first().copied().unwrap_or(settings.listen);
+        let server = server.shutdown_timeout(10).run();
+        Ok(Application {
+            server,
+            addr,
+            vault,
+            store,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn vault(&self) -> &Arc<Vault> {
+        &self.vault
+    }
+
+    /// Serve until SIGINT/SIGTERM, then record the stop and close the store.
+    pub async fn run(self) -> io::Result<()> {
+        let result = self.server.await;
+        if let Err(e) = self
+            .vault
+            .record_lifecycle(Action::ServiceStop, "shutdown")
+            .await
+        {
+            tracing::error!(error = %e, "cannot record service stop in the audit trail");
+        }
+        self.store.close().await;
+        result
+    }
+}
+
+fn new_request_id() -> String {
+    let mut raw = [0u8; 12];
+    if getrandom::getrandom(&mut raw).is_err() {
+        return "unavailable".to_owned();
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}

@@ -1,0 +1,187 @@
+//! Operator commands of the `tokenizer` binary. Their stdout is a contract
+//! (one JSON document per command); logs go to stderr.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use vault::access::{self, TenantScope};
+use vault::store::Store;
+
+use crate::app::{self, Application};
+use crate::config::{CommonArgs, KekCommand, PrincipalCommand, ServeArgs, Settings};
+
+/// Print an error to stderr and fail.
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::FAILURE
+}
+
+pub fn init_logging(level: &str) {
+    use tracing_subscriber::EnvFilter;
+    // A bare level applies to everything; a filter expression is taken as is.
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(true)
+        .try_init();
+}
+
+pub async fn serve(args: ServeArgs) -> ExitCode {
+    let settings = match Settings::resolve(&args.common, args.dev) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    init_logging(&settings.log_level);
+    if settings.dev {
+        tracing::warn!("==================================================================");
+        tracing::warn!("DEV MODE (--dev): INSECURE, NOT A PRODUCTION SETUP.");
+        tracing::warn!(
+            "Software KEK and a dev API key in {}; plain HTTP on loopback.",
+            settings.data_dir.display()
+        );
+        tracing::warn!("==================================================================");
+    }
+    let app = match Application::build(&settings).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = %e, "start-up failed");
+            return fail(e);
+        }
+    };
+    tracing::info!("listening on {}", app.addr());
+    if settings.dev {
+        if let Err(e) = print_dev_example(&app).await {
+            return fail(e);
+        }
+    }
+    match app.run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+async fn print_dev_example(app: &Application) -> Result<(), access::AccessError> {
+    let store: &dyn Store = app.vault().store().as_ref();
+    let suffix = format!("{:08x}", rand_u32());
+    let roles = access::parse_roles("tokenize,detokenize")?;
+    let (principal, key) =
+        access::create_principal(store, &format!("dev-{suffix}"), &roles, &TenantScope::All)
+            .await?;
+    let addr = app.addr();
+    println!(
+        "\n# cardvault DEV MODE -- not a production setup. Dev principal `{}` (roles tokenize,detokenize; all tenants).\n\
+         # Tokenize a public test card:\n\
+         curl -s http://{addr}/v1/tokens -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n  \
+         -d '{{\"tenant\":\"shop-42\",\"pan\":\"4111 1111 1111 1111\",\"exp_month\":12,\"exp_year\":2030}}'\n\
+         # Then swap the token back:\n\
+         curl -s http://{addr}/v1/detokenize -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n  \
+         -d '{{\"token\":\"tok_PASTE_HERE\",\"reason\":\"trying cardvault\"}}'\n",
+        principal.name,
+        key = key.expose(),
+    );
+    Ok(())
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = getrandom::getrandom(&mut b);
+    u32::from_le_bytes(b)
+}
+
+async fn store_for(common: &CommonArgs) -> Result<(Settings, Arc<dyn Store>), ExitCode> {
+    let settings = Settings::resolve(common, false).map_err(fail)?;
+    init_logging(&settings.log_level);
+    let store = app::open_store(&settings).await.map_err(fail)?;
+    Ok((settings, Arc::new(store)))
+}
+
+pub async fn principal(cmd: PrincipalCommand) -> ExitCode {
+    match cmd {
+        PrincipalCommand::Create {
+            common,
+            name,
+            roles,
+            tenants,
+        } => {
+            let (roles, tenants) = match (access::parse_roles(&roles), TenantScope::parse(&tenants))
+            {
+                (Ok(r), Ok(t)) => (r, t),
+                (Err(e), _) | (_, Err(e)) => return fail(e),
+            };
+            let (_, store) = match store_for(&common).await {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match access::create_principal(store.as_ref(), &name, &roles, &tenants).await {
+                Ok((p, key)) => {
+                    let line =
+                        serde_json::json!({"id": p.id, "name": p.name, "api_key": key.expose()});
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        PrincipalCommand::List { common } => {
+            let (_, store) = match store_for(&common).await {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match access::list_principals(store.as_ref()).await {
+                Ok(list) => match serde_json::to_string_pretty(&list) {
+                    Ok(json) => {
+                        println!("{json}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(e),
+                },
+                Err(e) => fail(e),
+            }
+        }
+        PrincipalCommand::Revoke { common, name } => {
+            let (_, store) = match store_for(&common).await {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match access::revoke_principal(store.as_ref(), &name).await {
+                Ok(()) => {
+                    println!("{}", serde_json::json!({"revoked": name}));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+pub fn kek(cmd: KekCommand) -> ExitCode {
+    match cmd {
+        KekCommand::Generate { common } => {
+            let settings = match Settings::resolve(&common, false) {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            if let Some(parent) = settings.kek_file.parent() {
+                if !parent.as_os_str().is_empty() {
+                    if let Err(e) = app::prepare_data_dir(parent) {
+                        return fail(e);
+                    }
+                }
+            }
+            match hsm_shim::SoftwareKek::generate(&settings.kek_file) {
+                Ok(kek) => {
+                    use hsm_shim::KeyEncryptionKey as _;
+                    println!(
+                        "{}",
+                        serde_json::json!({"kek_file": settings.kek_file.display().to_string(), "kek_id": kek.kek_id()})
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}

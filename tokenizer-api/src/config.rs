@@ -1,0 +1,245 @@
+//! Command line, environment and configuration file.
+//!
+//! Precedence, highest first: command-line flag, `TOKENIZER_*` environment
+//! variable, `--config FILE` (TOML), built-in default. Every setting has all
+//! four; the table is in README.md.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tokenizer",
+    version,
+    about = "cardvault: card vault and tokenizer"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service.
+    Serve(ServeArgs),
+    /// Manage principals (API clients) and their keys.
+    Principal {
+        #[command(subcommand)]
+        command: PrincipalCommand,
+    },
+    /// Manage the software key-encryption key.
+    Kek {
+        #[command(subcommand)]
+        command: KekCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PrincipalCommand {
+    /// Create a principal; prints `{"id","name","api_key"}` as one JSON line.
+    /// The key is shown only this once.
+    Create {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[arg(long)]
+        name: String,
+        /// Comma-separated: tokenize, detokenize, auditor, key_admin.
+        #[arg(long)]
+        roles: String,
+        /// `*` or a comma-separated list of tenant ids.
+        #[arg(long)]
+        tenants: String,
+    },
+    /// List principals as a JSON array (never keys or hashes).
+    List {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Revoke the active principal with this name; its key stops working at once.
+    Revoke {
+        #[command(flatten)]
+        common: CommonArgs,
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KekCommand {
+    /// Generate a software KEK file (mode 0600). Refuses to overwrite one.
+    Generate {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+}
+
+/// Settings shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "TOKENIZER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory of the SQLite database (and, by default, the KEK file).
+    #[arg(long, env = "TOKENIZER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Software KEK file; default `<data-dir>/kek.key`.
+    #[arg(long, env = "TOKENIZER_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
+    /// Log level or filter: error, warn, info, debug, trace.
+    #[arg(long, env = "TOKENIZER_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Address to listen on (serve) -- accepted everywhere so one set of
+    /// flags can be reused across subcommands.
+    #[arg(long, env = "TOKENIZER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// INSECURE development mode: generates a KEK and a dev API key under the
+    /// data dir, loopback only. Never in production.
+    #[arg(long, env = "TOKENIZER_DEV")]
+    pub dev: bool,
+}
+
+/// The configuration file. Unknown keys are an error (a typo must not
+/// silently fall back to a default).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    kek_file: Option<PathBuf>,
+    log_level: Option<String>,
+    listen: Option<SocketAddr>,
+    dev: Option<bool>,
+    max_body_bytes: Option<usize>,
+    max_batch_body_bytes: Option<usize>,
+}
+
+/// Resolved settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub kek_file: PathBuf,
+    pub log_level: String,
+    pub listen: SocketAddr,
+    pub dev: bool,
+    /// Largest accepted body of single-card requests.
+    pub max_body_bytes: usize,
+    /// Largest accepted body of batch requests.
+    pub max_batch_body_bytes: usize,
+}
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/cardvault";
+pub const DEV_DATA_DIR: &str = ".cardvault-dev";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {0}: {1}")]
+    Read(String, #[source] std::io::Error),
+    #[error("configuration file {0} is invalid: {1}")]
+    Parse(String, #[source] toml::de::Error),
+}
+
+impl Settings {
+    pub fn resolve(common: &CommonArgs, dev_flag: bool) -> Result<Settings, ConfigError> {
+        let file = match &common.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        let dev = dev_flag || file.dev.unwrap_or(false);
+        let data_dir = common
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(if dev { DEV_DATA_DIR } else { DEFAULT_DATA_DIR }));
+        let kek_file = common
+            .kek_file
+            .clone()
+            .or(file.kek_file)
+            .unwrap_or_else(|| data_dir.join("kek.key"));
+        let listen = common.listen.or(file.listen).unwrap_or_else(|| {
+            DEFAULT_LISTEN
+                .parse()
+                .unwrap_or_else(|_| unreachable!("valid literal"))
+        });
+        Ok(Settings {
+            data_dir,
+            kek_file,
+            log_level: common
+                .log_level
+                .clone()
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
+            listen,
+            dev,
+            max_body_bytes: file.max_body_bytes.unwrap_or(16 * 1024),
+            max_batch_body_bytes: file.max_batch_body_bytes.unwrap_or(1024 * 1024),
+        })
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("cardvault.db")
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(shown.clone(), e))?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse(shown, e))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn common() -> CommonArgs {
+        CommonArgs {
+            config: None,
+            data_dir: None,
+            kek_file: None,
+            log_level: None,
+            listen: None,
+        }
+    }
+
+    #[test]
+    fn defaults_and_precedence() {
+        let s = Settings::resolve(&common(), false).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        assert_eq!(s.kek_file, PathBuf::from(DEFAULT_DATA_DIR).join("kek.key"));
+        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(
+            Settings::resolve(&common(), true).unwrap().data_dir,
+            PathBuf::from(DEV_DATA_DIR)
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"/srv/vault\"\nlisten = \"127.0.0.1:9000\"\nmax_body_bytes = 100\n",
+        )
+        .unwrap();
+        let mut c = common();
+        c.config = Some(file.clone());
+        let s = Settings::resolve(&c, false).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("/srv/vault"));
+        assert_eq!(s.listen.port(), 9000);
+        assert_eq!(s.max_body_bytes, 100);
+        c.listen = Some("127.0.0.1:9001".parse().unwrap());
+        assert_eq!(Settings::resolve(&c, false).unwrap().listen.port(), 9001);
+
+        std::fs::write(&file, "data_dr = \"/typo\"\n").unwrap();
+        assert!(matches!(
+            Settings::resolve(&c, false),
+            Err(ConfigError::Parse(..))
+        ));
+    }
+}

@@ -1,0 +1,138 @@
+//! The one mapping from errors to HTTP responses.
+//!
+//! Body: `{"error": {"code": "...", "message": "..."}}`. Codes are stable;
+//! messages are written by us and never include request content.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+use vault::{CardError, VaultError};
+
+/// Every error an HTTP handler can return.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    #[error("request body is not valid JSON")]
+    MalformedJson,
+    #[error("request body does not match the expected schema (wrong type, missing, unknown or duplicate field)")]
+    InvalidRequest,
+    #[error("request body is too large (limit {0} bytes)")]
+    PayloadTooLarge(usize),
+    #[error("request body must be JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
+    #[error("no such resource")]
+    NotFound,
+    #[error("method not allowed on this resource")]
+    MethodNotAllowed,
+    #[error("the request body could not be read")]
+    BodyRead,
+}
+
+impl ApiError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Vault(e) => e.code(),
+            ApiError::MalformedJson => "malformed_json",
+            ApiError::InvalidRequest => "invalid_request",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::BodyRead => "invalid_request",
+        }
+    }
+}
+
+/// HTTP status of a vault error.
+fn vault_status(e: &VaultError) -> StatusCode {
+    match e {
+        VaultError::InvalidCard(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        VaultError::InvalidTenant | VaultError::InvalidReason | VaultError::InvalidBatchSize => {
+            StatusCode::BAD_REQUEST
+        }
+        VaultError::Unauthenticated => StatusCode::UNAUTHORIZED,
+        VaultError::Forbidden => StatusCode::FORBIDDEN,
+        VaultError::NotFound => StatusCode::NOT_FOUND,
+        VaultError::Storage(_) | VaultError::Keys(_) => StatusCode::SERVICE_UNAVAILABLE,
+        VaultError::Integrity | VaultError::Rng => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorDetail<'a> {
+    pub code: &'a str,
+    pub message: String,
+}
+
+impl<'a> ErrorBody<'a> {
+    /// The error object of one card in a batch response.
+    pub fn card(e: &CardError) -> ErrorBody<'a> {
+        ErrorBody {
+            error: ErrorDetail {
+                code: e.code(),
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Vault(e) => vault_status(e),
+            ApiError::MalformedJson | ApiError::InvalidRequest | ApiError::BodyRead => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        if status.is_server_error() {
+            // The source chain names database or key errors, never card data.
+            tracing::error!(code = self.code(), error = %error_chain(self), "request failed");
+        }
+        let message = match self {
+            // Server-side details stay in the log.
+            ApiError::Vault(VaultError::Storage(_)) => {
+                "storage is unavailable; retry later".to_owned()
+            }
+            ApiError::Vault(VaultError::Keys(_)) => "keys are unavailable; retry later".to_owned(),
+            other => other.to_string(),
+        };
+        let mut res = HttpResponse::build(status).json(ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message,
+            },
+        });
+        if status == StatusCode::UNAUTHORIZED {
+            res.headers_mut().insert(
+                actix_web::http::header::WWW_AUTHENTICATE,
+                actix_web::http::header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        res
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

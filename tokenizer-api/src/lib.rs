@@ -1,0 +1,21 @@
+//! The cardvault HTTP service and operator CLI (the `tokenizer` binary).
+//!
+//! This crate owns HTTP and the command line: configuration ([`config`]),
+//! building and running the server ([`app::Application`]), the handlers
+//! ([`routes`]), the one mapping from errors to HTTP responses ([`error`]),
+//! and the operator commands ([`cli`]).
+//!
+//! Invariants: no SQL and no cryptography here (both live in `vault`);
+//! handlers authenticate before reading a body; request bodies are parsed
+//! into zeroizing buffers and never quoted in errors or logs; logs name the
+//! route pattern, never the raw path.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod routes;
+
+pub use app::Application;
+pub use config::{Cli, Settings};

@@ -1,0 +1,34 @@
+//! `tokenizer`: reads the command line and hands over to `tokenizer_api`.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tokenizer_api::cli;
+use tokenizer_api::config::{Cli, Command};
+
+#[actix_web::main]
+async fn main() -> ExitCode {
+    install_panic_hook();
+    match Cli::parse().command {
+        Command::Serve(args) => cli::serve(args).await,
+        Command::Principal { command } => cli::principal(command).await,
+        Command::Kek { command } => cli::kek(command),
+    }
+}
+
+/// Panics are logged with their location only. Our code never formats card
+/// data into a panic, and this keeps a future mistake from printing it.
+fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_else(|| "unknown".to_owned());
+        tracing::error!(%location, "panic (message withheld)");
+        #[allow(clippy::print_stderr)]
+        {
+            eprintln!("panic at {location} (message withheld)");
+        }
+    }));
+}

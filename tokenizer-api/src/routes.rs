@@ -1,0 +1,399 @@
+//! HTTP handlers: authenticate, parse the request into domain input, call the
+//! vault, shape the response. No SQL, no crypto, no card logic here.
+//!
+//! Bodies are read by hand (not by actix's `Json` extractor) so that the
+//! order of checks is ours: credentials first, then media type, size and
+//! JSON; and so that the raw bytes, which may hold a PAN, live in a zeroizing
+//! buffer and never reach an error message.
+
+use std::sync::Arc;
+
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
+use audit::Action;
+use futures_util::StreamExt as _;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use vault::{CardInput, RequestContext, Role, TokenInfo, Vault};
+use zeroize::Zeroizing;
+
+use crate::error::{ApiError, ErrorBody};
+
+/// Shared state of every worker.
+#[derive(Debug)]
+pub struct AppState {
+    pub vault: Arc<Vault>,
+    pub max_body_bytes: usize,
+    pub max_batch_body_bytes: usize,
+}
+
+/// Request id assigned by the middleware in `app.rs`.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/healthz")
+            .route(web::get().to(healthz))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/readyz")
+            .route(web::get().to(readyz))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/tokens")
+            .route(web::post().to(tokenize))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/tokens/batch")
+            .route(web::post().to(tokenize_batch))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/detokenize")
+            .route(web::post().to(detokenize))
+            .default_service(web::to(method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/tokens/{token}")
+            .route(web::get().to(metadata))
+            .route(web::delete().to(delete))
+            .default_service(web::to(method_not_allowed)),
+    );
+}
+
+pub async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound)
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    match state.vault.ready().await {
+        Ok(()) => HttpResponse::Ok().json(serde_json::json!({"status": "ready"})),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            HttpResponse::ServiceUnavailable()
+                .json(serde_json::json!({"status": "unavailable", "error": {"code": e.code()}}))
+        }
+    }
+}
+
+/// Authenticate the request and build its context. Runs before the body is read.
+async fn context(req: &HttpRequest, vault: &Vault) -> Result<RequestContext, ApiError> {
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let source = req
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "unknown".to_owned());
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| bearer(v).unwrap_or(""));
+    let principal = vault.authenticate(presented, &source, &request_id).await?;
+    Ok(RequestContext {
+        principal,
+        source,
+        request_id,
+    })
+}
+
+/// The credential of `Authorization: Bearer <key>`; `None` if another scheme
+/// or not ASCII (an empty key then fails authentication as malformed).
+fn bearer(v: &HeaderValue) -> Option<&str> {
+    let s = v.to_str().ok()?;
+    let (scheme, rest) = s.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
+
+/// Read and parse a JSON body: 415 unless JSON, 413 over `limit`, 400 when
+/// not JSON or not of the schema. The raw bytes are zeroized afterwards.
+async fn read_json<T: DeserializeOwned>(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    // Allocated once at the final size where the length is declared, so
+    // growing does not leave unzeroized copies behind.
+    let mut body = Zeroizing::new(Vec::with_capacity(declared.unwrap_or(4096).min(limit)));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|_| ApiError::BodyRead)?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        if body.len() + chunk.len() > body.capacity() {
+            let mut bigger = Zeroizing::new(Vec::with_capacity(
+                (body.len() + chunk.len())
+                    .max(body.capacity() * 2)
+                    .min(limit),
+            ));
+            bigger.extend_from_slice(&body);
+            body = bigger;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            ApiError::MalformedJson
+        }
+        // The serde message may quote the offending value or key: never used.
+        serde_json::error::Category::Data | serde_json::error::Category::Io => {
+            ApiError::InvalidRequest
+        }
+    })
+}
+
+/// A string from the request that may hold card data: zeroized on drop,
+/// never printed.
+struct SecretString(Zeroizing<String>);
+
+impl<'de> Deserialize<'de> for SecretString {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = SecretString;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SecretString, E> {
+                Ok(SecretString(Zeroizing::new(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<SecretString, E> {
+                Ok(SecretString(Zeroizing::new(v)))
+            }
+        }
+        d.deserialize_string(V)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CardRequest {
+    pan: SecretString,
+    exp_month: i64,
+    exp_year: i64,
+    #[serde(default)]
+    cardholder_name: Option<SecretString>,
+}
+
+impl From<CardRequest> for CardInput {
+    fn from(c: CardRequest) -> CardInput {
+        CardInput {
+            pan: c.pan.0,
+            exp_month: c.exp_month,
+            exp_year: c.exp_year,
+            cardholder_name: c.cardholder_name.map(|n| n.0),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenizeRequest {
+    tenant: String,
+    pan: SecretString,
+    exp_month: i64,
+    exp_year: i64,
+    #[serde(default)]
+    cardholder_name: Option<SecretString>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    tenant: String,
+    cards: Vec<CardRequest>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DetokenizeRequest {
+    token: String,
+    reason: String,
+}
+
+#[derive(Serialize)]
+struct TokenResponse {
+    token: String,
+    tenant: String,
+    fingerprint: String,
+    brand: &'static str,
+    bin: String,
+    last4: String,
+    masked_pan: String,
+    exp_month: u8,
+    exp_year: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    created: Option<bool>,
+    created_at: String,
+}
+
+impl TokenResponse {
+    fn new(info: TokenInfo, with_created: bool) -> TokenResponse {
+        let created_at =
+            OffsetDateTime::from_unix_timestamp_nanos(i128::from(info.created_at) * 1_000_000)
+                .ok()
+                .and_then(|t| t.format(&Rfc3339).ok())
+                .unwrap_or_default();
+        TokenResponse {
+            token: info.token,
+            tenant: info.tenant,
+            fingerprint: info.fingerprint,
+            brand: info.brand.as_str(),
+            bin: info.bin,
+            last4: info.last4,
+            masked_pan: info.masked_pan,
+            exp_month: info.exp_month,
+            exp_year: info.exp_year,
+            created: with_created.then_some(info.created),
+            created_at,
+        }
+    }
+}
+
+async fn tokenize(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = context(&req, &state.vault).await?;
+    state
+        .vault
+        .require_role(&ctx, Action::Tokenize, &[Role::Tokenize])
+        .await?;
+    let body: TokenizeRequest = read_json(&req, payload, state.max_body_bytes).await?;
+    let card = CardInput {
+        pan: body.pan.0,
+        exp_month: body.exp_month,
+        exp_year: body.exp_year,
+        cardholder_name: body.cardholder_name.map(|n| n.0),
+    };
+    let info = state.vault.tokenize(&ctx, &body.tenant, card).await?;
+    let mut res = if info.created {
+        HttpResponse::Created()
+    } else {
+        HttpResponse::Ok()
+    };
+    Ok(res.json(TokenResponse::new(info, true)))
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum BatchItem<'a> {
+    Token(TokenResponse),
+    Error(ErrorBody<'a>),
+}
+
+async fn tokenize_batch(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = context(&req, &state.vault).await?;
+    state
+        .vault
+        .require_role(&ctx, Action::Tokenize, &[Role::Tokenize])
+        .await?;
+    let body: BatchRequest = read_json(&req, payload, state.max_batch_body_bytes).await?;
+    let cards = body.cards.into_iter().map(CardInput::from).collect();
+    let results = state.vault.tokenize_many(&ctx, &body.tenant, cards).await?;
+    let items: Vec<BatchItem<'_>> = results
+        .into_iter()
+        .map(|r| match r {
+            Ok(info) => BatchItem::Token(TokenResponse::new(info, true)),
+            Err(e) => BatchItem::Error(ErrorBody::card(&e)),
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "results": items })))
+}
+
+#[derive(Serialize)]
+struct DetokenizeResponse<'a> {
+    token: &'a str,
+    pan: &'a str,
+    exp_month: u8,
+    exp_year: u16,
+    cardholder_name: Option<&'a str>,
+}
+
+async fn detokenize(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = context(&req, &state.vault).await?;
+    state
+        .vault
+        .require_role(&ctx, Action::Detokenize, &[Role::Detokenize])
+        .await?;
+    let body: DetokenizeRequest = read_json(&req, payload, state.max_body_bytes).await?;
+    let out = state
+        .vault
+        .detokenize(&ctx, &body.token, &body.reason)
+        .await?;
+    let card = &out.card;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(DetokenizeResponse {
+            token: &out.token,
+            // The one place a PAN leaves the vault: to a caller holding the
+            // detokenize role, for a tenant it may act on, audited above.
+            // (The serialized response buffer is not zeroized: see ARCHITECTURE.md.)
+            pan: card.pan.expose_digits(),
+            exp_month: card.expiry.month(),
+            exp_year: card.expiry.year(),
+            cardholder_name: card.name.as_ref().map(|n| n.expose()),
+        }))
+}
+
+async fn metadata(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = context(&req, &state.vault).await?;
+    let info = state.vault.metadata(&ctx, &path).await?;
+    Ok(HttpResponse::Ok().json(TokenResponse::new(info, false)))
+}
+
+async fn delete(
+    req: HttpRequest,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = context(&req, &state.vault).await?;
+    state.vault.delete(&ctx, &path).await?;
+    Ok(HttpResponse::NoContent().finish())
+}

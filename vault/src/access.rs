@@ -1,0 +1,458 @@
+//! Principals, roles, tenants and API keys.
+//!
+//! An API key is `cvk_<id>_<secret>`: `id` (12 URL-safe characters) finds the
+//! principal's row; `secret` (256 random bits) is checked against the stored
+//! argon2id hash. A successful check is cached in memory as SHA-256 of the
+//! presented key, so the hot path pays argon2 once per key and process; the
+//! principal's row is still read on every request, so a revocation (by any
+//! process sharing the database) takes effect on the next request.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use audit::{Action, AuditEvent, Outcome};
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+use crate::card::Tenant;
+use crate::pan::contains_pan_like;
+use crate::store::{now_millis, PrincipalRow, Store, StoreError};
+
+/// What a principal may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    Tokenize,
+    Detokenize,
+    Auditor,
+    KeyAdmin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Tokenize => "tokenize",
+            Role::Detokenize => "detokenize",
+            Role::Auditor => "auditor",
+            Role::KeyAdmin => "key_admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        [
+            Role::Tokenize,
+            Role::Detokenize,
+            Role::Auditor,
+            Role::KeyAdmin,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+/// The tenants a principal may act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TenantScope {
+    All,
+    Only(BTreeSet<String>),
+}
+
+impl TenantScope {
+    pub fn allows(&self, tenant: &str) -> bool {
+        match self {
+            TenantScope::All => true,
+            TenantScope::Only(set) => set.contains(tenant),
+        }
+    }
+
+    /// Stored and CLI form: `*` or a comma-separated list of tenants.
+    pub fn parse(s: &str) -> Result<TenantScope, AccessError> {
+        if s.trim() == "*" {
+            return Ok(TenantScope::All);
+        }
+        let mut set = BTreeSet::new();
+        for t in s.split(',').map(str::trim) {
+            set.insert(
+                Tenant::parse(t)
+                    .map_err(|_| AccessError::InvalidTenants)?
+                    .as_str()
+                    .to_owned(),
+            );
+        }
+        Ok(TenantScope::Only(set))
+    }
+
+    pub fn to_stored(&self) -> String {
+        match self {
+            TenantScope::All => "*".to_owned(),
+            TenantScope::Only(set) => set.iter().map(String::as_str).collect::<Vec<_>>().join(","),
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub id: String,
+    pub name: String,
+    pub roles: BTreeSet<Role>,
+    pub tenants: TenantScope,
+}
+
+impl Principal {
+    pub fn has_role(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    fn from_row(row: &PrincipalRow) -> Result<Principal, StoreError> {
+        Ok(Principal {
+            id: row.id.clone(),
+            name: row.name.clone(),
+            roles: parse_roles(&row.roles).map_err(|_| StoreError::Corrupt("principal roles"))?,
+            tenants: TenantScope::parse(&row.tenants)
+                .map_err(|_| StoreError::Corrupt("principal tenants"))?,
+        })
+    }
+}
+
+/// Comma-separated roles, at least one.
+pub fn parse_roles(s: &str) -> Result<BTreeSet<Role>, AccessError> {
+    let roles = s
+        .split(',')
+        .map(|r| Role::parse(r.trim()).ok_or(AccessError::InvalidRoles))
+        .collect::<Result<BTreeSet<_>, _>>()?;
+    if roles.is_empty() {
+        return Err(AccessError::InvalidRoles);
+    }
+    Ok(roles)
+}
+
+fn roles_to_stored(roles: &BTreeSet<Role>) -> String {
+    roles
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    #[error("roles must be a comma-separated list of tokenize, detokenize, auditor, key_admin")]
+    InvalidRoles,
+    #[error("tenants must be `*` or a comma-separated list of tenant ids")]
+    InvalidTenants,
+    #[error("principal name must be 1 to 64 characters of A-Z a-z 0-9 _ . -")]
+    InvalidName,
+    #[error("an active principal with this name already exists")]
+    NameTaken,
+    #[error("no active principal with this name")]
+    UnknownName,
+    #[error("the operating system random number generator failed")]
+    Rng,
+    #[error("password hashing failed")]
+    Hash,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A freshly created API key: shown once, then only its hash exists.
+pub struct NewApiKey(Zeroizing<String>);
+
+impl NewApiKey {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for NewApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("NewApiKey([REDACTED])")
+    }
+}
+
+const KEY_PREFIX: &str = "cvk_";
+const ID_BYTES: usize = 9;
+const SECRET_BYTES: usize = 32;
+
+fn random_b64(n: usize) -> Result<String, AccessError> {
+    let mut buf = Zeroizing::new(vec![0u8; n]);
+    getrandom::getrandom(&mut buf).map_err(|_| AccessError::Rng)?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&*buf))
+}
+
+/// Split `cvk_<id>_<secret>` into its id; `None` if not of that shape.
+fn key_id(presented: &str) -> Option<&str> {
+    let rest = presented.strip_prefix(KEY_PREFIX)?;
+    // The id is 12 base64url characters (which may include `_`), then `_`.
+    let (id, secret) = (rest.get(..12)?, rest.get(12..)?);
+    let secret = secret.strip_prefix('_')?;
+    let ok = |s: &str| {
+        s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    };
+    (ok(id) && ok(secret) && secret.len() == 43).then_some(id)
+}
+
+/// Create a principal and its API key. The key's argon2id hash is stored;
+/// the key itself is returned once.
+pub async fn create_principal(
+    store: &dyn Store,
+    name: &str,
+    roles: &BTreeSet<Role>,
+    tenants: &TenantScope,
+) -> Result<(Principal, NewApiKey), AccessError> {
+    if Tenant::parse(name).is_err() || contains_pan_like(name) {
+        return Err(AccessError::InvalidName);
+    }
+    if roles.is_empty() {
+        return Err(AccessError::InvalidRoles);
+    }
+    let id = random_b64(ID_BYTES)?;
+    let secret = Zeroizing::new(random_b64(SECRET_BYTES)?);
+    let key = NewApiKey(Zeroizing::new(format!(
+        "{KEY_PREFIX}{id}_{}",
+        secret.as_str()
+    )));
+    let mut salt_bytes = [0u8; 16];
+    getrandom::getrandom(&mut salt_bytes).map_err(|_| AccessError::Rng)?;
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(|_| AccessError::Hash)?;
+    let hash = Argon2::default()
+        .hash_password(key.expose().as_bytes(), &salt)
+        .map_err(|_| AccessError::Hash)?
+        .to_string();
+    let row = PrincipalRow {
+        id: id.clone(),
+        name: name.to_owned(),
+        roles: roles_to_stored(roles),
+        tenants: tenants.to_stored(),
+        key_hash: hash,
+        created_at: now_millis(),
+        revoked_at: None,
+    };
+    let event = AuditEvent::new(Action::PrincipalCreated, Outcome::Success)
+        .source("local")
+        .detail(format!(
+            "{name} roles={} tenants={}",
+            row.roles, row.tenants
+        ));
+    match store.insert_principal(&row, event).await {
+        Ok(()) => {}
+        Err(StoreError::Conflict) => return Err(AccessError::NameTaken),
+        Err(e) => return Err(e.into()),
+    }
+    let principal = Principal::from_row(&row)?;
+    Ok((principal, key))
+}
+
+/// Revoke the active principal called `name`.
+pub async fn revoke_principal(store: &dyn Store, name: &str) -> Result<(), AccessError> {
+    let event = AuditEvent::new(Action::PrincipalRevoked, Outcome::Success)
+        .source("local")
+        .detail(name.to_owned());
+    if store.revoke_principal(name, now_millis(), event).await? {
+        Ok(())
+    } else {
+        Err(AccessError::UnknownName)
+    }
+}
+
+/// Why a presented key was refused. Deliberately not distinguished towards
+/// the caller (all are 401); kept apart for the audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Malformed,
+    UnknownKey,
+    WrongSecret,
+    Revoked,
+}
+
+impl AuthFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthFailure::Missing => "missing_credentials",
+            AuthFailure::Malformed => "malformed_credentials",
+            AuthFailure::UnknownKey => "unknown_key",
+            AuthFailure::WrongSecret => "wrong_secret",
+            AuthFailure::Revoked => "revoked_key",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("authentication failed")]
+    Failed(AuthFailure),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Upper bound on cached verified keys; the cache is cleared when full.
+const CACHE_LIMIT: usize = 10_000;
+
+/// Verifies API keys against the store, caching successful argon2 checks.
+#[derive(Debug)]
+pub struct Authenticator {
+    store: Arc<dyn Store>,
+    /// principal id -> (SHA-256 of the verified key, the stored hash it matched).
+    cache: Mutex<HashMap<String, ([u8; 32], String)>>,
+}
+
+impl Authenticator {
+    pub fn new(store: Arc<dyn Store>) -> Authenticator {
+        Authenticator {
+            store,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Check a presented API key. Reads the principal's row every time (so
+    /// revocation is immediate); runs argon2 only on a cache miss.
+    pub async fn authenticate(&self, presented: &str) -> Result<Principal, AuthError> {
+        let id = key_id(presented).ok_or(AuthError::Failed(AuthFailure::Malformed))?;
+        let row = self
+            .store
+            .find_principal(id)
+            .await?
+            .ok_or(AuthError::Failed(AuthFailure::UnknownKey))?;
+        if row.revoked_at.is_some() {
+            self.forget(id);
+            return Err(AuthError::Failed(AuthFailure::Revoked));
+        }
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let cached = {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            cache
+                .get(id)
+                .is_some_and(|(d, h)| bool::from(d.ct_eq(&digest)) && *h == row.key_hash)
+        };
+        if !cached {
+            let key = Zeroizing::new(presented.to_owned());
+            let hash = row.key_hash.clone();
+            let ok = tokio::task::spawn_blocking(move || {
+                PasswordHash::new(&hash)
+                    .map(|parsed| {
+                        Argon2::default()
+                            .verify_password(key.as_bytes(), &parsed)
+                            .is_ok()
+                    })
+                    .unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false);
+            if !ok {
+                return Err(AuthError::Failed(AuthFailure::WrongSecret));
+            }
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= CACHE_LIMIT {
+                cache.clear();
+            }
+            cache.insert(id.to_owned(), (digest, row.key_hash.clone()));
+        }
+        Ok(Principal::from_row(&row)?)
+    }
+
+    fn forget(&self, id: &str) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+}
+
+/// A principal for listing: never the key or its hash.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PrincipalInfo {
+    pub id: String,
+    pub name: String,
+    pub roles: Vec<String>,
+    pub tenants: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+pub async fn list_principals(store: &dyn Store) -> Result<Vec<PrincipalInfo>, AccessError> {
+    Ok(store
+        .list_principals()
+        .await?
+        .into_iter()
+        .map(|r| PrincipalInfo {
+            id: r.id,
+            name: r.name,
+            roles: r.roles.split(',').map(str::to_owned).collect(),
+            tenants: r.tenants,
+            created_at: r.created_at,
+            revoked_at: r.revoked_at,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    #[test]
+    fn key_shape() {
+        let id = "AAAAAAAAAAAA";
+        let secret = "B".repeat(43);
+        assert_eq!(key_id(&format!("cvk_{id}_{secret}")), Some(id));
+        assert_eq!(key_id(&format!("cvk_{id}{secret}")), None);
+        assert_eq!(key_id(&format!("cvk_{id}_{secret}x")), None);
+        assert_eq!(key_id("Bearer"), None);
+        assert_eq!(key_id(""), None);
+        assert_eq!(key_id("cvk_é"), None);
+    }
+
+    #[test]
+    fn scopes_and_roles() {
+        assert_eq!(TenantScope::parse("*").unwrap(), TenantScope::All);
+        let s = TenantScope::parse("b, a").unwrap();
+        assert!(s.allows("a") && !s.allows("c"));
+        assert_eq!(s.to_stored(), "a,b");
+        assert!(TenantScope::parse("a,,b").is_err());
+        assert!(parse_roles("tokenize,detokenize")
+            .unwrap()
+            .contains(&Role::Detokenize));
+        assert!(parse_roles("root").is_err());
+        assert!(parse_roles("").is_err());
+    }
+
+    #[tokio::test]
+    async fn create_authenticate_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("a.db")).await.unwrap());
+        let roles = parse_roles("tokenize").unwrap();
+        let (p, key) = create_principal(&*store, "checkout", &roles, &TenantScope::All)
+            .await
+            .unwrap();
+        assert_eq!(format!("{key:?}"), "NewApiKey([REDACTED])");
+        let auth = Authenticator::new(store.clone());
+        assert_eq!(auth.authenticate(key.expose()).await.unwrap(), p);
+        // Cached path.
+        assert_eq!(auth.authenticate(key.expose()).await.unwrap(), p);
+        // A wrong secret with the right id is refused even with a warm cache.
+        let mut wrong = key.expose().to_owned();
+        let last = wrong.pop().unwrap();
+        wrong.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(matches!(
+            auth.authenticate(&wrong).await,
+            Err(AuthError::Failed(AuthFailure::WrongSecret))
+        ));
+        revoke_principal(&*store, "checkout").await.unwrap();
+        assert!(matches!(
+            auth.authenticate(key.expose()).await,
+            Err(AuthError::Failed(AuthFailure::Revoked))
+        ));
+        assert!(matches!(
+            create_principal(&*store, "4111111111111111", &roles, &TenantScope::All).await,
+            Err(AccessError::InvalidName)
+        ));
+    }
+}

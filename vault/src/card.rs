@@ -1,0 +1,273 @@
+//! Validated card attributes other than the PAN, tenants and token ids.
+
+use std::fmt;
+
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use crate::pan::contains_pan_like;
+
+/// Why card data (other than the PAN) or an identifier is invalid. Messages
+/// never repeat the input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CardDataError {
+    #[error("expiry month must be 1 to 12")]
+    ExpiryMonth,
+    #[error("expiry year must be a four-digit year within 50 years from now")]
+    ExpiryYear,
+    #[error("card expired: the expiry date is before the current month")]
+    Expired,
+    #[error("cardholder name must be 1 to 64 printable characters")]
+    CardholderName,
+    #[error("cardholder name must not contain a card number")]
+    CardholderNameHasPan,
+}
+
+/// Why a tenant id is invalid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "tenant must be 1 to 64 characters of A-Z a-z 0-9 _ . - and must not look like a card number"
+)]
+pub struct TenantError;
+
+/// A tenant id: 1 to 64 characters of `[A-Za-z0-9_.-]`, never a card number.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Tenant(String);
+
+impl Tenant {
+    pub fn parse(s: &str) -> Result<Tenant, TenantError> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && s.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+            && !contains_pan_like(s);
+        if ok {
+            Ok(Tenant(s.to_owned()))
+        } else {
+            Err(TenantError)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Tenant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Card expiry: month and four-digit year, not before the current month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expiry {
+    month: u8,
+    year: u16,
+}
+
+impl Expiry {
+    /// Validate against the current UTC month.
+    pub fn new(month: i64, year: i64) -> Result<Expiry, CardDataError> {
+        Self::new_at(month, year, OffsetDateTime::now_utc())
+    }
+
+    /// Validate against a given "now" (for tests).
+    pub fn new_at(month: i64, year: i64, now: OffsetDateTime) -> Result<Expiry, CardDataError> {
+        let month = u8::try_from(month)
+            .ok()
+            .filter(|m| (1..=12).contains(m))
+            .ok_or(CardDataError::ExpiryMonth)?;
+        let this_year = i64::from(now.year());
+        if !(1000..=9999).contains(&year) || year > this_year + 50 {
+            return Err(CardDataError::ExpiryYear);
+        }
+        let this_month = i64::from(u8::from(now.month()));
+        if year < this_year || (year == this_year && i64::from(month) < this_month) {
+            return Err(CardDataError::Expired);
+        }
+        let year = u16::try_from(year).map_err(|_| CardDataError::ExpiryYear)?;
+        Ok(Expiry { month, year })
+    }
+
+    /// An expiry read back from storage: checked for shape, not for the past.
+    pub(crate) fn from_stored(month: u8, year: u16) -> Option<Expiry> {
+        ((1..=12).contains(&month)).then_some(Expiry { month, year })
+    }
+
+    pub fn month(self) -> u8 {
+        self.month
+    }
+
+    pub fn year(self) -> u16 {
+        self.year
+    }
+}
+
+/// Cardholder name: 1 to 64 printable characters. Stored encrypted; zeroized
+/// on drop; `Debug` is redacted.
+pub struct CardholderName(Zeroizing<String>);
+
+impl CardholderName {
+    pub fn parse(s: &str) -> Result<CardholderName, CardDataError> {
+        let count = s.chars().count();
+        let printable = s
+            .chars()
+            .all(|c| !c.is_control() && !is_invisible_format(c));
+        if count == 0 || count > 64 || !printable || s.trim().is_empty() {
+            return Err(CardDataError::CardholderName);
+        }
+        if contains_pan_like(s) {
+            return Err(CardDataError::CardholderNameHasPan);
+        }
+        Ok(CardholderName(Zeroizing::new(s.to_owned())))
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Unicode format characters that render as nothing (bidi overrides, zero
+/// widths): not "printable" for a name on a card.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}')
+}
+
+impl fmt::Debug for CardholderName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CardholderName([REDACTED])")
+    }
+}
+
+/// A token id: `tok_` + 22 characters of URL-safe base64 (128 random bits).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Token(String);
+
+/// Random bytes in a token.
+pub const TOKEN_RANDOM_BYTES: usize = 16;
+
+impl Token {
+    /// A new token from the OS CSPRNG. Never derived from card data.
+    pub fn generate() -> Result<Token, getrandom::Error> {
+        use base64::Engine as _;
+        let mut raw = [0u8; TOKEN_RANDOM_BYTES];
+        getrandom::getrandom(&mut raw)?;
+        Ok(Token(format!(
+            "tok_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+        )))
+    }
+
+    /// Accept only the exact shape of a token; anything else is "not found".
+    pub fn parse(s: &str) -> Option<Token> {
+        let body = s.strip_prefix("tok_")?;
+        let ok = body.len() == 22
+            && body
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+        ok.then(|| Token(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use time::macros::datetime;
+
+    #[test]
+    fn expiry_rules() {
+        let now = datetime!(2026-11-27 12:00 UTC);
+        assert!(Expiry::new_at(11, 2026, now).is_ok(), "this month is valid");
+        assert!(Expiry::new_at(12, 2026, now).is_ok());
+        assert!(Expiry::new_at(1, 2027, now).is_ok());
+        assert_eq!(Expiry::new_at(10, 2026, now), Err(CardDataError::Expired));
+        assert_eq!(Expiry::new_at(12, 2025, now), Err(CardDataError::Expired));
+        assert_eq!(
+            Expiry::new_at(0, 2030, now),
+            Err(CardDataError::ExpiryMonth)
+        );
+        assert_eq!(
+            Expiry::new_at(13, 2030, now),
+            Err(CardDataError::ExpiryMonth)
+        );
+        assert_eq!(
+            Expiry::new_at(-1, 2030, now),
+            Err(CardDataError::ExpiryMonth)
+        );
+        assert_eq!(Expiry::new_at(1, 30, now), Err(CardDataError::ExpiryYear));
+        assert_eq!(Expiry::new_at(1, 2077, now), Err(CardDataError::ExpiryYear));
+        assert_eq!(
+            Expiry::new_at(1, i64::MAX, now),
+            Err(CardDataError::ExpiryYear)
+        );
+    }
+
+    #[test]
+    fn tenant_rules() {
+        for ok in ["shop-42", "a", "A.b_c-9", &"x".repeat(64)] {
+            assert!(Tenant::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "shop 42",
+            "shop/42",
+            "é",
+            &"x".repeat(65),
+            "4111111111111111",
+            "t\0",
+        ] {
+            assert!(Tenant::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(CardholderName::parse("Jane Q. Doe").is_ok());
+        assert!(CardholderName::parse("Łukasz Żółć").is_ok());
+        assert!(CardholderName::parse(&"é".repeat(64)).is_ok());
+        for bad in ["", "   ", "a\nb", "a\0", "a\u{202E}b", &"a".repeat(65)] {
+            assert_eq!(
+                CardholderName::parse(bad).unwrap_err(),
+                CardDataError::CardholderName,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            CardholderName::parse("4111 1111 1111 1111").unwrap_err(),
+            CardDataError::CardholderNameHasPan
+        );
+        assert_eq!(
+            format!("{:?}", CardholderName::parse("Jane").unwrap()),
+            "CardholderName([REDACTED])"
+        );
+    }
+
+    #[test]
+    fn tokens() {
+        let t = Token::generate().unwrap();
+        assert!(Token::parse(t.as_str()).is_some());
+        assert_ne!(t, Token::generate().unwrap());
+        for bad in [
+            "",
+            "tok_",
+            "tok_abc",
+            "tok_../../etc/passwd00000",
+            "xok_AAAAAAAAAAAAAAAAAAAAAA",
+            "tok_AAAAAAAAAAAAAAAAAAAAA=",
+        ] {
+            assert!(Token::parse(bad).is_none(), "{bad}");
+        }
+    }
+}

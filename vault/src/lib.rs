@@ -1,0 +1,40 @@
+//! The card vault: the only crate that ever holds a decrypted PAN.
+//!
+//! It owns the card data model and its validation ([`Pan`], [`Brand`],
+//! [`Expiry`], [`CardholderName`], [`Tenant`], [`Token`]), envelope encryption
+//! of card records and keyed fingerprints ([`crypto`]), the vault's own keys
+//! unwrapped through the KEK of `hsm-shim` ([`keys`]), principals and API
+//! keys ([`access`]), storage behind one trait ([`store`]), and the
+//! operations that tie them together with the audit trail ([`Vault`]).
+//!
+//! Public API, in the order a caller meets it:
+//! - [`store::sqlite::SqliteStore::open`] then [`Vault::open`] with a KEK;
+//! - [`Vault::authenticate`] an API key into a [`Principal`];
+//! - [`Vault::tokenize`], [`Vault::tokenize_many`], [`Vault::detokenize`],
+//!   [`Vault::metadata`], [`Vault::delete`] with a [`RequestContext`];
+//! - errors are [`VaultError`] (with a stable `code()`), per-card errors
+//!   [`CardError`].
+//!
+//! Invariants: a PAN exists in clear only inside a [`Pan`] (zeroized, redacted
+//! `Debug`, no `Display`/`Serialize`) or a zeroizing buffer; it is never
+//! logged, never sent to `hsm-shim`, never in an audit event.
+#![forbid(unsafe_code)]
+
+pub mod access;
+pub mod brand;
+pub mod card;
+pub mod crypto;
+pub mod keys;
+pub mod pan;
+mod service;
+pub mod store;
+
+pub use access::{Principal, Role, TenantScope};
+pub use brand::Brand;
+pub use card::{CardDataError, CardholderName, Expiry, Tenant, Token};
+pub use crypto::CardSecret;
+pub use keys::KeysError;
+pub use pan::{Pan, PanError};
+pub use service::{
+    CardError, CardInput, Detokenized, RequestContext, TokenInfo, Vault, VaultError, MAX_BATCH,
+};

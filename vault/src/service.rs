@@ -1,0 +1,565 @@
+//! The vault's operations: tokenize, detokenize, metadata, delete. Each one
+//! checks the caller's roles and tenants, validates input, and writes its
+//! audit event (in the same transaction as the change for tokenize and
+//! delete; before anything is returned for reads). An operation whose audit
+//! event cannot be written fails.
+
+use std::sync::Arc;
+
+use audit::{Action, AuditEvent, Outcome};
+use hsm_shim::KeyEncryptionKey;
+use zeroize::Zeroizing;
+
+use crate::access::{AuthError, AuthFailure, Authenticator, Principal, Role};
+use crate::brand::Brand;
+use crate::card::{CardDataError, CardholderName, Expiry, Tenant, Token};
+use crate::crypto::{CardSecret, CryptoError, RecordAad, Sealed, NONCE_LEN};
+use crate::keys::{Keyring, KeysError};
+use crate::pan::{contains_pan_like, masked_form, Pan, PanError};
+use crate::store::{now_millis, CardRow, NewCard, Store, StoreError};
+
+/// Most cards in one batch call.
+pub const MAX_BATCH: usize = 1000;
+
+/// Who is asking, from where, under which request id.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub principal: Principal,
+    pub source: String,
+    pub request_id: String,
+}
+
+impl RequestContext {
+    fn event(&self, action: Action, outcome: Outcome) -> AuditEvent {
+        AuditEvent::new(action, outcome)
+            .principal(self.principal.name.clone())
+            .source(self.source.clone())
+            .request_id(self.request_id.clone())
+    }
+}
+
+/// One card as received, not yet validated. Strings are zeroized on drop.
+pub struct CardInput {
+    pub pan: Zeroizing<String>,
+    pub exp_month: i64,
+    pub exp_year: i64,
+    pub cardholder_name: Option<Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for CardInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CardInput([REDACTED])")
+    }
+}
+
+/// Why one card was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CardError {
+    #[error(transparent)]
+    Pan(#[from] PanError),
+    #[error(transparent)]
+    Data(#[from] CardDataError),
+}
+
+impl CardError {
+    /// Stable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CardError::Pan(_) => "invalid_pan",
+            CardError::Data(CardDataError::Expired) => "card_expired",
+            CardError::Data(CardDataError::ExpiryMonth | CardDataError::ExpiryYear) => {
+                "invalid_expiry"
+            }
+            CardError::Data(
+                CardDataError::CardholderName | CardDataError::CardholderNameHasPan,
+            ) => "invalid_cardholder_name",
+        }
+    }
+}
+
+/// Errors of vault operations. `code()` is the stable error code; the API
+/// crate maps each variant to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error(transparent)]
+    InvalidCard(#[from] CardError),
+    #[error("tenant must be 1 to 64 characters of A-Z a-z 0-9 _ . -")]
+    InvalidTenant,
+    #[error("reason must be 1 to 256 printable characters and must not contain a card number")]
+    InvalidReason,
+    #[error("a batch holds 1 to {MAX_BATCH} cards")]
+    InvalidBatchSize,
+    #[error("authentication required")]
+    Unauthenticated,
+    #[error("the caller's roles or tenants do not allow this operation")]
+    Forbidden,
+    #[error("no such token")]
+    NotFound,
+    #[error("storage unavailable")]
+    Storage(#[source] StoreError),
+    #[error("keys unavailable")]
+    Keys(#[source] KeysError),
+    #[error("a stored record failed its integrity check")]
+    Integrity,
+    #[error("the random number generator failed")]
+    Rng,
+}
+
+impl VaultError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            VaultError::InvalidCard(e) => e.code(),
+            VaultError::InvalidTenant => "invalid_tenant",
+            VaultError::InvalidReason => "invalid_reason",
+            VaultError::InvalidBatchSize => "invalid_batch_size",
+            VaultError::Unauthenticated => "unauthenticated",
+            VaultError::Forbidden => "forbidden",
+            VaultError::NotFound => "not_found",
+            VaultError::Storage(_) => "storage_unavailable",
+            VaultError::Keys(_) => "keys_unavailable",
+            VaultError::Integrity => "integrity_error",
+            VaultError::Rng => "internal_error",
+        }
+    }
+}
+
+impl From<StoreError> for VaultError {
+    fn from(e: StoreError) -> Self {
+        VaultError::Storage(e)
+    }
+}
+
+/// What may leave the vault about a token: no secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub token: String,
+    pub tenant: String,
+    pub fingerprint: String,
+    pub brand: Brand,
+    pub bin: String,
+    pub last4: String,
+    pub masked_pan: String,
+    pub exp_month: u8,
+    pub exp_year: u16,
+    /// Unix milliseconds, UTC.
+    pub created_at: i64,
+    /// Whether this call created the token (tokenize only).
+    pub created: bool,
+}
+
+/// A detokenized card: the secret, for the caller that is allowed to see it.
+#[derive(Debug)]
+pub struct Detokenized {
+    pub token: String,
+    pub card: CardSecret,
+}
+
+/// The vault: storage, unwrapped keys and the authenticator.
+#[derive(Debug)]
+pub struct Vault {
+    store: Arc<dyn Store>,
+    keys: Keyring,
+    auth: Authenticator,
+}
+
+fn card_aad(row: &CardRow) -> RecordAad<'_> {
+    RecordAad {
+        tenant: &row.tenant,
+        token: &row.token,
+        key_version: row.key_version,
+    }
+}
+
+impl Vault {
+    /// Load (or, on first start, generate) the vault keys through the KEK.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        kek: &dyn KeyEncryptionKey,
+    ) -> Result<Vault, KeysError> {
+        let keys = Keyring::load_or_init(&store, kek).await?;
+        Ok(Vault {
+            auth: Authenticator::new(store.clone()),
+            store,
+            keys,
+        })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Ready when storage answers (keys are loaded by construction).
+    pub async fn ready(&self) -> Result<(), VaultError> {
+        self.store.ping().await?;
+        Ok(())
+    }
+
+    /// Authenticate an API key (or its absence). A failure is audited; if
+    /// that audit write fails, the caller gets a storage error instead.
+    pub async fn authenticate(
+        &self,
+        presented: Option<&str>,
+        source: &str,
+        request_id: &str,
+    ) -> Result<Principal, VaultError> {
+        let failure = match presented {
+            None => AuthFailure::Missing,
+            Some(key) => match self.auth.authenticate(key).await {
+                Ok(p) => return Ok(p),
+                Err(AuthError::Store(e)) => return Err(e.into()),
+                Err(AuthError::Failed(f)) => f,
+            },
+        };
+        let event = AuditEvent::new(Action::AuthenticationFailed, Outcome::Denied)
+            .source(source)
+            .request_id(request_id)
+            .error_code("unauthenticated")
+            .detail(failure.as_str());
+        self.store.append_audit(event).await?;
+        Err(VaultError::Unauthenticated)
+    }
+
+    /// Require one of `roles` for `action`; a refusal is audited.
+    pub async fn require_role(
+        &self,
+        ctx: &RequestContext,
+        action: Action,
+        roles: &[Role],
+    ) -> Result<(), VaultError> {
+        if roles.iter().any(|r| ctx.principal.has_role(*r)) {
+            return Ok(());
+        }
+        self.deny(ctx, action, None, None, "role_not_permitted")
+            .await
+    }
+
+    async fn deny(
+        &self,
+        ctx: &RequestContext,
+        action: Action,
+        tenant: Option<&str>,
+        token: Option<&str>,
+        detail: &str,
+    ) -> Result<(), VaultError> {
+        let mut event = ctx
+            .event(Action::AuthorizationDenied, Outcome::Denied)
+            .error_code("forbidden")
+            .detail(format!("{}: {detail}", action.as_str()));
+        event.tenant = tenant.map(str::to_owned);
+        event.token = token.map(str::to_owned);
+        self.store.append_audit(event).await?;
+        Err(VaultError::Forbidden)
+    }
+
+    /// Record a failed operation (bad input, unknown token) and return its error.
+    async fn fail(&self, mut event: AuditEvent, err: VaultError) -> VaultError {
+        event.outcome = Outcome::Failure;
+        event.error_code = Some(err.code().to_owned());
+        match self.store.append_audit(event).await {
+            Ok(_) => err,
+            Err(e) => e.into(),
+        }
+    }
+
+    /// Tokenize one card.
+    pub async fn tokenize(
+        &self,
+        ctx: &RequestContext,
+        tenant: &str,
+        card: CardInput,
+    ) -> Result<TokenInfo, VaultError> {
+        let mut results = self.tokenize_batch(ctx, tenant, vec![card], false).await?;
+        match results.pop() {
+            Some(Ok(info)) => Ok(info),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(VaultError::Integrity),
+        }
+    }
+
+    /// Tokenize up to [`MAX_BATCH`] cards for one tenant in one transaction.
+    /// Results are in input order; a bad card fails alone.
+    pub async fn tokenize_many(
+        &self,
+        ctx: &RequestContext,
+        tenant: &str,
+        cards: Vec<CardInput>,
+    ) -> Result<Vec<Result<TokenInfo, CardError>>, VaultError> {
+        self.tokenize_batch(ctx, tenant, cards, true).await
+    }
+
+    async fn tokenize_batch(
+        &self,
+        ctx: &RequestContext,
+        tenant: &str,
+        cards: Vec<CardInput>,
+        batch: bool,
+    ) -> Result<Vec<Result<TokenInfo, CardError>>, VaultError> {
+        self.require_role(ctx, Action::Tokenize, &[Role::Tokenize])
+            .await?;
+        let base = ctx.event(Action::Tokenize, Outcome::Success);
+        let tenant = match Tenant::parse(tenant) {
+            Ok(t) => t,
+            Err(_) => return Err(self.fail(base, VaultError::InvalidTenant).await),
+        };
+        let base = base.tenant(tenant.as_str());
+        if !ctx.principal.tenants.allows(tenant.as_str()) {
+            self.deny(
+                ctx,
+                Action::Tokenize,
+                Some(tenant.as_str()),
+                None,
+                "tenant_not_permitted",
+            )
+            .await?;
+        }
+        if batch && (cards.is_empty() || cards.len() > MAX_BATCH) {
+            return Err(self
+                .fail(base.detail("batch"), VaultError::InvalidBatchSize)
+                .await);
+        }
+
+        let fp_key = self.keys.fingerprint_key();
+        let dek = self.keys.active_dek();
+        let now = now_millis();
+        let mut slots: Vec<Result<usize, CardError>> = Vec::with_capacity(cards.len());
+        let mut new_cards = Vec::new();
+        let mut failures = Vec::new();
+        for input in cards {
+            let secret = match validate(&input) {
+                Ok(s) => s,
+                Err(e) => {
+                    let mut ev = base.clone();
+                    ev.outcome = Outcome::Failure;
+                    ev.error_code = Some(e.code().to_owned());
+                    failures.push(ev);
+                    slots.push(Err(e));
+                    continue;
+                }
+            };
+            let token = Token::generate().map_err(|_| VaultError::Rng)?;
+            let fingerprint = fp_key.fingerprint(tenant.as_str(), &secret.pan);
+            let aad = RecordAad {
+                tenant: tenant.as_str(),
+                token: token.as_str(),
+                key_version: dek.version(),
+            };
+            let sealed = dek
+                .seal(&aad, &secret.encode())
+                .map_err(|_| VaultError::Rng)?;
+            // A Pan has 12 to 19 digits.
+            let pan_len = u8::try_from(secret.pan.len()).map_err(|_| VaultError::Integrity)?;
+            let row = CardRow {
+                token: token.as_str().to_owned(),
+                tenant: tenant.as_str().to_owned(),
+                fingerprint,
+                brand: secret.pan.brand().as_str().to_owned(),
+                bin: secret.pan.bin(),
+                last4: secret.pan.last4(),
+                pan_len,
+                key_version: dek.version(),
+                nonce: sealed.nonce.to_vec(),
+                ciphertext: sealed.ciphertext,
+                created_at: now,
+            };
+            slots.push(Ok(new_cards.len()));
+            new_cards.push((
+                NewCard {
+                    row,
+                    event: base.clone(),
+                },
+                secret.expiry,
+            ));
+        }
+
+        let (rows, expiries): (Vec<NewCard>, Vec<Expiry>) = new_cards.into_iter().unzip();
+        let inserted = self.store.insert_cards(rows, failures).await?;
+        let mut infos = Vec::with_capacity(inserted.len());
+        for (ins, expiry) in inserted.into_iter().zip(expiries) {
+            let expiry = if ins.created {
+                expiry
+            } else {
+                // The stored card wins: report what is stored.
+                self.open_row(&ins.row)?.expiry
+            };
+            infos.push(Some(token_info(&ins.row, expiry, ins.created)));
+        }
+        Ok(slots
+            .into_iter()
+            .map(|slot| {
+                slot.and_then(|i| {
+                    // Invariant: each Ok slot indexes one inserted row, taken once.
+                    infos
+                        .get_mut(i)
+                        .and_then(Option::take)
+                        .ok_or(CardError::Pan(PanError::Empty))
+                })
+            })
+            .collect())
+    }
+
+    fn open_row(&self, row: &CardRow) -> Result<CardSecret, VaultError> {
+        let dek = self
+            .keys
+            .dek(row.key_version)
+            .ok_or(VaultError::Integrity)?;
+        let nonce: [u8; NONCE_LEN] = row
+            .nonce
+            .as_slice()
+            .try_into()
+            .map_err(|_| VaultError::Integrity)?;
+        let sealed = Sealed {
+            nonce,
+            ciphertext: row.ciphertext.clone(),
+        };
+        let plain = dek
+            .open(&card_aad(row), &sealed)
+            .map_err(|_: CryptoError| VaultError::Integrity)?;
+        CardSecret::decode(&plain).map_err(|_| VaultError::Integrity)
+    }
+
+    /// Find a token the caller may see. Unknown, malformed and other-tenant
+    /// tokens are all `NotFound` (no oracle); each is audited.
+    async fn lookup(
+        &self,
+        ctx: &RequestContext,
+        action: Action,
+        token: &str,
+    ) -> Result<CardRow, VaultError> {
+        let base = ctx.event(action, Outcome::Failure);
+        let Some(token) = Token::parse(token) else {
+            return Err(self
+                .fail(base.detail("malformed_token"), VaultError::NotFound)
+                .await);
+        };
+        let base = base.token(token.as_str());
+        let Some(row) = self.store.find_card(token.as_str()).await? else {
+            return Err(self.fail(base, VaultError::NotFound).await);
+        };
+        if !ctx.principal.tenants.allows(&row.tenant) {
+            let mut ev = base
+                .tenant(row.tenant.clone())
+                .detail("tenant_not_permitted");
+            ev.outcome = Outcome::Denied;
+            ev.error_code = Some("not_found".to_owned());
+            self.store.append_audit(ev).await?;
+            return Err(VaultError::NotFound);
+        }
+        Ok(row)
+    }
+
+    /// Swap a token back for the card. `reason` is recorded in the audit.
+    pub async fn detokenize(
+        &self,
+        ctx: &RequestContext,
+        token: &str,
+        reason: &str,
+    ) -> Result<Detokenized, VaultError> {
+        self.require_role(ctx, Action::Detokenize, &[Role::Detokenize])
+            .await?;
+        if !valid_reason(reason) {
+            let ev = ctx.event(Action::Detokenize, Outcome::Failure);
+            return Err(self.fail(ev, VaultError::InvalidReason).await);
+        }
+        let row = self.lookup(ctx, Action::Detokenize, token).await?;
+        let event = ctx
+            .event(Action::Detokenize, Outcome::Success)
+            .tenant(row.tenant.clone())
+            .token(row.token.clone())
+            .reason(reason);
+        let card = match self.open_row(&row) {
+            Ok(card) => card,
+            Err(e) => return Err(self.fail(event.detail("integrity"), e).await),
+        };
+        self.store.append_audit(event).await?;
+        Ok(Detokenized {
+            token: row.token,
+            card,
+        })
+    }
+
+    /// Non-secret details of a token.
+    pub async fn metadata(
+        &self,
+        ctx: &RequestContext,
+        token: &str,
+    ) -> Result<TokenInfo, VaultError> {
+        self.require_role(ctx, Action::MetadataRead, &[Role::Tokenize])
+            .await?;
+        let row = self.lookup(ctx, Action::MetadataRead, token).await?;
+        let event = ctx
+            .event(Action::MetadataRead, Outcome::Success)
+            .tenant(row.tenant.clone())
+            .token(row.token.clone());
+        let card = match self.open_row(&row) {
+            Ok(card) => card,
+            Err(e) => return Err(self.fail(event.detail("integrity"), e).await),
+        };
+        self.store.append_audit(event).await?;
+        Ok(token_info(&row, card.expiry, false))
+    }
+
+    /// Delete a token and its ciphertext.
+    pub async fn delete(&self, ctx: &RequestContext, token: &str) -> Result<(), VaultError> {
+        self.require_role(ctx, Action::Delete, &[Role::Tokenize, Role::Detokenize])
+            .await?;
+        let row = self.lookup(ctx, Action::Delete, token).await?;
+        let event = ctx
+            .event(Action::Delete, Outcome::Success)
+            .tenant(row.tenant.clone())
+            .token(row.token.clone());
+        if self
+            .store
+            .delete_card(&row.token, &row.tenant, event.clone())
+            .await?
+        {
+            Ok(())
+        } else {
+            // Deleted concurrently between lookup and delete.
+            Err(self.fail(event, VaultError::NotFound).await)
+        }
+    }
+
+    /// Record a service lifecycle event (start, stop).
+    pub async fn record_lifecycle(&self, action: Action, detail: &str) -> Result<(), VaultError> {
+        let event = AuditEvent::new(action, Outcome::Success)
+            .source("local")
+            .detail(detail);
+        self.store.append_audit(event).await?;
+        Ok(())
+    }
+}
+
+fn validate(input: &CardInput) -> Result<CardSecret, CardError> {
+    let pan = Pan::parse(&input.pan)?;
+    let expiry = Expiry::new(input.exp_month, input.exp_year)?;
+    let name = input
+        .cardholder_name
+        .as_ref()
+        .map(|n| CardholderName::parse(n))
+        .transpose()?;
+    Ok(CardSecret { pan, expiry, name })
+}
+
+fn valid_reason(reason: &str) -> bool {
+    let n = reason.chars().count();
+    (1..=256).contains(&n)
+        && !reason.trim().is_empty()
+        && reason.chars().all(|c| !c.is_control())
+        && !contains_pan_like(reason)
+}
+
+fn token_info(row: &CardRow, expiry: Expiry, created: bool) -> TokenInfo {
+    TokenInfo {
+        token: row.token.clone(),
+        tenant: row.tenant.clone(),
+        fingerprint: row.fingerprint.clone(),
+        brand: Brand::parse(&row.brand).unwrap_or(Brand::Unknown),
+        bin: row.bin.clone(),
+        last4: row.last4.clone(),
+        masked_pan: masked_form(&row.bin, &row.last4, usize::from(row.pan_len)),
+        exp_month: expiry.month(),
+        exp_year: expiry.year(),
+        created_at: row.created_at,
+        created,
+    }
+}

@@ -1,0 +1,182 @@
+//! Storage behind one trait. SQLite (embedded, the default) lives in
+//! [`sqlite`]; PostgreSQL will implement the same trait and run the same tests.
+//!
+//! Invariants every implementation keeps:
+//! - a card row and the audit event that records its creation or deletion are
+//!   written in one transaction: both or neither;
+//! - `(tenant, fingerprint)` is unique, so a PAN tokenized twice (even
+//!   concurrently) for a tenant yields one token;
+//! - audit events are append-only (storage-level triggers) and contain no
+//!   card number ([`check_event`] runs before every insert);
+//! - rows hold ciphertext, never a clear PAN, expiry or name.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use audit::{AuditEvent, StoredEvent};
+
+use crate::pan::contains_pan_like;
+
+/// Storage failures. The messages carry database error text, which never
+/// contains card data (no PAN is ever bound to a query).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage unavailable: {0}")]
+    Unavailable(#[from] sqlx::Error),
+    #[error("storage migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("a row with this unique key already exists")]
+    Conflict,
+    #[error("stored data is malformed: {0}")]
+    Corrupt(&'static str),
+    #[error("audit event refused: a text field looks like a card number")]
+    AuditContent,
+}
+
+/// A wrapped vault key as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredKey {
+    pub purpose: KeyPurpose,
+    pub version: u32,
+    pub kek_id: String,
+    pub wrapped: Vec<u8>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyPurpose {
+    /// Data-encryption key of card records.
+    Dek,
+    /// Fingerprint master key.
+    Fingerprint,
+}
+
+impl KeyPurpose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyPurpose::Dek => "dek",
+            KeyPurpose::Fingerprint => "fingerprint",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<KeyPurpose> {
+        match s {
+            "dek" => Some(KeyPurpose::Dek),
+            "fingerprint" => Some(KeyPurpose::Fingerprint),
+            _ => None,
+        }
+    }
+}
+
+/// A card row: clear metadata plus the sealed record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CardRow {
+    pub token: String,
+    pub tenant: String,
+    pub fingerprint: String,
+    pub brand: String,
+    pub bin: String,
+    pub last4: String,
+    pub pan_len: u8,
+    pub key_version: u32,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    /// Unix milliseconds, UTC.
+    pub created_at: i64,
+}
+
+/// One card to insert unless its tenant already has the same fingerprint,
+/// with the audit event to record in the same transaction. The store sets the
+/// event's token (the new or the existing one) and detail (`created` or
+/// `existing`).
+#[derive(Debug)]
+pub struct NewCard {
+    pub row: CardRow,
+    pub event: AuditEvent,
+}
+
+/// What happened to one [`NewCard`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inserted {
+    /// The row now stored for this tenant and fingerprint.
+    pub row: CardRow,
+    /// True when this call created it; false when it already existed.
+    pub created: bool,
+}
+
+/// A principal as stored. `key_hash` is an argon2id PHC string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrincipalRow {
+    pub id: String,
+    pub name: String,
+    pub roles: String,
+    pub tenants: String,
+    pub key_hash: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// The storage interface of the vault.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Cheap round trip to the database, for readiness.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    async fn load_keys(&self) -> Result<Vec<StoredKey>, StoreError>;
+    /// Insert a wrapped key unless one with the same purpose and version
+    /// exists (several instances may start at once). Returns whether it was
+    /// inserted; the event is written only then.
+    async fn insert_key(&self, key: &StoredKey, event: AuditEvent) -> Result<bool, StoreError>;
+
+    /// Insert cards in one transaction, each unless its tenant already has
+    /// its fingerprint, together with `other_events` (refused cards of the
+    /// same request). Results are in input order.
+    async fn insert_cards(
+        &self,
+        cards: Vec<NewCard>,
+        other_events: Vec<AuditEvent>,
+    ) -> Result<Vec<Inserted>, StoreError>;
+    async fn find_card(&self, token: &str) -> Result<Option<CardRow>, StoreError>;
+    /// Delete the card with this token and tenant and record `event` in the
+    /// same transaction. Returns false (and writes nothing) if no such row.
+    async fn delete_card(
+        &self,
+        token: &str,
+        tenant: &str,
+        event: AuditEvent,
+    ) -> Result<bool, StoreError>;
+
+    /// Append one audit event on its own; returns its sequence number.
+    async fn append_audit(&self, event: AuditEvent) -> Result<i64, StoreError>;
+    /// Events with `seq > after`, oldest first, at most `limit`.
+    async fn audit_events(&self, after: i64, limit: u32) -> Result<Vec<StoredEvent>, StoreError>;
+
+    async fn insert_principal(
+        &self,
+        row: &PrincipalRow,
+        event: AuditEvent,
+    ) -> Result<(), StoreError>;
+    async fn find_principal(&self, id: &str) -> Result<Option<PrincipalRow>, StoreError>;
+    async fn list_principals(&self) -> Result<Vec<PrincipalRow>, StoreError>;
+    /// Revoke the active principal with this name; false if there is none.
+    async fn revoke_principal(
+        &self,
+        name: &str,
+        at: i64,
+        event: AuditEvent,
+    ) -> Result<bool, StoreError>;
+}
+
+/// Refuse to store an audit event with card-number-like text in any field.
+pub fn check_event(event: &AuditEvent) -> Result<(), StoreError> {
+    if event.text_fields().any(contains_pan_like) {
+        return Err(StoreError::AuditContent);
+    }
+    Ok(())
+}
+
+/// Current time as Unix milliseconds.
+pub fn now_millis() -> i64 {
+    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(i64::MAX)
+}
