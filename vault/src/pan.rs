@@ -137,7 +137,7 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
         }
         sum += d;
     }
-    !digits.is_empty() && sum % 10 == 0
+    !digits.is_empty() && sum.is_multiple_of(10)
 }
 
 /// Whether free text (a reason, a tenant, a name that will be stored in clear)
