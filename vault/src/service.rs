@@ -563,3 +563,276 @@ fn token_info(row: &CardRow, expiry: Expiry, created: bool) -> TokenInfo {
         created,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::access::TenantScope;
+    use crate::store::sqlite::SqliteStore;
+    use std::collections::BTreeSet;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        sqlite: SqliteStore,
+        vault: Vault,
+    }
+
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = hsm_shim::SoftwareKek::generate(&dir.path().join("kek.key")).unwrap();
+        let sqlite = SqliteStore::open(&dir.path().join("v.db")).await.unwrap();
+        let vault = Vault::open(Arc::new(sqlite.clone()), &kek).await.unwrap();
+        Fixture {
+            _dir: dir,
+            sqlite,
+            vault,
+        }
+    }
+
+    fn ctx(roles: &[Role], tenants: TenantScope) -> RequestContext {
+        RequestContext {
+            principal: Principal {
+                id: "id".into(),
+                name: "tester".into(),
+                roles: roles.iter().copied().collect::<BTreeSet<_>>(),
+                tenants,
+            },
+            source: "127.0.0.1:1".into(),
+            request_id: "req".into(),
+        }
+    }
+
+    fn all() -> RequestContext {
+        ctx(&[Role::Tokenize, Role::Detokenize], TenantScope::All)
+    }
+
+    fn card(pan: &str) -> CardInput {
+        CardInput {
+            pan: Zeroizing::new(pan.to_owned()),
+            exp_month: 12,
+            exp_year: i64::from(time::OffsetDateTime::now_utc().year()) + 3,
+            cardholder_name: Some(Zeroizing::new("Jane Doe".to_owned())),
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trip_idempotency_and_tenants() {
+        let f = fixture().await;
+        let a = f
+            .vault
+            .tokenize(&all(), "shop-1", card("4111 1111 1111 1111"))
+            .await
+            .unwrap();
+        assert!(a.created);
+        assert_eq!(a.masked_pan, "411111******1111");
+        let again = f
+            .vault
+            .tokenize(&all(), "shop-1", card("4111-1111-1111-1111"))
+            .await
+            .unwrap();
+        assert_eq!(
+            (again.token.as_str(), again.created),
+            (a.token.as_str(), false)
+        );
+        let other = f
+            .vault
+            .tokenize(&all(), "shop-2", card("4111111111111111"))
+            .await
+            .unwrap();
+        assert_ne!(other.token, a.token);
+        assert_ne!(other.fingerprint, a.fingerprint);
+        let d = f
+            .vault
+            .detokenize(&all(), &a.token, "capture")
+            .await
+            .unwrap();
+        assert_eq!(d.card.pan.expose_digits(), "4111111111111111");
+        assert_eq!(d.card.name.as_ref().unwrap().expose(), "Jane Doe");
+        let only_2 = ctx(&[Role::Detokenize], TenantScope::parse("shop-2").unwrap());
+        assert!(matches!(
+            f.vault.detokenize(&only_2, &a.token, "x").await,
+            Err(VaultError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_ciphertext_moved_to_another_row_does_not_open() {
+        let f = fixture().await;
+        let a = f
+            .vault
+            .tokenize(&all(), "shop-1", card("4111111111111111"))
+            .await
+            .unwrap();
+        let b = f
+            .vault
+            .tokenize(&all(), "shop-1", card("5555555555554444"))
+            .await
+            .unwrap();
+        sqlx::query(
+            "UPDATE cards SET nonce = (SELECT nonce FROM cards WHERE token = ?1),
+                              ciphertext = (SELECT ciphertext FROM cards WHERE token = ?1)
+             WHERE token = ?2",
+        )
+        .bind(&a.token)
+        .bind(&b.token)
+        .execute(f.sqlite.pool())
+        .await
+        .unwrap();
+        assert!(matches!(
+            f.vault.detokenize(&all(), &b.token, "x").await,
+            Err(VaultError::Integrity)
+        ));
+        assert!(matches!(
+            f.vault.metadata(&all(), &b.token).await,
+            Err(VaultError::Integrity)
+        ));
+        // Moving a row to another tenant fails the same way.
+        sqlx::query("UPDATE cards SET tenant = 'shop-9' WHERE token = ?")
+            .bind(&a.token)
+            .execute(f.sqlite.pool())
+            .await
+            .unwrap();
+        assert!(matches!(
+            f.vault.detokenize(&all(), &a.token, "x").await,
+            Err(VaultError::Integrity)
+        ));
+    }
+
+    #[tokio::test]
+    async fn no_audit_no_operation() {
+        let f = fixture().await;
+        let a = f
+            .vault
+            .tokenize(&all(), "shop-1", card("4111111111111111"))
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TRIGGER audit_broken BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'audit down'); END",
+        )
+        .execute(f.sqlite.pool())
+        .await
+        .unwrap();
+        let err = f
+            .vault
+            .tokenize(&all(), "shop-1", card("5555555555554444"))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "storage_unavailable");
+        let err = f
+            .vault
+            .detokenize(&all(), &a.token, "capture")
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), "storage_unavailable");
+        let err = f.vault.delete(&all(), &a.token).await.unwrap_err();
+        assert_eq!(err.code(), "storage_unavailable");
+        sqlx::query("DROP TRIGGER audit_broken")
+            .execute(f.sqlite.pool())
+            .await
+            .unwrap();
+        // Nothing happened while the audit trail was down.
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM cards")
+            .fetch_one(f.sqlite.pool())
+            .await
+            .unwrap();
+        assert_eq!(count, 1);
+        assert!(f
+            .vault
+            .detokenize(&all(), &a.token, "capture")
+            .await
+            .is_ok());
+    }
+
+    #[tokio::test]
+    async fn roles_and_audit_of_refusals() {
+        let f = fixture().await;
+        let a = f
+            .vault
+            .tokenize(&all(), "shop-1", card("4111111111111111"))
+            .await
+            .unwrap();
+        let tok_only = ctx(&[Role::Tokenize], TenantScope::All);
+        assert!(matches!(
+            f.vault.detokenize(&tok_only, &a.token, "x").await,
+            Err(VaultError::Forbidden)
+        ));
+        let det_only = ctx(&[Role::Detokenize], TenantScope::All);
+        assert!(matches!(
+            f.vault.metadata(&det_only, &a.token).await,
+            Err(VaultError::Forbidden)
+        ));
+        assert!(matches!(
+            f.vault
+                .tokenize(&det_only, "shop-1", card("4111111111111111"))
+                .await,
+            Err(VaultError::Forbidden)
+        ));
+        let auditor = ctx(&[Role::Auditor, Role::KeyAdmin], TenantScope::All);
+        assert!(matches!(
+            f.vault.delete(&auditor, &a.token).await,
+            Err(VaultError::Forbidden)
+        ));
+        let shop2 = ctx(&[Role::Tokenize], TenantScope::parse("shop-2").unwrap());
+        assert!(matches!(
+            f.vault
+                .tokenize(&shop2, "shop-1", card("4111111111111111"))
+                .await,
+            Err(VaultError::Forbidden)
+        ));
+        assert!(matches!(
+            f.vault.delete(&shop2, &a.token).await,
+            Err(VaultError::NotFound)
+        ));
+        assert!(matches!(
+            f.vault
+                .detokenize(&all(), &a.token, "card 4111111111111111")
+                .await,
+            Err(VaultError::InvalidReason)
+        ));
+        let events = f.vault.store().audit_events(0, 1000).await.unwrap();
+        let denied = events
+            .iter()
+            .filter(|e| e.event.outcome == Outcome::Denied)
+            .count();
+        assert_eq!(denied, 6);
+        for e in &events {
+            for field in e.event.text_fields() {
+                assert!(!field.contains("4111111111111111"), "{field}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn batch_keeps_order_and_isolates_bad_cards() {
+        let f = fixture().await;
+        let cards = vec![
+            card("4111111111111111"),
+            card("4111111111111112"),
+            CardInput {
+                exp_month: 13,
+                ..card("5555555555554444")
+            },
+            card("4111111111111111"),
+            card("378282246310005"),
+        ];
+        let out = f
+            .vault
+            .tokenize_many(&all(), "shop-1", cards)
+            .await
+            .unwrap();
+        assert!(out[0].as_ref().unwrap().created);
+        assert_eq!(out[1].as_ref().unwrap_err().code(), "invalid_pan");
+        assert_eq!(out[2].as_ref().unwrap_err().code(), "invalid_expiry");
+        assert_eq!(
+            out[3].as_ref().unwrap().token,
+            out[0].as_ref().unwrap().token
+        );
+        assert!(!out[3].as_ref().unwrap().created);
+        assert_eq!(out[4].as_ref().unwrap().brand, Brand::Amex);
+        assert!(matches!(
+            f.vault.tokenize_many(&all(), "shop-1", vec![]).await,
+            Err(VaultError::InvalidBatchSize)
+        ));
+    }
+}

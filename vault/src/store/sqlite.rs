@@ -48,6 +48,13 @@ impl SqliteStore {
         Ok(SqliteStore { pool })
     }
 
+    /// The pool, for tests that must reach under the store (tampering,
+    /// failure injection).
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// Close the pool, checkpointing the WAL into the main file.
     pub async fn close(&self) {
         self.pool.close().await;
@@ -499,6 +506,44 @@ mod tests {
         assert!(s.delete_card("tok_a", "t1", ev()).await.unwrap());
         assert!(s.find_card("tok_a").await.unwrap().is_none());
         assert!(!s.delete_card("tok_a", "t1", ev()).await.unwrap());
+    }
+
+    fn files_contain(dir: &Path, needle: &[u8]) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| {
+                let path = e.unwrap().path();
+                let bytes = std::fs::read(&path).ok()?;
+                bytes
+                    .windows(needle.len())
+                    .any(|w| w == needle)
+                    .then(|| path.display().to_string())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn deleted_ciphertext_leaves_no_copy_in_database_or_wal() {
+        let (dir, s) = store().await;
+        let mut marker = vec![0u8; 48];
+        getrandom::getrandom(&mut marker).unwrap();
+        let mut r = row("tok_a", "t1", "fp_1");
+        r.ciphertext = marker.clone();
+        s.insert_cards(
+            vec![NewCard {
+                row: r,
+                event: ev(),
+            }],
+            vec![],
+        )
+        .await
+        .unwrap();
+        assert!(
+            !files_contain(dir.path(), &marker).is_empty(),
+            "the marker must be on disk first"
+        );
+        assert!(s.delete_card("tok_a", "t1", ev()).await.unwrap());
+        assert_eq!(files_contain(dir.path(), &marker), Vec::<String>::new());
     }
 
     #[tokio::test]
