@@ -33,38 +33,26 @@ pub struct AppState {
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
+/// Every route; any other method on a known path is 405.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/healthz")
-            .route(web::get().to(healthz))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/readyz")
-            .route(web::get().to(readyz))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/tokens")
-            .route(web::post().to(tokenize))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/tokens/batch")
-            .route(web::post().to(tokenize_batch))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/detokenize")
-            .route(web::post().to(detokenize))
-            .default_service(web::to(method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/tokens/{token}")
-            .route(web::get().to(metadata))
-            .route(web::delete().to(delete))
-            .default_service(web::to(method_not_allowed)),
-    );
+    let routes = [
+        ("/healthz", vec![web::get().to(healthz)]),
+        ("/readyz", vec![web::get().to(readyz)]),
+        ("/v1/tokens", vec![web::post().to(tokenize)]),
+        ("/v1/tokens/batch", vec![web::post().to(tokenize_batch)]),
+        ("/v1/detokenize", vec![web::post().to(detokenize)]),
+        (
+            "/v1/tokens/{token}",
+            vec![web::get().to(metadata), web::delete().to(delete)],
+        ),
+    ];
+    for (path, methods) in routes {
+        let resource = methods
+            .into_iter()
+            .fold(web::resource(path), |r, route| r.route(route))
+            .default_service(web::to(method_not_allowed));
+        cfg.service(resource);
+    }
 }
 
 pub async fn not_found() -> Result<HttpResponse, ApiError> {

@@ -143,6 +143,8 @@ fn event_from_row(r: &SqliteRow) -> Result<StoredEvent, StoreError> {
     })
 }
 
+const PRINCIPAL_COLUMNS: &str = "id, name, roles, tenants, key_hash, created_at, revoked_at";
+
 const CARD_COLUMNS: &str =
     "token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at";
 
@@ -345,9 +347,9 @@ impl Store for SqliteStore {
     }
 
     async fn find_principal(&self, id: &str) -> Result<Option<PrincipalRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, name, roles, tenants, key_hash, created_at, revoked_at FROM principals WHERE id = ?",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {PRINCIPAL_COLUMNS} FROM principals WHERE id = ?"
+        ))
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
@@ -355,9 +357,9 @@ impl Store for SqliteStore {
     }
 
     async fn list_principals(&self) -> Result<Vec<PrincipalRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, name, roles, tenants, key_hash, created_at, revoked_at FROM principals ORDER BY created_at, name",
-        )
+        let rows = sqlx::query(&format!(
+            "SELECT {PRINCIPAL_COLUMNS} FROM principals ORDER BY created_at, name"
+        ))
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(principal_from_row).collect()
