@@ -1,0 +1,1558 @@
+//! Harness for the end-to-end tests: it runs the real `tokenizer` binary on a
+//! fresh data directory, talks to it over HTTP, and afterwards searches every
+//! byte the service wrote (data files and captured output) for card numbers.
+//!
+//! Nothing here knows how the service works inside: only the CLI and HTTP
+//! contract.
+#![forbid(unsafe_code)]
+// Test support: a panic with a clear message is the right way to fail here.
+#![allow(clippy::unwrap_used, clippy::print_stderr)]
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fmt;
+use std::fs;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, ChildStdout, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+/// How long a server may take to log its listening line.
+pub const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a single HTTP request may take.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a CLI command (`kek generate`, `principal create`, ...) may take.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+
+const LISTENING: &str = "listening on ";
+
+// ---------------------------------------------------------------------------
+// Locating the binary
+// ---------------------------------------------------------------------------
+
+/// The workspace root: the parent of this crate's manifest directory.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the e2e crate lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Where the `tokenizer` binary is expected: `$TOKENIZER_BIN`, else
+/// `$CARGO_TARGET_DIR/debug/tokenizer` (a relative target dir is taken from the
+/// workspace root), else `<workspace>/target/debug/tokenizer`.
+pub fn tokenizer_path() -> PathBuf {
+    if let Some(bin) = std::env::var_os("TOKENIZER_BIN").filter(|v| !v.is_empty()) {
+        return PathBuf::from(bin);
+    }
+    let target = match std::env::var_os("CARGO_TARGET_DIR").filter(|v| !v.is_empty()) {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace_root().join(dir)
+            }
+        }
+        None => workspace_root().join("target"),
+    };
+    target.join("debug").join("tokenizer")
+}
+
+/// The `tokenizer` binary; panics with instructions when it was not built.
+pub fn tokenizer_bin() -> PathBuf {
+    let path = tokenizer_path();
+    if !path.is_file() {
+        panic!(
+            "the tokenizer binary was not found at {}.\n\
+             Build it first: `cargo build -p tokenizer-api --bin tokenizer` \
+             (or point TOKENIZER_BIN at it), then run `cargo test -p cardvault-e2e`.",
+            path.display()
+        );
+    }
+    path
+}
+
+/// A `Command` for the binary with a predictable environment: no inherited
+/// `RUST_LOG` (the `--log-level` flag decides) and no colours in the logs.
+pub fn tokenizer_command() -> Command {
+    let mut cmd = Command::new(tokenizer_bin());
+    cmd.env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null());
+    cmd
+}
+
+// ---------------------------------------------------------------------------
+// Captured output
+// ---------------------------------------------------------------------------
+
+/// Everything the binary printed, across every process started for one data
+/// directory (CLI commands and every server run). Kept for the leak scan.
+#[derive(Debug, Clone, Default)]
+pub struct Captured {
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Captured {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    pub fn stdout_bytes(&self) -> Vec<u8> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    pub fn stderr_bytes(&self) -> Vec<u8> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn append_stdout(&self, bytes: &[u8]) {
+        self.stdout.lock().unwrap().extend_from_slice(bytes);
+    }
+
+    fn append_stderr(&self, bytes: &[u8]) {
+        self.stderr.lock().unwrap().extend_from_slice(bytes);
+    }
+}
+
+/// Keeps draining one pipe of a child into a buffer, line by line, and
+/// reports each line (ANSI escapes removed) on a channel.
+fn drain<R: Read + Send + 'static>(
+    pipe: R,
+    sink: Arc<Mutex<Vec<u8>>>,
+    lines: Sender<String>,
+) -> JoinHandle<()> {
+    thread::spawn(move || {
+        let mut reader = BufReader::new(pipe);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    sink.lock().unwrap().extend_from_slice(&line);
+                    let text = strip_ansi(&String::from_utf8_lossy(&line));
+                    // The receiver may be gone; keep draining regardless.
+                    let _ = lines.send(text);
+                }
+            }
+        }
+    })
+}
+
+/// Removes ANSI escape sequences (colours) from a log line.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '\u{1b}' {
+            out.push(c);
+            continue;
+        }
+        if chars.peek() == Some(&'[') {
+            chars.next();
+            // Parameters and intermediates, then one final byte in '@'..='~'.
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            chars.next();
+        }
+    }
+    out
+}
+
+/// The address in a line containing `listening on `: the rest of the line,
+/// trimmed (falling back to its first word if the rest is not an address).
+pub fn parse_listening_line(line: &str) -> Option<String> {
+    let idx = line.find(LISTENING)?;
+    let rest = line[idx + LISTENING.len()..].trim();
+    if rest.parse::<std::net::SocketAddr>().is_ok() {
+        return Some(rest.to_string());
+    }
+    let word = rest
+        .split_whitespace()
+        .next()?
+        .trim_matches(|c: char| c == '"' || c == '\'' || c == ',');
+    word.parse::<std::net::SocketAddr>()
+        .ok()
+        .map(|_| word.to_string())
+}
+
+// ---------------------------------------------------------------------------
+// CLI
+// ---------------------------------------------------------------------------
+
+/// The result of one CLI run.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "exit status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `tokenizer <args...> --data-dir <dir>` to completion (with a timeout),
+/// appending its output to `captured`.
+pub fn run_cli(data_dir: &Path, args: &[&str], captured: &Captured) -> CliOutput {
+    let mut cmd = tokenizer_command();
+    cmd.args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let output = wait_with_timeout(cmd, CLI_TIMEOUT, args);
+    captured.append_stdout(&output.stdout);
+    captured.append_stderr(&output.stderr);
+    CliOutput {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn wait_with_timeout(mut cmd: Command, timeout: Duration, what: &[&str]) -> Output {
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run tokenizer {what:?}: {e}"));
+    let out = read_all_in_thread(child.stdout.take());
+    let err = read_all_in_thread(child.stderr.take());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let stderr = err.join().unwrap_or_default();
+            panic!(
+                "tokenizer {what:?} did not finish within {timeout:?}; stderr:\n{}",
+                String::from_utf8_lossy(&stderr)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+fn read_all_in_thread<R: Read + Send + 'static>(pipe: Option<R>) -> JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The service
+// ---------------------------------------------------------------------------
+
+/// How to start a server.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// `--dev`: the server makes its own KEK and dev principal.
+    pub dev: bool,
+    /// Run `kek generate` before the first start (ignored with `dev`).
+    pub generate_kek: bool,
+    pub log_level: String,
+    pub listen: String,
+    /// Extra arguments for `serve`.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            dev: false,
+            generate_kek: true,
+            log_level: "trace".to_string(),
+            listen: "127.0.0.1:0".to_string(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+impl Options {
+    pub fn dev() -> Self {
+        Options {
+            dev: true,
+            generate_kek: false,
+            ..Options::default()
+        }
+    }
+
+    fn serve_args(&self, data_dir: &Path) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec!["serve".into(), "--data-dir".into(), data_dir.into()];
+        args.push("--listen".into());
+        args.push(self.listen.clone().into());
+        args.push("--log-level".into());
+        args.push(self.log_level.clone().into());
+        if self.dev {
+            args.push("--dev".into());
+        }
+        args.extend(self.extra_args.iter().map(OsString::from));
+        args
+    }
+}
+
+/// A server process that is running (and whose pipes are being drained).
+struct Running {
+    child: Child,
+    readers: Vec<JoinHandle<()>>,
+}
+
+/// What happened to a `serve` process.
+#[derive(Debug)]
+pub enum Launch {
+    /// It logged its listening line.
+    Started { addr: String },
+    /// It exited before listening.
+    Exited { status: ExitStatus, stderr: String },
+}
+
+fn launch(data_dir: &Path, opts: &Options, captured: &Captured) -> (Launch, Option<Running>) {
+    let mut cmd = tokenizer_command();
+    cmd.args(opts.serve_args(data_dir))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {}: {e}", tokenizer_bin().display()));
+    let stderr_before = captured.stderr_bytes().len();
+    let (tx, rx) = mpsc::channel();
+    let stdout: ChildStdout = child.stdout.take().unwrap();
+    let stderr: ChildStderr = child.stderr.take().unwrap();
+    let readers = vec![
+        drain(stdout, captured.stdout.clone(), mpsc::channel().0),
+        drain(stderr, captured.stderr.clone(), tx),
+    ];
+    match wait_for_listening(&mut child, &rx) {
+        Ok(addr) => (Launch::Started { addr }, Some(Running { child, readers })),
+        Err(Some(status)) => {
+            join_readers(readers);
+            let stderr = captured.stderr_bytes();
+            let stderr = String::from_utf8_lossy(&stderr[stderr_before.min(stderr.len())..]);
+            (
+                Launch::Exited {
+                    status,
+                    stderr: stderr.into_owned(),
+                },
+                None,
+            )
+        }
+        Err(None) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            join_readers(readers);
+            panic!(
+                "tokenizer serve did not log `{LISTENING}ADDR` within {START_TIMEOUT:?}.\n\
+                 --- stderr ---\n{}\n--- stdout ---\n{}",
+                captured.stderr(),
+                captured.stdout()
+            );
+        }
+    }
+}
+
+/// `Ok(addr)` once listening, `Err(Some(status))` if the process exited,
+/// `Err(None)` on timeout.
+fn wait_for_listening(
+    child: &mut Child,
+    lines: &Receiver<String>,
+) -> Result<String, Option<ExitStatus>> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        match lines.recv_timeout(Duration::from_millis(50)) {
+            Ok(line) => {
+                if let Some(addr) = parse_listening_line(&line) {
+                    return Ok(addr);
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            // Drain what is left: the listening line may still be queued.
+            while let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
+                if parse_listening_line(&line).is_some() {
+                    break;
+                }
+            }
+            return Err(Some(status));
+        }
+        if Instant::now() > deadline {
+            return Err(None);
+        }
+    }
+}
+
+fn join_readers(readers: Vec<JoinHandle<()>>) {
+    // The pipes close when the process is gone; give the threads a moment to
+    // copy the last bytes, but never hang the test on them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for reader in readers {
+        while !reader.is_finished() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        if reader.is_finished() {
+            let _ = reader.join();
+        }
+    }
+}
+
+/// Where the data lives: a temporary directory owned by the service, removed
+/// at the end, or one owned by the caller.
+#[derive(Debug)]
+enum DataDir {
+    Temp(tempfile::TempDir),
+    Path(PathBuf),
+}
+
+impl DataDir {
+    fn path(&self) -> &Path {
+        match self {
+            DataDir::Temp(dir) => dir.path(),
+            DataDir::Path(path) => path,
+        }
+    }
+}
+
+/// A tempdir for a data directory (call sites that need to prepare one).
+/// Private (0700), as an operator would set it up.
+pub fn temp_data_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("cardvault-e2e-")
+        .tempdir()
+        .expect("cannot create a temporary data directory");
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))
+        .expect("cannot chmod the temporary data directory");
+    dir
+}
+
+/// A running `tokenizer serve` on its own data directory.
+pub struct Service {
+    data_dir: DataDir,
+    opts: Options,
+    captured: Captured,
+    running: Option<Running>,
+    addr: String,
+}
+
+impl fmt::Debug for Service {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Service")
+            .field("data_dir", &self.data_dir.path())
+            .field("addr", &self.addr)
+            .field("running", &self.running.is_some())
+            .finish()
+    }
+}
+
+impl Service {
+    /// A fresh data directory, a KEK, and a server at trace log level.
+    pub fn start() -> Service {
+        Service::start_with(Options::default())
+    }
+
+    pub fn start_with(opts: Options) -> Service {
+        Service::start_in(DataDir::Temp(temp_data_dir()), opts)
+    }
+
+    /// Starts on a directory the caller owns (it is not removed).
+    pub fn start_in_dir(dir: &Path, opts: Options) -> Service {
+        Service::start_in(DataDir::Path(dir.to_path_buf()), opts)
+    }
+
+    fn start_in(data_dir: DataDir, opts: Options) -> Service {
+        let captured = Captured::default();
+        if opts.generate_kek && !opts.dev && !data_dir.path().join("kek.key").exists() {
+            let out = run_cli(data_dir.path(), &["kek", "generate"], &captured);
+            assert!(
+                out.success(),
+                "`tokenizer kek generate` failed\n{}",
+                out.describe()
+            );
+        }
+        let mut service = Service {
+            data_dir,
+            opts,
+            captured,
+            running: None,
+            addr: String::new(),
+        };
+        service.spawn();
+        service
+    }
+
+    fn spawn(&mut self) {
+        let (launch, running) = launch(self.data_dir.path(), &self.opts, &self.captured);
+        match (launch, running) {
+            (Launch::Started { addr }, Some(running)) => {
+                self.addr = addr;
+                self.running = Some(running);
+            }
+            (Launch::Exited { status, stderr }, _) => panic!(
+                "tokenizer serve exited before listening ({status}).\n--- stderr ---\n{stderr}"
+            ),
+            (Launch::Started { .. }, None) => unreachable!("a started server has a process"),
+        }
+    }
+
+    /// `host:port` the server listens on.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
+    pub fn captured(&self) -> &Captured {
+        &self.captured
+    }
+
+    pub fn stdout(&self) -> String {
+        self.captured.stdout()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.captured.stderr()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match &mut self.running {
+            Some(running) => running.child.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    /// SIGKILL, then wait for the process and the last captured bytes.
+    pub fn kill(&mut self) {
+        if let Some(mut running) = self.running.take() {
+            let _ = running.child.kill();
+            let _ = running.child.wait();
+            join_readers(running.readers);
+        }
+    }
+
+    /// Kill (if running) and start again on the same data directory. The
+    /// address usually changes.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Runs a CLI subcommand on this data directory (output captured too).
+    pub fn cli(&self, args: &[&str]) -> CliOutput {
+        run_cli(self.data_dir(), args, &self.captured)
+    }
+
+    /// `principal create`; returns the whole JSON line.
+    pub fn create_principal_json(&self, name: &str, roles: &[&str], tenants: &[&str]) -> Value {
+        let roles = roles.join(",");
+        let tenants = tenants.join(",");
+        let out = self.cli(&[
+            "principal",
+            "create",
+            "--name",
+            name,
+            "--roles",
+            &roles,
+            "--tenants",
+            &tenants,
+        ]);
+        assert!(
+            out.success(),
+            "`tokenizer principal create --name {name}` failed\n{}",
+            out.describe()
+        );
+        let lines: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "`principal create` must print exactly one line\n{}",
+            out.describe()
+        );
+        serde_json::from_str(lines[0]).unwrap_or_else(|e| {
+            panic!(
+                "`principal create` printed no JSON ({e})\n{}",
+                out.describe()
+            )
+        })
+    }
+
+    /// `principal create`; returns the API key.
+    pub fn create_principal(&self, name: &str, roles: &[&str], tenants: &[&str]) -> String {
+        let json = self.create_principal_json(name, roles, tenants);
+        json["api_key"]
+            .as_str()
+            .unwrap_or_else(|| panic!("`principal create` printed no api_key: {json}"))
+            .to_string()
+    }
+
+    /// A client for a new principal.
+    pub fn principal_client(&self, name: &str, roles: &[&str], tenants: &[&str]) -> Client {
+        let key = self.create_principal(name, roles, tenants);
+        self.client(&key)
+    }
+
+    /// `principal revoke NAME`.
+    pub fn revoke(&self, name: &str) {
+        let out = self.cli(&["principal", "revoke", name]);
+        assert!(
+            out.success(),
+            "`tokenizer principal revoke {name}` failed\n{}",
+            out.describe()
+        );
+    }
+
+    /// An authenticated client (`Authorization: Bearer <key>`).
+    pub fn client(&self, api_key: &str) -> Client {
+        Client::new(&self.addr, Some(format!("Bearer {api_key}")))
+    }
+
+    /// A client that sends no `Authorization` header.
+    pub fn anonymous(&self) -> Client {
+        Client::new(&self.addr, None)
+    }
+
+    /// A client sending this exact `Authorization` value.
+    pub fn client_with_authorization(&self, value: &str) -> Client {
+        Client::new(&self.addr, Some(value.to_string()))
+    }
+
+    /// Searches the data directory and everything the binary printed.
+    pub fn scan_for_leaks<S: AsRef<str>>(&self, pans: &[S]) -> Vec<Finding> {
+        let mut findings = scan_dir(self.data_dir(), pans);
+        findings.extend(scan_bytes(
+            "captured stdout",
+            &self.captured.stdout_bytes(),
+            pans,
+        ));
+        findings.extend(scan_bytes(
+            "captured stderr",
+            &self.captured.stderr_bytes(),
+            pans,
+        ));
+        findings
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+        if thread::panicking() {
+            // Keep the whole log for the post-mortem; show the tail without
+            // the TRACE chatter of the HTTP stack.
+            let stderr = self.captured.stderr();
+            let saved = save_failure_log(self.data_dir(), &stderr);
+            let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains(" TRACE ")).collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "--- last {} non-TRACE lines of tokenizer stderr (full log: {saved}) ---\n{}",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+/// Writes a failed test's server log to `<workspace>/target/e2e-logs/`; returns where
+/// (or why not).
+fn save_failure_log(data_dir: &Path, stderr: &str) -> String {
+    let dir = workspace_root().join("target").join("e2e-logs");
+    let name = data_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "service".to_string());
+    let path = dir.join(format!("{name}.stderr.log"));
+    match fs::create_dir_all(&dir).and_then(|()| fs::write(&path, stderr)) {
+        Ok(()) => path.display().to_string(),
+        Err(e) => format!("not saved: {e}"),
+    }
+}
+
+/// Starts `serve` expecting it to refuse: returns its exit status and
+/// stderr. Panics (after killing it) if it starts listening instead.
+pub fn expect_refused_start(data_dir: &Path, opts: &Options) -> (ExitStatus, String) {
+    let captured = Captured::default();
+    let (launch, running) = launch(data_dir, opts, &captured);
+    match launch {
+        Launch::Exited { status, stderr } => (status, stderr),
+        Launch::Started { addr } => {
+            if let Some(mut running) = running {
+                let _ = running.child.kill();
+                let _ = running.child.wait();
+                join_readers(running.readers);
+            }
+            panic!(
+                "tokenizer serve was expected to refuse to start but listens on {addr}.\n\
+                 --- stderr ---\n{}",
+                captured.stderr()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------
+
+/// One HTTP response, whatever its status.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub request_id: Option<String>,
+    pub content_type: Option<String>,
+    /// The raw body.
+    pub text: String,
+    /// The body as JSON, `Null` when empty or not JSON.
+    pub json: Value,
+}
+
+impl Resp {
+    /// `error.code` of an error body.
+    pub fn error_code(&self) -> Option<&str> {
+        self.json["error"]["code"].as_str()
+    }
+
+    pub fn error_message(&self) -> Option<&str> {
+        self.json["error"]["message"].as_str()
+    }
+
+    /// A string field of the body (panics with the body when absent).
+    pub fn str(&self, field: &str) -> String {
+        self.json[field]
+            .as_str()
+            .unwrap_or_else(|| {
+                panic!(
+                    "no string `{field}` in response {}: {}",
+                    self.status, self.text
+                )
+            })
+            .to_string()
+    }
+
+    fn from_parts(
+        status: u16,
+        request_id: Option<String>,
+        content_type: Option<String>,
+        text: String,
+    ) -> Resp {
+        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Resp {
+            status,
+            request_id,
+            content_type,
+            text,
+            json,
+        }
+    }
+}
+
+impl fmt::Display for Resp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "HTTP {} (x-request-id: {:?}) {}",
+            self.status, self.request_id, self.text
+        )
+    }
+}
+
+/// A minimal HTTP client for one server and one `Authorization` value.
+#[derive(Debug, Clone)]
+pub struct Client {
+    agent: ureq::Agent,
+    addr: String,
+    authorization: Option<String>,
+}
+
+impl Client {
+    pub fn new(addr: &str, authorization: Option<String>) -> Client {
+        // No pooled connections: a server that closes a connection after an
+        // error must not break the next request.
+        let agent = ureq::AgentBuilder::new()
+            .timeout(REQUEST_TIMEOUT)
+            .max_idle_connections(0)
+            .redirects(0)
+            .build();
+        Client {
+            agent,
+            addr: addr.to_string(),
+            authorization,
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The same credentials against `svc` (after a restart the address
+    /// changes).
+    pub fn reconnect(&self, svc: &Service) -> Client {
+        Client::new(svc.addr(), self.authorization.clone())
+    }
+
+    pub fn authorization(&self) -> Option<&str> {
+        self.authorization.as_deref()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let req = self.agent.request(method, &self.url(path));
+        match &self.authorization {
+            Some(value) => req.set("Authorization", value),
+            None => req,
+        }
+    }
+
+    /// Any method, no body.
+    pub fn send(&self, method: &str, path: &str) -> Resp {
+        finish(method, path, self.request(method, path).call())
+    }
+
+    /// Any method, raw body, optional `Content-Type` (none sent if `None`).
+    pub fn send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Resp {
+        let mut req = self.request(method, path);
+        if let Some(ct) = content_type {
+            req = req.set("Content-Type", ct);
+        }
+        finish(method, path, req.send_bytes(body))
+    }
+
+    /// POST a JSON value with `Content-Type: application/json`.
+    pub fn post_json(&self, path: &str, body: &Value) -> Resp {
+        self.post_raw(path, body.to_string().as_bytes())
+    }
+
+    /// POST raw bytes with `Content-Type: application/json`.
+    pub fn post_raw(&self, path: &str, body: &[u8]) -> Resp {
+        self.send_raw("POST", path, Some("application/json"), body)
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        self.send("GET", path)
+    }
+
+    pub fn delete(&self, path: &str) -> Resp {
+        self.send("DELETE", path)
+    }
+
+    // --- the API, one helper per route ---
+
+    pub fn tokenize(&self, tenant: &str, pan: &str, exp_month: i64, exp_year: i64) -> Resp {
+        self.post_json(
+            "/v1/tokens",
+            &serde_json::json!({
+                "tenant": tenant, "pan": pan, "exp_month": exp_month, "exp_year": exp_year,
+            }),
+        )
+    }
+
+    pub fn tokenize_named(
+        &self,
+        tenant: &str,
+        pan: &str,
+        exp_month: i64,
+        exp_year: i64,
+        name: &str,
+    ) -> Resp {
+        self.post_json(
+            "/v1/tokens",
+            &serde_json::json!({
+                "tenant": tenant, "pan": pan, "exp_month": exp_month, "exp_year": exp_year,
+                "cardholder_name": name,
+            }),
+        )
+    }
+
+    pub fn batch(&self, tenant: &str, cards: &[Value]) -> Resp {
+        self.post_json(
+            "/v1/tokens/batch",
+            &serde_json::json!({ "tenant": tenant, "cards": cards }),
+        )
+    }
+
+    pub fn detokenize(&self, token: &str, reason: &str) -> Resp {
+        self.post_json(
+            "/v1/detokenize",
+            &serde_json::json!({ "token": token, "reason": reason }),
+        )
+    }
+
+    pub fn metadata(&self, token: &str) -> Resp {
+        self.get(&format!("/v1/tokens/{token}"))
+    }
+
+    pub fn delete_token(&self, token: &str) -> Resp {
+        self.delete(&format!("/v1/tokens/{token}"))
+    }
+
+    /// A request written on a raw socket, for bodies the server may refuse
+    /// before reading them (413): the body is written from another thread
+    /// while the response is read, and write errors are ignored.
+    pub fn raw_exchange(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Resp {
+        raw_exchange(
+            &self.addr,
+            method,
+            path,
+            self.authorization.as_deref(),
+            content_type,
+            body,
+        )
+    }
+}
+
+fn finish(method: &str, path: &str, result: Result<ureq::Response, ureq::Error>) -> Resp {
+    let resp = match result {
+        Ok(resp) => resp,
+        Err(ureq::Error::Status(_, resp)) => resp,
+        Err(ureq::Error::Transport(err)) => panic!("{method} {path}: transport error: {err}"),
+    };
+    let status = resp.status();
+    let request_id = resp.header("x-request-id").map(str::to_string);
+    let content_type = resp.header("content-type").map(str::to_string);
+    let text = resp
+        .into_string()
+        .unwrap_or_else(|e| panic!("{method} {path}: cannot read the body: {e}"));
+    Resp::from_parts(status, request_id, content_type, text)
+}
+
+fn raw_exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> Resp {
+    let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(REQUEST_TIMEOUT)).unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(auth) = authorization {
+        head.push_str(&format!("Authorization: {auth}\r\n"));
+    }
+    if let Some(ct) = content_type {
+        head.push_str(&format!("Content-Type: {ct}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut writer = stream.try_clone().unwrap();
+    let write = thread::spawn(move || {
+        let result = writer
+            .write_all(head.as_bytes())
+            .and_then(|()| writer.write_all(&body));
+        if result.is_ok() {
+            let _ = writer.flush();
+        }
+    });
+    let mut reader = stream;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                raw.extend_from_slice(&buf[..n]);
+                if response_complete(&raw) {
+                    break;
+                }
+            }
+            // A reset after the response was sent is the server refusing
+            // the rest of the body; what arrived before it is the answer.
+            Err(e) if !raw.is_empty() && e.kind() != io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{method} {path}: reading the response: {e}"),
+        }
+    }
+    let _ = reader.shutdown(Shutdown::Both);
+    let _ = write.join();
+    parse_raw_response(&raw).unwrap_or_else(|| {
+        panic!(
+            "{method} {path}: cannot parse the raw response: {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    })
+}
+
+fn split_head(raw: &[u8]) -> Option<(&[u8], &[u8])> {
+    let pos = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    Some((&raw[..pos], &raw[pos + 4..]))
+}
+
+fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+fn response_complete(raw: &[u8]) -> bool {
+    let Some((head, body)) = split_head(raw) else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(head);
+    if let Some(len) = header_value(&head, "content-length") {
+        return len.parse::<usize>().is_ok_and(|len| body.len() >= len);
+    }
+    if header_value(&head, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        return body.ends_with(b"0\r\n\r\n");
+    }
+    false
+}
+
+fn parse_raw_response(raw: &[u8]) -> Option<Resp> {
+    let (head, body) = split_head(raw)?;
+    let head = String::from_utf8_lossy(head).into_owned();
+    let status: u16 = head
+        .lines()
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    let body = if header_value(&head, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        dechunk(body)?
+    } else if let Some(len) = header_value(&head, "content-length") {
+        let len: usize = len.parse().ok()?;
+        body.get(..len)?.to_vec()
+    } else {
+        body.to_vec()
+    };
+    Some(Resp::from_parts(
+        status,
+        header_value(&head, "x-request-id").map(str::to_string),
+        header_value(&head, "content-type").map(str::to_string),
+        String::from_utf8_lossy(&body).into_owned(),
+    ))
+}
+
+fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = body.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = String::from_utf8_lossy(&body[..line_end]);
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        body = &body[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(body.get(..size)?);
+        body = body.get(size + 2..)?;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Card numbers
+// ---------------------------------------------------------------------------
+
+/// The Luhn check digit for `payload` (all ASCII digits).
+pub fn luhn_check_digit(payload: &str) -> u8 {
+    let sum: u32 = payload
+        .bytes()
+        .rev()
+        .enumerate()
+        .map(|(i, b)| {
+            let d = u32::from(b - b'0');
+            if i % 2 == 0 {
+                let d = d * 2;
+                if d > 9 {
+                    d - 9
+                } else {
+                    d
+                }
+            } else {
+                d
+            }
+        })
+        .sum();
+    ((10 - sum % 10) % 10) as u8
+}
+
+/// Whether `number` (all ASCII digits) passes the Luhn check.
+pub fn luhn_valid(number: &str) -> bool {
+    match number.len() {
+        0 => false,
+        n => {
+            number.bytes().all(|b| b.is_ascii_digit())
+                && luhn_check_digit(&number[..n - 1]) == number.as_bytes()[n - 1] - b'0'
+        }
+    }
+}
+
+/// `payload` followed by its Luhn check digit.
+pub fn with_luhn_digit(payload: &str) -> String {
+    format!("{payload}{}", luhn_check_digit(payload))
+}
+
+/// A random `u64` (std's randomly seeded hasher: no extra dependency).
+pub fn random_u64() -> u64 {
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    hasher.write_u128(nanos);
+    hasher.finish()
+}
+
+/// `n` random decimal digits.
+pub fn random_digits(n: usize) -> String {
+    let mut out = String::with_capacity(n);
+    while out.len() < n {
+        let mut x = random_u64();
+        for _ in 0..18 {
+            if out.len() == n {
+                break;
+            }
+            out.push(char::from(b'0' + (x % 10) as u8));
+            x /= 10;
+        }
+    }
+    out
+}
+
+/// A Luhn-valid number of `len` digits on a test BIN (`411111` or `424242`).
+pub fn generated_pan(bin: &str, len: usize) -> String {
+    assert!(
+        bin == "411111" || bin == "424242",
+        "only the test BINs 411111 and 424242 may be used"
+    );
+    assert!(len > bin.len(), "a PAN is longer than its BIN");
+    with_luhn_digit(&format!("{bin}{}", random_digits(len - bin.len() - 1)))
+}
+
+/// A fresh 16-digit test Visa number (`411111` + 9 random digits + Luhn).
+pub fn fresh_pan() -> String {
+    generated_pan("411111", 16)
+}
+
+/// The current UTC (year, month).
+pub fn current_year_month() -> (i64, i64) {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_secs();
+    let (y, m, _) = civil_from_days((secs / 86_400) as i64);
+    (y, m)
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+// ---------------------------------------------------------------------------
+// Leak scanner
+// ---------------------------------------------------------------------------
+
+/// How a card number was written where it was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Encoding {
+    /// ASCII/UTF-8 digits, possibly grouped with single spaces or dashes.
+    Ascii,
+    /// UTF-16LE digits, possibly grouped with single spaces or dashes.
+    Utf16Le,
+    /// The number as a 64-bit integer, big-endian (SQLite's integer format).
+    U64BigEndian,
+    /// The number as a 64-bit integer, little-endian.
+    U64LittleEndian,
+}
+
+/// One card number found somewhere it must not be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub pan: String,
+    pub location: String,
+    pub encoding: Encoding,
+    /// Byte offset in the file or buffer.
+    pub offset: usize,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Show only the last four digits: this is printed in test output.
+        let last4 = &self.pan[self.pan.len().saturating_sub(4)..];
+        write!(
+            f,
+            "card ending {last4} found as {:?} in {} at byte {}",
+            self.encoding, self.location, self.offset
+        )
+    }
+}
+
+/// Searches every regular file under `root` (recursively) for the PANs.
+pub fn scan_dir<S: AsRef<str>>(root: &Path, pans: &[S]) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) => panic!("leak scan: cannot list {}: {e}", dir.display()),
+        };
+        for entry in entries {
+            let entry = entry.unwrap();
+            let path = entry.path();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file() {
+                // A file may vanish between listing and reading (a running
+                // server removing its -shm); anything else is an error.
+                match fs::read(&path) {
+                    Ok(bytes) => {
+                        findings.extend(scan_bytes(&path.display().to_string(), &bytes, pans))
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => panic!("leak scan: cannot read {}: {e}", path.display()),
+                }
+            }
+        }
+    }
+    findings
+}
+
+/// Searches one buffer for the PANs in every supported encoding.
+pub fn scan_bytes<S: AsRef<str>>(location: &str, bytes: &[u8], pans: &[S]) -> Vec<Finding> {
+    let pans: Vec<&str> = pans.iter().map(AsRef::as_ref).collect();
+    for pan in &pans {
+        assert!(
+            pan.len() >= 12 && pan.bytes().all(|b| b.is_ascii_digit()),
+            "leak scan: give PANs as 12+ bare digits"
+        );
+    }
+    let mut findings = Vec::new();
+    let mut report = |pan: &str, encoding: Encoding, offset: usize| {
+        let finding = Finding {
+            pan: pan.to_string(),
+            location: location.to_string(),
+            encoding,
+            offset,
+        };
+        if !findings.contains(&finding) {
+            findings.push(finding);
+        }
+    };
+
+    // Digit runs, single-byte and UTF-16LE at both alignments.
+    for (encoding, start, step) in [
+        (Encoding::Ascii, 0, 1),
+        (Encoding::Utf16Le, 0, 2),
+        (Encoding::Utf16Le, 1, 2),
+    ] {
+        for (offset, digits) in digit_runs(bytes, start, step) {
+            for pan in &pans {
+                if digits.contains(pan) {
+                    report(pan, encoding, offset);
+                }
+            }
+        }
+    }
+
+    // 64-bit integers.
+    let mut wanted_be: HashSet<[u8; 8]> = HashSet::new();
+    let mut wanted_le: HashSet<[u8; 8]> = HashSet::new();
+    for pan in &pans {
+        if let Ok(n) = pan.parse::<u64>() {
+            wanted_be.insert(n.to_be_bytes());
+            wanted_le.insert(n.to_le_bytes());
+        }
+    }
+    for (offset, window) in bytes.windows(8).enumerate() {
+        let w: [u8; 8] = window.try_into().unwrap();
+        for (set, encoding) in [
+            (&wanted_be, Encoding::U64BigEndian),
+            (&wanted_le, Encoding::U64LittleEndian),
+        ] {
+            if set.contains(&w) {
+                let n = match encoding {
+                    Encoding::U64BigEndian => u64::from_be_bytes(w),
+                    _ => u64::from_le_bytes(w),
+                };
+                for pan in &pans {
+                    if pan.parse::<u64>() == Ok(n) {
+                        report(pan, encoding, offset);
+                    }
+                }
+            }
+        }
+    }
+    findings
+}
+
+/// Maximal runs of digits (units of `step` bytes from `start`; for step 2 a
+/// unit is a digit followed by a zero byte), allowing a single space or dash
+/// between digits. Returns (byte offset, digits without separators) for runs
+/// of 12 digits or more.
+fn digit_runs(bytes: &[u8], start: usize, step: usize) -> Vec<(usize, String)> {
+    let unit = |i: usize| -> Option<u8> {
+        let b = *bytes.get(i)?;
+        if step == 2 && bytes.get(i + 1) != Some(&0) {
+            return None;
+        }
+        Some(b)
+    };
+    let mut runs = Vec::new();
+    let mut digits = String::new();
+    let mut run_start = 0;
+    let mut pending_separator = false;
+    let mut i = start;
+    let flush = |digits: &mut String, run_start: usize, runs: &mut Vec<(usize, String)>| {
+        if digits.len() >= 12 {
+            runs.push((run_start, std::mem::take(digits)));
+        } else {
+            digits.clear();
+        }
+    };
+    while i < bytes.len() {
+        match unit(i) {
+            Some(b) if b.is_ascii_digit() => {
+                if digits.is_empty() {
+                    run_start = i;
+                }
+                digits.push(char::from(b));
+                pending_separator = false;
+            }
+            Some(b' ') | Some(b'-') if !digits.is_empty() && !pending_separator => {
+                pending_separator = true;
+            }
+            _ => {
+                flush(&mut digits, run_start, &mut runs);
+                pending_separator = false;
+            }
+        }
+        i += step;
+    }
+    flush(&mut digits, run_start, &mut runs);
+    runs
+}
+
+/// Panics listing the findings (last four digits only) if there are any.
+pub fn assert_no_leaks(findings: &[Finding]) {
+    if !findings.is_empty() {
+        let list: Vec<String> = findings.iter().map(ToString::to_string).collect();
+        panic!(
+            "{} card number leak(s) found:\n  {}",
+            findings.len(),
+            list.join("\n  ")
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAN: &str = "4111111111111111";
+
+    fn utf16le(s: &str) -> Vec<u8> {
+        s.encode_utf16().flat_map(u16::to_le_bytes).collect()
+    }
+
+    #[test]
+    fn luhn_matches_published_test_cards() {
+        for pan in [
+            "4111111111111111",
+            "4242424242424242",
+            "378282246310005",
+            "36227206271667",
+            "6759649826438453",
+            "2200000000000004",
+            "2223003122003222",
+        ] {
+            assert!(luhn_valid(pan), "{pan} is Luhn-valid");
+        }
+        for pan in ["4111111111111112", "5555555555554443", "", "41x1"] {
+            assert!(!luhn_valid(pan), "{pan:?} is not Luhn-valid");
+        }
+        for _ in 0..50 {
+            let pan = fresh_pan();
+            assert_eq!(pan.len(), 16);
+            assert!(pan.starts_with("411111"));
+            assert!(luhn_valid(&pan));
+        }
+        assert!(luhn_valid(&generated_pan("424242", 19)));
+    }
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        assert_eq!(civil_from_days(20_000), (2024, 10, 4));
+        let (y, m) = current_year_month();
+        assert!(y >= 2024 && (1..=12).contains(&m));
+    }
+
+    #[test]
+    fn scanner_finds_planted_pans_in_files() {
+        let dir = temp_data_dir();
+        let sub = dir.path().join("nested");
+        fs::create_dir(&sub).unwrap();
+        let other = generated_pan("424242", 16);
+        fs::write(dir.path().join("plain.log"), format!("x pan={PAN} y")).unwrap();
+        let mut wide = b"\x00\x01junk".to_vec();
+        wide.extend(utf16le(&format!("card {other}!")));
+        fs::write(sub.join("wide.bin"), &wide).unwrap();
+        fs::write(
+            dir.path().join("clean.txt"),
+            "nothing 411111******1111 here",
+        )
+        .unwrap();
+
+        let findings = scan_dir(dir.path(), &[PAN, other.as_str(), "5555555555554444"]);
+        assert_eq!(findings.len(), 2, "{findings:?}");
+        assert!(findings.iter().any(|f| f.pan == PAN
+            && f.encoding == Encoding::Ascii
+            && f.location.ends_with("plain.log")));
+        assert!(findings.iter().any(|f| f.pan == other
+            && f.encoding == Encoding::Utf16Le
+            && f.location.ends_with("wide.bin")));
+    }
+
+    #[test]
+    fn scanner_finds_every_encoding() {
+        let grouped = b"{\"pan\":\"4111 1111-1111 1111\"}".to_vec();
+        let found = scan_bytes("grouped", &grouped, &[PAN]);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].offset, 8);
+
+        // Odd alignment in UTF-16LE.
+        let mut odd = vec![0x41];
+        odd.extend(utf16le(PAN));
+        let found = scan_bytes("odd", &odd, &[PAN]);
+        assert!(found.iter().any(|f| f.encoding == Encoding::Utf16Le));
+
+        let n: u64 = PAN.parse().unwrap();
+        let mut ints = vec![7u8; 5];
+        ints.extend(n.to_be_bytes());
+        ints.extend([1, 2, 3]);
+        ints.extend(n.to_le_bytes());
+        let found = scan_bytes("ints", &ints, &[PAN]);
+        assert!(found
+            .iter()
+            .any(|f| f.encoding == Encoding::U64BigEndian && f.offset == 5));
+        assert!(found
+            .iter()
+            .any(|f| f.encoding == Encoding::U64LittleEndian && f.offset == 16));
+
+        // Embedded inside a longer digit run still counts.
+        assert_eq!(
+            scan_bytes("embedded", format!("99{PAN}00").as_bytes(), &[PAN]).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn scanner_ignores_masked_and_partial_numbers() {
+        let text =
+            "411111******1111 last4=1111 bin=411111 4111-1111 1111--1111 1111 4111 1111  1111 1111";
+        assert!(scan_bytes("t", text.as_bytes(), &[PAN]).is_empty());
+        assert!(scan_bytes("t", &utf16le(text), &[PAN]).is_empty());
+        assert!(scan_bytes("t", b"", &[PAN]).is_empty());
+    }
+
+    #[test]
+    fn listening_line_parsing() {
+        assert_eq!(
+            parse_listening_line(
+                "2025-01-01T00:00:00Z  INFO tokenizer: listening on 127.0.0.1:4321"
+            )
+            .as_deref(),
+            Some("127.0.0.1:4321")
+        );
+        assert_eq!(
+            parse_listening_line(&strip_ansi(
+                "\u{1b}[32m INFO\u{1b}[0m listening on 127.0.0.1:80\u{1b}[0m\n"
+            ))
+            .as_deref(),
+            Some("127.0.0.1:80")
+        );
+        assert_eq!(parse_listening_line("starting"), None);
+    }
+
+    #[test]
+    fn raw_response_parsing() {
+        let resp = parse_raw_response(
+            b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 11\r\nX-Request-Id: abc\r\n\r\n{\"a\":\"bc\"}\nignored",
+        )
+        .unwrap();
+        assert_eq!(resp.status, 413);
+        assert_eq!(resp.request_id.as_deref(), Some("abc"));
+        assert_eq!(resp.json["a"], "bc");
+        let chunked = parse_raw_response(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"a\r\n5\r\n\":1}\n\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(chunked.json["a"], 1);
+    }
+}
