@@ -15,7 +15,6 @@ use audit::Action;
 use base64::Engine as _;
 use hsm_shim::{KekError, SoftwareKek};
 use vault::keys::KeysError;
-use vault::store::sqlite::SqliteStore;
 use vault::store::{Store, StoreError};
 use vault::Vault;
 
@@ -62,13 +61,18 @@ pub fn prepare_data_dir(dir: &Path) -> Result<(), StartError> {
     Ok(())
 }
 
-/// Open the SQLite store under the data dir; the database file is made 0600.
-pub async fn open_store(settings: &Settings) -> Result<SqliteStore, StartError> {
-    prepare_data_dir(&settings.data_dir)?;
-    let path = settings.database_path();
-    let store = SqliteStore::open(&path).await?;
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
-        .map_err(|e| StartError::DataDir(path.display().to_string(), e))?;
+/// Open the configured store. For SQLite the data dir is prepared and the
+/// database file made 0600.
+pub async fn open_store(settings: &Settings, migrate: bool) -> Result<Arc<dyn Store>, StartError> {
+    let sqlite = settings.sqlite_path();
+    if sqlite.is_some() {
+        prepare_data_dir(&settings.data_dir)?;
+    }
+    let store = vault::store::open(&settings.store_config(migrate)).await?;
+    if let Some(path) = sqlite {
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+            .map_err(|e| StartError::DataDir(path.display().to_string(), e))?;
+    }
     Ok(store)
 }
 
@@ -88,7 +92,7 @@ pub struct Application {
     server: Server,
     addr: SocketAddr,
     vault: Arc<Vault>,
-    store: SqliteStore,
+    store: Arc<dyn Store>,
 }
 
 impl std::fmt::Debug for Application {
@@ -107,8 +111,8 @@ impl Application {
         }
         prepare_data_dir(&settings.data_dir)?;
         let kek = load_kek(settings)?;
-        let store = open_store(settings).await?;
-        let dyn_store: Arc<dyn Store> = Arc::new(store.clone());
+        let store = open_store(settings, settings.migrate_on_start).await?;
+        let dyn_store = store.clone();
         // The KEK is used to unwrap the vault keys once, then dropped (and
         // zeroized): the running service holds only the unwrapped keys.
         let vault = Arc::new(Vault::open(dyn_store, &kek).await?);

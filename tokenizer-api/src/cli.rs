@@ -94,8 +94,27 @@ fn rand_u32() -> u32 {
 async fn store_for(common: &CommonArgs) -> Result<(Settings, Arc<dyn Store>), ExitCode> {
     let settings = Settings::resolve(common, false).map_err(fail)?;
     init_logging(&settings.log_level);
-    let store = app::open_store(&settings).await.map_err(fail)?;
-    Ok((settings, Arc::new(store)))
+    let store = app::open_store(&settings, settings.migrate_on_start)
+        .await
+        .map_err(fail)?;
+    Ok((settings, store))
+}
+
+/// `tokenizer migrate`: apply pending migrations and say so.
+pub async fn migrate(common: CommonArgs) -> ExitCode {
+    let settings = match Settings::resolve(&common, false) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    init_logging(&settings.log_level);
+    match app::open_store(&settings, true).await {
+        Ok(store) => {
+            store.close().await;
+            println!("{}", serde_json::json!({"migrated": true}));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
 }
 
 pub async fn principal(cmd: PrincipalCommand) -> ExitCode {

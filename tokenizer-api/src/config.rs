@@ -30,6 +30,11 @@ pub enum Command {
         #[command(subcommand)]
         command: PrincipalCommand,
     },
+    /// Apply pending database migrations (run with the database owner role).
+    Migrate {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
     /// Manage the software key-encryption key.
     Kek {
         #[command(subcommand)]
@@ -84,6 +89,11 @@ pub struct CommonArgs {
     /// Directory of the SQLite database (and, by default, the KEK file).
     #[arg(long, env = "TOKENIZER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Database: `sqlite://PATH` or `postgres://...` (TLS with
+    /// `sslmode=verify-full&sslrootcert=CA.pem`). Default: SQLite file
+    /// `<data-dir>/cardvault.db`.
+    #[arg(long, env = "TOKENIZER_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
     /// Software KEK file; default `<data-dir>/kek.key`.
     #[arg(long, env = "TOKENIZER_KEK_FILE")]
     pub kek_file: Option<PathBuf>,
@@ -112,18 +122,30 @@ pub struct ServeArgs {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     data_dir: Option<PathBuf>,
+    database_url: Option<String>,
     kek_file: Option<PathBuf>,
     log_level: Option<String>,
     listen: Option<SocketAddr>,
     dev: Option<bool>,
     max_body_bytes: Option<usize>,
     max_batch_body_bytes: Option<usize>,
+    migrate_on_start: Option<bool>,
+    db_timeout_ms: Option<u64>,
+    db_max_connections: Option<u32>,
 }
 
 /// Resolved settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub data_dir: PathBuf,
+    /// `sqlite://...` or `postgres://...`; may hold a password: never logged.
+    pub database_url: String,
+    /// Apply pending migrations at start-up (off where the runtime role may
+    /// not alter the schema; then run `tokenizer migrate` as the owner).
+    pub migrate_on_start: bool,
+    /// Bound on each database operation; requests fail with 503 after it.
+    pub db_timeout: std::time::Duration,
+    pub db_max_connections: u32,
     pub kek_file: PathBuf,
     pub log_level: String,
     pub listen: SocketAddr,
@@ -168,7 +190,16 @@ impl Settings {
                 .parse()
                 .unwrap_or_else(|_| unreachable!("valid literal"))
         });
+        let database_url = common
+            .database_url
+            .clone()
+            .or(file.database_url)
+            .unwrap_or_else(|| vault::store::sqlite_url(&data_dir.join("cardvault.db")));
         Ok(Settings {
+            database_url,
+            migrate_on_start: file.migrate_on_start.unwrap_or(true),
+            db_timeout: std::time::Duration::from_millis(file.db_timeout_ms.unwrap_or(5000)),
+            db_max_connections: file.db_max_connections.unwrap_or(16),
             data_dir,
             kek_file,
             log_level: common
@@ -183,8 +214,23 @@ impl Settings {
         })
     }
 
-    pub fn database_path(&self) -> PathBuf {
-        self.data_dir.join("cardvault.db")
+    /// How to open the store.
+    pub fn store_config(&self, migrate: bool) -> vault::store::StoreConfig {
+        vault::store::StoreConfig {
+            url: self.database_url.clone(),
+            migrate,
+            op_timeout: self.db_timeout,
+            max_connections: self.db_max_connections,
+        }
+    }
+
+    /// The SQLite database file, when the store is SQLite.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        let rest = self
+            .database_url
+            .strip_prefix("sqlite://")
+            .or_else(|| self.database_url.strip_prefix("sqlite:"))?;
+        Some(PathBuf::from(rest.split('?').next().unwrap_or_default()))
     }
 }
 
@@ -203,6 +249,7 @@ mod tests {
         CommonArgs {
             config: None,
             data_dir: None,
+            database_url: None,
             kek_file: None,
             log_level: None,
             listen: None,
@@ -215,6 +262,13 @@ mod tests {
         assert_eq!(s.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(s.kek_file, PathBuf::from(DEFAULT_DATA_DIR).join("kek.key"));
         assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(
+            s.sqlite_path(),
+            Some(PathBuf::from(DEFAULT_DATA_DIR).join("cardvault.db"))
+        );
+        let mut pg = common();
+        pg.database_url = Some("postgres://vault@db/cardvault".into());
+        assert_eq!(Settings::resolve(&pg, false).unwrap().sqlite_path(), None);
         assert_eq!(
             Settings::resolve(&common(), true).unwrap().data_dir,
             PathBuf::from(DEV_DATA_DIR)

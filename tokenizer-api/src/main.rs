@@ -13,6 +13,7 @@ async fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => cli::serve(args).await,
         Command::Principal { command } => cli::principal(command).await,
+        Command::Migrate { common } => cli::migrate(common).await,
         Command::Kek { command } => cli::kek(command),
     }
 }

@@ -1,5 +1,7 @@
-//! Storage behind one trait. SQLite (embedded, the default) lives in
-//! [`sqlite`]; PostgreSQL will implement the same trait and run the same tests.
+//! Storage behind one trait, two backends: SQLite (embedded, the default,
+//! [`sqlite`]) and PostgreSQL (production, [`postgres`]). Both run the same
+//! SQL (`sql.rs`) and the same tests (`tests.rs`). [`open`] picks one from a
+//! database URL.
 //!
 //! Invariants every implementation keeps:
 //! - a card row and the audit event that records its creation or deletion are
@@ -10,7 +12,15 @@
 //!   card number ([`check_event`] runs before every insert);
 //! - rows hold ciphertext, never a clear PAN, expiry or name.
 
+pub mod postgres;
+mod sql;
 pub mod sqlite;
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use audit::{AuditEvent, StoredEvent};
@@ -25,6 +35,10 @@ pub enum StoreError {
     Unavailable(#[from] sqlx::Error),
     #[error("storage migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("storage operation timed out")]
+    Timeout,
+    #[error("unsupported database URL: use sqlite://PATH or postgres://...")]
+    UnsupportedUrl,
     #[error("a row with this unique key already exists")]
     Conflict,
     #[error("stored data is malformed: {0}")]
@@ -121,6 +135,8 @@ pub struct PrincipalRow {
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Cheap round trip to the database, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Close the pool (SQLite: checkpoints the WAL into the main file).
+    async fn close(&self);
 
     async fn load_keys(&self) -> Result<Vec<StoredKey>, StoreError>;
     /// Insert a wrapped key unless one with the same purpose and version
@@ -179,4 +195,74 @@ pub fn check_event(event: &AuditEvent) -> Result<(), StoreError> {
 pub fn now_millis() -> i64 {
     i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
         .unwrap_or(i64::MAX)
+}
+
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (or `sqlite:PATH`) or `postgres://...` / `postgresql://...`.
+    pub url: String,
+    /// Apply pending migrations when opening.
+    pub migrate: bool,
+    /// Bound on each operation (PostgreSQL also waits at most this long for a connection).
+    pub op_timeout: Duration,
+    /// PostgreSQL pool size.
+    pub max_connections: u32,
+}
+
+/// Which backend a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn of_url(url: &str) -> Result<Backend, StoreError> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(StoreError::UnsupportedUrl)
+        }
+    }
+}
+
+/// The SQLite URL of a file path.
+pub fn sqlite_url(path: &Path) -> String {
+    format!("sqlite://{}", path.display())
+}
+
+/// Open the store a URL names, applying migrations if asked.
+pub async fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    match Backend::of_url(&config.url)? {
+        Backend::Sqlite => {
+            let path = config
+                .url
+                .strip_prefix("sqlite://")
+                .or_else(|| config.url.strip_prefix("sqlite:"))
+                .unwrap_or_default();
+            let path = path.split('?').next().unwrap_or_default();
+            let store =
+                sqlite::SqliteStore::open_unmigrated(Path::new(path), config.op_timeout).await?;
+            if config.migrate {
+                store.migrate().await?;
+            }
+            Ok(Arc::new(store))
+        }
+        Backend::Postgres => {
+            let store = postgres::PgStore::connect_lazy(
+                &config.url,
+                postgres::PgSettings {
+                    max_connections: config.max_connections,
+                    op_timeout: config.op_timeout,
+                },
+            )?;
+            if config.migrate {
+                store.migrate().await?;
+            }
+            Ok(Arc::new(store))
+        }
+    }
 }

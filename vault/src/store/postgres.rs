@@ -1,0 +1,98 @@
+//! PostgreSQL store: production. Same queries as SQLite (`sql.rs`), its own
+//! migrations. Isolation: READ COMMITTED (the default) is enough, because
+//! every invariant is carried by a constraint (primary keys, UNIQUE(tenant,
+//! fingerprint), the partial unique index on active principal names) and
+//! each write is one transaction; nothing relies on a read-then-write
+//! without a constraint behind it.
+//!
+//! Losing the database: connections are acquired with a bounded wait and
+//! every operation has a time bound, so requests fail fast with
+//! `storage_unavailable`; the pool reconnects by itself when the database
+//! returns.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::Postgres;
+
+use super::sql::sql_store;
+use super::StoreError;
+
+static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Tuning of the PostgreSQL pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PgSettings {
+    pub max_connections: u32,
+    /// Bound on each store operation, including waiting for a connection.
+    pub op_timeout: Duration,
+}
+
+impl Default for PgSettings {
+    fn default() -> Self {
+        PgSettings {
+            max_connections: 16,
+            op_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The PostgreSQL store. Cheap to clone (a pool handle).
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    op_timeout: Duration,
+}
+
+impl PgStore {
+    /// Connect lazily (the process starts even if the database is down; the
+    /// first operation reports it) and apply nothing. `url` is a
+    /// `postgres://` URL; `sslmode=require|verify-ca|verify-full` and
+    /// `sslrootcert=` turn on TLS (rustls).
+    pub fn connect_lazy(url: &str, settings: PgSettings) -> Result<PgStore, StoreError> {
+        let opts = PgConnectOptions::from_str(url)?
+            .application_name("cardvault")
+            // A hung statement must not hold a request (or a row lock) forever.
+            .options([(
+                "statement_timeout",
+                format!("{}", settings.op_timeout.as_millis()),
+            )]);
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(settings.op_timeout)
+            // Check a pooled connection before use: after a database restart
+            // the dead ones are dropped instead of failing one request each.
+            .test_before_acquire(true)
+            .connect_lazy_with(opts);
+        Ok(PgStore {
+            pool,
+            op_timeout: settings.op_timeout,
+        })
+    }
+
+    /// Connect and apply pending migrations.
+    pub async fn open(url: &str, settings: PgSettings) -> Result<PgStore, StoreError> {
+        let store = Self::connect_lazy(url, settings)?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Apply pending migrations (needs the owner role, not the runtime role).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Nothing to do: PostgreSQL reclaims deleted tuples with VACUUM
+    /// (autovacuum); see ARCHITECTURE.md on deletion and backups.
+    async fn after_delete(&self) {}
+}
+
+sql_store!(PgStore, Postgres);

@@ -1,0 +1,395 @@
+//! The SQL of the vault, once, for every backend.
+//!
+//! Both schemas use the same tables, column names and column types as seen
+//! from Rust (TEXT, BLOB/BYTEA, 64-bit integers), and every statement uses
+//! `$N` placeholders, which SQLite and PostgreSQL both accept. So one body of
+//! code serves both: `sql_store!` expands it for a concrete `sqlx` database.
+//! A backend module provides the struct (with `pool` and `op_timeout`
+//! fields), opening, and `after_delete` (SQLite checkpoints its WAL there).
+
+/// Implement [`Store`](super::Store) for `$store`, a struct with fields
+/// `pool: sqlx::Pool<$db>` and `op_timeout: std::time::Duration`.
+macro_rules! sql_store {
+    ($store:ty, $db:ty) => {
+        const CARD_COLUMNS: &str =
+            "token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at";
+        const PRINCIPAL_COLUMNS: &str = "id, name, roles, tenants, key_hash, created_at, revoked_at";
+        const EVENT_COLUMNS: &str =
+            "seq, time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail";
+
+        type Row = <$db as sqlx::Database>::Row;
+        type Tx<'c> = sqlx::Transaction<'c, $db>;
+
+        impl $store {
+            /// Run one store operation within the configured time bound, so a
+            /// dead or hung database fails a request fast instead of holding it.
+            async fn bounded<T>(
+                &self,
+                op: impl std::future::Future<Output = Result<T, $crate::store::StoreError>>,
+            ) -> Result<T, $crate::store::StoreError> {
+                tokio::time::timeout(self.op_timeout, op)
+                    .await
+                    .map_err(|_| $crate::store::StoreError::Timeout)?
+            }
+        }
+
+        async fn insert_event(tx: &mut Tx<'_>, event: &audit::AuditEvent) -> Result<i64, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            $crate::store::check_event(event)?;
+            let time = event
+                .time
+                .format(&time::format_description::well_known::Rfc3339)
+                .map_err(|_| $crate::store::StoreError::Corrupt("audit time cannot be formatted"))?;
+            let row = sqlx::query(
+                "INSERT INTO audit_events (time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING seq",
+            )
+            .bind(time)
+            .bind(&event.principal)
+            .bind(&event.source)
+            .bind(event.action.as_str())
+            .bind(&event.tenant)
+            .bind(&event.token)
+            .bind(event.outcome.as_str())
+            .bind(&event.error_code)
+            .bind(&event.request_id)
+            .bind(&event.reason)
+            .bind(&event.detail)
+            .fetch_one(&mut **tx)
+            .await?;
+            Ok(row.try_get("seq")?)
+        }
+
+        fn card_from_row(r: &Row) -> Result<$crate::store::CardRow, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            use $crate::store::StoreError;
+            let pan_len: i64 = r.try_get("pan_len")?;
+            let key_version: i64 = r.try_get("key_version")?;
+            Ok($crate::store::CardRow {
+                token: r.try_get("token")?,
+                tenant: r.try_get("tenant")?,
+                fingerprint: r.try_get("fingerprint")?,
+                brand: r.try_get("brand")?,
+                bin: r.try_get("bin")?,
+                last4: r.try_get("last4")?,
+                pan_len: u8::try_from(pan_len).map_err(|_| StoreError::Corrupt("pan_len"))?,
+                key_version: u32::try_from(key_version).map_err(|_| StoreError::Corrupt("key_version"))?,
+                nonce: r.try_get("nonce")?,
+                ciphertext: r.try_get("ciphertext")?,
+                created_at: r.try_get("created_at")?,
+            })
+        }
+
+        fn principal_from_row(r: &Row) -> Result<$crate::store::PrincipalRow, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            Ok($crate::store::PrincipalRow {
+                id: r.try_get("id")?,
+                name: r.try_get("name")?,
+                roles: r.try_get("roles")?,
+                tenants: r.try_get("tenants")?,
+                key_hash: r.try_get("key_hash")?,
+                created_at: r.try_get("created_at")?,
+                revoked_at: r.try_get("revoked_at")?,
+            })
+        }
+
+        fn event_from_row(r: &Row) -> Result<audit::StoredEvent, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            use $crate::store::StoreError;
+            let time: String = r.try_get("time")?;
+            let action: String = r.try_get("action")?;
+            let outcome: String = r.try_get("outcome")?;
+            Ok(audit::StoredEvent {
+                seq: r.try_get("seq")?,
+                event: audit::AuditEvent {
+                    time: time::OffsetDateTime::parse(&time, &time::format_description::well_known::Rfc3339)
+                        .map_err(|_| StoreError::Corrupt("audit time"))?,
+                    principal: r.try_get("principal")?,
+                    source: r.try_get("source")?,
+                    action: audit::Action::parse(&action).ok_or(StoreError::Corrupt("audit action"))?,
+                    tenant: r.try_get("tenant")?,
+                    token: r.try_get("token")?,
+                    outcome: audit::Outcome::parse(&outcome).ok_or(StoreError::Corrupt("audit outcome"))?,
+                    error_code: r.try_get("error_code")?,
+                    request_id: r.try_get("request_id")?,
+                    reason: r.try_get("reason")?,
+                    detail: r.try_get("detail")?,
+                },
+            })
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $store {
+            async fn ping(&self) -> Result<(), $crate::store::StoreError> {
+                self.bounded(async {
+                    sqlx::query("SELECT 1").execute(&self.pool).await?;
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn close(&self) {
+                self.pool.close().await;
+            }
+
+            async fn load_keys(&self) -> Result<Vec<$crate::store::StoredKey>, $crate::store::StoreError> {
+                use sqlx::Row as _;
+                use $crate::store::{KeyPurpose, StoreError, StoredKey};
+                self.bounded(async {
+                    let rows = sqlx::query(
+                        "SELECT purpose, version, kek_id, wrapped, created_at FROM vault_keys ORDER BY purpose, version",
+                    )
+                    .fetch_all(&self.pool)
+                    .await?;
+                    rows.iter()
+                        .map(|r| {
+                            let purpose: String = r.try_get("purpose")?;
+                            let version: i64 = r.try_get("version")?;
+                            Ok(StoredKey {
+                                purpose: KeyPurpose::parse(&purpose).ok_or(StoreError::Corrupt("key purpose"))?,
+                                version: u32::try_from(version).map_err(|_| StoreError::Corrupt("key version"))?,
+                                kek_id: r.try_get("kek_id")?,
+                                wrapped: r.try_get("wrapped")?,
+                                created_at: r.try_get("created_at")?,
+                            })
+                        })
+                        .collect()
+                })
+                .await
+            }
+
+            async fn insert_key(
+                &self,
+                key: &$crate::store::StoredKey,
+                event: audit::AuditEvent,
+            ) -> Result<bool, $crate::store::StoreError> {
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    let res = sqlx::query(
+                        "INSERT INTO vault_keys (purpose, version, kek_id, wrapped, created_at) VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (purpose, version) DO NOTHING",
+                    )
+                    .bind(key.purpose.as_str())
+                    .bind(i64::from(key.version))
+                    .bind(&key.kek_id)
+                    .bind(&key.wrapped)
+                    .bind(key.created_at)
+                    .execute(&mut *tx)
+                    .await?;
+                    let inserted = res.rows_affected() == 1;
+                    if inserted {
+                        insert_event(&mut tx, &event).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(inserted)
+                })
+                .await
+            }
+
+            async fn insert_cards(
+                &self,
+                cards: Vec<$crate::store::NewCard>,
+                other_events: Vec<audit::AuditEvent>,
+            ) -> Result<Vec<$crate::store::Inserted>, $crate::store::StoreError> {
+                use $crate::store::{Inserted, NewCard};
+                self.bounded(async {
+                    let mut out = Vec::with_capacity(cards.len());
+                    let mut tx = self.pool.begin().await?;
+                    for event in &other_events {
+                        insert_event(&mut tx, event).await?;
+                    }
+                    for NewCard { row, mut event } in cards {
+                        // The unique (tenant, fingerprint) constraint carries
+                        // idempotency: a concurrent insert of the same card
+                        // makes this one do nothing, and the select below
+                        // returns the winner's row.
+                        let res = sqlx::query(
+                            "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                             ON CONFLICT (tenant, fingerprint) DO NOTHING",
+                        )
+                        .bind(&row.token)
+                        .bind(&row.tenant)
+                        .bind(&row.fingerprint)
+                        .bind(&row.brand)
+                        .bind(&row.bin)
+                        .bind(&row.last4)
+                        .bind(i64::from(row.pan_len))
+                        .bind(i64::from(row.key_version))
+                        .bind(&row.nonce)
+                        .bind(&row.ciphertext)
+                        .bind(row.created_at)
+                        .execute(&mut *tx)
+                        .await?;
+                        let inserted = if res.rows_affected() == 1 {
+                            Inserted { row, created: true }
+                        } else {
+                            let existing = sqlx::query(&format!(
+                                "SELECT {CARD_COLUMNS} FROM cards WHERE tenant = $1 AND fingerprint = $2"
+                            ))
+                            .bind(&row.tenant)
+                            .bind(&row.fingerprint)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                            Inserted {
+                                row: card_from_row(&existing)?,
+                                created: false,
+                            }
+                        };
+                        event.token = Some(inserted.row.token.clone());
+                        event.detail = Some(if inserted.created { "created" } else { "existing" }.to_owned());
+                        insert_event(&mut tx, &event).await?;
+                        out.push(inserted);
+                    }
+                    tx.commit().await?;
+                    Ok(out)
+                })
+                .await
+            }
+
+            async fn find_card(&self, token: &str) -> Result<Option<$crate::store::CardRow>, $crate::store::StoreError> {
+                self.bounded(async {
+                    let row = sqlx::query(&format!("SELECT {CARD_COLUMNS} FROM cards WHERE token = $1"))
+                        .bind(token)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                    row.as_ref().map(card_from_row).transpose()
+                })
+                .await
+            }
+
+            async fn delete_card(
+                &self,
+                token: &str,
+                tenant: &str,
+                event: audit::AuditEvent,
+            ) -> Result<bool, $crate::store::StoreError> {
+                let deleted = self
+                    .bounded(async {
+                        let mut tx = self.pool.begin().await?;
+                        let res = sqlx::query("DELETE FROM cards WHERE token = $1 AND tenant = $2")
+                            .bind(token)
+                            .bind(tenant)
+                            .execute(&mut *tx)
+                            .await?;
+                        if res.rows_affected() == 0 {
+                            tx.rollback().await?;
+                            return Ok(false);
+                        }
+                        insert_event(&mut tx, &event).await?;
+                        tx.commit().await?;
+                        Ok(true)
+                    })
+                    .await?;
+                if deleted {
+                    self.after_delete().await;
+                }
+                Ok(deleted)
+            }
+
+            async fn append_audit(&self, event: audit::AuditEvent) -> Result<i64, $crate::store::StoreError> {
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    let seq = insert_event(&mut tx, &event).await?;
+                    tx.commit().await?;
+                    Ok(seq)
+                })
+                .await
+            }
+
+            async fn audit_events(&self, after: i64, limit: u32) -> Result<Vec<audit::StoredEvent>, $crate::store::StoreError> {
+                self.bounded(async {
+                    let rows = sqlx::query(&format!(
+                        "SELECT {EVENT_COLUMNS} FROM audit_events WHERE seq > $1 ORDER BY seq LIMIT $2"
+                    ))
+                    .bind(after)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                    rows.iter().map(event_from_row).collect()
+                })
+                .await
+            }
+
+            async fn insert_principal(
+                &self,
+                row: &$crate::store::PrincipalRow,
+                event: audit::AuditEvent,
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::store::StoreError;
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    let res = sqlx::query(
+                        "INSERT INTO principals (id, name, roles, tenants, key_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    )
+                    .bind(&row.id)
+                    .bind(&row.name)
+                    .bind(&row.roles)
+                    .bind(&row.tenants)
+                    .bind(&row.key_hash)
+                    .bind(row.created_at)
+                    .execute(&mut *tx)
+                    .await;
+                    match res {
+                        Ok(_) => {}
+                        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => return Err(StoreError::Conflict),
+                        Err(e) => return Err(e.into()),
+                    }
+                    insert_event(&mut tx, &event).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn find_principal(&self, id: &str) -> Result<Option<$crate::store::PrincipalRow>, $crate::store::StoreError> {
+                self.bounded(async {
+                    let row = sqlx::query(&format!("SELECT {PRINCIPAL_COLUMNS} FROM principals WHERE id = $1"))
+                        .bind(id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                    row.as_ref().map(principal_from_row).transpose()
+                })
+                .await
+            }
+
+            async fn list_principals(&self) -> Result<Vec<$crate::store::PrincipalRow>, $crate::store::StoreError> {
+                self.bounded(async {
+                    let rows = sqlx::query(&format!(
+                        "SELECT {PRINCIPAL_COLUMNS} FROM principals ORDER BY created_at, name"
+                    ))
+                    .fetch_all(&self.pool)
+                    .await?;
+                    rows.iter().map(principal_from_row).collect()
+                })
+                .await
+            }
+
+            async fn revoke_principal(
+                &self,
+                name: &str,
+                at: i64,
+                event: audit::AuditEvent,
+            ) -> Result<bool, $crate::store::StoreError> {
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    let res = sqlx::query("UPDATE principals SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL")
+                        .bind(at)
+                        .bind(name)
+                        .execute(&mut *tx)
+                        .await?;
+                    if res.rows_affected() == 0 {
+                        tx.rollback().await?;
+                        return Ok(false);
+                    }
+                    insert_event(&mut tx, &event).await?;
+                    tx.commit().await?;
+                    Ok(true)
+                })
+                .await
+            }
+        }
+    };
+}
+
+pub(crate) use sql_store;

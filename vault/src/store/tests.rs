@@ -1,0 +1,500 @@
+//! The store test suite, run against every backend: SQLite in a temp dir and
+//! PostgreSQL in a fresh database on the server named by
+//! `CARDVAULT_TEST_PG_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`).
+//! A missing PostgreSQL fails these tests; it never skips them.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use audit::{Action, AuditEvent, Outcome};
+use sqlx::{Connection as _, Executor as _};
+
+use super::postgres::{PgSettings, PgStore};
+use super::sqlite::SqliteStore;
+use super::*;
+
+/// Admin URL of the PostgreSQL server the tests use.
+pub fn pg_admin_url() -> String {
+    std::env::var("CARDVAULT_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// A fresh, empty PostgreSQL database, dropped when this is dropped.
+pub struct PgTestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl PgTestDb {
+    pub async fn create() -> PgTestDb {
+        let admin = pg_admin_url();
+        let mut raw = [0u8; 6];
+        getrandom::getrandom(&mut raw).unwrap();
+        let name = format!(
+            "cv_test_{}",
+            raw.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let mut conn = sqlx::PgConnection::connect(&admin)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("PostgreSQL is required for the store tests ({admin}): {e}")
+            });
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+        let url = match admin.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => panic!("CARDVAULT_TEST_PG_URL must end with /DATABASE"),
+        };
+        PgTestDb { name, url }
+    }
+}
+
+impl Drop for PgTestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside any runtime we can block on: use a thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&pg_admin_url()).await {
+                    let _ = conn
+                        .execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str())
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// One backend under test, with a way to run raw SQL under the store.
+pub enum TestStore {
+    Sqlite(tempfile::TempDir, SqliteStore),
+    // The database is held for its `Drop`, which removes it.
+    Postgres(#[allow(dead_code)] PgTestDb, PgStore),
+}
+
+impl TestStore {
+    pub async fn all() -> Vec<TestStore> {
+        vec![Self::sqlite().await, Self::postgres().await]
+    }
+
+    pub async fn sqlite() -> TestStore {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        TestStore::Sqlite(dir, s)
+    }
+
+    pub async fn postgres() -> TestStore {
+        let db = PgTestDb::create().await;
+        let s = PgStore::open(&db.url, PgSettings::default()).await.unwrap();
+        TestStore::Postgres(db, s)
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        match self {
+            TestStore::Sqlite(_, s) => Arc::new(s.clone()),
+            TestStore::Postgres(_, s) => Arc::new(s.clone()),
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            TestStore::Sqlite(..) => "sqlite",
+            TestStore::Postgres(..) => "postgres",
+        }
+    }
+
+    /// Run a statement directly on the database; `Err` is the database's refusal.
+    pub async fn exec(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        match self {
+            TestStore::Sqlite(_, s) => sqlx::query(sql)
+                .execute(s.pool())
+                .await
+                .map(|r| r.rows_affected()),
+            TestStore::Postgres(_, s) => sqlx::query(sql)
+                .execute(s.pool())
+                .await
+                .map(|r| r.rows_affected()),
+        }
+    }
+
+    /// A trigger that makes every audit insert fail, in this backend's dialect.
+    pub async fn break_audit(&self) {
+        let sql: &[&str] = match self {
+            TestStore::Sqlite(..) => &[
+                "CREATE TRIGGER audit_broken BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'audit down'); END",
+            ],
+            TestStore::Postgres(..) => &[
+                "CREATE FUNCTION audit_broken() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'audit down'; END $$",
+                "CREATE TRIGGER audit_broken BEFORE INSERT ON audit_events FOR EACH ROW EXECUTE FUNCTION audit_broken()",
+            ],
+        };
+        for s in sql {
+            self.exec(s).await.unwrap();
+        }
+    }
+
+    pub async fn repair_audit(&self) {
+        let sql = match self {
+            TestStore::Sqlite(..) => "DROP TRIGGER audit_broken",
+            TestStore::Postgres(..) => "DROP TRIGGER audit_broken ON audit_events",
+        };
+        self.exec(sql).await.unwrap();
+    }
+}
+
+fn row(token: &str, tenant: &str, fp: &str) -> CardRow {
+    CardRow {
+        token: token.into(),
+        tenant: tenant.into(),
+        fingerprint: fp.into(),
+        brand: "visa".into(),
+        bin: "411111".into(),
+        last4: "1111".into(),
+        pan_len: 16,
+        key_version: 1,
+        nonce: vec![0; 12],
+        ciphertext: vec![1, 2, 3],
+        created_at: 1,
+    }
+}
+
+fn ev() -> AuditEvent {
+    AuditEvent::new(Action::Tokenize, Outcome::Success)
+}
+
+#[tokio::test]
+async fn same_fingerprint_in_a_tenant_is_one_row() {
+    for b in TestStore::all().await {
+        let s = b.store();
+        let out = s
+            .insert_cards(
+                vec![
+                    NewCard {
+                        row: row("tok_a", "t1", "fp_1"),
+                        event: ev(),
+                    },
+                    NewCard {
+                        row: row("tok_b", "t1", "fp_1"),
+                        event: ev(),
+                    },
+                    NewCard {
+                        row: row("tok_c", "t2", "fp_1"),
+                        event: ev(),
+                    },
+                ],
+                vec![ev().detail("refused card")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            out.iter()
+                .map(|i| (i.row.token.as_str(), i.created))
+                .collect::<Vec<_>>(),
+            [("tok_a", true), ("tok_a", false), ("tok_c", true)],
+            "{}",
+            b.name()
+        );
+        let events = s.audit_events(0, 100).await.unwrap();
+        assert_eq!(events.len(), 4, "{}", b.name());
+        assert_eq!(events[2].event.token.as_deref(), Some("tok_a"));
+        assert_eq!(events[2].event.detail.as_deref(), Some("existing"));
+        assert_eq!(
+            s.find_card("tok_a").await.unwrap().unwrap(),
+            row("tok_a", "t1", "fp_1")
+        );
+    }
+}
+
+#[tokio::test]
+async fn concurrent_inserts_of_one_card_make_one_row() {
+    for b in TestStore::all().await {
+        let s = b.store();
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let r = row(&format!("tok_{i}"), "t1", "fp_same");
+                    s.insert_cards(
+                        vec![NewCard {
+                            row: r,
+                            event: ev(),
+                        }],
+                        vec![],
+                    )
+                    .await
+                    .unwrap()
+                    .remove(0)
+                })
+            })
+            .collect();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        let created = results.iter().filter(|r| r.created).count();
+        let tokens: std::collections::BTreeSet<_> =
+            results.iter().map(|r| r.row.token.clone()).collect();
+        assert_eq!((created, tokens.len()), (1, 1), "{}", b.name());
+    }
+}
+
+#[tokio::test]
+async fn audit_is_append_only_and_refuses_card_numbers() {
+    for b in TestStore::all().await {
+        let s = b.store();
+        s.append_audit(ev().reason("ok")).await.unwrap();
+        assert!(matches!(
+            s.append_audit(ev().reason("card 4111 1111 1111 1111"))
+                .await,
+            Err(StoreError::AuditContent)
+        ));
+        assert!(
+            b.exec("UPDATE audit_events SET reason = 'x'")
+                .await
+                .is_err(),
+            "{}",
+            b.name()
+        );
+        assert!(
+            b.exec("DELETE FROM audit_events").await.is_err(),
+            "{}",
+            b.name()
+        );
+        if matches!(b, TestStore::Postgres(..)) {
+            assert!(b.exec("TRUNCATE audit_events").await.is_err());
+        }
+        let events = s.audit_events(0, 10).await.unwrap();
+        assert_eq!(events.len(), 1, "{}", b.name());
+        assert_eq!(events[0].event.reason.as_deref(), Some("ok"));
+    }
+}
+
+#[tokio::test]
+async fn failed_audit_rolls_back_the_card() {
+    for b in TestStore::all().await {
+        let s = b.store();
+        let bad = ev().reason("4111111111111111");
+        let res = s
+            .insert_cards(
+                vec![NewCard {
+                    row: row("tok_a", "t1", "fp_1"),
+                    event: bad,
+                }],
+                vec![],
+            )
+            .await;
+        assert!(matches!(res, Err(StoreError::AuditContent)), "{}", b.name());
+        assert!(s.find_card("tok_a").await.unwrap().is_none());
+        b.break_audit().await;
+        let res = s
+            .insert_cards(
+                vec![NewCard {
+                    row: row("tok_b", "t1", "fp_2"),
+                    event: ev(),
+                }],
+                vec![],
+            )
+            .await;
+        assert!(
+            matches!(res, Err(StoreError::Unavailable(_))),
+            "{}",
+            b.name()
+        );
+        assert!(!s.delete_card("tok_b", "t1", ev()).await.unwrap());
+        b.repair_audit().await;
+        assert!(
+            s.find_card("tok_b").await.unwrap().is_none(),
+            "{}",
+            b.name()
+        );
+    }
+}
+
+#[tokio::test]
+async fn delete_is_scoped_to_tenant() {
+    for b in TestStore::all().await {
+        let s = b.store();
+        s.insert_cards(
+            vec![NewCard {
+                row: row("tok_a", "t1", "fp_1"),
+                event: ev(),
+            }],
+            vec![],
+        )
+        .await
+        .unwrap();
+        assert!(!s.delete_card("tok_a", "t2", ev()).await.unwrap());
+        assert!(s.delete_card("tok_a", "t1", ev()).await.unwrap());
+        assert!(
+            s.find_card("tok_a").await.unwrap().is_none(),
+            "{}",
+            b.name()
+        );
+        assert!(!s.delete_card("tok_a", "t1", ev()).await.unwrap());
+    }
+}
+
+#[tokio::test]
+async fn keys_insert_once() {
+    for b in TestStore::all().await {
+        let s = b.store();
+        let k = StoredKey {
+            purpose: KeyPurpose::Dek,
+            version: 1,
+            kek_id: "soft:x".into(),
+            wrapped: vec![9; 60],
+            created_at: 5,
+        };
+        assert!(s.insert_key(&k, ev()).await.unwrap());
+        assert!(!s
+            .insert_key(
+                &StoredKey {
+                    wrapped: vec![1],
+                    ..k.clone()
+                },
+                ev()
+            )
+            .await
+            .unwrap());
+        assert_eq!(s.load_keys().await.unwrap(), vec![k], "{}", b.name());
+    }
+}
+
+fn files_contain(dir: &Path, needle: &[u8]) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.unwrap().path();
+            let bytes = std::fs::read(&path).ok()?;
+            bytes
+                .windows(needle.len())
+                .any(|w| w == needle)
+                .then(|| path.display().to_string())
+        })
+        .collect()
+}
+
+/// SQLite only: the bytes live in files we can read.
+#[tokio::test]
+async fn deleted_ciphertext_leaves_no_copy_in_database_or_wal() {
+    let b = TestStore::sqlite().await;
+    let TestStore::Sqlite(dir, _) = &b else {
+        unreachable!()
+    };
+    let s = b.store();
+    let mut marker = vec![0u8; 48];
+    getrandom::getrandom(&mut marker).unwrap();
+    let mut r = row("tok_a", "t1", "fp_1");
+    r.ciphertext = marker.clone();
+    s.insert_cards(
+        vec![NewCard {
+            row: r,
+            event: ev(),
+        }],
+        vec![],
+    )
+    .await
+    .unwrap();
+    assert!(
+        !files_contain(dir.path(), &marker).is_empty(),
+        "the marker must be on disk first"
+    );
+    assert!(s.delete_card("tok_a", "t1", ev()).await.unwrap());
+    assert_eq!(files_contain(dir.path(), &marker), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn principal_names_are_unique_among_active_ones() {
+    for b in TestStore::all().await {
+        let s = b.store();
+        let p = |id: &str| PrincipalRow {
+            id: id.into(),
+            name: "checkout".into(),
+            roles: "tokenize".into(),
+            tenants: "*".into(),
+            key_hash: "h".into(),
+            created_at: 1,
+            revoked_at: None,
+        };
+        s.insert_principal(&p("a"), ev()).await.unwrap();
+        assert!(
+            matches!(
+                s.insert_principal(&p("b"), ev()).await,
+                Err(StoreError::Conflict)
+            ),
+            "{}",
+            b.name()
+        );
+        assert!(s.revoke_principal("checkout", 2, ev()).await.unwrap());
+        assert!(!s.revoke_principal("checkout", 3, ev()).await.unwrap());
+        s.insert_principal(&p("b"), ev()).await.unwrap();
+        assert_eq!(
+            s.find_principal("a").await.unwrap().unwrap().revoked_at,
+            Some(2)
+        );
+        assert_eq!(s.list_principals().await.unwrap().len(), 2);
+    }
+}
+
+#[tokio::test]
+async fn urls_pick_the_backend() {
+    assert_eq!(
+        Backend::of_url("sqlite:///tmp/x.db").unwrap(),
+        Backend::Sqlite
+    );
+    assert_eq!(
+        Backend::of_url("postgres://u@h/db").unwrap(),
+        Backend::Postgres
+    );
+    assert_eq!(
+        Backend::of_url("postgresql://u@h/db").unwrap(),
+        Backend::Postgres
+    );
+    assert!(matches!(
+        Backend::of_url("mysql://h/db"),
+        Err(StoreError::UnsupportedUrl)
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        url: sqlite_url(&dir.path().join("u.db")),
+        migrate: true,
+        op_timeout: std::time::Duration::from_secs(5),
+        max_connections: 4,
+    };
+    open(&config).await.unwrap().ping().await.unwrap();
+    let db = PgTestDb::create().await;
+    let config = StoreConfig {
+        url: db.url.clone(),
+        ..config
+    };
+    open(&config).await.unwrap().ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_postgres_fails_fast() {
+    // Nothing listens on port 1: every operation fails within the bound.
+    let s = PgStore::connect_lazy(
+        "postgres://postgres@127.0.0.1:1/none",
+        PgSettings {
+            max_connections: 2,
+            op_timeout: std::time::Duration::from_millis(500),
+        },
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    assert!(s.ping().await.is_err());
+    assert!(s.find_card("tok_a").await.is_err());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
