@@ -38,6 +38,10 @@ pub enum Action {
     KeyGenerated,
     ServiceStart,
     ServiceStop,
+    /// A backup (which includes the audit trail) was written.
+    BackupExported,
+    /// A backup was restored into an empty database.
+    BackupRestored,
 }
 
 impl Action {
@@ -55,6 +59,8 @@ impl Action {
             Action::KeyGenerated => "key_generated",
             Action::ServiceStart => "service_start",
             Action::ServiceStop => "service_stop",
+            Action::BackupExported => "backup_exported",
+            Action::BackupRestored => "backup_restored",
         }
     }
 
@@ -64,7 +70,7 @@ impl Action {
     }
 }
 
-const ALL_ACTIONS: [Action; 11] = [
+const ALL_ACTIONS: [Action; 13] = [
     Action::Tokenize,
     Action::Detokenize,
     Action::MetadataRead,
@@ -76,6 +82,8 @@ const ALL_ACTIONS: [Action; 11] = [
     Action::KeyGenerated,
     Action::ServiceStart,
     Action::ServiceStop,
+    Action::BackupExported,
+    Action::BackupRestored,
 ];
 
 /// How it ended.

@@ -35,6 +35,22 @@ pub enum Command {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Write a consistent, KEK-sealed backup of the vault to a new file.
+    Backup {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// The backup file to create (mode 0600; never overwritten).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Restore a backup into an empty database (either backend).
+    Restore {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// The backup file to read; it is fully checked before anything is written.
+        #[arg(long)]
+        from: std::path::PathBuf,
+    },
     /// Manage the software key-encryption key.
     Kek {
         #[command(subcommand)]

@@ -14,6 +14,8 @@ async fn main() -> ExitCode {
         Command::Serve(args) => cli::serve(args).await,
         Command::Principal { command } => cli::principal(command).await,
         Command::Migrate { common } => cli::migrate(common).await,
+        Command::Backup { common, out } => cli::backup(common, out).await,
+        Command::Restore { common, from } => cli::restore(common, from).await,
         Command::Kek { command } => cli::kek(command),
     }
 }

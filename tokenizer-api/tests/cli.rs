@@ -84,3 +84,81 @@ fn principal_commands_print_json_and_never_the_hash() {
         .unwrap();
     assert!(!out.status.success(), "revoking twice fails");
 }
+
+#[test]
+fn backup_and_restore_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str], db: &str| {
+        tokenizer()
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--database-url", db])
+            .output()
+            .unwrap()
+    };
+    let source = format!("sqlite://{}", dir.path().join("source.db").display());
+    let target = format!("sqlite://{}", dir.path().join("target.db").display());
+    let broken_target = format!("sqlite://{}", dir.path().join("broken.db").display());
+    assert!(run(&["kek", "generate"], &source).status.success());
+    assert!(run(
+        &[
+            "principal",
+            "create",
+            "--name",
+            "checkout",
+            "--roles",
+            "tokenize",
+            "--tenants",
+            "*"
+        ],
+        &source
+    )
+    .status
+    .success());
+    let file = dir.path().join("vault.backup");
+    let file_arg = file.to_str().unwrap();
+    let out = run(&["backup", "--out", file_arg], &source);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["contents"]["principals"], 1);
+    assert!(
+        !run(&["backup", "--out", file_arg], &source)
+            .status
+            .success(),
+        "never overwrites"
+    );
+
+    let out = run(&["restore", "--from", file_arg], &target);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8(run(&["principal", "list"], &target).stdout).unwrap();
+    assert!(listed.contains("checkout"), "{listed}");
+
+    // A damaged file is refused with a clear error and restores nothing.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] = if bytes[at] == b'A' { b'B' } else { b'A' };
+    let damaged = dir.path().join("damaged.backup");
+    std::fs::write(&damaged, bytes).unwrap();
+    let out = run(
+        &["restore", "--from", damaged.to_str().unwrap()],
+        &broken_target,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("corrupt") || err.contains("integrity"),
+        "{err}"
+    );
+    let listed = String::from_utf8(run(&["principal", "list"], &broken_target).stdout).unwrap();
+    assert_eq!(listed.trim(), "[]");
+}

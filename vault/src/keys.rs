@@ -48,7 +48,8 @@ pub struct Keyring {
     kek_id: String,
 }
 
-fn label(purpose: KeyPurpose, version: u32) -> String {
+/// The KEK wrap label of a vault key (associated data of its wrapped blob).
+pub(crate) fn label(purpose: KeyPurpose, version: u32) -> String {
     format!("{}:{}", purpose.as_str(), version)
 }
 

@@ -16,7 +16,7 @@ pub mod postgres;
 mod sql;
 pub mod sqlite;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -39,6 +39,8 @@ pub enum StoreError {
     Timeout,
     #[error("unsupported database URL: use sqlite://PATH or postgres://...")]
     UnsupportedUrl,
+    #[error("backup output failed: {0}")]
+    Output(#[from] std::io::Error),
     #[error("a row with this unique key already exists")]
     Conflict,
     #[error("stored data is malformed: {0}")]
@@ -181,6 +183,28 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         at: i64,
         event: AuditEvent,
     ) -> Result<bool, StoreError>;
+
+    /// Stream every row of every table to `sink` from one consistent
+    /// snapshot (one read transaction; REPEATABLE READ on PostgreSQL). Not
+    /// time-bounded: a backup takes as long as it takes.
+    async fn export(
+        &self,
+        sink: &mut (dyn FnMut(BackupRecord) -> Result<(), StoreError> + Send),
+    ) -> Result<(), StoreError>;
+    /// True when no table holds a row (a restore target must be empty).
+    async fn is_empty(&self) -> Result<bool, StoreError>;
+    /// Insert the rows of a backup in one transaction: all or nothing.
+    /// Audit events keep their sequence numbers.
+    async fn import(&self, records: Vec<BackupRecord>) -> Result<(), StoreError>;
+}
+
+/// One row of a backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackupRecord {
+    Key(StoredKey),
+    Card(CardRow),
+    Principal(PrincipalRow),
+    Audit(StoredEvent),
 }
 
 /// Refuse to store an audit event with card-number-like text in any field.

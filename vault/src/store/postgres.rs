@@ -90,6 +90,14 @@ impl PgStore {
         &self.pool
     }
 
+    /// One snapshot for the whole export.
+    const SNAPSHOT_ISOLATION: Option<&'static str> =
+        Some("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY");
+    /// Restored audit events keep their numbers; new ones continue after them.
+    const AFTER_IMPORT: Option<&'static str> = Some(
+        "SELECT setval(pg_get_serial_sequence('audit_events', 'seq'), COALESCE((SELECT MAX(seq) FROM audit_events), 0) + 1, false)",
+    );
+
     /// Nothing to do: PostgreSQL reclaims deleted tuples with VACUUM
     /// (autovacuum); see ARCHITECTURE.md on deletion and backups.
     async fn after_delete(&self) {}

@@ -388,6 +388,158 @@ macro_rules! sql_store {
                 })
                 .await
             }
+
+            async fn export(
+                &self,
+                sink: &mut (dyn FnMut($crate::store::BackupRecord) -> Result<(), $crate::store::StoreError> + Send),
+            ) -> Result<(), $crate::store::StoreError> {
+                use futures_util::TryStreamExt as _;
+                use sqlx::Row as _;
+                use $crate::store::{BackupRecord, KeyPurpose, StoreError, StoredKey};
+                let mut tx = self.pool.begin().await?;
+                if let Some(sql) = <$store>::SNAPSHOT_ISOLATION {
+                    sqlx::query(sql).execute(&mut *tx).await?;
+                }
+                {
+                    let mut rows = sqlx::query(
+                        "SELECT purpose, version, kek_id, wrapped, created_at FROM vault_keys ORDER BY purpose, version",
+                    )
+                    .fetch(&mut *tx);
+                    while let Some(r) = rows.try_next().await? {
+                        let purpose: String = r.try_get("purpose")?;
+                        let version: i64 = r.try_get("version")?;
+                        sink(BackupRecord::Key(StoredKey {
+                            purpose: KeyPurpose::parse(&purpose).ok_or(StoreError::Corrupt("key purpose"))?,
+                            version: u32::try_from(version).map_err(|_| StoreError::Corrupt("key version"))?,
+                            kek_id: r.try_get("kek_id")?,
+                            wrapped: r.try_get("wrapped")?,
+                            created_at: r.try_get("created_at")?,
+                        }))?;
+                    }
+                }
+                {
+                    let sql = format!("SELECT {PRINCIPAL_COLUMNS} FROM principals ORDER BY id");
+                    let mut rows = sqlx::query(&sql).fetch(&mut *tx);
+                    while let Some(r) = rows.try_next().await? {
+                        sink(BackupRecord::Principal(principal_from_row(&r)?))?;
+                    }
+                }
+                {
+                    let sql = format!("SELECT {CARD_COLUMNS} FROM cards ORDER BY token");
+                    let mut rows = sqlx::query(&sql).fetch(&mut *tx);
+                    while let Some(r) = rows.try_next().await? {
+                        sink(BackupRecord::Card(card_from_row(&r)?))?;
+                    }
+                }
+                {
+                    let sql = format!("SELECT {EVENT_COLUMNS} FROM audit_events ORDER BY seq");
+                    let mut rows = sqlx::query(&sql).fetch(&mut *tx);
+                    while let Some(r) = rows.try_next().await? {
+                        sink(BackupRecord::Audit(event_from_row(&r)?))?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn is_empty(&self) -> Result<bool, $crate::store::StoreError> {
+                self.bounded(async {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT (SELECT COUNT(*) FROM vault_keys) + (SELECT COUNT(*) FROM cards)
+                              + (SELECT COUNT(*) FROM principals) + (SELECT COUNT(*) FROM audit_events)",
+                    )
+                    .fetch_one(&self.pool)
+                    .await?;
+                    Ok(n == 0)
+                })
+                .await
+            }
+
+            async fn import(&self, records: Vec<$crate::store::BackupRecord>) -> Result<(), $crate::store::StoreError> {
+                use $crate::store::BackupRecord;
+                let mut tx = self.pool.begin().await?;
+                for record in &records {
+                    match record {
+                        BackupRecord::Key(k) => {
+                            sqlx::query(
+                                "INSERT INTO vault_keys (purpose, version, kek_id, wrapped, created_at) VALUES ($1, $2, $3, $4, $5)",
+                            )
+                            .bind(k.purpose.as_str())
+                            .bind(i64::from(k.version))
+                            .bind(&k.kek_id)
+                            .bind(&k.wrapped)
+                            .bind(k.created_at)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        BackupRecord::Principal(p) => {
+                            sqlx::query(
+                                "INSERT INTO principals (id, name, roles, tenants, key_hash, created_at, revoked_at)
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                            )
+                            .bind(&p.id)
+                            .bind(&p.name)
+                            .bind(&p.roles)
+                            .bind(&p.tenants)
+                            .bind(&p.key_hash)
+                            .bind(p.created_at)
+                            .bind(p.revoked_at)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        BackupRecord::Card(row) => {
+                            sqlx::query(
+                                "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at)
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                            )
+                            .bind(&row.token)
+                            .bind(&row.tenant)
+                            .bind(&row.fingerprint)
+                            .bind(&row.brand)
+                            .bind(&row.bin)
+                            .bind(&row.last4)
+                            .bind(i64::from(row.pan_len))
+                            .bind(i64::from(row.key_version))
+                            .bind(&row.nonce)
+                            .bind(&row.ciphertext)
+                            .bind(row.created_at)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                        BackupRecord::Audit(stored) => {
+                            $crate::store::check_event(&stored.event)?;
+                            let e = &stored.event;
+                            let time = e
+                                .time
+                                .format(&time::format_description::well_known::Rfc3339)
+                                .map_err(|_| $crate::store::StoreError::Corrupt("audit time cannot be formatted"))?;
+                            sqlx::query(
+                                "INSERT INTO audit_events (seq, time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail)
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                            )
+                            .bind(stored.seq)
+                            .bind(time)
+                            .bind(&e.principal)
+                            .bind(&e.source)
+                            .bind(e.action.as_str())
+                            .bind(&e.tenant)
+                            .bind(&e.token)
+                            .bind(e.outcome.as_str())
+                            .bind(&e.error_code)
+                            .bind(&e.request_id)
+                            .bind(&e.reason)
+                            .bind(&e.detail)
+                            .execute(&mut *tx)
+                            .await?;
+                        }
+                    }
+                }
+                if let Some(sql) = <$store>::AFTER_IMPORT {
+                    sqlx::query(sql).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
         }
     };
 }

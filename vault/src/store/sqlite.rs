@@ -68,6 +68,11 @@ impl SqliteStore {
         &self.pool
     }
 
+    /// A deferred read transaction already reads one snapshot in WAL mode.
+    const SNAPSHOT_ISOLATION: Option<&'static str> = None;
+    /// AUTOINCREMENT follows explicitly inserted sequence numbers by itself.
+    const AFTER_IMPORT: Option<&'static str> = None;
+
     /// Move the pages overwritten by a delete out of the WAL into the main
     /// file and truncate the WAL. Best effort: with concurrent readers the
     /// checkpoint may be partial and the next one finishes the job.

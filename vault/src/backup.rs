@@ -1,0 +1,663 @@
+//! Backups: one file holding a consistent snapshot of the vault (wrapped
+//! keys, principals, card records, audit events), restorable into an empty
+//! database of either backend.
+//!
+//! Format: JSON Lines. A `header` line, one line per row, and an `end` line
+//! with the number of records, the SHA-256 of every byte before it, and a
+//! seal: that digest wrapped by the KEK (AES-GCM through `hsm-shim`), which
+//! only the KEK can produce or open. The file holds ciphertext and wrapped
+//! keys only: without the KEK it reveals no card data, and a restore refuses
+//! it without the KEK that sealed it.
+//!
+//! Restore reads and checks the whole file first (shape, count, digest,
+//! seal, every wrapped key unwraps under this KEK), then inserts everything in
+//! one transaction into an empty database: a bad file restores nothing.
+
+use std::fs;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use audit::{Action, AuditEvent, Outcome, StoredEvent};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use hsm_shim::KeyEncryptionKey;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::keys::label;
+use crate::store::{BackupRecord, CardRow, KeyPurpose, PrincipalRow, Store, StoreError, StoredKey};
+
+const FORMAT: &str = "cardvault-backup";
+const VERSION: u32 = 1;
+const SEAL_LABEL: &str = "cardvault-backup-digest:v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} already exists; refusing to overwrite a backup")]
+    Exists(String),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("backup is corrupt at line {line}: {reason}")]
+    Corrupt { line: usize, reason: &'static str },
+    #[error("backup integrity check failed: {0}")]
+    Integrity(&'static str),
+    #[error("backup was sealed under KEK {backup}, but the configured KEK is {configured}")]
+    WrongKek { backup: String, configured: String },
+    #[error("the target database is not empty; restore only into an empty database")]
+    NotEmpty,
+    #[error("KEK operation failed: {0}")]
+    Kek(#[from] hsm_shim::KekError),
+}
+
+/// What a backup holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct BackupSummary {
+    pub keys: u64,
+    pub principals: u64,
+    pub cards: u64,
+    pub audit_events: u64,
+}
+
+impl BackupSummary {
+    fn count(&mut self, r: &BackupRecord) {
+        match r {
+            BackupRecord::Key(_) => self.keys += 1,
+            BackupRecord::Principal(_) => self.principals += 1,
+            BackupRecord::Card(_) => self.cards += 1,
+            BackupRecord::Audit(_) => self.audit_events += 1,
+        }
+    }
+
+    fn total(&self) -> u64 {
+        self.keys + self.principals + self.cards + self.audit_events
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Line {
+    Header {
+        format: String,
+        version: u32,
+        kek_id: String,
+        #[serde(with = "time::serde::rfc3339")]
+        created_at: time::OffsetDateTime,
+    },
+    Key {
+        purpose: String,
+        version: u32,
+        kek_id: String,
+        wrapped: String,
+        created_at: i64,
+    },
+    Principal {
+        id: String,
+        name: String,
+        roles: String,
+        tenants: String,
+        key_hash: String,
+        created_at: i64,
+        revoked_at: Option<i64>,
+    },
+    Card {
+        token: String,
+        tenant: String,
+        fingerprint: String,
+        brand: String,
+        bin: String,
+        last4: String,
+        pan_len: u8,
+        key_version: u32,
+        nonce: String,
+        ciphertext: String,
+        created_at: i64,
+    },
+    Audit(StoredEvent),
+    End {
+        records: u64,
+        sha256: String,
+        seal: String,
+    },
+}
+
+impl From<BackupRecord> for Line {
+    fn from(r: BackupRecord) -> Line {
+        match r {
+            BackupRecord::Key(k) => Line::Key {
+                purpose: k.purpose.as_str().to_owned(),
+                version: k.version,
+                kek_id: k.kek_id,
+                wrapped: B64.encode(k.wrapped),
+                created_at: k.created_at,
+            },
+            BackupRecord::Principal(p) => Line::Principal {
+                id: p.id,
+                name: p.name,
+                roles: p.roles,
+                tenants: p.tenants,
+                key_hash: p.key_hash,
+                created_at: p.created_at,
+                revoked_at: p.revoked_at,
+            },
+            BackupRecord::Card(c) => Line::Card {
+                token: c.token,
+                tenant: c.tenant,
+                fingerprint: c.fingerprint,
+                brand: c.brand,
+                bin: c.bin,
+                last4: c.last4,
+                pan_len: c.pan_len,
+                key_version: c.key_version,
+                nonce: B64.encode(c.nonce),
+                ciphertext: B64.encode(c.ciphertext),
+                created_at: c.created_at,
+            },
+            BackupRecord::Audit(e) => Line::Audit(e),
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> BackupError + '_ {
+    move |source| BackupError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Append one JSON line to the file and to the running digest.
+fn write_line(
+    out: &mut impl Write,
+    line: &Line,
+    hasher: &mut Sha256,
+) -> Result<(), std::io::Error> {
+    let mut bytes = serde_json::to_vec(line).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    hasher.update(&bytes);
+    out.write_all(&bytes)
+}
+
+/// Write a backup of `store` to `path` (created 0600; written to a temporary
+/// name, synced, then renamed, so a crash never leaves a half file under the
+/// final name). Records a `backup_exported` audit event.
+pub async fn write_backup(
+    store: &dyn Store,
+    kek: &dyn KeyEncryptionKey,
+    path: &Path,
+) -> Result<BackupSummary, BackupError> {
+    if path.exists() {
+        return Err(BackupError::Exists(path.display().to_string()));
+    }
+    let tmp = path.with_extension("partial");
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    let mut out = BufWriter::new(file);
+    let mut hasher = Sha256::new();
+    let mut summary = BackupSummary::default();
+    let header = Line::Header {
+        format: FORMAT.to_owned(),
+        version: VERSION,
+        kek_id: kek.kek_id().to_owned(),
+        created_at: time::OffsetDateTime::now_utc(),
+    };
+    let result = async {
+        write_line(&mut out, &header, &mut hasher).map_err(io_err(&tmp))?;
+        store
+            .export(&mut |record| {
+                summary.count(&record);
+                write_line(&mut out, &Line::from(record), &mut hasher).map_err(StoreError::Output)
+            })
+            .await?;
+        let digest = hasher.finalize();
+        let end = Line::End {
+            records: summary.total(),
+            sha256: hex(&digest),
+            seal: B64.encode(kek.wrap(SEAL_LABEL, &digest)?),
+        };
+        write_line(&mut out, &end, &mut Sha256::new()).map_err(io_err(&tmp))?;
+        let file = out.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
+        file.sync_all().map_err(io_err(&tmp))?;
+        fs::rename(&tmp, path).map_err(io_err(path))?;
+        Ok::<_, BackupError>(())
+    }
+    .await;
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    let event = AuditEvent::new(Action::BackupExported, Outcome::Success)
+        .source("local")
+        .detail(format!(
+            "keys={} principals={} cards={} audit_events={}",
+            summary.keys, summary.principals, summary.cards, summary.audit_events
+        ));
+    store.append_audit(event).await?;
+    Ok(summary)
+}
+
+fn decode_b64(s: &str, line: usize) -> Result<Vec<u8>, BackupError> {
+    B64.decode(s).map_err(|_| BackupError::Corrupt {
+        line,
+        reason: "invalid base64",
+    })
+}
+
+fn to_record(line: Line, n: usize) -> Result<Option<BackupRecord>, BackupError> {
+    let corrupt = |reason| BackupError::Corrupt { line: n, reason };
+    Ok(Some(match line {
+        Line::Key {
+            purpose,
+            version,
+            kek_id,
+            wrapped,
+            created_at,
+        } => BackupRecord::Key(StoredKey {
+            purpose: KeyPurpose::parse(&purpose).ok_or_else(|| corrupt("unknown key purpose"))?,
+            version,
+            kek_id,
+            wrapped: decode_b64(&wrapped, n)?,
+            created_at,
+        }),
+        Line::Principal {
+            id,
+            name,
+            roles,
+            tenants,
+            key_hash,
+            created_at,
+            revoked_at,
+        } => BackupRecord::Principal(PrincipalRow {
+            id,
+            name,
+            roles,
+            tenants,
+            key_hash,
+            created_at,
+            revoked_at,
+        }),
+        Line::Card {
+            token,
+            tenant,
+            fingerprint,
+            brand,
+            bin,
+            last4,
+            pan_len,
+            key_version,
+            nonce,
+            ciphertext,
+            created_at,
+        } => BackupRecord::Card(CardRow {
+            token,
+            tenant,
+            fingerprint,
+            brand,
+            bin,
+            last4,
+            pan_len,
+            key_version,
+            nonce: decode_b64(&nonce, n)?,
+            ciphertext: decode_b64(&ciphertext, n)?,
+            created_at,
+        }),
+        Line::Audit(e) => BackupRecord::Audit(e),
+        Line::Header { .. } => return Err(corrupt("a second header")),
+        Line::End { .. } => return Ok(None),
+    }))
+}
+
+/// Read and fully check a backup file without touching any database.
+pub fn read_backup(
+    kek: &dyn KeyEncryptionKey,
+    path: &Path,
+) -> Result<(Vec<BackupRecord>, BackupSummary), BackupError> {
+    let file = fs::File::open(path).map_err(io_err(path))?;
+    let mut reader = BufReader::new(file);
+    let mut hasher = Sha256::new();
+    let mut records = Vec::new();
+    let mut summary = BackupSummary::default();
+    let mut buf = Vec::new();
+    let mut n = 0usize;
+    let mut end = None;
+    loop {
+        buf.clear();
+        let read = reader.read_until(b'\n', &mut buf).map_err(io_err(path))?;
+        if read == 0 {
+            break;
+        }
+        n += 1;
+        if end.is_some() {
+            return Err(BackupError::Corrupt {
+                line: n,
+                reason: "data after the end line",
+            });
+        }
+        if buf.last() != Some(&b'\n') {
+            return Err(BackupError::Corrupt {
+                line: n,
+                reason: "truncated line",
+            });
+        }
+        let line: Line = serde_json::from_slice(&buf).map_err(|_| BackupError::Corrupt {
+            line: n,
+            reason: "not a backup record",
+        })?;
+        if n == 1 {
+            match &line {
+                Line::Header {
+                    format,
+                    version,
+                    kek_id,
+                    ..
+                } => {
+                    if format != FORMAT || version != &VERSION {
+                        return Err(BackupError::Corrupt {
+                            line: 1,
+                            reason: "unknown format or version",
+                        });
+                    }
+                    if kek_id != kek.kek_id() {
+                        return Err(BackupError::WrongKek {
+                            backup: kek_id.clone(),
+                            configured: kek.kek_id().to_owned(),
+                        });
+                    }
+                }
+                _ => {
+                    return Err(BackupError::Corrupt {
+                        line: 1,
+                        reason: "missing header",
+                    })
+                }
+            }
+            hasher.update(&buf);
+            continue;
+        }
+        if let Line::End {
+            records,
+            sha256,
+            seal,
+        } = line
+        {
+            end = Some((records, sha256, seal));
+            continue;
+        }
+        hasher.update(&buf);
+        if let Some(record) = to_record(line, n)? {
+            summary.count(&record);
+            records.push(record);
+        }
+    }
+    let (count, sha256, seal) =
+        end.ok_or(BackupError::Integrity("no end line: the file is truncated"))?;
+    let digest = hasher.finalize();
+    if count != summary.total() {
+        return Err(BackupError::Integrity("record count does not match"));
+    }
+    if sha256 != hex(&digest) {
+        return Err(BackupError::Integrity("SHA-256 does not match the content"));
+    }
+    let sealed = B64
+        .decode(&seal)
+        .map_err(|_| BackupError::Integrity("seal is malformed"))?;
+    let unsealed = kek
+        .unwrap(SEAL_LABEL, &sealed)
+        .map_err(|_| BackupError::Integrity("seal does not open under this KEK"))?;
+    if unsealed.as_slice() != digest.as_slice() {
+        return Err(BackupError::Integrity("seal does not match the content"));
+    }
+    // A backup whose keys this KEK cannot open would restore a dead vault.
+    for r in &records {
+        if let BackupRecord::Key(k) = r {
+            if k.kek_id != kek.kek_id() {
+                return Err(BackupError::WrongKek {
+                    backup: k.kek_id.clone(),
+                    configured: kek.kek_id().to_owned(),
+                });
+            }
+            kek.unwrap(&label(k.purpose, k.version), &k.wrapped)
+                .map_err(|_| {
+                    BackupError::Integrity("a wrapped key does not open under this KEK")
+                })?;
+        }
+    }
+    Ok((records, summary))
+}
+
+/// Restore a backup into `store`, which must be empty (migrated, no rows).
+/// Records a `backup_restored` audit event after the restored trail.
+pub async fn restore_backup(
+    store: &dyn Store,
+    kek: &dyn KeyEncryptionKey,
+    path: &Path,
+) -> Result<BackupSummary, BackupError> {
+    let (records, summary) = read_backup(kek, path)?;
+    if !store.is_empty().await? {
+        return Err(BackupError::NotEmpty);
+    }
+    store.import(records).await?;
+    let event = AuditEvent::new(Action::BackupRestored, Outcome::Success)
+        .source("local")
+        .detail(format!(
+            "keys={} principals={} cards={} audit_events={}",
+            summary.keys, summary.principals, summary.cards, summary.audit_events
+        ));
+    store.append_audit(event).await?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+
+    use zeroize::Zeroizing;
+
+    use super::*;
+    use crate::access::{self, Role, TenantScope};
+    use crate::store::tests::TestStore;
+    use crate::{CardInput, Principal, RequestContext, Vault};
+
+    fn ctx() -> RequestContext {
+        RequestContext {
+            principal: Principal {
+                id: "id".into(),
+                name: "ops".into(),
+                roles: [Role::Tokenize, Role::Detokenize]
+                    .into_iter()
+                    .collect::<BTreeSet<_>>(),
+                tenants: TenantScope::All,
+            },
+            source: "test".into(),
+            request_id: "r".into(),
+        }
+    }
+
+    const CARDS: &[(&str, Option<&str>)] = &[
+        ("4111111111111111", Some("Jane Doe")),
+        ("5555555555554444", None),
+        ("378282246310005", Some("Łukasz Żółć")),
+        ("2200000000000004", None),
+    ];
+
+    /// A vault with cards, a principal and an audit trail; returns tokens and the API key.
+    async fn populate(store: Arc<dyn Store>, kek: &dyn KeyEncryptionKey) -> (Vec<String>, String) {
+        let vault = Vault::open(store.clone(), kek).await.unwrap();
+        let mut tokens = Vec::new();
+        for (pan, name) in CARDS {
+            let card = CardInput {
+                pan: Zeroizing::new((*pan).to_owned()),
+                exp_month: 11,
+                exp_year: i64::from(time::OffsetDateTime::now_utc().year()) + 2,
+                cardholder_name: name.map(|n| Zeroizing::new(n.to_owned())),
+            };
+            tokens.push(vault.tokenize(&ctx(), "shop-1", card).await.unwrap().token);
+        }
+        vault.detokenize(&ctx(), &tokens[0], "check").await.unwrap();
+        let roles = access::parse_roles("tokenize").unwrap();
+        let (_, key) = access::create_principal(&*store, "checkout", &roles, &TenantScope::All)
+            .await
+            .unwrap();
+        (tokens, key.expose().to_owned())
+    }
+
+    #[tokio::test]
+    async fn backups_restore_across_backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = hsm_shim::SoftwareKek::generate(&dir.path().join("kek.key")).unwrap();
+        for (from, to) in [
+            (TestStore::sqlite().await, TestStore::postgres().await),
+            (TestStore::postgres().await, TestStore::sqlite().await),
+        ] {
+            let (tokens, key) = populate(from.store(), &kek).await;
+            let file = dir
+                .path()
+                .join(format!("{}-to-{}.backup", from.name(), to.name()));
+            let written = write_backup(&*from.store(), &kek, &file).await.unwrap();
+            assert_eq!((written.cards, written.principals, written.keys), (4, 1, 2));
+            assert!(written.audit_events >= 8);
+            // Nothing in clear in the file.
+            let text = std::fs::read_to_string(&file).unwrap();
+            for (pan, name) in CARDS {
+                assert!(!text.contains(pan));
+                if let Some(name) = name {
+                    assert!(!text.contains(name));
+                }
+            }
+            assert!(matches!(
+                write_backup(&*from.store(), &kek, &file).await,
+                Err(BackupError::Exists(_))
+            ));
+
+            let restored = restore_backup(&*to.store(), &kek, &file).await.unwrap();
+            assert_eq!(restored, written);
+            let vault = Vault::open(to.store(), &kek).await.unwrap();
+            for ((pan, name), token) in CARDS.iter().zip(&tokens) {
+                let d = vault
+                    .detokenize(&ctx(), token, "restore check")
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    d.card.pan.expose_digits(),
+                    *pan,
+                    "{} -> {}",
+                    from.name(),
+                    to.name()
+                );
+                assert_eq!(d.card.name.as_ref().map(|n| n.expose()), *name);
+            }
+            // Idempotency survives: the same card gets the same token.
+            let again = CardInput {
+                pan: Zeroizing::new(CARDS[1].0.to_owned()),
+                exp_month: 11,
+                exp_year: i64::from(time::OffsetDateTime::now_utc().year()) + 2,
+                cardholder_name: None,
+            };
+            assert_eq!(
+                vault.tokenize(&ctx(), "shop-1", again).await.unwrap().token,
+                tokens[1]
+            );
+            // Principals and their keys survive.
+            let p = vault.authenticate(Some(&key), "test", "r").await.unwrap();
+            assert_eq!(p.name, "checkout");
+            // The audit trail came along, numbers kept, and continues after them.
+            let src = from.store().audit_events(0, 10_000).await.unwrap();
+            let dst = to.store().audit_events(0, 10_000).await.unwrap();
+            let exported: Vec<_> = src
+                .iter()
+                .filter(|e| e.event.action != Action::BackupExported)
+                .collect();
+            assert_eq!(dst[..exported.len()].iter().collect::<Vec<_>>(), exported);
+            let last = dst.last().unwrap();
+            assert!(last.seq > exported.last().unwrap().seq);
+            // A second restore into the now non-empty database is refused.
+            assert!(matches!(
+                restore_backup(&*to.store(), &kek, &file).await,
+                Err(BackupError::NotEmpty)
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn corrupt_or_foreign_backups_restore_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek = hsm_shim::SoftwareKek::generate(&dir.path().join("kek.key")).unwrap();
+        let other_kek = hsm_shim::SoftwareKek::generate(&dir.path().join("other.key")).unwrap();
+        let src = TestStore::sqlite().await;
+        populate(src.store(), &kek).await;
+        let good = dir.path().join("good.backup");
+        write_backup(&*src.store(), &kek, &good).await.unwrap();
+        let text = std::fs::read_to_string(&good).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let card_line = lines
+            .iter()
+            .position(|l| l.contains("\"type\":\"card\""))
+            .unwrap();
+
+        let mut cases: Vec<(&str, String)> = Vec::new();
+        // One changed character inside a ciphertext.
+        let mut flipped = lines.clone();
+        let changed = flipped[card_line].replacen("\"ciphertext\":\"", "\"ciphertext\":\"A", 1);
+        flipped[card_line] = &changed;
+        cases.push(("changed byte", flipped.join("\n") + "\n"));
+        // A removed record.
+        let mut removed = lines.clone();
+        removed.remove(card_line);
+        cases.push(("removed record", removed.join("\n") + "\n"));
+        // Truncated: no end line, or a cut line.
+        cases.push(("no end line", lines[..lines.len() - 1].join("\n") + "\n"));
+        cases.push(("cut line", text[..text.len() - 10].to_owned()));
+        // Swapped records.
+        let mut swapped = lines.clone();
+        swapped.swap(card_line, card_line + 1);
+        cases.push(("swapped records", swapped.join("\n") + "\n"));
+        // Content changed and the digest recomputed, without the KEK for the seal.
+        let mut forged = lines.clone();
+        let forged_card =
+            forged[card_line].replace("\"tenant\":\"shop-1\"", "\"tenant\":\"shop-2\"");
+        forged[card_line] = &forged_card;
+        let body = forged[..forged.len() - 1].join("\n") + "\n";
+        let digest = hex(&Sha256::digest(body.as_bytes()));
+        let end: serde_json::Value = serde_json::from_str(lines[lines.len() - 1]).unwrap();
+        let end = serde_json::json!({"type": "end", "records": end["records"], "sha256": digest, "seal": end["seal"]});
+        cases.push(("forged with recomputed digest", format!("{body}{end}\n")));
+
+        for (what, content) in cases {
+            let path = dir.path().join("bad.backup");
+            std::fs::write(&path, content).unwrap();
+            let target = TestStore::sqlite().await;
+            let err = restore_backup(&*target.store(), &kek, &path)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, BackupError::Corrupt { .. } | BackupError::Integrity(_)),
+                "{what}: {err}"
+            );
+            assert!(
+                target.store().is_empty().await.unwrap(),
+                "{what}: nothing restored"
+            );
+        }
+        let target = TestStore::sqlite().await;
+        let err = restore_backup(&*target.store(), &other_kek, &good)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, BackupError::WrongKek { .. }), "{err}");
+        assert!(target.store().is_empty().await.unwrap());
+    }
+}
