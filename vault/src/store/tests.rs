@@ -498,3 +498,19 @@ async fn an_unreachable_postgres_fails_fast() {
         started.elapsed()
     );
 }
+
+/// `sslmode=require` in the URL makes the connection TLS (rustls, ring).
+/// Needs `ssl = on` on the test server (Debian's default, with its snakeoil
+/// certificate; `verify-full` would need that certificate's CA).
+#[tokio::test]
+async fn postgres_urls_can_ask_for_tls() {
+    let db = PgTestDb::create().await;
+    let url = format!("{}?sslmode=require", db.url);
+    let s = PgStore::open(&url, PgSettings::default()).await.unwrap();
+    let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        .fetch_one(s.pool())
+        .await
+        .unwrap();
+    assert!(ssl, "the connection must be encrypted");
+    s.ping().await.unwrap();
+}
