@@ -34,30 +34,77 @@ macro_rules! sql_store {
         }
 
         async fn insert_event(tx: &mut Tx<'_>, event: &audit::AuditEvent) -> Result<i64, $crate::store::StoreError> {
+            insert_event_at(tx, event, None).await
+        }
+
+        /// Insert an audit event; `seq` is given only when restoring a backup.
+        async fn insert_event_at(
+            tx: &mut Tx<'_>,
+            event: &audit::AuditEvent,
+            seq: Option<i64>,
+        ) -> Result<i64, $crate::store::StoreError> {
             use sqlx::Row as _;
             $crate::store::check_event(event)?;
             let time = event
                 .time
                 .format(&time::format_description::well_known::Rfc3339)
                 .map_err(|_| $crate::store::StoreError::Corrupt("audit time cannot be formatted"))?;
-            let row = sqlx::query(
+            let sql = if seq.is_some() {
+                "INSERT INTO audit_events (time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail, seq)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING seq"
+            } else {
                 "INSERT INTO audit_events (time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING seq",
-            )
-            .bind(time)
-            .bind(&event.principal)
-            .bind(&event.source)
-            .bind(event.action.as_str())
-            .bind(&event.tenant)
-            .bind(&event.token)
-            .bind(event.outcome.as_str())
-            .bind(&event.error_code)
-            .bind(&event.request_id)
-            .bind(&event.reason)
-            .bind(&event.detail)
-            .fetch_one(&mut **tx)
-            .await?;
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING seq"
+            };
+            let mut query = sqlx::query(sql)
+                .bind(time)
+                .bind(&event.principal)
+                .bind(&event.source)
+                .bind(event.action.as_str())
+                .bind(&event.tenant)
+                .bind(&event.token)
+                .bind(event.outcome.as_str())
+                .bind(&event.error_code)
+                .bind(&event.request_id)
+                .bind(&event.reason)
+                .bind(&event.detail);
+            if let Some(seq) = seq {
+                query = query.bind(seq);
+            }
+            let row = query.fetch_one(&mut **tx).await?;
             Ok(row.try_get("seq")?)
+        }
+
+        /// Insert a card row. With `if_new`, a row with the same tenant and
+        /// fingerprint makes this do nothing (returns 0 rows).
+        async fn insert_card(
+            tx: &mut Tx<'_>,
+            row: &$crate::store::CardRow,
+            if_new: bool,
+        ) -> Result<u64, $crate::store::StoreError> {
+            let sql = if if_new {
+                "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (tenant, fingerprint) DO NOTHING"
+            } else {
+                "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            };
+            let res = sqlx::query(sql)
+                .bind(&row.token)
+                .bind(&row.tenant)
+                .bind(&row.fingerprint)
+                .bind(&row.brand)
+                .bind(&row.bin)
+                .bind(&row.last4)
+                .bind(i64::from(row.pan_len))
+                .bind(i64::from(row.key_version))
+                .bind(&row.nonce)
+                .bind(&row.ciphertext)
+                .bind(row.created_at)
+                .execute(&mut **tx)
+                .await?;
+            Ok(res.rows_affected())
         }
 
         fn card_from_row(r: &Row) -> Result<$crate::store::CardRow, $crate::store::StoreError> {
@@ -203,25 +250,8 @@ macro_rules! sql_store {
                         // idempotency: a concurrent insert of the same card
                         // makes this one do nothing, and the select below
                         // returns the winner's row.
-                        let res = sqlx::query(
-                            "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at)
-                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                             ON CONFLICT (tenant, fingerprint) DO NOTHING",
-                        )
-                        .bind(&row.token)
-                        .bind(&row.tenant)
-                        .bind(&row.fingerprint)
-                        .bind(&row.brand)
-                        .bind(&row.bin)
-                        .bind(&row.last4)
-                        .bind(i64::from(row.pan_len))
-                        .bind(i64::from(row.key_version))
-                        .bind(&row.nonce)
-                        .bind(&row.ciphertext)
-                        .bind(row.created_at)
-                        .execute(&mut *tx)
-                        .await?;
-                        let inserted = if res.rows_affected() == 1 {
+                        let affected = insert_card(&mut tx, &row, true).await?;
+                        let inserted = if affected == 1 {
                             Inserted { row, created: true }
                         } else {
                             let existing = sqlx::query(&format!(
@@ -488,49 +518,10 @@ macro_rules! sql_store {
                             .await?;
                         }
                         BackupRecord::Card(row) => {
-                            sqlx::query(
-                                "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at)
-                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-                            )
-                            .bind(&row.token)
-                            .bind(&row.tenant)
-                            .bind(&row.fingerprint)
-                            .bind(&row.brand)
-                            .bind(&row.bin)
-                            .bind(&row.last4)
-                            .bind(i64::from(row.pan_len))
-                            .bind(i64::from(row.key_version))
-                            .bind(&row.nonce)
-                            .bind(&row.ciphertext)
-                            .bind(row.created_at)
-                            .execute(&mut *tx)
-                            .await?;
+                            insert_card(&mut tx, row, false).await?;
                         }
                         BackupRecord::Audit(stored) => {
-                            $crate::store::check_event(&stored.event)?;
-                            let e = &stored.event;
-                            let time = e
-                                .time
-                                .format(&time::format_description::well_known::Rfc3339)
-                                .map_err(|_| $crate::store::StoreError::Corrupt("audit time cannot be formatted"))?;
-                            sqlx::query(
-                                "INSERT INTO audit_events (seq, time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail)
-                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-                            )
-                            .bind(stored.seq)
-                            .bind(time)
-                            .bind(&e.principal)
-                            .bind(&e.source)
-                            .bind(e.action.as_str())
-                            .bind(&e.tenant)
-                            .bind(&e.token)
-                            .bind(e.outcome.as_str())
-                            .bind(&e.error_code)
-                            .bind(&e.request_id)
-                            .bind(&e.reason)
-                            .bind(&e.detail)
-                            .execute(&mut *tx)
-                            .await?;
+                            insert_event_at(&mut tx, &stored.event, Some(stored.seq)).await?;
                         }
                     }
                 }
