@@ -13,6 +13,8 @@
 //! - rows hold ciphertext, never a clear PAN, expiry or name.
 
 pub mod postgres;
+#[cfg(test)]
+mod roles_tests;
 mod sql;
 pub mod sqlite;
 #[cfg(test)]

@@ -1,0 +1,205 @@
+-- cardvault on PostgreSQL: roles and privileges (least privilege).
+--
+-- Two roles per cardvault database:
+--
+--   cardvault_owner  owns the database, the schema `public`, every table and
+--                    the migration bookkeeping (`_sqlx_migrations`). Used only
+--                    to run `tokenizer migrate` and `tokenizer restore` (which
+--                    migrates and moves the audit sequence past the restored
+--                    events); nothing else logs in as it.
+--   cardvault_app    the role `tokenizer serve` runs as. It reads and writes
+--                    rows and can do nothing else: it owns nothing, cannot
+--                    create, alter or drop anything (no CREATE on the schema
+--                    or the database, no TEMPORARY), and gets per table only:
+--                      cards         SELECT, INSERT, UPDATE, DELETE
+--                      vault_keys    SELECT, INSERT
+--                      principals    SELECT, INSERT, UPDATE (revoked_at) --
+--                                    revocation is the only update; roles,
+--                                    tenants and key hashes cannot be changed
+--                                    in place
+--                      audit_events  SELECT, INSERT -- no UPDATE, DELETE or
+--                                    TRUNCATE
+--                    plus CONNECT on the database and USAGE on the schema.
+--                    No sequence privilege: `audit_events.seq` is an identity
+--                    column, whose sequence INSERT advances without one.
+--                    No privilege at all on `_sqlx_migrations`.
+--
+-- The audit trail is append-only twice over: the runtime role lacks the
+-- grants, and triggers of migration 0001 reject UPDATE, DELETE and TRUNCATE
+-- on audit_events for every role, the owner included. (The owner could still
+-- drop those triggers: keep its credentials away from the service and use
+-- them only for migrations.)
+--
+-- Order of operations, once per database:
+--
+--   1. As a superuser (on a managed service: its admin role, which must be
+--      able to act as cardvault_owner), create the roles and the database:
+--        psql "postgres://admin@db.internal/postgres" \
+--             -v phase=setup -f deploy/postgres-roles.sql
+--      The roles are created without a password. Set one per role from psql
+--      with `\password cardvault_owner` and `\password cardvault_app` (psql
+--      sends only a SCRAM hash: the password never appears in a command
+--      line, the server log or shell history), or use certificate auth.
+--   2. Apply the schema as the owner:
+--        tokenizer migrate --database-url \
+--            'postgres://cardvault_owner@db.internal/cardvault?sslmode=verify-full&sslrootcert=/etc/cardvault/pg-ca.pem'
+--      (with a password: put the whole URL in TOKENIZER_DATABASE_URL from a
+--      secret store instead of on the command line).
+--   3. Grant the runtime role its privileges (as the superuser or as
+--      cardvault_owner):
+--        psql "postgres://admin@db.internal/postgres" \
+--             -v phase=grants -f deploy/postgres-roles.sql
+--   4. Run the service as the runtime role, with `migrate_on_start = false`
+--      in its configuration file (the runtime role cannot migrate, so the
+--      default `true` makes start-up fail) and TOKENIZER_DATABASE_URL set to
+--        postgres://cardvault_app:PASSWORD@db.internal/cardvault?sslmode=verify-full&sslrootcert=/etc/cardvault/pg-ca.pem
+--      then `tokenizer serve --config /etc/cardvault/tokenizer.toml`.
+--
+-- After every later `tokenizer migrate`, run phase grants again (step 3). It
+-- is idempotent and exact: it first revokes everything the runtime role (and
+-- PUBLIC) has on the database, the schema, every table, sequence and routine,
+-- then grants the list above. A table added by a migration is unreachable for
+-- the runtime role (fail closed) until its line is added to phase grants
+-- below; there are deliberately no default privileges on tables or sequences
+-- for the runtime role. Phase setup is idempotent too.
+--
+-- Names: psql variables, with these defaults:
+--   -v owner_role=cardvault_owner -v app_role=cardvault_app -v db_name=cardvault
+-- They are always substituted as :"var" (identifier) or :'var' (literal), so
+-- any name is quoted correctly. The tests (vault/src/store/roles_tests.rs)
+-- run this file with psql under random names.
+--
+-- Requires psql 10 or later (\if, \gexec). PostgreSQL 11 or later.
+
+\set ON_ERROR_STOP on
+
+\if :{?owner_role}
+\else
+\set owner_role cardvault_owner
+\endif
+\if :{?app_role}
+\else
+\set app_role cardvault_app
+\endif
+\if :{?db_name}
+\else
+\set db_name cardvault
+\endif
+\if :{?phase}
+\else
+\set phase ''
+\endif
+
+SELECT :'phase' = 'setup' AS cardvault_phase_setup,
+       :'phase' = 'grants' AS cardvault_phase_grants,
+       current_database() <> :'db_name' AS cardvault_elsewhere \gset
+
+\if :cardvault_phase_setup
+
+-- ---------------------------------------------------------------------------
+-- Phase setup: roles and database. Run on any database of the cluster.
+-- ---------------------------------------------------------------------------
+
+-- The roles. No superuser, no CREATEDB/CREATEROLE, no replication, no RLS
+-- bypass.
+SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS',
+              :'owner_role')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'owner_role') \gexec
+SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS',
+              :'app_role')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'app_role') \gexec
+ALTER ROLE :"owner_role" LOGIN;
+ALTER ROLE :"app_role" LOGIN;
+
+-- Refuse roles that already existed with more power than this file gives,
+-- or a runtime role that is (or acts as) the owner.
+SET cardvault.owner_role = :'owner_role';
+SET cardvault.app_role = :'app_role';
+DO $$
+DECLARE
+    owner_role text := current_setting('cardvault.owner_role');
+    app_role   text := current_setting('cardvault.app_role');
+    r record;
+BEGIN
+    IF owner_role = app_role THEN
+        RAISE EXCEPTION 'the owner and the runtime role must be two roles';
+    END IF;
+    FOR r IN SELECT rolname FROM pg_roles
+              WHERE rolname IN (owner_role, app_role)
+                AND (rolsuper OR rolcreatedb OR rolcreaterole OR rolreplication OR rolbypassrls)
+    LOOP
+        RAISE EXCEPTION 'role % has SUPERUSER, CREATEDB, CREATEROLE, REPLICATION or BYPASSRLS: remove it first',
+            r.rolname;
+    END LOOP;
+    IF pg_has_role(app_role, owner_role, 'MEMBER') THEN
+        RAISE EXCEPTION 'role % is a member of %: revoke that membership first', app_role, owner_role;
+    END IF;
+END
+$$;
+
+-- The database, owned by the owner role (also when it existed already, e.g.
+-- created from a cloud console).
+SELECT format('CREATE DATABASE %I OWNER %I', :'db_name', :'owner_role')
+ WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'db_name') \gexec
+ALTER DATABASE :"db_name" OWNER TO :"owner_role";
+-- PUBLIC loses CONNECT and TEMPORARY; phase grants gives CONNECT to the
+-- runtime role only.
+REVOKE ALL ON DATABASE :"db_name" FROM PUBLIC;
+
+\connect :"db_name"
+
+-- The owner owns the schema the migrations create their tables in; nobody
+-- else may create anything in it (PostgreSQL before 15 let PUBLIC create).
+ALTER SCHEMA public OWNER TO :"owner_role";
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+REVOKE USAGE ON SCHEMA public FROM PUBLIC;
+
+-- Routines the owner creates in later migrations are not executable by
+-- PUBLIC (PostgreSQL's default would be EXECUTE for everyone).
+ALTER DEFAULT PRIVILEGES FOR ROLE :"owner_role" REVOKE EXECUTE ON ROUTINES FROM PUBLIC;
+
+\echo 'cardvault: roles and database ready; next: tokenizer migrate as the owner role, then -v phase=grants'
+
+\elif :cardvault_phase_grants
+
+-- ---------------------------------------------------------------------------
+-- Phase grants: after `tokenizer migrate`, and again after every migration.
+-- Run as a superuser or as the owner role.
+-- ---------------------------------------------------------------------------
+
+\if :cardvault_elsewhere
+\connect :"db_name"
+\endif
+
+BEGIN;
+
+-- Start from nothing, so the result is exactly the list below.
+REVOKE ALL ON DATABASE :"db_name" FROM PUBLIC, :"app_role";
+REVOKE ALL ON SCHEMA public FROM PUBLIC, :"app_role";
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM PUBLIC, :"app_role";
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM PUBLIC, :"app_role";
+REVOKE ALL ON ALL ROUTINES IN SCHEMA public FROM PUBLIC, :"app_role";
+
+GRANT CONNECT ON DATABASE :"db_name" TO :"app_role";
+GRANT USAGE ON SCHEMA public TO :"app_role";
+
+-- One line per table. A table missing here is unreachable for the service;
+-- "relation ... does not exist" means `tokenizer migrate` has not run yet.
+GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE cards TO :"app_role";
+GRANT SELECT, INSERT ON TABLE vault_keys TO :"app_role";
+GRANT SELECT, INSERT, UPDATE (revoked_at) ON TABLE principals TO :"app_role";
+GRANT SELECT, INSERT ON TABLE audit_events TO :"app_role";
+
+COMMIT;
+
+\echo 'cardvault: privileges of the runtime role applied'
+
+\else
+
+DO $$
+BEGIN
+    RAISE EXCEPTION 'cardvault roles: run with -v phase=setup (before tokenizer migrate) or -v phase=grants (after it)';
+END
+$$;
+
+\endif
