@@ -120,6 +120,16 @@ pub struct CommonArgs {
     /// flags can be reused across subcommands.
     #[arg(long, env = "TOKENIZER_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Apply pending migrations when opening the database (default true;
+    /// false where the service runs as a role that may not alter the schema).
+    #[arg(long, env = "TOKENIZER_MIGRATE_ON_START")]
+    pub migrate_on_start: Option<bool>,
+    /// Bound on every database operation, in milliseconds (default 5000).
+    #[arg(long, env = "TOKENIZER_DB_TIMEOUT_MS")]
+    pub db_timeout_ms: Option<u64>,
+    /// PostgreSQL pool size (default 16).
+    #[arg(long, env = "TOKENIZER_DB_MAX_CONNECTIONS")]
+    pub db_max_connections: Option<u32>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -213,9 +223,17 @@ impl Settings {
             .unwrap_or_else(|| vault::store::sqlite_url(&data_dir.join("cardvault.db")));
         Ok(Settings {
             database_url,
-            migrate_on_start: file.migrate_on_start.unwrap_or(true),
-            db_timeout: std::time::Duration::from_millis(file.db_timeout_ms.unwrap_or(5000)),
-            db_max_connections: file.db_max_connections.unwrap_or(16),
+            migrate_on_start: common
+                .migrate_on_start
+                .or(file.migrate_on_start)
+                .unwrap_or(true),
+            db_timeout: std::time::Duration::from_millis(
+                common.db_timeout_ms.or(file.db_timeout_ms).unwrap_or(5000),
+            ),
+            db_max_connections: common
+                .db_max_connections
+                .or(file.db_max_connections)
+                .unwrap_or(16),
             data_dir,
             kek_file,
             log_level: common
@@ -269,6 +287,9 @@ mod tests {
             kek_file: None,
             log_level: None,
             listen: None,
+            migrate_on_start: None,
+            db_timeout_ms: None,
+            db_max_connections: None,
         }
     }
 

@@ -14,8 +14,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::Postgres;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions as _, Connection as _, Postgres};
 
 use super::sql::sql_store;
 use super::StoreError;
@@ -44,6 +44,8 @@ impl Default for PgSettings {
 pub struct PgStore {
     pool: PgPool,
     op_timeout: Duration,
+    /// For migrations, which run on a connection of their own.
+    connect: PgConnectOptions,
 }
 
 impl PgStore {
@@ -65,10 +67,11 @@ impl PgStore {
             // Check a pooled connection before use: after a database restart
             // the dead ones are dropped instead of failing one request each.
             .test_before_acquire(true)
-            .connect_lazy_with(opts);
+            .connect_lazy_with(opts.clone());
         Ok(PgStore {
             pool,
             op_timeout: settings.op_timeout,
+            connect: opts,
         })
     }
 
@@ -80,8 +83,14 @@ impl PgStore {
     }
 
     /// Apply pending migrations (needs the owner role, not the runtime role).
+    /// They run on a connection of their own, closed afterwards whatever
+    /// happened: sqlx holds its advisory migration lock on that session, and
+    /// a failed run must not leave the lock held on a pooled connection.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        MIGRATOR.run(&self.pool).await?;
+        let mut conn: PgConnection = self.connect.connect().await?;
+        let result = MIGRATOR.run(&mut conn).await;
+        let _ = conn.close().await;
+        result?;
         Ok(())
     }
 

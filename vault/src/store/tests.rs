@@ -77,7 +77,7 @@ impl Drop for PgTestDb {
 pub enum TestStore {
     Sqlite(tempfile::TempDir, SqliteStore),
     // The database is held for its `Drop`, which removes it.
-    Postgres(#[allow(dead_code)] PgTestDb, PgStore),
+    Postgres(#[allow(dead_code)] PgTestDb, Box<PgStore>),
 }
 
 impl TestStore {
@@ -94,13 +94,13 @@ impl TestStore {
     pub async fn postgres() -> TestStore {
         let db = PgTestDb::create().await;
         let s = PgStore::open(&db.url, PgSettings::default()).await.unwrap();
-        TestStore::Postgres(db, s)
+        TestStore::Postgres(db, Box::new(s))
     }
 
     pub fn store(&self) -> Arc<dyn Store> {
         match self {
             TestStore::Sqlite(_, s) => Arc::new(s.clone()),
-            TestStore::Postgres(_, s) => Arc::new(s.clone()),
+            TestStore::Postgres(_, s) => Arc::new((**s).clone()),
         }
     }
 
