@@ -37,6 +37,42 @@ macro_rules! sql_store {
             insert_event_at(tx, event, None).await
         }
 
+        /// Most rows in one multi-row statement (SQLite allows 32766 bound
+        /// parameters per statement, PostgreSQL 65535; rows here bind 11-12).
+        const ROWS_PER_STATEMENT: usize = 64;
+
+        /// Insert audit events in multi-row statements, in order.
+        async fn insert_events(tx: &mut Tx<'_>, events: &[audit::AuditEvent]) -> Result<(), $crate::store::StoreError> {
+            for e in events {
+                $crate::store::check_event(e)?;
+            }
+            let times = events
+                .iter()
+                .map(|e| e.time.format(&time::format_description::well_known::Rfc3339))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| $crate::store::StoreError::Corrupt("audit time cannot be formatted"))?;
+            for (chunk, times) in events.chunks(ROWS_PER_STATEMENT).zip(times.chunks(ROWS_PER_STATEMENT)) {
+                let mut q = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO audit_events (time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail) ",
+                );
+                q.push_values(chunk.iter().zip(times), |mut b, (e, t)| {
+                    b.push_bind(t)
+                        .push_bind(&e.principal)
+                        .push_bind(&e.source)
+                        .push_bind(e.action.as_str())
+                        .push_bind(&e.tenant)
+                        .push_bind(&e.token)
+                        .push_bind(e.outcome.as_str())
+                        .push_bind(&e.error_code)
+                        .push_bind(&e.request_id)
+                        .push_bind(&e.reason)
+                        .push_bind(&e.detail);
+                });
+                q.build().execute(&mut **tx).await?;
+            }
+            Ok(())
+        }
+
         /// Insert an audit event; `seq` is given only when restoring a backup.
         async fn insert_event_at(
             tx: &mut Tx<'_>,
@@ -75,21 +111,10 @@ macro_rules! sql_store {
             Ok(row.try_get("seq")?)
         }
 
-        /// Insert a card row. With `if_new`, a row with the same tenant and
-        /// fingerprint makes this do nothing (returns 0 rows).
-        async fn insert_card(
-            tx: &mut Tx<'_>,
-            row: &$crate::store::CardRow,
-            if_new: bool,
-        ) -> Result<u64, $crate::store::StoreError> {
-            let sql = if if_new {
-                "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-                 ON CONFLICT (tenant, fingerprint) DO NOTHING"
-            } else {
-                "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-            };
+        /// Insert one card row as it is (restore).
+        async fn insert_card(tx: &mut Tx<'_>, row: &$crate::store::CardRow) -> Result<u64, $crate::store::StoreError> {
+            let sql = "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
             let res = sqlx::query(sql)
                 .bind(&row.token)
                 .bind(&row.tenant)
@@ -238,39 +263,80 @@ macro_rules! sql_store {
                 cards: Vec<$crate::store::NewCard>,
                 other_events: Vec<audit::AuditEvent>,
             ) -> Result<Vec<$crate::store::Inserted>, $crate::store::StoreError> {
-                use $crate::store::{Inserted, NewCard};
+                use std::collections::{HashMap, HashSet};
+                use sqlx::Row as _;
+                use $crate::store::{CardRow, Inserted, NewCard};
                 self.bounded(async {
-                    let mut out = Vec::with_capacity(cards.len());
                     let mut tx = self.pool.begin().await?;
-                    for event in &other_events {
-                        insert_event(&mut tx, event).await?;
-                    }
-                    for NewCard { row, mut event } in cards {
+                    // Multi-row statements: a 1000-card batch is a few dozen
+                    // round trips, not two thousand.
+                    let mut created: HashSet<String> = HashSet::new();
+                    for chunk in cards.chunks(ROWS_PER_STATEMENT) {
                         // The unique (tenant, fingerprint) constraint carries
-                        // idempotency: a concurrent insert of the same card
-                        // makes this one do nothing, and the select below
-                        // returns the winner's row.
-                        let affected = insert_card(&mut tx, &row, true).await?;
-                        let inserted = if affected == 1 {
+                        // idempotency: a card whose tenant already has its
+                        // fingerprint (stored before, inserted concurrently, or
+                        // earlier in this very batch) is not inserted, and the
+                        // select below returns the stored row.
+                        let mut q = sqlx::QueryBuilder::<$db>::new(
+                            "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at) ",
+                        );
+                        q.push_values(chunk, |mut b, c| {
+                            let r = &c.row;
+                            b.push_bind(&r.token)
+                                .push_bind(&r.tenant)
+                                .push_bind(&r.fingerprint)
+                                .push_bind(&r.brand)
+                                .push_bind(&r.bin)
+                                .push_bind(&r.last4)
+                                .push_bind(i64::from(r.pan_len))
+                                .push_bind(i64::from(r.key_version))
+                                .push_bind(&r.nonce)
+                                .push_bind(&r.ciphertext)
+                                .push_bind(r.created_at);
+                        });
+                        q.push(" ON CONFLICT (tenant, fingerprint) DO NOTHING RETURNING token");
+                        for r in q.build().fetch_all(&mut *tx).await? {
+                            created.insert(r.try_get("token")?);
+                        }
+                    }
+                    let stale: Vec<&NewCard> = cards.iter().filter(|c| !created.contains(&c.row.token)).collect();
+                    let mut existing: HashMap<(String, String), CardRow> = HashMap::new();
+                    for chunk in stale.chunks(ROWS_PER_STATEMENT) {
+                        let mut q = sqlx::QueryBuilder::<$db>::new(format!(
+                            "SELECT {CARD_COLUMNS} FROM cards WHERE (tenant, fingerprint) IN ("
+                        ));
+                        let mut sep = q.separated(", ");
+                        for c in chunk {
+                            sep.push("(");
+                            sep.push_bind_unseparated(&c.row.tenant);
+                            sep.push_unseparated(", ");
+                            sep.push_bind_unseparated(&c.row.fingerprint);
+                            sep.push_unseparated(")");
+                        }
+                        q.push(")");
+                        for r in q.build().fetch_all(&mut *tx).await? {
+                            let row = card_from_row(&r)?;
+                            existing.insert((row.tenant.clone(), row.fingerprint.clone()), row);
+                        }
+                    }
+                    let mut events = other_events;
+                    let mut out = Vec::with_capacity(cards.len());
+                    for NewCard { row, mut event } in cards {
+                        let inserted = if created.contains(&row.token) {
                             Inserted { row, created: true }
                         } else {
-                            let existing = sqlx::query(&format!(
-                                "SELECT {CARD_COLUMNS} FROM cards WHERE tenant = $1 AND fingerprint = $2"
-                            ))
-                            .bind(&row.tenant)
-                            .bind(&row.fingerprint)
-                            .fetch_one(&mut *tx)
-                            .await?;
-                            Inserted {
-                                row: card_from_row(&existing)?,
-                                created: false,
-                            }
+                            let stored = existing
+                                .get(&(row.tenant.clone(), row.fingerprint.clone()))
+                                .cloned()
+                                .ok_or($crate::store::StoreError::Corrupt("card neither inserted nor found"))?;
+                            Inserted { row: stored, created: false }
                         };
                         event.token = Some(inserted.row.token.clone());
                         event.detail = Some(if inserted.created { "created" } else { "existing" }.to_owned());
-                        insert_event(&mut tx, &event).await?;
+                        events.push(event);
                         out.push(inserted);
                     }
+                    insert_events(&mut tx, &events).await?;
                     tx.commit().await?;
                     Ok(out)
                 })
@@ -518,7 +584,7 @@ macro_rules! sql_store {
                             .await?;
                         }
                         BackupRecord::Card(row) => {
-                            insert_card(&mut tx, row, false).await?;
+                            insert_card(&mut tx, row).await?;
                         }
                         BackupRecord::Audit(stored) => {
                             insert_event_at(&mut tx, &stored.event, Some(stored.seq)).await?;
