@@ -1,22 +1,66 @@
 //! Audit events of cardvault: who touched which card data, when, from where,
-//! and with what result (PCI DSS 10.2).
+//! and with what result (PCI DSS 10.2), and the tamper-evident trail they
+//! form (PCI DSS 10.3.2, 10.3.4).
 //!
-//! This crate owns the *shape* of an audit event and its canonical encoding.
-//! It stores nothing itself: the vault's store appends events in the same
-//! database transaction as the change they record, and the tamper-evident
-//! chain and the auditors' verifier build on [`AuditEvent::canonical_bytes`].
+//! This crate owns the *shape* of an audit event, its canonical encoding,
+//! and the cryptography of the trail. It stores nothing itself: the vault's
+//! store appends entries in the same database transaction as the change
+//! they record, and the `vault-audit` tool checks them with the public key.
+//!
+//! The trail: entries numbered 1, 2, 3, ... form a hash chain and an RFC 6962
+//! Merkle tree over the same leaf hashes; at intervals the service signs a
+//! checkpoint (tree size, Merkle root, chain head, time) with an Ed25519 key
+//! the database never holds, and also appends it to a file outside the
+//! database. Anyone with the public key can verify the whole trail, locate
+//! the first changed, inserted, removed, reordered or truncated entry, and
+//! check an inclusion proof of one entry.
 //!
 //! Public API:
-//! - [`AuditEvent`]: one entry; built with [`AuditEvent::new`] and setters.
+//! - [`AuditEvent`]: one entry; built with [`AuditEvent::new`] and setters;
+//!   [`AuditEvent::canonical_bytes`] is what the leaf hash covers.
 //! - [`Action`], [`Outcome`]: closed vocabularies with stable names.
 //! - [`StoredEvent`]: an event with the sequence number the store gave it.
+//! - [`chain`]: [`leaf_hash`], [`chain_hash`], [`ChainedEvent`] (what the
+//!   store keeps per entry), [`ChainState`] (appending), [`Trail`] (chain +
+//!   Merkle frontier, signs checkpoints).
+//! - [`merkle`]: [`merkle::mth`], [`Frontier`], inclusion and consistency
+//!   proofs ([`merkle::inclusion_proof`], [`merkle::verify_inclusion`],
+//!   [`merkle::consistency_proof`], [`merkle::verify_consistency`],
+//!   streamed by [`merkle::ProofBuilder`]).
+//! - [`checkpoint`]: [`Checkpoint`] (signed bytes, JSON), [`SigningKey`],
+//!   [`VerifyingKey`] (the auditor's one-line public key file).
+//! - [`verify`]: [`verify_trail`], [`verify_export`], the streaming
+//!   [`Verifier`], [`Report`] and [`Failure`] (what and where).
+//! - [`export`]: JSON Lines [`Record`]s (entry or checkpoint), writers and
+//!   the strict streaming [`ExportReader`].
+//! - [`proof`]: [`EntryProof`], one entry's inclusion proof against a
+//!   signed checkpoint.
 //!
 //! Invariant: an event holds token ids, tenants, principal names and error
 //! codes, never a PAN, never a fingerprint (fingerprints could correlate cards
 //! across tenants). The one free-text field, `reason`, is checked by the
 //! caller to hold no card number before it gets here, and the store refuses
-//! events whose text looks like one.
+//! events whose text looks like one. Nothing in the trail is secret: the
+//! signing key is used here, never stored here.
 #![forbid(unsafe_code)]
+
+pub mod chain;
+pub mod checkpoint;
+pub mod export;
+mod hex;
+pub mod merkle;
+pub mod proof;
+pub mod verify;
+
+#[cfg(test)]
+mod tamper_tests;
+
+pub use chain::{chain_hash, leaf_hash, ChainState, ChainedEvent, Trail};
+pub use checkpoint::{Checkpoint, CheckpointError, KeyError, SigningKey, VerifyingKey};
+pub use export::{ExportReader, ReadError, Record};
+pub use merkle::Frontier;
+pub use proof::{EntryProof, ProofError};
+pub use verify::{verify_export, verify_trail, Evidence, Failure, Report, Verifier};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
