@@ -1,9 +1,20 @@
 //! Harness for the end-to-end tests: it runs the real `tokenizer` binary on a
 //! fresh data directory, talks to it over HTTP, and afterwards searches every
-//! byte the service wrote (data files and captured output) for card numbers.
+//! byte the service wrote (data files, database tables and captured output)
+//! for card numbers.
+//!
+//! Backends: `CARDVAULT_TEST_BACKEND=sqlite` (default) keeps the database in
+//! the data directory; `CARDVAULT_TEST_BACKEND=postgres` gives every
+//! [`Service`] its own fresh database on the PostgreSQL server named by
+//! `CARDVAULT_TEST_PG_URL` (an admin URL, default
+//! `postgres://postgres@127.0.0.1:5432/postgres`), passed with
+//! `--database-url` to every `serve` and CLI call and dropped afterwards. A
+//! PostgreSQL server that cannot be reached fails the tests; it never skips
+//! them.
 //!
 //! Nothing here knows how the service works inside: only the CLI and HTTP
-//! contract.
+//! contract, plus the table names of the schema for the tests that reach
+//! under the service on purpose ([`Service::sql`]).
 #![forbid(unsafe_code)]
 // Test support: a panic with a clear message is the right way to fail here.
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
@@ -220,14 +231,25 @@ impl CliOutput {
 }
 
 /// Runs `tokenizer <args...> --data-dir <dir>` to completion (with a timeout),
-/// appending its output to `captured`.
+/// appending its output to `captured`. No `--database-url`: the binary's
+/// default (SQLite in the data dir); see [`run_cli_on`].
 pub fn run_cli(data_dir: &Path, args: &[&str], captured: &Captured) -> CliOutput {
+    run_cli_on(data_dir, None, args, captured)
+}
+
+/// [`run_cli`] with `--database-url URL` when `database_url` is given.
+pub fn run_cli_on(
+    data_dir: &Path,
+    database_url: Option<&str>,
+    args: &[&str],
+    captured: &Captured,
+) -> CliOutput {
     let mut cmd = tokenizer_command();
-    cmd.args(args)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args(args).arg("--data-dir").arg(data_dir);
+    if let Some(url) = database_url {
+        cmd.arg("--database-url").arg(url);
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let output = wait_with_timeout(cmd, CLI_TIMEOUT, args);
     captured.append_stdout(&output.stdout);
     captured.append_stderr(&output.stderr);
@@ -238,10 +260,13 @@ pub fn run_cli(data_dir: &Path, args: &[&str], captured: &Captured) -> CliOutput
     }
 }
 
+/// Runs a command to completion with piped output, killing it after
+/// `timeout`.
 fn wait_with_timeout(mut cmd: Command, timeout: Duration, what: &[&str]) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot run tokenizer {what:?}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot run {what:?}: {e}"));
     let out = read_all_in_thread(child.stdout.take());
     let err = read_all_in_thread(child.stderr.take());
     let deadline = Instant::now() + timeout;
@@ -254,7 +279,7 @@ fn wait_with_timeout(mut cmd: Command, timeout: Duration, what: &[&str]) -> Outp
             let _ = child.wait();
             let stderr = err.join().unwrap_or_default();
             panic!(
-                "tokenizer {what:?} did not finish within {timeout:?}; stderr:\n{}",
+                "{what:?} did not finish within {timeout:?}; stderr:\n{}",
                 String::from_utf8_lossy(&stderr)
             );
         }
@@ -278,6 +303,517 @@ fn read_all_in_thread<R: Read + Send + 'static>(pipe: Option<R>) -> JoinHandle<V
 }
 
 // ---------------------------------------------------------------------------
+// Backends and databases
+// ---------------------------------------------------------------------------
+
+/// Selects the backend of the end-to-end run: `sqlite` (default) or `postgres`.
+pub const BACKEND_ENV: &str = "CARDVAULT_TEST_BACKEND";
+/// Admin URL of the PostgreSQL server the tests create their databases on.
+pub const PG_URL_ENV: &str = "CARDVAULT_TEST_PG_URL";
+/// [`PG_URL_ENV`] when unset: the local server, trust authentication.
+pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// How long connecting to PostgreSQL from the harness may take.
+pub const PG_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Where the service keeps its data in this run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded default: `<data-dir>/cardvault.db`.
+    Sqlite,
+    /// A database of its own on the server of [`pg_admin_url`].
+    Postgres,
+}
+
+impl Backend {
+    /// From [`BACKEND_ENV`]; panics on a value it does not know (a typo must
+    /// not silently test the other backend).
+    pub fn from_env() -> Backend {
+        match std::env::var(BACKEND_ENV) {
+            Err(std::env::VarError::NotPresent) => Backend::Sqlite,
+            Ok(v) if v.is_empty() || v.eq_ignore_ascii_case("sqlite") => Backend::Sqlite,
+            Ok(v) if v.eq_ignore_ascii_case("postgres") || v.eq_ignore_ascii_case("postgresql") => {
+                Backend::Postgres
+            }
+            Ok(v) => panic!("{BACKEND_ENV}={v:?}: expected `sqlite` or `postgres`"),
+            Err(e) => panic!("{BACKEND_ENV}: {e}"),
+        }
+    }
+
+    /// The backend a database URL names (`postgres://` or `postgresql://`,
+    /// anything else is SQLite).
+    pub fn of_url(url: &str) -> Backend {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// The backend of this run ([`BACKEND_ENV`]).
+pub fn backend() -> Backend {
+    Backend::from_env()
+}
+
+/// The admin URL of the test PostgreSQL server ([`PG_URL_ENV`]).
+pub fn pg_admin_url() -> String {
+    std::env::var(PG_URL_ENV)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| DEFAULT_PG_URL.to_string())
+}
+
+/// `url` with its password (if any) replaced by `***`, for messages.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => match authority[..at].find(':') {
+            Some(colon) => format!(
+                "{}{}:***{}",
+                &url[..scheme_end + 3],
+                &authority[..colon],
+                &rest[at..]
+            ),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+/// `url` naming database `database` instead of its own (query kept).
+pub fn with_database(url: &str, database: &str) -> String {
+    let scheme_end = url.find("://").map_or(0, |i| i + 3);
+    let (base, query) = match url[scheme_end..].find('?') {
+        Some(q) => url.split_at(scheme_end + q),
+        None => (url, ""),
+    };
+    let authority = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    format!("{authority}/{database}{query}")
+}
+
+/// Runs a future to completion on a small current-thread runtime: the
+/// harness is synchronous, sqlx is not.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("cannot build a tokio runtime for the harness")
+        .block_on(future)
+}
+
+/// Connects to PostgreSQL (bounded), or explains what is missing.
+async fn pg_connect(url: &str) -> Result<sqlx::PgConnection, String> {
+    use sqlx::ConnectOptions as _;
+    let opts = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(url)
+        .map_err(|e| format!("invalid PostgreSQL URL {}: {e}", redact_url(url)))?;
+    match tokio::time::timeout(PG_CONNECT_TIMEOUT, opts.connect()).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(format!("cannot connect to {}: {e}", redact_url(url))),
+        Err(_) => Err(format!(
+            "connecting to {} took more than {PG_CONNECT_TIMEOUT:?}",
+            redact_url(url)
+        )),
+    }
+}
+
+fn pg_unavailable(why: &str) -> ! {
+    panic!(
+        "PostgreSQL is required here but not usable: {why}.\n\
+         These tests need a PostgreSQL server (the multi-instance and outage tests \
+         always, every test with {BACKEND_ENV}=postgres). Start it (locally: \
+         127.0.0.1:5432, trust authentication for user `postgres`) or point \
+         {PG_URL_ENV} at an admin URL (default {DEFAULT_PG_URL}). \
+         The tests never skip when it is missing."
+    )
+}
+
+/// Runs SQL (any number of statements) on a PostgreSQL database.
+pub fn pg_execute(url: &str, sql: &str) {
+    block_on(async {
+        use sqlx::Connection as _;
+        let mut conn = pg_connect(url).await.unwrap_or_else(|e| pg_unavailable(&e));
+        sqlx::raw_sql(sql)
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("SQL on {} failed: {e}\n{sql}", redact_url(url)));
+        let _ = conn.close().await;
+    });
+}
+
+/// A database of its own on the test PostgreSQL server: created by
+/// [`PgDatabase::create`], dropped (`WITH (FORCE)`) on drop.
+#[derive(Debug)]
+pub struct PgDatabase {
+    name: String,
+    url: String,
+    admin_url: String,
+}
+
+impl PgDatabase {
+    /// A fresh `cv_e2e_<random>` on the server of [`pg_admin_url`]; panics
+    /// with instructions when PostgreSQL cannot be reached.
+    pub fn create() -> PgDatabase {
+        PgDatabase::create_on(&pg_admin_url())
+    }
+
+    /// A fresh `cv_e2e_<random>` on the server of this admin URL.
+    pub fn create_on(admin_url: &str) -> PgDatabase {
+        let name = format!("cv_e2e_{:016x}", random_u64());
+        block_on(async {
+            use sqlx::Connection as _;
+            let mut conn = pg_connect(admin_url)
+                .await
+                .unwrap_or_else(|e| pg_unavailable(&e));
+            sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+                .execute(&mut conn)
+                .await
+                .unwrap_or_else(|e| {
+                    pg_unavailable(&format!(
+                        "CREATE DATABASE {name} on {} failed: {e}",
+                        redact_url(admin_url)
+                    ))
+                });
+            let _ = conn.close().await;
+        });
+        PgDatabase {
+            url: with_database(admin_url, &name),
+            name,
+            admin_url: admin_url.to_string(),
+        }
+    }
+
+    /// The URL for `--database-url`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        let result = block_on(async {
+            use sqlx::Connection as _;
+            let mut conn = pg_connect(&self.admin_url).await?;
+            let done = sqlx::raw_sql(&sql)
+                .execute(&mut conn)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let _ = conn.close().await;
+            done
+        });
+        if let Err(e) = result {
+            // Never panic in drop (it may run during a panic): say it.
+            eprintln!("e2e: could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+/// The rows of every table in the public schema as text (`t::text`), one
+/// buffer per table, for the leak scan.
+pub fn pg_dump_tables(url: &str) -> Vec<(String, Vec<u8>)> {
+    block_on(async {
+        use sqlx::Connection as _;
+        let mut conn = pg_connect(url).await.unwrap_or_else(|e| pg_unavailable(&e));
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("listing tables: {e}"));
+        let mut dumps = Vec::new();
+        for table in tables {
+            let quoted = table.replace('"', "\"\"");
+            let rows: Vec<String> =
+                sqlx::query_scalar(&format!("SELECT t::text FROM public.\"{quoted}\" t"))
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap_or_else(|e| panic!("dumping table {table}: {e}"));
+            let mut text = Vec::new();
+            for row in rows {
+                text.extend_from_slice(row.as_bytes());
+                text.push(b'\n');
+            }
+            dumps.push((table, text));
+        }
+        let _ = conn.close().await;
+        dumps
+    })
+}
+
+// ---------------------------------------------------------------------------
+// A throwaway PostgreSQL cluster
+// ---------------------------------------------------------------------------
+
+/// Directory of `initdb` and `pg_ctl`: `$CARDVAULT_TEST_PG_BIN`, else the
+/// newest `/usr/lib/postgresql/<version>/bin` that has them.
+pub fn pg_bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARDVAULT_TEST_PG_BIN").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let root = Path::new("/usr/lib/postgresql");
+    let mut found: Vec<(Vec<u32>, PathBuf)> = fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version: Vec<u32> = entry
+                .file_name()
+                .to_string_lossy()
+                .split('.')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            let bin = entry.path().join("bin");
+            (bin.join("initdb").is_file() && bin.join("pg_ctl").is_file()).then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    match found.pop() {
+        Some((_, bin)) => bin,
+        None => panic!(
+            "no PostgreSQL server binaries (initdb, pg_ctl) under {}/*/bin; \
+             install the PostgreSQL server or set CARDVAULT_TEST_PG_BIN",
+            root.display()
+        ),
+    }
+}
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("cannot find a free port")
+}
+
+/// A PostgreSQL cluster of its own (initdb in a temporary directory, trust
+/// authentication, superuser `postgres`, 127.0.0.1 on a free port), for tests
+/// that stop and start the database under the service. Stopped (immediate)
+/// and removed on drop, also when the test panics.
+#[derive(Debug)]
+pub struct PgCluster {
+    bin: PathBuf,
+    port: u16,
+    /// Declared last: removed after the server is stopped.
+    dir: tempfile::TempDir,
+}
+
+impl PgCluster {
+    /// initdb and start. initdb refuses to run as root: as root the commands
+    /// run as the `postgres` OS user (`runuser`), in a directory it owns.
+    pub fn start() -> PgCluster {
+        let bin = pg_bin_dir();
+        let dir = tempfile::Builder::new()
+            .prefix("cardvault-e2e-pg-")
+            .tempdir()
+            .expect("cannot create a temporary directory for PostgreSQL");
+        fs::create_dir(dir.path().join("sock")).unwrap();
+        if running_as_root() {
+            let out = Command::new("chown")
+                .arg("-R")
+                .arg("postgres:")
+                .arg(dir.path())
+                .output()
+                .expect("cannot run chown");
+            assert!(
+                out.status.success(),
+                "chown -R postgres: {} failed (is there a `postgres` OS user?): {}",
+                dir.path().display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let cluster = PgCluster {
+            bin,
+            port: free_port(),
+            dir,
+        };
+        let data = cluster.data_dir();
+        let data = data.to_str().unwrap();
+        cluster.pg_command(
+            "initdb",
+            &[
+                "-D",
+                data,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+        );
+        cluster.start_again();
+        cluster
+    }
+
+    fn pg_command(&self, tool: &str, args: &[&str]) -> String {
+        let program = self.bin.join(tool);
+        let mut cmd = if running_as_root() {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(&program);
+            cmd
+        } else {
+            Command::new(&program)
+        };
+        // The cluster directory is not readable by others: run from it.
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        let what: Vec<&str> = std::iter::once(tool).chain(args.iter().copied()).collect();
+        let out = wait_with_timeout(cmd, Duration::from_secs(120), &what);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "{what:?} failed ({}):\n{text}\n--- server log ---\n{}",
+            out.status,
+            self.log()
+        );
+        text
+    }
+
+    /// The cluster's data directory (PGDATA).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    /// The server log so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Superuser URL of its `postgres` database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// `pg_ctl start` (waits until it accepts connections), same port.
+    pub fn start_again(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1",
+            self.port,
+            self.dir.path().join("sock").display()
+        );
+        self.pg_command(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data_dir().to_str().unwrap(),
+                "-l",
+                self.log_path().to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                &options,
+                "start",
+            ],
+        );
+    }
+
+    /// `pg_ctl stop -m immediate`: every server process quits at once, no
+    /// checkpoint, crash recovery at the next start (a database crash, as
+    /// far as its clients can tell).
+    pub fn stop_immediate(&self) {
+        self.stop("immediate");
+    }
+
+    /// `pg_ctl stop -m fast`: a clean shutdown with a checkpoint.
+    pub fn stop_fast(&self) {
+        self.stop("fast");
+    }
+
+    fn stop(&self, mode: &str) {
+        self.pg_command(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data_dir().to_str().unwrap(),
+                "-m",
+                mode,
+                "-w",
+                "-t",
+                "60",
+                "stop",
+            ],
+        );
+    }
+
+    fn is_up(&self) -> bool {
+        self.data_dir().join("postmaster.pid").exists()
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        if !self.is_up() {
+            return;
+        }
+        // No panics in drop: try, and say so if it did not work.
+        let program = self.bin.join("pg_ctl");
+        let mut cmd = if running_as_root() {
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", "postgres", "--"]).arg(&program);
+            cmd
+        } else {
+            Command::new(&program)
+        };
+        let result = cmd
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-m", "immediate", "-w", "-t", "30", "stop"])
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !matches!(&result, Ok(s) if s.success()) {
+            eprintln!(
+                "e2e: could not stop the throwaway PostgreSQL cluster in {} ({result:?})",
+                self.dir.path().display()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The service
 // ---------------------------------------------------------------------------
 
@@ -292,6 +828,10 @@ pub struct Options {
     pub listen: String,
     /// Extra arguments for `serve`.
     pub extra_args: Vec<String>,
+    /// `--database-url` for `serve` and every CLI call. `None`: chosen by
+    /// the backend of the run (a fresh PostgreSQL database per service with
+    /// `postgres`, the binary's SQLite default otherwise).
+    pub database_url: Option<String>,
 }
 
 impl Default for Options {
@@ -302,6 +842,7 @@ impl Default for Options {
             log_level: "trace".to_string(),
             listen: "127.0.0.1:0".to_string(),
             extra_args: Vec::new(),
+            database_url: None,
         }
     }
 }
@@ -323,6 +864,10 @@ impl Options {
         args.push(self.log_level.clone().into());
         if self.dev {
             args.push("--dev".into());
+        }
+        if let Some(url) = &self.database_url {
+            args.push("--database-url".into());
+            args.push(url.into());
         }
         args.extend(self.extra_args.iter().map(OsString::from));
         args
@@ -464,13 +1009,16 @@ pub fn temp_data_dir() -> tempfile::TempDir {
     dir
 }
 
-/// A running `tokenizer serve` on its own data directory.
+/// A running `tokenizer serve` on its own data directory (and, on the
+/// postgres backend, its own database).
 pub struct Service {
     data_dir: DataDir,
     opts: Options,
     captured: Captured,
     running: Option<Running>,
     addr: String,
+    /// Declared last: dropped after the process is gone.
+    db: Option<PgDatabase>,
 }
 
 impl fmt::Debug for Service {
@@ -479,6 +1027,11 @@ impl fmt::Debug for Service {
             .field("data_dir", &self.data_dir.path())
             .field("addr", &self.addr)
             .field("running", &self.running.is_some())
+            .field(
+                "database",
+                &self.opts.database_url.as_deref().map(redact_url),
+            )
+            .field("owned_database", &self.db.as_ref().map(PgDatabase::name))
             .finish()
     }
 }
@@ -498,10 +1051,23 @@ impl Service {
         Service::start_in(DataDir::Path(dir.to_path_buf()), opts)
     }
 
-    fn start_in(data_dir: DataDir, opts: Options) -> Service {
+    fn start_in(data_dir: DataDir, mut opts: Options) -> Service {
         let captured = Captured::default();
+        let db = match (&opts.database_url, backend()) {
+            (None, Backend::Postgres) => {
+                let db = PgDatabase::create();
+                opts.database_url = Some(db.url().to_string());
+                Some(db)
+            }
+            _ => None,
+        };
         if opts.generate_kek && !opts.dev && !data_dir.path().join("kek.key").exists() {
-            let out = run_cli(data_dir.path(), &["kek", "generate"], &captured);
+            let out = run_cli_on(
+                data_dir.path(),
+                opts.database_url.as_deref(),
+                &["kek", "generate"],
+                &captured,
+            );
             assert!(
                 out.success(),
                 "`tokenizer kek generate` failed\n{}",
@@ -514,6 +1080,7 @@ impl Service {
             captured,
             running: None,
             addr: String::new(),
+            db,
         };
         service.spawn();
         service
@@ -544,6 +1111,89 @@ impl Service {
 
     pub fn data_dir(&self) -> &Path {
         self.data_dir.path()
+    }
+
+    /// How this service is started (with its `--database-url` on postgres):
+    /// what a test needs to start another process on the same data.
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// Where this service keeps its data.
+    pub fn backend(&self) -> Backend {
+        self.opts
+            .database_url
+            .as_deref()
+            .map_or(Backend::Sqlite, Backend::of_url)
+    }
+
+    /// The database URL the service uses (its SQLite default spelled out).
+    pub fn database_url(&self) -> String {
+        match &self.opts.database_url {
+            Some(url) => url.clone(),
+            None => format!(
+                "sqlite://{}",
+                self.data_dir().join("cardvault.db").display()
+            ),
+        }
+    }
+
+    /// Runs SQL (one or more statements) on the service's database from
+    /// outside the process, whichever the backend: for tests that break
+    /// the database under a running service on purpose.
+    pub fn sql(&self, sql: &str) {
+        match self.backend() {
+            Backend::Postgres => pg_execute(&self.database_url(), sql),
+            Backend::Sqlite => block_on(async {
+                use sqlx::Connection as _;
+                let mut conn = self.sqlite_connect().await;
+                sqlx::raw_sql(sql)
+                    .execute(&mut conn)
+                    .await
+                    .unwrap_or_else(|e| panic!("SQL on the SQLite database failed: {e}\n{sql}"));
+                let _ = conn.close().await;
+            }),
+        }
+    }
+
+    /// The single integer a query returns (`SELECT COUNT(*) FROM cards`).
+    pub fn sql_i64(&self, query: &str) -> i64 {
+        block_on(async {
+            use sqlx::Connection as _;
+            match self.backend() {
+                Backend::Postgres => {
+                    let mut conn = pg_connect(&self.database_url())
+                        .await
+                        .unwrap_or_else(|e| pg_unavailable(&e));
+                    let n = sqlx::query_scalar::<_, i64>(query)
+                        .fetch_one(&mut conn)
+                        .await
+                        .unwrap_or_else(|e| panic!("{query}: {e}"));
+                    let _ = conn.close().await;
+                    n
+                }
+                Backend::Sqlite => {
+                    let mut conn = self.sqlite_connect().await;
+                    let n = sqlx::query_scalar::<_, i64>(query)
+                        .fetch_one(&mut conn)
+                        .await
+                        .unwrap_or_else(|e| panic!("{query}: {e}"));
+                    let _ = conn.close().await;
+                    n
+                }
+            }
+        })
+    }
+
+    async fn sqlite_connect(&self) -> sqlx::SqliteConnection {
+        use sqlx::ConnectOptions as _;
+        let path = self.data_dir().join("cardvault.db");
+        sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .busy_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()))
     }
 
     pub fn captured(&self) -> &Captured {
@@ -581,9 +1231,15 @@ impl Service {
         self.spawn();
     }
 
-    /// Runs a CLI subcommand on this data directory (output captured too).
+    /// Runs a CLI subcommand on this data directory and database (output
+    /// captured too).
     pub fn cli(&self, args: &[&str]) -> CliOutput {
-        run_cli(self.data_dir(), args, &self.captured)
+        run_cli_on(
+            self.data_dir(),
+            self.opts.database_url.as_deref(),
+            args,
+            &self.captured,
+        )
     }
 
     /// `principal create`; returns the whole JSON line.
@@ -664,9 +1320,15 @@ impl Service {
         Client::new(&self.addr, Some(value.to_string()))
     }
 
-    /// Searches the data directory and everything the binary printed.
+    /// Searches the data directory, everything the binary printed, and on
+    /// PostgreSQL the content of every table (as text).
     pub fn scan_for_leaks<S: AsRef<str>>(&self, pans: &[S]) -> Vec<Finding> {
         let mut findings = scan_dir(self.data_dir(), pans);
+        if self.backend() == Backend::Postgres {
+            for (table, text) in pg_dump_tables(&self.database_url()) {
+                findings.extend(scan_bytes(&format!("table {table}"), &text, pans));
+            }
+        }
         findings.extend(scan_bytes(
             "captured stdout",
             &self.captured.stdout_bytes(),
@@ -692,8 +1354,9 @@ impl Drop for Service {
             let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains(" TRACE ")).collect();
             let tail = &lines[lines.len().saturating_sub(40)..];
             eprintln!(
-                "--- last {} non-TRACE lines of tokenizer stderr (full log: {saved}) ---\n{}",
+                "--- last {} non-TRACE lines of tokenizer stderr ({} backend; full log: {saved}) ---\n{}",
                 tail.len(),
+                self.backend().name(),
                 tail.join("\n")
             );
         }
@@ -716,10 +1379,22 @@ fn save_failure_log(data_dir: &Path, stderr: &str) -> String {
 }
 
 /// Starts `serve` expecting it to refuse: returns its exit status and
-/// stderr. Panics (after killing it) if it starts listening instead.
+/// stderr. Panics (after killing it) if it starts listening instead. On the
+/// postgres backend, options without a database get a fresh one for the
+/// attempt (to refuse a restart on a service's data, pass its
+/// [`Service::options`]).
 pub fn expect_refused_start(data_dir: &Path, opts: &Options) -> (ExitStatus, String) {
     let captured = Captured::default();
-    let (launch, running) = launch(data_dir, opts, &captured);
+    let mut opts = opts.clone();
+    let _db = match (&opts.database_url, backend()) {
+        (None, Backend::Postgres) => {
+            let db = PgDatabase::create();
+            opts.database_url = Some(db.url().to_string());
+            Some(db)
+        }
+        _ => None,
+    };
+    let (launch, running) = launch(data_dir, &opts, &captured);
     match launch {
         Launch::Exited { status, stderr } => (status, stderr),
         Launch::Started { addr } => {
@@ -873,6 +1548,47 @@ impl Client {
         finish(method, path, req.send_bytes(body))
     }
 
+    /// [`Client::send_raw`] that reports a transport failure (connection
+    /// refused or reset, timeout) instead of panicking.
+    pub fn try_send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+    ) -> Result<Resp, String> {
+        let mut req = self.request(method, path);
+        if let Some(ct) = content_type {
+            req = req.set("Content-Type", ct);
+        }
+        try_finish(method, path, req.send_bytes(body))
+    }
+
+    /// [`Client::send`] that reports a transport failure instead of panicking.
+    pub fn try_send(&self, method: &str, path: &str) -> Result<Resp, String> {
+        try_finish(method, path, self.request(method, path).call())
+    }
+
+    /// [`Client::tokenize`] that reports a transport failure instead of
+    /// panicking.
+    pub fn try_tokenize(
+        &self,
+        tenant: &str,
+        pan: &str,
+        exp_month: i64,
+        exp_year: i64,
+    ) -> Result<Resp, String> {
+        let body = serde_json::json!({
+            "tenant": tenant, "pan": pan, "exp_month": exp_month, "exp_year": exp_year,
+        });
+        self.try_send_raw(
+            "POST",
+            "/v1/tokens",
+            Some("application/json"),
+            body.to_string().as_bytes(),
+        )
+    }
+
     /// POST a JSON value with `Content-Type: application/json`.
     pub fn post_json(&self, path: &str, body: &Value) -> Resp {
         self.post_raw(path, body.to_string().as_bytes())
@@ -963,18 +1679,28 @@ impl Client {
 }
 
 fn finish(method: &str, path: &str, result: Result<ureq::Response, ureq::Error>) -> Resp {
+    try_finish(method, path, result).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn try_finish(
+    method: &str,
+    path: &str,
+    result: Result<ureq::Response, ureq::Error>,
+) -> Result<Resp, String> {
     let resp = match result {
         Ok(resp) => resp,
         Err(ureq::Error::Status(_, resp)) => resp,
-        Err(ureq::Error::Transport(err)) => panic!("{method} {path}: transport error: {err}"),
+        Err(ureq::Error::Transport(err)) => {
+            return Err(format!("{method} {path}: transport error: {err}"))
+        }
     };
     let status = resp.status();
     let request_id = resp.header("x-request-id").map(str::to_string);
     let content_type = resp.header("content-type").map(str::to_string);
     let text = resp
         .into_string()
-        .unwrap_or_else(|e| panic!("{method} {path}: cannot read the body: {e}"));
-    Resp::from_parts(status, request_id, content_type, text)
+        .map_err(|e| format!("{method} {path}: cannot read the body: {e}"))?;
+    Ok(Resp::from_parts(status, request_id, content_type, text))
 }
 
 fn raw_exchange(
@@ -1319,17 +2045,27 @@ pub fn scan_bytes<S: AsRef<str>>(location: &str, bytes: &[u8], pans: &[S]) -> Ve
         }
     }
 
-    // 64-bit integers.
+    // 64-bit integers. A table of the two middle bytes of every wanted
+    // encoding (mid-significance bits: rarely zero, and never both zero for
+    // most numbers) rules out almost every window before any hashing; this
+    // runs unoptimised in debug builds over megabytes of database files.
     let mut wanted_be: HashSet<[u8; 8]> = HashSet::new();
     let mut wanted_le: HashSet<[u8; 8]> = HashSet::new();
+    let mut middle = vec![false; 1 << 16];
     for pan in &pans {
         if let Ok(n) = pan.parse::<u64>() {
+            for encoded in [n.to_be_bytes(), n.to_le_bytes()] {
+                middle[usize::from(encoded[3]) << 8 | usize::from(encoded[4])] = true;
+            }
             wanted_be.insert(n.to_be_bytes());
             wanted_le.insert(n.to_le_bytes());
         }
     }
-    for (offset, window) in bytes.windows(8).enumerate() {
-        let w: [u8; 8] = window.try_into().unwrap();
+    for offset in 0..bytes.len().saturating_sub(7) {
+        if !middle[usize::from(bytes[offset + 3]) << 8 | usize::from(bytes[offset + 4])] {
+            continue;
+        }
+        let w: [u8; 8] = bytes[offset..offset + 8].try_into().unwrap();
         for (set, encoding) in [
             (&wanted_be, Encoding::U64BigEndian),
             (&wanted_le, Encoding::U64LittleEndian),
@@ -1375,6 +2111,16 @@ fn digit_runs(bytes: &[u8], start: usize, step: usize) -> Vec<(usize, String)> {
         }
     };
     while i < bytes.len() {
+        if digits.is_empty() {
+            // Outside a run only a digit matters: skip to the next one
+            // without the bookkeeping (this runs over megabytes unoptimised).
+            while i < bytes.len() && !bytes[i].is_ascii_digit() {
+                i += step;
+            }
+            if i >= bytes.len() {
+                break;
+            }
+        }
         match unit(i) {
             Some(b) if b.is_ascii_digit() => {
                 if digits.is_empty() {
@@ -1519,6 +2265,46 @@ mod tests {
         assert!(scan_bytes("t", text.as_bytes(), &[PAN]).is_empty());
         assert!(scan_bytes("t", &utf16le(text), &[PAN]).is_empty());
         assert!(scan_bytes("t", b"", &[PAN]).is_empty());
+    }
+
+    #[test]
+    fn database_urls() {
+        assert_eq!(
+            with_database("postgres://postgres@127.0.0.1:5432/postgres", "cv_e2e_1"),
+            "postgres://postgres@127.0.0.1:5432/cv_e2e_1"
+        );
+        assert_eq!(
+            with_database("postgres://u:p@db:5433/admin?sslmode=disable", "x"),
+            "postgres://u:p@db:5433/x?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://db", "x"), "postgres://db/x");
+        assert_eq!(
+            with_database("postgres://db?a=b", "x"),
+            "postgres://db/x?a=b"
+        );
+        assert_eq!(
+            redact_url("postgres://u:secret@db:5432/x?a=b"),
+            "postgres://u:***@db:5432/x?a=b"
+        );
+        assert_eq!(redact_url(DEFAULT_PG_URL), DEFAULT_PG_URL);
+        assert_eq!(Backend::of_url("postgres://db/x"), Backend::Postgres);
+        assert_eq!(Backend::of_url("postgresql://db/x"), Backend::Postgres);
+        assert_eq!(Backend::of_url("sqlite:///tmp/x.db"), Backend::Sqlite);
+    }
+
+    #[test]
+    fn scanner_prefilter_keeps_every_number() {
+        // Numbers at every alignment, among zeros and noise.
+        let pans: Vec<String> = (0..50).map(|_| fresh_pan()).collect();
+        for (i, pan) in pans.iter().enumerate() {
+            let n: u64 = pan.parse().unwrap();
+            let mut bytes = vec![0u8; i % 9];
+            bytes.extend(n.to_le_bytes());
+            bytes.extend([0xff; 3]);
+            bytes.extend(n.to_be_bytes());
+            let found = scan_bytes("t", &bytes, &pans);
+            assert_eq!(found.len(), 2, "{found:?}");
+        }
     }
 
     #[test]

@@ -2,6 +2,11 @@
 //! server on a fresh data directory and talks to it over HTTP.
 //!
 //! Build the binary first: `cargo build -p tokenizer-api --bin tokenizer`.
+//!
+//! Every test runs on the backend chosen by `CARDVAULT_TEST_BACKEND`
+//! (`sqlite`, the default, or `postgres`: a fresh database per service on the
+//! server of `CARDVAULT_TEST_PG_URL`). `multi_instance` and `outage` test
+//! properties only PostgreSQL has and always use it.
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 // One test binary; its modules live in `e2e/`.
@@ -20,6 +25,10 @@ mod failclosed;
 mod leaks;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
+#[path = "e2e/multi_instance.rs"]
+mod multi_instance;
+#[path = "e2e/outage.rs"]
+mod outage;
 #[path = "e2e/roles.rs"]
 mod roles;
 #[path = "e2e/roundtrip.rs"]
@@ -29,6 +38,14 @@ mod tenants;
 
 use e2e::{current_year_month, Client, Resp, Service};
 use serde_json::{json, Value};
+
+/// Writes one line to the process's stderr, bypassing the test harness's
+/// output capture (which only catches `eprintln!`): for the figures a test
+/// reports (outage, multi-instance), visible in a plain `cargo test` run.
+pub fn report(line: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
 
 /// The tenant most tests use.
 pub const TENANT: &str = "shop-42";

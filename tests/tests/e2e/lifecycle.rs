@@ -52,6 +52,11 @@ fn delete_makes_a_token_unknown() {
     expect_status(&client.detokenize(&keep, REASON), 200);
 }
 
+/// SIGKILL of the service right after acknowledged writes, then a restart:
+/// everything acknowledged is there. On SQLite this is the database file's
+/// own crash safety (WAL, `synchronous=FULL`); on PostgreSQL it is that an
+/// acknowledgement follows the commit and nothing lives only in the process
+/// (the database itself crashing is `outage.rs`).
 #[test]
 fn acknowledged_tokens_survive_sigkill() {
     let mut svc = Service::start();
@@ -195,7 +200,8 @@ fn restart_refused_when_the_kek_disappears() {
     let kek = kek_path(svc.data_dir());
     let saved = fs::read(&kek).unwrap();
     fs::remove_file(&kek).unwrap();
-    let (status, _) = expect_refused_start(svc.data_dir(), &Options::default());
+    // The same data (and, on postgres, the same database) as the service.
+    let (status, _) = expect_refused_start(svc.data_dir(), svc.options());
     assert!(!status.success());
     fs::write(&kek, saved).unwrap();
     fs::set_permissions(&kek, fs::Permissions::from_mode(0o600)).unwrap();

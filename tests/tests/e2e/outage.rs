@@ -1,0 +1,404 @@
+//! Losing the database: a PostgreSQL cluster of the test's own is stopped
+//! hard (`pg_ctl stop -m immediate`, a crash as far as clients can tell)
+//! under a write workload, then started again. The service must fail fast
+//! with 503 `storage_unavailable`, stay alive, report not ready, recover by
+//! itself, and have lost nothing it acknowledged.
+//!
+//! Always on PostgreSQL (a throwaway cluster: initdb in a temporary
+//! directory), whatever `CARDVAULT_TEST_BACKEND` says.
+
+use std::fs;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use e2e::{assert_no_leaks, fresh_pan, scan_bytes, scan_dir, Client, Options, PgCluster, Service};
+
+use crate::{exp_year, expect_error, expect_status, REASON, TENANT};
+
+/// `db_timeout_ms` of the service under test.
+const DB_TIMEOUT_MS: u64 = 1000;
+/// Every request must come back within this while the database is down (a
+/// bound on behaviour, not a performance target).
+const FAIL_FAST_BOUND: Duration = Duration::from_secs(10);
+/// How long the database stays down.
+const OUTAGE: Duration = Duration::from_secs(4);
+/// `/readyz` must turn 503 within this once the database is gone, and 200
+/// within [`RECOVERY_BOUND`] once it is back.
+const READY_DOWN_BOUND: Duration = Duration::from_secs(10);
+const RECOVERY_BOUND: Duration = Duration::from_secs(30);
+const WORKERS: usize = 4;
+
+/// One tokenize request of the workload.
+#[derive(Debug, Clone)]
+struct Sample {
+    pan: String,
+    started: Instant,
+    elapsed: Duration,
+    outcome: Outcome,
+}
+
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// 201 or 200: acknowledged, with its token.
+    Acknowledged(String),
+    /// 503 `storage_unavailable`.
+    Unavailable,
+    /// Anything else (another status or code, a transport error).
+    Other(String),
+}
+
+/// Sets the stop flag when dropped: workers never outlive a failing test.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+fn worker(client: Client, stop: Arc<AtomicBool>, samples: Arc<Mutex<Vec<Sample>>>) {
+    let year = exp_year();
+    while !stop.load(Ordering::SeqCst) {
+        let pan = fresh_pan();
+        let started = Instant::now();
+        let result = client.try_tokenize(TENANT, &pan, 8, year);
+        let elapsed = started.elapsed();
+        let outcome = match &result {
+            Ok(r) if (r.status == 201 || r.status == 200) && r.json["token"].is_string() => {
+                Outcome::Acknowledged(r.str("token"))
+            }
+            Ok(r) if r.status == 503 && r.error_code() == Some("storage_unavailable") => {
+                Outcome::Unavailable
+            }
+            Ok(r) => Outcome::Other(r.to_string()),
+            Err(e) => Outcome::Other(e.clone()),
+        };
+        let failed = !matches!(outcome, Outcome::Acknowledged(_));
+        samples.lock().unwrap().push(Sample {
+            pan,
+            started,
+            elapsed,
+            outcome,
+        });
+        if failed {
+            // Keep asking while the database is down, without spinning.
+            thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+/// Polls `path` until it answers `status`; returns how long that took.
+fn wait_for_status(client: &Client, path: &str, status: u16, bound: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let resp = client.try_send("GET", path);
+        if matches!(&resp, Ok(r) if r.status == status) {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < bound,
+            "GET {path} did not answer {status} within {bound:?}; last answer: {resp:?}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+#[test]
+fn database_crash_fails_fast_recovers_and_loses_nothing() {
+    let cluster = PgCluster::start();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("tokenizer.toml");
+    fs::write(&config, format!("db_timeout_ms = {DB_TIMEOUT_MS}\n")).unwrap();
+    let mut svc = Service::start_with(Options {
+        database_url: Some(cluster.url()),
+        extra_args: vec!["--config".into(), config.display().to_string()],
+        log_level: "debug".into(),
+        ..Options::default()
+    });
+    let key = svc.create_principal("writer", &["tokenize", "detokenize"], &["*"]);
+    let client = svc.client(&key);
+    let probe = svc.anonymous();
+    expect_status(&probe.get("/readyz"), 200);
+
+    // The workload: 4 threads tokenizing fresh cards until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_guard = StopOnDrop(Arc::clone(&stop));
+    let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (client, stop, samples) = (client.clone(), Arc::clone(&stop), Arc::clone(&samples));
+            thread::spawn(move || worker(client, stop, samples))
+        })
+        .collect();
+    let acknowledged_so_far = || {
+        samples
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| matches!(s.outcome, Outcome::Acknowledged(_)))
+            .count()
+    };
+    let warm_up = Instant::now();
+    while acknowledged_so_far() < 20 {
+        assert!(
+            warm_up.elapsed() < Duration::from_secs(30),
+            "the workload got no 2xx before the outage: {:?}",
+            samples.lock().unwrap().last()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_millis(500));
+
+    // The database crashes.
+    let down_at = Instant::now();
+    cluster.stop_immediate();
+    let down_done = Instant::now();
+    let ready_down = wait_for_status(&probe, "/readyz", 503, READY_DOWN_BOUND);
+    expect_status(&probe.get("/healthz"), 200);
+    assert!(svc.is_running(), "the service died with its database");
+    // Reads fail fast as well, and closed.
+    let (known_pan, known_token) = samples
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|s| match &s.outcome {
+            Outcome::Acknowledged(token) => Some((s.pan.clone(), token.clone())),
+            _ => None,
+        })
+        .unwrap();
+    let read_started = Instant::now();
+    let read = client.detokenize(&known_token, REASON);
+    let read_took = read_started.elapsed();
+    expect_error(&read, 503, "storage_unavailable", &[&known_pan]);
+    assert!(
+        read_took < FAIL_FAST_BOUND,
+        "detokenize took {read_took:?} with the database down"
+    );
+    thread::sleep(OUTAGE.saturating_sub(down_done.elapsed()));
+    let ready = probe.get("/readyz");
+    assert_eq!(
+        ready.status, 503,
+        "/readyz while the database is down: {ready}"
+    );
+    expect_status(&probe.get("/healthz"), 200);
+    assert!(svc.is_running(), "the service died with its database");
+
+    // The database comes back (crash recovery, same port).
+    let up_begin = Instant::now();
+    cluster.start_again();
+    let up_at = Instant::now();
+    // recovery: from the database accepting connections again to /readyz 200.
+    let recovery = wait_for_status(&probe, "/readyz", 200, RECOVERY_BOUND);
+    let first_write = loop {
+        let first = samples
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.started >= up_at && matches!(s.outcome, Outcome::Acknowledged(_)))
+            .map(|s| s.started + s.elapsed - up_at)
+            .min();
+        if let Some(first) = first {
+            break first;
+        }
+        assert!(
+            up_at.elapsed() < RECOVERY_BOUND,
+            "no write succeeded within {RECOVERY_BOUND:?} of the database's return"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.join().expect("a workload thread panicked");
+    }
+    assert!(svc.is_running(), "the service exited");
+
+    // What the workload saw.
+    let samples = samples.lock().unwrap().clone();
+    let acked: Vec<(&str, &str, Instant)> = samples
+        .iter()
+        .filter_map(|s| match &s.outcome {
+            Outcome::Acknowledged(token) => Some((s.pan.as_str(), token.as_str(), s.started)),
+            _ => None,
+        })
+        .collect();
+    let failed_503 = samples
+        .iter()
+        .filter(|s| matches!(s.outcome, Outcome::Unavailable))
+        .count();
+    let others: Vec<String> = samples
+        .iter()
+        .filter_map(|s| match &s.outcome {
+            Outcome::Other(what) => Some(format!("after {:?}: {what}", s.elapsed)),
+            _ => None,
+        })
+        .collect();
+    let slowest_failure = samples
+        .iter()
+        .filter(|s| !matches!(s.outcome, Outcome::Acknowledged(_)))
+        .map(|s| s.elapsed)
+        .max()
+        .unwrap_or_default();
+    // Requests sent while the database was certainly down.
+    let during: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.started >= down_done && s.started + s.elapsed <= up_begin)
+        .collect();
+    // Acknowledged writes by when they were sent: before the crash, in
+    // flight when it happened, while `pg_ctl start` was bringing the
+    // database back (it accepts connections before pg_ctl says so), after.
+    let before = acked.iter().filter(|a| a.2 < down_at).count();
+    let at_crash = acked
+        .iter()
+        .filter(|a| a.2 >= down_at && a.2 < up_begin)
+        .count();
+    let at_restart = acked
+        .iter()
+        .filter(|a| a.2 >= up_begin && a.2 < up_at)
+        .count();
+    let after = acked.iter().filter(|a| a.2 >= up_at).count();
+
+    // Every acknowledged card is stored with its audit event (same
+    // transaction): checked in the database before any detokenize adds
+    // events of its own.
+    let tokens: Vec<String> = acked.iter().map(|a| format!("'{}'", a.1)).collect();
+    let audited = svc.sql_i64(&format!(
+        "SELECT COUNT(DISTINCT token) FROM audit_events \
+         WHERE action = 'tokenize' AND token IN ({})",
+        tokens.join(",")
+    ));
+    let stored = svc.sql_i64(&format!(
+        "SELECT COUNT(*) FROM cards WHERE token IN ({})",
+        tokens.join(",")
+    ));
+
+    // And every acknowledged token gives its card back.
+    let mut lost = Vec::new();
+    for (i, (pan, token, _)) in acked.iter().enumerate() {
+        let clear = client.detokenize(token, REASON);
+        if clear.status != 200 || clear.json["pan"] != *pan {
+            lost.push(format!("{token}: {}", clear.status));
+        } else if i % 5 == 0 {
+            // Idempotency survived the crash too.
+            let again = client.tokenize(TENANT, pan, 8, exp_year());
+            expect_status(&again, 200);
+            assert_eq!(again.json["token"], *token, "{again}");
+        }
+    }
+
+    crate::report(&format!(
+        "outage: acknowledged={} failed_503={failed_503} other={} lost={} recovery_ms={} \
+         | acknowledged before_crash={before} in_flight_at_crash={at_crash} \
+         during_pg_start={at_restart} after_restart={after} \
+         | slowest_failure_ms={} readyz_503_after_ms={} db_down_ms={} pg_ctl_start_ms={} \
+         first_write_after_restart_ms={} | db_timeout_ms={DB_TIMEOUT_MS} writers={WORKERS}",
+        acked.len(),
+        others.len(),
+        lost.len(),
+        ms(recovery),
+        ms(slowest_failure),
+        ms(ready_down),
+        ms(up_at - down_at),
+        ms(up_at - up_begin),
+        ms(first_write),
+    ));
+
+    assert!(
+        before > 0 && after > 0,
+        "writes before and after the outage"
+    );
+    assert!(
+        !during.is_empty() && failed_503 > 0,
+        "no request was made while the database was down"
+    );
+    for s in &during {
+        assert!(
+            matches!(s.outcome, Outcome::Unavailable),
+            "while the database was down, a request got {:?} after {:?}",
+            s.outcome,
+            s.elapsed
+        );
+    }
+    assert!(
+        slowest_failure < FAIL_FAST_BOUND,
+        "a failing request took {slowest_failure:?} (bound {FAIL_FAST_BOUND:?})"
+    );
+    assert!(
+        samples.iter().all(|s| s.elapsed < FAIL_FAST_BOUND),
+        "a request took longer than {FAIL_FAST_BOUND:?}"
+    );
+    assert!(
+        others.is_empty(),
+        "{} responses were neither 2xx nor 503 storage_unavailable:\n{}",
+        others.len(),
+        others.join("\n")
+    );
+    assert_eq!(stored, acked.len() as i64, "acknowledged cards not stored");
+    assert_eq!(
+        audited,
+        acked.len() as i64,
+        "acknowledged cards not audited"
+    );
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged token(s) lost:\n{}",
+        lost.len(),
+        lost.join("\n")
+    );
+
+    // No card number in the cluster's files (heap, indexes, WAL, server
+    // log) after a clean shutdown, nor in what the service printed.
+    // The database's own directory: the template databases are never
+    // written to.
+    let db_oid =
+        svc.sql_i64("SELECT oid::bigint FROM pg_database WHERE datname = current_database()");
+    // Positive control: a number planted in clear in a table must be found
+    // in the WAL and in the table's heap file.
+    let canary = fresh_pan();
+    svc.sql(&format!(
+        "CREATE TABLE e2e_canary (note TEXT); INSERT INTO e2e_canary VALUES ('canary {canary}')"
+    ));
+    svc.kill();
+    cluster.stop_fast();
+    let mut pans: Vec<&str> = samples.iter().map(|s| s.pan.as_str()).collect();
+    pans.push(&canary);
+    let scan_started = Instant::now();
+    let mut findings = scan_dir(&cluster.data_dir().join("pg_wal"), &pans);
+    findings.extend(scan_dir(
+        &cluster.data_dir().join("base").join(db_oid.to_string()),
+        &pans,
+    ));
+    findings.extend(scan_dir(&cluster.data_dir().join("global"), &pans));
+    findings.extend(scan_bytes("server log", cluster.log().as_bytes(), &pans));
+    findings.extend(scan_dir(svc.data_dir(), &pans));
+    let captured = svc.captured();
+    findings.extend(scan_bytes(
+        "captured stdout",
+        &captured.stdout_bytes(),
+        &pans,
+    ));
+    findings.extend(scan_bytes(
+        "captured stderr",
+        &captured.stderr_bytes(),
+        &pans,
+    ));
+    let (planted, leaks): (Vec<_>, Vec<_>) = findings.into_iter().partition(|f| f.pan == canary);
+    assert!(
+        planted.iter().any(|f| f.location.contains("pg_wal"))
+            && planted.iter().any(|f| f.location.contains("/base/")),
+        "the scan of the cluster's files missed a planted number: {planted:?}"
+    );
+    assert_no_leaks(&leaks);
+    crate::report(&format!(
+        "outage: no card number in the cluster's files (WAL, heap, indexes, log) \
+         nor the service's output: {} numbers, scanned in {} ms",
+        pans.len() - 1,
+        ms(scan_started.elapsed())
+    ));
+}
