@@ -19,6 +19,8 @@
 --                                    in place
 --                      audit_events  SELECT, INSERT -- no UPDATE, DELETE or
 --                                    TRUNCATE
+--                      audit_head    SELECT, UPDATE (the chain head row)
+--                      audit_checkpoints, audit_signing_keys  SELECT, INSERT
 --                    plus CONNECT on the database and USAGE on the schema.
 --                    No sequence privilege: `audit_events.seq` is an identity
 --                    column, whose sequence INSERT advances without one.
@@ -189,6 +191,10 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE cards TO :"app_role";
 GRANT SELECT, INSERT ON TABLE vault_keys TO :"app_role";
 GRANT SELECT, INSERT, UPDATE (revoked_at) ON TABLE principals TO :"app_role";
 GRANT SELECT, INSERT ON TABLE audit_events TO :"app_role";
+-- The chain head: every audit append locks and advances it (UPDATE).
+GRANT SELECT, UPDATE ON TABLE audit_head TO :"app_role";
+GRANT SELECT, INSERT ON TABLE audit_checkpoints TO :"app_role";
+GRANT SELECT, INSERT ON TABLE audit_signing_keys TO :"app_role";
 
 COMMIT;
 

@@ -18,7 +18,7 @@ use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use audit::{Action, AuditEvent, Outcome, StoredEvent};
+use audit::{Action, AuditEvent, Outcome};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use hsm_shim::KeyEncryptionKey;
@@ -26,7 +26,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::keys::label;
-use crate::store::{BackupRecord, CardRow, KeyPurpose, PrincipalRow, Store, StoreError, StoredKey};
+use crate::store::{
+    AuditRow, BackupRecord, CardRow, ChainLink, KeyPurpose, PrincipalRow, SigningKeyRow, Store,
+    StoreError, StoredKey,
+};
 
 const FORMAT: &str = "cardvault-backup";
 const VERSION: u32 = 1;
@@ -63,6 +66,8 @@ pub struct BackupSummary {
     pub principals: u64,
     pub cards: u64,
     pub audit_events: u64,
+    pub audit_checkpoints: u64,
+    pub audit_signing_keys: u64,
 }
 
 impl BackupSummary {
@@ -72,11 +77,18 @@ impl BackupSummary {
             BackupRecord::Principal(_) => self.principals += 1,
             BackupRecord::Card(_) => self.cards += 1,
             BackupRecord::Audit(_) => self.audit_events += 1,
+            BackupRecord::Checkpoint(_) => self.audit_checkpoints += 1,
+            BackupRecord::SigningKey(_) => self.audit_signing_keys += 1,
         }
     }
 
     fn total(&self) -> u64 {
-        self.keys + self.principals + self.cards + self.audit_events
+        self.keys
+            + self.principals
+            + self.cards
+            + self.audit_events
+            + self.audit_checkpoints
+            + self.audit_signing_keys
     }
 }
 
@@ -119,7 +131,22 @@ enum Line {
         ciphertext: String,
         created_at: i64,
     },
-    Audit(StoredEvent),
+    Audit {
+        seq: i64,
+        event: AuditEvent,
+        chain_seq: Option<u64>,
+        leaf_hash: Option<String>,
+        chain_hash: Option<String>,
+    },
+    Checkpoint(audit::Checkpoint),
+    SigningKey {
+        generation: u32,
+        key_id: String,
+        kek_id: String,
+        wrapped: String,
+        public_key: String,
+        created_at: i64,
+    },
     End {
         records: u64,
         sha256: String,
@@ -159,7 +186,22 @@ impl From<BackupRecord> for Line {
                 ciphertext: B64.encode(c.ciphertext),
                 created_at: c.created_at,
             },
-            BackupRecord::Audit(e) => Line::Audit(e),
+            BackupRecord::Audit(a) => Line::Audit {
+                seq: a.seq,
+                event: a.event,
+                chain_seq: a.chain.map(|l| l.chain_seq),
+                leaf_hash: a.chain.map(|l| B64.encode(l.leaf_hash)),
+                chain_hash: a.chain.map(|l| B64.encode(l.chain_hash)),
+            },
+            BackupRecord::Checkpoint(cp) => Line::Checkpoint(cp),
+            BackupRecord::SigningKey(k) => Line::SigningKey {
+                generation: k.generation,
+                key_id: k.key_id,
+                kek_id: k.kek_id,
+                wrapped: B64.encode(k.wrapped),
+                public_key: k.public_key,
+                created_at: k.created_at,
+            },
         }
     }
 }
@@ -314,7 +356,45 @@ fn to_record(line: Line, n: usize) -> Result<Option<BackupRecord>, BackupError> 
             ciphertext: decode_b64(&ciphertext, n)?,
             created_at,
         }),
-        Line::Audit(e) => BackupRecord::Audit(e),
+        Line::Audit {
+            seq,
+            event,
+            chain_seq,
+            leaf_hash,
+            chain_hash,
+        } => {
+            let hash32 = |h: &str| -> Result<[u8; 32], BackupError> {
+                decode_b64(h, n)?
+                    .try_into()
+                    .map_err(|_| corrupt("hash is not 32 bytes"))
+            };
+            let chain = match (chain_seq, leaf_hash, chain_hash) {
+                (Some(chain_seq), Some(l), Some(c)) => Some(ChainLink {
+                    chain_seq,
+                    leaf_hash: hash32(&l)?,
+                    chain_hash: hash32(&c)?,
+                }),
+                (None, None, None) => None,
+                _ => return Err(corrupt("partial chain link")),
+            };
+            BackupRecord::Audit(AuditRow { seq, event, chain })
+        }
+        Line::Checkpoint(cp) => BackupRecord::Checkpoint(cp),
+        Line::SigningKey {
+            generation,
+            key_id,
+            kek_id,
+            wrapped,
+            public_key,
+            created_at,
+        } => BackupRecord::SigningKey(SigningKeyRow {
+            generation,
+            key_id,
+            kek_id,
+            wrapped: decode_b64(&wrapped, n)?,
+            public_key,
+            created_at,
+        }),
         Line::Header { .. } => return Err(corrupt("a second header")),
         Line::End { .. } => return Ok(None),
     }))

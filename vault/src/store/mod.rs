@@ -166,7 +166,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         event: AuditEvent,
     ) -> Result<bool, StoreError>;
 
-    /// Append one audit event on its own; returns its sequence number.
+    /// Append one audit event on its own; returns its place in the chain.
     async fn append_audit(&self, event: AuditEvent) -> Result<i64, StoreError>;
     /// Events with `seq > after`, oldest first, at most `limit`.
     async fn audit_events(&self, after: i64, limit: u32) -> Result<Vec<StoredEvent>, StoreError>;
@@ -183,6 +183,28 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         &self,
         name: &str,
         at: i64,
+        event: AuditEvent,
+    ) -> Result<bool, StoreError>;
+
+    /// Chained audit entries with `chain_seq > after`, in chain order.
+    async fn chained_events(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<audit::ChainedEvent>, StoreError>;
+    /// Every signed checkpoint, smallest tree first.
+    async fn checkpoints(&self) -> Result<Vec<audit::Checkpoint>, StoreError>;
+    /// Sign and store a checkpoint of the chain as it is now, unless the
+    /// newest checkpoint already covers it.
+    async fn write_checkpoint(
+        &self,
+        key: &audit::SigningKey,
+    ) -> Result<Option<audit::Checkpoint>, StoreError>;
+    async fn load_signing_keys(&self) -> Result<Vec<SigningKeyRow>, StoreError>;
+    /// Insert a signing key unless its generation exists; the event only then.
+    async fn insert_signing_key(
+        &self,
+        key: &SigningKeyRow,
         event: AuditEvent,
     ) -> Result<bool, StoreError>;
 
@@ -206,7 +228,38 @@ pub enum BackupRecord {
     Key(StoredKey),
     Card(CardRow),
     Principal(PrincipalRow),
-    Audit(StoredEvent),
+    Audit(AuditRow),
+    Checkpoint(audit::Checkpoint),
+    SigningKey(SigningKeyRow),
+}
+
+/// An audit row as stored: row number, event, and its link in the chain
+/// (absent only for events written before the chain existed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRow {
+    pub seq: i64,
+    pub event: AuditEvent,
+    pub chain: Option<ChainLink>,
+}
+
+/// Where an event sits in the tamper-evident chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainLink {
+    pub chain_seq: u64,
+    pub leaf_hash: [u8; 32],
+    pub chain_hash: [u8; 32],
+}
+
+/// The audit checkpoint signing key as stored: wrapped by the KEK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningKeyRow {
+    pub generation: u32,
+    pub key_id: String,
+    pub kek_id: String,
+    pub wrapped: Vec<u8>,
+    /// `cardvault-audit-ed25519:<hex>`: what auditors verify with.
+    pub public_key: String,
+    pub created_at: i64,
 }
 
 /// Refuse to store an audit event with card-number-like text in any field.

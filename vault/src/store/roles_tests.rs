@@ -17,7 +17,7 @@ use std::io::Write as _;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
-use audit::{Action, AuditEvent, Outcome, StoredEvent};
+use audit::{Action, AuditEvent, Outcome};
 use sqlx::{Connection as _, Executor as _, PgConnection};
 
 use super::postgres::{PgSettings, PgStore};
@@ -255,8 +255,14 @@ async fn privileges_of(admin: &mut PgConnection, app: &str) -> Vec<String> {
 
 /// What the runtime role may do: exactly the list in deploy/postgres-roles.sql.
 const APP_PRIVILEGES: &[&str] = &[
+    "audit_checkpoints INSERT",
+    "audit_checkpoints SELECT",
     "audit_events INSERT",
     "audit_events SELECT",
+    "audit_head SELECT",
+    "audit_head UPDATE",
+    "audit_signing_keys INSERT",
+    "audit_signing_keys SELECT",
     "cards DELETE",
     "cards INSERT",
     "cards SELECT",
@@ -275,7 +281,10 @@ const APP_PRIVILEGES: &[&str] = &[
 /// in `APP_PRIVILEGES`).
 const TABLES: &[&str] = &[
     "_sqlx_migrations",
+    "audit_checkpoints",
     "audit_events",
+    "audit_head",
+    "audit_signing_keys",
     "cards",
     "principals",
     "vault_keys",
@@ -543,18 +552,16 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         }
         other => panic!("the runtime role must not migrate: {other:?}"),
     }
-    // sqlx took its migration advisory lock before failing and does not
-    // release it on error: the pooled session keeps it, and the owner's
-    // migrate would wait for it (until statement_timeout) while this pool
-    // lives. Closing the pool ends the session and the lock.
+    // Migrations run on a session of their own, closed even after a failure,
+    // so no advisory lock is left behind for the owner's migrate to wait on.
     migrating.close().await;
-    // Nothing changed: the owner sees the same single applied migration and
+    // Nothing changed: the owner sees the same applied migrations and
     // migrates again without error.
     let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
         .fetch_one(&mut admin)
         .await
         .unwrap();
-    assert_eq!(applied, 1);
+    assert_eq!(applied, 2);
     owner.migrate().await.unwrap();
 
     // `tokenizer restore` is an owner operation: as the runtime role the
@@ -562,9 +569,10 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
     // past the restored numbers, so the whole restore rolls back.
     let restore = vec![
         BackupRecord::Key(key(9)),
-        BackupRecord::Audit(StoredEvent {
+        BackupRecord::Audit(AuditRow {
             seq: 1000,
             event: ev(Action::KeyGenerated),
+            chain: None,
         }),
     ];
     match app.import(restore.clone()).await {

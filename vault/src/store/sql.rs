@@ -15,7 +15,9 @@ macro_rules! sql_store {
             "token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at";
         const PRINCIPAL_COLUMNS: &str = "id, name, roles, tenants, key_hash, created_at, revoked_at";
         const EVENT_COLUMNS: &str =
-            "seq, time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail";
+            "seq, time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail, chain_seq, leaf_hash, chain_hash";
+        const CHECKPOINT_COLUMNS: &str = "tree_size, root, chain_head, time, key_id, signature";
+        const SIGNING_KEY_COLUMNS: &str = "generation, key_id, kek_id, wrapped, public_key, created_at";
 
         type Row = <$db as sqlx::Database>::Row;
         type Tx<'c> = sqlx::Transaction<'c, $db>;
@@ -33,82 +35,139 @@ macro_rules! sql_store {
             }
         }
 
-        async fn insert_event(tx: &mut Tx<'_>, event: &audit::AuditEvent) -> Result<i64, $crate::store::StoreError> {
-            insert_event_at(tx, event, None).await
-        }
-
         /// Most rows in one multi-row statement (SQLite allows 32766 bound
-        /// parameters per statement, PostgreSQL 65535; rows here bind 11-12).
+        /// parameters per statement, PostgreSQL 65535; rows here bind 11-14).
         const ROWS_PER_STATEMENT: usize = 64;
 
-        /// Insert audit events in multi-row statements, in order.
-        async fn insert_events(tx: &mut Tx<'_>, events: &[audit::AuditEvent]) -> Result<(), $crate::store::StoreError> {
-            for e in events {
-                $crate::store::check_event(e)?;
+        const EVENT_INSERT: &str = "INSERT INTO audit_events (time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail, chain_seq, leaf_hash, chain_hash) ";
+
+        /// Lock the head of the audit chain and read it. The UPDATE takes
+        /// SQLite's write lock or PostgreSQL's row lock, held until commit:
+        /// appends are serialised across connections and instances, so the
+        /// chain is gap-free and in commit order.
+        async fn lock_head(tx: &mut Tx<'_>) -> Result<audit::Trail, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            use $crate::store::StoreError;
+            let r = sqlx::query("UPDATE audit_head SET size = size WHERE id = 1 RETURNING size, head, frontier")
+                .fetch_one(&mut **tx)
+                .await?;
+            let size: i64 = r.try_get("size")?;
+            let head: Vec<u8> = r.try_get("head")?;
+            let frontier: Vec<u8> = r.try_get("frontier")?;
+            let size = u64::try_from(size).map_err(|_| StoreError::Corrupt("audit head size"))?;
+            let head: [u8; 32] = head.try_into().map_err(|_| StoreError::Corrupt("audit head hash"))?;
+            if frontier.len() % 32 != 0 {
+                return Err(StoreError::Corrupt("audit head frontier"));
             }
-            let times = events
-                .iter()
-                .map(|e| e.time.format(&time::format_description::well_known::Rfc3339))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| $crate::store::StoreError::Corrupt("audit time cannot be formatted"))?;
-            for (chunk, times) in events.chunks(ROWS_PER_STATEMENT).zip(times.chunks(ROWS_PER_STATEMENT)) {
-                let mut q = sqlx::QueryBuilder::<$db>::new(
-                    "INSERT INTO audit_events (time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail) ",
-                );
-                q.push_values(chunk.iter().zip(times), |mut b, (e, t)| {
-                    b.push_bind(t)
-                        .push_bind(&e.principal)
-                        .push_bind(&e.source)
-                        .push_bind(e.action.as_str())
-                        .push_bind(&e.tenant)
-                        .push_bind(&e.token)
-                        .push_bind(e.outcome.as_str())
-                        .push_bind(&e.error_code)
-                        .push_bind(&e.request_id)
-                        .push_bind(&e.reason)
-                        .push_bind(&e.detail);
-                });
-                q.build().execute(&mut **tx).await?;
-            }
+            let nodes = frontier
+                .chunks(32)
+                .map(|c| <[u8; 32]>::try_from(c).map_err(|_| StoreError::Corrupt("audit head frontier")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let tree = audit::merkle::Frontier::from_parts(size, nodes).ok_or(StoreError::Corrupt("audit head frontier"))?;
+            audit::Trail::resume(audit::ChainState::resume(size, head), tree).ok_or(StoreError::Corrupt("audit head"))
+        }
+
+        async fn save_head(tx: &mut Tx<'_>, trail: &audit::Trail) -> Result<(), $crate::store::StoreError> {
+            let frontier: Vec<u8> = trail.tree().nodes().iter().flatten().copied().collect();
+            let size = i64::try_from(trail.size()).map_err(|_| $crate::store::StoreError::Corrupt("audit size"))?;
+            sqlx::query("UPDATE audit_head SET size = $1, head = $2, frontier = $3 WHERE id = 1")
+                .bind(size)
+                .bind(trail.chain().head.to_vec())
+                .bind(frontier)
+                .execute(&mut **tx)
+                .await?;
             Ok(())
         }
 
-        /// Insert an audit event; `seq` is given only when restoring a backup.
-        async fn insert_event_at(
-            tx: &mut Tx<'_>,
-            event: &audit::AuditEvent,
-            seq: Option<i64>,
-        ) -> Result<i64, $crate::store::StoreError> {
-            use sqlx::Row as _;
-            $crate::store::check_event(event)?;
-            let time = event
+        async fn insert_event(tx: &mut Tx<'_>, event: &audit::AuditEvent) -> Result<i64, $crate::store::StoreError> {
+            insert_events(tx, std::slice::from_ref(event)).await
+        }
+
+        /// Append events to the audit chain and insert them, in order, in
+        /// multi-row statements. Returns the chain number of the last one.
+        async fn insert_events(tx: &mut Tx<'_>, events: &[audit::AuditEvent]) -> Result<i64, $crate::store::StoreError> {
+            use $crate::store::StoreError;
+            for e in events {
+                $crate::store::check_event(e)?;
+            }
+            let mut trail = lock_head(tx).await?;
+            let chained: Vec<audit::ChainedEvent> = events.iter().map(|e| trail.append(e.clone())).collect();
+            for chunk in chained.chunks(ROWS_PER_STATEMENT) {
+                let rows = chunk
+                    .iter()
+                    .map(|c| {
+                        let time = c
+                            .event
+                            .time
+                            .format(&time::format_description::well_known::Rfc3339)
+                            .map_err(|_| StoreError::Corrupt("audit time cannot be formatted"))?;
+                        let seq = i64::try_from(c.seq).map_err(|_| StoreError::Corrupt("audit chain size"))?;
+                        Ok((c, time, seq))
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                let mut q = sqlx::QueryBuilder::<$db>::new(EVENT_INSERT);
+                q.push_values(rows, |mut b, (c, time, seq)| {
+                    let e = &c.event;
+                    b.push_bind(time)
+                        .push_bind(e.principal.clone())
+                        .push_bind(e.source.clone())
+                        .push_bind(e.action.as_str())
+                        .push_bind(e.tenant.clone())
+                        .push_bind(e.token.clone())
+                        .push_bind(e.outcome.as_str())
+                        .push_bind(e.error_code.clone())
+                        .push_bind(e.request_id.clone())
+                        .push_bind(e.reason.clone())
+                        .push_bind(e.detail.clone())
+                        .push_bind(seq)
+                        .push_bind(c.leaf_hash.to_vec())
+                        .push_bind(c.chain_hash.to_vec());
+                });
+                q.build().execute(&mut **tx).await?;
+            }
+            save_head(tx, &trail).await?;
+            i64::try_from(trail.size()).map_err(|_| StoreError::Corrupt("audit chain size"))
+        }
+
+        /// Insert an audit row exactly as a backup holds it (restore).
+        async fn insert_restored_event(tx: &mut Tx<'_>, row: &$crate::store::AuditRow) -> Result<(), $crate::store::StoreError> {
+            use $crate::store::StoreError;
+            $crate::store::check_event(&row.event)?;
+            let e = &row.event;
+            let time = e
                 .time
                 .format(&time::format_description::well_known::Rfc3339)
-                .map_err(|_| $crate::store::StoreError::Corrupt("audit time cannot be formatted"))?;
-            let sql = if seq.is_some() {
-                "INSERT INTO audit_events (time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail, seq)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING seq"
-            } else {
-                "INSERT INTO audit_events (time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING seq"
+                .map_err(|_| StoreError::Corrupt("audit time cannot be formatted"))?;
+            let (chain_seq, leaf, chain) = match &row.chain {
+                Some(l) => (
+                    Some(i64::try_from(l.chain_seq).map_err(|_| StoreError::Corrupt("audit chain size"))?),
+                    Some(l.leaf_hash.to_vec()),
+                    Some(l.chain_hash.to_vec()),
+                ),
+                None => (None, None, None),
             };
-            let mut query = sqlx::query(sql)
-                .bind(time)
-                .bind(&event.principal)
-                .bind(&event.source)
-                .bind(event.action.as_str())
-                .bind(&event.tenant)
-                .bind(&event.token)
-                .bind(event.outcome.as_str())
-                .bind(&event.error_code)
-                .bind(&event.request_id)
-                .bind(&event.reason)
-                .bind(&event.detail);
-            if let Some(seq) = seq {
-                query = query.bind(seq);
-            }
-            let row = query.fetch_one(&mut **tx).await?;
-            Ok(row.try_get("seq")?)
+            sqlx::query(
+                "INSERT INTO audit_events (seq, time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail, chain_seq, leaf_hash, chain_hash)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            )
+            .bind(row.seq)
+            .bind(time)
+            .bind(&e.principal)
+            .bind(&e.source)
+            .bind(e.action.as_str())
+            .bind(&e.tenant)
+            .bind(&e.token)
+            .bind(e.outcome.as_str())
+            .bind(&e.error_code)
+            .bind(&e.request_id)
+            .bind(&e.reason)
+            .bind(&e.detail)
+            .bind(chain_seq)
+            .bind(leaf)
+            .bind(chain)
+            .execute(&mut **tx)
+            .await?;
+            Ok(())
         }
 
         /// Insert one card row as it is (restore).
@@ -162,6 +221,97 @@ macro_rules! sql_store {
                 key_hash: r.try_get("key_hash")?,
                 created_at: r.try_get("created_at")?,
                 revoked_at: r.try_get("revoked_at")?,
+            })
+        }
+
+        fn audit_row_from_row(r: &Row) -> Result<$crate::store::AuditRow, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            use $crate::store::StoreError;
+            let stored = event_from_row(r)?;
+            let chain_seq: Option<i64> = r.try_get("chain_seq")?;
+            let leaf: Option<Vec<u8>> = r.try_get("leaf_hash")?;
+            let chain: Option<Vec<u8>> = r.try_get("chain_hash")?;
+            let chain = match (chain_seq, leaf, chain) {
+                (Some(n), Some(l), Some(c)) => Some($crate::store::ChainLink {
+                    chain_seq: u64::try_from(n).map_err(|_| StoreError::Corrupt("chain_seq"))?,
+                    leaf_hash: l.try_into().map_err(|_| StoreError::Corrupt("leaf_hash"))?,
+                    chain_hash: c.try_into().map_err(|_| StoreError::Corrupt("chain_hash"))?,
+                }),
+                (None, None, None) => None,
+                _ => return Err(StoreError::Corrupt("partial chain columns")),
+            };
+            Ok($crate::store::AuditRow {
+                seq: stored.seq,
+                event: stored.event,
+                chain,
+            })
+        }
+
+        fn checkpoint_from_row(r: &Row) -> Result<audit::Checkpoint, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            use $crate::store::StoreError;
+            let size: i64 = r.try_get("tree_size")?;
+            let root: Vec<u8> = r.try_get("root")?;
+            let head: Vec<u8> = r.try_get("chain_head")?;
+            let time: String = r.try_get("time")?;
+            let sig: Vec<u8> = r.try_get("signature")?;
+            Ok(audit::Checkpoint {
+                tree_size: u64::try_from(size).map_err(|_| StoreError::Corrupt("checkpoint size"))?,
+                root: root.try_into().map_err(|_| StoreError::Corrupt("checkpoint root"))?,
+                chain_head: head.try_into().map_err(|_| StoreError::Corrupt("checkpoint head"))?,
+                time: time::OffsetDateTime::parse(&time, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| StoreError::Corrupt("checkpoint time"))?,
+                key_id: r.try_get("key_id")?,
+                signature: sig.try_into().map_err(|_| StoreError::Corrupt("checkpoint signature"))?,
+            })
+        }
+
+        async fn insert_checkpoint(tx: &mut Tx<'_>, cp: &audit::Checkpoint) -> Result<(), $crate::store::StoreError> {
+            use $crate::store::StoreError;
+            let time = cp
+                .time
+                .format(&time::format_description::well_known::Rfc3339)
+                .map_err(|_| StoreError::Corrupt("checkpoint time"))?;
+            sqlx::query(
+                "INSERT INTO audit_checkpoints (tree_size, root, chain_head, time, key_id, signature) VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(i64::try_from(cp.tree_size).map_err(|_| StoreError::Corrupt("checkpoint size"))?)
+            .bind(cp.root.to_vec())
+            .bind(cp.chain_head.to_vec())
+            .bind(time)
+            .bind(&cp.key_id)
+            .bind(cp.signature.to_vec())
+            .execute(&mut **tx)
+            .await?;
+            Ok(())
+        }
+
+        async fn insert_signing_key_row(tx: &mut Tx<'_>, k: &$crate::store::SigningKeyRow) -> Result<u64, $crate::store::StoreError> {
+            let res = sqlx::query(
+                "INSERT INTO audit_signing_keys (generation, key_id, kek_id, wrapped, public_key, created_at) VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (generation) DO NOTHING",
+            )
+            .bind(i64::from(k.generation))
+            .bind(&k.key_id)
+            .bind(&k.kek_id)
+            .bind(&k.wrapped)
+            .bind(&k.public_key)
+            .bind(k.created_at)
+            .execute(&mut **tx)
+            .await?;
+            Ok(res.rows_affected())
+        }
+
+        fn signing_key_from_row(r: &Row) -> Result<$crate::store::SigningKeyRow, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            let generation: i64 = r.try_get("generation")?;
+            Ok($crate::store::SigningKeyRow {
+                generation: u32::try_from(generation).map_err(|_| $crate::store::StoreError::Corrupt("key generation"))?,
+                key_id: r.try_get("key_id")?,
+                kek_id: r.try_get("kek_id")?,
+                wrapped: r.try_get("wrapped")?,
+                public_key: r.try_get("public_key")?,
+                created_at: r.try_get("created_at")?,
             })
         }
 
@@ -485,6 +635,89 @@ macro_rules! sql_store {
                 .await
             }
 
+            async fn chained_events(&self, after: u64, limit: u32) -> Result<Vec<audit::ChainedEvent>, $crate::store::StoreError> {
+                use $crate::store::StoreError;
+                self.bounded(async {
+                    let rows = sqlx::query(&format!(
+                        "SELECT {EVENT_COLUMNS} FROM audit_events WHERE chain_seq > $1 ORDER BY chain_seq LIMIT $2"
+                    ))
+                    .bind(i64::try_from(after).map_err(|_| StoreError::Corrupt("chain_seq"))?)
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await?;
+                    rows.iter()
+                        .map(|r| {
+                            let row = audit_row_from_row(r)?;
+                            let link = row.chain.ok_or(StoreError::Corrupt("unchained row"))?;
+                            Ok(audit::ChainedEvent {
+                                seq: link.chain_seq,
+                                event: row.event,
+                                leaf_hash: link.leaf_hash,
+                                chain_hash: link.chain_hash,
+                            })
+                        })
+                        .collect()
+                })
+                .await
+            }
+
+            async fn checkpoints(&self) -> Result<Vec<audit::Checkpoint>, $crate::store::StoreError> {
+                self.bounded(async {
+                    let rows = sqlx::query(&format!("SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY tree_size"))
+                        .fetch_all(&self.pool)
+                        .await?;
+                    rows.iter().map(checkpoint_from_row).collect()
+                })
+                .await
+            }
+
+            async fn write_checkpoint(&self, key: &audit::SigningKey) -> Result<Option<audit::Checkpoint>, $crate::store::StoreError> {
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    let trail = lock_head(&mut tx).await?;
+                    let last: Option<i64> = sqlx::query_scalar("SELECT MAX(tree_size) FROM audit_checkpoints")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    let last = last.and_then(|n| u64::try_from(n).ok());
+                    if last == Some(trail.size()) {
+                        tx.rollback().await?;
+                        return Ok(None);
+                    }
+                    let cp = trail.checkpoint(key, time::OffsetDateTime::now_utc());
+                    insert_checkpoint(&mut tx, &cp).await?;
+                    tx.commit().await?;
+                    Ok(Some(cp))
+                })
+                .await
+            }
+
+            async fn load_signing_keys(&self) -> Result<Vec<$crate::store::SigningKeyRow>, $crate::store::StoreError> {
+                self.bounded(async {
+                    let rows = sqlx::query(&format!("SELECT {SIGNING_KEY_COLUMNS} FROM audit_signing_keys ORDER BY generation"))
+                        .fetch_all(&self.pool)
+                        .await?;
+                    rows.iter().map(signing_key_from_row).collect()
+                })
+                .await
+            }
+
+            async fn insert_signing_key(
+                &self,
+                key: &$crate::store::SigningKeyRow,
+                event: audit::AuditEvent,
+            ) -> Result<bool, $crate::store::StoreError> {
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    let inserted = insert_signing_key_row(&mut tx, key).await? == 1;
+                    if inserted {
+                        insert_event(&mut tx, &event).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(inserted)
+                })
+                .await
+            }
+
             async fn export(
                 &self,
                 sink: &mut (dyn FnMut($crate::store::BackupRecord) -> Result<(), $crate::store::StoreError> + Send),
@@ -528,10 +761,24 @@ macro_rules! sql_store {
                     }
                 }
                 {
+                    let sql = format!("SELECT {SIGNING_KEY_COLUMNS} FROM audit_signing_keys ORDER BY generation");
+                    let mut rows = sqlx::query(&sql).fetch(&mut *tx);
+                    while let Some(r) = rows.try_next().await? {
+                        sink(BackupRecord::SigningKey(signing_key_from_row(&r)?))?;
+                    }
+                }
+                {
                     let sql = format!("SELECT {EVENT_COLUMNS} FROM audit_events ORDER BY seq");
                     let mut rows = sqlx::query(&sql).fetch(&mut *tx);
                     while let Some(r) = rows.try_next().await? {
-                        sink(BackupRecord::Audit(event_from_row(&r)?))?;
+                        sink(BackupRecord::Audit(audit_row_from_row(&r)?))?;
+                    }
+                }
+                {
+                    let sql = format!("SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY tree_size");
+                    let mut rows = sqlx::query(&sql).fetch(&mut *tx);
+                    while let Some(r) = rows.try_next().await? {
+                        sink(BackupRecord::Checkpoint(checkpoint_from_row(&r)?))?;
                     }
                 }
                 tx.commit().await?;
@@ -542,7 +789,8 @@ macro_rules! sql_store {
                 self.bounded(async {
                     let n: i64 = sqlx::query_scalar(
                         "SELECT (SELECT COUNT(*) FROM vault_keys) + (SELECT COUNT(*) FROM cards)
-                              + (SELECT COUNT(*) FROM principals) + (SELECT COUNT(*) FROM audit_events)",
+                              + (SELECT COUNT(*) FROM principals) + (SELECT COUNT(*) FROM audit_events)
+                              + (SELECT COUNT(*) FROM audit_checkpoints) + (SELECT COUNT(*) FROM audit_signing_keys)",
                     )
                     .fetch_one(&self.pool)
                     .await?;
@@ -586,11 +834,39 @@ macro_rules! sql_store {
                         BackupRecord::Card(row) => {
                             insert_card(&mut tx, row).await?;
                         }
-                        BackupRecord::Audit(stored) => {
-                            insert_event_at(&mut tx, &stored.event, Some(stored.seq)).await?;
+                        BackupRecord::Audit(row) => {
+                            insert_restored_event(&mut tx, row).await?;
+                        }
+                        BackupRecord::Checkpoint(cp) => {
+                            insert_checkpoint(&mut tx, cp).await?;
+                        }
+                        BackupRecord::SigningKey(k) => {
+                            insert_signing_key_row(&mut tx, k).await?;
                         }
                     }
                 }
+                // The chain head follows from the restored chain, which must
+                // link up entry by entry: a broken chain is not restored.
+                let mut chained: Vec<audit::ChainedEvent> = records
+                    .iter()
+                    .filter_map(|r| match r {
+                        BackupRecord::Audit(row) => row.chain.as_ref().map(|l| audit::ChainedEvent {
+                            seq: l.chain_seq,
+                            event: row.event.clone(),
+                            leaf_hash: l.leaf_hash,
+                            chain_hash: l.chain_hash,
+                        }),
+                        _ => None,
+                    })
+                    .collect();
+                chained.sort_by_key(|c| c.seq);
+                let mut trail = audit::Trail::new();
+                for entry in &chained {
+                    if !trail.append_chained(entry) {
+                        return Err($crate::store::StoreError::Corrupt("the audit chain in the backup does not link up"));
+                    }
+                }
+                save_head(&mut tx, &trail).await?;
                 if let Some(sql) = <$store>::AFTER_IMPORT {
                     sqlx::query(sql).execute(&mut *tx).await?;
                 }
