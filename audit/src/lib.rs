@@ -86,6 +86,8 @@ pub enum Action {
     BackupExported,
     /// A backup was restored into an empty database.
     BackupRestored,
+    /// The audit trail was read or exported (queries of the auditor API).
+    AuditRead,
 }
 
 impl Action {
@@ -105,6 +107,7 @@ impl Action {
             Action::ServiceStop => "service_stop",
             Action::BackupExported => "backup_exported",
             Action::BackupRestored => "backup_restored",
+            Action::AuditRead => "audit_read",
         }
     }
 
@@ -114,7 +117,7 @@ impl Action {
     }
 }
 
-const ALL_ACTIONS: [Action; 13] = [
+const ALL_ACTIONS: [Action; 14] = [
     Action::Tokenize,
     Action::Detokenize,
     Action::MetadataRead,
@@ -128,6 +131,7 @@ const ALL_ACTIONS: [Action; 13] = [
     Action::ServiceStop,
     Action::BackupExported,
     Action::BackupRestored,
+    Action::AuditRead,
 ];
 
 /// How it ended.

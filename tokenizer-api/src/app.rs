@@ -2,10 +2,12 @@
 
 use std::fs;
 use std::io;
+use std::io::Write as _;
 use std::net::SocketAddr;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use std::time::Instant;
 
 use actix_web::dev::{Server, Service as _};
@@ -93,6 +95,8 @@ pub struct Application {
     addr: SocketAddr,
     vault: Arc<Vault>,
     store: Arc<dyn Store>,
+    witness: PathBuf,
+    checkpoint_interval: Duration,
 }
 
 impl std::fmt::Debug for Application {
@@ -124,6 +128,10 @@ impl Application {
             )
             .await
             .map_err(StartError::Audit)?;
+        // Auditors verify checkpoints with this public key.
+        let pub_file = settings.data_dir.join("audit-verify.pub");
+        fs::write(&pub_file, format!("{}\n", vault.audit_public_key()))
+            .map_err(|e| StartError::DataDir(pub_file.display().to_string(), e))?;
 
         let state = web::Data::new(AppState {
             vault: vault.clone(),
@@ -170,6 +178,8 @@ impl Application {
             addr,
             vault,
             store,
+            witness: settings.audit_witness_file.clone(),
+            checkpoint_interval: settings.audit_checkpoint_interval,
         })
     }
 
@@ -181,9 +191,24 @@ impl Application {
         &self.vault
     }
 
-    /// Serve until SIGINT/SIGTERM, then record the stop and close the store.
+    /// Serve until SIGINT/SIGTERM, signing audit checkpoints on the way;
+    /// then record the stop, sign a last checkpoint and close the store.
     pub async fn run(self) -> io::Result<()> {
+        let checkpointer = {
+            let vault = self.vault.clone();
+            let witness = self.witness.clone();
+            let every = self.checkpoint_interval;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    checkpoint_once(&vault, &witness).await;
+                }
+            })
+        };
         let result = self.server.await;
+        checkpointer.abort();
         if let Err(e) = self
             .vault
             .record_lifecycle(Action::ServiceStop, "shutdown")
@@ -191,8 +216,52 @@ impl Application {
         {
             tracing::error!(error = %e, "cannot record service stop in the audit trail");
         }
+        checkpoint_once(&self.vault, &self.witness).await;
         self.store.close().await;
         result
+    }
+
+    /// Path of the witness file (for tests and tools).
+    pub fn witness_file(&self) -> &Path {
+        &self.witness
+    }
+}
+
+/// Sign a checkpoint if the trail grew, and append it to the witness file
+/// (outside the database, fsynced). Failures are logged loudly: the trail
+/// itself is intact, only its anchoring is late.
+pub async fn checkpoint_once(vault: &Vault, witness: &Path) {
+    let cp = match vault.checkpoint().await {
+        Ok(Some(cp)) => cp,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot sign an audit checkpoint");
+            return;
+        }
+    };
+    let line = match audit::export::checkpoint_line(&cp) {
+        Ok(line) => line,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode an audit checkpoint");
+            return;
+        }
+    };
+    let written = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(witness)
+        .and_then(|mut f| {
+            f.write_all(format!("{line}\n").as_bytes())?;
+            f.sync_data()
+        });
+    match written {
+        Ok(()) => tracing::info!(tree_size = cp.tree_size, "audit checkpoint signed"),
+        Err(e) => tracing::error!(
+            error = %e,
+            witness = %witness.display(),
+            "cannot append the checkpoint to the witness file"
+        ),
     }
 }
 

@@ -130,6 +130,14 @@ pub struct CommonArgs {
     /// PostgreSQL pool size (default 16).
     #[arg(long, env = "TOKENIZER_DB_MAX_CONNECTIONS")]
     pub db_max_connections: Option<u32>,
+    /// How often the service signs an audit checkpoint when the trail grew,
+    /// in milliseconds (default 10000; one more at shutdown).
+    #[arg(long, env = "TOKENIZER_AUDIT_CHECKPOINT_INTERVAL_MS")]
+    pub audit_checkpoint_interval_ms: Option<u64>,
+    /// File outside the database to which every checkpoint is appended (the
+    /// external witness); default `<data-dir>/audit-checkpoints.jsonl`.
+    #[arg(long, env = "TOKENIZER_AUDIT_WITNESS_FILE")]
+    pub audit_witness_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -158,6 +166,8 @@ struct FileConfig {
     migrate_on_start: Option<bool>,
     db_timeout_ms: Option<u64>,
     db_max_connections: Option<u32>,
+    audit_checkpoint_interval_ms: Option<u64>,
+    audit_witness_file: Option<PathBuf>,
 }
 
 /// Resolved settings.
@@ -172,6 +182,8 @@ pub struct Settings {
     /// Bound on each database operation; requests fail with 503 after it.
     pub db_timeout: std::time::Duration,
     pub db_max_connections: u32,
+    pub audit_checkpoint_interval: std::time::Duration,
+    pub audit_witness_file: PathBuf,
     pub kek_file: PathBuf,
     pub log_level: String,
     pub listen: SocketAddr,
@@ -221,8 +233,22 @@ impl Settings {
             .clone()
             .or(file.database_url)
             .unwrap_or_else(|| vault::store::sqlite_url(&data_dir.join("cardvault.db")));
+        let audit_witness_file = common
+            .audit_witness_file
+            .clone()
+            .or(file.audit_witness_file)
+            .unwrap_or_else(|| data_dir.join("audit-checkpoints.jsonl"));
+        let audit_checkpoint_interval = std::time::Duration::from_millis(
+            common
+                .audit_checkpoint_interval_ms
+                .or(file.audit_checkpoint_interval_ms)
+                .unwrap_or(10_000)
+                .max(10),
+        );
         Ok(Settings {
             database_url,
+            audit_witness_file,
+            audit_checkpoint_interval,
             migrate_on_start: common
                 .migrate_on_start
                 .or(file.migrate_on_start)
@@ -290,6 +316,8 @@ mod tests {
             migrate_on_start: None,
             db_timeout_ms: None,
             db_max_connections: None,
+            audit_checkpoint_interval_ms: None,
+            audit_witness_file: None,
         }
     }
 

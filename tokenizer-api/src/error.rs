@@ -48,9 +48,10 @@ impl ApiError {
 fn vault_status(e: &VaultError) -> StatusCode {
     match e {
         VaultError::InvalidCard(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        VaultError::InvalidTenant | VaultError::InvalidReason | VaultError::InvalidBatchSize => {
-            StatusCode::BAD_REQUEST
-        }
+        VaultError::InvalidTenant
+        | VaultError::InvalidReason
+        | VaultError::InvalidBatchSize
+        | VaultError::InvalidFilter(_) => StatusCode::BAD_REQUEST,
         VaultError::Unauthenticated => StatusCode::UNAUTHORIZED,
         VaultError::Forbidden => StatusCode::FORBIDDEN,
         VaultError::NotFound => StatusCode::NOT_FOUND,

@@ -45,6 +45,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             "/v1/tokens/{token}",
             vec![web::get().to(metadata), web::delete().to(delete)],
         ),
+        ("/v1/audit/events", vec![web::get().to(audit_events)]),
+        (
+            "/v1/audit/checkpoints",
+            vec![web::get().to(audit_checkpoints)],
+        ),
     ];
     for (path, methods) in routes {
         let resource = methods
@@ -384,4 +389,89 @@ async fn delete(
     let ctx = context(&req, &state.vault).await?;
     state.vault.delete(&ctx, &path).await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// Query parameters of `GET /v1/audit/events`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditParams {
+    after: Option<u64>,
+    limit: Option<u32>,
+    principal: Option<String>,
+    token: Option<String>,
+    action: Option<String>,
+    tenant: Option<String>,
+    outcome: Option<String>,
+    /// RFC 3339, inclusive.
+    from: Option<String>,
+    /// RFC 3339, exclusive.
+    to: Option<String>,
+}
+
+fn parse_time(v: Option<&str>) -> Result<Option<OffsetDateTime>, ApiError> {
+    v.map(|t| OffsetDateTime::parse(t, &Rfc3339))
+        .transpose()
+        .map_err(|_| {
+            ApiError::Vault(vault::VaultError::InvalidFilter(
+                "from and to are RFC 3339 times",
+            ))
+        })
+}
+
+/// `GET /v1/audit/events` (role `auditor`): filtered, paginated by chain
+/// number, each query audited. Entries carry their leaf and chain hashes.
+async fn audit_events(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = context(&req, &state.vault).await?;
+    state
+        .vault
+        .require_role(&ctx, Action::AuditRead, &[Role::Auditor])
+        .await?;
+    let params = web::Query::<AuditParams>::from_query(req.query_string())
+        .map_err(|_| {
+            ApiError::Vault(vault::VaultError::InvalidFilter(
+                "unknown or malformed query parameter",
+            ))
+        })?
+        .into_inner();
+    let bad = |what| ApiError::Vault(vault::VaultError::InvalidFilter(what));
+    let query = vault::AuditQuery {
+        filter: vault::store::AuditFilter {
+            principal: params.principal,
+            token: params.token,
+            action: params
+                .action
+                .map(|a| audit::Action::parse(&a).ok_or(bad("unknown action")))
+                .transpose()?,
+            tenant: params.tenant,
+            outcome: params
+                .outcome
+                .map(|o| audit::Outcome::parse(&o).ok_or(bad("unknown outcome")))
+                .transpose()?,
+        },
+        from: parse_time(params.from.as_deref())?,
+        to: parse_time(params.to.as_deref())?,
+        after: params.after.unwrap_or(0),
+        limit: params.limit.unwrap_or(100),
+    };
+    let page = state.vault.audit_query(&ctx, query).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(serde_json::json!({ "events": page.events, "next_after": page.next_after })))
+}
+
+/// `GET /v1/audit/checkpoints` (role `auditor`): every signed checkpoint and
+/// the public key that verifies them.
+async fn audit_checkpoints(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = context(&req, &state.vault).await?;
+    let checkpoints = state.vault.audit_checkpoints(&ctx).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "public_key": state.vault.audit_public_key(),
+        "checkpoints": checkpoints,
+    })))
 }

@@ -502,6 +502,12 @@ pub fn read_backup(
     }
     // A backup whose keys this KEK cannot open would restore a dead vault.
     for r in &records {
+        if let BackupRecord::SigningKey(k) = r {
+            kek.unwrap(&format!("audit_signing:{}", k.generation), &k.wrapped)
+                .map_err(|_| {
+                    BackupError::Integrity("the audit signing key does not open under this KEK")
+                })?;
+        }
         if let BackupRecord::Key(k) = r {
             if k.kek_id != kek.kek_id() {
                 return Err(BackupError::WrongKek {

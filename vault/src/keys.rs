@@ -13,7 +13,7 @@ use audit::{Action, AuditEvent, Outcome};
 use hsm_shim::{KekError, KeyEncryptionKey};
 
 use crate::crypto::{random_key, CryptoError, DataKey, FingerprintKey};
-use crate::store::{now_millis, KeyPurpose, Store, StoreError, StoredKey};
+use crate::store::{now_millis, KeyPurpose, SigningKeyRow, Store, StoreError, StoredKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
@@ -37,6 +37,8 @@ pub enum KeysError {
     Material(#[from] CryptoError),
     #[error("no {0} key after initialisation")]
     Missing(&'static str),
+    #[error("audit signing key: {0}")]
+    Signing(String),
 }
 
 /// Unwrapped keys in memory. No `Clone`; dropping it zeroizes every key.
@@ -45,7 +47,65 @@ pub struct Keyring {
     active_dek: u32,
     deks: BTreeMap<u32, DataKey>,
     fingerprint: FingerprintKey,
+    /// Signs audit checkpoints; unlike the KEK it stays in memory, because
+    /// the service signs periodically. The database holds it only wrapped.
+    audit_signing: audit::SigningKey,
+    /// `cardvault-audit-ed25519:<hex>`: what auditors verify with.
+    audit_public_key: String,
     kek_id: String,
+}
+
+fn signing_label(generation: u32) -> String {
+    format!("audit_signing:{generation}")
+}
+
+/// Load the newest audit signing key, generating generation 1 on first start.
+async fn load_or_init_signing(
+    store: &Arc<dyn Store>,
+    kek: &dyn KeyEncryptionKey,
+) -> Result<(audit::SigningKey, String), KeysError> {
+    let mut rows = store.load_signing_keys().await?;
+    if rows.is_empty() {
+        let key = audit::SigningKey::generate().map_err(|e| KeysError::Signing(e.to_string()))?;
+        let row = SigningKeyRow {
+            generation: 1,
+            key_id: key.key_id().to_owned(),
+            kek_id: kek.kek_id().to_owned(),
+            wrapped: kek.wrap(&signing_label(1), key.expose_secret().as_ref())?,
+            public_key: key.verifying_key().to_string(),
+            created_at: now_millis(),
+        };
+        let event = AuditEvent::new(Action::KeyGenerated, Outcome::Success)
+            .source("local")
+            .detail(format!("audit_signing:1 {}", row.key_id));
+        if store.insert_signing_key(&row, event).await? {
+            tracing::info!(key_id = %row.key_id, "generated audit signing key");
+        }
+        rows = store.load_signing_keys().await?;
+    }
+    let row = rows.last().ok_or(KeysError::Missing("audit signing"))?;
+    if row.kek_id != kek.kek_id() {
+        return Err(KeysError::WrongKek {
+            label: signing_label(row.generation),
+            stored: row.kek_id.clone(),
+            configured: kek.kek_id().to_owned(),
+        });
+    }
+    let secret = kek
+        .unwrap(&signing_label(row.generation), &row.wrapped)
+        .map_err(|source| KeysError::Unwrap {
+            label: signing_label(row.generation),
+            source,
+        })?;
+    let key = audit::SigningKey::from_secret_slice(&secret)
+        .map_err(|e| KeysError::Signing(e.to_string()))?;
+    let public = key.verifying_key().to_string();
+    if public != row.public_key {
+        return Err(KeysError::Signing(
+            "stored public key does not match the unwrapped key".into(),
+        ));
+    }
+    Ok((key, public))
 }
 
 /// The KEK wrap label of a vault key (associated data of its wrapped blob).
@@ -80,10 +140,16 @@ impl Keyring {
                 stored = store.load_keys().await?;
             }
         }
-        Self::unwrap_all(&stored, kek)
+        let (audit_signing, audit_public_key) = load_or_init_signing(store, kek).await?;
+        Self::unwrap_all(&stored, kek, audit_signing, audit_public_key)
     }
 
-    fn unwrap_all(stored: &[StoredKey], kek: &dyn KeyEncryptionKey) -> Result<Keyring, KeysError> {
+    fn unwrap_all(
+        stored: &[StoredKey],
+        kek: &dyn KeyEncryptionKey,
+        audit_signing: audit::SigningKey,
+        audit_public_key: String,
+    ) -> Result<Keyring, KeysError> {
         let mut deks = BTreeMap::new();
         let mut fingerprint = None;
         for k in stored {
@@ -119,6 +185,8 @@ impl Keyring {
             active_dek,
             deks,
             fingerprint: fingerprint.ok_or(KeysError::Missing("fingerprint"))?,
+            audit_signing,
+            audit_public_key,
             kek_id: kek.kek_id().to_owned(),
         })
     }
@@ -136,6 +204,15 @@ impl Keyring {
 
     pub fn fingerprint_key(&self) -> &FingerprintKey {
         &self.fingerprint
+    }
+
+    pub fn audit_signing_key(&self) -> &audit::SigningKey {
+        &self.audit_signing
+    }
+
+    /// The auditors' verification key line.
+    pub fn audit_public_key(&self) -> &str {
+        &self.audit_public_key
     }
 
     pub fn kek_id(&self) -> &str {

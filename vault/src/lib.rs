@@ -38,5 +38,6 @@ pub use crypto::CardSecret;
 pub use keys::KeysError;
 pub use pan::{Pan, PanError};
 pub use service::{
-    CardError, CardInput, Detokenized, RequestContext, TokenInfo, Vault, VaultError, MAX_BATCH,
+    AuditPage, AuditQuery, CardError, CardInput, Detokenized, RequestContext, TokenInfo, Vault,
+    VaultError, MAX_BATCH,
 };

@@ -10,13 +10,13 @@ use audit::{Action, AuditEvent, Outcome};
 use hsm_shim::KeyEncryptionKey;
 use zeroize::Zeroizing;
 
-use crate::access::{AuthError, AuthFailure, Authenticator, Principal, Role};
+use crate::access::{AuthError, AuthFailure, Authenticator, Principal, Role, TenantScope};
 use crate::brand::Brand;
 use crate::card::{CardDataError, CardholderName, Expiry, Tenant, Token};
 use crate::crypto::{CardSecret, CryptoError, RecordAad, Sealed, NONCE_LEN};
 use crate::keys::{Keyring, KeysError};
 use crate::pan::{contains_pan_like, masked_form, Pan, PanError};
-use crate::store::{now_millis, CardRow, NewCard, Store, StoreError};
+use crate::store::{now_millis, AuditFilter, CardRow, NewCard, Store, StoreError};
 
 /// Most cards in one batch call.
 pub const MAX_BATCH: usize = 1000;
@@ -103,6 +103,8 @@ pub enum VaultError {
     Integrity,
     #[error("the random number generator failed")]
     Rng,
+    #[error("audit query filter is invalid: {0}")]
+    InvalidFilter(&'static str),
 }
 
 impl VaultError {
@@ -119,6 +121,7 @@ impl VaultError {
             VaultError::Keys(_) => "keys_unavailable",
             VaultError::Integrity => "integrity_error",
             VaultError::Rng => "internal_error",
+            VaultError::InvalidFilter(_) => "invalid_filter",
         }
     }
 }
@@ -145,6 +148,25 @@ pub struct TokenInfo {
     pub created_at: i64,
     /// Whether this call created the token (tokenize only).
     pub created: bool,
+}
+
+/// An audit query: equality filters, a time range, and a cursor.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub filter: AuditFilter,
+    pub from: Option<time::OffsetDateTime>,
+    pub to: Option<time::OffsetDateTime>,
+    /// Return events after this chain number (0: from the start).
+    pub after: u64,
+    /// At most this many events are scanned (1 to 1000).
+    pub limit: u32,
+}
+
+/// One page of audit events, and where the next page starts.
+#[derive(Debug, Clone)]
+pub struct AuditPage {
+    pub events: Vec<audit::ChainedEvent>,
+    pub next_after: u64,
 }
 
 /// A detokenized card: the secret, for the caller that is allowed to see it.
@@ -517,6 +539,109 @@ impl Vault {
             // Deleted concurrently between lookup and delete.
             Err(self.fail(event, VaultError::NotFound).await)
         }
+    }
+
+    /// Query the audit trail (role `auditor`). The query itself is audited.
+    /// Equality filters run in the database; the time range is applied to
+    /// each page, so a page may hold fewer than `limit` events: continue
+    /// from `next_after` until it stops moving.
+    pub async fn audit_query(
+        &self,
+        ctx: &RequestContext,
+        q: AuditQuery,
+    ) -> Result<AuditPage, VaultError> {
+        self.require_role(ctx, Action::AuditRead, &[Role::Auditor])
+            .await?;
+        let f = &q.filter;
+        let base = ctx.event(Action::AuditRead, Outcome::Failure);
+        let names_ok = [f.principal.as_deref(), f.tenant.as_deref()]
+            .into_iter()
+            .flatten()
+            .all(|v| Tenant::parse(v).is_ok());
+        if !names_ok {
+            return Err(self
+                .fail(
+                    base,
+                    VaultError::InvalidFilter("principal and tenant are 1-64 of A-Z a-z 0-9 _ . -"),
+                )
+                .await);
+        }
+        if f.token
+            .as_deref()
+            .is_some_and(|t| Token::parse(t).is_none())
+        {
+            return Err(self
+                .fail(base, VaultError::InvalidFilter("token is not a token id"))
+                .await);
+        }
+        if let TenantScope::Only(allowed) = &ctx.principal.tenants {
+            if !f.tenant.as_ref().is_some_and(|t| allowed.contains(t)) {
+                self.deny(
+                    ctx,
+                    Action::AuditRead,
+                    f.tenant.as_deref(),
+                    None,
+                    "tenant_filter_required",
+                )
+                .await?;
+            }
+        }
+        let limit = q.limit.clamp(1, 1000);
+        let rows = self.store.query_audit(f, q.after, limit).await?;
+        let next_after = rows.last().map_or(q.after, |e| e.seq);
+        let events: Vec<audit::ChainedEvent> = rows
+            .into_iter()
+            .filter(|e| {
+                q.from.is_none_or(|from| e.event.time >= from)
+                    && q.to.is_none_or(|to| e.event.time < to)
+            })
+            .collect();
+        let mut detail = format!("after={} limit={limit} returned={}", q.after, events.len());
+        for (name, value) in [
+            ("principal", f.principal.as_deref()),
+            ("token", f.token.as_deref()),
+            ("action", f.action.map(|a| a.as_str())),
+            ("tenant", f.tenant.as_deref()),
+            ("outcome", f.outcome.map(|o| o.as_str())),
+        ] {
+            if let Some(v) = value {
+                detail.push_str(&format!(" {name}={v}"));
+            }
+        }
+        let mut event = ctx
+            .event(Action::AuditRead, Outcome::Success)
+            .detail(detail);
+        event.tenant = f.tenant.clone();
+        self.store.append_audit(event).await?;
+        Ok(AuditPage { events, next_after })
+    }
+
+    /// Every signed checkpoint (role `auditor`); audited.
+    pub async fn audit_checkpoints(
+        &self,
+        ctx: &RequestContext,
+    ) -> Result<Vec<audit::Checkpoint>, VaultError> {
+        self.require_role(ctx, Action::AuditRead, &[Role::Auditor])
+            .await?;
+        let checkpoints = self.store.checkpoints().await?;
+        let event = ctx
+            .event(Action::AuditRead, Outcome::Success)
+            .detail(format!("checkpoints returned={}", checkpoints.len()));
+        self.store.append_audit(event).await?;
+        Ok(checkpoints)
+    }
+
+    /// Sign a checkpoint of the audit trail if it grew since the last one.
+    pub async fn checkpoint(&self) -> Result<Option<audit::Checkpoint>, VaultError> {
+        Ok(self
+            .store
+            .write_checkpoint(self.keys.audit_signing_key())
+            .await?)
+    }
+
+    /// The auditors' verification key (`cardvault-audit-ed25519:<hex>`).
+    pub fn audit_public_key(&self) -> &str {
+        self.keys.audit_public_key()
     }
 
     /// Record a service lifecycle event (start, stop).

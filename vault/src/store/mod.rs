@@ -186,6 +186,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         event: AuditEvent,
     ) -> Result<bool, StoreError>;
 
+    /// Chained audit entries matching `filter` with `chain_seq > after`, in
+    /// chain order, at most `limit`.
+    async fn query_audit(
+        &self,
+        filter: &AuditFilter,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<audit::ChainedEvent>, StoreError>;
     /// Chained audit entries with `chain_seq > after`, in chain order.
     async fn chained_events(
         &self,
@@ -220,6 +228,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Insert the rows of a backup in one transaction: all or nothing.
     /// Audit events keep their sequence numbers.
     async fn import(&self, records: Vec<BackupRecord>) -> Result<(), StoreError>;
+}
+
+/// Equality filters of an audit query (all optional, combined with AND).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    pub principal: Option<String>,
+    pub token: Option<String>,
+    pub action: Option<audit::Action>,
+    pub tenant: Option<String>,
+    pub outcome: Option<audit::Outcome>,
 }
 
 /// One row of a backup.

@@ -635,6 +635,47 @@ macro_rules! sql_store {
                 .await
             }
 
+            async fn query_audit(
+                &self,
+                filter: &$crate::store::AuditFilter,
+                after: u64,
+                limit: u32,
+            ) -> Result<Vec<audit::ChainedEvent>, $crate::store::StoreError> {
+                use $crate::store::StoreError;
+                self.bounded(async {
+                    let mut q = sqlx::QueryBuilder::<$db>::new(format!("SELECT {EVENT_COLUMNS} FROM audit_events WHERE chain_seq > "));
+                    q.push_bind(i64::try_from(after).map_err(|_| StoreError::Corrupt("chain_seq"))?);
+                    for (column, value) in [
+                        ("principal", filter.principal.as_deref()),
+                        ("token", filter.token.as_deref()),
+                        ("action", filter.action.map(|a| a.as_str())),
+                        ("tenant", filter.tenant.as_deref()),
+                        ("outcome", filter.outcome.map(|o| o.as_str())),
+                    ] {
+                        if let Some(v) = value {
+                            q.push(format!(" AND {column} = "));
+                            q.push_bind(v.to_owned());
+                        }
+                    }
+                    q.push(" ORDER BY chain_seq LIMIT ");
+                    q.push_bind(i64::from(limit));
+                    let rows = q.build().fetch_all(&self.pool).await?;
+                    rows.iter()
+                        .map(|r| {
+                            let row = audit_row_from_row(r)?;
+                            let link = row.chain.ok_or(StoreError::Corrupt("unchained row"))?;
+                            Ok(audit::ChainedEvent {
+                                seq: link.chain_seq,
+                                event: row.event,
+                                leaf_hash: link.leaf_hash,
+                                chain_hash: link.chain_hash,
+                            })
+                        })
+                        .collect()
+                })
+                .await
+            }
+
             async fn chained_events(&self, after: u64, limit: u32) -> Result<Vec<audit::ChainedEvent>, $crate::store::StoreError> {
                 use $crate::store::StoreError;
                 self.bounded(async {
