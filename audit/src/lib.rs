@@ -44,8 +44,10 @@
 //! signing key is used here, never stored here.
 #![forbid(unsafe_code)]
 
+pub mod auditor;
 pub mod chain;
 pub mod checkpoint;
+pub mod db;
 pub mod export;
 mod hex;
 pub mod merkle;

@@ -101,6 +101,37 @@ pub fn tokenizer_command() -> Command {
     cmd
 }
 
+/// Where the auditors' `vault-audit` binary is expected: `$VAULT_AUDIT_BIN`,
+/// else next to the `tokenizer` binary ([`tokenizer_path`]).
+pub fn vault_audit_path() -> PathBuf {
+    if let Some(bin) = std::env::var_os("VAULT_AUDIT_BIN").filter(|v| !v.is_empty()) {
+        return PathBuf::from(bin);
+    }
+    tokenizer_path().with_file_name("vault-audit")
+}
+
+/// Runs `vault-audit <args...>` to completion (with a timeout); panics with
+/// instructions when it was not built.
+pub fn run_vault_audit(args: &[&str]) -> CliOutput {
+    let path = vault_audit_path();
+    if !path.is_file() {
+        panic!(
+            "the vault-audit binary was not found at {}.\n\
+             Build it first: `cargo build -p cardvault-audit --bin vault-audit` \
+             (`cargo test --workspace` builds it too), or point VAULT_AUDIT_BIN at it.",
+            path.display()
+        );
+    }
+    let mut cmd = Command::new(path);
+    cmd.args(args).stdin(Stdio::null());
+    let output = wait_with_timeout(cmd, CLI_TIMEOUT, args);
+    CliOutput {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Captured output
 // ---------------------------------------------------------------------------
@@ -455,6 +486,25 @@ pub fn pg_execute(url: &str, sql: &str) {
     });
 }
 
+/// Runs SQL (any number of statements) on a SQLite database file (opened
+/// read-write, never created).
+pub fn sqlite_execute(path: &Path, sql: &str) {
+    block_on(async {
+        use sqlx::{ConnectOptions as _, Connection as _};
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .busy_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+        sqlx::raw_sql(sql)
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("SQL on {} failed: {e}\n{sql}", path.display()));
+        let _ = conn.close().await;
+    });
+}
+
 /// A database of its own on the test PostgreSQL server: created by
 /// [`PgDatabase::create`], dropped (`WITH (FORCE)`) on drop.
 #[derive(Debug)]
@@ -500,6 +550,32 @@ impl PgDatabase {
     /// The URL for `--database-url`.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// A copy of the database at `url` (`CREATE DATABASE .. TEMPLATE ..`,
+    /// on the server of [`pg_admin_url`]): nobody may be connected to it.
+    pub fn copy_of(url: &str) -> PgDatabase {
+        let admin_url = pg_admin_url();
+        let path = url.split('?').next().unwrap_or(url);
+        let template = path.rsplit('/').next().unwrap_or_default();
+        assert!(
+            !template.is_empty()
+                && template
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+            "cannot tell the database name of {}",
+            redact_url(url)
+        );
+        let name = format!("cv_e2e_{:016x}", random_u64());
+        pg_execute(
+            &admin_url,
+            &format!("CREATE DATABASE {name} TEMPLATE {template}"),
+        );
+        PgDatabase {
+            url: with_database(&admin_url, &name),
+            name,
+            admin_url,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -1222,6 +1298,37 @@ impl Service {
             let _ = running.child.wait();
             join_readers(running.readers);
         }
+    }
+
+    /// Graceful stop: SIGTERM, then wait for the process to exit by itself
+    /// (the service finishes its requests, records its stop and signs a last
+    /// audit checkpoint). Killed after `timeout`. Returns its exit status, or
+    /// `None` if it had to be killed (or was not running).
+    pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut running = self.running.take()?;
+        let pid = running.child.id().to_string();
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            match running.child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if sent.is_ok() && Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(20));
+                }
+                _ => {
+                    let _ = running.child.kill();
+                    let _ = running.child.wait();
+                    break None;
+                }
+            }
+        };
+        join_readers(running.readers);
+        status
     }
 
     /// Kill (if running) and start again on the same data directory. The

@@ -11,6 +11,8 @@
 
 // One test binary; its modules live in `e2e/`.
 
+#[path = "e2e/audit_trail.rs"]
+mod audit_trail;
 #[path = "e2e/auth.rs"]
 mod auth;
 #[path = "e2e/batch.rs"]

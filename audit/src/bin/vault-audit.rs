@@ -1,0 +1,323 @@
+//! `vault-audit`: the auditor's tool for cardvault's tamper-evident audit
+//! trail. It needs the checkpoint public key (`<data-dir>/audit-verify.pub`
+//! of the service, one line `cardvault-audit-ed25519:<hex>`, to be kept by
+//! the auditor apart from the database) and read access to the trail: the
+//! service's database (the runtime role's SELECT suffices; SQLite is opened
+//! read-only) or an export file.
+//!
+//! Exit status: 0 success, 1 verification failure (the trail, a checkpoint
+//! or a proof does not hold; the output says what and where), 2 usage or
+//! input/output error (nothing was concluded about the trail).
+#![forbid(unsafe_code)]
+// stdout is this tool's output (reports, exports, proofs); stderr carries
+// the errors.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use audit::auditor::{self, VerifyError, Witness};
+use audit::VerifyingKey;
+use clap::{ArgGroup, Args, Parser, Subcommand};
+
+/// Verify, export and prove cardvault's tamper-evident audit trail.
+///
+/// Entries form a hash chain and a Merkle tree (RFC 6962); the service signs
+/// checkpoints (tree size, Merkle root, chain head, time) with a key the
+/// database never holds, and appends each one to a witness file outside the
+/// database. With the public key, anyone can check that no entry was
+/// changed, inserted, removed, reordered or cut off, and where.
+///
+/// Exit status: 0 success, 1 verification failure, 2 usage or I/O error.
+#[derive(Debug, Parser)]
+#[command(name = "vault-audit", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Verify the whole trail: every entry, every checkpoint (database and
+    /// witness file), and that the witness file's checkpoints are all in the
+    /// database unchanged.
+    ///
+    /// Prints `verified N entries and K checkpoints (root .., last seq ..,
+    /// anchored at ..)`, plus a warning when the last entries are not yet
+    /// covered by a signed checkpoint (they are protected by the hash chain
+    /// only until the next one). On failure, prints the first changed,
+    /// inserted, removed, reordered or truncated entry (or, for a chain
+    /// rebuilt with recomputed hashes, the checkpoint interval it lies in)
+    /// and exits 1.
+    Verify(VerifyArgs),
+    /// Write the trail as JSON Lines: every checkpoint, then the entries.
+    ///
+    /// A full export (no --from/--to) verifies with `verify --export`. The
+    /// verifier recomputes the chain and the Merkle tree from entry 1, so a
+    /// range export does not verify on its own: one starting after entry 1
+    /// reads as if the entries before it were removed, and one ending before
+    /// the last checkpoint reads as truncated. Use range exports for reading, and `prove` for
+    /// evidence about single entries.
+    Export(ExportArgs),
+    /// Print an inclusion proof (JSON) of entry SEQ against a signed
+    /// checkpoint, checkable with `check-proof` and the public key alone.
+    Prove(ProveArgs),
+    /// Check an inclusion proof with the public key; print what it proves.
+    CheckProof(CheckProofArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("trail").required(true).args(["database_url", "export"])))]
+struct VerifyArgs {
+    /// The checkpoint public key file (`cardvault-audit-ed25519:<hex>`).
+    #[arg(long, value_name = "PUBKEY_FILE")]
+    key: PathBuf,
+    /// The service's database: `sqlite://PATH` (opened read-only) or
+    /// `postgres://...`.
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+    /// An export written by `vault-audit export` (a full one).
+    #[arg(long, value_name = "FILE")]
+    export: Option<PathBuf>,
+    /// The witness file (`<data-dir>/audit-checkpoints.jsonl`): its
+    /// checkpoints are verified too and must all be in the database (or
+    /// export), unchanged. Without it, someone who can write the database
+    /// could delete the checkpoints and rebuild the chain unnoticed. Repeat
+    /// for several instances' files.
+    #[arg(long, value_name = "FILE")]
+    witness: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// The service's database: `sqlite://PATH` or `postgres://...`.
+    #[arg(long, value_name = "URL")]
+    database_url: String,
+    /// First entry (seq) to export; default 1. A range export does not
+    /// verify with `verify --export` (see `export --help`).
+    #[arg(long, value_name = "SEQ")]
+    from: Option<u64>,
+    /// Last entry (seq) to export; default the last one.
+    #[arg(long, value_name = "SEQ")]
+    to: Option<u64>,
+    /// Write to this new file (mode 0600; an existing file is not
+    /// overwritten) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("trail").required(true).args(["database_url", "export"])))]
+struct ProveArgs {
+    /// The entry to prove (its seq, 1-based).
+    #[arg(value_name = "SEQ")]
+    seq: u64,
+    /// The service's database: `sqlite://PATH` or `postgres://...`.
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
+    /// An export written by `vault-audit export`.
+    #[arg(long, value_name = "FILE")]
+    export: Option<PathBuf>,
+    /// Prove against the checkpoint for this many entries; default: the
+    /// smallest checkpoint that covers SEQ.
+    #[arg(long, value_name = "TREE_SIZE")]
+    checkpoint: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+struct CheckProofArgs {
+    /// The checkpoint public key file (`cardvault-audit-ed25519:<hex>`).
+    #[arg(long, value_name = "PUBKEY_FILE")]
+    key: PathBuf,
+    /// A proof printed by `vault-audit prove`.
+    #[arg(long, value_name = "FILE")]
+    proof: PathBuf,
+}
+
+/// Verification failed: exit 1.
+const FAILED: u8 = 1;
+/// Usage or input/output error: exit 2.
+const ERROR: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let status = match cli.command {
+        Command::Verify(args) => verify(args),
+        Command::Export(args) => export(args),
+        Command::Prove(args) => prove(args),
+        Command::CheckProof(args) => check_proof(args),
+    };
+    match status {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(code) => ExitCode::from(code),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, u8> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| error(format!("cannot start the async runtime: {e}")))
+}
+
+/// Print an error to stderr; the usage/IO exit status.
+fn error(message: impl std::fmt::Display) -> u8 {
+    eprintln!("vault-audit: error: {message}");
+    ERROR
+}
+
+fn read_key(path: &Path) -> Result<VerifyingKey, u8> {
+    let text = fs::read_to_string(path)
+        .map_err(|e| error(format!("cannot read the key file {}: {e}", path.display())))?;
+    VerifyingKey::parse(&text).map_err(|e| error(format!("key file {}: {e}", path.display())))
+}
+
+fn verify(args: VerifyArgs) -> Result<(), u8> {
+    let key = read_key(&args.key)?;
+    let open = |path: &PathBuf| {
+        Witness::open(path).map_err(|e| error(format!("{e} ({})", path.display())))
+    };
+    let witness = match args.witness.as_slice() {
+        [] => None,
+        // One file (the usual case) is streamed.
+        [path] => Some(open(path)?),
+        paths => {
+            let mut all = Vec::new();
+            for path in paths {
+                let checkpoints = open(path)?
+                    .into_vec()
+                    .map_err(|e| error(format!("{e} ({})", path.display())))?;
+                all.extend(checkpoints);
+            }
+            Some(Witness::from_checkpoints(all))
+        }
+    };
+    let result = match (&args.database_url, &args.export) {
+        (Some(url), _) => runtime()?.block_on(auditor::verify_database(url, &key, witness)),
+        (None, Some(path)) => auditor::verify_export_file(path, &key, witness),
+        (None, None) => return Err(error("give --database-url or --export")),
+    };
+    match result {
+        Ok(verified) => {
+            for line in verified.lines() {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Err(VerifyError::Failed(failure)) => {
+            println!("verification FAILED: {failure}");
+            Err(FAILED)
+        }
+        Err(e) => Err(error(e)),
+    }
+}
+
+fn export(args: ExportArgs) -> Result<(), u8> {
+    let range = match (args.from, args.to) {
+        (None, None) => None,
+        (from, to) => {
+            let (from, to) = (from.unwrap_or(1), to.unwrap_or(u64::MAX));
+            if from > to {
+                return Err(error(format!("--from {from} is after --to {to}")));
+            }
+            Some((from, to))
+        }
+    };
+    let rt = runtime()?;
+    let result = match &args.out {
+        Some(path) => {
+            let file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| error(format!("cannot create {}: {e}", path.display())))?;
+            let mut out = BufWriter::new(file);
+            let written = rt.block_on(auditor::export_database(
+                &args.database_url,
+                range,
+                &mut out,
+            ));
+            written.and_then(|counts| {
+                let file = out
+                    .into_inner()
+                    .map_err(|e| audit::export::ExportError::Io(io::Error::other(e.to_string())))?;
+                file.sync_all().map_err(audit::export::ExportError::Io)?;
+                Ok(counts)
+            })
+        }
+        None => {
+            let stdout = io::stdout();
+            let mut out = BufWriter::new(stdout.lock());
+            let written = rt.block_on(auditor::export_database(
+                &args.database_url,
+                range,
+                &mut out,
+            ));
+            written.and_then(|counts| {
+                out.flush().map_err(audit::export::ExportError::Io)?;
+                Ok(counts)
+            })
+        }
+    };
+    match result {
+        Ok(counts) => {
+            if let Some(path) = &args.out {
+                eprintln!(
+                    "vault-audit: exported {} checkpoints and {} entries to {}",
+                    counts.checkpoints,
+                    counts.entries,
+                    path.display()
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(error(e)),
+    }
+}
+
+fn prove(args: ProveArgs) -> Result<(), u8> {
+    let result = match (&args.database_url, &args.export) {
+        (Some(url), _) => {
+            runtime()?.block_on(auditor::prove_from_database(url, args.seq, args.checkpoint))
+        }
+        (None, Some(path)) => auditor::prove_from_export(path, args.seq, args.checkpoint),
+        (None, None) => return Err(error("give --database-url or --export")),
+    };
+    match result {
+        Ok(proof) => {
+            let json = serde_json::to_string_pretty(&proof)
+                .map_err(|e| error(format!("cannot write the proof: {e}")))?;
+            println!("{json}");
+            Ok(())
+        }
+        Err(e) if e.is_verification_failure() => {
+            println!("cannot prove entry {}: {e}", args.seq);
+            Err(FAILED)
+        }
+        Err(e) => Err(error(e)),
+    }
+}
+
+fn check_proof(args: CheckProofArgs) -> Result<(), u8> {
+    let key = read_key(&args.key)?;
+    match auditor::check_proof_file(&args.proof, &key) {
+        Ok(proof) => {
+            for line in auditor::describe_proof(&proof) {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Err(auditor::CheckProofError::Io(e)) => Err(error(format!(
+            "cannot read the proof file {}: {e}",
+            args.proof.display()
+        ))),
+        Err(e) => {
+            println!("proof REJECTED: {e}");
+            Err(FAILED)
+        }
+    }
+}
