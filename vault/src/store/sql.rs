@@ -787,39 +787,29 @@ macro_rules! sql_store {
                         }))?;
                     }
                 }
-                {
-                    let sql = format!("SELECT {PRINCIPAL_COLUMNS} FROM principals ORDER BY id");
+                type ToRecord = fn(&Row) -> Result<BackupRecord, StoreError>;
+                let tables: [(String, ToRecord); 5] = [
+                    (format!("SELECT {PRINCIPAL_COLUMNS} FROM principals ORDER BY id"), |r| {
+                        Ok(BackupRecord::Principal(principal_from_row(r)?))
+                    }),
+                    (format!("SELECT {CARD_COLUMNS} FROM cards ORDER BY token"), |r| {
+                        Ok(BackupRecord::Card(card_from_row(r)?))
+                    }),
+                    (
+                        format!("SELECT {SIGNING_KEY_COLUMNS} FROM audit_signing_keys ORDER BY generation"),
+                        |r| Ok(BackupRecord::SigningKey(signing_key_from_row(r)?)),
+                    ),
+                    (format!("SELECT {EVENT_COLUMNS} FROM audit_events ORDER BY seq"), |r| {
+                        Ok(BackupRecord::Audit(audit_row_from_row(r)?))
+                    }),
+                    (format!("SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY tree_size"), |r| {
+                        Ok(BackupRecord::Checkpoint(checkpoint_from_row(r)?))
+                    }),
+                ];
+                for (sql, to_record) in tables {
                     let mut rows = sqlx::query(&sql).fetch(&mut *tx);
                     while let Some(r) = rows.try_next().await? {
-                        sink(BackupRecord::Principal(principal_from_row(&r)?))?;
-                    }
-                }
-                {
-                    let sql = format!("SELECT {CARD_COLUMNS} FROM cards ORDER BY token");
-                    let mut rows = sqlx::query(&sql).fetch(&mut *tx);
-                    while let Some(r) = rows.try_next().await? {
-                        sink(BackupRecord::Card(card_from_row(&r)?))?;
-                    }
-                }
-                {
-                    let sql = format!("SELECT {SIGNING_KEY_COLUMNS} FROM audit_signing_keys ORDER BY generation");
-                    let mut rows = sqlx::query(&sql).fetch(&mut *tx);
-                    while let Some(r) = rows.try_next().await? {
-                        sink(BackupRecord::SigningKey(signing_key_from_row(&r)?))?;
-                    }
-                }
-                {
-                    let sql = format!("SELECT {EVENT_COLUMNS} FROM audit_events ORDER BY seq");
-                    let mut rows = sqlx::query(&sql).fetch(&mut *tx);
-                    while let Some(r) = rows.try_next().await? {
-                        sink(BackupRecord::Audit(audit_row_from_row(&r)?))?;
-                    }
-                }
-                {
-                    let sql = format!("SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY tree_size");
-                    let mut rows = sqlx::query(&sql).fetch(&mut *tx);
-                    while let Some(r) = rows.try_next().await? {
-                        sink(BackupRecord::Checkpoint(checkpoint_from_row(&r)?))?;
+                        sink(to_record(&r)?)?;
                     }
                 }
                 tx.commit().await?;
