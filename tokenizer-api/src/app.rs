@@ -97,6 +97,7 @@ pub struct Application {
     store: Arc<dyn Store>,
     witness: PathBuf,
     checkpoint_interval: Duration,
+    checkpoint_every: u64,
 }
 
 impl std::fmt::Debug for Application {
@@ -180,6 +181,7 @@ impl Application {
             store,
             witness: settings.audit_witness_file.clone(),
             checkpoint_interval: settings.audit_checkpoint_interval,
+            checkpoint_every: settings.audit_checkpoint_every,
         })
     }
 
@@ -197,13 +199,28 @@ impl Application {
         let checkpointer = {
             let vault = self.vault.clone();
             let witness = self.witness.clone();
-            let every = self.checkpoint_interval;
+            let (every, count) = (self.checkpoint_interval, self.checkpoint_every);
             tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
+                // A checkpoint is due when the interval has passed or `count`
+                // entries are uncovered, whichever comes first; the size is
+                // polled at most once a second.
+                let mut tick = tokio::time::interval(every.min(Duration::from_secs(1)));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut last_at = None::<tokio::time::Instant>;
+                let mut covered = 0u64;
                 loop {
                     tick.tick().await;
-                    checkpoint_once(&vault, &witness).await;
+                    let interval_due = last_at.is_none_or(|t| t.elapsed() >= every);
+                    let count_due = match vault.audit_size().await {
+                        Ok(size) => size.saturating_sub(covered) >= count,
+                        Err(_) => false,
+                    };
+                    if interval_due || count_due {
+                        if let Some(size) = checkpoint_once(&vault, &witness).await {
+                            covered = size;
+                        }
+                        last_at = Some(tokio::time::Instant::now());
+                    }
                 }
             })
         };
@@ -216,7 +233,7 @@ impl Application {
         {
             tracing::error!(error = %e, "cannot record service stop in the audit trail");
         }
-        checkpoint_once(&self.vault, &self.witness).await;
+        let _ = checkpoint_once(&self.vault, &self.witness).await;
         self.store.close().await;
         result
     }
@@ -230,20 +247,21 @@ impl Application {
 /// Sign a checkpoint if the trail grew, and append it to the witness file
 /// (outside the database, fsynced). Failures are logged loudly: the trail
 /// itself is intact, only its anchoring is late.
-pub async fn checkpoint_once(vault: &Vault, witness: &Path) {
+/// Returns the size the new checkpoint covers, if one was signed.
+pub async fn checkpoint_once(vault: &Vault, witness: &Path) -> Option<u64> {
     let cp = match vault.checkpoint().await {
         Ok(Some(cp)) => cp,
-        Ok(None) => return,
+        Ok(None) => return None,
         Err(e) => {
             tracing::error!(error = %e, "cannot sign an audit checkpoint");
-            return;
+            return None;
         }
     };
     let line = match audit::export::checkpoint_line(&cp) {
         Ok(line) => line,
         Err(e) => {
             tracing::error!(error = %e, "cannot encode an audit checkpoint");
-            return;
+            return Some(cp.tree_size);
         }
     };
     let written = fs::OpenOptions::new()
@@ -263,6 +281,7 @@ pub async fn checkpoint_once(vault: &Vault, witness: &Path) {
             "cannot append the checkpoint to the witness file"
         ),
     }
+    Some(cp.tree_size)
 }
 
 fn new_request_id() -> String {

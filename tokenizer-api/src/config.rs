@@ -134,6 +134,10 @@ pub struct CommonArgs {
     /// in milliseconds (default 10000; one more at shutdown).
     #[arg(long, env = "TOKENIZER_AUDIT_CHECKPOINT_INTERVAL_MS")]
     pub audit_checkpoint_interval_ms: Option<u64>,
+    /// Also sign a checkpoint as soon as this many entries are not yet
+    /// covered by one (default 1000).
+    #[arg(long, env = "TOKENIZER_AUDIT_CHECKPOINT_EVERY")]
+    pub audit_checkpoint_every: Option<u64>,
     /// File outside the database to which every checkpoint is appended (the
     /// external witness); default `<data-dir>/audit-checkpoints.jsonl`.
     #[arg(long, env = "TOKENIZER_AUDIT_WITNESS_FILE")]
@@ -167,6 +171,7 @@ struct FileConfig {
     db_timeout_ms: Option<u64>,
     db_max_connections: Option<u32>,
     audit_checkpoint_interval_ms: Option<u64>,
+    audit_checkpoint_every: Option<u64>,
     audit_witness_file: Option<PathBuf>,
 }
 
@@ -183,6 +188,8 @@ pub struct Settings {
     pub db_timeout: std::time::Duration,
     pub db_max_connections: u32,
     pub audit_checkpoint_interval: std::time::Duration,
+    /// Entries after which a checkpoint is due even before the interval.
+    pub audit_checkpoint_every: u64,
     pub audit_witness_file: PathBuf,
     pub kek_file: PathBuf,
     pub log_level: String,
@@ -249,6 +256,11 @@ impl Settings {
             database_url,
             audit_witness_file,
             audit_checkpoint_interval,
+            audit_checkpoint_every: common
+                .audit_checkpoint_every
+                .or(file.audit_checkpoint_every)
+                .unwrap_or(1000)
+                .max(1),
             migrate_on_start: common
                 .migrate_on_start
                 .or(file.migrate_on_start)
@@ -317,6 +329,7 @@ mod tests {
             db_timeout_ms: None,
             db_max_connections: None,
             audit_checkpoint_interval_ms: None,
+            audit_checkpoint_every: None,
             audit_witness_file: None,
         }
     }

@@ -162,3 +162,97 @@ fn backup_and_restore_through_the_cli() {
     let listed = String::from_utf8(run(&["principal", "list"], &broken_target).stdout).unwrap();
     assert_eq!(listed.trim(), "[]");
 }
+
+/// A checkpoint is signed as soon as `--audit-checkpoint-every` entries are
+/// uncovered, long before a (here one-hour) interval: three operator
+/// commands against the running service's database are enough.
+#[test]
+fn checkpoints_follow_the_entry_count_and_go_to_the_witness_file() {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut server = tokenizer()
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .args([
+            "--audit-checkpoint-interval-ms",
+            "3600000",
+            "--audit-checkpoint-every",
+            "3",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it listens (the first checkpoint is signed at start).
+    let stderr = server.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let started = Instant::now();
+    while let Some(Ok(line)) = lines.next() {
+        if line.contains("listening on ") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the service did not start"
+        );
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let witness = data.join("audit-checkpoints.jsonl");
+    let checkpoints = || {
+        std::fs::read_to_string(&witness)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let wait_for = |n: usize| {
+        let t = Instant::now();
+        while checkpoints() < n {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no checkpoint {n} in the witness file"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(1);
+    for name in ["a", "b", "c"] {
+        let out = tokenizer()
+            .args([
+                "principal",
+                "create",
+                "--name",
+                name,
+                "--roles",
+                "auditor",
+                "--tenants",
+                "*",
+                "--data-dir",
+            ])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_for(2);
+    let last: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&witness)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["type"], "checkpoint");
+    let key = std::fs::read_to_string(data.join("audit-verify.pub")).unwrap();
+    assert!(key.starts_with("cardvault-audit-ed25519:"));
+    server.kill().unwrap();
+    let _ = server.wait();
+}

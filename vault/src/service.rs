@@ -639,6 +639,11 @@ impl Vault {
             .await?)
     }
 
+    /// Number of entries in the audit chain.
+    pub async fn audit_size(&self) -> Result<u64, VaultError> {
+        Ok(self.store.audit_size().await?)
+    }
+
     /// The auditors' verification key (`cardvault-audit-ed25519:<hex>`).
     pub fn audit_public_key(&self) -> &str {
         self.keys.audit_public_key()

@@ -200,6 +200,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         after: u64,
         limit: u32,
     ) -> Result<Vec<audit::ChainedEvent>, StoreError>;
+    /// Number of entries in the audit chain.
+    async fn audit_size(&self) -> Result<u64, StoreError>;
     /// Every signed checkpoint, smallest tree first.
     async fn checkpoints(&self) -> Result<Vec<audit::Checkpoint>, StoreError>;
     /// Sign and store a checkpoint of the chain as it is now, unless the

@@ -702,6 +702,16 @@ macro_rules! sql_store {
                 .await
             }
 
+            async fn audit_size(&self) -> Result<u64, $crate::store::StoreError> {
+                self.bounded(async {
+                    let size: i64 = sqlx::query_scalar("SELECT size FROM audit_head WHERE id = 1")
+                        .fetch_one(&self.pool)
+                        .await?;
+                    u64::try_from(size).map_err(|_| $crate::store::StoreError::Corrupt("audit head size"))
+                })
+                .await
+            }
+
             async fn checkpoints(&self) -> Result<Vec<audit::Checkpoint>, $crate::store::StoreError> {
                 self.bounded(async {
                     let rows = sqlx::query(&format!("SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY tree_size"))
