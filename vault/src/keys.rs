@@ -77,7 +77,10 @@ async fn load_or_init_signing(
         };
         let event = AuditEvent::new(Action::KeyGenerated, Outcome::Success)
             .source("local")
-            .detail(format!("audit_signing:1 {}", row.key_id));
+            // Not the key id: 16 hex characters can form a Luhn-valid digit
+            // run, which the audit store rightly refuses. Auditors derive
+            // the id from the public key.
+            .detail(signing_label(1));
         if store.insert_signing_key(&row, event).await? {
             tracing::info!(key_id = %row.key_id, "generated audit signing key");
         }
