@@ -137,7 +137,7 @@ mod tests {
             ("3589000000000000", Brand::Jcb),
             ("6440000000000000", Brand::Discover),
             ("6500000000000000", Brand::Discover),
-            ("6221260000000000", Brand::Unionpay),
+            ("6221260000000001", Brand::Unionpay),
             ("5018000000000000", Brand::Maestro),
             ("9999000000000000", Brand::Unknown),
             ("1", Brand::Unknown),
