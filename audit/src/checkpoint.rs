@@ -384,7 +384,7 @@ mod tests {
             assert_eq!(c.verify(&public), Err(CheckpointError::BadSignature));
         }
         let mut c = cp.clone();
-        c.key_id = "0000000000000000".into();
+        c.key_id = "ffffffffffffffff".into();
         assert!(matches!(
             c.verify(&public),
             Err(CheckpointError::UnknownKey { .. })

@@ -82,6 +82,14 @@ impl BackupSummary {
         }
     }
 
+    /// Counts for the audit trail (no content).
+    fn describe(&self) -> String {
+        format!(
+            "keys={} principals={} cards={} audit_events={} audit_checkpoints={} audit_signing_keys={}",
+            self.keys, self.principals, self.cards, self.audit_events, self.audit_checkpoints, self.audit_signing_keys
+        )
+    }
+
     fn total(&self) -> u64 {
         self.keys
             + self.principals
@@ -283,10 +291,7 @@ pub async fn write_backup(
     result?;
     let event = AuditEvent::new(Action::BackupExported, Outcome::Success)
         .source("local")
-        .detail(format!(
-            "keys={} principals={} cards={} audit_events={}",
-            summary.keys, summary.principals, summary.cards, summary.audit_events
-        ));
+        .detail(summary.describe());
     store.append_audit(event).await?;
     Ok(summary)
 }
@@ -538,10 +543,7 @@ pub async fn restore_backup(
     store.import(records).await?;
     let event = AuditEvent::new(Action::BackupRestored, Outcome::Success)
         .source("local")
-        .detail(format!(
-            "keys={} principals={} cards={} audit_events={}",
-            summary.keys, summary.principals, summary.cards, summary.audit_events
-        ));
+        .detail(summary.describe());
     store.append_audit(event).await?;
     Ok(summary)
 }

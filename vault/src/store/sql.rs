@@ -677,29 +677,7 @@ macro_rules! sql_store {
             }
 
             async fn chained_events(&self, after: u64, limit: u32) -> Result<Vec<audit::ChainedEvent>, $crate::store::StoreError> {
-                use $crate::store::StoreError;
-                self.bounded(async {
-                    let rows = sqlx::query(&format!(
-                        "SELECT {EVENT_COLUMNS} FROM audit_events WHERE chain_seq > $1 ORDER BY chain_seq LIMIT $2"
-                    ))
-                    .bind(i64::try_from(after).map_err(|_| StoreError::Corrupt("chain_seq"))?)
-                    .bind(i64::from(limit))
-                    .fetch_all(&self.pool)
-                    .await?;
-                    rows.iter()
-                        .map(|r| {
-                            let row = audit_row_from_row(r)?;
-                            let link = row.chain.ok_or(StoreError::Corrupt("unchained row"))?;
-                            Ok(audit::ChainedEvent {
-                                seq: link.chain_seq,
-                                event: row.event,
-                                leaf_hash: link.leaf_hash,
-                                chain_hash: link.chain_hash,
-                            })
-                        })
-                        .collect()
-                })
-                .await
+                self.query_audit(&$crate::store::AuditFilter::default(), after, limit).await
             }
 
             async fn audit_size(&self) -> Result<u64, $crate::store::StoreError> {
