@@ -85,7 +85,14 @@ fn main() -> ExitCode {
 
     let started = Instant::now();
     let mut export = Vec::with_capacity(n as usize * 400);
-    if write_export(&mut export, &checkpoints, &entries).is_err() {
+    if write_export(
+        &mut export,
+        &audit::chain::Anchor::genesis(),
+        &checkpoints,
+        &entries,
+    )
+    .is_err()
+    {
         eprintln!("export failed");
         return ExitCode::FAILURE;
     }

@@ -29,9 +29,9 @@ use std::pin::Pin;
 
 use futures_util::stream::{BoxStream, Peekable, StreamExt};
 
-use crate::chain::ChainedEvent;
+use crate::chain::{Anchor, ChainedEvent};
 use crate::checkpoint::{Checkpoint, VerifyingKey};
-use crate::db::{BadRow, DbError, RowError, TrailDb};
+use crate::db::{ArchiveRow, BadRow, DbError, RowError, TrailDb};
 use crate::export::{self, ExportError, ExportReader, LineError, ReadError, Record};
 use crate::proof::{EntryProof, ProofError};
 use crate::verify::{verify_export, Failure, Report, Verifier};
@@ -90,7 +90,7 @@ impl Witness {
                     last = last.max(c.tree_size);
                     count += 1;
                 }
-                Record::Entry(_) => {
+                Record::Entry(_) | Record::Anchor(_) => {
                     return Err(WitnessError::Line(ReadError {
                         line: count + 1,
                         error: LineError::UnexpectedEntry,
@@ -103,7 +103,7 @@ impl Witness {
         if sorted {
             let lines = ExportReader::new(input).map(|record| match record {
                 Ok(Record::Checkpoint(c)) => Ok(c),
-                Ok(Record::Entry(_)) => Err(WitnessError::Line(ReadError {
+                Ok(Record::Entry(_) | Record::Anchor(_)) => Err(WitnessError::Line(ReadError {
                     line: 0,
                     error: LineError::UnexpectedEntry,
                 })),
@@ -173,6 +173,7 @@ impl Witness {
 pub enum Source {
     Database,
     Export,
+    Archives,
 }
 
 impl fmt::Display for Source {
@@ -180,6 +181,7 @@ impl fmt::Display for Source {
         f.write_str(match self {
             Source::Database => "database",
             Source::Export => "export",
+            Source::Archives => "archive files",
         })
     }
 }
@@ -204,6 +206,8 @@ pub enum TrailFailure {
     /// The database (or export) holds a different checkpoint for
     /// `tree_size` entries than the witness file: it was rewritten.
     DifferentCheckpoint { tree_size: u64, source: Source },
+    /// A line of an archive file cannot be read.
+    UnreadableArchive { file: String, error: ReadError },
 }
 
 impl fmt::Display for TrailFailure {
@@ -242,6 +246,9 @@ impl fmt::Display for TrailFailure {
                 f,
                 "the checkpoint for {tree_size} entries in the {source} differs from the one in the witness file: it was rewritten"
             ),
+            TrailFailure::UnreadableArchive { file, error } => {
+                write!(f, "archive file {file}, {error}")
+            }
         }
     }
 }
@@ -270,6 +277,10 @@ pub struct Verified {
     /// Checkpoints read from the witness file, all found unchanged.
     pub witness_checkpoints: Option<u64>,
     pub source: Source,
+    /// Archived segments recorded in the database.
+    pub archived: Vec<ArchiveRow>,
+    /// Archive files verified before the database's entries.
+    pub archive_files: u64,
 }
 
 impl Verified {
@@ -284,6 +295,27 @@ impl Verified {
             r.last_seq,
             r.anchored
         )];
+        if let Some(last) = self.archived.last() {
+            lines.push(format!(
+                "archived: entries 1 to {} in {} segments (last: {}, sha256 {}, archived at {})",
+                last.to_seq,
+                self.archived.len(),
+                last.file_name,
+                last.file_sha256,
+                last.archived_at
+            ));
+        }
+        if self.archive_files > 0 {
+            lines.push(format!(
+                "archive files: {} verified, joined to each other and to the entries in the {}",
+                self.archive_files, self.source
+            ));
+        } else if r.start > 0 {
+            lines.push(format!(
+                "note: verification started after entry {} (from the anchor of the last archived segment); entries 1 to {} are verified from their archive files (--archive)",
+                r.start, r.start
+            ));
+        }
         if let Some(n) = self.witness_checkpoints {
             lines.push(format!(
                 "witness file: {n} checkpoints, each one present and identical in the {}",
@@ -319,6 +351,8 @@ struct Checkpoints<'a> {
     /// The first problem found with a checkpoint (reported if the entries
     /// themselves verify).
     problem: Option<TrailFailure>,
+    /// Whether witness checkpoints must also be in `db`.
+    compare: bool,
 }
 
 enum Head {
@@ -383,7 +417,8 @@ impl Checkpoints<'_> {
                     in_witness.extend(w.next_checkpoint()?);
                 }
             }
-            for c in &in_witness {
+            let compare = self.compare;
+            for c in in_witness.iter().filter(|_| compare) {
                 if in_db.is_empty() {
                     self.note(TrailFailure::MissingCheckpoint {
                         tree_size: size,
@@ -405,35 +440,67 @@ impl Checkpoints<'_> {
 
 /// Verify the trail in the database at `url` with the checkpoint public
 /// key, and, if given, against the witness file's checkpoints.
+///
+/// Entries archived out of the database (`audit_archives`) are verified
+/// from `archives`, the archive files in order, which must join up with
+/// each other and with the entries still in the database. Without them the
+/// pass starts where the last archived segment ends, from its anchor.
 pub async fn verify_database(
     url: &str,
     key: &VerifyingKey,
     mut witness: Option<Witness>,
+    archives: &[&Path],
 ) -> Result<Verified, VerifyError> {
     // Two connections: one streams checkpoints, one entries. The checkpoint
     // query starts first (see the module doc).
     let mut cp_db = TrailDb::open(url).await?;
     let mut entry_db = TrailDb::open(url).await?;
     let legacy_rows = entry_db.legacy_rows().await?;
+    let archived = entry_db.archives().await?;
+    let db_start = archived
+        .last()
+        .map_or_else(Anchor::genesis, |a| a.anchor.clone());
     let witness_count = witness.as_ref().map(Witness::len);
-    let mut verifier = Verifier::new(key.clone());
-    let verdict = {
+    let verdict = async {
         let mut checkpoints = Checkpoints {
             db: cp_db.checkpoints().peekable(),
             witness: witness.as_mut(),
             problem: None,
+            compare: true,
         };
         checkpoints.db_head().await?;
-        let mut entries = entry_db.entries();
+        let mut verifier = None;
+        for path in archives {
+            if let Err(failure) =
+                verify_archive_file(path, key, &mut verifier, &mut checkpoints).await?
+            {
+                return Ok(Err(failure));
+            }
+        }
+        let mut verifier = match verifier {
+            Some(mut v) => {
+                v.continue_at(&db_start);
+                v
+            }
+            None => match Verifier::resume(key.clone(), &db_start) {
+                Ok(v) => v,
+                Err(failure) => return Ok(Err(TrailFailure::Trail(failure))),
+            },
+        };
+        let mut entries = if db_start.tree_size == 0 {
+            entry_db.entries()
+        } else {
+            entry_db.entries_in(Some((db_start.tree_size + 1, u64::MAX)))
+        };
         let mut bad_entry = None;
         while let Some(item) = entries.next().await {
+            if verifier.is_settled() {
+                break;
+            }
             match item {
                 Ok(entry) => {
                     checkpoints.feed(&mut verifier, entry.seq).await?;
                     verifier.push(&entry);
-                    if verifier.is_settled() {
-                        break;
-                    }
                 }
                 Err(RowError::Query(e)) => return Err(DbError::Query(e).into()),
                 // An earlier failure comes first; else the bad row is it.
@@ -453,22 +520,129 @@ pub async fn verify_database(
             checkpoints.feed(&mut verifier, u64::MAX).await?;
         }
         let problem = checkpoints.problem.take();
-        match (verifier.finish(), bad_entry, problem) {
+        Ok::<_, VerifyError>(match (verifier.finish(), bad_entry, problem) {
             (Err(failure), _, _) => Err(TrailFailure::Trail(failure)),
             (Ok(_), Some(bad), _) => Err(bad),
             (Ok(_), None, Some(problem)) => Err(problem),
             (Ok(report), None, None) => Ok(report),
-        }
-    };
+        })
+    }
+    .await;
     cp_db.close().await;
     entry_db.close().await;
-    let report = verdict.map_err(VerifyError::Failed)?;
+    let report = verdict?.map_err(VerifyError::Failed)?;
     Ok(Verified {
         report,
         legacy_rows: Some(legacy_rows),
         witness_checkpoints: witness_count,
         source: Source::Database,
+        archived,
+        archive_files: archives.len() as u64,
     })
+}
+
+/// Verify archive files alone (no database), oldest first: each verifies
+/// and continues exactly where the one before ends. Witness checkpoints
+/// are checked against the entries they cover (they cannot be compared with
+/// a database here).
+pub async fn verify_archives(
+    archives: &[&Path],
+    key: &VerifyingKey,
+    mut witness: Option<Witness>,
+) -> Result<Verified, VerifyError> {
+    let witness_count = witness.as_ref().map(Witness::len);
+    let mut checkpoints = Checkpoints {
+        db: futures_util::stream::empty().boxed().peekable(),
+        witness: witness.as_mut(),
+        problem: None,
+        compare: false,
+    };
+    let mut verifier = None;
+    for path in archives {
+        if let Err(failure) =
+            verify_archive_file(path, key, &mut verifier, &mut checkpoints).await?
+        {
+            return Err(VerifyError::Failed(failure));
+        }
+    }
+    let mut verifier = verifier.unwrap_or_else(|| Verifier::new(key.clone()));
+    let end = verifier.last_good_seq();
+    checkpoints.feed(&mut verifier, end).await?;
+    let report = verifier
+        .finish()
+        .map_err(|f| VerifyError::Failed(TrailFailure::Trail(f)))?;
+    Ok(Verified {
+        report,
+        legacy_rows: None,
+        witness_checkpoints: witness_count,
+        source: Source::Archives,
+        archived: Vec::new(),
+        archive_files: archives.len() as u64,
+    })
+}
+
+/// Feed one archive file (an export that starts at an anchor, or at entry
+/// 1) to the verifier, creating it from the first file's start, checking
+/// that later files continue where the previous one ended. Checkpoints of
+/// the database and the witness are merged in as the entries go; the
+/// file's own checkpoints are added too.
+async fn verify_archive_file(
+    path: &Path,
+    key: &VerifyingKey,
+    verifier: &mut Option<Verifier>,
+    checkpoints: &mut Checkpoints<'_>,
+) -> Result<Result<(), TrailFailure>, VerifyError> {
+    let file = File::open(path).map_err(VerifyError::Io)?;
+    let mut reader = ExportReader::new(BufReader::new(file));
+    let file_name = || path.display().to_string();
+    let mut first = true;
+    while let Some(record) = reader.next() {
+        let start = std::mem::take(&mut first);
+        let record = match record {
+            Ok(record) => record,
+            Err(error) => {
+                return Ok(Err(TrailFailure::UnreadableArchive {
+                    file: file_name(),
+                    error,
+                }))
+            }
+        };
+        if start {
+            let anchor = match &record {
+                Record::Anchor(anchor) => anchor.clone(),
+                _ => Anchor::genesis(),
+            };
+            match verifier {
+                Some(v) => v.continue_at(&anchor),
+                None => match Verifier::resume(key.clone(), &anchor) {
+                    Ok(v) => *verifier = Some(v),
+                    Err(failure) => return Ok(Err(TrailFailure::Trail(failure))),
+                },
+            }
+        }
+        let Some(v) = verifier.as_mut() else {
+            break;
+        };
+        match record {
+            Record::Anchor(_) if start => {}
+            Record::Anchor(_) => {
+                return Ok(Err(TrailFailure::Trail(Failure::MisplacedAnchor {
+                    line: reader.line(),
+                })))
+            }
+            Record::Checkpoint(c) => {
+                v.add_checkpoint(c);
+            }
+            Record::Entry(entry) => {
+                checkpoints.feed(v, entry.seq).await?;
+                v.push(&entry);
+            }
+        }
+        if v.is_settled() {
+            break;
+        }
+    }
+    Ok(Ok(()))
 }
 
 /// Verify an export file (see [`crate::export`]) with the public key, and,
@@ -494,7 +668,7 @@ pub fn verify_export_file(
         for record in ExportReader::new(open()?) {
             match record {
                 Ok(Record::Checkpoint(c)) => in_export.entry(c.tree_size).or_default().push(c),
-                Ok(Record::Entry(_)) => {}
+                Ok(Record::Entry(_) | Record::Anchor(_)) => {}
                 Err(_) => break,
             }
         }
@@ -523,6 +697,8 @@ pub fn verify_export_file(
         legacy_rows: None,
         witness_checkpoints: witness_count,
         source: Source::Export,
+        archived: Vec::new(),
+        archive_files: 0,
     })
 }
 
@@ -539,6 +715,10 @@ pub enum ExportDbError {
     Write(#[from] ExportError),
     #[error("a row cannot be exported ({row}{}): it was written or changed by hand; run `vault-audit verify`", .row.key.map(|k| format!(", key {k}")).unwrap_or_default())]
     BadRow { row: BadRow },
+    #[error("entries before {first} are archived (no longer in the database): they are in their archive files")]
+    Archived { first: u64 },
+    #[error("entry {seq} is missing from the database, so the range cannot be anchored; run `vault-audit verify`")]
+    Gap { seq: u64 },
 }
 
 /// What an export holds.
@@ -548,37 +728,110 @@ pub struct Exported {
     pub entries: u64,
 }
 
-/// Write the trail in the database at `url` as JSON Lines: every
-/// checkpoint (ascending tree size), then the entries (all, or those with
-/// `from <= seq <= to`), in chain order.
+/// Write the trail in the database at `url` as JSON Lines: for a range
+/// that does not start at entry 1 an anchor line (the trail's state before
+/// `from`), then every checkpoint from the anchor's tree size on (up to
+/// `to`, for a range), then the entries in chain order. Every such export
+/// verifies on its own with `verify --export`.
+///
+/// Entries archived out of the database cannot be exported from it (they
+/// are in their archive files); a range starting before the first entry
+/// still in the database is refused.
 pub async fn export_database<W: Write>(
     url: &str,
     range: Option<(u64, u64)>,
     out: &mut W,
 ) -> Result<Exported, ExportDbError> {
     let mut db = TrailDb::open(url).await?;
-    let result = async {
-        let mut counts = Exported {
-            checkpoints: 0,
-            entries: 0,
-        };
-        // Checkpoints first: their entries are committed before them.
-        let mut checkpoints = db.checkpoints();
-        while let Some(item) = checkpoints.next().await {
-            export::write_checkpoint(out, &row(item)?)?;
-            counts.checkpoints += 1;
-        }
-        drop(checkpoints);
-        let mut entries = db.entries_in(range);
-        while let Some(item) = entries.next().await {
-            export::write_entry(out, &row(item)?)?;
-            counts.entries += 1;
-        }
-        Ok(counts)
-    }
-    .await;
+    let result = export_with(&mut db, range, out).await;
     db.close().await;
     result
+}
+
+async fn export_with<W: Write>(
+    db: &mut TrailDb,
+    range: Option<(u64, u64)>,
+    out: &mut W,
+) -> Result<Exported, ExportDbError> {
+    let archived = db
+        .archives()
+        .await?
+        .last()
+        .map(|a| a.anchor.clone())
+        .unwrap_or_else(Anchor::genesis);
+    let (from, to) = match range {
+        Some((from, to)) => (from.max(1), to),
+        None => (archived.tree_size + 1, u64::MAX),
+    };
+    if from <= archived.tree_size {
+        return Err(ExportDbError::Archived {
+            first: archived.tree_size + 1,
+        });
+    }
+    // The anchor before `from`: the archived one, moved along the stored
+    // leaf and chain hashes of the entries in between. An export copies
+    // what is stored (it does not judge it): if those rows were tampered
+    // with, the export's first checkpoint will not verify.
+    let anchor = if from == archived.tree_size + 1 {
+        archived
+    } else {
+        let mut tree = crate::merkle::Frontier::from_parts(archived.tree_size, archived.frontier)
+            .ok_or(ExportDbError::BadRow {
+            row: BadRow {
+                key: None,
+                what: "the frontier of the last archived segment does not fit its size",
+            },
+        })?;
+        let mut head = archived.chain_head;
+        let mut rows = db.entries_in(Some((archived.tree_size + 1, from - 1)));
+        while let Some(item) = rows.next().await {
+            let entry = row(item)?;
+            if entry.seq != tree.size() + 1 {
+                return Err(ExportDbError::Gap {
+                    seq: tree.size() + 1,
+                });
+            }
+            tree.push(entry.leaf_hash);
+            head = entry.chain_hash;
+        }
+        if tree.size() != from - 1 {
+            return Err(ExportDbError::Gap {
+                seq: tree.size() + 1,
+            });
+        }
+        Anchor {
+            tree_size: tree.size(),
+            chain_head: head,
+            frontier: tree.nodes().to_vec(),
+        }
+    };
+    let mut counts = Exported {
+        checkpoints: 0,
+        entries: 0,
+    };
+    if anchor.tree_size > 0 {
+        export::write_anchor(out, &anchor)?;
+    }
+    // Checkpoints first: their entries are committed before them.
+    let mut checkpoints = db.checkpoints();
+    while let Some(item) = checkpoints.next().await {
+        let checkpoint = row(item)?;
+        if checkpoint.tree_size >= anchor.tree_size && checkpoint.tree_size <= to {
+            export::write_checkpoint(out, &checkpoint)?;
+            counts.checkpoints += 1;
+        }
+    }
+    drop(checkpoints);
+    let mut entries = if range.is_none() && anchor.tree_size == 0 {
+        db.entries()
+    } else {
+        db.entries_in(Some((from, to)))
+    };
+    while let Some(item) = entries.next().await {
+        export::write_entry(out, &row(item)?)?;
+        counts.entries += 1;
+    }
+    Ok(counts)
 }
 
 fn row<T>(item: Result<T, RowError>) -> Result<T, ExportDbError> {
@@ -612,6 +865,8 @@ pub enum ProveError {
     Io(#[source] io::Error),
     #[error("the export cannot be read: {0}; run `vault-audit verify --export`")]
     Unreadable(ReadError),
+    #[error("entries 1 to {start} are not here (archived, or a range export): an inclusion proof is built from every entry from 1 on, so this tool cannot build one here; verify the segments with `vault-audit verify --archive`")]
+    Archived { start: u64 },
 }
 
 impl ProveError {
@@ -663,6 +918,9 @@ async fn prove_with(
     seq: u64,
     wanted: Option<u64>,
 ) -> Result<EntryProof, ProveError> {
+    if let Some(last) = db.archives().await?.last() {
+        return Err(ProveError::Archived { start: last.to_seq });
+    }
     // Rows come by ascending tree size: the first match is the one.
     let mut found = None;
     {
@@ -737,9 +995,14 @@ pub fn prove_from_export(
 ) -> Result<EntryProof, ProveError> {
     let open = || File::open(path).map(BufReader::new).map_err(ProveError::Io);
     let mut unreadable = None;
+    let mut anchored = None;
     let checkpoints = ExportReader::new(open()?).map_while(|record| match record {
         Ok(Record::Checkpoint(c)) => Some(Some(c)),
         Ok(Record::Entry(_)) => Some(None),
+        Ok(Record::Anchor(a)) => {
+            anchored = Some(a.tree_size);
+            None
+        }
         Err(e) => {
             unreadable = Some(e);
             None
@@ -749,11 +1012,14 @@ pub fn prove_from_export(
     if let Some(e) = unreadable {
         return Err(ProveError::Unreadable(e));
     }
+    if let Some(start) = anchored {
+        return Err(ProveError::Archived { start });
+    }
     let checkpoint = chosen?;
     let mut unreadable = None;
     let entries = ExportReader::new(open()?).map_while(|record| match record {
         Ok(Record::Entry(e)) => Some(Some(e)),
-        Ok(Record::Checkpoint(_)) => Some(None),
+        Ok(Record::Checkpoint(_) | Record::Anchor(_)) => Some(None),
         Err(e) => {
             unreadable = Some(e);
             None

@@ -10,7 +10,8 @@
 //!
 //! [`ChainState`] is the chain alone (what the store needs per row);
 //! [`Trail`] is the chain plus the Merkle [`Frontier`], which is what a
-//! checkpoint signs.
+//! checkpoint signs; [`Anchor`] is a trail's state written down, where an
+//! archive segment or a partial export starts.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -112,6 +113,48 @@ impl ChainState {
     }
 }
 
+/// The state of the trail after `tree_size` entries, written down: the
+/// chain head and the Merkle frontier. It is all a verifier needs to go on
+/// from entry `tree_size + 1` without the entries before it, which is how
+/// an archived segment (or a partial export) verifies on its own.
+///
+/// An anchor proves nothing by itself: it is checked by the first signed
+/// checkpoint at or after `tree_size`, whose root and chain head it must
+/// lead to (a forged anchor cannot, without a hash collision).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Anchor {
+    pub tree_size: u64,
+    #[serde(with = "crate::hex::array")]
+    pub chain_head: [u8; 32],
+    /// [`Frontier::nodes`]: one node per set bit of `tree_size`.
+    #[serde(with = "crate::hex::array_vec")]
+    pub frontier: Vec<[u8; 32]>,
+}
+
+impl Anchor {
+    /// The state before entry 1.
+    pub fn genesis() -> Self {
+        Self {
+            tree_size: 0,
+            chain_head: GENESIS,
+            frontier: Vec::new(),
+        }
+    }
+
+    /// The trail this anchor describes (`None` if the frontier does not
+    /// have one node per set bit of `tree_size`).
+    pub fn trail(&self) -> Option<Trail> {
+        let tree = Frontier::from_parts(self.tree_size, self.frontier.clone())?;
+        Trail::resume(ChainState::resume(self.tree_size, self.chain_head), tree)
+    }
+
+    /// The Merkle root at `tree_size` (`None` as for [`Anchor::trail`]).
+    pub fn root(&self) -> Option<[u8; 32]> {
+        Frontier::from_parts(self.tree_size, self.frontier.clone()).map(|t| t.root())
+    }
+}
+
 /// The writer's side of the whole trail: chain plus Merkle tree, enough to
 /// append entries and sign checkpoints, in O(log n) memory.
 #[derive(Debug, Clone, Default)]
@@ -171,6 +214,15 @@ impl Trail {
     /// Merkle root of all entries.
     pub fn root(&self) -> [u8; 32] {
         self.tree.root()
+    }
+
+    /// The trail's state as an [`Anchor`].
+    pub fn anchor(&self) -> Anchor {
+        Anchor {
+            tree_size: self.chain.size,
+            chain_head: self.chain.head,
+            frontier: self.tree.nodes().to_vec(),
+        }
     }
 
     /// A signed checkpoint of the trail as it is now.

@@ -28,7 +28,7 @@ use sqlx::{ColumnIndex, ConnectOptions, Connection, Decode, Row, Type};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::chain::ChainedEvent;
+use crate::chain::{Anchor, ChainedEvent};
 use crate::checkpoint::Checkpoint;
 use crate::{Action, AuditEvent, Outcome};
 
@@ -96,6 +96,10 @@ const CHECKPOINTS_SQL: &str = "SELECT tree_size, root, chain_head, time, key_id,
 /// SQLite's extended result code SQLITE_READONLY_DIRECTORY.
 const SQLITE_READONLY_DIRECTORY: &str = "1544";
 
+const ARCHIVES_SQL: &str =
+    "SELECT from_seq, to_seq, chain_head, frontier, file_name, file_sha256, \
+     archived_at FROM audit_archives ORDER BY to_seq";
+
 const LEGACY_SQL: &str = "SELECT COUNT(*) FROM audit_events WHERE chain_seq IS NULL";
 
 /// The database could not be opened or read (not a verdict on the trail).
@@ -115,6 +119,25 @@ pub enum DbError {
     SqliteReadOnlyDirectory,
     #[error("cannot read the audit tables: {0}")]
     Query(#[source] sqlx::Error),
+    #[error("an audit_archives row is not what the service writes ({0}): it was written or changed by hand")]
+    BadArchive(BadRow),
+}
+
+/// One archived segment as the database records it (`audit_archives`):
+/// entries `from_seq..=to_seq` were written to `file_name` and may have been
+/// deleted from the database since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveRow {
+    pub from_seq: u64,
+    pub to_seq: u64,
+    /// The trail's state after `to_seq`: where the entries still in the
+    /// database continue.
+    pub anchor: Anchor,
+    pub file_name: String,
+    /// SHA-256 of the archive file, lowercase hex.
+    pub file_sha256: String,
+    /// RFC 3339 time the segment was archived.
+    pub archived_at: String,
 }
 
 /// A row that does not read back as what the service writes.
@@ -202,6 +225,31 @@ impl TrailDb {
         }
         .map_err(DbError::Query)?;
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The archived segments, by their last entry.
+    pub async fn archives(&mut self) -> Result<Vec<ArchiveRow>, DbError> {
+        let rows = match &mut self.conn {
+            Conn::Sqlite(c) => {
+                let rows = sqlx::query(ARCHIVES_SQL)
+                    .fetch_all(c)
+                    .await
+                    .map_err(DbError::Query)?;
+                rows.iter()
+                    .map(archive_from_row)
+                    .collect::<Result<Vec<_>, _>>()
+            }
+            Conn::Postgres(c) => {
+                let rows = sqlx::query(ARCHIVES_SQL)
+                    .fetch_all(c)
+                    .await
+                    .map_err(DbError::Query)?;
+                rows.iter()
+                    .map(archive_from_row)
+                    .collect::<Result<Vec<_>, _>>()
+            }
+        };
+        rows.map_err(DbError::BadArchive)
     }
 
     /// Every chained entry, in chain order (ties by insertion order).
@@ -421,5 +469,50 @@ where
         signature: signature
             .try_into()
             .map_err(|_| bad("signature is not 64 bytes"))?,
+    })
+}
+
+fn archive_from_row<'r, R>(r: &'r R) -> Result<ArchiveRow, BadRow>
+where
+    R: Row,
+    &'static str: ColumnIndex<R>,
+    String: Decode<'r, R::Database> + Type<R::Database>,
+    i64: Decode<'r, R::Database> + Type<R::Database>,
+    Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let to: i64 =
+        get(r, "to_seq", "to_seq is not an integer").map_err(|what| BadRow { key: None, what })?;
+    let bad = |what| BadRow {
+        key: Some(to),
+        what,
+    };
+    let seq = |column, what| -> Result<u64, BadRow> {
+        let n: i64 = get(r, column, what).map_err(bad)?;
+        u64::try_from(n).map_err(|_| bad(what))
+    };
+    let to_seq = seq("to_seq", "to_seq is negative")?;
+    let from_seq = seq("from_seq", "from_seq is not a positive integer")?;
+    let head: Vec<u8> = get(r, "chain_head", "chain_head is not 32 bytes").map_err(bad)?;
+    let frontier: Vec<u8> = get(r, "frontier", "frontier is not bytes").map_err(bad)?;
+    if frontier.len() % 32 != 0 {
+        return Err(bad("frontier is not a list of 32-byte hashes"));
+    }
+    let frontier: Vec<[u8; 32]> = frontier
+        .chunks_exact(32)
+        .filter_map(|c| c.try_into().ok())
+        .collect();
+    Ok(ArchiveRow {
+        from_seq,
+        to_seq,
+        anchor: Anchor {
+            tree_size: to_seq,
+            chain_head: head
+                .try_into()
+                .map_err(|_| bad("chain_head is not 32 bytes"))?,
+            frontier,
+        },
+        file_name: get(r, "file_name", "file_name is not text").map_err(bad)?,
+        file_sha256: get(r, "file_sha256", "file_sha256 is not text").map_err(bad)?,
+        archived_at: get(r, "archived_at", "archived_at is not text").map_err(bad)?,
     })
 }

@@ -6,8 +6,16 @@
 //! {"type":"entry","seq":1,"event":{"time":"..","principal":..,..},"leaf_hash":"..","chain_hash":".."}
 //! ```
 //!
-//! Layout written by [`write_export`]: all checkpoints first (ascending tree
-//! size), then the entries in seq order, every line ending in `\n`. The
+//! Layout written by [`write_export`]: for an export that does not start at
+//! entry 1 (an archived segment, a range), first an anchor line with the
+//! trail's state before its first entry (see [`Anchor`]); then all
+//! checkpoints (ascending tree size), then the entries in seq order, every
+//! line ending in `\n`.
+//!
+//! ```text
+//! {"type":"anchor","tree_size":5000,"chain_head":"..","frontier":["..",".."]}
+//! ```
+//! The
 //! verifier also accepts a checkpoint anywhere before the entry that follows
 //! its tree size (e.g. right after the entry it covers up to), so a trail
 //! can be streamed in one pass; a file of checkpoint lines only is the
@@ -21,7 +29,7 @@
 
 use std::io::{self, BufRead, Read, Write};
 
-use crate::chain::ChainedEvent;
+use crate::chain::{Anchor, ChainedEvent};
 use crate::checkpoint::Checkpoint;
 
 const ENTRY_PREFIX: &str = r#"{"type":"entry","#;
@@ -29,12 +37,15 @@ const ENTRY_PREFIX: &str = r#"{"type":"entry","#;
 /// field), so a damaged file cannot make the reader hold gigabytes.
 pub const MAX_LINE: usize = 1 << 20;
 const CHECKPOINT_PREFIX: &str = r#"{"type":"checkpoint","#;
+const ANCHOR_PREFIX: &str = r#"{"type":"anchor","#;
 
 /// One line of an export.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Entry(ChainedEvent),
     Checkpoint(Checkpoint),
+    /// Where the export starts (its first line, when present).
+    Anchor(Anchor),
 }
 
 impl Record {
@@ -43,6 +54,7 @@ impl Record {
         match self {
             Record::Entry(e) => entry_line(e),
             Record::Checkpoint(c) => checkpoint_line(c),
+            Record::Anchor(a) => tagged(ANCHOR_PREFIX, a),
         }
     }
 
@@ -52,6 +64,8 @@ impl Record {
             Record::Entry(parse_body(rest)?)
         } else if let Some(rest) = line.strip_prefix(CHECKPOINT_PREFIX) {
             Record::Checkpoint(parse_body(rest)?)
+        } else if let Some(rest) = line.strip_prefix(ANCHOR_PREFIX) {
+            Record::Anchor(parse_body(rest)?)
         } else {
             return Err(LineError::UnknownType);
         };
@@ -105,8 +119,22 @@ pub fn write_checkpoint<W: Write>(out: &mut W, checkpoint: &Checkpoint) -> Resul
     out.write_all(line.as_bytes()).map_err(ExportError::Io)
 }
 
-/// Write a whole export: checkpoints (sorted by tree size), then entries.
-pub fn write_export<'a, W, C, E>(out: &mut W, checkpoints: C, entries: E) -> Result<(), ExportError>
+/// Write the anchor line (the first line of an export that does not start
+/// at entry 1).
+pub fn write_anchor<W: Write>(out: &mut W, anchor: &Anchor) -> Result<(), ExportError> {
+    let mut line = Record::Anchor(anchor.clone()).to_line()?;
+    line.push('\n');
+    out.write_all(line.as_bytes()).map_err(ExportError::Io)
+}
+
+/// Write a whole export: the anchor (unless it is the genesis), checkpoints
+/// (sorted by tree size), then entries.
+pub fn write_export<'a, W, C, E>(
+    out: &mut W,
+    anchor: &Anchor,
+    checkpoints: C,
+    entries: E,
+) -> Result<(), ExportError>
 where
     W: Write,
     C: IntoIterator<Item = &'a Checkpoint>,
@@ -114,6 +142,9 @@ where
     E::Item: std::borrow::Borrow<ChainedEvent>,
 {
     use std::borrow::Borrow;
+    if anchor.tree_size > 0 {
+        write_anchor(out, anchor)?;
+    }
     let mut checkpoints: Vec<&Checkpoint> = checkpoints.into_iter().collect();
     checkpoints.sort_by_key(|c| c.tree_size);
     for c in checkpoints {
@@ -200,7 +231,7 @@ pub fn read_checkpoints<R: BufRead>(input: R) -> Result<Vec<Checkpoint>, ReadErr
     while let Some(record) = reader.next() {
         match record? {
             Record::Checkpoint(c) => out.push(c),
-            Record::Entry(_) => {
+            Record::Entry(_) | Record::Anchor(_) => {
                 return Err(ReadError {
                     line: reader.line(),
                     error: LineError::UnexpectedEntry,
@@ -222,7 +253,7 @@ pub enum LineError {
     TooLong,
     #[error("not UTF-8")]
     NotUtf8,
-    #[error(r#"not a record: lines start with {{"type":"entry", or {{"type":"checkpoint","#)]
+    #[error(r#"not a record: lines start with {{"type":"entry", {{"type":"checkpoint", or {{"type":"anchor","#)]
     UnknownType,
     #[error("not valid JSON (near column {column} of the record body)")]
     Syntax { column: usize },
@@ -230,7 +261,7 @@ pub enum LineError {
     Invalid { column: usize },
     #[error("not written the way the exporter writes it (spacing, field order, hex case or time format differ)")]
     NotCanonical,
-    #[error("an entry in a file that should hold checkpoints only")]
+    #[error("an entry or anchor in a file that should hold checkpoints only")]
     UnexpectedEntry,
 }
 
@@ -282,7 +313,7 @@ mod tests {
     fn round_trip() {
         let (cps, entries) = sample();
         let mut out = Vec::new();
-        write_export(&mut out, &cps, &entries).unwrap();
+        write_export(&mut out, &crate::chain::Anchor::genesis(), &cps, &entries).unwrap();
         let text = String::from_utf8(out.clone()).unwrap();
         assert!(text.starts_with(r#"{"type":"checkpoint","tree_size":3,"#));
         assert_eq!(text.lines().count(), 4);

@@ -57,7 +57,7 @@ pub mod verify;
 #[cfg(test)]
 mod tamper_tests;
 
-pub use chain::{chain_hash, leaf_hash, ChainState, ChainedEvent, Trail};
+pub use chain::{chain_hash, leaf_hash, Anchor, ChainState, ChainedEvent, Trail};
 pub use checkpoint::{Checkpoint, CheckpointError, KeyError, SigningKey, VerifyingKey};
 pub use export::{ExportReader, ReadError, Record};
 pub use merkle::Frontier;

@@ -6,11 +6,11 @@ use proptest::prelude::*;
 use time::macros::datetime;
 use time::{Duration, OffsetDateTime};
 
-use crate::chain::{chain_hash, leaf_hash, ChainState, ChainedEvent, Trail, GENESIS};
+use crate::chain::{chain_hash, leaf_hash, Anchor, ChainState, ChainedEvent, Trail, GENESIS};
 use crate::checkpoint::{Checkpoint, CheckpointError, SigningKey};
 use crate::export::{checkpoint_line, entry_line, write_export, LineError};
 use crate::proof::{EntryProof, ProofError};
-use crate::verify::{verify_export, verify_trail, Evidence, Failure, Report};
+use crate::verify::{verify_export, verify_trail, Evidence, Failure, Report, Verifier};
 use crate::{Action, AuditEvent, Outcome};
 
 const ACTIONS: [Action; 6] = [
@@ -136,12 +136,14 @@ fn untouched_trail_verifies() {
     assert_eq!(
         report,
         Report {
+            start: 0,
             entries: 330,
             checkpoints: 7,
             last_seq: 330,
             root: trail.root(),
             chain_head: trail.chain().head,
             anchored: 330,
+            end: trail.anchor(),
         }
     );
     assert!(report
@@ -496,7 +498,7 @@ fn the_first_failure_is_reported() {
 
 fn export(f: &Fixture, entries: &[ChainedEvent]) -> Vec<u8> {
     let mut out = Vec::new();
-    write_export(&mut out, &f.checkpoints, entries).unwrap();
+    write_export(&mut out, &Anchor::genesis(), &f.checkpoints, entries).unwrap();
     out
 }
 
@@ -524,7 +526,7 @@ fn export_verifies_and_locates_like_the_trail() {
 
     // Checkpoints only in the witness file, entries truncated in the export.
     let mut cut = Vec::new();
-    write_export(&mut cut, &[], &f.entries[..320]).unwrap();
+    write_export(&mut cut, &Anchor::genesis(), &[], &f.entries[..320]).unwrap();
     expect(
         verify_export(&cut[..], f.checkpoints.clone(), &key),
         Failure::Truncated {
@@ -535,7 +537,7 @@ fn export_verifies_and_locates_like_the_trail() {
 
     // A checkpoint after the entries past it.
     let mut late = Vec::new();
-    write_export(&mut late, &[], &f.entries[..60]).unwrap();
+    write_export(&mut late, &Anchor::genesis(), &[], &f.entries[..60]).unwrap();
     late.extend_from_slice((checkpoint_line(&f.checkpoints[0]).unwrap() + "\n").as_bytes());
     expect(
         verify_export(&late[..], vec![], &key),
@@ -886,5 +888,229 @@ fn chain_hash_of_forged_entry_links() {
     assert_eq!(
         e.chain_hash,
         chain_hash(&f.entries[at(123)].chain_hash, &e.leaf_hash)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Segments: archives and range exports that start from an anchor
+// ---------------------------------------------------------------------------
+
+/// The anchor after the first `n` entries of `f`.
+fn anchor_after(f: &Fixture, n: usize) -> Anchor {
+    let mut trail = Trail::new();
+    f.entries[..n]
+        .iter()
+        .for_each(|e| assert!(trail.append_chained(e)));
+    trail.anchor()
+}
+
+/// An export of entries `from..=to` (1-based seqs) with the checkpoints in
+/// `anchor..=to`, starting from its anchor.
+fn segment(f: &Fixture, from: u64, to: u64) -> Vec<u8> {
+    let anchor = anchor_after(f, at(from));
+    let cps: Vec<Checkpoint> = f
+        .checkpoints
+        .iter()
+        .filter(|c| c.tree_size >= anchor.tree_size && c.tree_size <= to)
+        .cloned()
+        .collect();
+    let mut out = Vec::new();
+    write_export(&mut out, &anchor, &cps, &f.entries[at(from)..at(to) + 1]).unwrap();
+    out
+}
+
+#[test]
+fn segments_verify_on_their_own_and_join_up() {
+    let f = Fixture::standard();
+    let key = f.key.verifying_key();
+    let whole = f.verify().unwrap();
+
+    // An archived segment ends at a checkpoint; the next starts there.
+    let first = verify_export(&segment(&f, 1, 100)[..], vec![], &key).unwrap();
+    assert_eq!((first.start, first.last_seq, first.anchored), (0, 100, 100));
+    let second = verify_export(&segment(&f, 101, 250)[..], vec![], &key).unwrap();
+    assert_eq!(
+        (
+            second.start,
+            second.entries,
+            second.checkpoints,
+            second.anchored
+        ),
+        (100, 150, 4, 250),
+        "checkpoints 100 (the anchor's), 150, 200, 250"
+    );
+    assert!(second.to_string().contains("started after entry 100"));
+    assert_eq!(first.end, anchor_after(&f, 100));
+
+    // A range that starts and ends between checkpoints: its anchor is
+    // confirmed by the first checkpoint after it; the tail is uncovered.
+    let range = verify_export(&segment(&f, 77, 163)[..], vec![], &key).unwrap();
+    assert_eq!((range.start, range.entries, range.anchored), (76, 87, 150));
+
+    // Segments fed one after the other end where the whole trail does.
+    let mut v = Verifier::new(key.clone());
+    for (from, to) in [(1, 100), (101, 250), (251, 330)] {
+        let text = segment(&f, from, to);
+        let mut lines = text.split(|&b| b == b'\n').filter(|l| !l.is_empty());
+        let anchor = anchor_after(&f, at(from));
+        if from > 1 {
+            let first = crate::export::Record::from_line(
+                std::str::from_utf8(lines.next().unwrap()).unwrap(),
+            );
+            assert_eq!(
+                first.unwrap(),
+                crate::export::Record::Anchor(anchor.clone())
+            );
+        }
+        v.continue_at(&anchor);
+        for c in f
+            .checkpoints
+            .iter()
+            .filter(|c| c.tree_size >= anchor.tree_size)
+        {
+            v.add_checkpoint(c.clone());
+        }
+        for e in &f.entries[at(from)..at(to) + 1] {
+            v.push(e);
+        }
+    }
+    let joined = v.finish().unwrap();
+    assert_eq!(
+        (joined.root, joined.chain_head, joined.checkpoints),
+        (whole.root, whole.chain_head, 7)
+    );
+}
+
+#[test]
+fn a_missing_or_overlapping_segment_is_a_discontinuity() {
+    let f = Fixture::standard();
+    let key = f.key.verifying_key();
+    let mut v = Verifier::new(key.clone());
+    f.entries[..100].iter().for_each(|e| v.push(e));
+    v.continue_at(&anchor_after(&f, 150));
+    expect(
+        v.finish(),
+        Failure::Discontinuity {
+            reached: 100,
+            starts: 150,
+        },
+    );
+
+    let mut v = Verifier::new(key.clone());
+    f.entries[..100].iter().for_each(|e| v.push(e));
+    v.continue_at(&anchor_after(&f, 50));
+    let failure = v.finish().unwrap_err();
+    assert_eq!(
+        failure,
+        Failure::Discontinuity {
+            reached: 100,
+            starts: 50
+        }
+    );
+    assert!(failure.to_string().contains("overlap"), "{failure}");
+
+    // Same size, another state (a rebuilt segment): not a continuation.
+    let mut v = Verifier::new(key.clone());
+    f.entries[..100].iter().for_each(|e| v.push(e));
+    let mut other = anchor_after(&f, 100);
+    other.chain_head[0] ^= 1;
+    v.continue_at(&other);
+    expect(
+        v.finish(),
+        Failure::Discontinuity {
+            reached: 100,
+            starts: 100,
+        },
+    );
+    let message = Failure::Discontinuity {
+        reached: 100,
+        starts: 150,
+    }
+    .to_string();
+    assert!(
+        message.contains("entries 101 to 150 are missing"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_forged_anchor_is_caught_by_the_first_checkpoint() {
+    let f = Fixture::standard();
+    let key = f.key.verifying_key();
+    // One frontier node changed: the root at the next checkpoint differs.
+    let mut anchor = anchor_after(&f, 120);
+    anchor.frontier[1][5] ^= 0x40;
+    let mut v = Verifier::resume(key.clone(), &anchor).unwrap();
+    f.checkpoints.iter().for_each(|c| {
+        v.add_checkpoint(c.clone());
+    });
+    f.entries[120..].iter().for_each(|e| v.push(e));
+    expect(
+        v.finish(),
+        Failure::CheckpointMismatch {
+            after: 120,
+            upto: 150,
+            root: true,
+            chain_head: false,
+        },
+    );
+    // A chain head made up for a rebuilt segment: the first entry's chain
+    // hash does not follow from it.
+    let mut anchor = anchor_after(&f, 120);
+    anchor.chain_head = [7; 32];
+    // Without an anchor, the same entries read as if 1 to 120 were removed.
+    expect(
+        verify_trail(&f.entries[120..], f.checkpoints.clone(), &key),
+        Failure::Removed {
+            first: 1,
+            last: 120,
+        },
+    );
+    let mut v = Verifier::resume(key.clone(), &anchor).unwrap();
+    f.entries[120..].iter().for_each(|e| v.push(e));
+    expect(
+        v.finish(),
+        Failure::Changed {
+            seq: 121,
+            evidence: Evidence::ChainHash,
+        },
+    );
+    // A frontier that does not fit its size is refused outright.
+    let mut anchor = anchor_after(&f, 120);
+    anchor.frontier.pop();
+    assert_eq!(
+        Verifier::resume(key.clone(), &anchor).unwrap_err(),
+        Failure::BadAnchor { tree_size: 120 }
+    );
+}
+
+#[test]
+fn tampering_inside_a_segment_is_located() {
+    let f = Fixture::standard();
+    let key = f.key.verifying_key();
+    let text = String::from_utf8(segment(&f, 101, 250)).unwrap();
+    // One byte of entry 180's principal.
+    let changed = text.replacen(
+        &entry_line(&f.entries[at(180)]).unwrap(),
+        &entry_line(&f.entries[at(180)])
+            .unwrap()
+            .replacen("svc-", "svd-", 1),
+        1,
+    );
+    assert_ne!(changed, text);
+    expect(
+        verify_export(changed.as_bytes(), vec![], &key),
+        Failure::Changed {
+            seq: 180,
+            evidence: Evidence::LeafHash,
+        },
+    );
+    // An anchor anywhere but the first line.
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.swap(0, 1);
+    let moved = lines.join("\n") + "\n";
+    expect(
+        verify_export(moved.as_bytes(), vec![], &key),
+        Failure::MisplacedAnchor { line: 2 },
     );
 }

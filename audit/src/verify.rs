@@ -25,6 +25,14 @@
 //! on only as far as needed to tell its kind (e.g. whether a missing seq
 //! turns up later).
 //!
+//! A pass may start after entry 1, from an [`Anchor`] (an archived
+//! segment, a partial export, the database after archiving): the anchor's
+//! chain head and Merkle frontier stand in for the entries before it, and
+//! the first checkpoint at or after it checks them (a forged anchor cannot
+//! lead to a signed root). Segments read one after the other must join up:
+//! [`Verifier::continue_at`] checks that the next one starts exactly where
+//! the trail so far ends.
+//!
 //! Limit: entries after the last checkpoint are protected by the chain only;
 //! someone who can write the database can drop or rewrite them unnoticed
 //! until the next checkpoint. [`Report::anchored`] says how far signed
@@ -35,7 +43,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io::BufRead;
 
-use crate::chain::{chain_hash, leaf_hash, ChainState, ChainedEvent};
+use crate::chain::{chain_hash, leaf_hash, Anchor, ChainState, ChainedEvent};
 use crate::checkpoint::{Checkpoint, CheckpointError, VerifyingKey};
 use crate::export::{ExportReader, LineError, Record};
 use crate::hex;
@@ -44,6 +52,9 @@ use crate::merkle::Frontier;
 /// A trail that verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
+    /// Entries before the first one verified (0 from the start; else the
+    /// tree size of the [`Anchor`] the pass started from).
+    pub start: u64,
     /// Entries verified.
     pub entries: u64,
     /// Distinct checkpoints verified (signature, root and chain head).
@@ -57,6 +68,9 @@ pub struct Report {
     /// Largest tree size covered by a verified checkpoint: entries after it
     /// are protected by the chain alone.
     pub anchored: u64,
+    /// The trail's state after the last entry: where the next segment
+    /// starts.
+    pub end: Anchor,
 }
 
 impl fmt::Display for Report {
@@ -69,6 +83,9 @@ impl fmt::Display for Report {
             self.last_seq,
             hex::encode(&self.root)
         )?;
+        if self.start > 0 {
+            write!(f, "; started after entry {} (from an anchor)", self.start)?;
+        }
         if self.checkpoints == 0 && self.entries > 0 {
             write!(
                 f,
@@ -134,6 +151,13 @@ pub enum Failure {
     /// Line `line` of an export holds the checkpoint for `tree_size` entries
     /// after entries beyond it: not where the exporter puts it.
     MisplacedCheckpoint { line: u64, tree_size: u64 },
+    /// An anchor whose frontier does not fit its tree size.
+    BadAnchor { tree_size: u64 },
+    /// Line `line` of an export holds an anchor that is not its first line.
+    MisplacedAnchor { line: u64 },
+    /// A segment starts after entry `starts`, but the trail verified so far
+    /// ends after entry `reached` (or at the same size, in another state).
+    Discontinuity { reached: u64, starts: u64 },
 }
 
 impl fmt::Display for Failure {
@@ -206,6 +230,27 @@ impl fmt::Display for Failure {
                 "line {line}: the checkpoint for {tree_size} entries comes after entry {}; exports list checkpoints before the entries they cover",
                 tree_size + 1
             ),
+            Failure::BadAnchor { tree_size } => write!(
+                f,
+                "the anchor for {tree_size} entries is damaged: its Merkle frontier does not fit its tree size"
+            ),
+            Failure::MisplacedAnchor { line } => write!(
+                f,
+                "line {line}: an anchor is only valid as the first line of an export"
+            ),
+            Failure::Discontinuity { reached, starts } if starts > reached => write!(
+                f,
+                "entries {} to {starts} are missing: the trail verified so far ends at entry {reached}, the next segment starts after entry {starts} (an archive file is missing, or entries were removed)",
+                reached + 1
+            ),
+            Failure::Discontinuity { reached, starts } if starts < reached => write!(
+                f,
+                "segments overlap: the trail verified so far ends at entry {reached}, the next segment starts after entry {starts}"
+            ),
+            Failure::Discontinuity { reached, .. } => write!(
+                f,
+                "the next segment does not continue the trail: it starts after entry {reached} from another chain head or Merkle frontier than the entries verified so far"
+            ),
         }
     }
 }
@@ -243,6 +288,7 @@ enum State {
 #[derive(Debug)]
 pub struct Verifier {
     key: VerifyingKey,
+    start: u64,
     chain: ChainState,
     tree: Frontier,
     pending: BTreeMap<u64, Vec<Checkpoint>>,
@@ -256,6 +302,7 @@ impl Verifier {
     pub fn new(key: VerifyingKey) -> Self {
         Self {
             key,
+            start: 0,
             chain: ChainState::new(),
             tree: Frontier::new(),
             pending: BTreeMap::new(),
@@ -263,6 +310,42 @@ impl Verifier {
             checked: 0,
             anchored: 0,
             state: State::Good,
+        }
+    }
+
+    /// A verifier that starts after `anchor.tree_size` entries, from their
+    /// chain head and Merkle frontier (see the module doc).
+    pub fn resume(key: VerifyingKey, anchor: &Anchor) -> Result<Self, Failure> {
+        let tree = Frontier::from_parts(anchor.tree_size, anchor.frontier.clone()).ok_or(
+            Failure::BadAnchor {
+                tree_size: anchor.tree_size,
+            },
+        )?;
+        let mut verifier = Self::new(key);
+        verifier.start = anchor.tree_size;
+        verifier.chain = ChainState::resume(anchor.tree_size, anchor.chain_head);
+        verifier.tree = tree;
+        verifier.anchored = anchor.tree_size;
+        Ok(verifier)
+    }
+
+    /// The trail's state after the last entry that verified.
+    pub fn anchor(&self) -> Anchor {
+        Anchor {
+            tree_size: self.chain.size,
+            chain_head: self.chain.head,
+            frontier: self.tree.nodes().to_vec(),
+        }
+    }
+
+    /// The next segment starts at `anchor`: it must be exactly where the
+    /// entries verified so far end (else a [`Failure::Discontinuity`]).
+    pub fn continue_at(&mut self, anchor: &Anchor) {
+        if matches!(self.state, State::Good) && *anchor != self.anchor() {
+            self.fail(Failure::Discontinuity {
+                reached: self.chain.size,
+                starts: anchor.tree_size,
+            });
         }
     }
 
@@ -488,7 +571,10 @@ impl Verifier {
         if let Some(failure) = first_bad {
             return Err(failure);
         }
+        let end = self.anchor();
         Ok(Report {
+            start: self.start,
+            end,
             entries: self.position,
             checkpoints: self.checked,
             last_seq,
@@ -527,12 +613,20 @@ where
     R: BufRead,
     C: IntoIterator<Item = Checkpoint>,
 {
-    let mut verifier = Verifier::new(key.clone());
+    let mut reader = ExportReader::new(input);
+    let mut first = reader.next();
+    let mut verifier = match &first {
+        Some(Ok(Record::Anchor(anchor))) => {
+            let verifier = Verifier::resume(key.clone(), anchor)?;
+            first = None;
+            verifier
+        }
+        _ => Verifier::new(key.clone()),
+    };
     for checkpoint in extra {
         verifier.add_checkpoint(checkpoint);
     }
-    let mut reader = ExportReader::new(input);
-    while let Some(record) = reader.next() {
+    while let Some(record) = first.take().or_else(|| reader.next()) {
         match record {
             Ok(Record::Entry(entry)) => {
                 verifier.push(&entry);
@@ -548,6 +642,11 @@ where
                         tree_size,
                     });
                 }
+            }
+            Ok(Record::Anchor(_)) => {
+                return Err(Failure::MisplacedAnchor {
+                    line: reader.line(),
+                })
             }
             // An earlier failure comes first; else the bad line is it.
             Err(_) if verifier.has_failed() => break,

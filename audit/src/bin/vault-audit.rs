@@ -53,14 +53,15 @@ enum Command {
     /// rebuilt with recomputed hashes, the checkpoint interval it lies in)
     /// and exits 1.
     Verify(VerifyArgs),
-    /// Write the trail as JSON Lines: every checkpoint, then the entries.
+    /// Write the trail as JSON Lines: an anchor line when it does not start
+    /// at entry 1, the checkpoints it reaches, then the entries.
     ///
-    /// A full export (no --from/--to) verifies with `verify --export`. The
-    /// verifier recomputes the chain and the Merkle tree from entry 1, so a
-    /// range export does not verify on its own: one starting after entry 1
-    /// reads as if the entries before it were removed, and one ending before
-    /// the last checkpoint reads as truncated. Use range exports for reading, and `prove` for
-    /// evidence about single entries.
+    /// Every export verifies on its own with `verify --export`: a range
+    /// starts from an anchor (the chain head and Merkle frontier before its
+    /// first entry, taken from the stored hashes), which the first signed
+    /// checkpoint in the range confirms. Entries after the range's last
+    /// checkpoint are reported as not covered. Entries archived out of the
+    /// database are not exported (they are in their archive files).
     Export(ExportArgs),
     /// Print an inclusion proof (JSON) of entry SEQ against a signed
     /// checkpoint, checkable with `check-proof` and the public key alone.
@@ -70,7 +71,7 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("trail").required(true).args(["database_url", "export"])))]
+#[command(group(ArgGroup::new("trail").required(true).multiple(true).args(["database_url", "export", "archive"])))]
 struct VerifyArgs {
     /// The checkpoint public key file (`cardvault-audit-ed25519:<hex>`).
     #[arg(long, value_name = "PUBKEY_FILE")]
@@ -79,9 +80,18 @@ struct VerifyArgs {
     /// `postgres://...`.
     #[arg(long, value_name = "URL")]
     database_url: Option<String>,
-    /// An export written by `vault-audit export` (a full one).
-    #[arg(long, value_name = "FILE")]
+    /// An export written by `vault-audit export` (a full one, or a range:
+    /// a range starts with an anchor line and verifies on its own).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["database_url", "archive"])]
     export: Option<PathBuf>,
+    /// Archive files written by `tokenizer audit archive`, oldest first
+    /// (repeat the option). They are verified one after the other, each
+    /// must continue exactly where the one before ends, and the entries
+    /// still in the database (with --database-url) must continue after the
+    /// last one. Without them, verification of the database starts after
+    /// its last archived segment.
+    #[arg(long, value_name = "FILE")]
+    archive: Vec<PathBuf>,
     /// The witness file (`<data-dir>/audit-checkpoints.jsonl`): its
     /// checkpoints are verified too and must all be in the database (or
     /// export), unchanged. Without it, someone who can write the database
@@ -96,8 +106,7 @@ struct ExportArgs {
     /// The service's database: `sqlite://PATH` or `postgres://...`.
     #[arg(long, value_name = "URL")]
     database_url: String,
-    /// First entry (seq) to export; default 1. A range export does not
-    /// verify with `verify --export` (see `export --help`).
+    /// First entry (seq) to export; default the first one in the database.
     #[arg(long, value_name = "SEQ")]
     from: Option<u64>,
     /// Last entry (seq) to export; default the last one.
@@ -195,10 +204,16 @@ fn verify(args: VerifyArgs) -> Result<(), u8> {
             Some(Witness::from_checkpoints(all))
         }
     };
+    let archives: Vec<&Path> = args.archive.iter().map(PathBuf::as_path).collect();
     let result = match (&args.database_url, &args.export) {
-        (Some(url), _) => runtime()?.block_on(auditor::verify_database(url, &key, witness)),
+        (Some(url), _) => {
+            runtime()?.block_on(auditor::verify_database(url, &key, witness, &archives))
+        }
         (None, Some(path)) => auditor::verify_export_file(path, &key, witness),
-        (None, None) => return Err(error("give --database-url or --export")),
+        (None, None) if !archives.is_empty() => {
+            runtime()?.block_on(auditor::verify_archives(&archives, &key, witness))
+        }
+        (None, None) => return Err(error("give --database-url, --export or --archive")),
     };
     match result {
         Ok(verified) => {
