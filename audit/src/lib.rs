@@ -90,6 +90,9 @@ pub enum Action {
     BackupRestored,
     /// The audit trail was read or exported (queries of the auditor API).
     AuditRead,
+    /// A segment of the audit trail past its online retention was archived
+    /// to a file (its entries may then be deleted from the database).
+    AuditArchived,
 }
 
 impl Action {
@@ -110,6 +113,7 @@ impl Action {
             Action::BackupExported => "backup_exported",
             Action::BackupRestored => "backup_restored",
             Action::AuditRead => "audit_read",
+            Action::AuditArchived => "audit_archived",
         }
     }
 
@@ -119,7 +123,7 @@ impl Action {
     }
 }
 
-const ALL_ACTIONS: [Action; 14] = [
+const ALL_ACTIONS: [Action; 15] = [
     Action::Tokenize,
     Action::Detokenize,
     Action::MetadataRead,
@@ -134,6 +138,7 @@ const ALL_ACTIONS: [Action; 14] = [
     Action::BackupExported,
     Action::BackupRestored,
     Action::AuditRead,
+    Action::AuditArchived,
 ];
 
 /// How it ended.

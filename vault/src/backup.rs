@@ -68,6 +68,7 @@ pub struct BackupSummary {
     pub audit_events: u64,
     pub audit_checkpoints: u64,
     pub audit_signing_keys: u64,
+    pub audit_archives: u64,
 }
 
 impl BackupSummary {
@@ -79,14 +80,21 @@ impl BackupSummary {
             BackupRecord::Audit(_) => self.audit_events += 1,
             BackupRecord::Checkpoint(_) => self.audit_checkpoints += 1,
             BackupRecord::SigningKey(_) => self.audit_signing_keys += 1,
+            BackupRecord::Archive(_) => self.audit_archives += 1,
         }
     }
 
     /// Counts for the audit trail (no content).
     fn describe(&self) -> String {
         format!(
-            "keys={} principals={} cards={} audit_events={} audit_checkpoints={} audit_signing_keys={}",
-            self.keys, self.principals, self.cards, self.audit_events, self.audit_checkpoints, self.audit_signing_keys
+            "keys={} principals={} cards={} audit_events={} audit_checkpoints={} audit_signing_keys={} audit_archives={}",
+            self.keys,
+            self.principals,
+            self.cards,
+            self.audit_events,
+            self.audit_checkpoints,
+            self.audit_signing_keys,
+            self.audit_archives
         )
     }
 
@@ -97,6 +105,7 @@ impl BackupSummary {
             + self.audit_events
             + self.audit_checkpoints
             + self.audit_signing_keys
+            + self.audit_archives
     }
 }
 
@@ -155,6 +164,16 @@ enum Line {
         public_key: String,
         created_at: i64,
     },
+    /// An archived segment of the audit trail (its entries may no longer be
+    /// in the backup: they are in the archive file).
+    AuditArchive {
+        from_seq: u64,
+        to_seq: u64,
+        anchor: audit::Anchor,
+        file_name: String,
+        file_sha256: String,
+        archived_at: String,
+    },
     End {
         records: u64,
         sha256: String,
@@ -209,6 +228,14 @@ impl From<BackupRecord> for Line {
                 wrapped: B64.encode(k.wrapped),
                 public_key: k.public_key,
                 created_at: k.created_at,
+            },
+            BackupRecord::Archive(a) => Line::AuditArchive {
+                from_seq: a.from_seq,
+                to_seq: a.to_seq,
+                anchor: a.anchor,
+                file_name: a.file_name,
+                file_sha256: a.file_sha256,
+                archived_at: a.archived_at,
             },
         }
     }
@@ -400,6 +427,26 @@ fn to_record(line: Line, n: usize) -> Result<Option<BackupRecord>, BackupError> 
             public_key,
             created_at,
         }),
+        Line::AuditArchive {
+            from_seq,
+            to_seq,
+            anchor,
+            file_name,
+            file_sha256,
+            archived_at,
+        } => {
+            if anchor.tree_size != to_seq {
+                return Err(corrupt("archive anchor does not match its range"));
+            }
+            BackupRecord::Archive(audit::db::ArchiveRow {
+                from_seq,
+                to_seq,
+                anchor,
+                file_name,
+                file_sha256,
+                archived_at,
+            })
+        }
         Line::Header { .. } => return Err(corrupt("a second header")),
         Line::End { .. } => return Ok(None),
     }))

@@ -5,8 +5,9 @@
 //! of card records and keyed fingerprints ([`crypto`]), the vault's own keys
 //! unwrapped through the KEK of `hsm-shim` ([`keys`]), principals and API
 //! keys ([`access`]), storage behind one trait ([`store`]), and the
-//! operations that tie them together with the audit trail ([`Vault`]), and
-//! backups of all of it ([`backup`]).
+//! operations that tie them together with the audit trail ([`Vault`]),
+//! backups of all of it ([`backup`]), and the audit trail's retention
+//! ([`archive`]).
 //!
 //! Public API, in the order a caller meets it:
 //! - [`store::sqlite::SqliteStore::open`] then [`Vault::open`] with a KEK;
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod archive;
 pub mod backup;
 pub mod brand;
 pub mod card;

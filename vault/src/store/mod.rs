@@ -218,6 +218,31 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         event: AuditEvent,
     ) -> Result<bool, StoreError>;
 
+    /// Archived segments of the audit trail (`tokenizer audit archive`),
+    /// oldest first.
+    async fn audit_archives(&self) -> Result<Vec<audit::db::ArchiveRow>, StoreError>;
+    /// The largest checkpoint tree size above `after` whose checkpoint was
+    /// signed before `cutoff` (to the second, never after it): the end of
+    /// the longest segment that may be archived.
+    async fn checkpoint_before(
+        &self,
+        after: u64,
+        cutoff: time::OffsetDateTime,
+    ) -> Result<Option<u64>, StoreError>;
+    /// Record an archived segment and its audit event in one transaction
+    /// (which holds the audit head lock, so archivers are serialised). The
+    /// database refuses a segment that does not start right after the last
+    /// one or does not end at a checkpoint ([`StoreError::Conflict`]).
+    async fn record_archive(
+        &self,
+        archive: &audit::db::ArchiveRow,
+        event: AuditEvent,
+    ) -> Result<(), StoreError>;
+    /// Delete up to `limit` audit entries that lie inside archived segments;
+    /// returns how many went. Needs DELETE on `audit_events` (the owner
+    /// role on PostgreSQL); the database refuses any other entry.
+    async fn delete_archived_audit(&self, limit: u32) -> Result<u64, StoreError>;
+
     /// Stream every row of every table to `sink` from one consistent
     /// snapshot (one read transaction; REPEATABLE READ on PostgreSQL). Not
     /// time-bounded: a backup takes as long as it takes.
@@ -251,6 +276,7 @@ pub enum BackupRecord {
     Audit(AuditRow),
     Checkpoint(audit::Checkpoint),
     SigningKey(SigningKeyRow),
+    Archive(audit::db::ArchiveRow),
 }
 
 /// An audit row as stored: row number, event, and its link in the chain

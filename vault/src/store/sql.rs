@@ -18,6 +18,7 @@ macro_rules! sql_store {
             "seq, time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail, chain_seq, leaf_hash, chain_hash";
         const CHECKPOINT_COLUMNS: &str = "tree_size, root, chain_head, time, key_id, signature";
         const SIGNING_KEY_COLUMNS: &str = "generation, key_id, kek_id, wrapped, public_key, created_at";
+        const ARCHIVE_COLUMNS: &str = "from_seq, to_seq, chain_head, frontier, file_name, file_sha256, archived_at";
 
         type Row = <$db as sqlx::Database>::Row;
         type Tx<'c> = sqlx::Transaction<'c, $db>;
@@ -127,6 +128,61 @@ macro_rules! sql_store {
             }
             save_head(tx, &trail).await?;
             i64::try_from(trail.size()).map_err(|_| StoreError::Corrupt("audit chain size"))
+        }
+
+        async fn insert_archive(tx: &mut Tx<'_>, a: &audit::db::ArchiveRow) -> Result<(), $crate::store::StoreError> {
+            use $crate::store::StoreError;
+            let seq = |n: u64| i64::try_from(n).map_err(|_| StoreError::Corrupt("archive range"));
+            let frontier: Vec<u8> = a.anchor.frontier.iter().flatten().copied().collect();
+            let res = sqlx::query(&format!(
+                "INSERT INTO audit_archives ({ARCHIVE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            ))
+            .bind(seq(a.from_seq)?)
+            .bind(seq(a.to_seq)?)
+            .bind(a.anchor.chain_head.to_vec())
+            .bind(frontier)
+            .bind(&a.file_name)
+            .bind(&a.file_sha256)
+            .bind(&a.archived_at)
+            .execute(&mut **tx)
+            .await;
+            match res {
+                Ok(_) => Ok(()),
+                // The contiguity trigger, or a segment recorded twice.
+                Err(sqlx::Error::Database(e))
+                    if e.is_unique_violation() || e.message().contains("audit_archives:") =>
+                {
+                    Err(StoreError::Conflict)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+
+        fn archive_from_row(r: &Row) -> Result<audit::db::ArchiveRow, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            use $crate::store::StoreError;
+            let seq = |c: &str| -> Result<u64, StoreError> {
+                let n: i64 = r.try_get(c)?;
+                u64::try_from(n).map_err(|_| StoreError::Corrupt("archive range"))
+            };
+            let to_seq = seq("to_seq")?;
+            let head: Vec<u8> = r.try_get("chain_head")?;
+            let frontier: Vec<u8> = r.try_get("frontier")?;
+            if frontier.len() % 32 != 0 {
+                return Err(StoreError::Corrupt("archive frontier"));
+            }
+            Ok(audit::db::ArchiveRow {
+                from_seq: seq("from_seq")?,
+                to_seq,
+                anchor: audit::Anchor {
+                    tree_size: to_seq,
+                    chain_head: head.try_into().map_err(|_| StoreError::Corrupt("archive chain head"))?,
+                    frontier: frontier.chunks_exact(32).filter_map(|c| c.try_into().ok()).collect(),
+                },
+                file_name: r.try_get("file_name")?,
+                file_sha256: r.try_get("file_sha256")?,
+                archived_at: r.try_get("archived_at")?,
+            })
         }
 
         /// Insert an audit row exactly as a backup holds it (restore).
@@ -747,6 +803,78 @@ macro_rules! sql_store {
                 .await
             }
 
+            async fn audit_archives(&self) -> Result<Vec<audit::db::ArchiveRow>, $crate::store::StoreError> {
+                self.bounded(async {
+                    let rows = sqlx::query(&format!("SELECT {ARCHIVE_COLUMNS} FROM audit_archives ORDER BY to_seq"))
+                        .fetch_all(&self.pool)
+                        .await?;
+                    rows.iter().map(archive_from_row).collect()
+                })
+                .await
+            }
+
+            async fn checkpoint_before(
+                &self,
+                after: u64,
+                cutoff: time::OffsetDateTime,
+            ) -> Result<Option<u64>, $crate::store::StoreError> {
+                use $crate::store::StoreError;
+                // Checkpoint times are RFC 3339 UTC text ("...Z") with a
+                // fraction of varying length, which sorts like the times
+                // except within one second ("…:14.5Z" < "…:14Z"). Comparing
+                // with the whole second before the cutoff's is exact up to
+                // that: every time found is before the cutoff (at most one
+                // second early, never late).
+                let bound = (cutoff.to_offset(time::UtcOffset::UTC) - time::Duration::SECOND)
+                    .replace_nanosecond(0)
+                    .map_err(|_| StoreError::Corrupt("cutoff time"))?
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .map_err(|_| StoreError::Corrupt("cutoff time"))?;
+                self.bounded(async {
+                    let size: Option<i64> = sqlx::query_scalar(
+                        "SELECT MAX(tree_size) FROM audit_checkpoints WHERE tree_size > $1 AND time < $2",
+                    )
+                    .bind(i64::try_from(after).map_err(|_| StoreError::Corrupt("tree size"))?)
+                    .bind(bound)
+                    .fetch_one(&self.pool)
+                    .await?;
+                    Ok(size.and_then(|n| u64::try_from(n).ok()))
+                })
+                .await
+            }
+
+            async fn record_archive(
+                &self,
+                archive: &audit::db::ArchiveRow,
+                event: audit::AuditEvent,
+            ) -> Result<(), $crate::store::StoreError> {
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    // The event first: it takes the audit head lock, which
+                    // serialises archivers before the contiguity check runs.
+                    insert_event(&mut tx, &event).await?;
+                    insert_archive(&mut tx, archive).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn delete_archived_audit(&self, limit: u32) -> Result<u64, $crate::store::StoreError> {
+                self.bounded(async {
+                    let res = sqlx::query(
+                        "DELETE FROM audit_events WHERE seq IN (SELECT seq FROM audit_events
+                          WHERE chain_seq <= (SELECT COALESCE(MAX(to_seq), 0) FROM audit_archives)
+                          ORDER BY chain_seq LIMIT $1)",
+                    )
+                    .bind(i64::from(limit))
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(res.rows_affected())
+                })
+                .await
+            }
+
             async fn export(
                 &self,
                 sink: &mut (dyn FnMut($crate::store::BackupRecord) -> Result<(), $crate::store::StoreError> + Send),
@@ -776,7 +904,7 @@ macro_rules! sql_store {
                     }
                 }
                 type ToRecord = fn(&Row) -> Result<BackupRecord, StoreError>;
-                let tables: [(String, ToRecord); 5] = [
+                let tables: [(String, ToRecord); 6] = [
                     (format!("SELECT {PRINCIPAL_COLUMNS} FROM principals ORDER BY id"), |r| {
                         Ok(BackupRecord::Principal(principal_from_row(r)?))
                     }),
@@ -792,6 +920,11 @@ macro_rules! sql_store {
                     }),
                     (format!("SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY tree_size"), |r| {
                         Ok(BackupRecord::Checkpoint(checkpoint_from_row(r)?))
+                    }),
+                    // After the checkpoints: a restore inserts them in this
+                    // order, and a segment must end at a checkpoint.
+                    (format!("SELECT {ARCHIVE_COLUMNS} FROM audit_archives ORDER BY to_seq"), |r| {
+                        Ok(BackupRecord::Archive(archive_from_row(r)?))
                     }),
                 ];
                 for (sql, to_record) in tables {
@@ -809,7 +942,8 @@ macro_rules! sql_store {
                     let n: i64 = sqlx::query_scalar(
                         "SELECT (SELECT COUNT(*) FROM vault_keys) + (SELECT COUNT(*) FROM cards)
                               + (SELECT COUNT(*) FROM principals) + (SELECT COUNT(*) FROM audit_events)
-                              + (SELECT COUNT(*) FROM audit_checkpoints) + (SELECT COUNT(*) FROM audit_signing_keys)",
+                              + (SELECT COUNT(*) FROM audit_checkpoints) + (SELECT COUNT(*) FROM audit_signing_keys)
+                              + (SELECT COUNT(*) FROM audit_archives)",
                     )
                     .fetch_one(&self.pool)
                     .await?;
@@ -862,6 +996,9 @@ macro_rules! sql_store {
                         BackupRecord::SigningKey(k) => {
                             insert_signing_key_row(&mut tx, k).await?;
                         }
+                        BackupRecord::Archive(a) => {
+                            insert_archive(&mut tx, a).await?;
+                        }
                     }
                 }
                 // The chain head follows from the restored chain, which must
@@ -879,8 +1016,21 @@ macro_rules! sql_store {
                     })
                     .collect();
                 chained.sort_by_key(|c| c.seq);
-                let mut trail = audit::Trail::new();
-                for entry in &chained {
+                // Entries of archived segments may be gone: the chain goes on
+                // from the last segment's anchor.
+                let start = records
+                    .iter()
+                    .filter_map(|r| match r {
+                        BackupRecord::Archive(a) => Some(&a.anchor),
+                        _ => None,
+                    })
+                    .max_by_key(|a| a.tree_size)
+                    .cloned()
+                    .unwrap_or_else(audit::Anchor::genesis);
+                let mut trail = start
+                    .trail()
+                    .ok_or($crate::store::StoreError::Corrupt("the anchor of an archived audit segment"))?;
+                for entry in chained.iter().filter(|c| c.seq > start.tree_size) {
                     if !trail.append_chained(entry) {
                         return Err($crate::store::StoreError::Corrupt("the audit chain in the backup does not link up"));
                     }

@@ -111,6 +111,14 @@ impl TestStore {
         }
     }
 
+    /// The URL of this database (what the service and `vault-audit` take).
+    pub fn url(&self) -> String {
+        match self {
+            TestStore::Sqlite(dir, _) => super::sqlite_url(&dir.path().join("t.db")),
+            TestStore::Postgres(db, _) => db.url.clone(),
+        }
+    }
+
     /// Run a statement directly on the database; `Err` is the database's refusal.
     pub async fn exec(&self, sql: &str) -> Result<u64, sqlx::Error> {
         match self {
@@ -597,5 +605,219 @@ async fn audit_chain_verifies_and_exposes_tampering() {
         let failure =
             audit::verify_trail(&tampered, checkpoints, &key.verifying_key()).unwrap_err();
         assert!(failure.to_string().contains('7'), "{}: {failure}", b.name());
+    }
+}
+
+/// Retention: a segment that ends at a checkpoint is archived to a file that
+/// verifies on its own, recorded, and deleted from the database; the
+/// database refuses to delete anything else, refuses segments that do not
+/// join up, and the trail left in the database verifies from the anchor,
+/// also joined to the archive file. Backups carry the segments.
+#[tokio::test]
+async fn archiving_moves_old_segments_to_files_that_verify() {
+    use crate::archive::{archive_audit, ArchiveError};
+    use audit::auditor::{verify_database, VerifyError};
+
+    for b in TestStore::all().await {
+        let s = b.store();
+        let name = b.name();
+        let key = audit::SigningKey::generate().unwrap();
+        let vk = key.verifying_key();
+        s.insert_signing_key(
+            &SigningKeyRow {
+                generation: 1,
+                key_id: vk.key_id().to_owned(),
+                kek_id: "test".into(),
+                wrapped: vec![0; 8],
+                public_key: vk.to_string(),
+                created_at: now_millis(),
+            },
+            ev().detail("audit_signing:1"),
+        )
+        .await
+        .unwrap();
+        for i in 0..20 {
+            s.append_audit(ev().reason(format!("old {i}")))
+                .await
+                .unwrap();
+        }
+        let cp = s.write_checkpoint(&key).await.unwrap().unwrap();
+        assert_eq!(cp.tree_size, 21, "{name}");
+        // Nothing may be deleted before it is archived.
+        assert!(
+            b.exec("DELETE FROM audit_events WHERE chain_seq = 1")
+                .await
+                .is_err(),
+            "{name}"
+        );
+        // A segment must end at a checkpoint and start after the last one.
+        let bogus = audit::db::ArchiveRow {
+            from_seq: 1,
+            to_seq: 10,
+            anchor: audit::Anchor::genesis(),
+            file_name: "x".into(),
+            file_sha256: "y".into(),
+            archived_at: "z".into(),
+        };
+        assert!(
+            matches!(
+                s.record_archive(&bogus, ev()).await,
+                Err(StoreError::Conflict)
+            ),
+            "{name}"
+        );
+        for i in 0..5 {
+            s.append_audit(ev().reason(format!("new {i}")))
+                .await
+                .unwrap();
+        }
+
+        // A cutoff before the checkpoint archives nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let before = cp.time;
+        let none = archive_audit(s.as_ref(), &b.url(), dir.path(), before, ev())
+            .await
+            .unwrap();
+        assert_eq!((none.segment, none.deleted), (None, 0), "{name}");
+
+        let later = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+        let done = archive_audit(s.as_ref(), &b.url(), dir.path(), later, ev())
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (row, path) = done.segment.unwrap();
+        assert_eq!(
+            (row.from_seq, row.to_seq, done.deleted),
+            (1, 21, 21),
+            "{name}"
+        );
+        assert_eq!(path, dir.path().join("audit-archive-1-21.jsonl"));
+        let archive = audit::auditor::verify_export_file(&path, &vk, None).unwrap();
+        assert_eq!((archive.report.entries, archive.report.anchored), (21, 21));
+        assert_eq!(s.audit_archives().await.unwrap(), vec![row.clone()]);
+        // Rows 1-21 are gone; 22-26 and the archive event (27) remain.
+        let left = s.chained_events(0, 100).await.unwrap();
+        assert_eq!(left.first().map(|e| e.seq), Some(22), "{name}");
+        assert_eq!(
+            left.last().map(|e| (e.seq, e.event.action)),
+            Some((27, Action::AuditArchived))
+        );
+        assert!(
+            b.exec("DELETE FROM audit_events WHERE chain_seq = 22")
+                .await
+                .is_err(),
+            "{name}"
+        );
+        assert!(
+            b.exec("DELETE FROM audit_archives").await.is_err(),
+            "{name}"
+        );
+        assert!(
+            b.exec("UPDATE audit_archives SET file_name = 'other'")
+                .await
+                .is_err(),
+            "{name}"
+        );
+
+        // The database verifies from the anchor, and joined to the file.
+        // (The next checkpoint is signed after the cutoff used above.)
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        s.write_checkpoint(&key).await.unwrap().unwrap();
+        let online = verify_database(&b.url(), &vk, None, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            (
+                online.report.start,
+                online.report.entries,
+                online.report.last_seq
+            ),
+            (21, 6, 27)
+        );
+        let whole = verify_database(&b.url(), &vk, None, &[path.as_path()])
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                whole.report.start,
+                whole.report.entries,
+                whole.report.anchored
+            ),
+            (0, 27, 27)
+        );
+        assert!(
+            whole
+                .lines()
+                .iter()
+                .any(|l| l.contains("archive files: 1 verified")),
+            "{:?}",
+            whole.lines()
+        );
+
+        // A tampered archive file is caught when joined to the database.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let forged = dir.path().join("forged.jsonl");
+        std::fs::write(&forged, text.replacen("old 3", "old 4", 1)).unwrap();
+        match verify_database(&b.url(), &vk, None, &[forged.as_path()]).await {
+            Err(VerifyError::Failed(f)) => {
+                assert!(f.to_string().contains("entry 5 was changed"), "{name}: {f}")
+            }
+            other => panic!("{name}: forged archive not detected: {other:?}"),
+        }
+
+        // A rerun with no new checkpoint before the cutoff does nothing.
+        let again = archive_audit(s.as_ref(), &b.url(), dir.path(), later, ev())
+            .await
+            .unwrap();
+        assert_eq!((again.segment, again.deleted), (None, 0));
+        // An existing file that differs from the next segment is not overwritten.
+        let cp2 = s.checkpoints().await.unwrap().last().unwrap().clone();
+        std::fs::write(
+            dir.path()
+                .join(format!("audit-archive-22-{}.jsonl", cp2.tree_size)),
+            "other",
+        )
+        .unwrap();
+        assert!(
+            matches!(
+                archive_audit(
+                    s.as_ref(),
+                    &b.url(),
+                    dir.path(),
+                    time::OffsetDateTime::now_utc() + time::Duration::seconds(2),
+                    ev()
+                )
+                .await,
+                Err(ArchiveError::Exists { .. })
+            ),
+            "{name}"
+        );
+        assert_eq!(
+            s.audit_archives().await.unwrap().len(),
+            1,
+            "nothing recorded"
+        );
+
+        // Export/import (backup) carries the segment; the chain continues
+        // from its anchor.
+        let mut records = Vec::new();
+        s.export(&mut |r| {
+            records.push(r);
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert!(records
+            .iter()
+            .any(|r| matches!(r, BackupRecord::Archive(a) if a.to_seq == 21)));
+        let to = TestStore::sqlite().await;
+        to.store()
+            .import(records)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(to.store().audit_archives().await.unwrap(), vec![row]);
+        let restored = verify_database(&to.url(), &vk, None, &[path.as_path()])
+            .await
+            .unwrap();
+        assert_eq!(restored.report.last_seq, 27, "{name}");
     }
 }
