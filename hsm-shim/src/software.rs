@@ -19,9 +19,7 @@ use zeroize::Zeroizing;
 use crate::{KekError, KeyEncryptionKey};
 
 const FILE_PREFIX: &str = "cardvault-kek-v1:";
-const BLOB_VERSION: u8 = 1;
-const NONCE_LEN: usize = 12;
-const AAD_PREFIX: &[u8] = b"cardvault/kek-wrap/v1\0";
+use crate::{wrap_aad as aad, BLOB_VERSION, NONCE_LEN, TAG_LEN};
 
 /// A KEK held in software. No `Clone`; `Debug` shows only the KEK id; the
 /// cipher state is zeroized on drop by `aes-gcm`'s `zeroize` feature.
@@ -121,26 +119,21 @@ impl SoftwareKek {
         Ok(Self::from_key(&key))
     }
 
-    fn from_key(key: &[u8; 32]) -> Self {
+    /// A KEK from raw key bytes held by another backend (the sealed keyring).
+    /// The id is derived from the key, so the same key always has the same id.
+    pub(crate) fn from_key(key: &[u8; 32]) -> Self {
         let mut h = Sha256::new();
         h.update(b"cardvault/kek-id/v1\0");
         h.update(key);
         let digest = h.finalize();
         // The id is a one-way digest of the key under a domain-separation
         // prefix: safe to store and print.
-        let id = format!("soft:{}", to_hex(&digest[..8]));
+        let id = format!("soft:{}", crate::to_hex(&digest[..8]));
         Self {
             cipher: Aes256Gcm::new(key.into()),
             id,
         }
     }
-}
-
-fn aad(label: &str) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(AAD_PREFIX.len() + label.len());
-    aad.extend_from_slice(AAD_PREFIX);
-    aad.extend_from_slice(label.as_bytes());
-    aad
 }
 
 impl KeyEncryptionKey for SoftwareKek {
@@ -169,7 +162,7 @@ impl KeyEncryptionKey for SoftwareKek {
     }
 
     fn unwrap(&self, label: &str, wrapped: &[u8]) -> Result<Zeroizing<Vec<u8>>, KekError> {
-        if wrapped.len() < 1 + NONCE_LEN + 16 || wrapped[0] != BLOB_VERSION {
+        if wrapped.len() < 1 + NONCE_LEN + TAG_LEN || wrapped[0] != BLOB_VERSION {
             return Err(KekError::MalformedBlob);
         }
         let nonce = Nonce::from_slice(&wrapped[1..1 + NONCE_LEN]);
@@ -197,13 +190,6 @@ fn hex_value(c: u8) -> Option<u8> {
         b'A'..=b'F' => Some(c - b'A' + 10),
         _ => None,
     }
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .flat_map(|b| [hex_digit(b >> 4), hex_digit(b & 0x0f)])
-        .collect()
 }
 
 #[cfg(test)]
