@@ -19,15 +19,19 @@
 //!
 //! # Secret sharing: `vsss-rs`
 //!
-//! The master key is split byte-wise over GF(2^8) with `vsss-rs` 6 (`Gf256`),
-//! chosen because it is maintained (releases through 2025-2026), has had
-//! third-party security audits (funded by LIT Protocol and Turnkey; their
-//! findings, such as biased coefficients and duplicate identifiers, are fixed
-//! and tested in the crate), and does GF(256) arithmetic in constant time
-//! without lookup tables. Rejected: `sharks` (unmaintained since 2021, and
-//! its coefficients are drawn from 1..=255 rather than uniformly, which biases
-//! the shares), `blahaj` (a fork of `sharks` with that fixed, but table-based
-//! arithmetic and no audit), `shamir-vault` (young, one author, no audit).
+//! The master key is split byte-wise over GF(2^8) with `vsss-rs` 6 (`Gf256`).
+//! Why: it is maintained (6.x is current, on the current RustCrypto and
+//! `rand_core` 0.10 stack), it has had third-party security audits (funded
+//! by LIT Protocol and Turnkey; the fixes, such as uniformly drawn
+//! coefficients and refused duplicate or zero share identifiers, carry
+//! regression tests in the crate), and its GF(256) arithmetic is constant-time,
+//! without lookup tables. Evaluated and rejected: `sharks` 0.5 (draws the
+//! coefficients from 1..=255 instead of uniformly, which biases the shares;
+//! the fix lives only in its fork), `blahaj` 0.7 (that fork: fixes the bias,
+//! but keeps log/exp lookup tables, a cache-timing channel on secret bytes,
+//! and has no audit), `shamir-vault` 1.3 (lookup tables, one author, no
+//! audit).
+//!
 //! Custodian i (in file order, from 1) gets the share at x = i. `vsss-rs`
 //! needs K >= 2; for K = 1 the polynomial is the constant, so every share is
 //! `x || master key` (any single custodian unseals, as K = 1 means). The

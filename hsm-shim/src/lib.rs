@@ -39,6 +39,18 @@
 //! Invariants: no secret (key, PIN, passphrase, share) appears in a `Debug`
 //! output, an error message, a log line or a panic; secrets in memory are
 //! zeroized when dropped.
+//!
+//! Feature `insecure-test-kdf` (off by default, for other crates'
+//! dev-dependencies only) adds [`KdfParams`]`::insecure_fast_for_tests`.
+//!
+//! Tests: one suite (`src/tests/mod.rs`) runs the same properties against
+//! every backend: the software key file, the unsealed keyring and PKCS#11 on
+//! SoftHSM2. SoftHSM2 (`/usr/lib/softhsm/libsofthsm2.so`, Debian package
+//! `softhsm2`; another path through `CARDVAULT_TEST_PKCS11_MODULE`) is
+//! required: without it the PKCS#11 tests fail with a message saying so,
+//! they never skip. Each test makes its own token in a token directory of
+//! its own test run (`SOFTHSM2_CONF` is set once per test binary, before the
+//! module is initialised).
 #![forbid(unsafe_code)]
 
 mod fsutil;

@@ -388,7 +388,10 @@ impl TokenInner {
 }
 
 /// An open PKCS#11 token. Opening does not log in: a service can start sealed
-/// and unseal later with [`Pkcs11Token::login`].
+/// and unseal later with [`Pkcs11Token::login`]. Clones and the KEKs taken
+/// from it share its sessions; when the last of them is dropped, its sessions
+/// close, which also ends the login if no other handle of this process holds
+/// a session on the token.
 #[derive(Clone)]
 pub struct Pkcs11Token {
     inner: Arc<TokenInner>,

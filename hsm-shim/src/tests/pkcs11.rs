@@ -77,6 +77,8 @@ fn wrong_pin_refused_at_login() {
 
 #[test]
 fn pin_from_env() {
+    // Creating the token also sets PIN_VAR (once per test binary).
+    let config = softhsm::new_token("pinenv");
     let pin = Pin::from_env(PIN_VAR).unwrap();
     assert_eq!(format!("{pin:?}"), "Pin([REDACTED])");
     let err = Pin::from_env("CARDVAULT_HSM_SHIM_TEST_UNSET_VARIABLE").unwrap_err();
@@ -94,7 +96,6 @@ fn pin_from_env() {
         .to_string()
         .contains("CARDVAULT_HSM_SHIM_TEST_UNSET_VARIABLE"));
     // And it logs in.
-    let config = softhsm::new_token("pinenv");
     assert_eq!(config.pin, PinSource::Env(PIN_VAR.to_owned()));
     config.pin.load().unwrap();
     let token = Pkcs11Token::open(&config).unwrap();
@@ -207,6 +208,8 @@ fn the_key_is_generated_inside_and_cannot_leave() {
                 AttributeType::Wrap,
                 AttributeType::Unwrap,
                 AttributeType::Derive,
+                AttributeType::Modifiable,
+                AttributeType::Copyable,
                 AttributeType::ValueLen,
                 AttributeType::Id,
                 AttributeType::Value,
@@ -229,7 +232,9 @@ fn the_key_is_generated_inside_and_cannot_leave() {
             Attribute::Extractable(v)
             | Attribute::Wrap(v)
             | Attribute::Unwrap(v)
-            | Attribute::Derive(v) => {
+            | Attribute::Derive(v)
+            | Attribute::Modifiable(v)
+            | Attribute::Copyable(v) => {
                 assert!(!*v, "{a:?}");
                 seen += 1;
             }
@@ -246,7 +251,7 @@ fn the_key_is_generated_inside_and_cannot_leave() {
             other => panic!("unexpected attribute {other:?}"),
         }
     }
-    assert_eq!(seen, 13, "{attrs:?}");
+    assert_eq!(seen, 15, "{attrs:?}");
 }
 
 #[test]
