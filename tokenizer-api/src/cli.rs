@@ -2,6 +2,7 @@
 //! (one JSON document per command); logs go to stderr.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+use std::os::unix::fs::DirBuilderExt as _;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use vault::access::{self, TenantScope};
 use vault::store::Store;
 
 use crate::app::{self, Application};
-use crate::config::{CommonArgs, KekCommand, PrincipalCommand, ServeArgs, Settings};
+use crate::config::{AuditCommand, CommonArgs, KekCommand, PrincipalCommand, ServeArgs, Settings};
 
 /// Print an error to stderr and fail.
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -146,6 +147,66 @@ pub async fn restore(common: CommonArgs, from: std::path::PathBuf) -> ExitCode {
             println!(
                 "{}",
                 serde_json::json!({"restored": from.display().to_string(), "contents": summary})
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `tokenizer audit archive`: move audit segments past the retention period
+/// to files (see `vault::archive`).
+pub async fn audit(cmd: AuditCommand) -> ExitCode {
+    let AuditCommand::Archive {
+        common,
+        older_than_days,
+        below_pci_minimum,
+    } = cmd;
+    let (settings, store) = match store_for(&common).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let days = older_than_days.unwrap_or(settings.audit_retention_days);
+    if days < vault::archive::PCI_MINIMUM_RETENTION_DAYS && !below_pci_minimum {
+        store.close().await;
+        return fail(format!(
+            "refusing to keep only {days} days of audit history online: PCI DSS 10.5.1 asks for at least {} (pass --below-pci-minimum for a trial)",
+            vault::archive::PCI_MINIMUM_RETENTION_DAYS
+        ));
+    }
+    let dir = &settings.audit_archive_dir;
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        store.close().await;
+        return fail(format!("cannot create {}: {e}", dir.display()));
+    }
+    let cutoff = time::OffsetDateTime::now_utc() - time::Duration::days(i64::from(days));
+    let event = audit::AuditEvent::new(audit::Action::AuditArchived, audit::Outcome::Success)
+        .source("local");
+    let result =
+        vault::archive::archive_audit(store.as_ref(), &settings.database_url, dir, cutoff, event)
+            .await;
+    store.close().await;
+    match result {
+        Ok(done) => {
+            let segment = done.segment.map(|(row, path)| {
+                serde_json::json!({
+                    "from_seq": row.from_seq,
+                    "to_seq": row.to_seq,
+                    "file": path.display().to_string(),
+                    "sha256": row.file_sha256,
+                })
+            });
+            println!(
+                "{}",
+                serde_json::json!({
+                    "archived": segment,
+                    "deleted_from_database": done.deleted,
+                    "retention_days": days,
+                })
             );
             ExitCode::SUCCESS
         }

@@ -51,6 +51,11 @@ pub enum Command {
         #[arg(long)]
         from: std::path::PathBuf,
     },
+    /// The audit trail's retention: archive old segments to files.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Manage the software key-encryption key.
     Kek {
         #[command(subcommand)]
@@ -84,6 +89,31 @@ pub enum PrincipalCommand {
         #[command(flatten)]
         common: CommonArgs,
         name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Archive the audit entries older than the retention period to a file
+    /// in the archive directory, then delete them from the database.
+    ///
+    /// The segment ends at the last checkpoint signed before the cutoff; the
+    /// file is verified from disk with the public key before anything is
+    /// recorded or deleted, and verifies on its own with
+    /// `vault-audit verify --archive FILE` (joined to the database with
+    /// `--database-url`). On PostgreSQL run it as the owner role (the
+    /// runtime role may not delete audit rows). Prints one JSON line.
+    Archive {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Keep this many days online (default: `audit_retention_days`,
+        /// 365). Below 90 (PCI DSS 10.5.1: three months immediately
+        /// available) only with --below-pci-minimum.
+        #[arg(long, value_name = "DAYS")]
+        older_than_days: Option<u32>,
+        /// Allow fewer than 90 days online (tests, trials; never production).
+        #[arg(long)]
+        below_pci_minimum: bool,
     },
 }
 
@@ -142,6 +172,13 @@ pub struct CommonArgs {
     /// external witness); default `<data-dir>/audit-checkpoints.jsonl`.
     #[arg(long, env = "TOKENIZER_AUDIT_WITNESS_FILE")]
     pub audit_witness_file: Option<PathBuf>,
+    /// Days of audit history kept in the database; older segments may be
+    /// archived with `tokenizer audit archive` (default 365).
+    #[arg(long, env = "TOKENIZER_AUDIT_RETENTION_DAYS")]
+    pub audit_retention_days: Option<u32>,
+    /// Directory of audit archive files; default `<data-dir>/audit-archive`.
+    #[arg(long, env = "TOKENIZER_AUDIT_ARCHIVE_DIR")]
+    pub audit_archive_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -173,6 +210,8 @@ struct FileConfig {
     audit_checkpoint_interval_ms: Option<u64>,
     audit_checkpoint_every: Option<u64>,
     audit_witness_file: Option<PathBuf>,
+    audit_retention_days: Option<u32>,
+    audit_archive_dir: Option<PathBuf>,
 }
 
 /// Resolved settings.
@@ -191,6 +230,9 @@ pub struct Settings {
     /// Entries after which a checkpoint is due even before the interval.
     pub audit_checkpoint_every: u64,
     pub audit_witness_file: PathBuf,
+    /// Days of audit history kept online (archiving keeps at least these).
+    pub audit_retention_days: u32,
+    pub audit_archive_dir: PathBuf,
     pub kek_file: PathBuf,
     pub log_level: String,
     pub listen: SocketAddr,
@@ -252,9 +294,19 @@ impl Settings {
                 .unwrap_or(10_000)
                 .max(10),
         );
+        let audit_archive_dir = common
+            .audit_archive_dir
+            .clone()
+            .or(file.audit_archive_dir)
+            .unwrap_or_else(|| data_dir.join("audit-archive"));
         Ok(Settings {
             database_url,
             audit_witness_file,
+            audit_archive_dir,
+            audit_retention_days: common
+                .audit_retention_days
+                .or(file.audit_retention_days)
+                .unwrap_or(vault::archive::DEFAULT_RETENTION_DAYS),
             audit_checkpoint_interval,
             audit_checkpoint_every: common
                 .audit_checkpoint_every
@@ -331,6 +383,8 @@ mod tests {
             audit_checkpoint_interval_ms: None,
             audit_checkpoint_every: None,
             audit_witness_file: None,
+            audit_retention_days: None,
+            audit_archive_dir: None,
         }
     }
 

@@ -16,6 +16,7 @@ async fn main() -> ExitCode {
         Command::Migrate { common } => cli::migrate(common).await,
         Command::Backup { common, out } => cli::backup(common, out).await,
         Command::Restore { common, from } => cli::restore(common, from).await,
+        Command::Audit { command } => cli::audit(command).await,
         Command::Kek { command } => cli::kek(command),
     }
 }

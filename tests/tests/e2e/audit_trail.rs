@@ -275,7 +275,7 @@ fn audit_trail_verifies_and_every_tampering_is_located() {
         audit::ExportReader::new(BufReader::new(File::open(&export_file).unwrap()))
             .filter_map(|r| match r.unwrap() {
                 audit::Record::Entry(e) => Some(e),
-                audit::Record::Checkpoint(_) => None,
+                _ => None,
             })
             .collect();
     let n = entries.len() as u64;
@@ -575,4 +575,191 @@ fn audit_trail_verifies_and_every_tampering_is_located() {
         started.elapsed().as_secs_f64(),
         located.join("\n")
     ));
+}
+
+/// Retention end to end: after a workload, `tokenizer audit archive` moves
+/// the trail up to the last checkpoint into a file, deletes those entries
+/// from the database, and `vault-audit` verifies the database alone (from the
+/// archived segment's anchor), the file alone, and both joined; a changed
+/// archive file, or a missing one in the sequence, is caught and located.
+/// The service then goes on appending to the same chain.
+#[test]
+fn archived_segments_verify_alone_and_joined_to_the_database() {
+    let mut svc = Service::start_with(Options {
+        extra_args: vec![
+            "--audit-checkpoint-interval-ms".into(),
+            INTERVAL_MS.to_string(),
+        ],
+        ..Options::default()
+    });
+    let key = svc.data_dir().join("audit-verify.pub");
+    let witness = svc.data_dir().join("audit-checkpoints.jsonl");
+    let client = admin(&svc);
+    let token = token_for(&client, TENANT, TEST_CARDS[0].0);
+    expect_status(&client.detokenize(&token, REASON), 200);
+    assert!(svc
+        .terminate(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+    let url = svc.database_url();
+    let size_before = witness_checkpoints(&witness).last().unwrap().tree_size;
+
+    // Below the PCI DSS minimum only when asked for.
+    let refused = svc.cli(&["audit", "archive", "--older-than-days", "0"]);
+    assert!(
+        !refused.success() && refused.stderr.contains("PCI DSS 10.5.1"),
+        "{refused:?}"
+    );
+    // The cutoff is compared to the second: let the last checkpoint age.
+    std::thread::sleep(Duration::from_millis(2100));
+    let out = svc.cli(&[
+        "audit",
+        "archive",
+        "--older-than-days",
+        "0",
+        "--below-pci-minimum",
+    ]);
+    assert!(out.success(), "{out:?}");
+    let printed: serde_json::Value = serde_json::from_str(out.stdout.trim()).unwrap();
+    assert_eq!(printed["archived"]["from_seq"], 1, "{printed}");
+    assert_eq!(printed["archived"]["to_seq"], size_before, "{printed}");
+    assert_eq!(printed["deleted_from_database"], size_before, "{printed}");
+    let file = PathBuf::from(printed["archived"]["file"].as_str().unwrap());
+    assert_eq!(
+        file.parent(),
+        Some(svc.data_dir().join("audit-archive").as_path())
+    );
+    let (k, f) = (key.to_str().unwrap(), file.to_str().unwrap());
+
+    // The service goes on; its new entries chain after the archived ones.
+    svc.restart();
+    let reader = svc.principal_client("e2e-reader", &["tokenize"], &["*"]);
+    expect_status(&reader.metadata(&token), 200);
+    assert!(svc
+        .terminate(Duration::from_secs(30))
+        .is_some_and(|s| s.success()));
+    let size_after = witness_checkpoints(&witness).last().unwrap().tree_size;
+    assert!(size_after > size_before + 1);
+
+    // The database alone: from the anchor; the file alone; both joined.
+    let online = verify(
+        &url,
+        &key,
+        Some(&witness),
+        0,
+        &format!("last seq {size_after}"),
+    );
+    assert!(
+        online
+            .stdout
+            .contains(&format!("started after entry {size_before}")),
+        "{}",
+        describe(&online)
+    );
+    let alone = run_vault_audit(&["verify", "--key", k, "--archive", f]);
+    assert!(
+        alone.success()
+            && alone
+                .stdout
+                .contains(&format!("verified {size_before} entries")),
+        "{}",
+        describe(&alone)
+    );
+    let joined = run_vault_audit(&[
+        "verify",
+        "--key",
+        k,
+        "--archive",
+        f,
+        "--database-url",
+        &url,
+        "--witness",
+        witness.to_str().unwrap(),
+    ]);
+    assert!(joined.success(), "{}", describe(&joined));
+    assert!(
+        joined
+            .stdout
+            .contains(&format!("verified {size_after} entries")),
+        "{}",
+        describe(&joined)
+    );
+
+    // One changed byte in the archive file is located.
+    let work = temp_data_dir();
+    let text = std::fs::read_to_string(&file).unwrap();
+    let forged = work.path().join("forged.jsonl");
+    std::fs::write(
+        &forged,
+        text.replacen(REASON, &REASON.replacen('e', "f", 1), 1),
+    )
+    .unwrap();
+    let entries: Vec<ChainedEvent> = audit::ExportReader::new(text.as_bytes())
+        .filter_map(|r| match r.unwrap() {
+            audit::Record::Entry(e) => Some(e),
+            _ => None,
+        })
+        .collect();
+    let detok = seq_of(&entries, Action::Detokenize);
+    let bad = run_vault_audit(&[
+        "verify",
+        "--key",
+        k,
+        "--archive",
+        forged.to_str().unwrap(),
+        "--database-url",
+        &url,
+    ]);
+    assert_eq!(bad.status.code(), Some(1), "{}", describe(&bad));
+    assert!(
+        bad.stdout.contains(&format!("entry {detok} was changed")),
+        "{}",
+        describe(&bad)
+    );
+
+    // The database cannot be verified as if nothing had been archived: a
+    // segment file that starts later (here: none before the database's
+    // entries) does not join up.
+    let tail = work.path().join("tail.jsonl");
+    let exported = run_vault_audit(&[
+        "export",
+        "--database-url",
+        &url,
+        "--out",
+        tail.to_str().unwrap(),
+    ]);
+    assert!(exported.success(), "{}", describe(&exported));
+    let gap = run_vault_audit(&[
+        "verify",
+        "--key",
+        k,
+        "--archive",
+        tail.to_str().unwrap(),
+        "--database-url",
+        &url,
+    ]);
+    assert_eq!(gap.status.code(), Some(1), "{}", describe(&gap));
+    assert!(gap.stdout.contains("overlap"), "{}", describe(&gap));
+    // A range export of the database verifies on its own too.
+    let again = run_vault_audit(&["verify", "--key", k, "--export", tail.to_str().unwrap()]);
+    assert!(again.success(), "{}", describe(&again));
+
+    // Only archived rows can be deleted, even by the owner.
+    let delete = format!(
+        "DELETE FROM audit_events WHERE chain_seq = {}",
+        size_before + 1
+    );
+    let refused = match svc.backend() {
+        Backend::Sqlite => std::panic::catch_unwind(|| {
+            sqlite_execute(Path::new(url.trim_start_matches("sqlite://")), &delete)
+        }),
+        Backend::Postgres => std::panic::catch_unwind(|| pg_execute(&url, &delete)),
+    };
+    assert!(refused.is_err(), "an unarchived entry was deleted");
+    verify(
+        &url,
+        &key,
+        Some(&witness),
+        0,
+        &format!("last seq {size_after}"),
+    );
 }
