@@ -1,12 +1,14 @@
 -- cardvault on PostgreSQL: roles and privileges (least privilege).
 --
--- Two roles per cardvault database:
+-- Three roles per cardvault database:
 --
 --   cardvault_owner  owns the database, the schema `public`, every table and
 --                    the migration bookkeeping (`_sqlx_migrations`). Used only
---                    to run `tokenizer migrate` and `tokenizer restore` (which
+--                    to run `tokenizer migrate`, `tokenizer restore` (which
 --                    migrates and moves the audit sequence past the restored
---                    events); nothing else logs in as it.
+--                    events) and `tokenizer audit archive` (which records an
+--                    archived segment in audit_archives and deletes the
+--                    archived audit_events rows); nothing else logs in as it.
 --   cardvault_app    the role `tokenizer serve` runs as. It reads and writes
 --                    rows and can do nothing else: it owns nothing, cannot
 --                    create, alter or drop anything (no CREATE on the schema
@@ -21,16 +23,30 @@
 --                                    TRUNCATE
 --                      audit_head    SELECT, UPDATE (the chain head row)
 --                      audit_checkpoints, audit_signing_keys  SELECT, INSERT
+--                      audit_archives  SELECT (backups read it; archiving
+--                                    runs as the owner)
 --                    plus CONNECT on the database and USAGE on the schema.
 --                    No sequence privilege: `audit_events.seq` is an identity
 --                    column, whose sequence INSERT advances without one.
 --                    No privilege at all on `_sqlx_migrations`.
+--   cardvault_auditor  the role an auditor's `vault-audit verify
+--                    --database-url postgres://cardvault_auditor@.../cardvault`
+--                    runs as. Read-only, and only the audit trail: CONNECT on
+--                    the database, USAGE on the schema, and SELECT on
+--                    audit_events, audit_checkpoints and audit_archives.
+--                    Nothing on cards, principals, vault_keys, audit_head,
+--                    audit_signing_keys or `_sqlx_migrations`; no INSERT,
+--                    UPDATE or DELETE anywhere; owns nothing.
 --
--- The audit trail is append-only twice over: the runtime role lacks the
--- grants, and triggers of migration 0001 reject UPDATE, DELETE and TRUNCATE
--- on audit_events for every role, the owner included. (The owner could still
--- drop those triggers: keep its credentials away from the service and use
--- them only for migrations.)
+-- The audit trail is append-only twice over: the runtime and auditor roles
+-- lack the grants, and triggers reject UPDATE and TRUNCATE on audit_events,
+-- audit_checkpoints and audit_archives, and DELETE on the latter two, for
+-- every role, the owner included. DELETE on audit_events is refused too,
+-- except (trigger of migration 0003) for entries inside a segment recorded in
+-- audit_archives, i.e. already written to an archive file; only a role with
+-- DELETE on audit_events, the owner, can issue it at all. (The owner could
+-- still drop those triggers: keep its credentials away from the service and
+-- use them only for migrations, restores and archiving.)
 --
 -- Order of operations, once per database:
 --
@@ -39,16 +55,17 @@
 --        psql "postgres://admin@db.internal/postgres" \
 --             -v phase=setup -f deploy/postgres-roles.sql
 --      The roles are created without a password. Set one per role from psql
---      with `\password cardvault_owner` and `\password cardvault_app` (psql
---      sends only a SCRAM hash: the password never appears in a command
---      line, the server log or shell history), or use certificate auth.
+--      with `\password cardvault_owner`, `\password cardvault_app` and
+--      `\password cardvault_auditor` (psql sends only a SCRAM hash: the
+--      password never appears in a command line, the server log or shell
+--      history), or use certificate auth.
 --   2. Apply the schema as the owner:
 --        tokenizer migrate --database-url \
 --            'postgres://cardvault_owner@db.internal/cardvault?sslmode=verify-full&sslrootcert=/etc/cardvault/pg-ca.pem'
 --      (with a password: put the whole URL in TOKENIZER_DATABASE_URL from a
 --      secret store instead of on the command line).
---   3. Grant the runtime role its privileges (as the superuser or as
---      cardvault_owner):
+--   3. Grant the runtime and auditor roles their privileges (as the
+--      superuser or as cardvault_owner):
 --        psql "postgres://admin@db.internal/postgres" \
 --             -v phase=grants -f deploy/postgres-roles.sql
 --   4. Run the service as the runtime role, with `migrate_on_start = false`
@@ -56,17 +73,21 @@
 --      default `true` makes start-up fail) and TOKENIZER_DATABASE_URL set to
 --        postgres://cardvault_app:PASSWORD@db.internal/cardvault?sslmode=verify-full&sslrootcert=/etc/cardvault/pg-ca.pem
 --      then `tokenizer serve --config /etc/cardvault/tokenizer.toml`.
+--   5. An auditor verifies the trail as the auditor role:
+--        vault-audit verify --key audit-verify.pub --database-url \
+--            'postgres://cardvault_auditor@db.internal/cardvault?sslmode=verify-full&sslrootcert=/etc/cardvault/pg-ca.pem'
 --
 -- After every later `tokenizer migrate`, run phase grants again (step 3). It
--- is idempotent and exact: it first revokes everything the runtime role (and
--- PUBLIC) has on the database, the schema, every table, sequence and routine,
--- then grants the list above. A table added by a migration is unreachable for
--- the runtime role (fail closed) until its line is added to phase grants
--- below; there are deliberately no default privileges on tables or sequences
--- for the runtime role. Phase setup is idempotent too.
+-- is idempotent and exact: it first revokes everything the runtime role, the
+-- auditor role (and PUBLIC) have on the database, the schema, every table,
+-- sequence and routine, then grants the lists above. A table added by a
+-- migration is unreachable for both (fail closed) until its lines are added
+-- to phase grants below; there are deliberately no default privileges on
+-- tables or sequences for either. Phase setup is idempotent too.
 --
 -- Names: psql variables, with these defaults:
---   -v owner_role=cardvault_owner -v app_role=cardvault_app -v db_name=cardvault
+--   -v owner_role=cardvault_owner -v app_role=cardvault_app
+--   -v auditor_role=cardvault_auditor -v db_name=cardvault
 -- They are always substituted as :"var" (identifier) or :'var' (literal), so
 -- any name is quoted correctly. The tests (vault/src/store/roles_tests.rs)
 -- run this file with psql under random names.
@@ -83,6 +104,10 @@
 \else
 \set app_role cardvault_app
 \endif
+\if :{?auditor_role}
+\else
+\set auditor_role cardvault_auditor
+\endif
 \if :{?db_name}
 \else
 \set db_name cardvault
@@ -95,6 +120,21 @@
 SELECT :'phase' = 'setup' AS cardvault_phase_setup,
        :'phase' = 'grants' AS cardvault_phase_grants,
        current_database() <> :'db_name' AS cardvault_elsewhere \gset
+
+SET cardvault.owner_role = :'owner_role';
+SET cardvault.app_role = :'app_role';
+SET cardvault.auditor_role = :'auditor_role';
+
+-- Three distinct roles, checked before either phase changes anything.
+DO $$
+BEGIN
+    IF current_setting('cardvault.owner_role') = current_setting('cardvault.app_role')
+       OR current_setting('cardvault.auditor_role')
+          IN (current_setting('cardvault.owner_role'), current_setting('cardvault.app_role')) THEN
+        RAISE EXCEPTION 'the owner, the runtime and the auditor role must be three roles';
+    END IF;
+END
+$$;
 
 \if :cardvault_phase_setup
 
@@ -110,24 +150,25 @@ SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLIC
 SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS',
               :'app_role')
  WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'app_role') \gexec
+SELECT format('CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS',
+              :'auditor_role')
+ WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = :'auditor_role') \gexec
 ALTER ROLE :"owner_role" LOGIN;
 ALTER ROLE :"app_role" LOGIN;
+ALTER ROLE :"auditor_role" LOGIN;
 
 -- Refuse roles that already existed with more power than this file gives,
--- or a runtime role that is (or acts as) the owner.
-SET cardvault.owner_role = :'owner_role';
-SET cardvault.app_role = :'app_role';
+-- a runtime or auditor role that is (or acts as) the owner, and an auditor
+-- role that acts as the runtime role (it would gain its writes).
 DO $$
 DECLARE
-    owner_role text := current_setting('cardvault.owner_role');
-    app_role   text := current_setting('cardvault.app_role');
+    owner_role   text := current_setting('cardvault.owner_role');
+    app_role     text := current_setting('cardvault.app_role');
+    auditor_role text := current_setting('cardvault.auditor_role');
     r record;
 BEGIN
-    IF owner_role = app_role THEN
-        RAISE EXCEPTION 'the owner and the runtime role must be two roles';
-    END IF;
     FOR r IN SELECT rolname FROM pg_roles
-              WHERE rolname IN (owner_role, app_role)
+              WHERE rolname IN (owner_role, app_role, auditor_role)
                 AND (rolsuper OR rolcreatedb OR rolcreaterole OR rolreplication OR rolbypassrls)
     LOOP
         RAISE EXCEPTION 'role % has SUPERUSER, CREATEDB, CREATEROLE, REPLICATION or BYPASSRLS: remove it first',
@@ -135,6 +176,12 @@ BEGIN
     END LOOP;
     IF pg_has_role(app_role, owner_role, 'MEMBER') THEN
         RAISE EXCEPTION 'role % is a member of %: revoke that membership first', app_role, owner_role;
+    END IF;
+    IF pg_has_role(auditor_role, owner_role, 'MEMBER') THEN
+        RAISE EXCEPTION 'role % is a member of %: revoke that membership first', auditor_role, owner_role;
+    END IF;
+    IF pg_has_role(auditor_role, app_role, 'MEMBER') THEN
+        RAISE EXCEPTION 'role % is a member of %: revoke that membership first', auditor_role, app_role;
     END IF;
 END
 $$;
@@ -145,7 +192,7 @@ SELECT format('CREATE DATABASE %I OWNER %I', :'db_name', :'owner_role')
  WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'db_name') \gexec
 ALTER DATABASE :"db_name" OWNER TO :"owner_role";
 -- PUBLIC loses CONNECT and TEMPORARY; phase grants gives CONNECT to the
--- runtime role only.
+-- runtime and auditor roles only.
 REVOKE ALL ON DATABASE :"db_name" FROM PUBLIC;
 
 \connect :"db_name"
@@ -175,12 +222,14 @@ ALTER DEFAULT PRIVILEGES FOR ROLE :"owner_role" REVOKE EXECUTE ON ROUTINES FROM 
 
 BEGIN;
 
--- Start from nothing, so the result is exactly the list below.
-REVOKE ALL ON DATABASE :"db_name" FROM PUBLIC, :"app_role";
-REVOKE ALL ON SCHEMA public FROM PUBLIC, :"app_role";
-REVOKE ALL ON ALL TABLES IN SCHEMA public FROM PUBLIC, :"app_role";
-REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM PUBLIC, :"app_role";
-REVOKE ALL ON ALL ROUTINES IN SCHEMA public FROM PUBLIC, :"app_role";
+-- Start from nothing, so the result is exactly the lists below.
+REVOKE ALL ON DATABASE :"db_name" FROM PUBLIC, :"app_role", :"auditor_role";
+REVOKE ALL ON SCHEMA public FROM PUBLIC, :"app_role", :"auditor_role";
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM PUBLIC, :"app_role", :"auditor_role";
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM PUBLIC, :"app_role", :"auditor_role";
+REVOKE ALL ON ALL ROUTINES IN SCHEMA public FROM PUBLIC, :"app_role", :"auditor_role";
+
+-- The runtime role.
 
 GRANT CONNECT ON DATABASE :"db_name" TO :"app_role";
 GRANT USAGE ON SCHEMA public TO :"app_role";
@@ -195,10 +244,21 @@ GRANT SELECT, INSERT ON TABLE audit_events TO :"app_role";
 GRANT SELECT, UPDATE ON TABLE audit_head TO :"app_role";
 GRANT SELECT, INSERT ON TABLE audit_checkpoints TO :"app_role";
 GRANT SELECT, INSERT ON TABLE audit_signing_keys TO :"app_role";
+-- Backups read the archived segments; recording one (and deleting the
+-- archived entries) is `tokenizer audit archive`, run as the owner.
+GRANT SELECT ON TABLE audit_archives TO :"app_role";
+
+-- The auditor role (`vault-audit verify`): reads the audit trail, nothing
+-- else.
+GRANT CONNECT ON DATABASE :"db_name" TO :"auditor_role";
+GRANT USAGE ON SCHEMA public TO :"auditor_role";
+GRANT SELECT ON TABLE audit_events TO :"auditor_role";
+GRANT SELECT ON TABLE audit_checkpoints TO :"auditor_role";
+GRANT SELECT ON TABLE audit_archives TO :"auditor_role";
 
 COMMIT;
 
-\echo 'cardvault: privileges of the runtime role applied'
+\echo 'cardvault: privileges of the runtime and auditor roles applied'
 
 \else
 

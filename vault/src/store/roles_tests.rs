@@ -1,13 +1,15 @@
 //! The shipped PostgreSQL roles (`deploy/postgres-roles.sql`) against a real
 //! server: the runtime role can do everything the service does and nothing
-//! that changes the schema or the audit trail; the owner migrates, and even
-//! it cannot change the audit trail (triggers).
+//! that changes the schema or the audit trail; the owner migrates and
+//! archives, and even it cannot change the audit trail (triggers) beyond
+//! deleting archived entries; the auditor role verifies the trail
+//! (`vault-audit verify`) and reads nothing else.
 //!
 //! The file is run as an operator runs it: with `psql` (which must be
 //! installed; a missing `psql` or PostgreSQL fails these tests, never skips
 //! them), fed on stdin from `include_str!`, with the role and database names
 //! passed as psql variables (`-v owner_role=... -v app_role=... -v
-//! db_name=...`), so nothing in the file is rewritten. Roles are cluster-wide:
+//! auditor_role=... -v db_name=...`), so nothing in the file is rewritten. Roles are cluster-wide:
 //! every test uses fresh random role names and drops them when done, also on
 //! panic (`TestRoles`). Other roles connect through the server's trust
 //! authentication, as the admin URL does (`CARDVAULT_TEST_PG_URL`).
@@ -38,12 +40,14 @@ fn random_suffix() -> String {
     raw.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// An owner and a runtime role name, unique to this run; both roles are
-/// dropped (if they exist) when this is dropped. Declare it before the
-/// database, so the database (which the owner owns) is dropped first.
+/// An owner, a runtime and an auditor role name, unique to this run; the
+/// roles are dropped (if they exist) when this is dropped. Declare it before
+/// the database, so the database (which the owner owns, and where the others
+/// hold privileges) is dropped first.
 struct TestRoles {
     owner: String,
     app: String,
+    auditor: String,
 }
 
 impl TestRoles {
@@ -52,13 +56,21 @@ impl TestRoles {
         TestRoles {
             owner: format!("cv_owner_{s}"),
             app: format!("cv_app_{s}"),
+            auditor: format!("cv_auditor_{s}"),
         }
+    }
+
+    fn all(&self) -> [&str; 3] {
+        [&self.app, &self.auditor, &self.owner]
     }
 }
 
 impl Drop for TestRoles {
     fn drop(&mut self) {
-        let sql = format!("DROP ROLE IF EXISTS {}, {}", self.app, self.owner);
+        let sql = format!(
+            "DROP ROLE IF EXISTS {}, {}, {}",
+            self.app, self.auditor, self.owner
+        );
         // Drop runs outside any runtime we can block on: use a thread.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -77,6 +89,17 @@ impl Drop for TestRoles {
 
 /// Run the shipped file with psql on the admin URL, as in deploy/README.md.
 fn run_roles_sql(roles: &TestRoles, db: &str, phase: Option<&str>) -> Output {
+    run_roles_sql_with(roles, db, phase, &[])
+}
+
+/// The same, with psql variables that override the ones from `roles` (psql
+/// keeps the last `-v` of a name).
+fn run_roles_sql_with(
+    roles: &TestRoles,
+    db: &str,
+    phase: Option<&str>,
+    overrides: &[(&str, &str)],
+) -> Output {
     let mut cmd = Command::new("psql");
     cmd.args(["-X", "-w", "-v", "ON_ERROR_STOP=1"])
         .arg("-v")
@@ -84,9 +107,14 @@ fn run_roles_sql(roles: &TestRoles, db: &str, phase: Option<&str>) -> Output {
         .arg("-v")
         .arg(format!("app_role={}", roles.app))
         .arg("-v")
+        .arg(format!("auditor_role={}", roles.auditor))
+        .arg("-v")
         .arg(format!("db_name={db}"));
     if let Some(phase) = phase {
         cmd.arg("-v").arg(format!("phase={phase}"));
+    }
+    for (name, value) in overrides {
+        cmd.arg("-v").arg(format!("{name}={value}"));
     }
     let mut child = cmd
         .args(["-d", &pg_admin_url(), "-f", "-"])
@@ -178,8 +206,9 @@ async fn strings(conn: &mut PgConnection, sql: &str, role: &str) -> Vec<String> 
         .unwrap()
 }
 
-/// Everything `app` may do in the current database, as sorted lines; read
-/// from the catalogs by the admin, so PUBLIC's privileges count too.
+/// Everything the role `app` may do in the current database, as sorted
+/// lines; read from the catalogs by the admin, so PUBLIC's privileges (and
+/// those of roles it is a member of) count too.
 async fn privileges_of(admin: &mut PgConnection, app: &str) -> Vec<String> {
     let mut out = strings(
         admin,
@@ -255,6 +284,7 @@ async fn privileges_of(admin: &mut PgConnection, app: &str) -> Vec<String> {
 
 /// What the runtime role may do: exactly the list in deploy/postgres-roles.sql.
 const APP_PRIVILEGES: &[&str] = &[
+    "audit_archives SELECT",
     "audit_checkpoints INSERT",
     "audit_checkpoints SELECT",
     "audit_events INSERT",
@@ -276,11 +306,23 @@ const APP_PRIVILEGES: &[&str] = &[
     "vault_keys SELECT",
 ];
 
+/// What the auditor role may do: read the audit trail (what `vault-audit
+/// verify` reads, `audit/src/db.rs`) and nothing else.
+const AUDITOR_PRIVILEGES: &[&str] = &[
+    "audit_archives SELECT",
+    "audit_checkpoints SELECT",
+    "audit_events SELECT",
+    "database CONNECT",
+    "schema public USAGE",
+];
+
 /// Every table the migrations create. A new table fails this test until it
-/// has a deliberate line in phase grants of deploy/postgres-roles.sql (and
-/// in `APP_PRIVILEGES`).
+/// has a deliberate line (or a deliberate absence) for each role in phase
+/// grants of deploy/postgres-roles.sql (and in `APP_PRIVILEGES` and
+/// `AUDITOR_PRIVILEGES`).
 const TABLES: &[&str] = &[
     "_sqlx_migrations",
+    "audit_archives",
     "audit_checkpoints",
     "audit_events",
     "audit_head",
@@ -307,8 +349,8 @@ async fn assert_ownership(admin: &mut PgConnection, roles: &TestRoles, db: &str)
     .await
     .unwrap();
     assert_eq!(owner_of_schema, roles.owner);
-    // Everything in the schema belongs to the owner; the runtime role owns
-    // nothing anywhere in this database.
+    // Everything in the schema belongs to the owner; the runtime and auditor
+    // roles own nothing anywhere in this database.
     let not_owners: Vec<String> = sqlx::query_scalar(
         "SELECT DISTINCT pg_get_userbyid(relowner)::text FROM pg_class
           WHERE relnamespace = 'public'::regnamespace
@@ -320,18 +362,20 @@ async fn assert_ownership(admin: &mut PgConnection, roles: &TestRoles, db: &str)
     .await
     .unwrap();
     assert_eq!(not_owners, vec![roles.owner.clone()]);
-    let owned_by_app: i64 = sqlx::query_scalar(
-        "SELECT (SELECT count(*) FROM pg_class WHERE relowner = $1::regrole)
-              + (SELECT count(*) FROM pg_proc WHERE proowner = $1::regrole)
-              + (SELECT count(*) FROM pg_namespace WHERE nspowner = $1::regrole)
-              + (SELECT count(*) FROM pg_type WHERE typowner = $1::regrole)
-              + (SELECT count(*) FROM pg_database WHERE datdba = $1::regrole)",
-    )
-    .bind(&roles.app)
-    .fetch_one(&mut *admin)
-    .await
-    .unwrap();
-    assert_eq!(owned_by_app, 0);
+    for role in [&roles.app, &roles.auditor] {
+        let owned: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM pg_class WHERE relowner = $1::regrole)
+                  + (SELECT count(*) FROM pg_proc WHERE proowner = $1::regrole)
+                  + (SELECT count(*) FROM pg_namespace WHERE nspowner = $1::regrole)
+                  + (SELECT count(*) FROM pg_type WHERE typowner = $1::regrole)
+                  + (SELECT count(*) FROM pg_database WHERE datdba = $1::regrole)",
+        )
+        .bind(role)
+        .fetch_one(&mut *admin)
+        .await
+        .unwrap();
+        assert_eq!(owned, 0, "{role} owns something");
+    }
     // PUBLIC has nothing on the database or the schema.
     let public_grants: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM pg_database, aclexplode(datacl) a
@@ -344,26 +388,38 @@ async fn assert_ownership(admin: &mut PgConnection, roles: &TestRoles, db: &str)
     .await
     .unwrap();
     assert_eq!(public_grants, 0);
-    let attributes: Vec<(String, bool)> = sqlx::query_as(
-        "SELECT rolname::text, rolsuper OR rolcreatedb OR rolcreaterole OR rolreplication OR rolbypassrls
-           FROM pg_roles WHERE rolname IN ($1, $2) ORDER BY rolname",
+    let attributes: Vec<(String, bool, bool)> = sqlx::query_as(
+        "SELECT rolname::text, rolcanlogin,
+                rolsuper OR rolcreatedb OR rolcreaterole OR rolreplication OR rolbypassrls
+           FROM pg_roles WHERE rolname IN ($1, $2, $3) ORDER BY rolname",
     )
     .bind(&roles.app)
+    .bind(&roles.auditor)
     .bind(&roles.owner)
     .fetch_all(&mut *admin)
     .await
     .unwrap();
     assert_eq!(
         attributes,
-        vec![(roles.app.clone(), false), (roles.owner.clone(), false)]
+        vec![
+            (roles.app.clone(), true, false),
+            (roles.auditor.clone(), true, false),
+            (roles.owner.clone(), true, false)
+        ]
     );
-    let app_is_owner: bool = sqlx::query_scalar("SELECT pg_has_role($1, $2, 'MEMBER')")
-        .bind(&roles.app)
-        .bind(&roles.owner)
-        .fetch_one(&mut *admin)
-        .await
-        .unwrap();
-    assert!(!app_is_owner);
+    for (member, of) in [
+        (&roles.app, &roles.owner),
+        (&roles.auditor, &roles.owner),
+        (&roles.auditor, &roles.app),
+    ] {
+        let is_member: bool = sqlx::query_scalar("SELECT pg_has_role($1, $2, 'MEMBER')")
+            .bind(member)
+            .bind(of)
+            .fetch_one(&mut *admin)
+            .await
+            .unwrap();
+        assert!(!is_member, "{member} is a member of {of}");
+    }
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT relname::text FROM pg_class
           WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p') ORDER BY 1",
@@ -389,12 +445,16 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
     let owner = PgStore::open(&owner_url, PgSettings::default())
         .await
         .unwrap();
-    // 3. The runtime role's grants.
+    // 3. The runtime and auditor roles' grants.
     phase_ok(&roles, &db.name, "grants");
 
     let mut admin = PgConnection::connect(&db.url).await.unwrap();
     assert_ownership(&mut admin, &roles, &db.name).await;
     assert_eq!(privileges_of(&mut admin, &roles.app).await, APP_PRIVILEGES);
+    assert_eq!(
+        privileges_of(&mut admin, &roles.auditor).await,
+        AUDITOR_PRIVILEGES
+    );
 
     // 4. The service, as the runtime role, through the Store trait.
     let app_store = PgStore::connect_lazy(&app_url, PgSettings::default()).unwrap();
@@ -512,7 +572,14 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         "TRUNCATE audit_events",
         "TRUNCATE cards",
         "ALTER TABLE audit_events DISABLE TRIGGER ALL",
-        "DROP TRIGGER audit_events_no_update_delete ON audit_events",
+        "DROP TRIGGER audit_events_no_update ON audit_events",
+        "DROP TRIGGER audit_events_delete_archived_only ON audit_events",
+        // Archiving is the owner's (`tokenizer audit archive`): the runtime
+        // role only reads the archived segments (for backups).
+        "INSERT INTO audit_archives (to_seq, from_seq, chain_head, frontier, file_name, file_sha256, archived_at)
+         VALUES (1, 1, '\\x00', '', 'f', 'x', 'now')",
+        "DELETE FROM audit_archives",
+        "UPDATE audit_archives SET file_name = 'x'",
         // Principals: only revocation is an update; roles stay as created.
         "UPDATE principals SET roles = 'key_admin'",
         "UPDATE principals SET key_hash = 'x'",
@@ -561,7 +628,7 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         .fetch_one(&mut admin)
         .await
         .unwrap();
-    assert_eq!(applied, 2);
+    assert_eq!(applied, 3);
     owner.migrate().await.unwrap();
 
     // `tokenizer restore` is an owner operation: as the runtime role the
@@ -585,14 +652,21 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
     assert_eq!(app.load_keys().await.unwrap(), vec![key(1)], "rolled back");
 
     // 6. The owner cannot change the audit trail either: the triggers.
+    //    (Nothing is archived here, so no entry may be deleted.)
     let mut as_owner = PgConnection::connect(&owner_url).await.unwrap();
-    for sql in [
-        "UPDATE audit_events SET reason = 'x'",
-        "DELETE FROM audit_events",
-        "TRUNCATE audit_events",
+    for (sql, expected) in [
+        (
+            "UPDATE audit_events SET reason = 'x'",
+            "audit_events is append-only",
+        ),
+        (
+            "DELETE FROM audit_events",
+            "audit_events is append-only (only archived entries may be deleted)",
+        ),
+        ("TRUNCATE audit_events", "audit_events is append-only"),
     ] {
         let message = assert_refused(&mut as_owner, sql, RAISED).await;
-        assert_eq!(message, "audit_events is append-only", "{sql}");
+        assert_eq!(message, expected, "{sql}");
     }
     let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events")
         .fetch_one(&mut admin)
@@ -605,18 +679,17 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
     admin.close().await.unwrap();
     app.close().await;
     owner.close().await;
-    let (app_role, owner_role) = (roles.app.clone(), roles.owner.clone());
+    let names = roles.all().map(str::to_owned);
     drop(db);
     drop(roles);
-    assert_roles_gone(&app_role, &owner_role).await;
+    assert_roles_gone(&names).await;
 }
 
-async fn assert_roles_gone(app: &str, owner: &str) {
+async fn assert_roles_gone(names: &[String]) {
     let mut conn = PgConnection::connect(&pg_admin_url()).await.unwrap();
     let left: Vec<String> =
-        sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE rolname IN ($1, $2)")
-            .bind(app)
-            .bind(owner)
+        sqlx::query_scalar("SELECT rolname::text FROM pg_roles WHERE rolname = ANY($1)")
+            .bind(names)
             .fetch_all(&mut conn)
             .await
             .unwrap();
@@ -644,7 +717,26 @@ async fn the_roles_file_creates_the_database_refuses_misuse_and_can_be_rerun() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_roles_gone(&roles.app, &roles.owner).await;
+    assert_roles_gone(&roles.all().map(str::to_owned)).await;
+
+    // Three roles, not fewer: refused by either phase before it changes
+    // anything.
+    for phase in ["setup", "grants"] {
+        for (name, value) in [
+            ("auditor_role", &roles.app),
+            ("auditor_role", &roles.owner),
+            ("app_role", &roles.owner),
+        ] {
+            let out = run_roles_sql_with(&roles, &db.name, Some(phase), &[(name, value)]);
+            assert!(!out.status.success());
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("must be three roles"),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    assert_roles_gone(&roles.all().map(str::to_owned)).await;
 
     phase_ok(&roles, &db.name, "setup");
     phase_ok(&roles, &db.name, "setup");
@@ -658,10 +750,9 @@ async fn the_roles_file_creates_the_database_refuses_misuse_and_can_be_rerun() {
         String::from_utf8_lossy(&out.stderr)
     );
     let mut admin = PgConnection::connect(&db.url).await.unwrap();
-    assert_eq!(
-        privileges_of(&mut admin, &roles.app).await,
-        Vec::<String>::new()
-    );
+    for role in [&roles.app, &roles.auditor] {
+        assert_eq!(privileges_of(&mut admin, role).await, Vec::<String>::new());
+    }
 
     let owner = PgStore::open(&url_as(&db.url, &roles.owner), PgSettings::default())
         .await
@@ -669,25 +760,62 @@ async fn the_roles_file_creates_the_database_refuses_misuse_and_can_be_rerun() {
     phase_ok(&roles, &db.name, "grants");
     assert_ownership(&mut admin, &roles, &db.name).await;
     assert_eq!(privileges_of(&mut admin, &roles.app).await, APP_PRIVILEGES);
+    assert_eq!(
+        privileges_of(&mut admin, &roles.auditor).await,
+        AUDITOR_PRIVILEGES
+    );
 
     // A stray grant (say, by hand during an incident) is undone by a re-run;
     // so is PUBLIC's CREATE on the schema.
-    for sql in [
-        format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {}", roles.app),
-        format!(
-            "GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {}",
-            roles.app
-        ),
-        format!("GRANT TEMPORARY ON DATABASE {} TO {}", db.name, roles.app),
-        "GRANT CREATE ON SCHEMA public TO PUBLIC".to_owned(),
-    ] {
-        admin.execute(sql.as_str()).await.unwrap();
+    for role in [&roles.app, &roles.auditor] {
+        for sql in [
+            format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}"),
+            format!("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}"),
+            format!("GRANT ALL ON ALL ROUTINES IN SCHEMA public TO {role}"),
+            format!("GRANT TEMPORARY ON DATABASE {} TO {role}", db.name),
+        ] {
+            admin.execute(sql.as_str()).await.unwrap();
+        }
     }
+    admin
+        .execute("GRANT CREATE ON SCHEMA public TO PUBLIC")
+        .await
+        .unwrap();
     assert_ne!(privileges_of(&mut admin, &roles.app).await, APP_PRIVILEGES);
+    assert_ne!(
+        privileges_of(&mut admin, &roles.auditor).await,
+        AUDITOR_PRIVILEGES
+    );
     phase_ok(&roles, &db.name, "setup");
     phase_ok(&roles, &db.name, "grants");
     assert_eq!(privileges_of(&mut admin, &roles.app).await, APP_PRIVILEGES);
+    assert_eq!(
+        privileges_of(&mut admin, &roles.auditor).await,
+        AUDITOR_PRIVILEGES
+    );
     assert_ownership(&mut admin, &roles, &db.name).await;
+
+    // An auditor role that acts as the owner or the runtime role (and so
+    // could write) is refused by phase setup.
+    for of in [&roles.owner, &roles.app] {
+        admin
+            .execute(format!("GRANT {of} TO {}", roles.auditor).as_str())
+            .await
+            .unwrap();
+        let out = run_roles_sql(&roles, &db.name, Some("setup"));
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains(&format!("role {} is a member of {of}", roles.auditor)),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        admin
+            .execute(format!("REVOKE {of} FROM {}", roles.auditor).as_str())
+            .await
+            .unwrap();
+    }
+    phase_ok(&roles, &db.name, "setup");
 
     // A role that is a superuser is refused by phase setup.
     admin
@@ -704,8 +832,205 @@ async fn the_roles_file_creates_the_database_refuses_misuse_and_can_be_rerun() {
 
     admin.close().await.unwrap();
     owner.close().await;
-    let (app_role, owner_role) = (roles.app.clone(), roles.owner.clone());
+    let names = roles.all().map(str::to_owned);
     drop(db);
     drop(roles);
-    assert_roles_gone(&app_role, &owner_role).await;
+    assert_roles_gone(&names).await;
+}
+
+/// The auditor role is what `vault-audit verify --database-url
+/// postgres://cardvault_auditor@...` runs as: it verifies the trail the
+/// runtime role wrote (also after the owner archived a segment and deleted
+/// its entries) and reads or writes nothing else.
+#[tokio::test]
+async fn the_auditor_role_verifies_the_trail_and_reads_nothing_else() {
+    use futures_util::StreamExt as _;
+
+    let roles = TestRoles::new();
+    let db = PgTestDb::create().await;
+    let owner_url = url_as(&db.url, &roles.owner);
+    let app_url = url_as(&db.url, &roles.app);
+    let auditor_url = url_as(&db.url, &roles.auditor);
+    phase_ok(&roles, &db.name, "setup");
+    let owner = PgStore::open(&owner_url, PgSettings::default())
+        .await
+        .unwrap();
+    phase_ok(&roles, &db.name, "grants");
+    let mut admin = PgConnection::connect(&db.url).await.unwrap();
+    assert_eq!(
+        privileges_of(&mut admin, &roles.auditor).await,
+        AUDITOR_PRIVILEGES
+    );
+
+    // The service, as the runtime role, writes a trail and signs a
+    // checkpoint of it; two entries follow the checkpoint.
+    let app = PgStore::connect_lazy(&app_url, PgSettings::default()).unwrap();
+    let signing = audit::SigningKey::generate().unwrap();
+    let verifying = signing.verifying_key();
+    app.insert_key(&key(1), ev(Action::KeyGenerated))
+        .await
+        .unwrap();
+    app.insert_cards(
+        vec![
+            NewCard {
+                row: card("tok_a", "fp_a"),
+                event: ev(Action::Tokenize),
+            },
+            NewCard {
+                row: card("tok_b", "fp_b"),
+                event: ev(Action::Tokenize),
+            },
+        ],
+        vec![],
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        app.append_audit(ev(Action::Detokenize)).await.unwrap();
+    }
+    let first = app.write_checkpoint(&signing).await.unwrap().unwrap();
+    assert_eq!(first.tree_size, 6);
+    for _ in 0..2 {
+        app.append_audit(ev(Action::Detokenize)).await.unwrap();
+    }
+
+    // `vault-audit verify` as the auditor.
+    let verified = audit::auditor::verify_database(&auditor_url, &verifying, None, &[])
+        .await
+        .unwrap_or_else(|e| panic!("verify as the auditor role: {e}"));
+    assert_eq!(verified.report.start, 0);
+    assert_eq!(verified.report.entries, 8);
+    assert_eq!(verified.report.checkpoints, 1);
+    assert_eq!(verified.report.anchored, 6);
+    assert_eq!(verified.legacy_rows, Some(0));
+    assert!(verified.archived.is_empty());
+
+    // Every query of `audit::db` works as the auditor and reads what the
+    // service wrote.
+    let entries = app.chained_events(0, 100).await.unwrap();
+    assert_eq!(entries.len(), 8);
+    let mut trail = audit::db::TrailDb::open(&auditor_url).await.unwrap();
+    assert_eq!(trail.legacy_rows().await.unwrap(), 0);
+    assert_eq!(trail.archives().await.unwrap(), vec![]);
+    let read: Vec<_> = trail.entries().map(Result::unwrap).collect().await;
+    assert_eq!(read, entries);
+    let read: Vec<_> = trail
+        .entries_in(Some((7, 8)))
+        .map(Result::unwrap)
+        .collect()
+        .await;
+    assert_eq!(read, entries[6..]);
+    let read: Vec<_> = trail.checkpoints().map(Result::unwrap).collect().await;
+    assert_eq!(read, vec![first.clone()]);
+    trail.close().await;
+
+    // Nothing else: no card data, principals, keys, chain head or signing
+    // keys, no write anywhere, nothing created.
+    let mut as_auditor = PgConnection::connect(&auditor_url).await.unwrap();
+    for sql in [
+        "SELECT * FROM cards",
+        "SELECT token FROM cards",
+        "SELECT * FROM principals",
+        "SELECT * FROM vault_keys",
+        "SELECT * FROM audit_head",
+        "SELECT * FROM audit_signing_keys",
+        "SELECT * FROM _sqlx_migrations",
+        "INSERT INTO audit_events (time, action, outcome) VALUES ('2026-01-01T00:00:00Z', 'tokenize', 'success')",
+        "INSERT INTO audit_checkpoints (tree_size, root, chain_head, time, key_id, signature)
+         VALUES (99, '\\x00', '\\x00', 'now', 'k', '\\x00')",
+        "INSERT INTO audit_archives (to_seq, from_seq, chain_head, frontier, file_name, file_sha256, archived_at)
+         VALUES (6, 1, '\\x00', '', 'f', 'x', 'now')",
+        "INSERT INTO cards (token) VALUES ('x')",
+        "UPDATE audit_events SET reason = 'x'",
+        "DELETE FROM audit_events",
+        "DELETE FROM audit_events WHERE chain_seq <= 6",
+        "TRUNCATE audit_events",
+        "UPDATE audit_head SET size = 0",
+        "DELETE FROM audit_archives",
+        "SELECT nextval(pg_get_serial_sequence('audit_events', 'seq'))",
+        "CREATE TABLE t (x int)",
+        "CREATE TEMPORARY TABLE t (x int)",
+        "CREATE SCHEMA s",
+    ] {
+        assert_refused(&mut as_auditor, sql, DENIED).await;
+    }
+
+    // Archiving the first segment (1..=6, up to the checkpoint), as
+    // `tokenizer audit archive` does in the database: only the owner may
+    // record the segment and delete its entries.
+    let anchor = audit::verify_trail(&entries[..6], vec![first.clone()], &verifying)
+        .unwrap()
+        .end;
+    assert_eq!(anchor.tree_size, 6);
+    let mut as_app = PgConnection::connect(&app_url).await.unwrap();
+    for sql in [
+        "INSERT INTO audit_archives (to_seq, from_seq, chain_head, frontier, file_name, file_sha256, archived_at)
+         VALUES (6, 1, '\\x00', '', 'f', 'x', 'now')",
+        "DELETE FROM audit_events WHERE chain_seq <= 6",
+    ] {
+        assert_refused(&mut as_app, sql, DENIED).await;
+    }
+    let mut as_owner = PgConnection::connect(&owner_url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO audit_archives (from_seq, to_seq, chain_head, frontier, file_name, file_sha256, archived_at)
+         VALUES (1, $1, $2, $3, 'audit-000001-000006.jsonl', $4, '2026-01-01T00:00:00Z')",
+    )
+    .bind(6_i64)
+    .bind(anchor.chain_head.to_vec())
+    .bind(anchor.frontier.concat())
+    .bind("0".repeat(64))
+    .execute(&mut as_owner)
+    .await
+    .unwrap();
+    // An entry after the segment stays, even for the owner.
+    let message = assert_refused(
+        &mut as_owner,
+        "DELETE FROM audit_events WHERE chain_seq = 7",
+        RAISED,
+    )
+    .await;
+    assert_eq!(
+        message,
+        "audit_events is append-only (only archived entries may be deleted)"
+    );
+    let deleted = sqlx::query("DELETE FROM audit_events WHERE chain_seq <= 6")
+        .execute(&mut as_owner)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(deleted, 6);
+
+    // The service goes on; the auditor verifies the entries left in the
+    // database from the archived segment's anchor.
+    app.append_audit(ev(Action::Detokenize)).await.unwrap();
+    let second = app.write_checkpoint(&signing).await.unwrap().unwrap();
+    assert_eq!(second.tree_size, 9);
+    let verified = audit::auditor::verify_database(&auditor_url, &verifying, None, &[])
+        .await
+        .unwrap_or_else(|e| panic!("verify as the auditor role after archiving: {e}"));
+    assert_eq!(verified.report.start, 6);
+    assert_eq!(verified.report.entries, 3);
+    assert_eq!(verified.report.last_seq, 9);
+    assert_eq!(verified.report.anchored, 9);
+    assert_eq!(verified.archived.len(), 1);
+    assert_eq!(verified.archived[0].anchor, anchor);
+    let mut trail = audit::db::TrailDb::open(&auditor_url).await.unwrap();
+    assert_eq!(trail.archives().await.unwrap(), verified.archived);
+    trail.close().await;
+    assert_eq!(
+        privileges_of(&mut admin, &roles.auditor).await,
+        AUDITOR_PRIVILEGES,
+        "unchanged by the attempts"
+    );
+
+    as_auditor.close().await.unwrap();
+    as_app.close().await.unwrap();
+    as_owner.close().await.unwrap();
+    admin.close().await.unwrap();
+    app.close().await;
+    owner.close().await;
+    let names = roles.all().map(str::to_owned);
+    drop(db);
+    drop(roles);
+    assert_roles_gone(&names).await;
 }
