@@ -310,10 +310,15 @@ impl Verified {
                 "archive files: {} verified, joined to each other and to the entries in the {}",
                 self.archive_files, self.source
             ));
-        } else if r.start > 0 {
+        } else if r.start > 0 && self.source == Source::Database {
             lines.push(format!(
                 "note: verification started after entry {} (from the anchor of the last archived segment); entries 1 to {} are verified from their archive files (--archive)",
                 r.start, r.start
+            ));
+        } else if r.start > 0 {
+            lines.push(format!(
+                "note: the {} starts after entry {} (from an anchor, confirmed by the first checkpoint after it)",
+                self.source, r.start
             ));
         }
         if let Some(n) = self.witness_checkpoints {
@@ -581,11 +586,11 @@ pub async fn verify_archives(
     })
 }
 
-/// Feed one archive file (an export that starts at an anchor, or at entry
-/// 1) to the verifier, creating it from the first file's start, checking
-/// that later files continue where the previous one ended. Checkpoints of
-/// the database and the witness are merged in as the entries go; the
-/// file's own checkpoints are added too.
+/// Feed one archive file to the verifier: an export that starts from an
+/// anchor, or from the first entry. The first file creates the verifier;
+/// each later one must continue where the one before ended. Checkpoints of
+/// the database and the witness are merged in as the entries go; the file's
+/// own checkpoints are added too.
 async fn verify_archive_file(
     path: &Path,
     key: &VerifyingKey,

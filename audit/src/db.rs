@@ -494,7 +494,7 @@ where
     let from_seq = seq("from_seq", "from_seq is not a positive integer")?;
     let head: Vec<u8> = get(r, "chain_head", "chain_head is not 32 bytes").map_err(bad)?;
     let frontier: Vec<u8> = get(r, "frontier", "frontier is not bytes").map_err(bad)?;
-    if frontier.len() % 32 != 0 {
+    if !frontier.len().is_multiple_of(32) {
         return Err(bad("frontier is not a list of 32-byte hashes"));
     }
     let frontier: Vec<[u8; 32]> = frontier

@@ -17,9 +17,10 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode};
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
 use time::{Duration, OffsetDateTime};
 
-const SCHEMA: [&str; 2] = [
+const SCHEMA: [&str; 3] = [
     include_str!("../../vault/migrations/sqlite/0001_foundation.sql"),
     include_str!("../../vault/migrations/sqlite/0002_audit_chain.sql"),
+    include_str!("../../vault/migrations/sqlite/0003_audit_archive.sql"),
 ];
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -579,8 +580,9 @@ fn export_then_verify_export() {
     ]);
     expect(&r, 1, "is in the witness file but not in the export");
 
-    // Range exports: entries in range, every checkpoint; they do not verify
-    // on their own (documented).
+    // Range exports: an anchor line (the state before the range), the
+    // checkpoints from the anchor to the range's end, the entries in range.
+    // They verify on their own: the first checkpoint confirms the anchor.
     let r = run(&[
         "export",
         "--database-url",
@@ -593,12 +595,39 @@ fn export_then_verify_export() {
     assert_eq!(r.code, 0, "{r:#?}");
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines.len(), 52);
+    assert!(lines[0].starts_with("{\"type\":\"anchor\",\"tree_size\":100,"));
+    assert!(lines[1].starts_with("{\"type\":\"checkpoint\",\"tree_size\":100,"));
     assert!(lines[2].starts_with("{\"type\":\"entry\",\"seq\":101,"));
     assert!(lines[51].starts_with("{\"type\":\"entry\",\"seq\":150,"));
     let part = f.dir.join("part.jsonl");
     std::fs::write(&part, &r.stdout).unwrap();
     let r = run(&["verify", "--key", key, "--export", part.to_str().unwrap()]);
-    expect(&r, 1, "entries 1 to 100 were removed");
+    expect(&r, 0, "verified 50 entries and 1 checkpoints");
+    expect(&r, 0, "entries 101 to 150 are not yet covered");
+    // A range between checkpoints: its anchor is confirmed by the next one.
+    let r = run(&[
+        "export",
+        "--database-url",
+        &f.url(),
+        "--from",
+        "42",
+        "--to",
+        "200",
+    ]);
+    let mid = f.dir.join("mid.jsonl");
+    std::fs::write(&mid, &r.stdout).unwrap();
+    let r = run(&["verify", "--key", key, "--export", mid.to_str().unwrap()]);
+    expect(&r, 0, "verified 159 entries and 2 checkpoints");
+    expect(&r, 0, "anchored at 200");
+    // A forged anchor is caught there.
+    let forged = std::fs::read_to_string(&mid).unwrap();
+    let first = forged.lines().next().unwrap();
+    let i = first.find("\"frontier\":[\"").unwrap() + 13;
+    let flipped = if &first[i..i + 1] == "0" { "1" } else { "0" };
+    let forged = format!("{}{flipped}{}", &forged[..i], &forged[i + 1..]);
+    std::fs::write(&mid, forged).unwrap();
+    let r = run(&["verify", "--key", key, "--export", mid.to_str().unwrap()]);
+    expect(&r, 1, "entries within 42 to 100 were changed");
 }
 
 #[test]
@@ -812,7 +841,7 @@ fn usage_and_io_errors_exit_2() {
     let r = run(&["--help"]);
     expect(&r, 0, "check-proof");
     let r = run(&["export", "--help"]);
-    expect(&r, 0, "does not verify on its own");
+    expect(&r, 0, "verifies on its own");
 }
 
 /// Builds a large trail for timing `vault-audit verify` (see the module doc).
