@@ -93,6 +93,12 @@ pub enum Action {
     /// A segment of the audit trail past its online retention was archived
     /// to a file (its entries may then be deleted from the database).
     AuditArchived,
+    /// An attempt to unseal the service: one custodian's passphrase, an HSM
+    /// login or a KEK file read (detail: who and the result; never the
+    /// passphrase or PIN).
+    UnsealAttempt,
+    /// The service was sealed: every key dropped from memory.
+    Sealed,
 }
 
 impl Action {
@@ -114,6 +120,8 @@ impl Action {
             Action::BackupRestored => "backup_restored",
             Action::AuditRead => "audit_read",
             Action::AuditArchived => "audit_archived",
+            Action::UnsealAttempt => "unseal_attempt",
+            Action::Sealed => "sealed",
         }
     }
 
@@ -123,7 +131,7 @@ impl Action {
     }
 }
 
-const ALL_ACTIONS: [Action; 15] = [
+const ALL_ACTIONS: [Action; 17] = [
     Action::Tokenize,
     Action::Detokenize,
     Action::MetadataRead,
@@ -139,6 +147,8 @@ const ALL_ACTIONS: [Action; 15] = [
     Action::BackupRestored,
     Action::AuditRead,
     Action::AuditArchived,
+    Action::UnsealAttempt,
+    Action::Sealed,
 ];
 
 /// How it ended.
