@@ -99,6 +99,22 @@ pub enum Action {
     UnsealAttempt,
     /// The service was sealed: every key dropped from memory.
     Sealed,
+    /// A new DEK version (and optionally a new fingerprint key) became
+    /// active; the previous one is decrypt-only (detail: the key labels).
+    KeyRotated,
+    /// A decrypt-only key no record uses any more was retired: never used
+    /// again, dropped from memory.
+    KeyRetired,
+    /// A retired key's wrapped material was erased (crypto-shredding).
+    KeyDestroyed,
+    /// A re-encryption pass began (records under older keys are moved to
+    /// the active ones).
+    ReencryptionStarted,
+    /// The re-encryption pass finished: no record is under an older key.
+    ReencryptionFinished,
+    /// Every vault key and the audit signing key were re-wrapped under a new
+    /// KEK (detail: old and new KEK ids).
+    KekRotated,
 }
 
 impl Action {
@@ -122,6 +138,12 @@ impl Action {
             Action::AuditArchived => "audit_archived",
             Action::UnsealAttempt => "unseal_attempt",
             Action::Sealed => "sealed",
+            Action::KeyRotated => "key_rotated",
+            Action::KeyRetired => "key_retired",
+            Action::KeyDestroyed => "key_destroyed",
+            Action::ReencryptionStarted => "reencryption_started",
+            Action::ReencryptionFinished => "reencryption_finished",
+            Action::KekRotated => "kek_rotated",
         }
     }
 
@@ -131,7 +153,7 @@ impl Action {
     }
 }
 
-const ALL_ACTIONS: [Action; 17] = [
+const ALL_ACTIONS: [Action; 23] = [
     Action::Tokenize,
     Action::Detokenize,
     Action::MetadataRead,
@@ -149,6 +171,12 @@ const ALL_ACTIONS: [Action; 17] = [
     Action::AuditArchived,
     Action::UnsealAttempt,
     Action::Sealed,
+    Action::KeyRotated,
+    Action::KeyRetired,
+    Action::KeyDestroyed,
+    Action::ReencryptionStarted,
+    Action::ReencryptionFinished,
+    Action::KekRotated,
 ];
 
 /// How it ended.
