@@ -35,6 +35,8 @@ mod outage;
 mod roles;
 #[path = "e2e/roundtrip.rs"]
 mod roundtrip;
+#[path = "e2e/sealed.rs"]
+mod sealed;
 #[path = "e2e/tenants.rs"]
 mod tenants;
 

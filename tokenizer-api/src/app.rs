@@ -13,15 +13,16 @@ use std::time::Instant;
 use actix_web::dev::{Server, Service as _};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, App, HttpMessage, HttpServer};
-use audit::Action;
+use audit::{Action, AuditEvent, Outcome};
 use base64::Engine as _;
-use hsm_shim::{KekError, SoftwareKek};
+use hsm_shim::KekError;
 use vault::keys::KeysError;
 use vault::store::{Store, StoreError};
 use vault::Vault;
 
 use crate::config::Settings;
 use crate::routes::{self, AppState, RequestId};
+use crate::seal::{SealControl, UnsealError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -32,7 +33,7 @@ pub enum StartError {
     #[error("{0}; create one with `tokenizer kek generate` (or use --dev for a throwaway setup)")]
     KekMissing(#[source] KekError),
     #[error(transparent)]
-    Kek(#[from] KekError),
+    Unseal(crate::seal::UnsealError),
     #[error("cannot open the database: {0}")]
     Store(#[from] StoreError),
     #[error("cannot load the vault keys: {0}")]
@@ -78,22 +79,11 @@ pub async fn open_store(settings: &Settings, migrate: bool) -> Result<Arc<dyn St
     Ok(store)
 }
 
-fn load_kek(settings: &Settings) -> Result<SoftwareKek, StartError> {
-    if settings.dev && !settings.kek_file.exists() {
-        tracing::warn!(kek_file = %settings.kek_file.display(), "dev mode: generating an INSECURE software KEK next to the data");
-        return Ok(SoftwareKek::generate(&settings.kek_file)?);
-    }
-    SoftwareKek::load(&settings.kek_file).map_err(|e| match e {
-        KekError::Read { .. } => StartError::KekMissing(e),
-        other => StartError::Kek(other),
-    })
-}
-
 /// A built, bound, not yet running service.
 pub struct Application {
     server: Server,
     addr: SocketAddr,
-    vault: Arc<Vault>,
+    seal: Arc<SealControl>,
     store: Arc<dyn Store>,
     witness: PathBuf,
     checkpoint_interval: Duration,
@@ -115,27 +105,32 @@ impl Application {
             return Err(StartError::DevNotLoopback(settings.listen));
         }
         prepare_data_dir(&settings.data_dir)?;
-        let kek = load_kek(settings)?;
+        // A missing or unsafe KEK (or keyring) file stops the start before
+        // anything is written.
+        let kek_error = |e| match e {
+            UnsealError::Kek(k @ KekError::Read { .. }) => StartError::KekMissing(k),
+            other => StartError::Unseal(other),
+        };
+        settings.kek_source.precheck().map_err(kek_error)?;
         let store = open_store(settings, settings.migrate_on_start).await?;
-        let dyn_store = store.clone();
-        // The KEK is used to unwrap the vault keys once, then dropped (and
-        // zeroized): the running service holds only the unwrapped keys.
-        let vault = Arc::new(Vault::open(dyn_store, &kek).await?);
-        drop(kek);
-        vault
-            .record_lifecycle(
-                Action::ServiceStart,
-                if settings.dev { "dev" } else { "production" },
-            )
+        // Auditors verify checkpoints with the public key, written to
+        // `audit-verify.pub` when the vault opens.
+        let seal = Arc::new(SealControl::new(
+            store.clone(),
+            settings.kek_source.clone(),
+            settings.data_dir.join("audit-verify.pub"),
+        ));
+        seal.start().await.map_err(kek_error)?;
+        let start = AuditEvent::new(Action::ServiceStart, Outcome::Success)
+            .source("local")
+            .detail(if settings.dev { "dev" } else { "production" });
+        store
+            .append_audit(start)
             .await
-            .map_err(StartError::Audit)?;
-        // Auditors verify checkpoints with this public key.
-        let pub_file = settings.data_dir.join("audit-verify.pub");
-        fs::write(&pub_file, format!("{}\n", vault.audit_public_key()))
-            .map_err(|e| StartError::DataDir(pub_file.display().to_string(), e))?;
+            .map_err(|e| StartError::Audit(e.into()))?;
 
         let state = web::Data::new(AppState {
-            vault: vault.clone(),
+            seal: seal.clone(),
             max_body_bytes: settings.max_body_bytes,
             max_batch_body_bytes: settings.max_batch_body_bytes,
         });
@@ -177,7 +172,7 @@ impl Application {
         Ok(Application {
             server,
             addr,
-            vault,
+            seal,
             store,
             witness: settings.audit_witness_file.clone(),
             checkpoint_interval: settings.audit_checkpoint_interval,
@@ -189,15 +184,21 @@ impl Application {
         self.addr
     }
 
-    pub fn vault(&self) -> &Arc<Vault> {
-        &self.vault
+    /// The vault, when unsealed.
+    pub fn vault(&self) -> Option<Arc<Vault>> {
+        self.seal.vault()
+    }
+
+    /// The store (available sealed or not).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
     }
 
     /// Serve until SIGINT/SIGTERM, signing audit checkpoints on the way;
     /// then record the stop, sign a last checkpoint and close the store.
     pub async fn run(self) -> io::Result<()> {
         let checkpointer = {
-            let vault = self.vault.clone();
+            let seal = self.seal.clone();
             let witness = self.witness.clone();
             let (every, count) = (self.checkpoint_interval, self.checkpoint_every);
             tokio::spawn(async move {
@@ -210,6 +211,8 @@ impl Application {
                 let mut covered = 0u64;
                 loop {
                     tick.tick().await;
+                    // Sealed: no signing key, nothing to sign with.
+                    let Some(vault) = seal.vault() else { continue };
                     let interval_due = last_at.is_none_or(|t| t.elapsed() >= every);
                     let count_due = match vault.audit_size().await {
                         Ok(size) => size.saturating_sub(covered) >= count,
@@ -226,14 +229,15 @@ impl Application {
         };
         let result = self.server.await;
         checkpointer.abort();
-        if let Err(e) = self
-            .vault
-            .record_lifecycle(Action::ServiceStop, "shutdown")
-            .await
-        {
+        let stop = AuditEvent::new(Action::ServiceStop, Outcome::Success)
+            .source("local")
+            .detail("shutdown");
+        if let Err(e) = self.store.append_audit(stop).await {
             tracing::error!(error = %e, "cannot record service stop in the audit trail");
         }
-        let _ = checkpoint_once(&self.vault, &self.witness).await;
+        if let Some(vault) = self.seal.vault() {
+            let _ = checkpoint_once(&vault, &self.witness).await;
+        }
         self.store.close().await;
         result
     }

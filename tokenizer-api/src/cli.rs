@@ -10,7 +10,9 @@ use vault::access::{self, TenantScope};
 use vault::store::Store;
 
 use crate::app::{self, Application};
-use crate::config::{AuditCommand, CommonArgs, KekCommand, PrincipalCommand, ServeArgs, Settings};
+use crate::config::{
+    AuditCommand, CommonArgs, KekCommand, KeysCommand, PrincipalCommand, ServeArgs, Settings,
+};
 
 /// Print an error to stderr and fail.
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -65,7 +67,7 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
 }
 
 async fn print_dev_example(app: &Application) -> Result<(), access::AccessError> {
-    let store: &dyn Store = app.vault().store().as_ref();
+    let store: &dyn Store = app.store().as_ref();
     let suffix = format!("{:08x}", rand_u32());
     let roles = access::parse_roles("tokenize,detokenize")?;
     let (principal, key) =
@@ -317,4 +319,130 @@ pub fn kek(cmd: KekCommand) -> ExitCode {
             }
         }
     }
+}
+
+/// Read one line of standard input (a passphrase), without its newline, into
+/// zeroizing memory.
+fn read_secret_line(prompt: &str) -> Result<zeroize::Zeroizing<String>, ExitCode> {
+    use std::io::BufRead as _;
+    eprint!("{prompt}: ");
+    let mut line = zeroize::Zeroizing::new(String::new());
+    match std::io::stdin().lock().read_line(&mut line) {
+        Ok(0) => Err(fail(
+            "standard input ended before every passphrase was read",
+        )),
+        Ok(_) => {
+            while line.ends_with('\n') || line.ends_with('\r') {
+                line.pop();
+            }
+            Ok(line)
+        }
+        Err(e) => Err(fail(format!("cannot read standard input: {e}"))),
+    }
+}
+
+/// `tokenizer keys init`: the split-knowledge keyring.
+pub fn keys(cmd: KeysCommand) -> ExitCode {
+    let KeysCommand::Init {
+        common,
+        shares,
+        threshold,
+        custodians,
+    } = cmd;
+    let settings = match Settings::resolve(&common, false) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    init_logging(&settings.log_level);
+    let crate::seal::KekSource::Keyring { path } = &settings.kek_source else {
+        return fail(
+            "keys init creates the keyring of kek_backend = \"keyring\"; set --kek-backend keyring",
+        );
+    };
+    if custodians.len() != shares {
+        return fail(format!(
+            "--shares {shares} but {} custodian names were given",
+            custodians.len()
+        ));
+    }
+    let mut passphrases = Vec::with_capacity(shares);
+    for name in &custodians {
+        match read_secret_line(&format!("passphrase of custodian {name}")) {
+            Ok(p) => passphrases.push(p),
+            Err(code) => return code,
+        }
+    }
+    if let Err(e) = app::prepare_data_dir(&settings.data_dir) {
+        return fail(e);
+    }
+    let pairs: Vec<(&str, &str)> = custodians
+        .iter()
+        .map(String::as_str)
+        .zip(passphrases.iter().map(|p| p.as_str()))
+        .collect();
+    match hsm_shim::SealedKeyring::init(path, threshold, &pairs, hsm_shim::KdfParams::default()) {
+        Ok(keyring) => {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "keyring": path.display().to_string(),
+                    "custodians": keyring.custodians(),
+                    "threshold": keyring.threshold(),
+                })
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// The admin API key, from the environment only.
+fn admin_key() -> Result<zeroize::Zeroizing<String>, ExitCode> {
+    std::env::var("TOKENIZER_API_KEY")
+        .map(zeroize::Zeroizing::new)
+        .map_err(|_| fail("set TOKENIZER_API_KEY to an API key with the role key_admin"))
+}
+
+/// POST `body` to the admin interface; print the JSON answer.
+fn admin_post(url: &str, path: &str, body: serde_json::Value) -> ExitCode {
+    let key = match admin_key() {
+        Ok(k) => k,
+        Err(code) => return code,
+    };
+    let endpoint = format!("{}{path}", url.trim_end_matches('/'));
+    let response = ureq::post(&endpoint)
+        .set("Authorization", &format!("Bearer {}", key.as_str()))
+        .send_json(body);
+    let (ok, answer) = match response {
+        Ok(r) => (true, r.into_string()),
+        Err(ureq::Error::Status(_, r)) => (false, r.into_string()),
+        Err(e) => return fail(format!("cannot reach {endpoint}: {e}")),
+    };
+    let text = answer.unwrap_or_default();
+    if ok {
+        println!("{}", text.trim());
+        ExitCode::SUCCESS
+    } else {
+        fail(text.trim())
+    }
+}
+
+/// `tokenizer unseal`: one custodian (or an HSM login) per call.
+pub fn unseal(url: &str, custodian: Option<&str>) -> ExitCode {
+    let body = match custodian {
+        Some(name) => {
+            let passphrase = match read_secret_line(&format!("passphrase of custodian {name}")) {
+                Ok(p) => p,
+                Err(code) => return code,
+            };
+            serde_json::json!({ "custodian": name, "passphrase": passphrase.as_str() })
+        }
+        None => serde_json::json!({}),
+    };
+    admin_post(url, "/v1/admin/unseal", body)
+}
+
+/// `tokenizer seal`.
+pub fn seal(url: &str) -> ExitCode {
+    admin_post(url, "/v1/admin/seal", serde_json::json!({}))
 }

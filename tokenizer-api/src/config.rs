@@ -56,6 +56,37 @@ pub enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Key custody: create the split-knowledge keyring.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Give one custodian's passphrase to a sealed service (keyring backend),
+    /// or ask it to log in to its HSM again (pkcs11 backend). The passphrase
+    /// is read from standard input (one line), never from the command line;
+    /// the admin API key (role key_admin) from TOKENIZER_API_KEY.
+    Unseal {
+        /// The service's admin interface.
+        #[arg(
+            long,
+            env = "TOKENIZER_ADMIN_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        url: String,
+        /// The custodian's name as in the keyring.
+        #[arg(long)]
+        custodian: Option<String>,
+    },
+    /// Seal the service: every key leaves its memory at once. The admin API
+    /// key (role key_admin) is read from TOKENIZER_API_KEY.
+    Seal {
+        #[arg(
+            long,
+            env = "TOKENIZER_ADMIN_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        url: String,
+    },
     /// Manage the software key-encryption key.
     Kek {
         #[command(subcommand)]
@@ -118,6 +149,28 @@ pub enum AuditCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create the keyring of the `keyring` backend: a KEK under a master key
+    /// split into N Shamir shares, any K of which unseal; each custodian's
+    /// share encrypted under their passphrase (argon2id, m=64 MiB, t=3,
+    /// p=1). Passphrases (at least 12 characters) are read from standard
+    /// input, one line per custodian, in the order of --custodian.
+    Init {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Number of custodians (N); must match the --custodian names.
+        #[arg(long)]
+        shares: usize,
+        /// Custodians needed to unseal (K).
+        #[arg(long)]
+        threshold: usize,
+        /// Custodian names, one per share (repeat the option).
+        #[arg(long = "custodian", required = true)]
+        custodians: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum KekCommand {
     /// Generate a software KEK file (mode 0600). Refuses to overwrite one.
     Generate {
@@ -143,6 +196,31 @@ pub struct CommonArgs {
     /// Software KEK file; default `<data-dir>/kek.key`.
     #[arg(long, env = "TOKENIZER_KEK_FILE")]
     pub kek_file: Option<PathBuf>,
+    /// Where the KEK comes from: `file` (the KEK file; default), `keyring`
+    /// (split knowledge: K of N custodians unseal), `pkcs11` (an HSM).
+    #[arg(long, env = "TOKENIZER_KEK_BACKEND")]
+    pub kek_backend: Option<String>,
+    /// Keyring file of the `keyring` backend; default `<data-dir>/keyring.json`.
+    #[arg(long, env = "TOKENIZER_KEYRING_FILE")]
+    pub keyring_file: Option<PathBuf>,
+    /// PKCS#11 module (shared library) of the `pkcs11` backend; default
+    /// /usr/lib/softhsm/libsofthsm2.so.
+    #[arg(long, env = "TOKENIZER_PKCS11_MODULE")]
+    pub pkcs11_module: Option<PathBuf>,
+    /// Label of the PKCS#11 token.
+    #[arg(long, env = "TOKENIZER_PKCS11_TOKEN")]
+    pub pkcs11_token: Option<String>,
+    /// File holding the token's user PIN (mode 0600/0400). The PIN is never
+    /// taken from the command line.
+    #[arg(long, env = "TOKENIZER_PKCS11_PIN_FILE")]
+    pub pkcs11_pin_file: Option<PathBuf>,
+    /// Name of the environment variable holding the PIN (instead of a file);
+    /// default `TOKENIZER_PKCS11_PIN`.
+    #[arg(long, env = "TOKENIZER_PKCS11_PIN_ENV")]
+    pub pkcs11_pin_env: Option<String>,
+    /// Label of the KEK key object in the token; default `cardvault-kek-1`.
+    #[arg(long, env = "TOKENIZER_PKCS11_KEK_LABEL")]
+    pub pkcs11_kek_label: Option<String>,
     /// Log level or filter: error, warn, info, debug, trace.
     #[arg(long, env = "TOKENIZER_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -212,6 +290,13 @@ struct FileConfig {
     audit_witness_file: Option<PathBuf>,
     audit_retention_days: Option<u32>,
     audit_archive_dir: Option<PathBuf>,
+    kek_backend: Option<String>,
+    keyring_file: Option<PathBuf>,
+    pkcs11_module: Option<PathBuf>,
+    pkcs11_token: Option<String>,
+    pkcs11_pin_file: Option<PathBuf>,
+    pkcs11_pin_env: Option<String>,
+    pkcs11_kek_label: Option<String>,
 }
 
 /// Resolved settings.
@@ -234,6 +319,8 @@ pub struct Settings {
     pub audit_retention_days: u32,
     pub audit_archive_dir: PathBuf,
     pub kek_file: PathBuf,
+    /// Where the KEK comes from (see `seal`).
+    pub kek_source: crate::seal::KekSource,
     pub log_level: String,
     pub listen: SocketAddr,
     pub dev: bool,
@@ -253,13 +340,28 @@ pub enum ConfigError {
     Read(String, #[source] std::io::Error),
     #[error("configuration file {0} is invalid: {1}")]
     Parse(String, #[source] toml::de::Error),
+    #[error("kek_backend must be file, keyring or pkcs11")]
+    KekBackend,
+    #[error("the pkcs11 backend needs pkcs11_token")]
+    Pkcs11Token,
+    #[error("--dev uses the file KEK backend")]
+    DevBackend,
 }
 
 impl Settings {
     pub fn resolve(common: &CommonArgs, dev_flag: bool) -> Result<Settings, ConfigError> {
-        let file = match &common.config {
+        let mut file = match &common.config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
+        };
+        let kek_file_config = KekFileConfig {
+            kek_backend: file.kek_backend.take(),
+            keyring_file: file.keyring_file.take(),
+            pkcs11_module: file.pkcs11_module.take(),
+            pkcs11_token: file.pkcs11_token.take(),
+            pkcs11_pin_file: file.pkcs11_pin_file.take(),
+            pkcs11_pin_env: file.pkcs11_pin_env.take(),
+            pkcs11_kek_label: file.pkcs11_kek_label.take(),
         };
         let dev = dev_flag || file.dev.unwrap_or(false);
         let data_dir = common
@@ -294,6 +396,7 @@ impl Settings {
                 .unwrap_or(10_000)
                 .max(10),
         );
+        let kek_source = kek_source(common, &kek_file_config, &data_dir, &kek_file, dev)?;
         let audit_archive_dir = common
             .audit_archive_dir
             .clone()
@@ -326,6 +429,7 @@ impl Settings {
                 .unwrap_or(16),
             data_dir,
             kek_file,
+            kek_source,
             log_level: common
                 .log_level
                 .clone()
@@ -358,6 +462,79 @@ impl Settings {
     }
 }
 
+/// The KEK backend keys of the configuration file.
+#[derive(Debug, Default)]
+struct KekFileConfig {
+    kek_backend: Option<String>,
+    keyring_file: Option<PathBuf>,
+    pkcs11_module: Option<PathBuf>,
+    pkcs11_token: Option<String>,
+    pkcs11_pin_file: Option<PathBuf>,
+    pkcs11_pin_env: Option<String>,
+    pkcs11_kek_label: Option<String>,
+}
+
+fn kek_source(
+    common: &CommonArgs,
+    file: &KekFileConfig,
+    data_dir: &Path,
+    kek_file: &Path,
+    dev: bool,
+) -> Result<crate::seal::KekSource, ConfigError> {
+    use crate::seal::KekSource;
+    let backend = common
+        .kek_backend
+        .clone()
+        .or(file.kek_backend.clone())
+        .unwrap_or_else(|| "file".to_owned());
+    match backend.as_str() {
+        "file" => Ok(KekSource::File {
+            path: kek_file.to_path_buf(),
+            dev,
+        }),
+        _ if dev => Err(ConfigError::DevBackend),
+        "keyring" => Ok(KekSource::Keyring {
+            path: common
+                .keyring_file
+                .clone()
+                .or(file.keyring_file.clone())
+                .unwrap_or_else(|| data_dir.join("keyring.json")),
+        }),
+        "pkcs11" => {
+            let token = common
+                .pkcs11_token
+                .clone()
+                .or(file.pkcs11_token.clone())
+                .ok_or(ConfigError::Pkcs11Token)?;
+            let pin = match common
+                .pkcs11_pin_file
+                .clone()
+                .or(file.pkcs11_pin_file.clone())
+            {
+                Some(path) => hsm_shim::PinSource::File(path),
+                None => hsm_shim::PinSource::Env(
+                    common
+                        .pkcs11_pin_env
+                        .clone()
+                        .or(file.pkcs11_pin_env.clone())
+                        .unwrap_or_else(|| "TOKENIZER_PKCS11_PIN".to_owned()),
+                ),
+            };
+            let label = common
+                .pkcs11_kek_label
+                .clone()
+                .or(file.pkcs11_kek_label.clone())
+                .unwrap_or_else(|| "cardvault-kek-1".to_owned());
+            let mut config = hsm_shim::Pkcs11Config::new(token, pin, label);
+            if let Some(module) = common.pkcs11_module.clone().or(file.pkcs11_module.clone()) {
+                config.module = module;
+            }
+            Ok(KekSource::Pkcs11(config))
+        }
+        _ => Err(ConfigError::KekBackend),
+    }
+}
+
 fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(shown.clone(), e))?;
@@ -385,6 +562,13 @@ mod tests {
             audit_witness_file: None,
             audit_retention_days: None,
             audit_archive_dir: None,
+            kek_backend: None,
+            keyring_file: None,
+            pkcs11_module: None,
+            pkcs11_token: None,
+            pkcs11_pin_file: None,
+            pkcs11_pin_env: None,
+            pkcs11_kek_label: None,
         }
     }
 

@@ -27,6 +27,10 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("the request body could not be read")]
     BodyRead,
+    #[error("the vault is sealed: card operations resume when it is unsealed")]
+    Sealed,
+    #[error(transparent)]
+    Unseal(#[from] crate::seal::UnsealError),
 }
 
 impl ApiError {
@@ -40,6 +44,8 @@ impl ApiError {
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::BodyRead => "invalid_request",
+            ApiError::Sealed => "sealed",
+            ApiError::Unseal(e) => e.code(),
         }
     }
 }
@@ -94,6 +100,15 @@ impl ResponseError for ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Sealed => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unseal(e) => match e {
+                crate::seal::UnsealError::WrongPassphrase(_) => StatusCode::FORBIDDEN,
+                crate::seal::UnsealError::UnknownCustodian
+                | crate::seal::UnsealError::CustodianRequired => StatusCode::BAD_REQUEST,
+                crate::seal::UnsealError::Kek(_) | crate::seal::UnsealError::Keys(_) => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+            },
         }
     }
 

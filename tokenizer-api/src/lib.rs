@@ -3,7 +3,8 @@
 //! This crate owns HTTP and the command line: configuration ([`config`]),
 //! building and running the server ([`app::Application`]), the handlers
 //! ([`routes`]), the one mapping from errors to HTTP responses ([`error`]),
-//! and the operator commands ([`cli`]).
+//! the sealed start and unsealing ([`seal`]), and the operator commands
+//! ([`cli`]).
 //!
 //! Invariants: no SQL and no cryptography here (both live in `vault`);
 //! handlers authenticate before reading a body; request bodies are parsed
@@ -16,6 +17,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod routes;
+pub mod seal;
 
 pub use app::Application;
 pub use config::{Cli, Settings};

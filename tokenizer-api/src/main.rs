@@ -17,6 +17,9 @@ async fn main() -> ExitCode {
         Command::Backup { common, out } => cli::backup(common, out).await,
         Command::Restore { common, from } => cli::restore(common, from).await,
         Command::Audit { command } => cli::audit(command).await,
+        Command::Keys { command } => cli::keys(command),
+        Command::Unseal { url, custodian } => cli::unseal(&url, custodian.as_deref()),
+        Command::Seal { url } => cli::seal(&url),
         Command::Kek { command } => cli::kek(command),
     }
 }

@@ -20,13 +20,22 @@ use vault::{CardInput, RequestContext, Role, TokenInfo, Vault};
 use zeroize::Zeroizing;
 
 use crate::error::{ApiError, ErrorBody};
+use crate::seal::SealControl;
 
 /// Shared state of every worker.
 #[derive(Debug)]
 pub struct AppState {
-    pub vault: Arc<Vault>,
+    /// Holds the vault once unsealed (see `seal`).
+    pub seal: Arc<SealControl>,
     pub max_body_bytes: usize,
     pub max_batch_body_bytes: usize,
+}
+
+impl AppState {
+    /// The unsealed vault, or 503 `sealed`.
+    pub fn vault(&self) -> Result<Arc<Vault>, ApiError> {
+        self.seal.vault().ok_or(ApiError::Sealed)
+    }
 }
 
 /// Request id assigned by the middleware in `app.rs`.
@@ -46,6 +55,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             vec![web::get().to(metadata), web::delete().to(delete)],
         ),
         ("/v1/audit/events", vec![web::get().to(audit_events)]),
+        ("/v1/admin/unseal", vec![web::post().to(unseal)]),
+        ("/v1/admin/seal", vec![web::post().to(seal)]),
+        ("/v1/admin/seal-status", vec![web::get().to(seal_status)]),
         (
             "/v1/audit/checkpoints",
             vec![web::get().to(audit_checkpoints)],
@@ -73,7 +85,14 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    match state.vault.ready().await {
+    let Ok(vault) = state.vault() else {
+        return HttpResponse::ServiceUnavailable().json(serde_json::json!({
+            "status": "sealed",
+            "error": {"code": "sealed"},
+            "seal": state.seal.status(),
+        }));
+    };
+    match vault.ready().await {
         Ok(()) => HttpResponse::Ok().json(serde_json::json!({"status": "ready"})),
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
@@ -281,9 +300,9 @@ async fn tokenize(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let ctx = context(&req, &state.vault).await?;
-    state
-        .vault
+    let vault = state.vault()?;
+    let ctx = context(&req, &vault).await?;
+    vault
         .require_role(&ctx, Action::Tokenize, &[Role::Tokenize])
         .await?;
     let body: TokenizeRequest = read_json(&req, payload, state.max_body_bytes).await?;
@@ -293,7 +312,7 @@ async fn tokenize(
         exp_year: body.exp_year,
         cardholder_name: body.cardholder_name.map(|n| n.0),
     };
-    let info = state.vault.tokenize(&ctx, &body.tenant, card).await?;
+    let info = vault.tokenize(&ctx, &body.tenant, card).await?;
     let mut res = if info.created {
         HttpResponse::Created()
     } else {
@@ -314,14 +333,14 @@ async fn tokenize_batch(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let ctx = context(&req, &state.vault).await?;
-    state
-        .vault
+    let vault = state.vault()?;
+    let ctx = context(&req, &vault).await?;
+    vault
         .require_role(&ctx, Action::Tokenize, &[Role::Tokenize])
         .await?;
     let body: BatchRequest = read_json(&req, payload, state.max_batch_body_bytes).await?;
     let cards = body.cards.into_iter().map(CardInput::from).collect();
-    let results = state.vault.tokenize_many(&ctx, &body.tenant, cards).await?;
+    let results = vault.tokenize_many(&ctx, &body.tenant, cards).await?;
     let items: Vec<BatchItem<'_>> = results
         .into_iter()
         .map(|r| match r {
@@ -346,16 +365,13 @@ async fn detokenize(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let ctx = context(&req, &state.vault).await?;
-    state
-        .vault
+    let vault = state.vault()?;
+    let ctx = context(&req, &vault).await?;
+    vault
         .require_role(&ctx, Action::Detokenize, &[Role::Detokenize])
         .await?;
     let body: DetokenizeRequest = read_json(&req, payload, state.max_body_bytes).await?;
-    let out = state
-        .vault
-        .detokenize(&ctx, &body.token, &body.reason)
-        .await?;
+    let out = vault.detokenize(&ctx, &body.token, &body.reason).await?;
     let card = &out.card;
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
@@ -376,8 +392,9 @@ async fn metadata(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let ctx = context(&req, &state.vault).await?;
-    let info = state.vault.metadata(&ctx, &path).await?;
+    let vault = state.vault()?;
+    let ctx = context(&req, &vault).await?;
+    let info = vault.metadata(&ctx, &path).await?;
     Ok(HttpResponse::Ok().json(TokenResponse::new(info, false)))
 }
 
@@ -386,8 +403,9 @@ async fn delete(
     path: web::Path<String>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let ctx = context(&req, &state.vault).await?;
-    state.vault.delete(&ctx, &path).await?;
+    let vault = state.vault()?;
+    let ctx = context(&req, &vault).await?;
+    vault.delete(&ctx, &path).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -424,9 +442,9 @@ async fn audit_events(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let ctx = context(&req, &state.vault).await?;
-    state
-        .vault
+    let vault = state.vault()?;
+    let ctx = context(&req, &vault).await?;
+    vault
         .require_role(&ctx, Action::AuditRead, &[Role::Auditor])
         .await?;
     let params = web::Query::<AuditParams>::from_query(req.query_string())
@@ -456,7 +474,7 @@ async fn audit_events(
         after: params.after.unwrap_or(0),
         limit: params.limit.unwrap_or(100),
     };
-    let page = state.vault.audit_query(&ctx, query).await?;
+    let page = vault.audit_query(&ctx, query).await?;
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
         .json(serde_json::json!({ "events": page.events, "next_after": page.next_after })))
@@ -468,10 +486,80 @@ async fn audit_checkpoints(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let ctx = context(&req, &state.vault).await?;
-    let checkpoints = state.vault.audit_checkpoints(&ctx).await?;
+    let vault = state.vault()?;
+    let ctx = context(&req, &vault).await?;
+    let checkpoints = vault.audit_checkpoints(&ctx).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
-        "public_key": state.vault.audit_public_key(),
+        "public_key": vault.audit_public_key(),
         "checkpoints": checkpoints,
     })))
+}
+
+/// The caller of an admin request, authenticated without the vault (which
+/// may be sealed), with role `key_admin`.
+async fn admin_context(
+    req: &HttpRequest,
+    state: &AppState,
+    action: Action,
+) -> Result<RequestContext, ApiError> {
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    let source = req
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "unknown".to_owned());
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| bearer(v).unwrap_or(""));
+    let ctx = state
+        .seal
+        .authenticate(presented, &source, &request_id, action)
+        .await?;
+    Ok(ctx)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsealRequest {
+    custodian: Option<String>,
+    passphrase: Option<SecretString>,
+}
+
+/// `POST /v1/admin/unseal` (role `key_admin`): one custodian's passphrase
+/// (keyring backend), or a new login to the HSM / a new read of the KEK
+/// file (other backends, empty body `{}`). Every attempt is audited by
+/// custodian name, never the passphrase.
+async fn unseal(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = admin_context(&req, &state, Action::UnsealAttempt).await?;
+    let body: UnsealRequest = read_json(&req, payload, state.max_body_bytes).await?;
+    let passphrase = body.passphrase.as_ref().map(|p| p.0.as_str());
+    let status = state
+        .seal
+        .unseal(&ctx, body.custodian.as_deref(), passphrase)
+        .await?;
+    Ok(HttpResponse::Ok().json(status))
+}
+
+/// `POST /v1/admin/seal` (role `key_admin`): drop every key from memory.
+async fn seal(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let ctx = admin_context(&req, &state, Action::Sealed).await?;
+    let status = state.seal.seal(&ctx).await?;
+    Ok(HttpResponse::Ok().json(status))
+}
+
+/// `GET /v1/admin/seal-status` (role `key_admin`).
+async fn seal_status(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    admin_context(&req, &state, Action::UnsealAttempt).await?;
+    Ok(HttpResponse::Ok().json(state.seal.status()))
 }

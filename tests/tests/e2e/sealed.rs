@@ -1,0 +1,217 @@
+//! Sealed start and dual control with the split-knowledge keyring
+//! (`kek_backend = "keyring"`), through the real binary: `tokenizer keys
+//! init` (3 custodians, any 2 unseal), a service that starts sealed (`/readyz`
+//! and card routes 503 `sealed`), `tokenizer unseal` one custodian at a time
+//! (K-1 does not unseal, a wrong passphrase is refused and audited by name,
+//! the same custodian twice counts once), `tokenizer seal`, a restart that is
+//! sealed again, and no passphrase anywhere in what the service wrote.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use e2e::{temp_data_dir, tokenizer_command, Options, Service};
+
+use crate::{expect_status, token_for, REASON, TENANT, TEST_CARDS};
+
+const CUSTODIANS: [(&str, &str); 3] = [
+    ("alice", "correct horse battery staple"),
+    ("bob", "purple monkey dishwasher 42"),
+    ("carol", "the quick brown fox jumps"),
+];
+const WRONG: &str = "not bob's passphrase at all";
+
+/// Run a `tokenizer` command with `stdin` as its standard input.
+fn run_with_stdin(mut cmd: Command, stdin: &str) -> (bool, String, String) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tokenizer runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("tokenizer ends");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `tokenizer unseal --custodian NAME` with its passphrase on stdin.
+fn unseal(svc: &Service, admin_key: &str, name: &str, passphrase: &str) -> (bool, String, String) {
+    let mut cmd = tokenizer_command();
+    cmd.args(["unseal", "--url", &svc.base_url(), "--custodian", name])
+        .env("TOKENIZER_API_KEY", admin_key);
+    run_with_stdin(cmd, &format!("{passphrase}\n"))
+}
+
+#[test]
+fn keyring_backend_starts_sealed_and_needs_k_custodians() {
+    let dir = temp_data_dir();
+    let mut init = tokenizer_command();
+    init.args(["keys", "init", "--kek-backend", "keyring", "--shares", "3"])
+        .args(["--threshold", "2", "--data-dir"])
+        .arg(dir.path());
+    for (name, _) in CUSTODIANS {
+        init.args(["--custodian", name]);
+    }
+    let stdin: String = CUSTODIANS.iter().map(|(_, p)| format!("{p}\n")).collect();
+    let (ok, out, err) = run_with_stdin(init, &stdin);
+    assert!(ok, "keys init failed: {out}{err}");
+    assert!(out.contains("\"threshold\":2"), "{out}");
+
+    let mut svc = Service::start_in_dir(
+        dir.path(),
+        Options {
+            generate_kek: false,
+            extra_args: vec!["--kek-backend".into(), "keyring".into()],
+            ..Options::default()
+        },
+    );
+    let admin_key = svc.create_principal("custody-admin", &["key_admin"], &["*"]);
+    let tokenizer = svc.principal_client("checkout", &["tokenize", "detokenize"], &["*"]);
+
+    // Sealed: health yes, readiness and card operations no.
+    expect_status(&svc.anonymous().get("/healthz"), 200);
+    let ready = svc.anonymous().get("/readyz");
+    assert_eq!(
+        (ready.status, ready.json["status"].as_str()),
+        (503, Some("sealed")),
+        "{ready:?}"
+    );
+    let refused = tokenizer.tokenize(TENANT, TEST_CARDS[0].0, 12, 2031);
+    assert_eq!(
+        (refused.status, refused.error_code()),
+        (503, Some("sealed")),
+        "{refused:?}"
+    );
+
+    // Only key_admin may unseal.
+    let (ok, _, err) = unseal(
+        &svc,
+        &tokenizer.authorization().unwrap()[7..],
+        "alice",
+        CUSTODIANS[0].1,
+    );
+    assert!(!ok && err.contains("forbidden"), "{err}");
+
+    // K-1 custodians, a wrong passphrase, the same custodian twice: sealed.
+    let (ok, out, err) = unseal(&svc, &admin_key, "alice", CUSTODIANS[0].1);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("\"sealed\":true") && out.contains("\"custodians_accepted\":1"),
+        "{out}"
+    );
+    let (ok, _, err) = unseal(&svc, &admin_key, "bob", WRONG);
+    assert!(
+        !ok && err.contains("wrong_passphrase") && err.contains("bob"),
+        "{err}"
+    );
+    let (ok, out, _) = unseal(&svc, &admin_key, "alice", CUSTODIANS[0].1);
+    assert!(ok && out.contains("\"custodians_accepted\":1"), "{out}");
+    let (ok, _, err) = unseal(&svc, &admin_key, "mallory", "twelve chars or more");
+    assert!(!ok && err.contains("unknown_custodian"), "{err}");
+    assert_eq!(svc.anonymous().get("/readyz").status, 503);
+
+    // The second custodian unseals.
+    let (ok, out, err) = unseal(&svc, &admin_key, "bob", CUSTODIANS[1].1);
+    assert!(ok && out.contains("\"sealed\":false"), "{out}{err}");
+    expect_status(&svc.anonymous().get("/readyz"), 200);
+    let token = token_for(&tokenizer, TENANT, TEST_CARDS[0].0);
+
+    // Seal: every card operation stops at once.
+    let mut seal = tokenizer_command();
+    seal.args(["seal", "--url", &svc.base_url()])
+        .env("TOKENIZER_API_KEY", &admin_key);
+    let (ok, out, err) = run_with_stdin(seal, "");
+    assert!(ok && out.contains("\"sealed\":true"), "{out}{err}");
+    let sealed = tokenizer.detokenize(&token, REASON);
+    assert_eq!((sealed.status, sealed.error_code()), (503, Some("sealed")));
+
+    // Any other two custodians unseal again; the card is still there.
+    assert!(unseal(&svc, &admin_key, "carol", CUSTODIANS[2].1).0);
+    assert!(unseal(&svc, &admin_key, "alice", CUSTODIANS[0].1).0);
+    let back = tokenizer.detokenize(&token, REASON);
+    expect_status(&back, 200);
+    assert_eq!(back.str("pan"), TEST_CARDS[0].0);
+
+    // A restart starts sealed again.
+    svc.restart();
+    let tokenizer = tokenizer.reconnect(&svc);
+    assert_eq!(svc.anonymous().get("/readyz").status, 503);
+    assert!(unseal(&svc, &admin_key, "bob", CUSTODIANS[1].1).0);
+    assert!(unseal(&svc, &admin_key, "carol", CUSTODIANS[2].1).0);
+    expect_status(&tokenizer.detokenize(&token, REASON), 200);
+
+    // Every attempt is in the audit trail by custodian name; no passphrase
+    // is anywhere in what the service wrote (database, logs, keyring file
+    // holds only encrypted shares).
+    let auditor = svc.principal_client("auditor", &["auditor"], &["*"]);
+    let events = auditor.get("/v1/audit/events?action=unseal_attempt&limit=100");
+    expect_status(&events, 200);
+    let details: Vec<String> = events.json["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event"]["detail"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    for expected in [
+        "custodian alice: accepted (1 of 2)",
+        "custodian bob: wrong passphrase",
+        "unknown custodian",
+        "unsealed",
+    ] {
+        assert!(
+            details.iter().any(|d| d == expected),
+            "{expected:?} not in {details:?}"
+        );
+    }
+    let sealed_events = auditor.get("/v1/audit/events?action=sealed");
+    assert_eq!(
+        sealed_events.json["events"].as_array().map(Vec::len),
+        Some(1)
+    );
+    let mut secrets: Vec<&str> = CUSTODIANS.iter().map(|(_, p)| *p).collect();
+    secrets.push(WRONG);
+    svc.kill();
+    let mut written: Vec<(String, Vec<u8>)> = vec![
+        ("stdout".into(), svc.stdout().into_bytes()),
+        ("stderr".into(), svc.stderr().into_bytes()),
+    ];
+    for entry in walk(svc.data_dir()) {
+        written.push((
+            entry.display().to_string(),
+            std::fs::read(&entry).unwrap_or_default(),
+        ));
+    }
+    if svc.backend() == e2e::Backend::Postgres {
+        written.extend(e2e::pg_dump_tables(&svc.database_url()));
+    }
+    for (place, bytes) in &written {
+        for secret in &secrets {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "a passphrase is in {place}"
+            );
+        }
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}

@@ -1,0 +1,473 @@
+//! Sealed start and dual control: the service runs, answers health checks
+//! and accepts admin requests, but holds no key and serves no card operation
+//! (503 `sealed`) until its KEK is available.
+//!
+//! Where the KEK comes from (`kek_backend`):
+//! - `keyring`: split knowledge. The KEK is encrypted under a master key
+//!   that exists only as K-of-N Shamir shares, each under one custodian's
+//!   passphrase (`hsm_shim::SealedKeyring`). The service starts sealed and
+//!   unseals when K custodians have each given their passphrase through
+//!   `POST /v1/admin/unseal` (`tokenizer unseal`), one at a time.
+//! - `pkcs11`: an HSM. The service logs in to the token at start with the
+//!   PIN from a file or an environment variable; if that fails it stays
+//!   sealed, and `POST /v1/admin/unseal` retries the login.
+//! - `file`: a software KEK file (`--dev`, small installations): unsealed at
+//!   start when the file is readable.
+//!
+//! `POST /v1/admin/seal` drops the vault (every unwrapped key, zeroized as
+//! the last in-flight request lets go of it) and the keyring's master key
+//! at once. Every attempt, accepted or not, is an `unseal_attempt` audit
+//! event naming the custodian (never the passphrase); sealing is `sealed`.
+//! Admin requests need the role `key_admin`; they are authenticated from
+//! the store alone, which works while sealed.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+use audit::{Action, AuditEvent, Outcome};
+use hsm_shim::{
+    KekError, KeyEncryptionKey, Pkcs11Config, SealedKeyring, SoftwareKek, UnsealedKeyring, Unsealer,
+};
+use serde::Serialize;
+use vault::access::{AuthError, Authenticator};
+use vault::keys::KeysError;
+use vault::store::Store;
+use vault::{RequestContext, Role, Vault, VaultError};
+use zeroize::Zeroizing;
+
+use crate::error::ApiError;
+
+/// Where the KEK comes from.
+#[derive(Debug, Clone)]
+pub enum KekSource {
+    /// A software KEK file; with `dev`, generated if missing.
+    File { path: PathBuf, dev: bool },
+    /// A split-knowledge keyring file (K of N custodians).
+    Keyring { path: PathBuf },
+    /// A PKCS#11 token.
+    Pkcs11(Pkcs11Config),
+}
+
+impl KekSource {
+    /// Check, before anything is opened or written, that the KEK file (or
+    /// the keyring file) is there and safe; the file backend in `--dev`
+    /// creates it later.
+    pub fn precheck(&self) -> Result<(), UnsealError> {
+        match self {
+            KekSource::File { dev: true, path } if !path.exists() => Ok(()),
+            KekSource::File { path, .. } => {
+                SoftwareKek::load(path).map(drop).map_err(UnsealError::Kek)
+            }
+            KekSource::Keyring { path } => SealedKeyring::open(path)
+                .map(drop)
+                .map_err(UnsealError::Kek),
+            KekSource::Pkcs11(_) => Ok(()),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            KekSource::File { .. } => "file",
+            KekSource::Keyring { .. } => "keyring",
+            KekSource::Pkcs11(_) => "pkcs11",
+        }
+    }
+}
+
+/// What `GET /v1/admin/seal-status`, `/readyz` and the unseal and seal
+/// calls report.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct SealStatus {
+    pub sealed: bool,
+    pub backend: &'static str,
+    /// Keyring: custodians accepted so far, and how many are needed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub custodians_accepted: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub custodians_needed: Option<usize>,
+}
+
+/// Why an unseal attempt did not unseal (beyond "not enough custodians
+/// yet", which is a success with progress).
+#[derive(Debug, thiserror::Error)]
+pub enum UnsealError {
+    #[error("wrong passphrase for custodian {0}; nothing was unsealed")]
+    WrongPassphrase(String),
+    #[error("no such custodian in the keyring")]
+    UnknownCustodian,
+    #[error("this backend unseals with a custodian name and passphrase")]
+    CustodianRequired,
+    #[error("the KEK is unavailable: {0}")]
+    Kek(#[source] KekError),
+    #[error("the vault keys cannot be loaded: {0}")]
+    Keys(#[source] KeysError),
+}
+
+impl UnsealError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            UnsealError::WrongPassphrase(_) => "wrong_passphrase",
+            UnsealError::UnknownCustodian => "unknown_custodian",
+            UnsealError::CustodianRequired => "custodian_required",
+            UnsealError::Kek(_) => "kek_unavailable",
+            UnsealError::Keys(_) => "keys_unavailable",
+        }
+    }
+}
+
+/// Partial state of the keyring backend.
+#[derive(Default)]
+struct Ceremony {
+    /// Custodians accepted so far (shares held in zeroizing memory).
+    unsealer: Option<Unsealer>,
+    /// The unsealed keyring while the service is unsealed.
+    keyring: Option<UnsealedKeyring>,
+}
+
+/// The seal: holds the vault once unsealed.
+pub struct SealControl {
+    store: Arc<dyn Store>,
+    auth: Authenticator,
+    source: KekSource,
+    /// `<data-dir>/audit-verify.pub`, written when the vault opens.
+    public_key_file: PathBuf,
+    vault: RwLock<Option<Arc<Vault>>>,
+    /// Serialises unseal and seal (an unseal runs argon2, ~0.3 s).
+    ceremony: tokio::sync::Mutex<Ceremony>,
+    /// Progress of the keyring ceremony, readable without waiting.
+    progress: Mutex<Option<(usize, usize)>>,
+}
+
+impl std::fmt::Debug for SealControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealControl")
+            .field("backend", &self.source.name())
+            .field("sealed", &self.vault().is_none())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SealControl {
+    /// A sealed control; [`SealControl::start`] unseals what can unseal by
+    /// itself.
+    pub fn new(store: Arc<dyn Store>, source: KekSource, public_key_file: PathBuf) -> Self {
+        Self {
+            auth: Authenticator::new(store.clone()),
+            store,
+            source,
+            public_key_file,
+            vault: RwLock::new(None),
+            ceremony: tokio::sync::Mutex::new(Ceremony::default()),
+            progress: Mutex::new(None),
+        }
+    }
+
+    /// At start-up: the file backend unseals now (an error stops the start);
+    /// PKCS#11 tries its login (and stays sealed if it fails); the keyring
+    /// waits for its custodians.
+    pub async fn start(&self) -> Result<(), UnsealError> {
+        match &self.source {
+            KekSource::File { path, dev } => {
+                let kek = if *dev && !path.exists() {
+                    tracing::warn!(kek_file = %path.display(), "dev mode: generating an INSECURE software KEK next to the data");
+                    SoftwareKek::generate(path)
+                } else {
+                    SoftwareKek::load(path)
+                }
+                .map_err(UnsealError::Kek)?;
+                self.open_vault(Arc::new(kek)).await
+            }
+            KekSource::Pkcs11(config) => {
+                let config = config.clone();
+                let unsealed = tokio::task::spawn_blocking(move || config.unseal())
+                    .await
+                    .map_err(|_| UnsealError::Kek(KekError::Rng))?;
+                match unsealed {
+                    Ok(kek) => {
+                        self.open_vault(Arc::new(kek)).await?;
+                        self.audit(Outcome::Success, "hsm login at start: unsealed")
+                            .await;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "HSM login failed: the service stays SEALED until POST /v1/admin/unseal succeeds");
+                        self.audit(Outcome::Failure, "hsm login at start failed")
+                            .await;
+                        Ok(())
+                    }
+                }
+            }
+            KekSource::Keyring { path } => {
+                let keyring = SealedKeyring::open(path).map_err(UnsealError::Kek)?;
+                let need = keyring.threshold();
+                *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = Some((0, need));
+                tracing::warn!(
+                    custodians = need,
+                    "SEALED: waiting for {need} custodians to unseal (tokenizer unseal)"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// The vault, when unsealed.
+    pub fn vault(&self) -> Option<Arc<Vault>> {
+        self.vault.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn status(&self) -> SealStatus {
+        let progress = *self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let sealed = self.vault().is_none();
+        let keyring = matches!(self.source, KekSource::Keyring { .. });
+        SealStatus {
+            sealed,
+            backend: self.source.name(),
+            custodians_accepted: progress
+                .filter(|_| keyring)
+                .map(|(have, need)| if sealed { have } else { need }),
+            custodians_needed: progress.filter(|_| keyring).map(|(_, need)| need),
+        }
+    }
+
+    /// Authenticate an admin request and require `key_admin`. Failures are
+    /// audited (as the vault does for card routes); if that audit write
+    /// fails, the caller gets a storage error.
+    pub async fn authenticate(
+        &self,
+        presented: Option<&str>,
+        source: &str,
+        request_id: &str,
+        action: Action,
+    ) -> Result<RequestContext, ApiError> {
+        let failure = match presented {
+            None => "missing",
+            Some(key) => match self.auth.authenticate(key).await {
+                Ok(principal) => {
+                    let ctx = RequestContext {
+                        principal,
+                        source: source.to_owned(),
+                        request_id: request_id.to_owned(),
+                    };
+                    if ctx.principal.has_role(Role::KeyAdmin) {
+                        return Ok(ctx);
+                    }
+                    let event = AuditEvent::new(Action::AuthorizationDenied, Outcome::Denied)
+                        .principal(ctx.principal.name.clone())
+                        .source(source)
+                        .request_id(request_id)
+                        .error_code("forbidden")
+                        .detail(format!("{}: role_not_permitted", action.as_str()));
+                    self.store
+                        .append_audit(event)
+                        .await
+                        .map_err(VaultError::from)?;
+                    return Err(VaultError::Forbidden.into());
+                }
+                Err(AuthError::Store(e)) => return Err(VaultError::from(e).into()),
+                Err(AuthError::Failed(f)) => f.as_str(),
+            },
+        };
+        let event = AuditEvent::new(Action::AuthenticationFailed, Outcome::Denied)
+            .source(source)
+            .request_id(request_id)
+            .error_code("unauthenticated")
+            .detail(failure);
+        self.store
+            .append_audit(event)
+            .await
+            .map_err(VaultError::from)?;
+        Err(VaultError::Unauthenticated.into())
+    }
+
+    /// One unseal attempt (see the module doc). Already unsealed: the status,
+    /// nothing else happens.
+    pub async fn unseal(
+        &self,
+        ctx: &RequestContext,
+        custodian: Option<&str>,
+        passphrase: Option<&str>,
+    ) -> Result<SealStatus, ApiError> {
+        let mut ceremony = self.ceremony.lock().await;
+        if self.vault().is_some() {
+            return Ok(self.status());
+        }
+        match &self.source {
+            KekSource::Keyring { path } => {
+                let (Some(name), Some(passphrase)) = (custodian, passphrase) else {
+                    return Err(UnsealError::CustodianRequired.into());
+                };
+                let unsealer = match ceremony.unsealer.take() {
+                    Some(u) => u,
+                    None => SealedKeyring::open(path)
+                        .map_err(UnsealError::Kek)?
+                        .unsealer(),
+                };
+                let (name, secret) = (name.to_owned(), Zeroizing::new(passphrase.to_owned()));
+                let (unsealer, result) = tokio::task::spawn_blocking(move || {
+                    let mut unsealer = unsealer;
+                    let result = unsealer.submit(&name, &secret);
+                    (unsealer, result.map(|p| (p, name)))
+                })
+                .await
+                .map_err(|_| UnsealError::Kek(KekError::Rng))?;
+                let shown = custodian.unwrap_or_default();
+                match result {
+                    Ok((progress, _)) => {
+                        let detail = format!(
+                            "custodian {shown}: accepted ({} of {})",
+                            progress.have, progress.need
+                        );
+                        // Fail closed: an attempt that cannot be audited does
+                        // not count (the ceremony starts over).
+                        self.append(ctx, Outcome::Success, None, &detail).await?;
+                        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Some((progress.have, progress.need));
+                        if !progress.is_complete() {
+                            ceremony.unsealer = Some(unsealer);
+                            return Ok(self.status());
+                        }
+                        let keyring = unsealer.finish().map_err(UnsealError::Kek)?;
+                        let kek = keyring
+                            .current_kek()
+                            .ok_or(UnsealError::Kek(KekError::MalformedBlob))?;
+                        self.open_vault(Arc::new(kek)).await?;
+                        ceremony.keyring = Some(keyring);
+                        self.append(ctx, Outcome::Success, None, "unsealed").await?;
+                        tracing::info!("UNSEALED by {} custodians", progress.need);
+                        Ok(self.status())
+                    }
+                    Err(e) => {
+                        ceremony.unsealer = Some(unsealer);
+                        let (err, detail) = match e {
+                            KekError::WrongPassphrase { .. } => (
+                                UnsealError::WrongPassphrase(shown.to_owned()),
+                                format!("custodian {shown}: wrong passphrase"),
+                            ),
+                            KekError::UnknownCustodian => (
+                                UnsealError::UnknownCustodian,
+                                "unknown custodian".to_owned(),
+                            ),
+                            other => {
+                                // A bad reconstruction drops every share.
+                                ceremony.unsealer = None;
+                                *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                                (UnsealError::Kek(other), "unseal failed".to_owned())
+                            }
+                        };
+                        self.append(ctx, Outcome::Failure, Some(err.code()), &detail)
+                            .await?;
+                        Err(err.into())
+                    }
+                }
+            }
+            KekSource::Pkcs11(config) => {
+                let config = config.clone();
+                let unsealed = tokio::task::spawn_blocking(move || config.unseal())
+                    .await
+                    .map_err(|_| UnsealError::Kek(KekError::Rng))?;
+                match unsealed {
+                    Ok(kek) => {
+                        self.open_vault(Arc::new(kek)).await?;
+                        self.append(ctx, Outcome::Success, None, "hsm login: unsealed")
+                            .await?;
+                        Ok(self.status())
+                    }
+                    Err(e) => {
+                        let err = UnsealError::Kek(e);
+                        self.append(ctx, Outcome::Failure, Some(err.code()), "hsm login failed")
+                            .await?;
+                        Err(err.into())
+                    }
+                }
+            }
+            KekSource::File { path, .. } => {
+                let kek = SoftwareKek::load(path).map_err(UnsealError::Kek)?;
+                self.open_vault(Arc::new(kek)).await?;
+                self.append(ctx, Outcome::Success, None, "kek file: unsealed")
+                    .await?;
+                Ok(self.status())
+            }
+        }
+    }
+
+    /// Drop every key from memory at once (audited first: an unaudited seal
+    /// still seals, and says so in the log).
+    pub async fn seal(&self, ctx: &RequestContext) -> Result<SealStatus, ApiError> {
+        let mut ceremony = self.ceremony.lock().await;
+        let was = self.vault.write().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(keyring) = ceremony.keyring.take() {
+            keyring.seal();
+        }
+        ceremony.unsealer = None;
+        let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, need)) = *progress {
+            *progress = Some((0, need));
+        }
+        drop(progress);
+        drop(was);
+        tracing::warn!("SEALED: every key dropped from memory");
+        let event = ctx.clone_event(Action::Sealed, Outcome::Success);
+        if let Err(e) = self.store.append_audit(event).await {
+            tracing::error!(error = %e, "the seal could not be audited (the service IS sealed)");
+            return Err(VaultError::from(e).into());
+        }
+        Ok(self.status())
+    }
+
+    async fn open_vault(&self, kek: Arc<dyn KeyEncryptionKey>) -> Result<(), UnsealError> {
+        let vault = Vault::open(self.store.clone(), kek.as_ref())
+            .await
+            .map_err(UnsealError::Keys)?;
+        if let Err(e) = std::fs::write(
+            &self.public_key_file,
+            format!("{}\n", vault.audit_public_key()),
+        ) {
+            tracing::error!(error = %e, file = %self.public_key_file.display(), "cannot write the audit verification key");
+        }
+        *self.vault.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(vault));
+        Ok(())
+    }
+
+    async fn append(
+        &self,
+        ctx: &RequestContext,
+        outcome: Outcome,
+        code: Option<&str>,
+        detail: &str,
+    ) -> Result<(), ApiError> {
+        let mut event = ctx
+            .clone_event(Action::UnsealAttempt, outcome)
+            .detail(detail);
+        event.error_code = code.map(str::to_owned);
+        self.store
+            .append_audit(event)
+            .await
+            .map_err(VaultError::from)?;
+        Ok(())
+    }
+
+    /// An attempt without a caller (the HSM login at start); failures to
+    /// audit it are logged.
+    async fn audit(&self, outcome: Outcome, detail: &str) {
+        let event = AuditEvent::new(Action::UnsealAttempt, outcome)
+            .source("local")
+            .detail(detail);
+        if let Err(e) = self.store.append_audit(event).await {
+            tracing::error!(error = %e, "cannot audit the unseal attempt");
+        }
+    }
+}
+
+/// The audit event of an admin request.
+trait ContextEvent {
+    fn clone_event(&self, action: Action, outcome: Outcome) -> AuditEvent;
+}
+
+impl ContextEvent for RequestContext {
+    fn clone_event(&self, action: Action, outcome: Outcome) -> AuditEvent {
+        AuditEvent::new(action, outcome)
+            .principal(self.principal.name.clone())
+            .source(self.source.clone())
+            .request_id(self.request_id.clone())
+    }
+}
