@@ -908,6 +908,8 @@ pub struct Options {
     /// the backend of the run (a fresh PostgreSQL database per service with
     /// `postgres`, the binary's SQLite default otherwise).
     pub database_url: Option<String>,
+    /// Environment variables of the `serve` process (e.g. `SOFTHSM2_CONF`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -919,6 +921,7 @@ impl Default for Options {
             listen: "127.0.0.1:0".to_string(),
             extra_args: Vec::new(),
             database_url: None,
+            env: Vec::new(),
         }
     }
 }
@@ -968,6 +971,7 @@ pub enum Launch {
 fn launch(data_dir: &Path, opts: &Options, captured: &Captured) -> (Launch, Option<Running>) {
     let mut cmd = tokenizer_command();
     cmd.args(opts.serve_args(data_dir))
+        .envs(opts.env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd

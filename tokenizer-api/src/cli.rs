@@ -299,6 +299,33 @@ pub fn kek(cmd: KekCommand) -> ExitCode {
                 Ok(s) => s,
                 Err(e) => return fail(e),
             };
+            init_logging(&settings.log_level);
+            use hsm_shim::KeyEncryptionKey as _;
+            match &settings.kek_source {
+                crate::seal::KekSource::File { .. } => {}
+                crate::seal::KekSource::Pkcs11(config) => {
+                    // Generated inside the token (non-extractable); logging
+                    // in needs the PIN from its file or variable.
+                    let generated = config.pin.load().and_then(|pin| {
+                        let token = hsm_shim::Pkcs11Token::open(config)?;
+                        token.login(&pin)?;
+                        token.generate_kek(&config.kek_label)
+                    });
+                    return match generated {
+                        Ok(kek) => {
+                            println!(
+                                "{}",
+                                serde_json::json!({"pkcs11_token": config.token_label, "kek_label": config.kek_label, "kek_id": kek.kek_id()})
+                            );
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => fail(e),
+                    };
+                }
+                crate::seal::KekSource::Keyring { .. } => {
+                    return fail("the keyring backend's KEK is created by `tokenizer keys init`");
+                }
+            }
             if let Some(parent) = settings.kek_file.parent() {
                 if !parent.as_os_str().is_empty() {
                     if let Err(e) = app::prepare_data_dir(parent) {
@@ -308,7 +335,6 @@ pub fn kek(cmd: KekCommand) -> ExitCode {
             }
             match hsm_shim::SoftwareKek::generate(&settings.kek_file) {
                 Ok(kek) => {
-                    use hsm_shim::KeyEncryptionKey as _;
                     println!(
                         "{}",
                         serde_json::json!({"kek_file": settings.kek_file.display().to_string(), "kek_id": kek.kek_id()})

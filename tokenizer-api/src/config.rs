@@ -172,7 +172,9 @@ pub enum KeysCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum KekCommand {
-    /// Generate a software KEK file (mode 0600). Refuses to overwrite one.
+    /// Generate the KEK: a software KEK file (mode 0600; never overwritten),
+    /// or with `--kek-backend pkcs11` an AES-256 key generated inside the
+    /// token (sensitive, non-extractable; the PIN from its file or variable).
     Generate {
         #[command(flatten)]
         common: CommonArgs,

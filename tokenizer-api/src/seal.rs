@@ -399,11 +399,12 @@ impl SealControl {
             keyring.seal();
         }
         ceremony.unsealer = None;
-        let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, need)) = *progress {
-            *progress = Some((0, need));
+        {
+            let mut progress = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, need)) = *progress {
+                *progress = Some((0, need));
+            }
         }
-        drop(progress);
         drop(was);
         tracing::warn!("SEALED: every key dropped from memory");
         let event = ctx.clone_event(Action::Sealed, Outcome::Success);

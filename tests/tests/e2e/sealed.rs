@@ -215,3 +215,112 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// The PKCS#11 backend on SoftHSM2: `tokenizer kek generate` makes the KEK
+/// inside a token (the test's own, in a temp dir), the service logs in at
+/// start with the PIN from a file and serves; started when the PIN file is
+/// not there yet it stays sealed, and `tokenizer unseal` (a new login) opens
+/// it once the file is in place. Fails, never skips, without SoftHSM2.
+#[test]
+fn pkcs11_backend_unseals_by_logging_in_to_the_token() {
+    let module = std::path::Path::new("/usr/lib/softhsm/libsofthsm2.so");
+    assert!(
+        module.exists(),
+        "SoftHSM2 is required (apt-get install -y softhsm2): {} is missing",
+        module.display()
+    );
+    let dir = temp_data_dir();
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    let conf = conf.to_str().unwrap().to_owned();
+    let init = Command::new("softhsm2-util")
+        .args(["--init-token", "--free", "--label", "cardvault-e2e"])
+        .args(["--so-pin", "87654321", "--pin", "12345678"])
+        .env("SOFTHSM2_CONF", &conf)
+        .output()
+        .expect("softhsm2-util runs");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let data = dir.path().join("data");
+    let pin_file = dir.path().join("pin");
+    let backend = [
+        "--kek-backend",
+        "pkcs11",
+        "--pkcs11-token",
+        "cardvault-e2e",
+        "--pkcs11-pin-file",
+        pin_file.to_str().unwrap(),
+    ];
+    let write_pin = || {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&pin_file)
+            .unwrap();
+        f.write_all(b"12345678\n").unwrap();
+    };
+    write_pin();
+
+    let mut generate = tokenizer_command();
+    generate
+        .args(["kek", "generate", "--data-dir", data.to_str().unwrap()])
+        .args(backend)
+        .env("SOFTHSM2_CONF", &conf);
+    let (ok, out, err) = run_with_stdin(generate, "");
+    assert!(ok, "kek generate on SoftHSM2 failed: {out}{err}");
+    assert!(out.contains("\"kek_id\":\"p11:cardvault-kek-1:"), "{out}");
+
+    let opts = Options {
+        generate_kek: false,
+        extra_args: backend.iter().map(|s| s.to_string()).collect(),
+        env: vec![("SOFTHSM2_CONF".into(), conf.clone())],
+        ..Options::default()
+    };
+    let mut svc = Service::start_in_dir(&data, opts);
+    expect_status(&svc.anonymous().get("/readyz"), 200);
+    let client = svc.principal_client("checkout", &["tokenize", "detokenize"], &["*"]);
+    let token = token_for(&client, TENANT, TEST_CARDS[4].0);
+    let admin_key = svc.create_principal("hsm-admin", &["key_admin"], &["*"]);
+
+    // Without the PIN the service starts sealed; a login after the PIN is
+    // back unseals it, and the card is still there.
+    std::fs::remove_file(&pin_file).unwrap();
+    svc.restart();
+    let client = client.reconnect(&svc);
+    let ready = svc.anonymous().get("/readyz");
+    assert_eq!(
+        (ready.status, ready.json["status"].as_str()),
+        (503, Some("sealed"))
+    );
+    let mut unseal = tokenizer_command();
+    unseal
+        .args(["unseal", "--url", &svc.base_url()])
+        .env("TOKENIZER_API_KEY", &admin_key);
+    let (ok, _, err) = run_with_stdin(unseal, "");
+    assert!(!ok && err.contains("kek_unavailable"), "{err}");
+    write_pin();
+    let mut unseal = tokenizer_command();
+    unseal
+        .args(["unseal", "--url", &svc.base_url()])
+        .env("TOKENIZER_API_KEY", &admin_key);
+    let (ok, out, err) = run_with_stdin(unseal, "");
+    assert!(ok && out.contains("\"sealed\":false"), "{out}{err}");
+    let back = client.detokenize(&token, REASON);
+    expect_status(&back, 200);
+    assert_eq!(back.str("pan"), TEST_CARDS[4].0);
+    svc.kill();
+}
