@@ -14,7 +14,15 @@
 --                    create, alter or drop anything (no CREATE on the schema
 --                    or the database, no TEMPORARY), and gets per table only:
 --                      cards         SELECT, INSERT, UPDATE, DELETE
---                      vault_keys    SELECT, INSERT
+--                      vault_keys    SELECT, INSERT, UPDATE (state,
+--                                    retired_at, destroyed_at,
+--                                    reencrypted_at, wrapped, kek_id) --
+--                                    key lifecycle: rotation demotes the
+--                                    active key, retirement and destruction
+--                                    (which erases `wrapped`), the end of a
+--                                    re-encryption pass, KEK rotation
+--                                    (re-wrap); purpose, version and
+--                                    created_at never change, no DELETE
 --                      principals    SELECT, INSERT, UPDATE (revoked_at) --
 --                                    revocation is the only update; roles,
 --                                    tenants and key hashes cannot be changed
@@ -22,7 +30,9 @@
 --                      audit_events  SELECT, INSERT -- no UPDATE, DELETE or
 --                                    TRUNCATE
 --                      audit_head    SELECT, UPDATE (the chain head row)
---                      audit_checkpoints, audit_signing_keys  SELECT, INSERT
+--                      audit_checkpoints  SELECT, INSERT
+--                      audit_signing_keys  SELECT, INSERT, UPDATE (wrapped,
+--                                    kek_id) -- KEK rotation re-wraps it
 --                      audit_archives  SELECT (backups read it; archiving
 --                                    runs as the owner)
 --                    plus CONNECT on the database and USAGE on the schema.
@@ -237,13 +247,17 @@ GRANT USAGE ON SCHEMA public TO :"app_role";
 -- One line per table. A table missing here is unreachable for the service;
 -- "relation ... does not exist" means `tokenizer migrate` has not run yet.
 GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE cards TO :"app_role";
-GRANT SELECT, INSERT ON TABLE vault_keys TO :"app_role";
+-- Key lifecycle: state changes, erasing a destroyed key's material, the
+-- end of a re-encryption pass, re-wrapping under a new KEK.
+GRANT SELECT, INSERT, UPDATE (state, retired_at, destroyed_at, reencrypted_at, wrapped, kek_id)
+    ON TABLE vault_keys TO :"app_role";
 GRANT SELECT, INSERT, UPDATE (revoked_at) ON TABLE principals TO :"app_role";
 GRANT SELECT, INSERT ON TABLE audit_events TO :"app_role";
 -- The chain head: every audit append locks and advances it (UPDATE).
 GRANT SELECT, UPDATE ON TABLE audit_head TO :"app_role";
 GRANT SELECT, INSERT ON TABLE audit_checkpoints TO :"app_role";
-GRANT SELECT, INSERT ON TABLE audit_signing_keys TO :"app_role";
+-- KEK rotation re-wraps the signing key.
+GRANT SELECT, INSERT, UPDATE (wrapped, kek_id) ON TABLE audit_signing_keys TO :"app_role";
 -- Backups read the archived segments; recording one (and deleting the
 -- archived entries) is `tokenizer audit archive`, run as the owner.
 GRANT SELECT ON TABLE audit_archives TO :"app_role";

@@ -73,7 +73,7 @@ async fn main() {
     .await
     .unwrap();
     let kek = hsm_shim::SoftwareKek::generate(&dir.path().join("kek.key")).unwrap();
-    let vault = Arc::new(Vault::open(store.clone(), &kek).await.unwrap());
+    let vault = Arc::new(Vault::open(store.clone(), Arc::new(kek)).await.unwrap());
     let ctx = RequestContext {
         principal: Principal {
             id: "bench".into(),

@@ -27,8 +27,8 @@ use sha2::{Digest, Sha256};
 
 use crate::keys::label;
 use crate::store::{
-    AuditRow, BackupRecord, CardRow, ChainLink, KeyPurpose, PrincipalRow, SigningKeyRow, Store,
-    StoreError, StoredKey,
+    AuditRow, BackupRecord, CardRow, ChainLink, KeyPurpose, KeyState, PrincipalRow, SigningKeyRow,
+    Store, StoreError, StoredKey,
 };
 
 const FORMAT: &str = "cardvault-backup";
@@ -125,6 +125,15 @@ enum Line {
         kek_id: String,
         wrapped: String,
         created_at: i64,
+        // Lifecycle (migration 0004); absent in older backups: active.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        state: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retired_at: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        destroyed_at: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reencrypted_at: Option<i64>,
     },
     Principal {
         id: String,
@@ -147,6 +156,9 @@ enum Line {
         nonce: String,
         ciphertext: String,
         created_at: i64,
+        /// Absent in backups from before migration 0004: version 1.
+        #[serde(default = "first_version")]
+        fingerprint_version: u32,
     },
     Audit {
         seq: i64,
@@ -181,6 +193,10 @@ enum Line {
     },
 }
 
+fn first_version() -> u32 {
+    1
+}
+
 impl From<BackupRecord> for Line {
     fn from(r: BackupRecord) -> Line {
         match r {
@@ -190,6 +206,10 @@ impl From<BackupRecord> for Line {
                 kek_id: k.kek_id,
                 wrapped: B64.encode(k.wrapped),
                 created_at: k.created_at,
+                state: Some(k.state.as_str().to_owned()),
+                retired_at: k.retired_at,
+                destroyed_at: k.destroyed_at,
+                reencrypted_at: k.reencrypted_at,
             },
             BackupRecord::Principal(p) => Line::Principal {
                 id: p.id,
@@ -212,6 +232,7 @@ impl From<BackupRecord> for Line {
                 nonce: B64.encode(c.nonce),
                 ciphertext: B64.encode(c.ciphertext),
                 created_at: c.created_at,
+                fingerprint_version: c.fingerprint_version,
             },
             BackupRecord::Audit(a) => Line::Audit {
                 seq: a.seq,
@@ -339,12 +360,29 @@ fn to_record(line: Line, n: usize) -> Result<Option<BackupRecord>, BackupError> 
             kek_id,
             wrapped,
             created_at,
+            state,
+            retired_at,
+            destroyed_at,
+            reencrypted_at,
         } => BackupRecord::Key(StoredKey {
             purpose: KeyPurpose::parse(&purpose).ok_or_else(|| corrupt("unknown key purpose"))?,
             version,
             kek_id,
             wrapped: decode_b64(&wrapped, n)?,
             created_at,
+            // Backups from before migration 0004 hold only first keys:
+            // active, nothing to re-encrypt.
+            reencrypted_at: if state.is_none() {
+                Some(created_at)
+            } else {
+                reencrypted_at
+            },
+            state: match state {
+                None => KeyState::Active,
+                Some(s) => KeyState::parse(&s).ok_or_else(|| corrupt("unknown key state"))?,
+            },
+            retired_at,
+            destroyed_at,
         }),
         Line::Principal {
             id,
@@ -375,6 +413,7 @@ fn to_record(line: Line, n: usize) -> Result<Option<BackupRecord>, BackupError> 
             nonce,
             ciphertext,
             created_at,
+            fingerprint_version,
         } => BackupRecord::Card(CardRow {
             token,
             tenant,
@@ -387,6 +426,7 @@ fn to_record(line: Line, n: usize) -> Result<Option<BackupRecord>, BackupError> 
             nonce: decode_b64(&nonce, n)?,
             ciphertext: decode_b64(&ciphertext, n)?,
             created_at,
+            fingerprint_version,
         }),
         Line::Audit {
             seq,
@@ -561,6 +601,10 @@ pub fn read_backup(
                 })?;
         }
         if let BackupRecord::Key(k) = r {
+            // A destroyed key has no material left to check.
+            if k.state == KeyState::Destroyed {
+                continue;
+            }
             if k.kek_id != kek.kek_id() {
                 return Err(BackupError::WrongKek {
                     backup: k.kek_id.clone(),
@@ -631,7 +675,10 @@ mod tests {
     ];
 
     /// A vault with cards, a principal and an audit trail; returns tokens and the API key.
-    async fn populate(store: Arc<dyn Store>, kek: &dyn KeyEncryptionKey) -> (Vec<String>, String) {
+    async fn populate(
+        store: Arc<dyn Store>,
+        kek: Arc<dyn KeyEncryptionKey>,
+    ) -> (Vec<String>, String) {
         let vault = Vault::open(store.clone(), kek).await.unwrap();
         let mut tokens = Vec::new();
         for (pan, name) in CARDS {
@@ -654,16 +701,17 @@ mod tests {
     #[tokio::test]
     async fn backups_restore_across_backends() {
         let dir = tempfile::tempdir().unwrap();
-        let kek = hsm_shim::SoftwareKek::generate(&dir.path().join("kek.key")).unwrap();
+        let kek: Arc<dyn KeyEncryptionKey> =
+            Arc::new(hsm_shim::SoftwareKek::generate(&dir.path().join("kek.key")).unwrap());
         for (from, to) in [
             (TestStore::sqlite().await, TestStore::postgres().await),
             (TestStore::postgres().await, TestStore::sqlite().await),
         ] {
-            let (tokens, key) = populate(from.store(), &kek).await;
+            let (tokens, key) = populate(from.store(), kek.clone()).await;
             let file = dir
                 .path()
                 .join(format!("{}-to-{}.backup", from.name(), to.name()));
-            let written = write_backup(&*from.store(), &kek, &file).await.unwrap();
+            let written = write_backup(&*from.store(), &*kek, &file).await.unwrap();
             assert_eq!((written.cards, written.principals, written.keys), (4, 1, 2));
             assert!(written.audit_events >= 8);
             // Nothing in clear in the file.
@@ -675,13 +723,13 @@ mod tests {
                 }
             }
             assert!(matches!(
-                write_backup(&*from.store(), &kek, &file).await,
+                write_backup(&*from.store(), &*kek, &file).await,
                 Err(BackupError::Exists(_))
             ));
 
-            let restored = restore_backup(&*to.store(), &kek, &file).await.unwrap();
+            let restored = restore_backup(&*to.store(), &*kek, &file).await.unwrap();
             assert_eq!(restored, written);
-            let vault = Vault::open(to.store(), &kek).await.unwrap();
+            let vault = Vault::open(to.store(), kek.clone()).await.unwrap();
             for ((pan, name), token) in CARDS.iter().zip(&tokens) {
                 let d = vault
                     .detokenize(&ctx(), token, "restore check")
@@ -722,7 +770,7 @@ mod tests {
             assert!(last.seq > exported.last().unwrap().seq);
             // A second restore into the now non-empty database is refused.
             assert!(matches!(
-                restore_backup(&*to.store(), &kek, &file).await,
+                restore_backup(&*to.store(), &*kek, &file).await,
                 Err(BackupError::NotEmpty)
             ));
         }
@@ -731,12 +779,13 @@ mod tests {
     #[tokio::test]
     async fn corrupt_or_foreign_backups_restore_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let kek = hsm_shim::SoftwareKek::generate(&dir.path().join("kek.key")).unwrap();
+        let kek: Arc<dyn KeyEncryptionKey> =
+            Arc::new(hsm_shim::SoftwareKek::generate(&dir.path().join("kek.key")).unwrap());
         let other_kek = hsm_shim::SoftwareKek::generate(&dir.path().join("other.key")).unwrap();
         let src = TestStore::sqlite().await;
-        populate(src.store(), &kek).await;
+        populate(src.store(), kek.clone()).await;
         let good = dir.path().join("good.backup");
-        write_backup(&*src.store(), &kek, &good).await.unwrap();
+        write_backup(&*src.store(), &*kek, &good).await.unwrap();
         let text = std::fs::read_to_string(&good).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         let card_line = lines
@@ -776,7 +825,7 @@ mod tests {
             let path = dir.path().join("bad.backup");
             std::fs::write(&path, content).unwrap();
             let target = TestStore::sqlite().await;
-            let err = restore_backup(&*target.store(), &kek, &path)
+            let err = restore_backup(&*target.store(), &*kek, &path)
                 .await
                 .unwrap_err();
             assert!(

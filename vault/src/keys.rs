@@ -2,18 +2,22 @@
 //!
 //! Hierarchy: the KEK (in `hsm-shim`) wraps each versioned DEK and the
 //! fingerprint master key; the wrapped blobs live in the `vault_keys` table
-//! with the id of the KEK that wrapped them. At start-up they are unwrapped
-//! once; the hot path never calls the KEK. Missing keys are generated on first
-//! start (several instances racing resolve to one row per purpose/version).
+//! with the id of the KEK that wrapped them, and their state (active,
+//! decrypt-only, retired, destroyed). At start-up the active and
+//! decrypt-only ones are unwrapped; [`Keyring::refresh`] unwraps keys added
+//! later (a rotation) and drops retired ones; the hot path never calls the
+//! KEK. The KEK is kept (as an `Arc`) only to wrap keys a rotation creates.
+//! Missing keys are generated on first start (several instances racing
+//! resolve to one row per purpose/version).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use audit::{Action, AuditEvent, Outcome};
 use hsm_shim::{KekError, KeyEncryptionKey};
 
 use crate::crypto::{random_key, CryptoError, DataKey, FingerprintKey};
-use crate::store::{now_millis, KeyPurpose, SigningKeyRow, Store, StoreError, StoredKey};
+use crate::store::{now_millis, KeyPurpose, KeyState, SigningKeyRow, Store, StoreError, StoredKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
@@ -41,21 +45,78 @@ pub enum KeysError {
     Signing(String),
 }
 
-/// Unwrapped keys in memory. No `Clone`; dropping it zeroizes every key.
+/// The vault keys in memory at one moment: every DEK that is active or
+/// decrypt-only, the active fingerprint key and the decrypt-only ones (still
+/// needed while a fingerprint rotation is in progress), and the state of
+/// every stored key (retired and destroyed ones are never unwrapped). No
+/// `Clone`; each key is zeroized when the last snapshot holding it is
+/// dropped.
+#[derive(Debug)]
+pub struct KeySet {
+    active_dek: u32,
+    deks: BTreeMap<u32, Arc<DataKey>>,
+    active_fingerprint: u32,
+    fingerprints: BTreeMap<u32, Arc<FingerprintKey>>,
+    states: BTreeMap<(KeyPurpose, u32), KeyState>,
+    kek_id: String,
+}
+
+impl KeySet {
+    /// The DEK new records are sealed with.
+    pub fn active_dek(&self) -> &DataKey {
+        // Invariant: `active_dek` is a key of `deks` (checked in `build`).
+        &self.deks[&self.active_dek]
+    }
+
+    /// The DEK of a given version, for opening older records (None if it
+    /// is retired, destroyed or unknown).
+    pub fn dek(&self, version: u32) -> Option<&DataKey> {
+        self.deks.get(&version).map(|k| &**k)
+    }
+
+    /// The fingerprint key new records are fingerprinted with.
+    pub fn fingerprint_key(&self) -> &FingerprintKey {
+        // Invariant: `active_fingerprint` is a key of `fingerprints`.
+        &self.fingerprints[&self.active_fingerprint]
+    }
+
+    /// Decrypt-only fingerprint keys, newest first: records not yet moved by
+    /// the re-encryption pass carry fingerprints under these.
+    pub fn previous_fingerprint_keys(&self) -> impl Iterator<Item = &FingerprintKey> {
+        self.fingerprints
+            .iter()
+            .rev()
+            .filter(|(v, _)| **v != self.active_fingerprint)
+            .map(|(_, k)| &**k)
+    }
+
+    /// The state of a stored key, as of the last load.
+    pub fn state(&self, purpose: KeyPurpose, version: u32) -> Option<KeyState> {
+        self.states.get(&(purpose, version)).copied()
+    }
+
+    /// The id of the KEK the keys were unwrapped with.
+    pub fn kek_id(&self) -> &str {
+        &self.kek_id
+    }
+}
+
+/// The vault's keys: a [`KeySet`] that [`Keyring::refresh`] replaces when
+/// the stored keys change (a rotation by this or another instance), the KEK
+/// (kept to wrap keys created by a rotation; replaced by a KEK rotation) and
+/// the audit signing key.
 #[derive(Debug)]
 pub struct Keyring {
-    active_dek: u32,
-    deks: BTreeMap<u32, DataKey>,
-    fingerprint: FingerprintKey,
+    current: RwLock<Arc<KeySet>>,
+    kek: RwLock<Arc<dyn KeyEncryptionKey>>,
     /// Signs audit checkpoints; unlike the KEK it stays in memory, because
     /// the service signs periodically. The database holds it only wrapped.
     audit_signing: audit::SigningKey,
     /// `cardvault-audit-ed25519:<hex>`: what auditors verify with.
     audit_public_key: String,
-    kek_id: String,
 }
 
-fn signing_label(generation: u32) -> String {
+pub(crate) fn signing_label(generation: u32) -> String {
     format!("audit_signing:{generation}")
 }
 
@@ -121,19 +182,22 @@ impl Keyring {
     /// the store has none.
     pub async fn load_or_init(
         store: &Arc<dyn Store>,
-        kek: &dyn KeyEncryptionKey,
+        kek: Arc<dyn KeyEncryptionKey>,
     ) -> Result<Keyring, KeysError> {
         let mut stored = store.load_keys().await?;
         for purpose in [KeyPurpose::Dek, KeyPurpose::Fingerprint] {
             if !stored.iter().any(|k| k.purpose == purpose) {
                 let key = random_key()?;
-                let row = StoredKey {
+                let now = now_millis();
+                let mut row = StoredKey::new_active(
                     purpose,
-                    version: 1,
-                    kek_id: kek.kek_id().to_owned(),
-                    wrapped: kek.wrap(&label(purpose, 1), key.as_ref())?,
-                    created_at: now_millis(),
-                };
+                    1,
+                    kek.kek_id().to_owned(),
+                    kek.wrap(&label(purpose, 1), key.as_ref())?,
+                    now,
+                );
+                // Nothing to re-encrypt to a first key.
+                row.reencrypted_at = Some(now);
                 let event = AuditEvent::new(Action::KeyGenerated, Outcome::Success)
                     .source("local")
                     .detail(label(purpose, 1));
@@ -143,70 +207,63 @@ impl Keyring {
                 stored = store.load_keys().await?;
             }
         }
-        let (audit_signing, audit_public_key) = load_or_init_signing(store, kek).await?;
-        Self::unwrap_all(&stored, kek, audit_signing, audit_public_key)
-    }
-
-    fn unwrap_all(
-        stored: &[StoredKey],
-        kek: &dyn KeyEncryptionKey,
-        audit_signing: audit::SigningKey,
-        audit_public_key: String,
-    ) -> Result<Keyring, KeysError> {
-        let mut deks = BTreeMap::new();
-        let mut fingerprint = None;
-        for k in stored {
-            let label = label(k.purpose, k.version);
-            if k.kek_id != kek.kek_id() {
-                return Err(KeysError::WrongKek {
-                    label,
-                    stored: k.kek_id.clone(),
-                    configured: kek.kek_id().to_owned(),
-                });
-            }
-            let raw = kek
-                .unwrap(&label, &k.wrapped)
-                .map_err(|source| KeysError::Unwrap { label, source })?;
-            match k.purpose {
-                KeyPurpose::Dek => {
-                    deks.insert(k.version, DataKey::from_bytes(k.version, &raw)?);
-                }
-                KeyPurpose::Fingerprint => {
-                    // The newest fingerprint key is the one in use; rotating it
-                    // is a re-fingerprinting job of its own (key management issue).
-                    if fingerprint
-                        .as_ref()
-                        .is_none_or(|f: &FingerprintKey| f.version() < k.version)
-                    {
-                        fingerprint = Some(FingerprintKey::from_bytes(k.version, &raw)?);
-                    }
-                }
-            }
-        }
-        let active_dek = *deks.keys().next_back().ok_or(KeysError::Missing("data"))?;
+        let (audit_signing, audit_public_key) = load_or_init_signing(store, &*kek).await?;
+        let set = build(&stored, &*kek, None)?;
         Ok(Keyring {
-            active_dek,
-            deks,
-            fingerprint: fingerprint.ok_or(KeysError::Missing("fingerprint"))?,
+            current: RwLock::new(Arc::new(set)),
+            kek: RwLock::new(kek),
             audit_signing,
             audit_public_key,
-            kek_id: kek.kek_id().to_owned(),
         })
     }
 
-    /// The DEK new records are sealed with.
-    pub fn active_dek(&self) -> &DataKey {
-        // Invariant: `active_dek` is a key of `deks` (set from it in `unwrap_all`).
-        &self.deks[&self.active_dek]
+    /// The keys as of now. Cheap (an `Arc`); hold it for one operation so
+    /// that all of it uses one consistent set.
+    pub fn keys(&self) -> Arc<KeySet> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
-    /// The DEK of a given version, for opening older records.
-    pub fn dek(&self, version: u32) -> Option<&DataKey> {
-        self.deks.get(&version)
+    /// Reload the stored keys: unwrap keys added since (through the KEK),
+    /// keep the ones already unwrapped, drop retired and destroyed ones.
+    /// Returns whether anything changed. Several instances on one database
+    /// pick up a rotation by calling this periodically.
+    pub async fn refresh(&self, store: &Arc<dyn Store>) -> Result<bool, KeysError> {
+        let stored = store.load_keys().await?;
+        let old = self.keys();
+        let kek = self.kek();
+        let unchanged = old.kek_id == kek.kek_id()
+            && stored.len() == old.states.len()
+            && stored
+                .iter()
+                .all(|k| old.states.get(&(k.purpose, k.version)) == Some(&k.state));
+        if unchanged {
+            return Ok(false);
+        }
+        let set = build(&stored, &*kek, Some(&old))?;
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(set);
+        Ok(true)
     }
 
-    pub fn fingerprint_key(&self) -> &FingerprintKey {
-        &self.fingerprint
+    /// The KEK (to wrap keys created at runtime).
+    pub fn kek(&self) -> Arc<dyn KeyEncryptionKey> {
+        self.kek
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Use another KEK from now on (after every key was re-wrapped under it).
+    pub(crate) fn set_kek(&self, kek: Arc<dyn KeyEncryptionKey>) {
+        *self
+            .kek
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = kek;
     }
 
     pub fn audit_signing_key(&self) -> &audit::SigningKey {
@@ -218,7 +275,78 @@ impl Keyring {
         &self.audit_public_key
     }
 
-    pub fn kek_id(&self) -> &str {
-        &self.kek_id
+    /// The id of the KEK in use.
+    pub fn kek_id(&self) -> String {
+        self.kek().kek_id().to_owned()
     }
+}
+
+/// Build a key set from the stored rows, reusing keys `previous` already
+/// holds and unwrapping the others.
+fn build(
+    stored: &[StoredKey],
+    kek: &dyn KeyEncryptionKey,
+    previous: Option<&KeySet>,
+) -> Result<KeySet, KeysError> {
+    let mut deks = BTreeMap::new();
+    let mut fingerprints = BTreeMap::new();
+    let mut states = BTreeMap::new();
+    let mut active = BTreeMap::new();
+    for k in stored {
+        states.insert((k.purpose, k.version), k.state);
+        if !k.state.is_loaded() {
+            continue;
+        }
+        if k.state == KeyState::Active {
+            let v = active.entry(k.purpose).or_insert(k.version);
+            *v = (*v).max(k.version);
+        }
+        match (k.purpose, previous) {
+            (KeyPurpose::Dek, Some(p)) if p.deks.contains_key(&k.version) => {
+                deks.insert(k.version, p.deks[&k.version].clone());
+                continue;
+            }
+            (KeyPurpose::Fingerprint, Some(p)) if p.fingerprints.contains_key(&k.version) => {
+                fingerprints.insert(k.version, p.fingerprints[&k.version].clone());
+                continue;
+            }
+            _ => {}
+        }
+        let label = label(k.purpose, k.version);
+        if k.kek_id != kek.kek_id() {
+            return Err(KeysError::WrongKek {
+                label,
+                stored: k.kek_id.clone(),
+                configured: kek.kek_id().to_owned(),
+            });
+        }
+        let raw = kek
+            .unwrap(&label, &k.wrapped)
+            .map_err(|source| KeysError::Unwrap { label, source })?;
+        match k.purpose {
+            KeyPurpose::Dek => {
+                deks.insert(k.version, Arc::new(DataKey::from_bytes(k.version, &raw)?));
+            }
+            KeyPurpose::Fingerprint => {
+                fingerprints.insert(
+                    k.version,
+                    Arc::new(FingerprintKey::from_bytes(k.version, &raw)?),
+                );
+            }
+        }
+    }
+    let active_dek = *active
+        .get(&KeyPurpose::Dek)
+        .ok_or(KeysError::Missing("active data"))?;
+    let active_fingerprint = *active
+        .get(&KeyPurpose::Fingerprint)
+        .ok_or(KeysError::Missing("active fingerprint"))?;
+    Ok(KeySet {
+        active_dek,
+        deks,
+        active_fingerprint,
+        fingerprints,
+        states,
+        kek_id: kek.kek_id().to_owned(),
+    })
 }

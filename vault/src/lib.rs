@@ -14,6 +14,9 @@
 //! - [`Vault::authenticate`] an API key into a [`Principal`];
 //! - [`Vault::tokenize`], [`Vault::tokenize_many`], [`Vault::detokenize`],
 //!   [`Vault::metadata`], [`Vault::delete`] with a [`RequestContext`];
+//! - key lifecycle ([`rotation`]): [`Vault::rotate_dek`],
+//!   [`Vault::reencrypt_batch`], [`Vault::retire`], [`Vault::destroy`],
+//!   [`Vault::rotate_kek`], [`Vault::key_status`], [`Vault::refresh_keys`];
 //! - errors are [`VaultError`] (with a stable `code()`), per-card errors
 //!   [`CardError`].
 //!
@@ -30,6 +33,7 @@ pub mod card;
 pub mod crypto;
 pub mod keys;
 pub mod pan;
+pub mod rotation;
 mod service;
 pub mod store;
 
@@ -39,7 +43,8 @@ pub use card::{CardDataError, CardholderName, Expiry, Tenant, Token};
 pub use crypto::CardSecret;
 pub use keys::KeysError;
 pub use pan::{Pan, PanError};
+pub use rotation::{Actor, CryptoPeriods, KeyInfo, KeyStatus, Progress, Rotation};
 pub use service::{
-    AuditPage, AuditQuery, CardError, CardInput, Detokenized, RequestContext, TokenInfo, Vault,
-    VaultError, MAX_BATCH,
+    AuditPage, AuditQuery, CardError, CardInput, Detokenized, KeyLifecycleError, RequestContext,
+    TokenInfo, Vault, VaultError, MAX_BATCH,
 };

@@ -14,9 +14,11 @@ use crate::access::{AuthError, AuthFailure, Authenticator, Principal, Role, Tena
 use crate::brand::Brand;
 use crate::card::{CardDataError, CardholderName, Expiry, Tenant, Token};
 use crate::crypto::{CardSecret, CryptoError, RecordAad, Sealed, NONCE_LEN};
-use crate::keys::{Keyring, KeysError};
+use crate::keys::{KeySet, Keyring, KeysError};
 use crate::pan::{contains_pan_like, masked_form, Pan, PanError};
-use crate::store::{now_millis, AuditFilter, CardRow, NewCard, Store, StoreError};
+use crate::store::{
+    now_millis, AuditFilter, CardRow, KeyPurpose, KeyState, NewCard, Store, StoreError,
+};
 
 /// Most cards in one batch call.
 pub const MAX_BATCH: usize = 1000;
@@ -105,6 +107,45 @@ pub enum VaultError {
     Rng,
     #[error("audit query filter is invalid: {0}")]
     InvalidFilter(&'static str),
+    #[error(transparent)]
+    KeyLifecycle(#[from] KeyLifecycleError),
+}
+
+/// Why a key lifecycle operation was refused, or a record cannot be opened
+/// because of its key's state. `code()` is stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyLifecycleError {
+    #[error("no such key")]
+    NotFound,
+    #[error("the key is the active one: rotate first")]
+    Active,
+    #[error("records still use the key: finish the re-encryption pass first")]
+    InUse,
+    #[error("the key is {}, which this operation does not start from", .0.as_str())]
+    WrongState(KeyState),
+    #[error("another instance changed the keys at the same time; retry")]
+    Conflict,
+    #[error("the new KEK is the one in use")]
+    SameKek,
+    #[error("the record's key was destroyed: it can never be opened again")]
+    Destroyed,
+    #[error("the record's key was retired")]
+    Retired,
+}
+
+impl KeyLifecycleError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            KeyLifecycleError::NotFound => "key_not_found",
+            KeyLifecycleError::Active => "key_active",
+            KeyLifecycleError::InUse => "key_in_use",
+            KeyLifecycleError::WrongState(_) => "key_state",
+            KeyLifecycleError::Conflict => "key_conflict",
+            KeyLifecycleError::SameKek => "kek_unchanged",
+            KeyLifecycleError::Destroyed => "key_destroyed",
+            KeyLifecycleError::Retired => "key_retired",
+        }
+    }
 }
 
 impl VaultError {
@@ -122,6 +163,7 @@ impl VaultError {
             VaultError::Integrity => "integrity_error",
             VaultError::Rng => "internal_error",
             VaultError::InvalidFilter(_) => "invalid_filter",
+            VaultError::KeyLifecycle(e) => e.code(),
         }
     }
 }
@@ -179,9 +221,12 @@ pub struct Detokenized {
 /// The vault: storage, unwrapped keys and the authenticator.
 #[derive(Debug)]
 pub struct Vault {
-    store: Arc<dyn Store>,
-    keys: Keyring,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) keys: Keyring,
     auth: Authenticator,
+    /// Where the next re-encryption batch starts (a hint for speed only: a
+    /// pass is correct from any starting point, see `rotation.rs`).
+    pub(crate) pass_after: std::sync::Mutex<Option<String>>,
 }
 
 fn card_aad(row: &CardRow) -> RecordAad<'_> {
@@ -194,15 +239,17 @@ fn card_aad(row: &CardRow) -> RecordAad<'_> {
 
 impl Vault {
     /// Load (or, on first start, generate) the vault keys through the KEK.
+    /// The vault keeps the KEK to wrap the keys a rotation creates.
     pub async fn open(
         store: Arc<dyn Store>,
-        kek: &dyn KeyEncryptionKey,
+        kek: Arc<dyn KeyEncryptionKey>,
     ) -> Result<Vault, KeysError> {
         let keys = Keyring::load_or_init(&store, kek).await?;
         Ok(Vault {
             auth: Authenticator::new(store.clone()),
             store,
             keys,
+            pass_after: std::sync::Mutex::new(None),
         })
     }
 
@@ -340,26 +387,82 @@ impl Vault {
                 .await);
         }
 
-        let fp_key = self.keys.fingerprint_key();
-        let dek = self.keys.active_dek();
         let now = now_millis();
         let mut slots: Vec<Result<usize, CardError>> = Vec::with_capacity(cards.len());
-        let mut new_cards = Vec::new();
+        let mut secrets = Vec::new();
         let mut failures = Vec::new();
         for input in cards {
-            let secret = match validate(&input) {
-                Ok(s) => s,
+            match validate(&input) {
+                Ok(s) => {
+                    slots.push(Ok(secrets.len()));
+                    secrets.push(s);
+                }
                 Err(e) => {
                     let mut ev = base.clone();
                     ev.outcome = Outcome::Failure;
                     ev.error_code = Some(e.code().to_owned());
                     failures.push(ev);
                     slots.push(Err(e));
-                    continue;
                 }
+            }
+        }
+
+        // Sealed under the keys held now; if another instance rotated them
+        // meanwhile, the store refuses (stale keys): reload and seal again.
+        let mut attempt = 0;
+        let inserted = loop {
+            let rows = self.seal_cards(&tenant, &secrets, &base, now)?;
+            match self.store.insert_cards(rows, failures.clone()).await {
+                Err(StoreError::StaleKeys) if attempt == 0 => {
+                    attempt += 1;
+                    self.refresh_keys().await?;
+                }
+                other => break other?,
+            }
+        };
+        let mut infos = Vec::with_capacity(inserted.len());
+        for (ins, secret) in inserted.into_iter().zip(&secrets) {
+            let expiry = if ins.created {
+                secret.expiry
+            } else {
+                // The stored card wins: report what is stored.
+                self.open_row(&ins.row).await?.expiry
             };
+            infos.push(Some(token_info(&ins.row, expiry, ins.created)));
+        }
+        Ok(slots
+            .into_iter()
+            .map(|slot| {
+                slot.and_then(|i| {
+                    // Invariant: each Ok slot indexes one inserted row, taken once.
+                    infos
+                        .get_mut(i)
+                        .and_then(Option::take)
+                        .ok_or(CardError::Pan(PanError::Empty))
+                })
+            })
+            .collect())
+    }
+
+    /// Seal validated cards under the active keys (fresh tokens).
+    fn seal_cards(
+        &self,
+        tenant: &Tenant,
+        secrets: &[CardSecret],
+        base: &AuditEvent,
+        now: i64,
+    ) -> Result<Vec<NewCard>, VaultError> {
+        let keys = self.keys.keys();
+        let fp_key = keys.fingerprint_key();
+        let dek = keys.active_dek();
+        let mut out = Vec::with_capacity(secrets.len());
+        for secret in secrets {
             let token = Token::generate().map_err(|_| VaultError::Rng)?;
             let fingerprint = fp_key.fingerprint(tenant.as_str(), &secret.pan);
+            let previous_fingerprints = keys
+                .previous_fingerprint_keys()
+                .map(|k| k.fingerprint(tenant.as_str(), &secret.pan))
+                .collect();
             let aad = RecordAad {
                 tenant: tenant.as_str(),
                 token: token.as_str(),
@@ -382,48 +485,45 @@ impl Vault {
                 nonce: sealed.nonce.to_vec(),
                 ciphertext: sealed.ciphertext,
                 created_at: now,
+                fingerprint_version: fp_key.version(),
             };
-            slots.push(Ok(new_cards.len()));
-            new_cards.push((
-                NewCard {
-                    row,
-                    event: base.clone(),
-                },
-                secret.expiry,
-            ));
+            out.push(NewCard {
+                row,
+                event: base.clone(),
+                previous_fingerprints,
+            });
         }
-
-        let (rows, expiries): (Vec<NewCard>, Vec<Expiry>) = new_cards.into_iter().unzip();
-        let inserted = self.store.insert_cards(rows, failures).await?;
-        let mut infos = Vec::with_capacity(inserted.len());
-        for (ins, expiry) in inserted.into_iter().zip(expiries) {
-            let expiry = if ins.created {
-                expiry
-            } else {
-                // The stored card wins: report what is stored.
-                self.open_row(&ins.row)?.expiry
-            };
-            infos.push(Some(token_info(&ins.row, expiry, ins.created)));
-        }
-        Ok(slots
-            .into_iter()
-            .map(|slot| {
-                slot.and_then(|i| {
-                    // Invariant: each Ok slot indexes one inserted row, taken once.
-                    infos
-                        .get_mut(i)
-                        .and_then(Option::take)
-                        .ok_or(CardError::Pan(PanError::Empty))
-                })
-            })
-            .collect())
+        Ok(out)
     }
 
-    fn open_row(&self, row: &CardRow) -> Result<CardSecret, VaultError> {
-        let dek = self
-            .keys
-            .dek(row.key_version)
-            .ok_or(VaultError::Integrity)?;
+    /// Open a stored record with the DEK of its version. A version this
+    /// instance does not hold may be newer (another instance rotated): the
+    /// keys are reloaded once. A retired or destroyed DEK is reported as such.
+    pub(crate) async fn open_row(&self, row: &CardRow) -> Result<CardSecret, VaultError> {
+        let mut keys = self.keys.keys();
+        if keys.dek(row.key_version).is_none()
+            && keys.state(KeyPurpose::Dek, row.key_version).is_none()
+        {
+            self.refresh_keys().await?;
+            keys = self.keys.keys();
+        }
+        open_with(&keys, row)
+    }
+}
+
+/// Open a stored record with the DEK of its version from `keys`.
+pub(crate) fn open_with(keys: &KeySet, row: &CardRow) -> Result<CardSecret, VaultError> {
+    {
+        let dek = match keys.dek(row.key_version) {
+            Some(dek) => dek,
+            None => {
+                return Err(match keys.state(KeyPurpose::Dek, row.key_version) {
+                    Some(KeyState::Destroyed) => KeyLifecycleError::Destroyed.into(),
+                    Some(KeyState::Retired) => KeyLifecycleError::Retired.into(),
+                    _ => VaultError::Integrity,
+                })
+            }
+        };
         let nonce: [u8; NONCE_LEN] = row
             .nonce
             .as_slice()
@@ -437,6 +537,19 @@ impl Vault {
             .open(&card_aad(row), &sealed)
             .map_err(|_: CryptoError| VaultError::Integrity)?;
         CardSecret::decode(&plain).map_err(|_| VaultError::Integrity)
+    }
+}
+
+impl Vault {
+    /// Reload the vault keys from the store (see [`Keyring::refresh`]): the
+    /// service calls this periodically so that every instance picks up a
+    /// rotation, retirement or destruction made by another within seconds.
+    /// Returns whether anything changed.
+    pub async fn refresh_keys(&self) -> Result<bool, VaultError> {
+        self.keys.refresh(&self.store).await.map_err(|e| match e {
+            KeysError::Store(s) => VaultError::Storage(s),
+            other => VaultError::Keys(other),
+        })
     }
 
     /// Find a token the caller may see. Unknown, malformed and other-tenant
@@ -488,7 +601,7 @@ impl Vault {
             .tenant(row.tenant.clone())
             .token(row.token.clone())
             .reason(reason);
-        let card = match self.open_row(&row) {
+        let card = match self.open_row(&row).await {
             Ok(card) => card,
             Err(e) => return Err(self.fail(event.detail("integrity"), e).await),
         };
@@ -512,7 +625,7 @@ impl Vault {
             .event(Action::MetadataRead, Outcome::Success)
             .tenant(row.tenant.clone())
             .token(row.token.clone());
-        let card = match self.open_row(&row) {
+        let card = match self.open_row(&row).await {
             Ok(card) => card,
             Err(e) => return Err(self.fail(event.detail("integrity"), e).await),
         };
@@ -712,7 +825,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kek = hsm_shim::SoftwareKek::generate(&dir.path().join("kek.key")).unwrap();
         let sqlite = SqliteStore::open(&dir.path().join("v.db")).await.unwrap();
-        let vault = Vault::open(Arc::new(sqlite.clone()), &kek).await.unwrap();
+        let vault = Vault::open(Arc::new(sqlite.clone()), Arc::new(kek))
+            .await
+            .unwrap();
         Fixture {
             _dir: dir,
             sqlite,

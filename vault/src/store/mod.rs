@@ -49,9 +49,13 @@ pub enum StoreError {
     Corrupt(&'static str),
     #[error("audit event refused: a text field looks like a card number")]
     AuditContent,
+    /// The keys this instance holds are no longer the active ones (another
+    /// instance rotated them): reload the keys and try again.
+    #[error("the vault keys changed since they were loaded")]
+    StaleKeys,
 }
 
-/// A wrapped vault key as stored.
+/// A wrapped vault key as stored. A destroyed key has an empty `wrapped`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredKey {
     pub purpose: KeyPurpose,
@@ -59,9 +63,82 @@ pub struct StoredKey {
     pub kek_id: String,
     pub wrapped: Vec<u8>,
     pub created_at: i64,
+    pub state: KeyState,
+    /// Unix milliseconds; set when retired (also for destroyed keys).
+    pub retired_at: Option<i64>,
+    /// Unix milliseconds; set when the wrapped material was erased.
+    pub destroyed_at: Option<i64>,
+    /// Unix milliseconds; on a DEK: when the re-encryption pass to it
+    /// finished (no record was left under an older DEK or fingerprint key).
+    pub reencrypted_at: Option<i64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl StoredKey {
+    /// A new active key (what first start and rotation insert).
+    pub fn new_active(
+        purpose: KeyPurpose,
+        version: u32,
+        kek_id: String,
+        wrapped: Vec<u8>,
+        created_at: i64,
+    ) -> StoredKey {
+        StoredKey {
+            purpose,
+            version,
+            kek_id,
+            wrapped,
+            created_at,
+            state: KeyState::Active,
+            retired_at: None,
+            destroyed_at: None,
+            reencrypted_at: None,
+        }
+    }
+}
+
+/// Where a key is in its life (PCI DSS 3.6/3.7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum KeyState {
+    /// The one key of its purpose that new records use.
+    Active,
+    /// An older version, kept to open (DEK) or find (fingerprint) records
+    /// that the re-encryption pass has not moved yet. Never used to seal.
+    DecryptOnly,
+    /// No record uses it; never loaded again.
+    Retired,
+    /// Retired and its wrapped material erased: nothing sealed under it can
+    /// ever be opened again.
+    Destroyed,
+}
+
+impl KeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::DecryptOnly => "decrypt_only",
+            KeyState::Retired => "retired",
+            KeyState::Destroyed => "destroyed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<KeyState> {
+        [
+            KeyState::Active,
+            KeyState::DecryptOnly,
+            KeyState::Retired,
+            KeyState::Destroyed,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+
+    /// Whether keys in this state are held in memory (active, decrypt-only).
+    pub fn is_loaded(self) -> bool {
+        matches!(self, KeyState::Active | KeyState::DecryptOnly)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum KeyPurpose {
     /// Data-encryption key of card records.
     Dek,
@@ -101,16 +178,25 @@ pub struct CardRow {
     pub ciphertext: Vec<u8>,
     /// Unix milliseconds, UTC.
     pub created_at: i64,
+    /// Version of the fingerprint key that computed `fingerprint`.
+    pub fingerprint_version: u32,
 }
 
 /// One card to insert unless its tenant already has the same fingerprint,
 /// with the audit event to record in the same transaction. The store sets the
 /// event's token (the new or the existing one) and detail (`created` or
 /// `existing`).
+///
+/// During a fingerprint key rotation the same card may still be stored under
+/// a fingerprint of an older key: `previous_fingerprints` (the card's
+/// fingerprints under every decrypt-only fingerprint key) are looked up in
+/// the same transaction first, so a card tokenized before the rotation gets
+/// its token back and never a second row.
 #[derive(Debug)]
 pub struct NewCard {
     pub row: CardRow,
     pub event: AuditEvent,
+    pub previous_fingerprints: Vec<String>,
 }
 
 /// What happened to one [`NewCard`].
@@ -149,8 +235,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn insert_key(&self, key: &StoredKey, event: AuditEvent) -> Result<bool, StoreError>;
 
     /// Insert cards in one transaction, each unless its tenant already has
-    /// its fingerprint, together with `other_events` (refused cards of the
-    /// same request). Results are in input order.
+    /// its fingerprint (or one of its `previous_fingerprints`), together with
+    /// `other_events` (refused cards of the same request). Results are in
+    /// input order. The DEK and fingerprint key versions of the rows must be
+    /// the active ones ([`StoreError::StaleKeys`] otherwise): the transaction
+    /// holds them (a share lock on PostgreSQL), so a rotation waits for it.
     async fn insert_cards(
         &self,
         cards: Vec<NewCard>,
@@ -218,6 +307,58 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         event: AuditEvent,
     ) -> Result<bool, StoreError>;
 
+    /// Make `keys` (each the next version of its purpose, state active) the
+    /// active keys, demote the keys they replace to decrypt-only, and record
+    /// `events`, in one transaction. [`StoreError::Conflict`] if another
+    /// instance rotated first.
+    async fn rotate_keys(
+        &self,
+        keys: &[StoredKey],
+        events: Vec<AuditEvent>,
+    ) -> Result<(), StoreError>;
+    /// One batch of the re-encryption pass, in one transaction: up to
+    /// `pass.limit` cards (token order, after `pass.after`) under a DEK older
+    /// than `pass.dek_version` or a fingerprint key older than
+    /// `pass.fingerprint_version`; `reseal` gives each one's new sealed record
+    /// and fingerprint (None: skip it); each is updated only if still under
+    /// the versions it was read with. When none remains, the active DEK row
+    /// is marked re-encrypted and `pass.finished_event` recorded, once.
+    async fn reencrypt_batch(
+        &self,
+        pass: &PassBatch,
+        reseal: &(dyn for<'r> Fn(&'r CardRow) -> Option<Resealed> + Send + Sync),
+    ) -> Result<BatchOutcome, StoreError>;
+    /// Retire or destroy a key and record `event` in the same transaction.
+    async fn change_key_state(
+        &self,
+        purpose: KeyPurpose,
+        version: u32,
+        change: KeyChange,
+        at: i64,
+        event: AuditEvent,
+    ) -> Result<KeyChangeOutcome, StoreError>;
+    /// Replace the wrapped material of every key not destroyed and of every
+    /// audit signing key (all now wrapped by `keys[..].kek_id`, all wrapped by
+    /// `old_kek_id` before) and record `event`, in one transaction.
+    /// [`StoreError::Conflict`] if any key is not as expected.
+    async fn rewrap_keys(
+        &self,
+        old_kek_id: &str,
+        keys: &[StoredKey],
+        signing: &[SigningKeyRow],
+        event: AuditEvent,
+    ) -> Result<(), StoreError>;
+    /// Number of cards per DEK version and per fingerprint key version.
+    async fn key_usage(&self) -> Result<KeyUsage, StoreError>;
+    /// Number of cards under a DEK older than `dek_version` or a fingerprint
+    /// key older than `fingerprint_version` (what the re-encryption pass
+    /// still has to move).
+    async fn count_outdated(
+        &self,
+        dek_version: u32,
+        fingerprint_version: u32,
+    ) -> Result<u64, StoreError>;
+
     /// Archived segments of the audit trail (`tokenizer audit archive`),
     /// oldest first.
     async fn audit_archives(&self) -> Result<Vec<audit::db::ArchiveRow>, StoreError>;
@@ -255,6 +396,73 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Insert the rows of a backup in one transaction: all or nothing.
     /// Audit events keep their sequence numbers.
     async fn import(&self, records: Vec<BackupRecord>) -> Result<(), StoreError>;
+}
+
+/// One batch of the re-encryption pass (see [`Store::reencrypt_batch`]).
+#[derive(Debug, Clone)]
+pub struct PassBatch {
+    pub dek_version: u32,
+    pub fingerprint_version: u32,
+    /// Start after this token (a hint for speed; None: from the start).
+    pub after: Option<String>,
+    pub limit: u32,
+    pub finished_event: AuditEvent,
+}
+
+/// A card's new sealed record and fingerprint.
+#[derive(Debug, Clone)]
+pub struct Resealed {
+    pub key_version: u32,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+    pub fingerprint: String,
+    pub fingerprint_version: u32,
+}
+
+/// What one re-encryption batch did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Rows read.
+    pub selected: u64,
+    /// Rows moved to the active keys.
+    pub moved: u64,
+    /// Rows that could not be resealed (or changed meanwhile).
+    pub skipped: u64,
+    /// Rows still under an older key after this batch.
+    pub remaining: u64,
+    /// The last token read (where the next batch may start).
+    pub last_token: Option<String>,
+    /// This batch finished the pass (and recorded its event).
+    pub finished: bool,
+}
+
+/// A key state change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyChange {
+    /// decrypt-only and used by no card -> retired.
+    Retire,
+    /// retired -> destroyed (wrapped material erased).
+    Destroy,
+}
+
+/// The result of [`Store::change_key_state`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyChangeOutcome {
+    Done,
+    NotFound,
+    /// The key is the active one.
+    Active,
+    /// Cards still use the key.
+    InUse,
+    /// The key is not in the state the change starts from.
+    WrongState(KeyState),
+}
+
+/// Cards per key version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub by_dek: std::collections::BTreeMap<u32, u64>,
+    pub by_fingerprint: std::collections::BTreeMap<u32, u64>,
 }
 
 /// Equality filters of an audit query (all optional, combined with AND).

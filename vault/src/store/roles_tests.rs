@@ -174,17 +174,22 @@ fn card(token: &str, fingerprint: &str) -> CardRow {
         nonce: vec![0; 12],
         ciphertext: vec![1, 2, 3],
         created_at: 1,
+        fingerprint_version: 1,
     }
 }
 
 fn key(version: u32) -> StoredKey {
-    StoredKey {
-        purpose: KeyPurpose::Dek,
+    StoredKey::new_active(KeyPurpose::Dek, version, "soft:test".into(), vec![7; 60], 1)
+}
+
+fn fp_key(version: u32) -> StoredKey {
+    StoredKey::new_active(
+        KeyPurpose::Fingerprint,
         version,
-        kek_id: "soft:test".into(),
-        wrapped: vec![7; 60],
-        created_at: 1,
-    }
+        "soft:test".into(),
+        vec![8; 60],
+        1,
+    )
 }
 
 /// Assert that the database refused `sql` with SQLSTATE `code`.
@@ -293,6 +298,8 @@ const APP_PRIVILEGES: &[&str] = &[
     "audit_head UPDATE",
     "audit_signing_keys INSERT",
     "audit_signing_keys SELECT",
+    "audit_signing_keys.kek_id UPDATE",
+    "audit_signing_keys.wrapped UPDATE",
     "cards DELETE",
     "cards INSERT",
     "cards SELECT",
@@ -304,6 +311,12 @@ const APP_PRIVILEGES: &[&str] = &[
     "schema public USAGE",
     "vault_keys INSERT",
     "vault_keys SELECT",
+    "vault_keys.destroyed_at UPDATE",
+    "vault_keys.kek_id UPDATE",
+    "vault_keys.reencrypted_at UPDATE",
+    "vault_keys.retired_at UPDATE",
+    "vault_keys.state UPDATE",
+    "vault_keys.wrapped UPDATE",
 ];
 
 /// What the auditor role may do: read the audit trail (what `vault-audit
@@ -470,7 +483,11 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         .insert_key(&key(1), ev(Action::KeyGenerated))
         .await
         .unwrap());
-    assert_eq!(app.load_keys().await.unwrap(), vec![key(1)]);
+    assert!(app
+        .insert_key(&fp_key(1), ev(Action::KeyGenerated))
+        .await
+        .unwrap());
+    assert_eq!(app.load_keys().await.unwrap(), vec![key(1), fp_key(1)]);
 
     let first = app
         .insert_cards(
@@ -478,10 +495,12 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
                 NewCard {
                     row: card("tok_a", "fp_a"),
                     event: ev(Action::Tokenize),
+                    previous_fingerprints: vec![],
                 },
                 NewCard {
                     row: card("tok_b", "fp_b"),
                     event: ev(Action::Tokenize),
+                    previous_fingerprints: vec![],
                 },
             ],
             vec![],
@@ -495,6 +514,7 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
             vec![NewCard {
                 row: card("tok_other", "fp_a"),
                 event: ev(Action::Tokenize),
+                previous_fingerprints: vec![],
             }],
             vec![],
         )
@@ -515,7 +535,11 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
     let seq = app.append_audit(ev(Action::Detokenize)).await.unwrap();
     let events = app.audit_events(0, 100).await.unwrap();
     assert_eq!(events.last().map(|e| e.seq), Some(seq));
-    assert_eq!(events.len(), 6, "key, 2 cards, existing card, delete, read");
+    assert_eq!(
+        events.len(),
+        7,
+        "2 keys, 2 cards, existing card, delete, read"
+    );
 
     let principal = PrincipalRow {
         id: "p1".into(),
@@ -552,8 +576,8 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
     .unwrap();
     assert_eq!(
         exported.len(),
-        1 + 1 + 1 + 8,
-        "key, principal, card, events"
+        2 + 1 + 1 + 9,
+        "keys, principal, card, events"
     );
 
     // 5. The runtime role cannot change the schema, the privileges or the
@@ -583,9 +607,14 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         // Principals: only revocation is an update; roles stay as created.
         "UPDATE principals SET roles = 'key_admin'",
         "UPDATE principals SET key_hash = 'x'",
-        // Keys are never rewritten in place.
-        "UPDATE vault_keys SET wrapped = '\\x00'",
+        // A key's identity and age never change; keys are never deleted
+        // (a destroyed key keeps its row, without material).
+        "UPDATE vault_keys SET purpose = 'fingerprint'",
+        "UPDATE vault_keys SET version = 9",
+        "UPDATE vault_keys SET created_at = 0",
         "DELETE FROM vault_keys",
+        "UPDATE audit_signing_keys SET public_key = 'x'",
+        "DELETE FROM audit_signing_keys",
         // No use for the sequence: the identity column needs no grant.
         "SELECT nextval(pg_get_serial_sequence('audit_events', 'seq'))",
         "SELECT setval(pg_get_serial_sequence('audit_events', 'seq'), 1)",
@@ -628,14 +657,17 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         .fetch_one(&mut admin)
         .await
         .unwrap();
-    assert_eq!(applied, 3);
+    assert_eq!(applied, 4);
     owner.migrate().await.unwrap();
 
     // `tokenizer restore` is an owner operation: as the runtime role the
     // import inserts (INSERT is granted) but cannot move the audit sequence
     // past the restored numbers, so the whole restore rolls back.
     let restore = vec![
-        BackupRecord::Key(key(9)),
+        BackupRecord::Key(StoredKey {
+            state: KeyState::DecryptOnly,
+            ..key(9)
+        }),
         BackupRecord::Audit(AuditRow {
             seq: 1000,
             event: ev(Action::KeyGenerated),
@@ -649,7 +681,11 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         }
         other => panic!("the runtime role must not move the audit sequence: {other:?}"),
     }
-    assert_eq!(app.load_keys().await.unwrap(), vec![key(1)], "rolled back");
+    assert_eq!(
+        app.load_keys().await.unwrap(),
+        vec![key(1), fp_key(1)],
+        "rolled back"
+    );
 
     // 6. The owner cannot change the audit trail either: the triggers.
     //    (Nothing is archived here, so no entry may be deleted.)
@@ -672,7 +708,85 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         .fetch_one(&mut admin)
         .await
         .unwrap();
-    assert_eq!(kept, 8);
+    assert_eq!(kept, 9);
+
+    // 7. Key lifecycle as the runtime role: rotation, a re-encryption pass,
+    //    retirement, destruction, re-wrapping under another KEK.
+    app.rotate_keys(
+        &[key(2), fp_key(2)],
+        vec![ev(Action::KeyRotated), ev(Action::ReencryptionStarted)],
+    )
+    .await
+    .unwrap();
+    let pass = PassBatch {
+        dek_version: 2,
+        fingerprint_version: 2,
+        after: None,
+        limit: 10,
+        finished_event: ev(Action::ReencryptionFinished),
+    };
+    let resealer = |row: &CardRow| {
+        Some(Resealed {
+            key_version: 2,
+            nonce: vec![1; 12],
+            ciphertext: vec![4, 5, 6],
+            fingerprint: format!("{}-2", row.fingerprint),
+            fingerprint_version: 2,
+        })
+    };
+    let done = app.reencrypt_batch(&pass, &resealer).await.unwrap();
+    assert_eq!((done.moved, done.remaining, done.finished), (1, 0, true));
+    assert_eq!(
+        app.change_key_state(
+            KeyPurpose::Dek,
+            1,
+            KeyChange::Retire,
+            5,
+            ev(Action::KeyRetired)
+        )
+        .await
+        .unwrap(),
+        KeyChangeOutcome::Done
+    );
+    assert_eq!(
+        app.change_key_state(
+            KeyPurpose::Dek,
+            1,
+            KeyChange::Destroy,
+            6,
+            ev(Action::KeyDestroyed)
+        )
+        .await
+        .unwrap(),
+        KeyChangeOutcome::Done
+    );
+    let rewrapped: Vec<StoredKey> = app
+        .load_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|k| k.state != KeyState::Destroyed)
+        .map(|k| StoredKey {
+            kek_id: "soft:new".into(),
+            ..k
+        })
+        .collect();
+    app.rewrap_keys("soft:test", &rewrapped, &[], ev(Action::KekRotated))
+        .await
+        .unwrap();
+    let keys = app.load_keys().await.unwrap();
+    assert_eq!(keys[0].state, KeyState::Destroyed);
+    assert!(keys[0].wrapped.is_empty());
+    assert!(keys[1..].iter().all(|k| k.kek_id == "soft:new"));
+    assert_eq!(
+        app.key_usage()
+            .await
+            .unwrap()
+            .by_dek
+            .into_iter()
+            .collect::<Vec<_>>(),
+        vec![(2, 1)]
+    );
 
     as_app.close().await.unwrap();
     as_owner.close().await.unwrap();
@@ -870,15 +984,25 @@ async fn the_auditor_role_verifies_the_trail_and_reads_nothing_else() {
     app.insert_key(&key(1), ev(Action::KeyGenerated))
         .await
         .unwrap();
+    // The fingerprint key the cards below name, without an entry of its own.
+    sqlx::query(
+        "INSERT INTO vault_keys (purpose, version, kek_id, wrapped, state, created_at)
+         VALUES ('fingerprint', 1, 'soft:test', '\\x08', 'active', 1)",
+    )
+    .execute(&mut admin)
+    .await
+    .unwrap();
     app.insert_cards(
         vec![
             NewCard {
                 row: card("tok_a", "fp_a"),
                 event: ev(Action::Tokenize),
+                previous_fingerprints: vec![],
             },
             NewCard {
                 row: card("tok_b", "fp_b"),
                 event: ev(Action::Tokenize),
+                previous_fingerprints: vec![],
             },
         ],
         vec![],

@@ -12,13 +12,21 @@
 macro_rules! sql_store {
     ($store:ty, $db:ty) => {
         const CARD_COLUMNS: &str =
-            "token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at";
+            "token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at, fingerprint_version";
+        const KEY_COLUMNS: &str =
+            "purpose, version, kek_id, wrapped, created_at, state, retired_at, destroyed_at, reencrypted_at";
         const PRINCIPAL_COLUMNS: &str = "id, name, roles, tenants, key_hash, created_at, revoked_at";
         const EVENT_COLUMNS: &str =
             "seq, time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail, chain_seq, leaf_hash, chain_hash";
         const CHECKPOINT_COLUMNS: &str = "tree_size, root, chain_head, time, key_id, signature";
         const SIGNING_KEY_COLUMNS: &str = "generation, key_id, kek_id, wrapped, public_key, created_at";
         const ARCHIVE_COLUMNS: &str = "from_seq, to_seq, chain_head, frontier, file_name, file_sha256, archived_at";
+
+        /// Cards the re-encryption pass still has to move ($1: active DEK
+        /// version, $2: active fingerprint key version). Two counts, each on
+        /// its own index, rather than an OR.
+        const COUNT_OUTDATED: &str = "SELECT (SELECT COUNT(*) FROM cards WHERE key_version < $1)
+              + (SELECT COUNT(*) FROM cards WHERE fingerprint_version < $2 AND key_version >= $1)";
 
         type Row = <$db as sqlx::Database>::Row;
         type Tx<'c> = sqlx::Transaction<'c, $db>;
@@ -228,8 +236,8 @@ macro_rules! sql_store {
 
         /// Insert one card row as it is (restore).
         async fn insert_card(tx: &mut Tx<'_>, row: &$crate::store::CardRow) -> Result<u64, $crate::store::StoreError> {
-            let sql = "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+            let sql = "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at, fingerprint_version)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
             let res = sqlx::query(sql)
                 .bind(&row.token)
                 .bind(&row.tenant)
@@ -242,9 +250,72 @@ macro_rules! sql_store {
                 .bind(&row.nonce)
                 .bind(&row.ciphertext)
                 .bind(row.created_at)
+                .bind(i64::from(row.fingerprint_version))
                 .execute(&mut **tx)
                 .await?;
             Ok(res.rows_affected())
+        }
+
+        fn key_from_row(r: &Row) -> Result<$crate::store::StoredKey, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            use $crate::store::{KeyPurpose, KeyState, StoreError, StoredKey};
+            let purpose: String = r.try_get("purpose")?;
+            let version: i64 = r.try_get("version")?;
+            let state: String = r.try_get("state")?;
+            Ok(StoredKey {
+                purpose: KeyPurpose::parse(&purpose).ok_or(StoreError::Corrupt("key purpose"))?,
+                version: u32::try_from(version).map_err(|_| StoreError::Corrupt("key version"))?,
+                kek_id: r.try_get("kek_id")?,
+                wrapped: r.try_get("wrapped")?,
+                created_at: r.try_get("created_at")?,
+                state: KeyState::parse(&state).ok_or(StoreError::Corrupt("key state"))?,
+                retired_at: r.try_get("retired_at")?,
+                destroyed_at: r.try_get("destroyed_at")?,
+                reencrypted_at: r.try_get("reencrypted_at")?,
+            })
+        }
+
+        /// Insert a key row as it is; false if its purpose and version exist.
+        async fn insert_key_row(tx: &mut Tx<'_>, k: &$crate::store::StoredKey) -> Result<bool, $crate::store::StoreError> {
+            let res = sqlx::query(&format!(
+                "INSERT INTO vault_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT (purpose, version) DO NOTHING"
+            ))
+            .bind(k.purpose.as_str())
+            .bind(i64::from(k.version))
+            .bind(&k.kek_id)
+            .bind(&k.wrapped)
+            .bind(k.created_at)
+            .bind(k.state.as_str())
+            .bind(k.retired_at)
+            .bind(k.destroyed_at)
+            .bind(k.reencrypted_at)
+            .execute(&mut **tx)
+            .await?;
+            Ok(res.rows_affected() == 1)
+        }
+
+        /// Check, in `tx`, that the DEK and fingerprint key versions are the
+        /// active ones; `shared` also holds them until commit (a share lock on
+        /// PostgreSQL; SQLite's write lock, which the statement takes, does
+        /// that anyway), so a rotation waits for the transaction.
+        async fn guard_keys(tx: &mut Tx<'_>, dek: u32, fingerprint: u32, shared: bool) -> Result<(), $crate::store::StoreError> {
+            use sqlx::Row as _;
+            let sql = if shared { <$store>::KEY_GUARD_SHARED } else { <$store>::KEY_GUARD };
+            let rows = sqlx::query(sql)
+                .bind(i64::from(dek))
+                .bind(i64::from(fingerprint))
+                .fetch_all(&mut **tx)
+                .await?;
+            let active = rows
+                .iter()
+                .filter(|r| r.try_get::<String, _>("state").is_ok_and(|s| s == "active"))
+                .count();
+            if active == 2 {
+                Ok(())
+            } else {
+                Err($crate::store::StoreError::StaleKeys)
+            }
         }
 
         fn card_from_row(r: &Row) -> Result<$crate::store::CardRow, $crate::store::StoreError> {
@@ -264,6 +335,10 @@ macro_rules! sql_store {
                 nonce: r.try_get("nonce")?,
                 ciphertext: r.try_get("ciphertext")?,
                 created_at: r.try_get("created_at")?,
+                fingerprint_version: {
+                    let v: i64 = r.try_get("fingerprint_version")?;
+                    u32::try_from(v).map_err(|_| StoreError::Corrupt("fingerprint_version"))?
+                },
             })
         }
 
@@ -411,27 +486,11 @@ macro_rules! sql_store {
             }
 
             async fn load_keys(&self) -> Result<Vec<$crate::store::StoredKey>, $crate::store::StoreError> {
-                use sqlx::Row as _;
-                use $crate::store::{KeyPurpose, StoreError, StoredKey};
                 self.bounded(async {
-                    let rows = sqlx::query(
-                        "SELECT purpose, version, kek_id, wrapped, created_at FROM vault_keys ORDER BY purpose, version",
-                    )
-                    .fetch_all(&self.pool)
-                    .await?;
-                    rows.iter()
-                        .map(|r| {
-                            let purpose: String = r.try_get("purpose")?;
-                            let version: i64 = r.try_get("version")?;
-                            Ok(StoredKey {
-                                purpose: KeyPurpose::parse(&purpose).ok_or(StoreError::Corrupt("key purpose"))?,
-                                version: u32::try_from(version).map_err(|_| StoreError::Corrupt("key version"))?,
-                                kek_id: r.try_get("kek_id")?,
-                                wrapped: r.try_get("wrapped")?,
-                                created_at: r.try_get("created_at")?,
-                            })
-                        })
-                        .collect()
+                    let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM vault_keys ORDER BY purpose, version"))
+                        .fetch_all(&self.pool)
+                        .await?;
+                    rows.iter().map(key_from_row).collect()
                 })
                 .await
             }
@@ -443,18 +502,7 @@ macro_rules! sql_store {
             ) -> Result<bool, $crate::store::StoreError> {
                 self.bounded(async {
                     let mut tx = self.pool.begin().await?;
-                    let res = sqlx::query(
-                        "INSERT INTO vault_keys (purpose, version, kek_id, wrapped, created_at) VALUES ($1, $2, $3, $4, $5)
-                         ON CONFLICT (purpose, version) DO NOTHING",
-                    )
-                    .bind(key.purpose.as_str())
-                    .bind(i64::from(key.version))
-                    .bind(&key.kek_id)
-                    .bind(&key.wrapped)
-                    .bind(key.created_at)
-                    .execute(&mut *tx)
-                    .await?;
-                    let inserted = res.rows_affected() == 1;
+                    let inserted = insert_key_row(&mut tx, key).await?;
                     if inserted {
                         insert_event(&mut tx, &event).await?;
                     }
@@ -474,18 +522,61 @@ macro_rules! sql_store {
                 use $crate::store::{CardRow, Inserted, NewCard};
                 self.bounded(async {
                     let mut tx = self.pool.begin().await?;
+                    if let Some(first) = cards.first() {
+                        // Every card of a call is sealed with the same keys.
+                        if cards.iter().any(|c| {
+                            c.row.key_version != first.row.key_version
+                                || c.row.fingerprint_version != first.row.fingerprint_version
+                        }) {
+                            return Err($crate::store::StoreError::Corrupt("cards of one call under different keys"));
+                        }
+                        guard_keys(&mut tx, first.row.key_version, first.row.fingerprint_version, true).await?;
+                    }
+                    // During a fingerprint rotation: cards stored under an
+                    // older fingerprint key are found by their old
+                    // fingerprints (the rows cannot move meanwhile without
+                    // this transaction seeing it: a moved row conflicts with
+                    // the insert below).
+                    let mut previous: HashMap<(String, String), CardRow> = HashMap::new();
+                    let lookups: Vec<(&String, &String)> = cards
+                        .iter()
+                        .flat_map(|c| c.previous_fingerprints.iter().map(move |f| (&c.row.tenant, f)))
+                        .collect();
+                    for chunk in lookups.chunks(ROWS_PER_STATEMENT) {
+                        let mut q = sqlx::QueryBuilder::<$db>::new(format!(
+                            "SELECT {CARD_COLUMNS} FROM cards WHERE (tenant, fingerprint) IN ("
+                        ));
+                        let mut sep = q.separated(", ");
+                        for (tenant, fp) in chunk {
+                            sep.push("(");
+                            sep.push_bind_unseparated(*tenant);
+                            sep.push_unseparated(", ");
+                            sep.push_bind_unseparated(*fp);
+                            sep.push_unseparated(")");
+                        }
+                        q.push(")");
+                        for r in q.build().fetch_all(&mut *tx).await? {
+                            let row = card_from_row(&r)?;
+                            previous.insert((row.tenant.clone(), row.fingerprint.clone()), row);
+                        }
+                    }
+                    let found_before = |c: &NewCard| -> Option<CardRow> {
+                        c.previous_fingerprints
+                            .iter()
+                            .find_map(|f| previous.get(&(c.row.tenant.clone(), f.clone())))
+                            .cloned()
+                    };
+                    let to_insert: Vec<&NewCard> = cards.iter().filter(|c| found_before(c).is_none()).collect();
                     // Multi-row statements: a 1000-card batch is a few dozen
                     // round trips, not two thousand.
                     let mut created: HashSet<String> = HashSet::new();
-                    for chunk in cards.chunks(ROWS_PER_STATEMENT) {
+                    for chunk in to_insert.chunks(ROWS_PER_STATEMENT) {
                         // The unique (tenant, fingerprint) constraint carries
                         // idempotency: a card whose tenant already has its
                         // fingerprint (stored before, inserted concurrently, or
                         // earlier in this very batch) is not inserted, and the
                         // select below returns the stored row.
-                        let mut q = sqlx::QueryBuilder::<$db>::new(
-                            "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at) ",
-                        );
+                        let mut q = sqlx::QueryBuilder::<$db>::new(format!("INSERT INTO cards ({CARD_COLUMNS}) "));
                         q.push_values(chunk, |mut b, c| {
                             let r = &c.row;
                             b.push_bind(&r.token)
@@ -498,14 +589,15 @@ macro_rules! sql_store {
                                 .push_bind(i64::from(r.key_version))
                                 .push_bind(&r.nonce)
                                 .push_bind(&r.ciphertext)
-                                .push_bind(r.created_at);
+                                .push_bind(r.created_at)
+                                .push_bind(i64::from(r.fingerprint_version));
                         });
                         q.push(" ON CONFLICT (tenant, fingerprint) DO NOTHING RETURNING token");
                         for r in q.build().fetch_all(&mut *tx).await? {
                             created.insert(r.try_get("token")?);
                         }
                     }
-                    let stale: Vec<&NewCard> = cards.iter().filter(|c| !created.contains(&c.row.token)).collect();
+                    let stale: Vec<&NewCard> = to_insert.iter().copied().filter(|c| !created.contains(&c.row.token)).collect();
                     let mut existing: HashMap<(String, String), CardRow> = HashMap::new();
                     for chunk in stale.chunks(ROWS_PER_STATEMENT) {
                         let mut q = sqlx::QueryBuilder::<$db>::new(format!(
@@ -527,8 +619,12 @@ macro_rules! sql_store {
                     }
                     let mut events = other_events;
                     let mut out = Vec::with_capacity(cards.len());
-                    for NewCard { row, mut event } in cards {
-                        let inserted = if created.contains(&row.token) {
+                    for card in cards {
+                        let before = found_before(&card);
+                        let NewCard { row, mut event, .. } = card;
+                        let inserted = if let Some(stored) = before {
+                            Inserted { row: stored, created: false }
+                        } else if created.contains(&row.token) {
                             Inserted { row, created: true }
                         } else {
                             let stored = existing
@@ -803,6 +899,302 @@ macro_rules! sql_store {
                 .await
             }
 
+            async fn rotate_keys(
+                &self,
+                keys: &[$crate::store::StoredKey],
+                events: Vec<audit::AuditEvent>,
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::store::StoreError;
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    for k in keys {
+                        let previous = k.version.checked_sub(1).ok_or(StoreError::Corrupt("key version"))?;
+                        // Demote the active key this one replaces; if it is not
+                        // active any more, another instance rotated first.
+                        let res = sqlx::query(
+                            "UPDATE vault_keys SET state = 'decrypt_only'
+                              WHERE purpose = $1 AND version = $2 AND state = 'active'",
+                        )
+                        .bind(k.purpose.as_str())
+                        .bind(i64::from(previous))
+                        .execute(&mut *tx)
+                        .await?;
+                        if res.rows_affected() != 1 {
+                            tx.rollback().await?;
+                            return Err(StoreError::Conflict);
+                        }
+                        if !insert_key_row(&mut tx, k).await? {
+                            tx.rollback().await?;
+                            return Err(StoreError::Conflict);
+                        }
+                    }
+                    insert_events(&mut tx, &events).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn reencrypt_batch(
+                &self,
+                pass: &$crate::store::PassBatch,
+                reseal: &(dyn for<'r> Fn(&'r $crate::store::CardRow) -> Option<$crate::store::Resealed> + Send + Sync),
+            ) -> Result<$crate::store::BatchOutcome, $crate::store::StoreError> {
+                use $crate::store::{BatchOutcome, StoreError};
+                let dek = i64::from(pass.dek_version);
+                let fp = i64::from(pass.fingerprint_version);
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    guard_keys(&mut tx, pass.dek_version, pass.fingerprint_version, false).await?;
+                    let rows = sqlx::query(&format!(
+                        "SELECT {CARD_COLUMNS} FROM cards
+                          WHERE (key_version < $1 OR fingerprint_version < $2) AND token > $3
+                          ORDER BY token LIMIT $4"
+                    ))
+                    .bind(dek)
+                    .bind(fp)
+                    .bind(pass.after.clone().unwrap_or_default())
+                    .bind(i64::from(pass.limit))
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    let rows = rows.iter().map(card_from_row).collect::<Result<Vec<_>, _>>()?;
+                    let mut out = BatchOutcome {
+                        selected: rows.len() as u64,
+                        last_token: rows.last().map(|r| r.token.clone()),
+                        ..BatchOutcome::default()
+                    };
+                    let moves: Vec<_> = rows
+                        .iter()
+                        .filter_map(|r| reseal(r).map(|n| (r, n)))
+                        .collect();
+                    // Each row changes only if it is still under the versions
+                    // it was read with (optimistic check: another instance's
+                    // pass may have moved it meanwhile).
+                    for chunk in moves.chunks(500) {
+                        let mut q = sqlx::QueryBuilder::<$db>::new(
+                            "WITH v (token, old_key_version, old_fingerprint_version, key_version, fingerprint_version, fingerprint, nonce, ciphertext) AS (",
+                        );
+                        q.push_values(chunk, |mut b, (r, n)| {
+                            b.push_bind(r.token.clone())
+                                .push_bind(i64::from(r.key_version))
+                                .push_bind(i64::from(r.fingerprint_version))
+                                .push_bind(i64::from(n.key_version))
+                                .push_bind(i64::from(n.fingerprint_version))
+                                .push_bind(n.fingerprint.clone())
+                                .push_bind(n.nonce.clone())
+                                .push_bind(n.ciphertext.clone());
+                        });
+                        q.push(
+                            ") UPDATE cards SET key_version = v.key_version, fingerprint_version = v.fingerprint_version,
+                                     fingerprint = v.fingerprint, nonce = v.nonce, ciphertext = v.ciphertext
+                               FROM v
+                              WHERE cards.token = v.token AND cards.key_version = v.old_key_version
+                                AND cards.fingerprint_version = v.old_fingerprint_version",
+                        );
+                        match q.build().execute(&mut *tx).await {
+                            Ok(res) => out.moved += res.rows_affected(),
+                            // A new fingerprint that another row already has:
+                            // cannot happen while tokenization looks up old
+                            // fingerprints first; refuse rather than merge.
+                            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                                return Err(StoreError::Conflict)
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    }
+                    out.skipped = out.selected - out.moved;
+                    let remaining: i64 = sqlx::query_scalar(COUNT_OUTDATED)
+                        .bind(dek)
+                        .bind(fp)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    out.remaining = u64::try_from(remaining).map_err(|_| StoreError::Corrupt("count"))?;
+                    if out.remaining == 0 {
+                        // Once per pass, whatever the number of instances: the
+                        // first to set the mark records the event.
+                        let res = sqlx::query(
+                            "UPDATE vault_keys SET reencrypted_at = $2
+                              WHERE purpose = 'dek' AND version = $1 AND state = 'active' AND reencrypted_at IS NULL",
+                        )
+                        .bind(dek)
+                        .bind($crate::store::now_millis())
+                        .execute(&mut *tx)
+                        .await?;
+                        if res.rows_affected() == 1 {
+                            insert_event(&mut tx, &pass.finished_event).await?;
+                            out.finished = true;
+                        }
+                    }
+                    tx.commit().await?;
+                    Ok(out)
+                })
+                .await
+            }
+
+            async fn change_key_state(
+                &self,
+                purpose: $crate::store::KeyPurpose,
+                version: u32,
+                change: $crate::store::KeyChange,
+                at: i64,
+                event: audit::AuditEvent,
+            ) -> Result<$crate::store::KeyChangeOutcome, $crate::store::StoreError> {
+                use $crate::store::{KeyChange, KeyChangeOutcome, KeyPurpose, KeyState, StoreError};
+                let column = match purpose {
+                    KeyPurpose::Dek => "key_version",
+                    KeyPurpose::Fingerprint => "fingerprint_version",
+                };
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    // The change itself is the first statement (SQLite takes its
+                    // write lock there); its conditions carry the rules.
+                    let res = match change {
+                        KeyChange::Retire => sqlx::query(&format!(
+                            "UPDATE vault_keys SET state = 'retired', retired_at = $3
+                              WHERE purpose = $1 AND version = $2 AND state = 'decrypt_only'
+                                AND NOT EXISTS (SELECT 1 FROM cards WHERE {column} = $2)"
+                        ))
+                        .bind(purpose.as_str())
+                        .bind(i64::from(version))
+                        .bind(at)
+                        .execute(&mut *tx)
+                        .await?,
+                        KeyChange::Destroy => sqlx::query(
+                            "UPDATE vault_keys SET state = 'destroyed', destroyed_at = $3, wrapped = $4
+                              WHERE purpose = $1 AND version = $2 AND state = 'retired'",
+                        )
+                        .bind(purpose.as_str())
+                        .bind(i64::from(version))
+                        .bind(at)
+                        .bind(Vec::<u8>::new())
+                        .execute(&mut *tx)
+                        .await?,
+                    };
+                    if res.rows_affected() == 1 {
+                        insert_event(&mut tx, &event).await?;
+                        tx.commit().await?;
+                        return Ok(KeyChangeOutcome::Done);
+                    }
+                    let state: Option<String> =
+                        sqlx::query_scalar("SELECT state FROM vault_keys WHERE purpose = $1 AND version = $2")
+                            .bind(purpose.as_str())
+                            .bind(i64::from(version))
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                    tx.rollback().await?;
+                    let Some(state) = state else {
+                        return Ok(KeyChangeOutcome::NotFound);
+                    };
+                    let state = KeyState::parse(&state).ok_or(StoreError::Corrupt("key state"))?;
+                    Ok(match (change, state) {
+                        (_, KeyState::Active) => KeyChangeOutcome::Active,
+                        (KeyChange::Retire, KeyState::DecryptOnly) => KeyChangeOutcome::InUse,
+                        (_, other) => KeyChangeOutcome::WrongState(other),
+                    })
+                })
+                .await
+            }
+
+            async fn rewrap_keys(
+                &self,
+                old_kek_id: &str,
+                keys: &[$crate::store::StoredKey],
+                signing: &[$crate::store::SigningKeyRow],
+                event: audit::AuditEvent,
+            ) -> Result<(), $crate::store::StoreError> {
+                use $crate::store::StoreError;
+                let new_kek_id = keys
+                    .first()
+                    .map(|k| k.kek_id.clone())
+                    .or_else(|| signing.first().map(|k| k.kek_id.clone()))
+                    .ok_or(StoreError::Corrupt("nothing to re-wrap"))?;
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    let mut changed = 0u64;
+                    for k in keys {
+                        changed += sqlx::query(
+                            "UPDATE vault_keys SET wrapped = $3, kek_id = $4
+                              WHERE purpose = $1 AND version = $2 AND kek_id = $5 AND state <> 'destroyed'",
+                        )
+                        .bind(k.purpose.as_str())
+                        .bind(i64::from(k.version))
+                        .bind(&k.wrapped)
+                        .bind(&k.kek_id)
+                        .bind(old_kek_id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    }
+                    for k in signing {
+                        changed += sqlx::query(
+                            "UPDATE audit_signing_keys SET wrapped = $2, kek_id = $3 WHERE generation = $1 AND kek_id = $4",
+                        )
+                        .bind(i64::from(k.generation))
+                        .bind(&k.wrapped)
+                        .bind(&k.kek_id)
+                        .bind(old_kek_id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    }
+                    // Every key, none left behind (e.g. one added by a
+                    // concurrent rotation under the old KEK).
+                    let left: i64 = sqlx::query_scalar(
+                        "SELECT (SELECT COUNT(*) FROM vault_keys WHERE state <> 'destroyed' AND kek_id <> $1)
+                              + (SELECT COUNT(*) FROM audit_signing_keys WHERE kek_id <> $1)",
+                    )
+                    .bind(&new_kek_id)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    if changed != (keys.len() + signing.len()) as u64 || left != 0 {
+                        tx.rollback().await?;
+                        return Err(StoreError::Conflict);
+                    }
+                    insert_event(&mut tx, &event).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn count_outdated(&self, dek_version: u32, fingerprint_version: u32) -> Result<u64, $crate::store::StoreError> {
+                self.bounded(async {
+                    let n: i64 = sqlx::query_scalar(COUNT_OUTDATED)
+                        .bind(i64::from(dek_version))
+                        .bind(i64::from(fingerprint_version))
+                        .fetch_one(&self.pool)
+                        .await?;
+                    u64::try_from(n).map_err(|_| $crate::store::StoreError::Corrupt("count"))
+                })
+                .await
+            }
+
+            async fn key_usage(&self) -> Result<$crate::store::KeyUsage, $crate::store::StoreError> {
+                use sqlx::Row as _;
+                use $crate::store::{KeyUsage, StoreError};
+                self.bounded(async {
+                    let mut usage = KeyUsage::default();
+                    for (column, map) in [
+                        ("key_version", &mut usage.by_dek),
+                        ("fingerprint_version", &mut usage.by_fingerprint),
+                    ] {
+                        let rows = sqlx::query(&format!("SELECT {column} AS v, COUNT(*) AS n FROM cards GROUP BY {column}"))
+                            .fetch_all(&self.pool)
+                            .await?;
+                        for r in rows {
+                            let v: i64 = r.try_get("v")?;
+                            let n: i64 = r.try_get("n")?;
+                            map.insert(
+                                u32::try_from(v).map_err(|_| StoreError::Corrupt("key version"))?,
+                                u64::try_from(n).map_err(|_| StoreError::Corrupt("count"))?,
+                            );
+                        }
+                    }
+                    Ok(usage)
+                })
+                .await
+            }
+
             async fn audit_archives(&self) -> Result<Vec<audit::db::ArchiveRow>, $crate::store::StoreError> {
                 self.bounded(async {
                     let rows = sqlx::query(&format!("SELECT {ARCHIVE_COLUMNS} FROM audit_archives ORDER BY to_seq"))
@@ -880,27 +1272,16 @@ macro_rules! sql_store {
                 sink: &mut (dyn FnMut($crate::store::BackupRecord) -> Result<(), $crate::store::StoreError> + Send),
             ) -> Result<(), $crate::store::StoreError> {
                 use futures_util::TryStreamExt as _;
-                use sqlx::Row as _;
-                use $crate::store::{BackupRecord, KeyPurpose, StoreError, StoredKey};
+                use $crate::store::{BackupRecord, StoreError};
                 let mut tx = self.pool.begin().await?;
                 if let Some(sql) = <$store>::SNAPSHOT_ISOLATION {
                     sqlx::query(sql).execute(&mut *tx).await?;
                 }
                 {
-                    let mut rows = sqlx::query(
-                        "SELECT purpose, version, kek_id, wrapped, created_at FROM vault_keys ORDER BY purpose, version",
-                    )
-                    .fetch(&mut *tx);
+                    let sql = format!("SELECT {KEY_COLUMNS} FROM vault_keys ORDER BY purpose, version");
+                    let mut rows = sqlx::query(&sql).fetch(&mut *tx);
                     while let Some(r) = rows.try_next().await? {
-                        let purpose: String = r.try_get("purpose")?;
-                        let version: i64 = r.try_get("version")?;
-                        sink(BackupRecord::Key(StoredKey {
-                            purpose: KeyPurpose::parse(&purpose).ok_or(StoreError::Corrupt("key purpose"))?,
-                            version: u32::try_from(version).map_err(|_| StoreError::Corrupt("key version"))?,
-                            kek_id: r.try_get("kek_id")?,
-                            wrapped: r.try_get("wrapped")?,
-                            created_at: r.try_get("created_at")?,
-                        }))?;
+                        sink(BackupRecord::Key(key_from_row(&r)?))?;
                     }
                 }
                 type ToRecord = fn(&Row) -> Result<BackupRecord, StoreError>;
@@ -958,16 +1339,9 @@ macro_rules! sql_store {
                 for record in &records {
                     match record {
                         BackupRecord::Key(k) => {
-                            sqlx::query(
-                                "INSERT INTO vault_keys (purpose, version, kek_id, wrapped, created_at) VALUES ($1, $2, $3, $4, $5)",
-                            )
-                            .bind(k.purpose.as_str())
-                            .bind(i64::from(k.version))
-                            .bind(&k.kek_id)
-                            .bind(&k.wrapped)
-                            .bind(k.created_at)
-                            .execute(&mut *tx)
-                            .await?;
+                            if !insert_key_row(&mut tx, k).await? {
+                                return Err($crate::store::StoreError::Conflict);
+                            }
                         }
                         BackupRecord::Principal(p) => {
                             sqlx::query(

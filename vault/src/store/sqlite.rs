@@ -70,6 +70,13 @@ impl SqliteStore {
 
     /// A deferred read transaction already reads one snapshot in WAL mode.
     const SNAPSHOT_ISOLATION: Option<&'static str> = None;
+    /// Key guards (see `guard_keys` in sql.rs): a no-op UPDATE, so the
+    /// transaction takes SQLite's write lock at once (a read that later
+    /// writes could fail with a busy snapshot) and reads the states.
+    const KEY_GUARD: &'static str = "UPDATE vault_keys SET state = state
+         WHERE (purpose = 'dek' AND version = $1) OR (purpose = 'fingerprint' AND version = $2)
+         RETURNING state";
+    const KEY_GUARD_SHARED: &'static str = Self::KEY_GUARD;
     /// AUTOINCREMENT follows explicitly inserted sequence numbers by itself.
     const AFTER_IMPORT: Option<&'static str> = None;
 

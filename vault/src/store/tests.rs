@@ -133,6 +133,23 @@ impl TestStore {
         }
     }
 
+    /// Active key rows (DEK 1, fingerprint key 1) with dummy material and
+    /// no audit event: what `insert_cards` checks the versions of its rows
+    /// against.
+    pub async fn seed_keys(&self) {
+        let blob = match self {
+            TestStore::Sqlite(..) => "x'07'",
+            TestStore::Postgres(..) => "decode('07', 'hex')",
+        };
+        self.exec(&format!(
+            "INSERT INTO vault_keys (purpose, version, kek_id, wrapped, state, created_at, reencrypted_at)
+             VALUES ('dek', 1, 'soft:test', {blob}, 'active', 1, 1),
+                    ('fingerprint', 1, 'soft:test', {blob}, 'active', 1, 1)"
+        ))
+        .await
+        .unwrap();
+    }
+
     /// A trigger that makes every audit insert fail, in this backend's dialect.
     pub async fn break_audit(&self) {
         let sql: &[&str] = match self {
@@ -171,6 +188,7 @@ fn row(token: &str, tenant: &str, fp: &str) -> CardRow {
         nonce: vec![0; 12],
         ciphertext: vec![1, 2, 3],
         created_at: 1,
+        fingerprint_version: 1,
     }
 }
 
@@ -181,6 +199,7 @@ fn ev() -> AuditEvent {
 #[tokio::test]
 async fn same_fingerprint_in_a_tenant_is_one_row() {
     for b in TestStore::all().await {
+        b.seed_keys().await;
         let s = b.store();
         let out = s
             .insert_cards(
@@ -188,14 +207,17 @@ async fn same_fingerprint_in_a_tenant_is_one_row() {
                     NewCard {
                         row: row("tok_a", "t1", "fp_1"),
                         event: ev(),
+                        previous_fingerprints: vec![],
                     },
                     NewCard {
                         row: row("tok_b", "t1", "fp_1"),
                         event: ev(),
+                        previous_fingerprints: vec![],
                     },
                     NewCard {
                         row: row("tok_c", "t2", "fp_1"),
                         event: ev(),
+                        previous_fingerprints: vec![],
                     },
                 ],
                 vec![ev().detail("refused card")],
@@ -224,6 +246,7 @@ async fn same_fingerprint_in_a_tenant_is_one_row() {
 #[tokio::test]
 async fn concurrent_inserts_of_one_card_make_one_row() {
     for b in TestStore::all().await {
+        b.seed_keys().await;
         let s = b.store();
         let tasks: Vec<_> = (0..16)
             .map(|i| {
@@ -234,6 +257,7 @@ async fn concurrent_inserts_of_one_card_make_one_row() {
                         vec![NewCard {
                             row: r,
                             event: ev(),
+                            previous_fingerprints: vec![],
                         }],
                         vec![],
                     )
@@ -257,6 +281,7 @@ async fn concurrent_inserts_of_one_card_make_one_row() {
 #[tokio::test]
 async fn audit_is_append_only_and_refuses_card_numbers() {
     for b in TestStore::all().await {
+        b.seed_keys().await;
         let s = b.store();
         s.append_audit(ev().reason("ok")).await.unwrap();
         assert!(matches!(
@@ -288,6 +313,7 @@ async fn audit_is_append_only_and_refuses_card_numbers() {
 #[tokio::test]
 async fn failed_audit_rolls_back_the_card() {
     for b in TestStore::all().await {
+        b.seed_keys().await;
         let s = b.store();
         let bad = ev().reason("4111111111111111");
         let res = s
@@ -295,6 +321,7 @@ async fn failed_audit_rolls_back_the_card() {
                 vec![NewCard {
                     row: row("tok_a", "t1", "fp_1"),
                     event: bad,
+                    previous_fingerprints: vec![],
                 }],
                 vec![],
             )
@@ -307,6 +334,7 @@ async fn failed_audit_rolls_back_the_card() {
                 vec![NewCard {
                     row: row("tok_b", "t1", "fp_2"),
                     event: ev(),
+                    previous_fingerprints: vec![],
                 }],
                 vec![],
             )
@@ -329,11 +357,13 @@ async fn failed_audit_rolls_back_the_card() {
 #[tokio::test]
 async fn delete_is_scoped_to_tenant() {
     for b in TestStore::all().await {
+        b.seed_keys().await;
         let s = b.store();
         s.insert_cards(
             vec![NewCard {
                 row: row("tok_a", "t1", "fp_1"),
                 event: ev(),
+                previous_fingerprints: vec![],
             }],
             vec![],
         )
@@ -354,13 +384,7 @@ async fn delete_is_scoped_to_tenant() {
 async fn keys_insert_once() {
     for b in TestStore::all().await {
         let s = b.store();
-        let k = StoredKey {
-            purpose: KeyPurpose::Dek,
-            version: 1,
-            kek_id: "soft:x".into(),
-            wrapped: vec![9; 60],
-            created_at: 5,
-        };
+        let k = StoredKey::new_active(KeyPurpose::Dek, 1, "soft:x".into(), vec![9; 60], 5);
         assert!(s.insert_key(&k, ev()).await.unwrap());
         assert!(!s
             .insert_key(
@@ -394,6 +418,7 @@ fn files_contain(dir: &Path, needle: &[u8]) -> Vec<String> {
 #[tokio::test]
 async fn deleted_ciphertext_leaves_no_copy_in_database_or_wal() {
     let b = TestStore::sqlite().await;
+    b.seed_keys().await;
     let TestStore::Sqlite(dir, _) = &b else {
         unreachable!()
     };
@@ -406,6 +431,7 @@ async fn deleted_ciphertext_leaves_no_copy_in_database_or_wal() {
         vec![NewCard {
             row: r,
             event: ev(),
+            previous_fingerprints: vec![],
         }],
         vec![],
     )
@@ -530,6 +556,7 @@ async fn postgres_urls_can_ask_for_tls() {
 #[tokio::test]
 async fn audit_chain_verifies_and_exposes_tampering() {
     for b in TestStore::all().await {
+        b.seed_keys().await;
         let s = b.store();
         let key = audit::SigningKey::generate().unwrap();
         let tasks: Vec<_> = (0..24)
@@ -542,6 +569,7 @@ async fn audit_chain_verifies_and_exposes_tampering() {
                             vec![NewCard {
                                 row: r,
                                 event: ev(),
+                                previous_fingerprints: vec![],
                             }],
                             vec![ev().detail("refused")],
                         )
@@ -619,6 +647,7 @@ async fn archiving_moves_old_segments_to_files_that_verify() {
     use audit::auditor::{verify_database, VerifyError};
 
     for b in TestStore::all().await {
+        b.seed_keys().await;
         let s = b.store();
         let name = b.name();
         let key = audit::SigningKey::generate().unwrap();

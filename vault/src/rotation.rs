@@ -1,0 +1,517 @@
+//! Key lifecycle (PCI DSS 3.6/3.7): rotation of the DEK and the fingerprint
+//! key, the re-encryption pass, retirement, destruction, KEK rotation and a
+//! status report with crypto-periods.
+//!
+//! - [`Vault::rotate_dek`] adds the next DEK version (wrapped under the KEK)
+//!   and, if asked, the next fingerprint key; the keys they replace become
+//!   decrypt-only. New records use the new keys from then on (every instance,
+//!   after its next [`Vault::refresh_keys`]: until then the store refuses
+//!   its inserts as stale and it reloads at once).
+//! - [`Vault::reencrypt_batch`] moves records under older keys to the active
+//!   ones, one transaction per batch, each row updated only if it is still
+//!   under the versions it was read with. There is no cursor to lose: a batch
+//!   selects whatever is still under an older key, so a pass killed at any
+//!   point leaves every record readable (under its old or its new version)
+//!   and the next call simply continues. One `reencryption_started` event is
+//!   recorded with the rotation, one `reencryption_finished` when nothing is
+//!   left (once, whatever the number of instances: the batch that sets the
+//!   active DEK's `reencrypted_at` records it).
+//! - While a fingerprint rotation is in progress, tokenization also looks up
+//!   the card's fingerprints under the decrypt-only fingerprint keys, in the
+//!   same transaction as its insert, so a card tokenized before keeps its
+//!   token and never gets a second row (see `Store::insert_cards`).
+//! - [`Vault::retire`]: a decrypt-only key no record uses; it is never used
+//!   again and is dropped from memory. [`Vault::destroy`]: a retired key's
+//!   wrapped material is erased from the database (crypto-shredding): nothing
+//!   sealed under it can be opened afterwards, by anyone, with any KEK. On
+//!   PostgreSQL the old bytes stay in dead tuples until VACUUM, and backups
+//!   taken before hold them (wrapped under the KEK).
+//! - [`Vault::rotate_kek`]: every vault key not destroyed and every audit
+//!   signing key re-wrapped under a new KEK in one transaction; other
+//!   instances must be restarted with the new KEK (their next refresh
+//!   reports the keys as wrapped by another KEK).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use audit::{Action, AuditEvent, Outcome};
+use hsm_shim::KeyEncryptionKey;
+
+use crate::access::Role;
+use crate::crypto::{random_key, CardSecret, RecordAad, NONCE_LEN};
+use crate::keys::{label, signing_label, KeySet, KeysError};
+use crate::pan::contains_pan_like;
+use crate::service::{open_with, KeyLifecycleError, RequestContext, Vault, VaultError};
+use crate::store::{
+    now_millis, CardRow, KeyChange, KeyChangeOutcome, KeyPurpose, KeyState, PassBatch, Resealed,
+    StoreError, StoredKey,
+};
+
+/// Who runs a key operation: the operator on the host (CLI, the service's
+/// own background pass), or an API caller, who needs the `key_admin` role.
+#[derive(Debug, Clone, Copy)]
+pub enum Actor<'a> {
+    Local,
+    Request(&'a RequestContext),
+}
+
+/// What a rotation created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    pub dek_version: u32,
+    pub fingerprint_version: u32,
+    pub fingerprint_rotated: bool,
+}
+
+/// What one re-encryption batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Records moved to the active keys by this batch.
+    pub moved: u64,
+    /// Records read but not moved (their key is not held, they failed to
+    /// open, or another instance moved them first).
+    pub skipped: u64,
+    /// Records still under an older key.
+    pub remaining: u64,
+    /// This batch finished the pass (and recorded `reencryption_finished`).
+    pub finished: bool,
+}
+
+/// Crypto-periods (PCI DSS 3.6.4): how long a key may be the active one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CryptoPeriods {
+    pub dek: Duration,
+    pub fingerprint: Duration,
+}
+
+impl Default for CryptoPeriods {
+    fn default() -> Self {
+        const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+        CryptoPeriods {
+            dek: YEAR,
+            fingerprint: YEAR,
+        }
+    }
+}
+
+/// One key in [`KeyStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub purpose: KeyPurpose,
+    pub version: u32,
+    pub state: KeyState,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub age: Duration,
+    pub crypto_period: Duration,
+    /// Older than its crypto-period and still in use (active or
+    /// decrypt-only): rotate (or finish the pass and retire it).
+    pub past_crypto_period: bool,
+    pub retired_at: Option<i64>,
+    pub destroyed_at: Option<i64>,
+    /// Records under this key (DEK: sealed with it; fingerprint key:
+    /// fingerprinted with it).
+    pub records: u64,
+}
+
+/// Every key and the re-encryption progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    pub keys: Vec<KeyInfo>,
+    pub active_dek: u32,
+    pub active_fingerprint: u32,
+    /// Records still under an older DEK or fingerprint key.
+    pub remaining: u64,
+    /// When the pass to the active DEK finished (None: in progress).
+    pub reencrypted_at: Option<i64>,
+}
+
+fn conflict(e: StoreError) -> VaultError {
+    match e {
+        StoreError::Conflict | StoreError::StaleKeys => KeyLifecycleError::Conflict.into(),
+        other => VaultError::Storage(other),
+    }
+}
+
+/// Reseal one record under the active keys: a fresh nonce and the new
+/// version in its associated data; the fingerprint recomputed if it is under
+/// an older fingerprint key. None if it cannot be opened (kept as it is).
+fn reseal(keys: &KeySet, row: &CardRow) -> Option<Resealed> {
+    let dek = keys.active_dek();
+    let fp = keys.fingerprint_key();
+    let secret: CardSecret = open_with(keys, row).ok()?;
+    let (fingerprint, fingerprint_version) = if row.fingerprint_version < fp.version() {
+        (fp.fingerprint(&row.tenant, &secret.pan), fp.version())
+    } else {
+        (row.fingerprint.clone(), row.fingerprint_version)
+    };
+    let (key_version, nonce, ciphertext) = if row.key_version < dek.version() {
+        let aad = RecordAad {
+            tenant: &row.tenant,
+            token: &row.token,
+            key_version: dek.version(),
+        };
+        let sealed = dek.seal(&aad, &secret.encode()).ok()?;
+        (dek.version(), sealed.nonce.to_vec(), sealed.ciphertext)
+    } else {
+        if row.nonce.len() != NONCE_LEN {
+            return None;
+        }
+        (row.key_version, row.nonce.clone(), row.ciphertext.clone())
+    };
+    Some(Resealed {
+        key_version,
+        nonce,
+        ciphertext,
+        fingerprint,
+        fingerprint_version,
+    })
+}
+
+impl Vault {
+    /// The audit event of a key operation by `actor`, after checking its role.
+    async fn key_event(&self, actor: Actor<'_>, action: Action) -> Result<AuditEvent, VaultError> {
+        match actor {
+            Actor::Local => Ok(AuditEvent::new(action, Outcome::Success).source("local")),
+            Actor::Request(ctx) => {
+                self.require_role(ctx, action, &[Role::KeyAdmin]).await?;
+                Ok(AuditEvent::new(action, Outcome::Success)
+                    .principal(ctx.principal.name.clone())
+                    .source(ctx.source.clone())
+                    .request_id(ctx.request_id.clone()))
+            }
+        }
+    }
+
+    /// Record a refused key operation and return its error.
+    async fn refuse(&self, mut event: AuditEvent, err: KeyLifecycleError) -> VaultError {
+        event.outcome = Outcome::Failure;
+        event.error_code = Some(err.code().to_owned());
+        match self.store.append_audit(event).await {
+            Ok(_) => err.into(),
+            Err(e) => e.into(),
+        }
+    }
+
+    /// Make a new DEK version the active one (and, if `rotate_fingerprint`,
+    /// a new fingerprint key); the replaced keys become decrypt-only and a
+    /// re-encryption pass starts (run it with [`Vault::reencrypt_batch`]).
+    /// Audited: `key_rotated` per key and `reencryption_started`, in the same
+    /// transaction as the change.
+    pub async fn rotate_dek(
+        &self,
+        actor: Actor<'_>,
+        rotate_fingerprint: bool,
+    ) -> Result<Rotation, VaultError> {
+        let base = self.key_event(actor, Action::KeyRotated).await?;
+        self.refresh_keys().await?;
+        let keys = self.keys.keys();
+        let kek = self.keys.kek();
+        let now = now_millis();
+        let mut purposes = vec![(KeyPurpose::Dek, keys.active_dek().version())];
+        if rotate_fingerprint {
+            purposes.push((KeyPurpose::Fingerprint, keys.fingerprint_key().version()));
+        }
+        let mut rows = Vec::new();
+        let mut events = Vec::new();
+        for (purpose, active) in purposes {
+            let version = active.checked_add(1).ok_or(VaultError::Integrity)?;
+            let material = random_key().map_err(|_| VaultError::Rng)?;
+            let wrapped = kek
+                .wrap(&label(purpose, version), material.as_ref())
+                .map_err(|e| VaultError::Keys(KeysError::Generate(e)))?;
+            rows.push(StoredKey::new_active(
+                purpose,
+                version,
+                kek.kek_id().to_owned(),
+                wrapped,
+                now,
+            ));
+            events.push(base.clone().detail(format!(
+                "{} active, {} decrypt_only",
+                label(purpose, version),
+                label(purpose, active)
+            )));
+        }
+        let rotation = Rotation {
+            dek_version: rows[0].version,
+            fingerprint_version: rows
+                .get(1)
+                .map_or(keys.fingerprint_key().version(), |k| k.version),
+            fingerprint_rotated: rotate_fingerprint,
+        };
+        let mut started = base.clone().detail(format!(
+            "to {} {}",
+            label(KeyPurpose::Dek, rotation.dek_version),
+            label(KeyPurpose::Fingerprint, rotation.fingerprint_version)
+        ));
+        started.action = Action::ReencryptionStarted;
+        events.push(started);
+        if let Err(e) = self.store.rotate_keys(&rows, events).await {
+            let err = conflict(e);
+            return Err(match err {
+                VaultError::KeyLifecycle(k) => self.refuse(base, k).await,
+                other => other,
+            });
+        }
+        self.refresh_keys().await?;
+        *self
+            .pass_after
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        tracing::info!(
+            dek = rotation.dek_version,
+            fingerprint = rotation.fingerprint_version,
+            "rotated vault keys"
+        );
+        Ok(rotation)
+    }
+
+    /// Move up to `limit` records under older keys to the active ones, in one
+    /// transaction. Call until `remaining` is 0 (or nothing moves). Safe to
+    /// run on several instances at once and to interrupt at any point.
+    pub async fn reencrypt_batch(&self, limit: u32) -> Result<Progress, VaultError> {
+        let limit = limit.clamp(1, 100_000);
+        let mut attempt = 0;
+        let outcome = loop {
+            let keys = self.keys.keys();
+            let after = self
+                .pass_after
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            let batch = PassBatch {
+                dek_version: keys.active_dek().version(),
+                fingerprint_version: keys.fingerprint_key().version(),
+                after,
+                limit,
+                finished_event: AuditEvent::new(Action::ReencryptionFinished, Outcome::Success)
+                    .source("local")
+                    .detail(format!(
+                        "to {} {}",
+                        label(KeyPurpose::Dek, keys.active_dek().version()),
+                        label(KeyPurpose::Fingerprint, keys.fingerprint_key().version())
+                    )),
+            };
+            let resealer = |row: &CardRow| reseal(&keys, row);
+            match self.store.reencrypt_batch(&batch, &resealer).await {
+                Err(StoreError::StaleKeys) if attempt == 0 => {
+                    attempt += 1;
+                    self.refresh_keys().await?;
+                }
+                other => break other?,
+            }
+        };
+        // The hint moves on while batches are full, and wraps around to the
+        // start after a short one (rows skipped or added meanwhile are found
+        // again).
+        *self
+            .pass_after
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            if outcome.selected < u64::from(limit) {
+                None
+            } else {
+                outcome.last_token.clone()
+            };
+        if outcome.finished {
+            tracing::info!("re-encryption pass finished");
+        }
+        Ok(Progress {
+            moved: outcome.moved,
+            skipped: outcome.skipped,
+            remaining: outcome.remaining,
+            finished: outcome.finished,
+        })
+    }
+
+    async fn change_state(
+        &self,
+        actor: Actor<'_>,
+        action: Action,
+        purpose: KeyPurpose,
+        version: u32,
+        change: KeyChange,
+    ) -> Result<(), VaultError> {
+        let event = self
+            .key_event(actor, action)
+            .await?
+            .detail(label(purpose, version));
+        let outcome = self
+            .store
+            .change_key_state(purpose, version, change, now_millis(), event.clone())
+            .await?;
+        let err = match outcome {
+            KeyChangeOutcome::Done => {
+                self.refresh_keys().await?;
+                return Ok(());
+            }
+            KeyChangeOutcome::NotFound => KeyLifecycleError::NotFound,
+            KeyChangeOutcome::Active => KeyLifecycleError::Active,
+            KeyChangeOutcome::InUse => KeyLifecycleError::InUse,
+            KeyChangeOutcome::WrongState(s) => KeyLifecycleError::WrongState(s),
+        };
+        Err(self.refuse(event, err).await)
+    }
+
+    /// Retire a decrypt-only key that no record uses (`key_active` for the
+    /// active key, `key_in_use` while records use it). A retired key is
+    /// never used again and is dropped from memory. Audited (`key_retired`).
+    pub async fn retire(
+        &self,
+        actor: Actor<'_>,
+        purpose: KeyPurpose,
+        version: u32,
+    ) -> Result<(), VaultError> {
+        self.change_state(
+            actor,
+            Action::KeyRetired,
+            purpose,
+            version,
+            KeyChange::Retire,
+        )
+        .await
+    }
+
+    /// Destroy a retired key: its wrapped material is erased from the
+    /// database (crypto-shredding; nothing sealed under it can be opened
+    /// afterwards). Only a retired key (`key_state` otherwise). Audited
+    /// (`key_destroyed`).
+    pub async fn destroy(
+        &self,
+        actor: Actor<'_>,
+        purpose: KeyPurpose,
+        version: u32,
+    ) -> Result<(), VaultError> {
+        self.change_state(
+            actor,
+            Action::KeyDestroyed,
+            purpose,
+            version,
+            KeyChange::Destroy,
+        )
+        .await
+    }
+
+    /// Re-wrap every vault key (not destroyed) and every audit signing key
+    /// under `new_kek`, in one transaction (`kek_rotated` audited in it);
+    /// afterwards this vault uses `new_kek`. The old KEK no longer opens any
+    /// stored key.
+    pub async fn rotate_kek(
+        &self,
+        actor: Actor<'_>,
+        new_kek: Arc<dyn KeyEncryptionKey>,
+    ) -> Result<(), VaultError> {
+        let base = self.key_event(actor, Action::KekRotated).await?;
+        let old = self.keys.kek();
+        if old.kek_id() == new_kek.kek_id() {
+            return Err(self.refuse(base, KeyLifecycleError::SameKek).await);
+        }
+        let unwrap = |label: String, wrapped: &[u8]| {
+            old.unwrap(&label, wrapped)
+                .map_err(|source| VaultError::Keys(KeysError::Unwrap { label, source }))
+        };
+        let mut keys = Vec::new();
+        for k in self.store.load_keys().await? {
+            if k.state == KeyState::Destroyed {
+                continue;
+            }
+            let l = label(k.purpose, k.version);
+            let raw = unwrap(l.clone(), &k.wrapped)?;
+            let wrapped = new_kek
+                .wrap(&l, &raw)
+                .map_err(|e| VaultError::Keys(KeysError::Generate(e)))?;
+            keys.push(StoredKey {
+                wrapped,
+                kek_id: new_kek.kek_id().to_owned(),
+                ..k
+            });
+        }
+        let mut signing = Vec::new();
+        for k in self.store.load_signing_keys().await? {
+            let l = signing_label(k.generation);
+            let raw = unwrap(l.clone(), &k.wrapped)?;
+            let wrapped = new_kek
+                .wrap(&l, &raw)
+                .map_err(|e| VaultError::Keys(KeysError::Generate(e)))?;
+            signing.push(crate::store::SigningKeyRow {
+                wrapped,
+                kek_id: new_kek.kek_id().to_owned(),
+                ..k
+            });
+        }
+        let mut detail = format!("vault_keys={} signing_keys={}", keys.len(), signing.len());
+        // KEK ids are shown unless they happen to look like a card number
+        // (the audit store would refuse the event).
+        let ids = format!(" from={} to={}", old.kek_id(), new_kek.kek_id());
+        if !contains_pan_like(&ids) {
+            detail.push_str(&ids);
+        }
+        let event = base.clone().detail(detail);
+        if let Err(e) = self
+            .store
+            .rewrap_keys(old.kek_id(), &keys, &signing, event)
+            .await
+        {
+            return Err(match conflict(e) {
+                VaultError::KeyLifecycle(k) => self.refuse(base, k).await,
+                other => other,
+            });
+        }
+        self.keys.set_kek(new_kek);
+        self.refresh_keys().await?;
+        tracing::info!("re-wrapped the vault keys under a new KEK");
+        Ok(())
+    }
+
+    /// Every key with its state, age, crypto-period and record count, and
+    /// the re-encryption progress.
+    pub async fn key_status(&self, periods: CryptoPeriods) -> Result<KeyStatus, VaultError> {
+        let stored = self.store.load_keys().await?;
+        let usage = self.store.key_usage().await?;
+        let keys = self.keys.keys();
+        let (active_dek, active_fp) = (
+            keys.active_dek().version(),
+            keys.fingerprint_key().version(),
+        );
+        let now = now_millis();
+        let mut out = Vec::with_capacity(stored.len());
+        let mut reencrypted_at = None;
+        for k in &stored {
+            let (period, records) = match k.purpose {
+                KeyPurpose::Dek => (periods.dek, usage.by_dek.get(&k.version)),
+                KeyPurpose::Fingerprint => {
+                    (periods.fingerprint, usage.by_fingerprint.get(&k.version))
+                }
+            };
+            if k.purpose == KeyPurpose::Dek && k.version == active_dek {
+                reencrypted_at = k.reencrypted_at;
+            }
+            let age = Duration::from_millis(u64::try_from(now - k.created_at).unwrap_or(0));
+            out.push(KeyInfo {
+                purpose: k.purpose,
+                version: k.version,
+                state: k.state,
+                created_at: k.created_at,
+                age,
+                crypto_period: period,
+                past_crypto_period: k.state.is_loaded() && age > period,
+                retired_at: k.retired_at,
+                destroyed_at: k.destroyed_at,
+                records: records.copied().unwrap_or(0),
+            });
+        }
+        let remaining = self.store.count_outdated(active_dek, active_fp).await?;
+        Ok(KeyStatus {
+            keys: out,
+            active_dek,
+            active_fingerprint: active_fp,
+            remaining,
+            reencrypted_at,
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "rotation_tests.rs"]
+mod tests;
