@@ -33,6 +33,8 @@ mod multi_instance;
 mod outage;
 #[path = "e2e/roles.rs"]
 mod roles;
+#[path = "e2e/rotation.rs"]
+mod rotation;
 #[path = "e2e/roundtrip.rs"]
 mod roundtrip;
 #[path = "e2e/sealed.rs"]

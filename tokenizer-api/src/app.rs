@@ -88,6 +88,8 @@ pub struct Application {
     witness: PathBuf,
     checkpoint_interval: Duration,
     checkpoint_every: u64,
+    reencrypt_batch: u32,
+    reencrypt_interval: Duration,
 }
 
 impl std::fmt::Debug for Application {
@@ -131,6 +133,7 @@ impl Application {
 
         let state = web::Data::new(AppState {
             seal: seal.clone(),
+            crypto_periods: settings.crypto_periods,
             max_body_bytes: settings.max_body_bytes,
             max_batch_body_bytes: settings.max_batch_body_bytes,
         });
@@ -177,6 +180,8 @@ impl Application {
             witness: settings.audit_witness_file.clone(),
             checkpoint_interval: settings.audit_checkpoint_interval,
             checkpoint_every: settings.audit_checkpoint_every,
+            reencrypt_batch: settings.reencrypt_batch,
+            reencrypt_interval: settings.reencrypt_interval,
         })
     }
 
@@ -227,8 +232,14 @@ impl Application {
                 }
             })
         };
+        let reencryption = tokio::spawn(reencryption_pass(
+            self.seal.clone(),
+            self.reencrypt_batch,
+            self.reencrypt_interval,
+        ));
         let result = self.server.await;
         checkpointer.abort();
+        reencryption.abort();
         let stop = AuditEvent::new(Action::ServiceStop, Outcome::Success)
             .source("local")
             .detail("shutdown");
@@ -245,6 +256,54 @@ impl Application {
     /// Path of the witness file (for tests and tools).
     pub fn witness_file(&self) -> &Path {
         &self.witness
+    }
+}
+
+/// The background side of key rotation, on every instance: pick up keys
+/// rotated elsewhere (`refresh_keys`), then move records under older keys to
+/// the active ones, one batch (one transaction) at a time, until none is
+/// left. Killed at any point, it loses nothing: a batch commits whole or not
+/// at all, and the next run finds what is left.
+async fn reencryption_pass(seal: Arc<SealControl>, batch: u32, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(vault) = seal.vault() else { continue };
+        if let Err(e) = vault.refresh_keys().await {
+            tracing::warn!(error = %e, "cannot refresh the vault keys");
+            continue;
+        }
+        loop {
+            match vault.reencrypt_batch(batch).await {
+                Ok(p) if p.finished => {
+                    tracing::info!("re-encryption finished: every record is under the active keys");
+                    break;
+                }
+                // Nothing moved (nothing left, or only records this instance
+                // cannot move): wait for the next tick.
+                Ok(p) if p.moved == 0 => break,
+                Ok(p) => {
+                    tracing::info!(
+                        moved = p.moved,
+                        remaining = p.remaining,
+                        "re-encryption batch"
+                    );
+                    if p.remaining == 0 {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "re-encryption batch failed; retrying later");
+                    break;
+                }
+            }
+            // Sealed in the meantime: stop holding the vault.
+            if seal.vault().is_none() {
+                break;
+            }
+        }
     }
 }
 

@@ -367,14 +367,106 @@ fn read_secret_line(prompt: &str) -> Result<zeroize::Zeroizing<String>, ExitCode
     }
 }
 
-/// `tokenizer keys init`: the split-knowledge keyring.
+/// `tokenizer keys ...`.
 pub fn keys(cmd: KeysCommand) -> ExitCode {
-    let KeysCommand::Init {
-        common,
-        shares,
-        threshold,
-        custodians,
-    } = cmd;
+    match cmd {
+        KeysCommand::Init {
+            common,
+            shares,
+            threshold,
+            custodians,
+        } => keys_init(*common, shares, threshold, &custodians),
+        KeysCommand::Rotate {
+            url,
+            fingerprint,
+            kek,
+        } => {
+            if kek {
+                admin_post(&url, "/v1/admin/kek/rotate", serde_json::json!({}))
+            } else {
+                admin_post(
+                    &url,
+                    "/v1/admin/keys/rotate",
+                    serde_json::json!({ "fingerprint": fingerprint }),
+                )
+            }
+        }
+        KeysCommand::Status { url, watch } => keys_status(&url, watch),
+        KeysCommand::Retire {
+            url,
+            purpose,
+            version,
+        } => admin_post(
+            &url,
+            &format!("/v1/admin/keys/{purpose}/{version}/retire"),
+            serde_json::json!({}),
+        ),
+        KeysCommand::Destroy {
+            url,
+            purpose,
+            version,
+        } => admin_post(
+            &url,
+            &format!("/v1/admin/keys/{purpose}/{version}/destroy"),
+            serde_json::json!({}),
+        ),
+    }
+}
+
+/// `tokenizer keys status [--watch]`.
+fn keys_status(url: &str, watch: bool) -> ExitCode {
+    let key = match admin_key() {
+        Ok(k) => k,
+        Err(code) => return code,
+    };
+    let endpoint = format!("{}/v1/admin/keys", url.trim_end_matches('/'));
+    let fetch = || -> Result<serde_json::Value, String> {
+        let response = ureq::get(&endpoint)
+            .set("Authorization", &format!("Bearer {}", key.as_str()))
+            .call();
+        match response {
+            Ok(r) => r.into_json().map_err(|e| e.to_string()),
+            Err(ureq::Error::Status(_, r)) => Err(r.into_string().unwrap_or_default()),
+            Err(e) => Err(format!("cannot reach {endpoint}: {e}")),
+        }
+    };
+    let mut total = None;
+    loop {
+        let status = match fetch() {
+            Ok(s) => s,
+            Err(e) => return fail(e.trim()),
+        };
+        let remaining = status["remaining"].as_u64().unwrap_or(0);
+        if !watch {
+            println!("{status}");
+            return ExitCode::SUCCESS;
+        }
+        let total = *total.get_or_insert(remaining.max(1));
+        let done = total.saturating_sub(remaining);
+        let width = 40;
+        let filled = usize::try_from(done * width / total).unwrap_or(0);
+        eprint!(
+            "\rre-encryption [{}{}] {:>3}% ({done} of {total} records moved, {remaining} left)",
+            "#".repeat(filled),
+            "-".repeat(40 - filled.min(40)),
+            done * 100 / total
+        );
+        if remaining == 0 {
+            eprintln!();
+            println!("{status}");
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
+/// `tokenizer keys init`: the split-knowledge keyring.
+fn keys_init(
+    common: CommonArgs,
+    shares: usize,
+    threshold: usize,
+    custodians: &[String],
+) -> ExitCode {
     let settings = match Settings::resolve(&common, false) {
         Ok(s) => s,
         Err(e) => return fail(e),
@@ -392,7 +484,7 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
         ));
     }
     let mut passphrases = Vec::with_capacity(shares);
-    for name in &custodians {
+    for name in custodians {
         match read_secret_line(&format!("passphrase of custodian {name}")) {
             Ok(p) => passphrases.push(p),
             Err(code) => return code,

@@ -157,7 +157,7 @@ pub enum KeysCommand {
     /// input, one line per custodian, in the order of --custodian.
     Init {
         #[command(flatten)]
-        common: CommonArgs,
+        common: Box<CommonArgs>,
         /// Number of custodians (N); must match the --custodian names.
         #[arg(long)]
         shares: usize,
@@ -167,6 +167,60 @@ pub enum KeysCommand {
         /// Custodian names, one per share (repeat the option).
         #[arg(long = "custodian", required = true)]
         custodians: Vec<String>,
+    },
+    /// Rotate: a new DEK becomes the active one (with --fingerprint, a new
+    /// fingerprint key too) and the service re-encrypts every record in the
+    /// background; with --kek, a new KEK re-wraps every stored key instead.
+    /// Calls the admin API (TOKENIZER_API_KEY, role key_admin).
+    Rotate {
+        #[arg(
+            long,
+            env = "TOKENIZER_ADMIN_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        url: String,
+        #[arg(long)]
+        fingerprint: bool,
+        #[arg(long, conflicts_with = "fingerprint")]
+        kek: bool,
+    },
+    /// Every key's version, state, age, crypto-period and records, and the
+    /// re-encryption progress (JSON); --watch shows a progress bar until the
+    /// pass is done.
+    Status {
+        #[arg(
+            long,
+            env = "TOKENIZER_ADMIN_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        url: String,
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Retire a decrypt-only key no record uses any more.
+    Retire {
+        #[arg(
+            long,
+            env = "TOKENIZER_ADMIN_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        url: String,
+        /// `dek` or `fingerprint`.
+        #[arg(long, default_value = "dek")]
+        purpose: String,
+        version: u32,
+    },
+    /// Destroy a retired key: its wrapped material is erased (crypto-shred).
+    Destroy {
+        #[arg(
+            long,
+            env = "TOKENIZER_ADMIN_URL",
+            default_value = "http://127.0.0.1:8080"
+        )]
+        url: String,
+        #[arg(long, default_value = "dek")]
+        purpose: String,
+        version: u32,
     },
 }
 
@@ -223,6 +277,17 @@ pub struct CommonArgs {
     /// Label of the KEK key object in the token; default `cardvault-kek-1`.
     #[arg(long, env = "TOKENIZER_PKCS11_KEK_LABEL")]
     pub pkcs11_kek_label: Option<String>,
+    /// Crypto-period of the DEK and the fingerprint key, in days (default
+    /// 365): keys in use past it are flagged in key status and /readyz.
+    #[arg(long, env = "TOKENIZER_KEY_CRYPTO_PERIOD_DAYS")]
+    pub key_crypto_period_days: Option<u32>,
+    /// Records moved per re-encryption transaction (default 500).
+    #[arg(long, env = "TOKENIZER_REENCRYPT_BATCH")]
+    pub reencrypt_batch: Option<u32>,
+    /// How often the service looks for records under older keys (and for
+    /// keys rotated by other instances), in milliseconds (default 2000).
+    #[arg(long, env = "TOKENIZER_REENCRYPT_INTERVAL_MS")]
+    pub reencrypt_interval_ms: Option<u64>,
     /// Log level or filter: error, warn, info, debug, trace.
     #[arg(long, env = "TOKENIZER_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -299,6 +364,9 @@ struct FileConfig {
     pkcs11_pin_file: Option<PathBuf>,
     pkcs11_pin_env: Option<String>,
     pkcs11_kek_label: Option<String>,
+    key_crypto_period_days: Option<u32>,
+    reencrypt_batch: Option<u32>,
+    reencrypt_interval_ms: Option<u64>,
 }
 
 /// Resolved settings.
@@ -323,6 +391,9 @@ pub struct Settings {
     pub kek_file: PathBuf,
     /// Where the KEK comes from (see `seal`).
     pub kek_source: crate::seal::KekSource,
+    pub crypto_periods: vault::CryptoPeriods,
+    pub reencrypt_batch: u32,
+    pub reencrypt_interval: std::time::Duration,
     pub log_level: String,
     pub listen: SocketAddr,
     pub dev: bool,
@@ -429,6 +500,30 @@ impl Settings {
                 .db_max_connections
                 .or(file.db_max_connections)
                 .unwrap_or(16),
+            crypto_periods: {
+                let days = common
+                    .key_crypto_period_days
+                    .or(file.key_crypto_period_days)
+                    .unwrap_or(365)
+                    .max(1);
+                let period = std::time::Duration::from_secs(u64::from(days) * 86_400);
+                vault::CryptoPeriods {
+                    dek: period,
+                    fingerprint: period,
+                }
+            },
+            reencrypt_batch: common
+                .reencrypt_batch
+                .or(file.reencrypt_batch)
+                .unwrap_or(500)
+                .clamp(1, 10_000),
+            reencrypt_interval: std::time::Duration::from_millis(
+                common
+                    .reencrypt_interval_ms
+                    .or(file.reencrypt_interval_ms)
+                    .unwrap_or(2000)
+                    .max(10),
+            ),
             data_dir,
             kek_file,
             kek_source,
@@ -571,6 +666,9 @@ mod tests {
             pkcs11_pin_file: None,
             pkcs11_pin_env: None,
             pkcs11_kek_label: None,
+            key_crypto_period_days: None,
+            reencrypt_batch: None,
+            reencrypt_interval_ms: None,
         }
     }
 

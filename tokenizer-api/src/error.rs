@@ -6,7 +6,7 @@
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
-use vault::{CardError, VaultError};
+use vault::{CardError, KeyLifecycleError, VaultError};
 
 /// Every error an HTTP handler can return.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +31,10 @@ pub enum ApiError {
     Sealed,
     #[error(transparent)]
     Unseal(#[from] crate::seal::UnsealError),
+    #[error(
+        "the file backend's KEK cannot be rotated in place: move to the keyring or pkcs11 backend"
+    )]
+    KekRotationUnsupported,
 }
 
 impl ApiError {
@@ -46,6 +50,7 @@ impl ApiError {
             ApiError::BodyRead => "invalid_request",
             ApiError::Sealed => "sealed",
             ApiError::Unseal(e) => e.code(),
+            ApiError::KekRotationUnsupported => "kek_rotation_unsupported",
         }
     }
 }
@@ -63,6 +68,12 @@ fn vault_status(e: &VaultError) -> StatusCode {
         VaultError::NotFound => StatusCode::NOT_FOUND,
         VaultError::Storage(_) | VaultError::Keys(_) => StatusCode::SERVICE_UNAVAILABLE,
         VaultError::Integrity | VaultError::Rng => StatusCode::INTERNAL_SERVER_ERROR,
+        VaultError::KeyLifecycle(k) => match k {
+            KeyLifecycleError::NotFound => StatusCode::NOT_FOUND,
+            // The record exists but its key is gone for good (crypto-shred).
+            KeyLifecycleError::Destroyed | KeyLifecycleError::Retired => StatusCode::GONE,
+            _ => StatusCode::CONFLICT,
+        },
     }
 }
 
@@ -101,6 +112,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Sealed => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::KekRotationUnsupported => StatusCode::CONFLICT,
             ApiError::Unseal(e) => match e {
                 crate::seal::UnsealError::WrongPassphrase(_) => StatusCode::FORBIDDEN,
                 crate::seal::UnsealError::UnknownCustodian

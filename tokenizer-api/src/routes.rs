@@ -27,6 +27,8 @@ use crate::seal::SealControl;
 pub struct AppState {
     /// Holds the vault once unsealed (see `seal`).
     pub seal: Arc<SealControl>,
+    /// Crypto-periods shown by key status and `/readyz`.
+    pub crypto_periods: vault::CryptoPeriods,
     pub max_body_bytes: usize,
     pub max_batch_body_bytes: usize,
 }
@@ -58,6 +60,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         ("/v1/admin/unseal", vec![web::post().to(unseal)]),
         ("/v1/admin/seal", vec![web::post().to(seal)]),
         ("/v1/admin/seal-status", vec![web::get().to(seal_status)]),
+        ("/v1/admin/keys", vec![web::get().to(key_status)]),
+        ("/v1/admin/keys/rotate", vec![web::post().to(rotate_keys)]),
+        (
+            "/v1/admin/keys/{purpose}/{version}/retire",
+            vec![web::post().to(retire_key)],
+        ),
+        (
+            "/v1/admin/keys/{purpose}/{version}/destroy",
+            vec![web::post().to(destroy_key)],
+        ),
+        ("/v1/admin/kek/rotate", vec![web::post().to(rotate_kek)]),
         (
             "/v1/audit/checkpoints",
             vec![web::get().to(audit_checkpoints)],
@@ -93,7 +106,29 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         }));
     };
     match vault.ready().await {
-        Ok(()) => HttpResponse::Ok().json(serde_json::json!({"status": "ready"})),
+        Ok(()) => {
+            // Keys in use past their crypto-period are flagged, not fatal
+            // (from the key rows only: no record counting here).
+            let now = vault::store::now_millis();
+            let periods = state.crypto_periods;
+            let past: Vec<String> = match vault.store().load_keys().await {
+                Ok(keys) => keys
+                    .iter()
+                    .filter(|k| k.state.is_loaded())
+                    .filter(|k| {
+                        let period = match k.purpose {
+                            vault::store::KeyPurpose::Dek => periods.dek,
+                            vault::store::KeyPurpose::Fingerprint => periods.fingerprint,
+                        };
+                        u128::try_from(now - k.created_at).unwrap_or(0) > period.as_millis()
+                    })
+                    .map(|k| format!("{}:{}", k.purpose.as_str(), k.version))
+                    .collect(),
+                Err(_) => Vec::new(),
+            };
+            HttpResponse::Ok()
+                .json(serde_json::json!({"status": "ready", "keys_past_crypto_period": past}))
+        }
         Err(e) => {
             tracing::warn!(error = %e, "not ready");
             HttpResponse::ServiceUnavailable()
@@ -562,4 +597,123 @@ async fn seal_status(
 ) -> Result<HttpResponse, ApiError> {
     admin_context(&req, &state, Action::UnsealAttempt).await?;
     Ok(HttpResponse::Ok().json(state.seal.status()))
+}
+
+/// A key's status as JSON (ages in days).
+fn key_json(k: &vault::KeyInfo) -> serde_json::Value {
+    const DAY: f64 = 86_400.0;
+    serde_json::json!({
+        "purpose": k.purpose.as_str(),
+        "version": k.version,
+        "state": k.state.as_str(),
+        "created_at": k.created_at,
+        "age_days": (k.age.as_secs_f64() / DAY * 10.0).round() / 10.0,
+        "crypto_period_days": (k.crypto_period.as_secs_f64() / DAY).round(),
+        "past_crypto_period": k.past_crypto_period,
+        "retired_at": k.retired_at,
+        "destroyed_at": k.destroyed_at,
+        "records": k.records,
+    })
+}
+
+/// `GET /v1/admin/keys` (role `key_admin`): every key's version, state,
+/// age, crypto-period and records, and the re-encryption progress.
+async fn key_status(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    admin_context(&req, &state, Action::KeyRotated).await?;
+    let vault = state.vault()?;
+    let status = vault.key_status(state.crypto_periods).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .json(serde_json::json!({
+            "active_dek": status.active_dek,
+            "active_fingerprint": status.active_fingerprint,
+            "remaining": status.remaining,
+            "reencrypted_at": status.reencrypted_at,
+            "keys": status.keys.iter().map(key_json).collect::<Vec<_>>(),
+        })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotateRequest {
+    /// Also rotate the fingerprint key (re-fingerprinting in the same pass).
+    #[serde(default)]
+    fingerprint: bool,
+}
+
+/// `POST /v1/admin/keys/rotate` `{"fingerprint": bool}` (role `key_admin`):
+/// a new active DEK (and fingerprint key); the background pass moves every
+/// record to it.
+async fn rotate_keys(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = admin_context(&req, &state, Action::KeyRotated).await?;
+    let body: RotateRequest = read_json(&req, payload, state.max_body_bytes).await?;
+    let vault = state.vault()?;
+    let rotation = vault
+        .rotate_dek(vault::Actor::Request(&ctx), body.fingerprint)
+        .await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "dek_version": rotation.dek_version,
+        "fingerprint_version": rotation.fingerprint_version,
+        "fingerprint_rotated": rotation.fingerprint_rotated,
+    })))
+}
+
+/// The `{purpose}/{version}` of a key route; 404 for anything else.
+fn key_path(path: &(String, String)) -> Result<(vault::store::KeyPurpose, u32), ApiError> {
+    let purpose = vault::store::KeyPurpose::parse(&path.0).ok_or(ApiError::NotFound)?;
+    let version = path.1.parse().map_err(|_| ApiError::NotFound)?;
+    Ok((purpose, version))
+}
+
+/// `POST /v1/admin/keys/{purpose}/{version}/retire` (role `key_admin`).
+async fn retire_key(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = admin_context(&req, &state, Action::KeyRetired).await?;
+    let (purpose, version) = key_path(&path)?;
+    let vault = state.vault()?;
+    vault
+        .retire(vault::Actor::Request(&ctx), purpose, version)
+        .await?;
+    Ok(HttpResponse::Ok().json(
+        serde_json::json!({"purpose": purpose.as_str(), "version": version, "state": "retired"}),
+    ))
+}
+
+/// `POST /v1/admin/keys/{purpose}/{version}/destroy` (role `key_admin`):
+/// crypto-shred a retired key.
+async fn destroy_key(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = admin_context(&req, &state, Action::KeyDestroyed).await?;
+    let (purpose, version) = key_path(&path)?;
+    let vault = state.vault()?;
+    vault
+        .destroy(vault::Actor::Request(&ctx), purpose, version)
+        .await?;
+    Ok(HttpResponse::Ok().json(
+        serde_json::json!({"purpose": purpose.as_str(), "version": version, "state": "destroyed"}),
+    ))
+}
+
+/// `POST /v1/admin/kek/rotate` (role `key_admin`): a new KEK version (in
+/// the keyring or the HSM) and every stored key re-wrapped under it.
+async fn rotate_kek(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = admin_context(&req, &state, Action::KekRotated).await?;
+    let kek_id = state.seal.rotate_kek(&ctx).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "kek_id": kek_id })))
 }

@@ -178,7 +178,7 @@ impl SealControl {
                 self.open_vault(Arc::new(kek)).await
             }
             KekSource::Pkcs11(config) => {
-                let config = config.clone();
+                let config = self.pkcs11_config(config).await;
                 let unsealed = tokio::task::spawn_blocking(move || config.unseal())
                     .await
                     .map_err(|_| UnsealError::Kek(KekError::Rng))?;
@@ -327,8 +327,16 @@ impl SealControl {
                             return Ok(self.status());
                         }
                         let keyring = unsealer.finish().map_err(UnsealError::Kek)?;
+                        // The version the stored keys are wrapped under (a
+                        // KEK rotation interrupted after adding a version
+                        // leaves the newest one unused).
+                        let stored = self.stored_kek_id().await;
                         let kek = keyring
-                            .current_kek()
+                            .versions()
+                            .iter()
+                            .find(|v| Some(&v.kek_id) == stored.as_ref())
+                            .and_then(|v| keyring.kek(v.version).ok())
+                            .or_else(|| keyring.current_kek())
                             .ok_or(UnsealError::Kek(KekError::MalformedBlob))?;
                         self.open_vault(Arc::new(kek)).await?;
                         ceremony.keyring = Some(keyring);
@@ -361,7 +369,7 @@ impl SealControl {
                 }
             }
             KekSource::Pkcs11(config) => {
-                let config = config.clone();
+                let config = self.pkcs11_config(config).await;
                 let unsealed = tokio::task::spawn_blocking(move || config.unseal())
                     .await
                     .map_err(|_| UnsealError::Kek(KekError::Rng))?;
@@ -415,8 +423,64 @@ impl SealControl {
         Ok(self.status())
     }
 
+    /// The KEK id the stored vault keys are wrapped under (None on a fresh
+    /// database, or if it cannot be read: then the configured KEK is used
+    /// and opening the vault reports any mismatch).
+    async fn stored_kek_id(&self) -> Option<String> {
+        let keys = self.store.load_keys().await.ok()?;
+        keys.into_iter().map(|k| k.kek_id).next()
+    }
+
+    /// The PKCS#11 configuration with the KEK label the stored keys name
+    /// (`p11:<label>:<id>`): after a KEK rotation that is the new key, not
+    /// the configured first one.
+    async fn pkcs11_config(&self, config: &Pkcs11Config) -> Pkcs11Config {
+        let mut config = config.clone();
+        if let Some(id) = self.stored_kek_id().await {
+            if let Some((label, _)) = id.strip_prefix("p11:").and_then(|r| r.rsplit_once(':')) {
+                config.kek_label = label.to_owned();
+            }
+        }
+        config
+    }
+
+    /// A new KEK (a new keyring version, or a new key generated in the
+    /// HSM) and every stored key re-wrapped under it (`Vault::rotate_kek`).
+    /// Returns the new KEK id.
+    pub async fn rotate_kek(&self, ctx: &RequestContext) -> Result<String, ApiError> {
+        let mut ceremony = self.ceremony.lock().await;
+        let vault = self.vault().ok_or(ApiError::Sealed)?;
+        let new: Arc<dyn KeyEncryptionKey> = match &self.source {
+            KekSource::Keyring { .. } => {
+                let keyring = ceremony.keyring.as_mut().ok_or(ApiError::Sealed)?;
+                Arc::new(keyring.add_kek_version().map_err(UnsealError::Kek)?)
+            }
+            KekSource::Pkcs11(config) => {
+                let config = config.clone();
+                let label = format!(
+                    "cardvault-kek-{}",
+                    time::OffsetDateTime::now_utc().unix_timestamp()
+                );
+                let generated = tokio::task::spawn_blocking(move || {
+                    let token = hsm_shim::Pkcs11Token::open(&config)?;
+                    token.login(&config.pin.load()?)?;
+                    token.generate_kek(&label)
+                })
+                .await
+                .map_err(|_| UnsealError::Kek(KekError::Rng))?;
+                Arc::new(generated.map_err(UnsealError::Kek)?)
+            }
+            KekSource::File { .. } => return Err(ApiError::KekRotationUnsupported),
+        };
+        let id = new.kek_id().to_owned();
+        vault
+            .rotate_kek(vault::rotation::Actor::Request(ctx), new)
+            .await?;
+        Ok(id)
+    }
+
     async fn open_vault(&self, kek: Arc<dyn KeyEncryptionKey>) -> Result<(), UnsealError> {
-        let vault = Vault::open(self.store.clone(), kek.as_ref())
+        let vault = Vault::open(self.store.clone(), kek)
             .await
             .map_err(UnsealError::Keys)?;
         if let Err(e) = std::fs::write(
