@@ -148,6 +148,27 @@ fn keyring_backend_starts_sealed_and_needs_k_custodians() {
     assert!(unseal(&svc, &admin_key, "carol", CUSTODIANS[2].1).0);
     expect_status(&tokenizer.detokenize(&token, REASON), 200);
 
+    // KEK rotation: a new keyring version re-wraps every stored key; after a
+    // restart the same custodians unseal and the new version opens them.
+    let mut rotate = tokenizer_command();
+    rotate
+        .args(["keys", "rotate", "--kek", "--url", &svc.base_url()])
+        .env("TOKENIZER_API_KEY", &admin_key);
+    let (ok, out, err) = run_with_stdin(rotate, "");
+    assert!(ok && out.contains("\"kek_id\""), "{out}{err}");
+    let keyring = std::fs::read_to_string(dir.path().join("keyring.json")).unwrap();
+    assert!(
+        keyring.matches("\"kek_id\"").count() >= 2,
+        "a second KEK version in the keyring"
+    );
+    svc.restart();
+    let tokenizer = tokenizer.reconnect(&svc);
+    assert!(unseal(&svc, &admin_key, "alice", CUSTODIANS[0].1).0);
+    assert!(unseal(&svc, &admin_key, "carol", CUSTODIANS[2].1).0);
+    let back = tokenizer.detokenize(&token, REASON);
+    expect_status(&back, 200);
+    assert_eq!(back.str("pan"), TEST_CARDS[0].0);
+
     // Every attempt is in the audit trail by custodian name; no passphrase
     // is anywhere in what the service wrote (database, logs, keyring file
     // holds only encrypted shares).
@@ -319,6 +340,25 @@ fn pkcs11_backend_unseals_by_logging_in_to_the_token() {
         .env("TOKENIZER_API_KEY", &admin_key);
     let (ok, out, err) = run_with_stdin(unseal, "");
     assert!(ok && out.contains("\"sealed\":false"), "{out}{err}");
+    let back = client.detokenize(&token, REASON);
+    expect_status(&back, 200);
+    assert_eq!(back.str("pan"), TEST_CARDS[4].0);
+
+    // KEK rotation in the HSM: a new key generated in the token re-wraps
+    // every stored key; a restart finds it by the label the keys name.
+    let mut rotate = tokenizer_command();
+    rotate
+        .args(["keys", "rotate", "--kek", "--url", &svc.base_url()])
+        .env("TOKENIZER_API_KEY", &admin_key);
+    let (ok, out, err) = run_with_stdin(rotate, "");
+    assert!(ok && out.contains("p11:cardvault-kek-"), "{out}{err}");
+    assert!(
+        !out.contains("cardvault-kek-1:"),
+        "a new KEK, not the first: {out}"
+    );
+    svc.restart();
+    let client = client.reconnect(&svc);
+    expect_status(&svc.anonymous().get("/readyz"), 200);
     let back = client.detokenize(&token, REASON);
     expect_status(&back, 200);
     assert_eq!(back.str("pan"), TEST_CARDS[4].0);
