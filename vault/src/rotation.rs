@@ -71,10 +71,20 @@ pub struct Progress {
     /// Records read but not moved (their key is not held, they failed to
     /// open, or another instance moved them first).
     pub skipped: u64,
-    /// Records still under an older key.
+    /// Records still under an older key: counted at the first batch of an
+    /// instance and whenever the end is near (so 0 is always exact); in
+    /// between, the last count minus what this instance moved since.
     pub remaining: u64,
     /// This batch finished the pass (and recorded `reencryption_finished`).
     pub finished: bool,
+}
+
+/// Where this instance's pass stands: speed hints only (a batch is correct
+/// from any starting point and with any estimate).
+#[derive(Debug, Default)]
+pub(crate) struct PassHint {
+    after: Option<String>,
+    remaining: Option<u64>,
 }
 
 /// Crypto-periods (PCI DSS 3.6.4): how long a key may be the active one.
@@ -256,9 +266,9 @@ impl Vault {
         }
         self.refresh_keys().await?;
         *self
-            .pass_after
+            .pass
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = PassHint::default();
         tracing::info!(
             dek = rotation.dek_version,
             fingerprint = rotation.fingerprint_version,
@@ -275,16 +285,19 @@ impl Vault {
         let mut attempt = 0;
         let outcome = loop {
             let keys = self.keys.keys();
-            let after = self
-                .pass_after
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone();
+            let (after, estimate) = {
+                let hint = self
+                    .pass
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                (hint.after.clone(), hint.remaining)
+            };
             let batch = PassBatch {
                 dek_version: keys.active_dek().version(),
                 fingerprint_version: keys.fingerprint_key().version(),
                 after,
                 limit,
+                count: estimate.is_none_or(|r| r <= u64::from(limit)),
                 finished_event: AuditEvent::new(Action::ReencryptionFinished, Outcome::Success)
                     .source("local")
                     .detail(format!(
@@ -299,28 +312,36 @@ impl Vault {
                     attempt += 1;
                     self.refresh_keys().await?;
                 }
-                other => break other?,
+                other => break (other?, estimate),
             }
         };
+        let (outcome, estimate) = outcome;
+        // Not counted: the batch was full and the last count is far from
+        // zero; never report 0 without a count.
+        let remaining = outcome
+            .remaining
+            .unwrap_or_else(|| estimate.unwrap_or(1).saturating_sub(outcome.moved).max(1));
         // The hint moves on while batches are full, and wraps around to the
         // start after a short one (rows skipped or added meanwhile are found
         // again).
         *self
-            .pass_after
+            .pass
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            if outcome.selected < u64::from(limit) {
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = PassHint {
+            after: if outcome.selected < u64::from(limit) {
                 None
             } else {
                 outcome.last_token.clone()
-            };
+            },
+            remaining: Some(remaining),
+        };
         if outcome.finished {
             tracing::info!("re-encryption pass finished");
         }
         Ok(Progress {
             moved: outcome.moved,
             skipped: outcome.skipped,
-            remaining: outcome.remaining,
+            remaining,
             finished: outcome.finished,
         })
     }

@@ -224,9 +224,9 @@ pub struct Vault {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) keys: Keyring,
     auth: Authenticator,
-    /// Where the next re-encryption batch starts (a hint for speed only: a
-    /// pass is correct from any starting point, see `rotation.rs`).
-    pub(crate) pass_after: std::sync::Mutex<Option<String>>,
+    /// Where this instance's re-encryption pass stands (hints for speed
+    /// only: a pass is correct from any starting point, see `rotation.rs`).
+    pub(crate) pass: std::sync::Mutex<crate::rotation::PassHint>,
 }
 
 fn card_aad(row: &CardRow) -> RecordAad<'_> {
@@ -249,7 +249,7 @@ impl Vault {
             auth: Authenticator::new(store.clone()),
             store,
             keys,
-            pass_after: std::sync::Mutex::new(None),
+            pass: std::sync::Mutex::default(),
         })
     }
 

@@ -316,13 +316,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         keys: &[StoredKey],
         events: Vec<AuditEvent>,
     ) -> Result<(), StoreError>;
-    /// One batch of the re-encryption pass, in one transaction: up to
-    /// `pass.limit` cards (token order, after `pass.after`) under a DEK older
-    /// than `pass.dek_version` or a fingerprint key older than
+    /// One batch of the re-encryption pass, in one transaction: the first
+    /// `pass.limit` cards in token order (after `pass.after`) under a DEK
+    /// older than `pass.dek_version` or a fingerprint key older than
     /// `pass.fingerprint_version`; `reseal` gives each one's new sealed record
     /// and fingerprint (None: skip it); each is updated only if still under
     /// the versions it was read with. When none remains, the active DEK row
     /// is marked re-encrypted and `pass.finished_event` recorded, once.
+    /// [`StoreError::StaleKeys`] if the versions are not the active ones.
     async fn reencrypt_batch(
         &self,
         pass: &PassBatch,
@@ -406,6 +407,9 @@ pub struct PassBatch {
     /// Start after this token (a hint for speed; None: from the start).
     pub after: Option<String>,
     pub limit: u32,
+    /// Count the rows still to move even if this batch is full (a count
+    /// scans them; it is always done when a batch comes back short).
+    pub count: bool,
     pub finished_event: AuditEvent,
 }
 
@@ -428,8 +432,9 @@ pub struct BatchOutcome {
     pub moved: u64,
     /// Rows that could not be resealed (or changed meanwhile).
     pub skipped: u64,
-    /// Rows still under an older key after this batch.
-    pub remaining: u64,
+    /// Rows still under an older key after this batch, if counted (see
+    /// [`PassBatch::count`]).
+    pub remaining: Option<u64>,
     /// The last token read (where the next batch may start).
     pub last_token: Option<String>,
     /// This batch finished the pass (and recorded its event).

@@ -723,6 +723,7 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         fingerprint_version: 2,
         after: None,
         limit: 10,
+        count: false,
         finished_event: ev(Action::ReencryptionFinished),
     };
     let resealer = |row: &CardRow| {
@@ -735,7 +736,10 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         })
     };
     let done = app.reencrypt_batch(&pass, &resealer).await.unwrap();
-    assert_eq!((done.moved, done.remaining, done.finished), (1, 0, true));
+    assert_eq!(
+        (done.moved, done.remaining, done.finished),
+        (1, Some(0), true)
+    );
     assert_eq!(
         app.change_key_state(
             KeyPurpose::Dek,

@@ -946,18 +946,43 @@ macro_rules! sql_store {
                 self.bounded(async {
                     let mut tx = self.pool.begin().await?;
                     guard_keys(&mut tx, pass.dek_version, pass.fingerprint_version, false).await?;
-                    let rows = sqlx::query(&format!(
-                        "SELECT {CARD_COLUMNS} FROM cards
-                          WHERE (key_version < $1 OR fingerprint_version < $2) AND token > $3
-                          ORDER BY token LIMIT $4"
-                    ))
+                    // The first `limit` cards in token order under any older
+                    // version: one range scan per older version on its
+                    // (version, token) index, merged here. Each scan reads
+                    // at most `limit` rows, whatever the size of the table
+                    // and however much of it was moved already.
+                    let older = sqlx::query(
+                        "SELECT purpose, version FROM vault_keys
+                          WHERE (purpose = 'dek' AND version < $1) OR (purpose = 'fingerprint' AND version < $2)",
+                    )
                     .bind(dek)
                     .bind(fp)
-                    .bind(pass.after.clone().unwrap_or_default())
-                    .bind(i64::from(pass.limit))
                     .fetch_all(&mut *tx)
                     .await?;
-                    let rows = rows.iter().map(card_from_row).collect::<Result<Vec<_>, _>>()?;
+                    let after = pass.after.clone().unwrap_or_default();
+                    let mut found: std::collections::BTreeMap<String, $crate::store::CardRow> = std::collections::BTreeMap::new();
+                    for r in &older {
+                        use sqlx::Row as _;
+                        let purpose: String = r.try_get("purpose")?;
+                        let version: i64 = r.try_get("version")?;
+                        let column = if purpose == "dek" { "key_version" } else { "fingerprint_version" };
+                        let rows = sqlx::query(&format!(
+                            "SELECT {CARD_COLUMNS} FROM cards WHERE {column} = $1 AND token > $2 ORDER BY token LIMIT $3"
+                        ))
+                        .bind(version)
+                        .bind(&after)
+                        .bind(i64::from(pass.limit))
+                        .fetch_all(&mut *tx)
+                        .await?;
+                        for row in rows.iter().map(card_from_row) {
+                            let row = row?;
+                            found.insert(row.token.clone(), row);
+                        }
+                    }
+                    let rows: Vec<$crate::store::CardRow> = found
+                        .into_values()
+                        .take(usize::try_from(pass.limit).unwrap_or(usize::MAX))
+                        .collect();
                     let mut out = BatchOutcome {
                         selected: rows.len() as u64,
                         last_token: rows.last().map(|r| r.token.clone()),
@@ -1003,13 +1028,17 @@ macro_rules! sql_store {
                         }
                     }
                     out.skipped = out.selected - out.moved;
-                    let remaining: i64 = sqlx::query_scalar(COUNT_OUTDATED)
-                        .bind(dek)
-                        .bind(fp)
-                        .fetch_one(&mut *tx)
-                        .await?;
-                    out.remaining = u64::try_from(remaining).map_err(|_| StoreError::Corrupt("count"))?;
-                    if out.remaining == 0 {
+                    // Counting costs a scan of what remains: only when asked,
+                    // or when this batch ran out of rows (the end may be here).
+                    if pass.count || out.selected < u64::from(pass.limit) {
+                        let remaining: i64 = sqlx::query_scalar(COUNT_OUTDATED)
+                            .bind(dek)
+                            .bind(fp)
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        out.remaining = Some(u64::try_from(remaining).map_err(|_| StoreError::Corrupt("count"))?);
+                    }
+                    if out.remaining == Some(0) {
                         // Once per pass, whatever the number of instances: the
                         // first to set the mark records the event.
                         let res = sqlx::query(
