@@ -466,6 +466,31 @@ async fn retirement_waits_for_the_pass_and_destruction_shreds_the_key() {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         assert_all_readable(&reopened, &rest, t.name()).await;
+
+        // A backup carries the key states (the destroyed key without
+        // material) and restores into a vault that behaves the same.
+        let file = e._dir.path().join(format!("{}.backup", t.name()));
+        crate::backup::write_backup(&*store, &*e.kek, &file)
+            .await
+            .unwrap();
+        let target = TestStore::sqlite().await;
+        crate::backup::restore_backup(&*target.store(), &*e.kek, &file)
+            .await
+            .unwrap();
+        assert_eq!(
+            target.store().load_keys().await.unwrap(),
+            store.load_keys().await.unwrap()
+        );
+        let restored = Vault::open(target.store(), e.kek.clone()).await.unwrap();
+        assert_all_readable(&restored, &rest, t.name()).await;
+        assert_eq!(
+            restored
+                .detokenize(&ctx(), keep_token, "after restore")
+                .await
+                .unwrap_err()
+                .code(),
+            "key_destroyed"
+        );
     }
 }
 

@@ -850,3 +850,84 @@ async fn archiving_moves_old_segments_to_files_that_verify() {
         assert_eq!(restored.report.last_seq, 27, "{name}");
     }
 }
+
+/// Migration 0004 on a database that already holds keys and cards: older
+/// DEK versions become decrypt-only, the newest of each purpose stays
+/// active, cards are under fingerprint key 1, and the pass to the newest DEK
+/// is only considered done where there was nothing older.
+#[tokio::test]
+async fn migration_0004_upgrades_existing_keys_and_cards() {
+    for backend in ["sqlite", "postgres"] {
+        // The first three migrations only, as shipped.
+        let old = tempfile::tempdir().unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations")
+            .join(backend);
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.as_str() < "0004" {
+                std::fs::copy(&path, old.path().join(&name)).unwrap();
+            }
+        }
+        let first_three = sqlx::migrate::Migrator::new(old.path()).await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (db, store): (Option<PgTestDb>, Arc<dyn Store>) = match backend {
+            "sqlite" => {
+                let s = SqliteStore::open_unmigrated(
+                    &dir.path().join("t.db"),
+                    std::time::Duration::from_secs(30),
+                )
+                .await
+                .unwrap();
+                first_three.run(s.pool()).await.unwrap();
+                for sql in [
+                    "INSERT INTO vault_keys (purpose, version, kek_id, wrapped, created_at) VALUES
+                       ('dek', 1, 'k', x'01', 10), ('dek', 2, 'k', x'02', 20), ('fingerprint', 1, 'k', x'03', 30)",
+                    "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at)
+                     VALUES ('tok_a', 't1', 'fp_a', 'visa', '411111', '1111', 16, 1, x'00', x'00', 1)",
+                ] {
+                    sqlx::query(sql).execute(s.pool()).await.unwrap();
+                }
+                s.migrate().await.unwrap();
+                (None, Arc::new(s))
+            }
+            _ => {
+                let db = PgTestDb::create().await;
+                let s = PgStore::connect_lazy(&db.url, PgSettings::default()).unwrap();
+                first_three.run(s.pool()).await.unwrap();
+                for sql in [
+                    "INSERT INTO vault_keys (purpose, version, kek_id, wrapped, created_at) VALUES
+                       ('dek', 1, 'k', '\\x01', 10), ('dek', 2, 'k', '\\x02', 20), ('fingerprint', 1, 'k', '\\x03', 30)",
+                    "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at)
+                     VALUES ('tok_a', 't1', 'fp_a', 'visa', '411111', '1111', 16, 1, '\\x00', '\\x00', 1)",
+                ] {
+                    sqlx::query(sql).execute(s.pool()).await.unwrap();
+                }
+                s.migrate().await.unwrap();
+                (Some(db), Arc::new(s))
+            }
+        };
+        let keys: Vec<_> = store
+            .load_keys()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|k| (k.purpose, k.version, k.state, k.reencrypted_at))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (KeyPurpose::Dek, 1, KeyState::DecryptOnly, None),
+                (KeyPurpose::Dek, 2, KeyState::Active, None),
+                (KeyPurpose::Fingerprint, 1, KeyState::Active, Some(30)),
+            ],
+            "{backend}"
+        );
+        let card = store.find_card("tok_a").await.unwrap().unwrap();
+        assert_eq!((card.key_version, card.fingerprint_version), (1, 1));
+        assert_eq!(store.count_outdated(2, 1).await.unwrap(), 1, "{backend}");
+        store.close().await;
+        drop(db);
+    }
+}
