@@ -513,31 +513,29 @@ impl Vault {
 
 /// Open a stored record with the DEK of its version from `keys`.
 pub(crate) fn open_with(keys: &KeySet, row: &CardRow) -> Result<CardSecret, VaultError> {
-    {
-        let dek = match keys.dek(row.key_version) {
-            Some(dek) => dek,
-            None => {
-                return Err(match keys.state(KeyPurpose::Dek, row.key_version) {
-                    Some(KeyState::Destroyed) => KeyLifecycleError::Destroyed.into(),
-                    Some(KeyState::Retired) => KeyLifecycleError::Retired.into(),
-                    _ => VaultError::Integrity,
-                })
-            }
-        };
-        let nonce: [u8; NONCE_LEN] = row
-            .nonce
-            .as_slice()
-            .try_into()
-            .map_err(|_| VaultError::Integrity)?;
-        let sealed = Sealed {
-            nonce,
-            ciphertext: row.ciphertext.clone(),
-        };
-        let plain = dek
-            .open(&card_aad(row), &sealed)
-            .map_err(|_: CryptoError| VaultError::Integrity)?;
-        CardSecret::decode(&plain).map_err(|_| VaultError::Integrity)
-    }
+    let dek = match keys.dek(row.key_version) {
+        Some(dek) => dek,
+        None => {
+            return Err(match keys.state(KeyPurpose::Dek, row.key_version) {
+                Some(KeyState::Destroyed) => KeyLifecycleError::Destroyed.into(),
+                Some(KeyState::Retired) => KeyLifecycleError::Retired.into(),
+                _ => VaultError::Integrity,
+            })
+        }
+    };
+    let nonce: [u8; NONCE_LEN] = row
+        .nonce
+        .as_slice()
+        .try_into()
+        .map_err(|_| VaultError::Integrity)?;
+    let sealed = Sealed {
+        nonce,
+        ciphertext: row.ciphertext.clone(),
+    };
+    let plain = dek
+        .open(&card_aad(row), &sealed)
+        .map_err(|_: CryptoError| VaultError::Integrity)?;
+    CardSecret::decode(&plain).map_err(|_| VaultError::Integrity)
 }
 
 impl Vault {

@@ -105,12 +105,14 @@ impl PgStore {
     /// Key guards (see `guard_keys` in sql.rs). Tokenization holds the
     /// active key rows with a share lock until commit: a rotation (which
     /// updates them) waits for it, so a card sealed under the old keys is
-    /// committed before any instance can use the new ones.
+    /// committed before any instance can use the new ones. Rows are locked
+    /// in purpose order (the locking node sits above the sort), the order in
+    /// which rotations and re-wrapping update them.
     const KEY_GUARD: &'static str = "SELECT state FROM vault_keys
          WHERE (purpose = 'dek' AND version = $1) OR (purpose = 'fingerprint' AND version = $2)";
     const KEY_GUARD_SHARED: &'static str = "SELECT state FROM vault_keys
          WHERE (purpose = 'dek' AND version = $1) OR (purpose = 'fingerprint' AND version = $2)
-         FOR SHARE";
+         ORDER BY purpose FOR SHARE";
     /// Restored audit events keep their numbers; new ones continue after them.
     const AFTER_IMPORT: Option<&'static str> = Some(
         "SELECT setval(pg_get_serial_sequence('audit_events', 'seq'), COALESCE((SELECT MAX(seq) FROM audit_events), 0) + 1, false)",

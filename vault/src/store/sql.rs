@@ -907,6 +907,10 @@ macro_rules! sql_store {
                 use $crate::store::StoreError;
                 self.bounded(async {
                     let mut tx = self.pool.begin().await?;
+                    // Key rows are always locked in (purpose, version) order,
+                    // as the tokenization guard does: no lock cycle.
+                    let mut keys: Vec<&$crate::store::StoredKey> = keys.iter().collect();
+                    keys.sort_by_key(|k| (k.purpose, k.version));
                     for k in keys {
                         let previous = k.version.checked_sub(1).ok_or(StoreError::Corrupt("key version"))?;
                         // Demote the active key this one replaces; if it is not
@@ -1038,23 +1042,35 @@ macro_rules! sql_store {
                             .await?;
                         out.remaining = Some(u64::try_from(remaining).map_err(|_| StoreError::Corrupt("count"))?);
                     }
+                    tx.commit().await?;
                     if out.remaining == Some(0) {
                         // Once per pass, whatever the number of instances: the
-                        // first to set the mark records the event.
+                        // first to set the mark records the event, in the
+                        // same transaction. A transaction of its own, holding
+                        // no card row: tokenizations hold the active DEK row
+                        // (share lock on PostgreSQL) and may wait for card
+                        // rows, so taking that row while holding card rows
+                        // could deadlock. Hence the re-check of "nothing left".
+                        let mut tx = self.pool.begin().await?;
                         let res = sqlx::query(
-                            "UPDATE vault_keys SET reencrypted_at = $2
-                              WHERE purpose = 'dek' AND version = $1 AND state = 'active' AND reencrypted_at IS NULL",
+                            "UPDATE vault_keys SET reencrypted_at = $3
+                              WHERE purpose = 'dek' AND version = $1 AND state = 'active' AND reencrypted_at IS NULL
+                                AND NOT EXISTS (SELECT 1 FROM cards WHERE key_version < $1)
+                                AND NOT EXISTS (SELECT 1 FROM cards WHERE fingerprint_version < $2)",
                         )
                         .bind(dek)
+                        .bind(fp)
                         .bind($crate::store::now_millis())
                         .execute(&mut *tx)
                         .await?;
                         if res.rows_affected() == 1 {
                             insert_event(&mut tx, &pass.finished_event).await?;
+                            tx.commit().await?;
                             out.finished = true;
+                        } else {
+                            tx.rollback().await?;
                         }
                     }
-                    tx.commit().await?;
                     Ok(out)
                 })
                 .await
