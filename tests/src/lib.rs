@@ -2453,3 +2453,165 @@ mod tests {
         assert_eq!(chunked.json["a"], 1);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Comparing stored data (hostile-input tests)
+// ---------------------------------------------------------------------------
+
+/// Whether a table holds the audit trail (or SQLite/sqlx bookkeeping), which
+/// legitimately grows with every request, refused or not.
+pub fn is_audit_or_bookkeeping_table(name: &str) -> bool {
+    name.starts_with("audit") || name.starts_with("sqlite_") || name.starts_with("_sqlx")
+}
+
+impl Service {
+    /// Every row of every table except the audit trail and bookkeeping
+    /// ([`is_audit_or_bookkeeping_table`]), as text, rows sorted: equal
+    /// dumps mean equal stored data. SQLite: each column as an SQL literal
+    /// (`quote()`); PostgreSQL: each row as `t::text`.
+    pub fn dump_data(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut out = std::collections::BTreeMap::new();
+        match self.backend() {
+            Backend::Postgres => {
+                for (table, text) in pg_dump_tables(&self.database_url()) {
+                    if is_audit_or_bookkeeping_table(&table) {
+                        continue;
+                    }
+                    let mut rows: Vec<String> = String::from_utf8_lossy(&text)
+                        .lines()
+                        .map(str::to_string)
+                        .collect();
+                    rows.sort();
+                    out.insert(table, rows);
+                }
+            }
+            Backend::Sqlite => block_on(async {
+                use sqlx::Connection as _;
+                let mut conn = self.sqlite_connect().await;
+                let tables: Vec<String> = sqlx::query_scalar(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY 1",
+                )
+                .fetch_all(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("listing tables: {e}"));
+                for table in tables {
+                    if is_audit_or_bookkeeping_table(&table) {
+                        continue;
+                    }
+                    let quoted = table.replace('"', "\"\"");
+                    let columns: Vec<String> = sqlx::query_scalar(&format!(
+                        "SELECT name FROM pragma_table_info('{}') ORDER BY cid",
+                        table.replace('\'', "''")
+                    ))
+                    .fetch_all(&mut conn)
+                    .await
+                    .unwrap_or_else(|e| panic!("columns of {table}: {e}"));
+                    let row = columns
+                        .iter()
+                        .map(|c| format!("quote(\"{}\")", c.replace('"', "\"\"")))
+                        .collect::<Vec<_>>()
+                        .join(" || '|' || ");
+                    let mut rows: Vec<String> =
+                        sqlx::query_scalar(&format!("SELECT {row} FROM \"{quoted}\""))
+                            .fetch_all(&mut conn)
+                            .await
+                            .unwrap_or_else(|e| panic!("dumping table {table}: {e}"));
+                    rows.sort();
+                    out.insert(table, rows);
+                }
+                let _ = conn.close().await;
+            }),
+        }
+        out
+    }
+}
+
+/// What a raw HTTP exchange ended in: a response, or the server closing (or
+/// resetting) the connection without one.
+#[derive(Debug)]
+pub enum RawOutcome {
+    Response(Resp),
+    Closed {
+        after: Duration,
+        error: Option<String>,
+    },
+}
+
+/// Writes `request` (a whole HTTP request, head and body, exactly as given)
+/// on a new connection to `addr`, `chunk` bytes at a time with `pause`
+/// between chunks, while reading; stops writing when the server answers or
+/// closes. Gives up after `limit` (then reports `Closed` with the error
+/// "client gave up").
+pub fn raw_http(
+    addr: &str,
+    request: &[u8],
+    chunk: usize,
+    pause: Duration,
+    limit: Duration,
+) -> RawOutcome {
+    let started = Instant::now();
+    let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    stream.set_write_timeout(Some(REQUEST_TIMEOUT)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = stream;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let mut sent = 0;
+    let mut next_write = Instant::now();
+    let mut write_failed = false;
+    loop {
+        if started.elapsed() > limit {
+            let _ = reader.shutdown(Shutdown::Both);
+            return RawOutcome::Closed {
+                after: started.elapsed(),
+                error: Some("client gave up".to_string()),
+            };
+        }
+        if sent < request.len() && !write_failed && Instant::now() >= next_write {
+            let end = (sent + chunk.max(1)).min(request.len());
+            match writer.write_all(&request[sent..end]) {
+                Ok(()) => {
+                    let _ = writer.flush();
+                    sent = end;
+                    next_write = Instant::now() + pause;
+                }
+                Err(_) => write_failed = true,
+            }
+        }
+        match reader.read(&mut buf) {
+            Ok(0) => {
+                return match parse_raw_response(&raw) {
+                    Some(resp) => RawOutcome::Response(resp),
+                    None => RawOutcome::Closed {
+                        after: started.elapsed(),
+                        error: None,
+                    },
+                }
+            }
+            Ok(n) => {
+                raw.extend_from_slice(&buf[..n]);
+                if response_complete(&raw) {
+                    let _ = reader.shutdown(Shutdown::Both);
+                    return RawOutcome::Response(parse_raw_response(&raw).unwrap());
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => {
+                return match parse_raw_response(&raw) {
+                    Some(resp) => RawOutcome::Response(resp),
+                    None => RawOutcome::Closed {
+                        after: started.elapsed(),
+                        error: Some(e.to_string()),
+                    },
+                }
+            }
+        }
+    }
+}

@@ -15,6 +15,8 @@
 mod audit_trail;
 #[path = "e2e/auth.rs"]
 mod auth;
+#[path = "e2e/authz.rs"]
+mod authz;
 #[path = "e2e/batch.rs"]
 mod batch;
 #[path = "e2e/concurrency.rs"]
@@ -23,6 +25,8 @@ mod concurrency;
 mod errors;
 #[path = "e2e/failclosed.rs"]
 mod failclosed;
+#[path = "e2e/hostile.rs"]
+mod hostile;
 #[path = "e2e/leaks.rs"]
 mod leaks;
 #[path = "e2e/lifecycle.rs"]

@@ -1,0 +1,324 @@
+//! The authorization matrix, generated from one table: every endpoint
+//! (method and path) against every kind of caller, with the expected status
+//! of each cell.
+//!
+//! The table must list every route `routes::configure` serves: the test
+//! reads that function's source (`include_str!`) and fails when it names a
+//! method and path the table lacks (or the table names one it does not
+//! serve), so adding an endpoint without deciding who may call it fails
+//! here. Each route of the source is also probed on the running service
+//! (anything but 404 `not_found` means it is served).
+//!
+//! `POST /v1/admin/seal` seals the service: its cells run last.
+
+use e2e::{fresh_pan, Client, Resp, Service};
+use serde_json::json;
+
+use crate::{card, exp_year, token_for, REASON, TENANT};
+
+/// Who calls. The order is the order of the columns of [`TABLE`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    /// No `Authorization` header.
+    NoKey,
+    /// `Bearer` followed by something that is not an API key.
+    Malformed,
+    /// A well-formed key nobody has.
+    Unknown,
+    /// A real key id with the wrong secret.
+    WrongSecret,
+    /// A key whose principal (every role) was revoked.
+    Revoked,
+    /// One role each, on every tenant.
+    Tokenize,
+    Detokenize,
+    Auditor,
+    KeyAdmin,
+    /// Role `tokenize`, limited to a tenant other than the one the
+    /// requests name (and the tokens belong to).
+    TokenizeOtherTenant,
+}
+
+const CALLERS: [Caller; 10] = [
+    Caller::NoKey,
+    Caller::Malformed,
+    Caller::Unknown,
+    Caller::WrongSecret,
+    Caller::Revoked,
+    Caller::Tokenize,
+    Caller::Detokenize,
+    Caller::Auditor,
+    Caller::KeyAdmin,
+    Caller::TokenizeOtherTenant,
+];
+
+/// What a request sends besides method and path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    None,
+    /// A fresh card for tenant [`TENANT`].
+    Tokenize,
+    Batch,
+    /// A fresh token of [`TENANT`] with a reason.
+    Detokenize,
+    /// `{}`: the file backend re-reads its KEK.
+    Unseal,
+    /// `{"fingerprint": false}`.
+    Rotate,
+}
+
+/// One row: method, path (`{token}` is a fresh token of [`TENANT`]), body,
+/// and the expected status per caller, in [`CALLERS`] order:
+/// no key, malformed, unknown, wrong secret, revoked, tokenize, detokenize,
+/// auditor, key_admin, tokenize on another tenant.
+type Row = (&'static str, &'static str, Body, [u16; 10]);
+
+#[rustfmt::skip]
+const TABLE: &[Row] = &[
+    //                                                              none mal  unk  wrng rev  tok  detk aud  kadm other
+    ("GET",    "/healthz",                              Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    ("GET",    "/readyz",                               Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    ("POST",   "/v1/tokens",                            Body::Tokenize,   [401, 401, 401, 401, 401, 201, 403, 403, 403, 403]),
+    ("POST",   "/v1/tokens/batch",                      Body::Batch,      [401, 401, 401, 401, 401, 200, 403, 403, 403, 403]),
+    ("POST",   "/v1/detokenize",                        Body::Detokenize, [401, 401, 401, 401, 401, 403, 200, 403, 403, 403]),
+    ("GET",    "/v1/tokens/{token}",                    Body::None,       [401, 401, 401, 401, 401, 200, 403, 403, 403, 404]),
+    ("DELETE", "/v1/tokens/{token}",                    Body::None,       [401, 401, 401, 401, 401, 204, 204, 403, 403, 404]),
+    ("GET",    "/v1/audit/events",                      Body::None,       [401, 401, 401, 401, 401, 403, 403, 200, 403, 403]),
+    ("GET",    "/v1/audit/checkpoints",                 Body::None,       [401, 401, 401, 401, 401, 403, 403, 200, 403, 403]),
+    ("GET",    "/v1/admin/seal-status",                 Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403]),
+    ("POST",   "/v1/admin/unseal",                      Body::Unseal,     [401, 401, 401, 401, 401, 403, 403, 403, 200, 403]),
+    ("GET",    "/v1/admin/keys",                        Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403]),
+    ("POST",   "/v1/admin/keys/rotate",                 Body::Rotate,     [401, 401, 401, 401, 401, 403, 403, 403, 200, 403]),
+    // The active DEK cannot be retired, nor an unretired key destroyed: 409 after authorization.
+    ("POST",   "/v1/admin/keys/{purpose}/{version}/retire",  Body::None,  [401, 401, 401, 401, 401, 403, 403, 403, 409, 403]),
+    ("POST",   "/v1/admin/keys/{purpose}/{version}/destroy", Body::None,  [401, 401, 401, 401, 401, 403, 403, 403, 409, 403]),
+    // The file KEK backend cannot rotate its KEK: 409 after authorization.
+    ("POST",   "/v1/admin/kek/rotate",                  Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 409, 403]),
+    // Last: key_admin seals the service.
+    ("POST",   "/v1/admin/seal",                        Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403]),
+];
+
+/// The tenant of [`Caller::TokenizeOtherTenant`].
+const OTHER_TENANT: &str = "shop-other";
+
+/// The error code that goes with a refusal status.
+fn code_for(status: u16) -> Option<&'static str> {
+    match status {
+        401 => Some("unauthenticated"),
+        403 => Some("forbidden"),
+        404 => Some("not_found"),
+        _ => None,
+    }
+}
+
+/// Every (method, path) `routes::configure` serves, read from its source:
+/// each path literal of the `routes` array with the `web::<method>()`
+/// calls that follow it.
+fn served_routes(source: &str) -> Vec<(String, String)> {
+    let start = source
+        .find("pub fn configure(")
+        .expect("routes.rs has `pub fn configure(`");
+    let body = &source[start..];
+    let end = body
+        .find("\n}\n")
+        .expect("configure() ends with a `}` line");
+    let body = &body[..end];
+    let mut routes = Vec::new();
+    let mut path: Option<String> = None;
+    let mut rest = body;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix("\"/") {
+            let close = after.find('"').expect("a closed path literal");
+            path = Some(format!("/{}", &after[..close]));
+            rest = &after[close + 1..];
+            continue;
+        }
+        if let Some(after) = rest.strip_prefix("web::") {
+            let name: String = after
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            let method = match name.as_str() {
+                "get" | "post" | "put" | "patch" | "delete" | "head" => {
+                    Some(name.to_ascii_uppercase())
+                }
+                "method" => panic!("configure() uses web::method(..): teach the authz test"),
+                _ => None,
+            };
+            if let Some(method) = method {
+                let path = path.clone().expect("a method call after a path literal");
+                routes.push((method, path));
+            }
+            rest = &after[name.len()..];
+            continue;
+        }
+        let mut chars = rest.chars();
+        chars.next();
+        rest = chars.as_str();
+    }
+    routes.sort();
+    routes.dedup();
+    routes
+}
+
+#[test]
+fn the_table_lists_exactly_the_served_routes() {
+    let source = include_str!("../../../tokenizer-api/src/routes.rs");
+    let served = served_routes(source);
+    assert!(
+        served.len() >= 10,
+        "suspiciously few routes read from configure(): {served:?}"
+    );
+    let mut table: Vec<(String, String)> = TABLE
+        .iter()
+        .map(|(m, p, _, _)| (m.to_string(), p.to_string()))
+        .collect();
+    table.sort();
+    let missing: Vec<_> = served.iter().filter(|r| !table.contains(r)).collect();
+    let stale: Vec<_> = table.iter().filter(|r| !served.contains(r)).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "the authorization table in tests/tests/e2e/authz.rs is out of date:\n  \
+         served but not in the table (decide who may call them): {missing:?}\n  \
+         in the table but not served: {stale:?}"
+    );
+}
+
+/// The request of one cell. Tokens are made fresh for every cell (DELETE
+/// consumes them).
+fn call(client: &Client, admin: &Client, method: &str, path: &str, body: Body) -> Resp {
+    let mut path = path.replace("{purpose}/{version}", "dek/1");
+    let mut token = None;
+    if path.contains("{token}") || body == Body::Detokenize {
+        let t = token_for(admin, TENANT, &fresh_pan());
+        path = path.replace("{token}", &t);
+        token = Some(t);
+    }
+    let value = match body {
+        Body::None => None,
+        Body::Tokenize => Some(json!({
+            "tenant": TENANT, "pan": fresh_pan(), "exp_month": 12, "exp_year": exp_year(),
+        })),
+        Body::Batch => Some(json!({
+            "tenant": TENANT, "cards": [card(&fresh_pan(), 12, exp_year())],
+        })),
+        Body::Detokenize => Some(json!({ "token": token, "reason": REASON })),
+        Body::Unseal => Some(json!({})),
+        Body::Rotate => Some(json!({ "fingerprint": false })),
+    };
+    match value {
+        Some(v) => client.send_raw(
+            method,
+            &path,
+            Some("application/json"),
+            v.to_string().as_bytes(),
+        ),
+        None if method == "POST" => client.send_raw(method, &path, None, b""),
+        None => client.send(method, &path),
+    }
+}
+
+#[test]
+fn authorization_matrix() {
+    let svc = Service::start();
+    let admin = svc.principal_client("matrix-admin", &["tokenize", "detokenize"], &["*"]);
+
+    let revoked_key = svc.create_principal(
+        "matrix-revoked",
+        &["tokenize", "detokenize", "auditor", "key_admin"],
+        &["*"],
+    );
+    svc.revoke("matrix-revoked");
+    let live_key = svc.create_principal("matrix-live", &["auditor"], &["*"]);
+    // Same id, same length, another secret.
+    let mut wrong_secret = live_key.clone();
+    let last = wrong_secret.pop().unwrap();
+    wrong_secret.push(if last == 'A' { 'B' } else { 'A' });
+
+    let client_for = |caller: Caller| -> Client {
+        match caller {
+            Caller::NoKey => svc.anonymous(),
+            Caller::Malformed => svc.client_with_authorization("Bearer not-an-api-key"),
+            Caller::Unknown => svc.client(&format!("cvk_AAAAAAAAAAAA_{}", "A".repeat(43))),
+            Caller::WrongSecret => svc.client(&wrong_secret),
+            Caller::Revoked => svc.client(&revoked_key),
+            Caller::Tokenize => svc.principal_client("matrix-tokenize", &["tokenize"], &["*"]),
+            Caller::Detokenize => {
+                svc.principal_client("matrix-detokenize", &["detokenize"], &["*"])
+            }
+            Caller::Auditor => svc.principal_client("matrix-auditor", &["auditor"], &["*"]),
+            Caller::KeyAdmin => svc.principal_client("matrix-key-admin", &["key_admin"], &["*"]),
+            Caller::TokenizeOtherTenant => {
+                svc.principal_client("matrix-other-tenant", &["tokenize"], &[OTHER_TENANT])
+            }
+        }
+    };
+    let clients: Vec<(Caller, Client)> = CALLERS.iter().map(|&c| (c, client_for(c))).collect();
+
+    let mut failures = Vec::new();
+    let mut cells = 0;
+    for (method, path, body, expected) in TABLE {
+        for (i, (caller, client)) in clients.iter().enumerate() {
+            let want = expected[i];
+            let resp = call(client, &admin, method, path, *body);
+            cells += 1;
+            let code_ok = match code_for(want) {
+                Some(code) => resp.error_code() == Some(code),
+                None => true,
+            };
+            if resp.status != want || !code_ok || resp.request_id.is_none() {
+                failures.push(format!(
+                    "{method} {path} as {caller:?}: want {want}, got {resp}"
+                ));
+            }
+        }
+    }
+    // After the key_admin's seal (the last row): sealed for everyone.
+    let sealed = svc.anonymous().get("/readyz");
+    assert_eq!(
+        sealed.status, 503,
+        "the last cell seals the service: {sealed}"
+    );
+    crate::report(&format!(
+        "authz: {cells} matrix cells checked ({} endpoints x {} callers) on {}",
+        TABLE.len(),
+        CALLERS.len(),
+        svc.backend().name()
+    ));
+    assert!(
+        failures.is_empty(),
+        "{} of {cells} authorization cells wrong:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// Every route of `configure()` is served by the running binary: a request
+/// without a key gets anything but 404 `not_found`.
+#[test]
+fn every_route_in_the_source_is_served() {
+    let svc = Service::start();
+    let anon = svc.anonymous();
+    let mut unserved = Vec::new();
+    for (method, path) in served_routes(include_str!("../../../tokenizer-api/src/routes.rs")) {
+        let path = path
+            .replace("{token}", "tok_AAAAAAAAAAAAAAAAAAAAAA")
+            .replace("{purpose}/{version}", "dek/1");
+        let resp = if method == "POST" {
+            anon.send_raw(&method, &path, Some("application/json"), b"{}")
+        } else {
+            anon.send(&method, &path)
+        };
+        if resp.status == 404 && resp.error_code() == Some("not_found") {
+            unserved.push(format!("{method} {path}: {resp}"));
+        }
+    }
+    // A path nobody serves is 404, so the probe can tell.
+    let nothing = anon.get("/v1/no-such-route");
+    assert_eq!(nothing.status, 404, "{nothing}");
+    assert!(
+        unserved.is_empty(),
+        "routes in configure() the binary does not serve (stale binary?):\n{}",
+        unserved.join("\n")
+    );
+}
