@@ -547,3 +547,49 @@ async fn a_kek_rotation_rewraps_every_key_and_the_old_kek_opens_none() {
         }
     }
 }
+
+#[tokio::test]
+async fn concurrent_passes_and_tokenizations_make_no_duplicate_and_one_finish() {
+    for t in TestStore::all().await {
+        let e = env();
+        let store = t.store();
+        let a = Vault::open(store.clone(), e.kek.clone()).await.unwrap();
+        let b = Vault::open(store.clone(), e.kek.clone()).await.unwrap();
+        let c = Vault::open(store.clone(), e.kek.clone()).await.unwrap();
+        let tokens = populate(&a, 40).await;
+        a.rotate_dek(Actor::Local, true).await.unwrap();
+
+        let (only_a, only_b) = ([&a], [&b]);
+        let retokenize = || async {
+            let mut same = 0;
+            for _ in 0..2 {
+                for (token, pan) in &tokens {
+                    let again = c
+                        .tokenize_many(&ctx(), "shop-1", vec![card(pan)])
+                        .await
+                        .unwrap();
+                    let again = again[0].as_ref().unwrap();
+                    assert!(!again.created, "{}", t.name());
+                    same += usize::from(again.token == *token);
+                }
+            }
+            same
+        };
+        let ((_, fa), (_, fb), same) = tokio::join!(
+            finish_pass(&only_a, 3),
+            finish_pass(&only_b, 3),
+            retokenize()
+        );
+        assert_eq!(fa + fb, 1, "{}: one finish", t.name());
+        assert_eq!(
+            same,
+            40,
+            "{}: each shop-1 card found once per round",
+            t.name()
+        );
+        assert_eq!(card_count(&store).await, 40, "{}", t.name());
+        assert_eq!(store.count_outdated(2, 2).await.unwrap(), 0);
+        assert_eq!(count(&store, Action::ReencryptionFinished).await, 1);
+        assert_all_readable(&c, &tokens, t.name()).await;
+    }
+}

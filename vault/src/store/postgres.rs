@@ -113,6 +113,10 @@ impl PgStore {
     const KEY_GUARD_SHARED: &'static str = "SELECT state FROM vault_keys
          WHERE (purpose = 'dek' AND version = $1) OR (purpose = 'fingerprint' AND version = $2)
          ORDER BY purpose FOR SHARE";
+    /// Re-encryption batches lock the rows they read and skip rows another
+    /// instance's batch holds: concurrent passes share the work instead of
+    /// waiting for (or deadlocking on) each other.
+    const PASS_LOCK: &'static str = " FOR UPDATE SKIP LOCKED";
     /// Restored audit events keep their numbers; new ones continue after them.
     const AFTER_IMPORT: Option<&'static str> = Some(
         "SELECT setval(pg_get_serial_sequence('audit_events', 'seq'), COALESCE((SELECT MAX(seq) FROM audit_events), 0) + 1, false)",

@@ -971,7 +971,8 @@ macro_rules! sql_store {
                         let version: i64 = r.try_get("version")?;
                         let column = if purpose == "dek" { "key_version" } else { "fingerprint_version" };
                         let rows = sqlx::query(&format!(
-                            "SELECT {CARD_COLUMNS} FROM cards WHERE {column} = $1 AND token > $2 ORDER BY token LIMIT $3"
+                            "SELECT {CARD_COLUMNS} FROM cards WHERE {column} = $1 AND token > $2 ORDER BY token LIMIT $3{}",
+                            <$store>::PASS_LOCK
                         ))
                         .bind(version)
                         .bind(&after)

@@ -77,6 +77,8 @@ impl SqliteStore {
          WHERE (purpose = 'dek' AND version = $1) OR (purpose = 'fingerprint' AND version = $2)
          RETURNING state";
     const KEY_GUARD_SHARED: &'static str = Self::KEY_GUARD;
+    /// One writer at a time: nothing to lock or skip.
+    const PASS_LOCK: &'static str = "";
     /// AUTOINCREMENT follows explicitly inserted sequence numbers by itself.
     const AFTER_IMPORT: Option<&'static str> = None;
 
