@@ -10,7 +10,14 @@
 //!   concurrently) for a tenant yields one token;
 //! - audit events are append-only (storage-level triggers) and contain no
 //!   card number ([`check_event`] runs before every insert);
-//! - rows hold ciphertext, never a clear PAN, expiry or name.
+//! - rows hold ciphertext, never a clear PAN, expiry or name;
+//! - cards are inserted only under the active DEK and fingerprint key: the
+//!   insert transaction checks (and on PostgreSQL share-locks) their rows,
+//!   so an instance whose keys were rotated elsewhere is refused
+//!   ([`StoreError::StaleKeys`]) instead of writing under an old key, and
+//!   a card stored under an older fingerprint key is found by it;
+//! - key changes (rotation, retirement, destruction, re-wrapping, the end of
+//!   a re-encryption pass) and their audit events share one transaction.
 
 pub mod postgres;
 #[cfg(test)]
