@@ -40,6 +40,8 @@ pub enum StartError {
     Keys(#[from] KeysError),
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, #[source] io::Error),
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[source] prometheus::Error),
     #[error("cannot record service start in the audit trail: {0}")]
     Audit(#[source] vault::VaultError),
 }
@@ -134,6 +136,7 @@ impl Application {
         let state = web::Data::new(AppState {
             seal: seal.clone(),
             crypto_periods: settings.crypto_periods,
+            metrics: crate::metrics::Metrics::new().map_err(StartError::Metrics)?,
             max_body_bytes: settings.max_body_bytes,
             max_batch_body_bytes: settings.max_batch_body_bytes,
         });

@@ -405,11 +405,20 @@ pub fn keys(cmd: KeysCommand) -> ExitCode {
             url,
             purpose,
             version,
-        } => admin_post(
-            &url,
-            &format!("/v1/admin/keys/{purpose}/{version}/destroy"),
-            serde_json::json!({}),
-        ),
+            kek,
+        } => match (version, kek) {
+            (_, Some(kek_id)) => admin_post(
+                &url,
+                "/v1/admin/kek/destroy",
+                serde_json::json!({ "kek_id": kek_id }),
+            ),
+            (Some(version), None) => admin_post(
+                &url,
+                &format!("/v1/admin/keys/{purpose}/{version}/destroy"),
+                serde_json::json!({}),
+            ),
+            (None, None) => fail("give a key VERSION or --kek KEK_ID"),
+        },
     }
 }
 

@@ -211,6 +211,7 @@ pub enum KeysCommand {
         version: u32,
     },
     /// Destroy a retired key: its wrapped material is erased (crypto-shred).
+    /// With --kek KEK_ID: destroy an old KEK instead.
     Destroy {
         #[arg(
             long,
@@ -220,7 +221,12 @@ pub enum KeysCommand {
         url: String,
         #[arg(long, default_value = "dek")]
         purpose: String,
-        version: u32,
+        #[arg(required_unless_present = "kek")]
+        version: Option<u32>,
+        /// An old KEK (keyring version or HSM key) no stored key is wrapped
+        /// under any more, by its id.
+        #[arg(long, value_name = "KEK_ID", conflicts_with = "version")]
+        kek: Option<String>,
     },
 }
 

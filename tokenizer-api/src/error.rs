@@ -35,6 +35,8 @@ pub enum ApiError {
         "the file backend's KEK cannot be rotated in place: move to the keyring or pkcs11 backend"
     )]
     KekRotationUnsupported,
+    #[error("stored keys are still wrapped under this KEK: rotate the KEK first")]
+    KekInUse,
 }
 
 impl ApiError {
@@ -51,6 +53,7 @@ impl ApiError {
             ApiError::Sealed => "sealed",
             ApiError::Unseal(e) => e.code(),
             ApiError::KekRotationUnsupported => "kek_rotation_unsupported",
+            ApiError::KekInUse => "kek_in_use",
         }
     }
 }
@@ -112,7 +115,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Sealed => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::KekRotationUnsupported => StatusCode::CONFLICT,
+            ApiError::KekRotationUnsupported | ApiError::KekInUse => StatusCode::CONFLICT,
             ApiError::Unseal(e) => match e {
                 crate::seal::UnsealError::WrongPassphrase(_) => StatusCode::FORBIDDEN,
                 crate::seal::UnsealError::UnknownCustodian

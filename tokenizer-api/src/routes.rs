@@ -29,6 +29,7 @@ pub struct AppState {
     pub seal: Arc<SealControl>,
     /// Crypto-periods shown by key status and `/readyz`.
     pub crypto_periods: vault::CryptoPeriods,
+    pub metrics: crate::metrics::Metrics,
     pub max_body_bytes: usize,
     pub max_batch_body_bytes: usize,
 }
@@ -49,6 +50,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     let routes = [
         ("/healthz", vec![web::get().to(healthz)]),
         ("/readyz", vec![web::get().to(readyz)]),
+        ("/metrics", vec![web::get().to(metrics)]),
         ("/v1/tokens", vec![web::post().to(tokenize)]),
         ("/v1/tokens/batch", vec![web::post().to(tokenize_batch)]),
         ("/v1/detokenize", vec![web::post().to(detokenize)]),
@@ -71,6 +73,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             vec![web::post().to(destroy_key)],
         ),
         ("/v1/admin/kek/rotate", vec![web::post().to(rotate_kek)]),
+        ("/v1/admin/kek/destroy", vec![web::post().to(destroy_kek)]),
         (
             "/v1/audit/checkpoints",
             vec![web::get().to(audit_checkpoints)],
@@ -135,6 +138,14 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
                 .json(serde_json::json!({"status": "unavailable", "error": {"code": e.code()}}))
         }
     }
+}
+
+/// `GET /metrics`: Prometheus text format (counts and states only).
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let body = state.metrics.render(&state).await;
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(body)
 }
 
 /// Authenticate the request and build its context. Runs before the body is read.
@@ -716,4 +727,23 @@ async fn rotate_kek(
     let ctx = admin_context(&req, &state, Action::KekRotated).await?;
     let kek_id = state.seal.rotate_kek(&ctx).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({ "kek_id": kek_id })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DestroyKekRequest {
+    kek_id: String,
+}
+
+/// `POST /v1/admin/kek/destroy` `{"kek_id"}` (role `key_admin`): destroy an
+/// old KEK version that nothing is wrapped under any more.
+async fn destroy_kek(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = admin_context(&req, &state, Action::KeyDestroyed).await?;
+    let body: DestroyKekRequest = read_json(&req, payload, state.max_body_bytes).await?;
+    state.seal.destroy_kek(&ctx, &body.kek_id).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"kek_id": body.kek_id, "state": "destroyed"})))
 }

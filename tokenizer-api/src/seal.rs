@@ -479,6 +479,92 @@ impl SealControl {
         Ok(id)
     }
 
+    /// Destroy an old KEK (a keyring version, or a key in the HSM) that no
+    /// stored key is wrapped under any more: the crypto-shred of everything
+    /// it ever wrapped (backups made before its rotation included).
+    pub async fn destroy_kek(&self, ctx: &RequestContext, kek_id: &str) -> Result<(), ApiError> {
+        let mut ceremony = self.ceremony.lock().await;
+        let vault = self.vault().ok_or(ApiError::Sealed)?;
+        let store = vault.store();
+        let keys = store.load_keys().await.map_err(VaultError::from)?;
+        let signing = store.load_signing_keys().await.map_err(VaultError::from)?;
+        let in_use = keys
+            .iter()
+            .map(|k| k.kek_id.as_str())
+            .chain(signing.iter().map(|k| k.kek_id.as_str()))
+            .any(|id| id == kek_id);
+        // KEK ids are shown unless they look like a card number (the audit
+        // store would refuse the event).
+        let shown = if vault::pan::contains_pan_like(kek_id) {
+            "kek (id withheld)".to_owned()
+        } else {
+            format!("kek {kek_id}")
+        };
+        let refuse = |code: &'static str| {
+            let mut event = ctx
+                .clone_event(Action::KeyDestroyed, Outcome::Failure)
+                .detail(shown.clone());
+            event.error_code = Some(code.to_owned());
+            event
+        };
+        if in_use {
+            self.store
+                .append_audit(refuse("kek_in_use"))
+                .await
+                .map_err(VaultError::from)?;
+            return Err(ApiError::KekInUse);
+        }
+        let destroyed = match &self.source {
+            KekSource::Keyring { .. } => {
+                let keyring = ceremony.keyring.as_mut().ok_or(ApiError::Sealed)?;
+                match keyring.versions().iter().find(|v| v.kek_id == kek_id) {
+                    Some(v) => keyring
+                        .destroy_kek_version(v.version)
+                        .map_err(UnsealError::Kek),
+                    None => Err(UnsealError::Kek(KekError::KekNotFound {
+                        label: "(no such KEK version)".to_owned(),
+                    })),
+                }
+            }
+            KekSource::Pkcs11(config) => {
+                let Some((label, _)) = kek_id.strip_prefix("p11:").and_then(|r| r.rsplit_once(':'))
+                else {
+                    return Err(ApiError::NotFound);
+                };
+                let (config, label) = (config.clone(), label.to_owned());
+                tokio::task::spawn_blocking(move || {
+                    let token = hsm_shim::Pkcs11Token::open(&config)?;
+                    token.login(&config.pin.load()?)?;
+                    token.destroy_kek(&label)
+                })
+                .await
+                .map_err(|_| UnsealError::Kek(KekError::Rng))?
+                .map_err(UnsealError::Kek)
+            }
+            KekSource::File { .. } => return Err(ApiError::KekRotationUnsupported),
+        };
+        match destroyed {
+            Ok(()) => {
+                let event = ctx
+                    .clone_event(Action::KeyDestroyed, Outcome::Success)
+                    .detail(shown);
+                self.store
+                    .append_audit(event)
+                    .await
+                    .map_err(VaultError::from)?;
+                tracing::warn!("destroyed an old KEK: everything it wrapped is unrecoverable");
+                Ok(())
+            }
+            Err(e) => {
+                self.store
+                    .append_audit(refuse(e.code()))
+                    .await
+                    .map_err(VaultError::from)?;
+                Err(e.into())
+            }
+        }
+    }
+
     async fn open_vault(&self, kek: Arc<dyn KeyEncryptionKey>) -> Result<(), UnsealError> {
         let vault = Vault::open(self.store.clone(), kek)
             .await

@@ -156,6 +156,10 @@ fn rotation_survives_sigkill_mid_pass_and_loses_nothing() {
         assert!(Instant::now() < deadline, "the pass did not start");
         std::thread::sleep(Duration::from_millis(10));
     };
+    let metrics = svc.anonymous().get("/metrics");
+    expect_status(&metrics, 200);
+    let gauge = metric(&metrics.text, "cardvault_reencryption_remaining_records");
+    assert!(gauge > 0 && gauge <= total, "{}", metrics.text);
     let killed_at = Instant::now();
     svc.kill(); // SIGKILL
     svc.restart();
@@ -209,6 +213,19 @@ fn rotation_survives_sigkill_mid_pass_and_loses_nothing() {
         "too little load to mean anything: {sent} sent, {failed} failed"
     );
 
+    let metrics = svc.anonymous().get("/metrics").text;
+    assert_eq!(
+        metric(&metrics, "cardvault_reencryption_remaining_records"),
+        0,
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "cardvault_key_records{{purpose=\"dek\",version=\"2\"}} {total}"
+        )),
+        "{metrics}"
+    );
+
     // Every record is under the new DEK; every token opens to its card.
     let by_version = dek_records(&done);
     assert!(
@@ -258,4 +275,11 @@ fn rotation_survives_sigkill_mid_pass_and_loses_nothing() {
     expect_status(&r, 200);
     assert_eq!(r.str("pan"), tokens[0].2);
     svc.kill();
+}
+
+/// The value of an unlabelled gauge in a Prometheus text page.
+fn metric(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {page}"))
 }

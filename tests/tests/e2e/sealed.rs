@@ -156,11 +156,29 @@ fn keyring_backend_starts_sealed_and_needs_k_custodians() {
         .env("TOKENIZER_API_KEY", &admin_key);
     let (ok, out, err) = run_with_stdin(rotate, "");
     assert!(ok && out.contains("\"kek_id\""), "{out}{err}");
-    let keyring = std::fs::read_to_string(dir.path().join("keyring.json")).unwrap();
-    assert!(
-        keyring.matches("\"kek_id\"").count() >= 2,
-        "a second KEK version in the keyring"
-    );
+    let new_id = serde_json::from_str::<serde_json::Value>(out.trim()).unwrap()["kek_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let read_ids = || {
+        let text = std::fs::read_to_string(dir.path().join("keyring.json")).unwrap();
+        keyring_kek_ids(&serde_json::from_str(&text).unwrap())
+    };
+    let ids = read_ids();
+    assert_eq!(ids.len(), 2, "a second KEK version in the keyring: {ids:?}");
+    let old_id = ids.iter().find(|id| **id != new_id).unwrap().clone();
+    // The KEK in use cannot be destroyed; the old one can (crypto-shred).
+    let destroy = |id: &str| {
+        let mut cmd = tokenizer_command();
+        cmd.args(["keys", "destroy", "--kek", id, "--url", &svc.base_url()])
+            .env("TOKENIZER_API_KEY", &admin_key);
+        run_with_stdin(cmd, "")
+    };
+    let (ok, _, err) = destroy(&new_id);
+    assert!(!ok && err.contains("kek_in_use"), "{err}");
+    let (ok, out, err) = destroy(&old_id);
+    assert!(ok, "{out}{err}");
+    assert_eq!(read_ids(), vec![new_id.clone()]);
     svc.restart();
     let tokenizer = tokenizer.reconnect(&svc);
     assert!(unseal(&svc, &admin_key, "alice", CUSTODIANS[0].1).0);
@@ -363,4 +381,24 @@ fn pkcs11_backend_unseals_by_logging_in_to_the_token() {
     expect_status(&back, 200);
     assert_eq!(back.str("pan"), TEST_CARDS[4].0);
     svc.kill();
+}
+
+/// Every `kek_id` string anywhere in the keyring file's JSON.
+fn keyring_kek_ids(value: &serde_json::Value) -> Vec<String> {
+    let mut out = Vec::new();
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("kek_id", serde_json::Value::String(id)) => out.push(id.clone()),
+                    _ => out.extend(keyring_kek_ids(v)),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            items.iter().for_each(|v| out.extend(keyring_kek_ids(v)))
+        }
+        _ => {}
+    }
+    out
 }
