@@ -65,6 +65,8 @@ enum Body {
     Unseal,
     /// `{"fingerprint": false}`.
     Rotate,
+    /// `{"kek_id": ..}` of a KEK that wraps nothing.
+    DestroyKek,
 }
 
 /// One row: method, path (`{token}` is a fresh token of [`TENANT`]), body,
@@ -78,6 +80,7 @@ const TABLE: &[Row] = &[
     //                                                              none mal  unk  wrng rev  tok  detk aud  kadm other
     ("GET",    "/healthz",                              Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
     ("GET",    "/readyz",                               Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    ("GET",    "/metrics",                              Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
     ("POST",   "/v1/tokens",                            Body::Tokenize,   [401, 401, 401, 401, 401, 201, 403, 403, 403, 403]),
     ("POST",   "/v1/tokens/batch",                      Body::Batch,      [401, 401, 401, 401, 401, 200, 403, 403, 403, 403]),
     ("POST",   "/v1/detokenize",                        Body::Detokenize, [401, 401, 401, 401, 401, 403, 200, 403, 403, 403]),
@@ -92,8 +95,9 @@ const TABLE: &[Row] = &[
     // The active DEK cannot be retired, nor an unretired key destroyed: 409 after authorization.
     ("POST",   "/v1/admin/keys/{purpose}/{version}/retire",  Body::None,  [401, 401, 401, 401, 401, 403, 403, 403, 409, 403]),
     ("POST",   "/v1/admin/keys/{purpose}/{version}/destroy", Body::None,  [401, 401, 401, 401, 401, 403, 403, 403, 409, 403]),
-    // The file KEK backend cannot rotate its KEK: 409 after authorization.
+    // The file KEK backend cannot rotate or destroy its KEK: 409 after authorization.
     ("POST",   "/v1/admin/kek/rotate",                  Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 409, 403]),
+    ("POST",   "/v1/admin/kek/destroy",                 Body::DestroyKek, [401, 401, 401, 401, 401, 403, 403, 403, 409, 403]),
     // Last: key_admin seals the service.
     ("POST",   "/v1/admin/seal",                        Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403]),
 ];
@@ -205,6 +209,7 @@ fn call(client: &Client, admin: &Client, method: &str, path: &str, body: Body) -
         Body::Detokenize => Some(json!({ "token": token, "reason": REASON })),
         Body::Unseal => Some(json!({})),
         Body::Rotate => Some(json!({ "fingerprint": false })),
+        Body::DestroyKek => Some(json!({ "kek_id": "no-such-kek" })),
     };
     match value {
         Some(v) => client.send_raw(
