@@ -16,6 +16,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod fuzzing;
 pub mod metrics;
 pub mod routes;
 pub mod seal;

@@ -1253,3 +1253,106 @@ fn slow_clients() {
         diff(&before, &after)
     );
 }
+
+/// KNOWN BUG (tokenizer-api, reported with issue 8): request bodies are
+/// documented as JSON objects, but serde's derived deserializers also take
+/// a JSON array of the fields in declaration order, so
+/// `["shop-42","<pan>",12,2031]` tokenizes. Pinned as it is today (on a
+/// service of its own): when bodies are restricted to objects this test
+/// fails; then expect 400 `invalid_request` here and delete this note.
+#[test]
+fn known_bug_positional_array_bodies_are_accepted() {
+    let svc = Service::start();
+    let client = svc.principal_client("positional", &["tokenize", "detokenize"], &["*"]);
+    let body = json!([TENANT, TEST_CARDS[1].0, 12, exp_year()]).to_string();
+    let resp = client.post_raw("/v1/tokens", body.as_bytes());
+    assert_eq!(
+        resp.status, 201,
+        "positional array bodies are refused now: update this test ({resp})"
+    );
+    let token = resp.str("token");
+    let back = client.detokenize(&token, REASON);
+    expect_status(&back, 200);
+    assert_eq!(back.json["pan"], TEST_CARDS[1].0);
+    let batch = json!([TENANT, [[TEST_CARDS[2].0, 12, exp_year(), null]]]).to_string();
+    let resp = client.post_raw("/v1/tokens/batch", batch.as_bytes());
+    assert_eq!(resp.status, 200, "{resp}");
+    assert_eq!(resp.json["results"][0]["created"], true, "{resp}");
+}
+
+/// KNOWN BUG (audit crate, found while writing the `audit_reader` fuzz
+/// target's property, reported with issue 8): an export line whose time is
+/// respelled with another UTC offset for the same instant
+/// (`"2026-11-28T01:01:30.0196Z"` -> `"2026-11-28T02:01:30.0196+01:00"`)
+/// is read as canonical (it writes back to itself) and `vault-audit verify`
+/// accepts the changed file: the hashes cover the instant, the strict reader
+/// does not insist on `Z`. No value changes, but the module promises that
+/// any edit is refused. Pinned as it is today: when the reader insists on
+/// UTC this test fails; then expect exit status 1 and delete this note.
+#[test]
+fn known_bug_audit_export_accepts_a_time_with_another_offset() {
+    let mut svc = Service::start();
+    let client = svc.principal_client("offset", &["tokenize"], &["*"]);
+    crate::token_for(&client, TENANT, TEST_CARDS[3].0);
+    // A graceful stop signs a last checkpoint covering every entry.
+    svc.terminate(Duration::from_secs(30));
+    let export = svc.data_dir().join("offset-trail.jsonl");
+    let url = svc.database_url();
+    let out = e2e::run_vault_audit(&[
+        "export",
+        "--database-url",
+        &url,
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(out.success(), "export: {}{}", out.stdout, out.stderr);
+    let key = svc.data_dir().join("audit-verify.pub");
+    let verify = |path: &std::path::Path| {
+        e2e::run_vault_audit(&[
+            "verify",
+            "--key",
+            key.to_str().unwrap(),
+            "--export",
+            path.to_str().unwrap(),
+        ])
+    };
+    let genuine = verify(&export);
+    assert!(genuine.success(), "{}{}", genuine.stdout, genuine.stderr);
+
+    // Respell the first entry's time with another offset.
+    let text = std::fs::read_to_string(&export).unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let i = lines
+        .iter()
+        .position(|l| l.starts_with(r#"{"type":"entry","#))
+        .expect("an entry line");
+    let at = lines[i].find(r#""time":""#).unwrap() + r#""time":""#.len();
+    let end = at + lines[i][at..].find('"').unwrap();
+    let time = &lines[i][at..end];
+    assert!(time.ends_with('Z'), "{time}");
+    let hour: u32 = time[11..13].parse().unwrap();
+    // The same instant one hour east (or west, at 23h: no date change).
+    let (new_hour, offset) = if hour < 23 {
+        (hour + 1, "+01:00")
+    } else {
+        (hour - 1, "-01:00")
+    };
+    let respelled = format!(
+        "{}{:02}{}{offset}",
+        &time[..11],
+        new_hour,
+        &time[13..time.len() - 1]
+    );
+    lines[i] = format!("{}{}{}", &lines[i][..at], respelled, &lines[i][end..]);
+    let changed = svc.data_dir().join("offset-trail-changed.jsonl");
+    std::fs::write(&changed, lines.join("\n") + "\n").unwrap();
+    assert_ne!(std::fs::read(&changed).unwrap(), text.as_bytes());
+    let out = verify(&changed);
+    assert!(
+        out.success(),
+        "a respelled time is refused now: update this test (exit {}: {}{})",
+        out.status,
+        out.stdout,
+        out.stderr
+    );
+}
