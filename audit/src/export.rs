@@ -69,6 +69,17 @@ impl Record {
         } else {
             return Err(LineError::UnknownType);
         };
+        // Times are written in UTC (`Z`): another offset for the same
+        // instant writes back to itself, but it is not what the exporter
+        // wrote, so it is refused like any other respelling.
+        let utc = match &record {
+            Record::Entry(e) => e.event.time.offset().is_utc(),
+            Record::Checkpoint(c) => c.time.offset().is_utc(),
+            Record::Anchor(_) => true,
+        };
+        if !utc {
+            return Err(LineError::NotCanonical);
+        }
         // Canonical form: writing it back must give the same line.
         match record.to_line() {
             Ok(again) if again == line => Ok(record),
@@ -291,6 +302,27 @@ mod tests {
     use crate::chain::ChainState;
     use crate::checkpoint::SigningKey;
     use crate::{Action, AuditEvent, Outcome};
+
+    #[test]
+    fn times_in_another_offset_are_not_canonical() {
+        let (checkpoints, entries) = sample();
+        let plus_one = time::UtcOffset::from_hms(1, 0, 0).unwrap();
+        let mut entry = entries[0].clone();
+        entry.event.time = entry.event.time.to_offset(plus_one);
+        let line = entry_line(&entry).unwrap();
+        assert!(line.contains("+01:00"), "{line}");
+        assert_eq!(Record::from_line(&line), Err(LineError::NotCanonical));
+        let mut cp = checkpoints[0].clone();
+        cp.time = cp.time.to_offset(plus_one);
+        let line = checkpoint_line(&cp).unwrap();
+        assert_eq!(Record::from_line(&line), Err(LineError::NotCanonical));
+        // The originals read back.
+        let line = entry_line(&entries[0]).unwrap();
+        assert_eq!(
+            Record::from_line(&line),
+            Ok(Record::Entry(entries[0].clone()))
+        );
+    }
 
     fn sample() -> (Vec<Checkpoint>, Vec<ChainedEvent>) {
         let mut chain = ChainState::new();

@@ -179,6 +179,61 @@ fn bearer(v: &HeaderValue) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
+/// Whether a body has the shape every request body has: a JSON object whose
+/// arrays (only the batch's `cards`) sit directly in it and hold objects.
+/// serde's derived deserializers would also take a struct written as an
+/// array of its fields in declaration order (`["shop-42", "<pan>", 12,
+/// 2031]`); that is not our API, so it is refused before parsing. A scan of
+/// the raw bytes (strings skipped), without copying anything out of them;
+/// malformed JSON is left to the parser to report.
+fn object_shaped(body: &[u8]) -> bool {
+    // Containers open at this point: `true` for an array.
+    let mut stack: Vec<bool> = Vec::new();
+    let mut in_string = false;
+    let mut escaped = false;
+    // A value may start here inside an array (after `[` or `,`).
+    let mut expect_array_value = false;
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        if b.is_ascii_whitespace() {
+            continue;
+        }
+        if stack.is_empty() && b != b'{' {
+            return false;
+        }
+        if expect_array_value && b != b']' && b != b'{' {
+            return false;
+        }
+        expect_array_value = false;
+        match b {
+            b'"' => in_string = true,
+            b'{' => stack.push(false),
+            b'[' => {
+                // Only directly inside the top-level object.
+                if stack.len() != 1 {
+                    return false;
+                }
+                stack.push(true);
+                expect_array_value = true;
+            }
+            b'}' | b']' => {
+                stack.pop();
+            }
+            b',' if stack.last() == Some(&true) => expect_array_value = true,
+            _ => {}
+        }
+    }
+    true
+}
+
 /// Read and parse a JSON body: 415 unless JSON, 413 over `limit`, 400 when
 /// not JSON or not of the schema. The raw bytes are zeroized afterwards.
 async fn read_json<T: DeserializeOwned>(
@@ -221,6 +276,9 @@ async fn read_json<T: DeserializeOwned>(
             body = bigger;
         }
         body.extend_from_slice(&chunk);
+    }
+    if !object_shaped(&body) {
+        return Err(ApiError::InvalidRequest);
     }
     serde_json::from_slice(&body).map_err(|e| match e.classify() {
         serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
@@ -746,4 +804,35 @@ async fn destroy_kek(
     let body: DestroyKekRequest = read_json(&req, payload, state.max_body_bytes).await?;
     state.seal.destroy_kek(&ctx, &body.kek_id).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({"kek_id": body.kek_id, "state": "destroyed"})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::object_shaped;
+
+    #[test]
+    fn bodies_must_be_objects_with_arrays_of_objects() {
+        for ok in [
+            &br#"{"tenant":"t","pan":"x","exp_month":1,"exp_year":2}"#[..],
+            br#" { "cards" : [ {"pan":"["}, { "pan" : "\"]" } ] , "tenant":"t"} "#,
+            br#"{"cards":[]}"#,
+            br#"{"reason":"a [b] {c}"}"#,
+            // Malformed JSON is the parser's to report.
+            br#"{"a":"#,
+        ] {
+            assert!(object_shaped(ok), "{}", String::from_utf8_lossy(ok));
+        }
+        for bad in [
+            &br#"["t","x",1,2]"#[..],
+            br#"  [{"tenant":"t"}]"#,
+            br#""string""#,
+            br#"12"#,
+            br#"{"cards":[["x",1,2,null]]}"#,
+            br#"{"cards":[{"pan":"x"},["x"]]}"#,
+            br#"{"cards":[1]}"#,
+            br#"{"a":{"b":[{}]}}"#,
+        ] {
+            assert!(!object_shaped(bad), "{}", String::from_utf8_lossy(bad));
+        }
+    }
 }
