@@ -73,8 +73,11 @@ pub struct Progress {
     pub skipped: u64,
     /// Records still under an older key: counted at the first batch of an
     /// instance and whenever the end is near (so 0 is always exact); in
-    /// between, the last count minus what this instance moved since.
+    /// between, the last count minus what this instance moved since (at
+    /// least 1). See `counted`.
     pub remaining: u64,
+    /// `remaining` is an exact count made by this batch (not an estimate).
+    pub counted: bool,
     /// This batch finished the pass (and recorded `reencryption_finished`).
     pub finished: bool,
 }
@@ -285,19 +288,36 @@ impl Vault {
         let mut attempt = 0;
         let outcome = loop {
             let keys = self.keys.keys();
-            let (after, estimate) = {
+            let (after, mut estimate) = {
                 let hint = self
                     .pass
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 (hint.after.clone(), hint.remaining)
             };
+            if estimate.is_none() {
+                // A first count, outside the batch: on a very large table it
+                // may hit the time bound, and the pass must go on without it.
+                match self
+                    .store
+                    .count_outdated(
+                        keys.active_dek().version(),
+                        keys.fingerprint_key().version(),
+                    )
+                    .await
+                {
+                    Ok(n) => estimate = Some(n),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "counting the records to re-encrypt failed; going on without a count")
+                    }
+                }
+            }
             let batch = PassBatch {
                 dek_version: keys.active_dek().version(),
                 fingerprint_version: keys.fingerprint_key().version(),
                 after,
                 limit,
-                count: estimate.is_none_or(|r| r <= u64::from(limit)),
+                count: estimate.is_some_and(|r| r <= u64::from(limit)),
                 finished_event: AuditEvent::new(Action::ReencryptionFinished, Outcome::Success)
                     .source("local")
                     .detail(format!(
@@ -342,6 +362,7 @@ impl Vault {
             moved: outcome.moved,
             skipped: outcome.skipped,
             remaining,
+            counted: outcome.remaining.is_some(),
             finished: outcome.finished,
         })
     }

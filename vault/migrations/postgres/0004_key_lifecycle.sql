@@ -41,9 +41,10 @@ CREATE UNIQUE INDEX vault_keys_one_active ON vault_keys (purpose) WHERE state = 
 
 -- Cards: the fingerprint key version next to the DEK version, and what the
 -- re-encryption pass looks for: rows under an older DEK or fingerprint key,
--- in token order. With (version, token) indexes a batch is one short range
--- scan per older version, however large the table and however much of it
--- was moved already; they also serve the counts per version.
+-- in token order. With these indexes a batch is one short range scan per
+-- older version (DEK: key_version = v; fingerprint key: fingerprint_version
+-- = v under the active DEK), however large the table and however much of it
+-- was moved already; they also serve the counts (index-only).
 ALTER TABLE cards ADD COLUMN fingerprint_version BIGINT NOT NULL DEFAULT 1 CHECK (fingerprint_version > 0);
 CREATE INDEX cards_key_version ON cards (key_version, token);
-CREATE INDEX cards_fingerprint_version ON cards (fingerprint_version, token);
+CREATE INDEX cards_fingerprint_version ON cards (fingerprint_version, key_version, token);

@@ -23,8 +23,8 @@ macro_rules! sql_store {
         const ARCHIVE_COLUMNS: &str = "from_seq, to_seq, chain_head, frontier, file_name, file_sha256, archived_at";
 
         /// Cards the re-encryption pass still has to move ($1: active DEK
-        /// version, $2: active fingerprint key version). Two counts, each on
-        /// its own index, rather than an OR.
+        /// version, $2: active fingerprint key version). Two counts, each a
+        /// range of its own index (index-only), rather than an OR.
         const COUNT_OUTDATED: &str = "SELECT (SELECT COUNT(*) FROM cards WHERE key_version < $1)
               + (SELECT COUNT(*) FROM cards WHERE fingerprint_version < $2 AND key_version >= $1)";
 
@@ -969,16 +969,24 @@ macro_rules! sql_store {
                         use sqlx::Row as _;
                         let purpose: String = r.try_get("purpose")?;
                         let version: i64 = r.try_get("version")?;
-                        let column = if purpose == "dek" { "key_version" } else { "fingerprint_version" };
-                        let rows = sqlx::query(&format!(
-                            "SELECT {CARD_COLUMNS} FROM cards WHERE {column} = $1 AND token > $2 ORDER BY token LIMIT $3{}",
+                        // Rows under an older DEK, on (key_version, token); rows
+                        // under an older fingerprint key only (already under
+                        // the active DEK: the others are found by their DEK),
+                        // on (fingerprint_version, key_version, token).
+                        let (range, under_active) = if purpose == "dek" {
+                            ("key_version = $1", None)
+                        } else {
+                            ("fingerprint_version = $1 AND key_version = $4", Some(dek))
+                        };
+                        let sql = format!(
+                            "SELECT {CARD_COLUMNS} FROM cards WHERE {range} AND token > $2 ORDER BY token LIMIT $3{}",
                             <$store>::PASS_LOCK
-                        ))
-                        .bind(version)
-                        .bind(&after)
-                        .bind(i64::from(pass.limit))
-                        .fetch_all(&mut *tx)
-                        .await?;
+                        );
+                        let mut q = sqlx::query(&sql).bind(version).bind(&after).bind(i64::from(pass.limit));
+                        if let Some(active) = under_active {
+                            q = q.bind(active);
+                        }
+                        let rows = q.fetch_all(&mut *tx).await?;
                         for row in rows.iter().map(card_from_row) {
                             let row = row?;
                             found.insert(row.token.clone(), row);
