@@ -17,6 +17,10 @@
 //! `tok_TOKEN` anywhere in the rest is replaced by a real token of tenant
 //! `shop-42` (made at start), so that detokenize and metadata reach the
 //! vault.
+//!
+//! Run with `-detect_leaks=0` (as `scripts/fuzz-smoke` does): the service
+//! keeps state across inputs, and actix-router leaks its route parameter
+//! names on purpose when a worker builds the app.
 #![no_main]
 
 use std::sync::OnceLock;

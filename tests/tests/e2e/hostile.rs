@@ -1059,6 +1059,9 @@ fn oversized_requests_are_refused_and_change_nothing() {
     );
     let nul_in_header =
         format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nX-A: a\0b\r\n\r\n");
+    // Found by the request_bodies fuzz target: "#" then NUL in the target.
+    let nul_in_target =
+        format!("GET /healt.#\0 HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     let not_http =
         "\u{16}\u{3}\u{1}\u{2}\u{0}\u{1}\u{0}\u{1}\u{fc}\u{3}\u{3}garbage\r\n\r\n".to_string();
     for (what, raw) in [
@@ -1071,6 +1074,7 @@ fn oversized_requests_are_refused_and_change_nothing() {
         ("two Content-Lengths", two_lengths),
         ("Content-Length shorter than the body", short_length),
         ("NUL in a header", nul_in_header),
+        ("NUL in the request target", nul_in_target),
         (
             "a control character in Content-Type",
             control_in_content_type,
