@@ -1258,43 +1258,59 @@ fn slow_clients() {
     );
 }
 
-/// KNOWN BUG (tokenizer-api, reported with issue 8): request bodies are
-/// documented as JSON objects, but serde's derived deserializers also take
-/// a JSON array of the fields in declaration order, so
-/// `["shop-42","<pan>",12,2031]` tokenizes. Pinned as it is today (on a
-/// service of its own): when bodies are restricted to objects this test
-/// fails; then expect 400 `invalid_request` here and delete this note.
+/// Regression (found with issue 8, fixed in 2001b56): request bodies are
+/// JSON objects. serde's derived deserializers also take a struct written
+/// as an array of its fields in declaration order
+/// (`["shop-42","<pan>",12,2031]`); that used to tokenize.
 #[test]
-fn known_bug_positional_array_bodies_are_accepted() {
+fn positional_array_bodies_are_refused() {
     let svc = Service::start();
-    let client = svc.principal_client("positional", &["tokenize", "detokenize"], &["*"]);
-    let body = json!([TENANT, TEST_CARDS[1].0, 12, exp_year()]).to_string();
-    let resp = client.post_raw("/v1/tokens", body.as_bytes());
-    assert_eq!(
-        resp.status, 201,
-        "positional array bodies are refused now: update this test ({resp})"
+    let client = svc.principal_client(
+        "positional",
+        &["tokenize", "detokenize", "key_admin"],
+        &["*"],
     );
-    let token = resp.str("token");
-    let back = client.detokenize(&token, REASON);
-    expect_status(&back, 200);
-    assert_eq!(back.json["pan"], TEST_CARDS[1].0);
-    let batch = json!([TENANT, [[TEST_CARDS[2].0, 12, exp_year(), null]]]).to_string();
-    let resp = client.post_raw("/v1/tokens/batch", batch.as_bytes());
-    assert_eq!(resp.status, 200, "{resp}");
-    assert_eq!(resp.json["results"][0]["created"], true, "{resp}");
+    let before = svc.dump_data();
+    let cases = [
+        (
+            "/v1/tokens",
+            json!([TENANT, TEST_CARDS[1].0, 12, exp_year()]),
+        ),
+        (
+            "/v1/tokens/batch",
+            json!([TENANT, [[TEST_CARDS[2].0, 12, exp_year(), null]]]),
+        ),
+        (
+            "/v1/tokens/batch",
+            json!({"tenant": TENANT, "cards": [[TEST_CARDS[2].0, 12, exp_year(), null]]}),
+        ),
+        ("/v1/detokenize", json!([UNKNOWN_TOKEN, REASON])),
+        ("/v1/admin/unseal", json!([null, null])),
+    ];
+    for (path, body) in cases {
+        let resp = client.post_raw(path, body.to_string().as_bytes());
+        crate::expect_error(
+            &resp,
+            400,
+            "invalid_request",
+            &[TEST_CARDS[1].0, TEST_CARDS[2].0],
+        );
+    }
+    assert!(
+        svc.dump_data() == before,
+        "a positional body stored something"
+    );
 }
 
-/// KNOWN BUG (audit crate, found while writing the `audit_reader` fuzz
-/// target's property, reported with issue 8): an export line whose time is
+/// Regression (found while writing the `audit_reader` fuzz target's
+/// property with issue 8, fixed in 2001b56): an export line whose time is
 /// respelled with another UTC offset for the same instant
-/// (`"2026-11-28T01:01:30.0196Z"` -> `"2026-11-28T02:01:30.0196+01:00"`)
-/// is read as canonical (it writes back to itself) and `vault-audit verify`
-/// accepts the changed file: the hashes cover the instant, the strict reader
-/// does not insist on `Z`. No value changes, but the module promises that
-/// any edit is refused. Pinned as it is today: when the reader insists on
-/// UTC this test fails; then expect exit status 1 and delete this note.
+/// (`...T00:01:30.0196Z` -> `...T01:01:30.0196+01:00`) used to read as
+/// canonical (it wrote back to itself), and `vault-audit verify` accepted
+/// the changed file. The hashes cover the instant only, so the reader must
+/// insist on `Z`.
 #[test]
-fn known_bug_audit_export_accepts_a_time_with_another_offset() {
+fn audit_export_refuses_a_time_with_another_offset() {
     let mut svc = Service::start();
     let client = svc.principal_client("offset", &["tokenize"], &["*"]);
     crate::token_for(&client, TENANT, TEST_CARDS[3].0);
@@ -1353,9 +1369,8 @@ fn known_bug_audit_export_accepts_a_time_with_another_offset() {
     assert_ne!(std::fs::read(&changed).unwrap(), text.as_bytes());
     let out = verify(&changed);
     assert!(
-        out.success(),
-        "a respelled time is refused now: update this test (exit {}: {}{})",
-        out.status,
+        !out.success(),
+        "a time respelled with another offset verified: {}{}",
         out.stdout,
         out.stderr
     );
