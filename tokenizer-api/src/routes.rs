@@ -277,6 +277,15 @@ async fn read_json<T: DeserializeOwned>(
         }
         body.extend_from_slice(&chunk);
     }
+    // Syntax first (nothing is copied out of the body), then the shape,
+    // then the schema: so not-JSON stays `malformed_json`.
+    let syntax = |e: serde_json::Error| match e.classify() {
+        serde_json::error::Category::Syntax | serde_json::error::Category::Eof => {
+            ApiError::MalformedJson
+        }
+        _ => ApiError::InvalidRequest,
+    };
+    serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(syntax)?;
     if !object_shaped(&body) {
         return Err(ApiError::InvalidRequest);
     }
