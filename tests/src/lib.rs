@@ -1434,23 +1434,21 @@ impl Service {
     /// Searches the data directory, everything the binary printed, and on
     /// PostgreSQL the content of every table (as text).
     pub fn scan_for_leaks<S: AsRef<str>>(&self, pans: &[S]) -> Vec<Finding> {
-        let mut findings = scan_dir(self.data_dir(), pans);
+        self.scan(pans).findings
+    }
+
+    /// [`Service::scan_for_leaks`] with its tally (bytes and places).
+    pub fn scan<S: AsRef<str>>(&self, pans: &[S]) -> Scan {
+        let mut scan = Scan::default();
+        scan.dir(self.data_dir(), pans);
         if self.backend() == Backend::Postgres {
             for (table, text) in pg_dump_tables(&self.database_url()) {
-                findings.extend(scan_bytes(&format!("table {table}"), &text, pans));
+                scan.bytes(&format!("table {table}"), &text, pans);
             }
         }
-        findings.extend(scan_bytes(
-            "captured stdout",
-            &self.captured.stdout_bytes(),
-            pans,
-        ));
-        findings.extend(scan_bytes(
-            "captured stderr",
-            &self.captured.stderr_bytes(),
-            pans,
-        ));
-        findings
+        scan.bytes("captured stdout", &self.captured.stdout_bytes(), pans);
+        scan.bytes("captured stderr", &self.captured.stderr_bytes(), pans);
+        scan
     }
 }
 
@@ -2060,20 +2058,38 @@ pub enum Encoding {
     Ascii,
     /// UTF-16LE digits, possibly grouped with single spaces or dashes.
     Utf16Le,
+    /// UTF-16BE digits, possibly grouped with single spaces or dashes.
+    Utf16Be,
     /// The number as a 64-bit integer, big-endian (SQLite's integer format).
     U64BigEndian,
     /// The number as a 64-bit integer, little-endian.
     U64LittleEndian,
 }
 
-/// One card number found somewhere it must not be.
+/// The shortest run of a card's consecutive digits that counts as a leak:
+/// more than the first six plus the last four, which may be shown.
+pub const LEAK_FRAGMENT_DIGITS: usize = 11;
+
+/// One card number (or a fragment of one longer than BIN plus last four)
+/// found somewhere it must not be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     pub pan: String,
     pub location: String,
     pub encoding: Encoding,
-    /// Byte offset in the file or buffer.
+    /// Byte offset in the file or buffer (of the digit run, for text).
     pub offset: usize,
+    /// How many consecutive digits of the card were found: `pan.len()`
+    /// for the whole number, at least [`LEAK_FRAGMENT_DIGITS`] for a
+    /// fragment.
+    pub digits: usize,
+}
+
+impl Finding {
+    /// The whole number, not a fragment of it.
+    pub fn is_whole(&self) -> bool {
+        self.digits == self.pan.len()
+    }
 }
 
 impl fmt::Display for Finding {
@@ -2082,44 +2098,82 @@ impl fmt::Display for Finding {
         let last4 = &self.pan[self.pan.len().saturating_sub(4)..];
         write!(
             f,
-            "card ending {last4} found as {:?} in {} at byte {}",
-            self.encoding, self.location, self.offset
+            "card ending {last4} found as {:?} ({} of its {} digits in a row) in {} at byte {}",
+            self.encoding,
+            self.digits,
+            self.pan.len(),
+            self.location,
+            self.offset
         )
+    }
+}
+
+/// A leak scan with its tally: what was found, how many bytes were read,
+/// and every place (file, table, buffer) searched.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    pub findings: Vec<Finding>,
+    pub bytes: u64,
+    pub places: Vec<String>,
+}
+
+impl Scan {
+    /// Searches one buffer ([`scan_bytes`]) and counts it.
+    pub fn bytes<S: AsRef<str>>(&mut self, location: &str, bytes: &[u8], pans: &[S]) {
+        self.findings.extend(scan_bytes(location, bytes, pans));
+        self.bytes += bytes.len() as u64;
+        self.places.push(location.to_string());
+    }
+
+    /// Searches every regular file under `root` (recursively) and counts
+    /// each one.
+    pub fn dir<S: AsRef<str>>(&mut self, root: &Path, pans: &[S]) {
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) => panic!("leak scan: cannot list {}: {e}", dir.display()),
+            };
+            for entry in entries {
+                let entry = entry.unwrap();
+                let path = entry.path();
+                let kind = entry.file_type().unwrap();
+                if kind.is_dir() {
+                    stack.push(path);
+                } else if kind.is_file() {
+                    // A file may vanish between listing and reading (a
+                    // running server removing its -shm); anything else is
+                    // an error.
+                    match fs::read(&path) {
+                        Ok(bytes) => self.bytes(&path.display().to_string(), &bytes, pans),
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => panic!("leak scan: cannot read {}: {e}", path.display()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Adds another scan's findings and tally.
+    pub fn merge(&mut self, other: Scan) {
+        self.findings.extend(other.findings);
+        self.bytes += other.bytes;
+        self.places.extend(other.places);
     }
 }
 
 /// Searches every regular file under `root` (recursively) for the PANs.
 pub fn scan_dir<S: AsRef<str>>(root: &Path, pans: &[S]) -> Vec<Finding> {
-    let mut findings = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) => panic!("leak scan: cannot list {}: {e}", dir.display()),
-        };
-        for entry in entries {
-            let entry = entry.unwrap();
-            let path = entry.path();
-            let kind = entry.file_type().unwrap();
-            if kind.is_dir() {
-                stack.push(path);
-            } else if kind.is_file() {
-                // A file may vanish between listing and reading (a running
-                // server removing its -shm); anything else is an error.
-                match fs::read(&path) {
-                    Ok(bytes) => {
-                        findings.extend(scan_bytes(&path.display().to_string(), &bytes, pans))
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => panic!("leak scan: cannot read {}: {e}", path.display()),
-                }
-            }
-        }
-    }
-    findings
+    let mut scan = Scan::default();
+    scan.dir(root, pans);
+    scan.findings
 }
 
-/// Searches one buffer for the PANs in every supported encoding.
+/// Searches one buffer for the PANs in every supported encoding: digit runs
+/// (ASCII, UTF-16LE and UTF-16BE at both alignments, single spaces or
+/// dashes allowed between digits) holding a whole PAN or any
+/// [`LEAK_FRAGMENT_DIGITS`] consecutive digits of one, and the whole PAN as
+/// a 64-bit integer (both byte orders).
 pub fn scan_bytes<S: AsRef<str>>(location: &str, bytes: &[u8], pans: &[S]) -> Vec<Finding> {
     let pans: Vec<&str> = pans.iter().map(AsRef::as_ref).collect();
     for pan in &pans {
@@ -2129,30 +2183,72 @@ pub fn scan_bytes<S: AsRef<str>>(location: &str, bytes: &[u8], pans: &[S]) -> Ve
         );
     }
     let mut findings = Vec::new();
-    let mut report = |pan: &str, encoding: Encoding, offset: usize| {
+    let mut report = |pan: &str, encoding: Encoding, offset: usize, digits: usize| {
         let finding = Finding {
             pan: pan.to_string(),
             location: location.to_string(),
             encoding,
             offset,
+            digits,
         };
         if !findings.contains(&finding) {
             findings.push(finding);
         }
     };
 
-    // Digit runs, single-byte and UTF-16LE at both alignments.
+    // Every window of LEAK_FRAGMENT_DIGITS digits of every PAN, to the PANs
+    // that have it.
+    let mut fragments: std::collections::HashMap<&[u8], Vec<usize>> =
+        std::collections::HashMap::new();
+    for (i, pan) in pans.iter().enumerate() {
+        for window in pan.as_bytes().windows(LEAK_FRAGMENT_DIGITS) {
+            let owners = fragments.entry(window).or_default();
+            if !owners.contains(&i) {
+                owners.push(i);
+            }
+        }
+    }
+
+    // Digit runs, single-byte and UTF-16 (both byte orders, both
+    // alignments).
+    let mut text_hits: Vec<(usize, Encoding, usize, usize, usize)> = Vec::new();
     for (encoding, start, step) in [
         (Encoding::Ascii, 0, 1),
         (Encoding::Utf16Le, 0, 2),
         (Encoding::Utf16Le, 1, 2),
+        (Encoding::Utf16Be, 0, 2),
+        (Encoding::Utf16Be, 1, 2),
     ] {
-        for (offset, digits) in digit_runs(bytes, start, step) {
-            for pan in &pans {
-                if digits.contains(pan) {
-                    report(pan, encoding, offset);
+        for (offset, digits) in digit_runs(bytes, start, step, encoding == Encoding::Utf16Be) {
+            let mut longest = vec![0usize; pans.len()];
+            for (at, window) in digits.as_bytes().windows(LEAK_FRAGMENT_DIGITS).enumerate() {
+                for &i in fragments.get(window).map(Vec::as_slice).unwrap_or(&[]) {
+                    let n = common_run(digits.as_bytes(), at, pans[i].as_bytes());
+                    longest[i] = longest[i].max(n);
                 }
             }
+            for (i, &n) in longest.iter().enumerate() {
+                if n >= LEAK_FRAGMENT_DIGITS {
+                    text_hits.push((i, encoding, offset, n, digits.len()));
+                }
+            }
+        }
+    }
+    // UTF-16 digits with zero bytes on both sides read the same in the
+    // other byte order one byte further on: such a pair is one finding,
+    // named after the reading with the longer digit run (little-endian on
+    // a tie).
+    for &(i, encoding, offset, n, run) in &text_hits {
+        let shadowed = encoding != Encoding::Ascii
+            && text_hits.iter().any(|&(j, other, o, _, other_run)| {
+                j == i
+                    && other != encoding
+                    && other != Encoding::Ascii
+                    && o.abs_diff(offset) == 1
+                    && (other_run > run || (other_run == run && other == Encoding::Utf16Le))
+            });
+        if !shadowed {
+            report(pans[i], encoding, offset, n);
         }
     }
 
@@ -2188,7 +2284,7 @@ pub fn scan_bytes<S: AsRef<str>>(location: &str, bytes: &[u8], pans: &[S]) -> Ve
                 };
                 for pan in &pans {
                     if pan.parse::<u64>() == Ok(n) {
-                        report(pan, encoding, offset);
+                        report(pan, encoding, offset, pan.len());
                     }
                 }
             }
@@ -2197,25 +2293,57 @@ pub fn scan_bytes<S: AsRef<str>>(location: &str, bytes: &[u8], pans: &[S]) -> Ve
     findings
 }
 
+/// The longest run of consecutive digits of `pan` that `run` has around
+/// position `at` (where at least one window of both starts): the longest
+/// common substring through that position, found by extending every
+/// alignment that matches there.
+fn common_run(run: &[u8], at: usize, pan: &[u8]) -> usize {
+    let mut best = 0;
+    let width = LEAK_FRAGMENT_DIGITS;
+    for q in 0..=pan.len().saturating_sub(width) {
+        if run[at..at + width] != pan[q..q + width] {
+            continue;
+        }
+        let back = (1..=at.min(q))
+            .take_while(|&k| run[at - k] == pan[q - k])
+            .count();
+        let fwd = (0..)
+            .take_while(|&k| {
+                at + width + k < run.len()
+                    && q + width + k < pan.len()
+                    && run[at + width + k] == pan[q + width + k]
+            })
+            .count();
+        best = best.max(back + width + fwd);
+    }
+    best
+}
+
 /// Maximal runs of digits (units of `step` bytes from `start`; for step 2 a
-/// unit is a digit followed by a zero byte), allowing a single space or dash
-/// between digits. Returns (byte offset, digits without separators) for runs
-/// of 12 digits or more.
-fn digit_runs(bytes: &[u8], start: usize, step: usize) -> Vec<(usize, String)> {
+/// unit is a digit and a zero byte, in that order or, `big_endian`, the
+/// other), allowing a single space or dash between digits. Returns (byte
+/// offset, digits without separators) for runs of [`LEAK_FRAGMENT_DIGITS`]
+/// digits or more.
+fn digit_runs(bytes: &[u8], start: usize, step: usize, big_endian: bool) -> Vec<(usize, String)> {
+    // Where the meaningful byte of a unit is, and where its zero byte is.
+    let (value_at, zero_at) = if big_endian { (1, 0) } else { (0, 1) };
     let unit = |i: usize| -> Option<u8> {
-        let b = *bytes.get(i)?;
-        if step == 2 && bytes.get(i + 1) != Some(&0) {
+        if step == 1 {
+            return bytes.get(i).copied();
+        }
+        if bytes.get(i + zero_at) != Some(&0) {
             return None;
         }
-        Some(b)
+        bytes.get(i + value_at).copied()
     };
+    let value_offset = if step == 2 { value_at } else { 0 };
     let mut runs = Vec::new();
     let mut digits = String::new();
     let mut run_start = 0;
     let mut pending_separator = false;
     let mut i = start;
     let flush = |digits: &mut String, run_start: usize, runs: &mut Vec<(usize, String)>| {
-        if digits.len() >= 12 {
+        if digits.len() >= LEAK_FRAGMENT_DIGITS {
             runs.push((run_start, std::mem::take(digits)));
         } else {
             digits.clear();
@@ -2225,10 +2353,10 @@ fn digit_runs(bytes: &[u8], start: usize, step: usize) -> Vec<(usize, String)> {
         if digits.is_empty() {
             // Outside a run only a digit matters: skip to the next one
             // without the bookkeeping (this runs over megabytes unoptimised).
-            while i < bytes.len() && !bytes[i].is_ascii_digit() {
+            while i + value_offset < bytes.len() && !bytes[i + value_offset].is_ascii_digit() {
                 i += step;
             }
-            if i >= bytes.len() {
+            if i + value_offset >= bytes.len() {
                 break;
             }
         }
@@ -2370,12 +2498,122 @@ mod tests {
     }
 
     #[test]
-    fn scanner_ignores_masked_and_partial_numbers() {
-        let text =
-            "411111******1111 last4=1111 bin=411111 4111-1111 1111--1111 1111 4111 1111  1111 1111";
+    fn scanner_ignores_masked_and_short_fragments() {
+        // BIN and last four, masked forms, and digit runs of at most ten
+        // digits of the card: not leaks.
+        let text = "411111******1111, last4=1111, bin=411111, 4111-1111 11--1111 1111, 4111 1111  11  1111111111, 4111111111";
         assert!(scan_bytes("t", text.as_bytes(), &[PAN]).is_empty());
         assert!(scan_bytes("t", &utf16le(text), &[PAN]).is_empty());
+        assert!(scan_bytes("t", &utf16be(text), &[PAN]).is_empty());
         assert!(scan_bytes("t", b"", &[PAN]).is_empty());
+        // Ten digits of a card inside a longer run of other digits.
+        let other = "5555555555554444";
+        let ten = &other[3..13];
+        assert!(scan_bytes("t", format!("99999{ten}99999").as_bytes(), &[other]).is_empty());
+    }
+
+    fn utf16be(s: &str) -> Vec<u8> {
+        s.encode_utf16().flat_map(u16::to_be_bytes).collect()
+    }
+
+    /// A leak planted in every encoding, whole and as an 11-digit
+    /// fragment, is found with its encoding, offset and length.
+    #[test]
+    fn scanner_finds_planted_leaks_in_every_encoding_and_fragment() {
+        let pan = "5555555555554444";
+        let amex = "378282246310005";
+        let pans = [pan, amex];
+        type Encode = fn(&str) -> Vec<u8>;
+        let encoders: [(Encoding, Encode); 3] = [
+            (Encoding::Ascii, |s| s.as_bytes().to_vec()),
+            (Encoding::Utf16Le, utf16le),
+            (Encoding::Utf16Be, utf16be),
+        ];
+        for (encoding, encode) in encoders {
+            for misalign in [0usize, 1] {
+                for (planted, expect_digits, expect_pan) in [
+                    (pan.to_string(), 16, pan),
+                    (spaced4(pan), 16, pan),
+                    // 11 digits from the middle: BIN and last four cut off.
+                    (amex[2..13].to_string(), 11, amex),
+                    (pan[1..12].to_string(), 11, pan),
+                    (pan[5..16].to_string(), 11, pan),
+                    // 13 digits grouped, inside other digits.
+                    (format!("00{}-{}99", &amex[1..8], &amex[8..14]), 13, amex),
+                ] {
+                    let mut bytes = vec![0xAB; 3 + misalign];
+                    let offset = bytes.len();
+                    bytes.extend(encode(&planted));
+                    // Not text: in UTF-16 of either order, the bytes next
+                    // to the digits tell the byte order.
+                    bytes.extend([0xAB; 3]);
+                    let found = scan_bytes("planted", &bytes, &pans);
+                    assert_eq!(
+                        found.len(),
+                        1,
+                        "{encoding:?} +{misalign} {}: {found:?}",
+                        planted.len()
+                    );
+                    let f = &found[0];
+                    assert_eq!(f.encoding, encoding, "{f}");
+                    assert_eq!(f.pan, expect_pan, "{f}");
+                    assert_eq!(f.digits, expect_digits, "{f}");
+                    assert_eq!(f.is_whole(), expect_digits == expect_pan.len(), "{f}");
+                    assert_eq!(f.offset, offset, "{f}");
+                }
+            }
+        }
+        // UTF-16 inside UTF-16 text: one finding, whatever the order.
+        for encode in [utf16le as Encode, utf16be] {
+            let found = scan_bytes("t", &encode(&format!("card {pan}, ok")), &pans);
+            assert!(found.len() == 1 && found[0].is_whole(), "{found:?}");
+        }
+        // 64-bit integers, both byte orders.
+        let n: u64 = pan.parse().unwrap();
+        for (bytes, encoding) in [
+            (n.to_be_bytes(), Encoding::U64BigEndian),
+            (n.to_le_bytes(), Encoding::U64LittleEndian),
+        ] {
+            let mut buf = vec![1u8, 2, 3];
+            buf.extend(bytes);
+            let found = scan_bytes("int", &buf, &pans);
+            assert!(
+                found
+                    .iter()
+                    .any(|f| f.encoding == encoding && f.offset == 3 && f.is_whole()),
+                "{found:?}"
+            );
+        }
+        // Every length from 11 to the whole number, at every start.
+        for len in LEAK_FRAGMENT_DIGITS..=pan.len() {
+            for start in 0..=pan.len() - len {
+                let found = scan_bytes(
+                    "t",
+                    format!("x{}x", &pan[start..start + len]).as_bytes(),
+                    &[pan],
+                );
+                assert!(
+                    found.len() == 1 && found[0].digits == len,
+                    "{len} digits from {start}: {found:?}"
+                );
+            }
+        }
+        // The tally counts bytes and places.
+        let mut scan = Scan::default();
+        scan.bytes("a", pan.as_bytes(), &pans);
+        scan.bytes("b", b"nothing", &pans);
+        assert_eq!(
+            (scan.bytes, scan.places.len(), scan.findings.len()),
+            (23, 2, 1)
+        );
+    }
+
+    fn spaced4(pan: &str) -> String {
+        pan.as_bytes()
+            .chunks(4)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     #[test]
