@@ -1353,6 +1353,43 @@ impl Service {
         )
     }
 
+    /// Runs a CLI subcommand on this data directory and database with its
+    /// stdout a pipe closed before it writes: the first `println!` fails
+    /// (EPIPE; Rust ignores SIGPIPE) and the binary panics, so this shows
+    /// what its panic hook prints. Stderr is captured (for the leak scan).
+    pub fn cli_with_stdout_closed(&self, args: &[&str]) -> CliOutput {
+        let mut cmd = tokenizer_command();
+        cmd.args(args).arg("--data-dir").arg(self.data_dir());
+        if let Some(url) = &self.opts.database_url {
+            cmd.arg("--database-url").arg(url);
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+        drop(child.stdout.take());
+        let err = read_all_in_thread(child.stderr.take());
+        let deadline = Instant::now() + CLI_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{args:?} did not finish within {CLI_TIMEOUT:?}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let stderr = err.join().unwrap_or_default();
+        self.captured.append_stderr(&stderr);
+        CliOutput {
+            status,
+            stdout: String::new(),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }
+    }
+
     /// `principal create`; returns the whole JSON line.
     pub fn create_principal_json(&self, name: &str, roles: &[&str], tenants: &[&str]) -> Value {
         let roles = roles.join(",");
