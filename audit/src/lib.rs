@@ -115,6 +115,13 @@ pub enum Action {
     /// Every vault key and the audit signing key were re-wrapped under a new
     /// KEK (detail: old and new KEK ids).
     KekRotated,
+    /// The detokenize anomaly rule fired: a principal detokenized many more
+    /// distinct tokens in a window than its recent baseline (detail: the
+    /// counts; the detokenize itself is its own event).
+    DetokenizeAnomaly,
+    /// A source address was refused for a while after too many failed
+    /// authentications (detail: the limit and how long).
+    SourceBlocked,
 }
 
 impl Action {
@@ -144,6 +151,8 @@ impl Action {
             Action::ReencryptionStarted => "reencryption_started",
             Action::ReencryptionFinished => "reencryption_finished",
             Action::KekRotated => "kek_rotated",
+            Action::DetokenizeAnomaly => "detokenize_anomaly",
+            Action::SourceBlocked => "source_blocked",
         }
     }
 
@@ -153,7 +162,7 @@ impl Action {
     }
 }
 
-const ALL_ACTIONS: [Action; 23] = [
+const ALL_ACTIONS: [Action; 25] = [
     Action::Tokenize,
     Action::Detokenize,
     Action::MetadataRead,
@@ -177,6 +186,8 @@ const ALL_ACTIONS: [Action; 23] = [
     Action::ReencryptionStarted,
     Action::ReencryptionFinished,
     Action::KekRotated,
+    Action::DetokenizeAnomaly,
+    Action::SourceBlocked,
 ];
 
 /// How it ended.

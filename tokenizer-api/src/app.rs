@@ -139,7 +139,25 @@ impl Application {
             metrics: crate::metrics::Metrics::new().map_err(StartError::Metrics)?,
             max_body_bytes: settings.max_body_bytes,
             max_batch_body_bytes: settings.max_batch_body_bytes,
+            monitor: vault::monitor::DetokenizeMonitor::new(settings.detokenize_monitor),
+            sources: crate::limits::SourceGuard::new(
+                settings.auth_failures_per_source,
+                settings.auth_block,
+            ),
         });
+        let m = &settings.detokenize_monitor;
+        tracing::info!(
+            detokenize_rate_per_principal = m.per_principal.per_minute,
+            detokenize_burst_per_principal = m.per_principal.burst,
+            detokenize_rate_per_tenant = m.per_tenant.per_minute,
+            detokenize_burst_per_tenant = m.per_tenant.burst,
+            anomaly_window_s = m.anomaly.window.as_secs(),
+            anomaly_factor = m.anomaly.factor,
+            anomaly_min_distinct = m.anomaly.min_distinct,
+            auth_failures_per_source = settings.auth_failures_per_source,
+            auth_block_s = settings.auth_block.as_secs(),
+            "monitoring: limits and anomaly rule (per instance)"
+        );
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())

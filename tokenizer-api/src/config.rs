@@ -330,6 +330,40 @@ pub struct CommonArgs {
     /// Directory of audit archive files; default `<data-dir>/audit-archive`.
     #[arg(long, env = "TOKENIZER_AUDIT_ARCHIVE_DIR")]
     pub audit_archive_dir: Option<PathBuf>,
+    /// Detokenize requests per minute and principal, on this instance (0:
+    /// no limit; default 6000); beyond it 429 `rate_limited`.
+    #[arg(long, env = "TOKENIZER_DETOKENIZE_RATE_PER_PRINCIPAL")]
+    pub detokenize_rate_per_principal: Option<u32>,
+    /// Detokenize requests a principal may make at once (default 1000).
+    #[arg(long, env = "TOKENIZER_DETOKENIZE_BURST_PER_PRINCIPAL")]
+    pub detokenize_burst_per_principal: Option<u32>,
+    /// Detokenize requests per minute and tenant (of the token), on this
+    /// instance (0: no limit; default 12000).
+    #[arg(long, env = "TOKENIZER_DETOKENIZE_RATE_PER_TENANT")]
+    pub detokenize_rate_per_tenant: Option<u32>,
+    /// Detokenize requests of one tenant at once (default 2000).
+    #[arg(long, env = "TOKENIZER_DETOKENIZE_BURST_PER_TENANT")]
+    pub detokenize_burst_per_tenant: Option<u32>,
+    /// Window of the detokenize anomaly rule, in seconds (default 300).
+    #[arg(long, env = "TOKENIZER_DETOKENIZE_ANOMALY_WINDOW_SECS")]
+    pub detokenize_anomaly_window_secs: Option<u64>,
+    /// The rule fires when a principal's distinct tokens in a window exceed
+    /// this many times its baseline (default 5) ...
+    #[arg(long, env = "TOKENIZER_DETOKENIZE_ANOMALY_FACTOR")]
+    pub detokenize_anomaly_factor: Option<u32>,
+    /// ... and this many (default 200; 0 turns the rule off).
+    #[arg(long, env = "TOKENIZER_DETOKENIZE_ANOMALY_MIN_DISTINCT")]
+    pub detokenize_anomaly_min_distinct: Option<u32>,
+    /// Windows the baseline is the mean of (default 12).
+    #[arg(long, env = "TOKENIZER_DETOKENIZE_ANOMALY_BASELINE_WINDOWS")]
+    pub detokenize_anomaly_baseline_windows: Option<u32>,
+    /// Failed authentications per minute from one source address (IPv6:
+    /// one /64) before it is refused with 429 (0: no limit; default 300).
+    #[arg(long, env = "TOKENIZER_AUTH_FAILURES_PER_SOURCE")]
+    pub auth_failures_per_source: Option<u32>,
+    /// How long a source stays refused, in seconds (default 60).
+    #[arg(long, env = "TOKENIZER_AUTH_BLOCK_SECS")]
+    pub auth_block_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -373,6 +407,16 @@ struct FileConfig {
     key_crypto_period_days: Option<u32>,
     reencrypt_batch: Option<u32>,
     reencrypt_interval_ms: Option<u64>,
+    detokenize_rate_per_principal: Option<u32>,
+    detokenize_burst_per_principal: Option<u32>,
+    detokenize_rate_per_tenant: Option<u32>,
+    detokenize_burst_per_tenant: Option<u32>,
+    detokenize_anomaly_window_secs: Option<u64>,
+    detokenize_anomaly_factor: Option<u32>,
+    detokenize_anomaly_min_distinct: Option<u32>,
+    detokenize_anomaly_baseline_windows: Option<u32>,
+    auth_failures_per_source: Option<u32>,
+    auth_block_secs: Option<u64>,
 }
 
 /// Resolved settings.
@@ -407,6 +451,12 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Largest accepted body of batch requests.
     pub max_batch_body_bytes: usize,
+    /// Detokenize rate limits and anomaly rule (per instance).
+    pub detokenize_monitor: vault::monitor::MonitorConfig,
+    /// Failed authentications per minute and source (0: no limit).
+    pub auth_failures_per_source: u32,
+    /// How long a source that used them up is refused.
+    pub auth_block: std::time::Duration,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cardvault";
@@ -442,6 +492,7 @@ impl Settings {
             pkcs11_pin_env: file.pkcs11_pin_env.take(),
             pkcs11_kek_label: file.pkcs11_kek_label.take(),
         };
+        let detokenize_monitor = monitor_config(common, &file);
         let dev = dev_flag || file.dev.unwrap_or(false);
         let data_dir = common
             .data_dir
@@ -482,6 +533,18 @@ impl Settings {
             .or(file.audit_archive_dir)
             .unwrap_or_else(|| data_dir.join("audit-archive"));
         Ok(Settings {
+            detokenize_monitor,
+            auth_failures_per_source: common
+                .auth_failures_per_source
+                .or(file.auth_failures_per_source)
+                .unwrap_or(300),
+            auth_block: std::time::Duration::from_secs(
+                common
+                    .auth_block_secs
+                    .or(file.auth_block_secs)
+                    .unwrap_or(60)
+                    .max(1),
+            ),
             database_url,
             audit_witness_file,
             audit_archive_dir,
@@ -562,6 +625,67 @@ impl Settings {
             .strip_prefix("sqlite://")
             .or_else(|| self.database_url.strip_prefix("sqlite:"))?;
         Some(PathBuf::from(rest.split('?').next().unwrap_or_default()))
+    }
+}
+
+/// Detokenize limits and the anomaly rule: flag, then variable, then file,
+/// then default.
+fn monitor_config(common: &CommonArgs, file: &FileConfig) -> vault::monitor::MonitorConfig {
+    use vault::monitor::{AnomalyRule, MonitorConfig, Rate};
+    let pick = |flag: Option<u32>, key: Option<u32>, default: u32| flag.or(key).unwrap_or(default);
+    MonitorConfig {
+        per_principal: Rate {
+            per_minute: pick(
+                common.detokenize_rate_per_principal,
+                file.detokenize_rate_per_principal,
+                6000,
+            ),
+            burst: pick(
+                common.detokenize_burst_per_principal,
+                file.detokenize_burst_per_principal,
+                1000,
+            )
+            .max(1),
+        },
+        per_tenant: Rate {
+            per_minute: pick(
+                common.detokenize_rate_per_tenant,
+                file.detokenize_rate_per_tenant,
+                12_000,
+            ),
+            burst: pick(
+                common.detokenize_burst_per_tenant,
+                file.detokenize_burst_per_tenant,
+                2000,
+            )
+            .max(1),
+        },
+        anomaly: AnomalyRule {
+            window: std::time::Duration::from_secs(
+                common
+                    .detokenize_anomaly_window_secs
+                    .or(file.detokenize_anomaly_window_secs)
+                    .unwrap_or(300)
+                    .max(1),
+            ),
+            factor: pick(
+                common.detokenize_anomaly_factor,
+                file.detokenize_anomaly_factor,
+                5,
+            )
+            .max(1),
+            min_distinct: pick(
+                common.detokenize_anomaly_min_distinct,
+                file.detokenize_anomaly_min_distinct,
+                200,
+            ),
+            baseline_windows: pick(
+                common.detokenize_anomaly_baseline_windows,
+                file.detokenize_anomaly_baseline_windows,
+                12,
+            )
+            .clamp(1, 1000),
+        },
     }
 }
 
@@ -675,6 +799,16 @@ mod tests {
             key_crypto_period_days: None,
             reencrypt_batch: None,
             reencrypt_interval_ms: None,
+            detokenize_rate_per_principal: None,
+            detokenize_burst_per_principal: None,
+            detokenize_rate_per_tenant: None,
+            detokenize_burst_per_tenant: None,
+            detokenize_anomaly_window_secs: None,
+            detokenize_anomaly_factor: None,
+            detokenize_anomaly_min_distinct: None,
+            detokenize_anomaly_baseline_windows: None,
+            auth_failures_per_source: None,
+            auth_block_secs: None,
         }
     }
 
@@ -711,6 +845,28 @@ mod tests {
         assert_eq!(s.max_body_bytes, 100);
         c.listen = Some("127.0.0.1:9001".parse().unwrap());
         assert_eq!(Settings::resolve(&c, false).unwrap().listen.port(), 9001);
+
+        // Monitoring: defaults, then the file, then a flag.
+        let m = Settings::resolve(&common(), false).unwrap();
+        assert_eq!(m.detokenize_monitor.per_principal.per_minute, 6000);
+        assert_eq!(m.detokenize_monitor.anomaly.min_distinct, 200);
+        assert_eq!(m.auth_failures_per_source, 300);
+        std::fs::write(
+            &file,
+            "detokenize_rate_per_principal = 5\ndetokenize_burst_per_tenant = 7\nauth_block_secs = 9\n",
+        )
+        .unwrap();
+        let mut c = common();
+        c.config = Some(file.clone());
+        c.detokenize_anomaly_min_distinct = Some(3);
+        let m = Settings::resolve(&c, false).unwrap();
+        assert_eq!(m.detokenize_monitor.per_principal.per_minute, 5);
+        assert_eq!(m.detokenize_monitor.per_tenant.burst, 7);
+        assert_eq!(m.detokenize_monitor.anomaly.min_distinct, 3);
+        assert_eq!(m.auth_block, std::time::Duration::from_secs(9));
+        c.detokenize_rate_per_principal = Some(0);
+        let m = Settings::resolve(&c, false).unwrap();
+        assert!(m.detokenize_monitor.per_principal.is_off());
 
         std::fs::write(&file, "data_dr = \"/typo\"\n").unwrap();
         assert!(matches!(

@@ -37,6 +37,10 @@ pub enum ApiError {
     KekRotationUnsupported,
     #[error("stored keys are still wrapped under this KEK: rotate the KEK first")]
     KekInUse,
+    /// Too many failed authentications from this source address: refused
+    /// before authentication for the given time.
+    #[error("too many failed authentications from this address: retry later")]
+    SourceBlocked(std::time::Duration),
 }
 
 impl ApiError {
@@ -54,6 +58,18 @@ impl ApiError {
             ApiError::Unseal(e) => e.code(),
             ApiError::KekRotationUnsupported => "kek_rotation_unsupported",
             ApiError::KekInUse => "kek_in_use",
+            ApiError::SourceBlocked(_) => "rate_limited",
+        }
+    }
+}
+
+impl ApiError {
+    /// How long a rate-limited caller should wait (`Retry-After`).
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            ApiError::SourceBlocked(wait) => Some(*wait),
+            ApiError::Vault(VaultError::RateLimited { retry_after, .. }) => Some(*retry_after),
+            _ => None,
         }
     }
 }
@@ -71,6 +87,7 @@ fn vault_status(e: &VaultError) -> StatusCode {
         VaultError::NotFound => StatusCode::NOT_FOUND,
         VaultError::Storage(_) | VaultError::Keys(_) => StatusCode::SERVICE_UNAVAILABLE,
         VaultError::Integrity | VaultError::Rng => StatusCode::INTERNAL_SERVER_ERROR,
+        VaultError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         VaultError::KeyLifecycle(k) => match k {
             KeyLifecycleError::NotFound => StatusCode::NOT_FOUND,
             // The record exists but its key is gone for good (crypto-shred).
@@ -116,6 +133,7 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Sealed => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::KekRotationUnsupported | ApiError::KekInUse => StatusCode::CONFLICT,
+            ApiError::SourceBlocked(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unseal(e) => match e {
                 crate::seal::UnsealError::WrongPassphrase(_) => StatusCode::FORBIDDEN,
                 crate::seal::UnsealError::UnknownCustodian
@@ -147,6 +165,13 @@ impl ResponseError for ApiError {
                 message,
             },
         });
+        if let Some(wait) = self.retry_after() {
+            let secs = crate::limits::retry_after_secs(wait);
+            res.headers_mut().insert(
+                actix_web::http::header::RETRY_AFTER,
+                actix_web::http::header::HeaderValue::from(secs),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             res.headers_mut().insert(
                 actix_web::http::header::WWW_AUTHENTICATE,

@@ -3,7 +3,8 @@
 //! This crate owns HTTP and the command line: configuration ([`config`]),
 //! building and running the server ([`app::Application`]), the handlers
 //! ([`routes`]), the one mapping from errors to HTTP responses ([`error`]),
-//! the sealed start and unsealing ([`seal`]), and the operator commands
+//! the guard against unauthenticated floods ([`limits`]), the sealed start
+//! and unsealing ([`seal`]), and the operator commands
 //! ([`cli`]).
 //!
 //! Invariants: no SQL and no cryptography here (both live in `vault`);
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fuzzing;
+pub mod limits;
 pub mod metrics;
 pub mod routes;
 pub mod seal;

@@ -3,10 +3,18 @@
 //!
 //! Today: the seal state and the key lifecycle (PCI DSS 3.6/3.7 monitoring):
 //! records still under an older key (re-encryption progress), records and
-//! state per key version, keys in use past their crypto-period. Values are
-//! read when scraped. Request metrics come with the listener work.
+//! state per key version, keys in use past their crypto-period; and
+//! detokenization monitoring (PCI DSS 10.4/10.7): requests refused by a rate
+//! limit per scope, anomalies of the detokenize rule, sources blocked for
+//! failed authentications (no principal, tenant or address label: counts
+//! only; the audit trail says who). Values are read when scraped. Request
+//! metrics come with the listener work.
 
-use prometheus::{Encoder, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::sync::Mutex;
+
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use crate::routes::AppState;
 
@@ -18,6 +26,12 @@ pub struct Metrics {
     past_period: IntGauge,
     key_records: IntGaugeVec,
     key_state: IntGaugeVec,
+    rate_limited: IntCounterVec,
+    anomalies: IntCounter,
+    source_blocks: IntCounter,
+    blocked_sources: IntGauge,
+    /// Serialises bringing the counters up to the monitors' totals.
+    sync: Mutex<()>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -51,7 +65,38 @@ impl Metrics {
         registry.register(Box::new(past_period.clone()))?;
         registry.register(Box::new(key_records.clone()))?;
         registry.register(Box::new(key_state.clone()))?;
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "rate_limited_total",
+                "Requests refused with 429 by a rate limit: scope principal or tenant (detokenize), source (failed authentications)",
+            ),
+            &["scope"],
+        )?;
+        let anomalies = IntCounter::new(
+            "detokenize_anomalies_total",
+            "Times the detokenize anomaly rule fired (audit action detokenize_anomaly names the principal)",
+        )?;
+        let source_blocks = IntCounter::new(
+            "source_blocks_total",
+            "Source addresses blocked after too many failed authentications (audit action source_blocked)",
+        )?;
+        let blocked_sources = IntGauge::new(
+            "blocked_sources",
+            "Source addresses refused now for failed authentications",
+        )?;
+        registry.register(Box::new(rate_limited.clone()))?;
+        registry.register(Box::new(anomalies.clone()))?;
+        registry.register(Box::new(source_blocks.clone()))?;
+        registry.register(Box::new(blocked_sources.clone()))?;
+        for scope in ["principal", "tenant", "source"] {
+            rate_limited.with_label_values(&[scope]);
+        }
         Ok(Self {
+            rate_limited,
+            anomalies,
+            source_blocks,
+            blocked_sources,
+            sync: Mutex::new(()),
             registry,
             sealed,
             remaining,
@@ -89,10 +134,34 @@ impl Metrics {
                 Err(e) => tracing::warn!(error = %e, "metrics: key status unavailable"),
             }
         }
+        self.monitoring(state);
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(error = %e, "metrics: cannot encode");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Counters of the monitors (kept as atomics there) brought up to date.
+    fn monitoring(&self, state: &AppState) {
+        let _serial = self.sync.lock().unwrap_or_else(|p| p.into_inner());
+        let catch_up = |c: &IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        let counts = state.monitor.counts();
+        catch_up(
+            &self.rate_limited.with_label_values(&["principal"]),
+            counts.limited_principal,
+        );
+        catch_up(
+            &self.rate_limited.with_label_values(&["tenant"]),
+            counts.limited_tenant,
+        );
+        catch_up(
+            &self.rate_limited.with_label_values(&["source"]),
+            state.sources.refused(),
+        );
+        catch_up(&self.anomalies, counts.anomalies);
+        catch_up(&self.source_blocks, state.sources.blocks());
+        self.blocked_sources
+            .set(i64::try_from(state.sources.blocked_now()).unwrap_or(i64::MAX));
     }
 }

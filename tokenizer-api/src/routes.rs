@@ -32,6 +32,11 @@ pub struct AppState {
     pub metrics: crate::metrics::Metrics,
     pub max_body_bytes: usize,
     pub max_batch_body_bytes: usize,
+    /// Detokenize rate limits and anomaly rule (per instance; survives
+    /// sealing).
+    pub monitor: vault::monitor::DetokenizeMonitor,
+    /// Failed authentications per source address.
+    pub sources: crate::limits::SourceGuard,
 }
 
 impl AppState {
@@ -148,8 +153,13 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .body(body)
 }
 
-/// Authenticate the request and build its context. Runs before the body is read.
-async fn context(req: &HttpRequest, vault: &Vault) -> Result<RequestContext, ApiError> {
+/// Authenticate the request and build its context. Runs before the body is
+/// read, behind the flood guard (`limits`).
+async fn context(
+    req: &HttpRequest,
+    state: &AppState,
+    vault: &Vault,
+) -> Result<RequestContext, ApiError> {
     let request_id = req
         .extensions()
         .get::<RequestId>()
@@ -163,12 +173,61 @@ async fn context(req: &HttpRequest, vault: &Vault) -> Result<RequestContext, Api
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| bearer(v).unwrap_or(""));
-    let principal = vault.authenticate(presented, &source, &request_id).await?;
+    let ip = req.peer_addr().map(|a| a.ip());
+    guard_source(state, ip, presented, |k| vault.key_is_verified(k))?;
+    let principal = match vault.authenticate(presented, &source, &request_id).await {
+        Ok(principal) => principal,
+        Err(e @ vault::VaultError::Unauthenticated) => {
+            count_failure(state, ip, &request_id).await;
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(RequestContext {
         principal,
         source,
         request_id,
     })
+}
+
+/// The flood guard in front of authentication: a blocked source gets 429
+/// unless it presents a key this process already verified.
+fn guard_source(
+    state: &AppState,
+    ip: Option<std::net::IpAddr>,
+    presented: Option<&str>,
+    verified: impl Fn(&str) -> bool,
+) -> Result<(), ApiError> {
+    let Some(ip) = ip else { return Ok(()) };
+    match state.sources.check(ip, std::time::Instant::now()) {
+        Ok(()) => Ok(()),
+        Err(_) if presented.is_some_and(verified) => Ok(()),
+        Err(wait) => Err(ApiError::SourceBlocked(wait)),
+    }
+}
+
+/// A failed authentication, counted against its source; the one that
+/// blocks the source is a `source_blocked` audit event and a warning.
+async fn count_failure(state: &AppState, ip: Option<std::net::IpAddr>, request_id: &str) {
+    let Some(ip) = ip else { return };
+    let Some(block) = state.sources.failed(ip, std::time::Instant::now()) else {
+        return;
+    };
+    let detail = format!(
+        "auth_failures_per_minute={} blocked_s={}",
+        state.sources.limit_per_minute(),
+        block.as_secs()
+    );
+    tracing::warn!(source = %ip, blocked_s = block.as_secs(), "too many failed authentications: source blocked");
+    let event = audit::AuditEvent::new(Action::SourceBlocked, audit::Outcome::Denied)
+        .source(ip.to_string())
+        .request_id(request_id)
+        .error_code("rate_limited")
+        .detail(detail);
+    // The block holds either way; a lost event is logged loudly.
+    if let Err(e) = state.seal.store().append_audit(event).await {
+        tracing::error!(error = %e, "cannot record a source block in the audit trail");
+    }
 }
 
 /// The credential of `Authorization: Bearer <key>`; `None` if another scheme
@@ -414,7 +473,7 @@ async fn tokenize(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &vault).await?;
+    let ctx = context(&req, &state, &vault).await?;
     vault
         .require_role(&ctx, Action::Tokenize, &[Role::Tokenize])
         .await?;
@@ -447,7 +506,7 @@ async fn tokenize_batch(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &vault).await?;
+    let ctx = context(&req, &state, &vault).await?;
     vault
         .require_role(&ctx, Action::Tokenize, &[Role::Tokenize])
         .await?;
@@ -479,12 +538,14 @@ async fn detokenize(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &vault).await?;
+    let ctx = context(&req, &state, &vault).await?;
     vault
         .require_role(&ctx, Action::Detokenize, &[Role::Detokenize])
         .await?;
     let body: DetokenizeRequest = read_json(&req, payload, state.max_body_bytes).await?;
-    let out = vault.detokenize(&ctx, &body.token, &body.reason).await?;
+    let out = vault
+        .detokenize_monitored(&ctx, &body.token, &body.reason, &state.monitor)
+        .await?;
     let card = &out.card;
     Ok(HttpResponse::Ok()
         .insert_header((header::CACHE_CONTROL, "no-store"))
@@ -506,7 +567,7 @@ async fn metadata(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &vault).await?;
+    let ctx = context(&req, &state, &vault).await?;
     let info = vault.metadata(&ctx, &path).await?;
     Ok(HttpResponse::Ok().json(TokenResponse::new(info, false)))
 }
@@ -517,7 +578,7 @@ async fn delete(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &vault).await?;
+    let ctx = context(&req, &state, &vault).await?;
     vault.delete(&ctx, &path).await?;
     Ok(HttpResponse::NoContent().finish())
 }
@@ -556,7 +617,7 @@ async fn audit_events(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &vault).await?;
+    let ctx = context(&req, &state, &vault).await?;
     vault
         .require_role(&ctx, Action::AuditRead, &[Role::Auditor])
         .await?;
@@ -600,7 +661,7 @@ async fn audit_checkpoints(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &vault).await?;
+    let ctx = context(&req, &state, &vault).await?;
     let checkpoints = vault.audit_checkpoints(&ctx).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "public_key": vault.audit_public_key(),
@@ -628,11 +689,19 @@ async fn admin_context(
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| bearer(v).unwrap_or(""));
-    let ctx = state
+    let ip = req.peer_addr().map(|a| a.ip());
+    guard_source(state, ip, presented, |k| state.seal.key_is_verified(k))?;
+    match state
         .seal
         .authenticate(presented, &source, &request_id, action)
-        .await?;
-    Ok(ctx)
+        .await
+    {
+        Err(e @ ApiError::Vault(vault::VaultError::Unauthenticated)) => {
+            count_failure(state, ip, &request_id).await;
+            Err(e)
+        }
+        other => other,
+    }
 }
 
 #[derive(Deserialize)]

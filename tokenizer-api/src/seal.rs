@@ -210,6 +210,17 @@ impl SealControl {
         }
     }
 
+    /// The store (sealed or not).
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Whether `presented` is a key the admin authenticator already
+    /// verified (no I/O; see `limits`).
+    pub fn key_is_verified(&self, presented: &str) -> bool {
+        self.auth.is_verified(presented)
+    }
+
     /// The vault, when unsealed.
     pub fn vault(&self) -> Option<Arc<Vault>> {
         self.vault.read().unwrap_or_else(|p| p.into_inner()).clone()

@@ -356,6 +356,22 @@ impl Authenticator {
         Ok(Principal::from_row(&row)?)
     }
 
+    /// Whether this exact key passed an argon2 check in this process (its
+    /// SHA-256 is in the cache). No database read, no argon2: what a guard
+    /// in front of authentication may ask to let known-good callers through.
+    /// The caller must still [`Authenticator::authenticate`] (revocation is
+    /// checked there).
+    pub fn is_verified(&self, presented: &str) -> bool {
+        let Some(id) = key_id(presented) else {
+            return false;
+        };
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(id)
+            .is_some_and(|(d, _)| bool::from(d.ct_eq(&digest)))
+    }
+
     fn forget(&self, id: &str) {
         self.cache
             .lock()

@@ -14,6 +14,8 @@
 //! - [`Vault::authenticate`] an API key into a [`Principal`];
 //! - [`Vault::tokenize`], [`Vault::tokenize_many`], [`Vault::detokenize`],
 //!   [`Vault::metadata`], [`Vault::delete`] with a [`RequestContext`];
+//! - [`Vault::detokenize_monitored`] with a [`monitor::DetokenizeMonitor`]:
+//!   rate limits and the anomaly rule of detokenize (per instance);
 //! - key lifecycle ([`rotation`]): [`Vault::rotate_dek`],
 //!   [`Vault::reencrypt_batch`], [`Vault::retire`], [`Vault::destroy`],
 //!   [`Vault::rotate_kek`], [`Vault::key_status`], [`Vault::refresh_keys`];
@@ -32,6 +34,7 @@ pub mod brand;
 pub mod card;
 pub mod crypto;
 pub mod keys;
+pub mod monitor;
 pub mod pan;
 pub mod rotation;
 mod service;

@@ -5,6 +5,7 @@
 //! event cannot be written fails.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use audit::{Action, AuditEvent, Outcome};
 use hsm_shim::KeyEncryptionKey;
@@ -15,6 +16,7 @@ use crate::brand::Brand;
 use crate::card::{CardDataError, CardholderName, Expiry, Tenant, Token};
 use crate::crypto::{CardSecret, CryptoError, RecordAad, Sealed, NONCE_LEN};
 use crate::keys::{KeySet, Keyring, KeysError};
+use crate::monitor::{DetokenizeMonitor, LimitScope};
 use crate::pan::{contains_pan_like, masked_form, Pan, PanError};
 use crate::store::{
     now_millis, AuditFilter, CardRow, KeyPurpose, KeyState, NewCard, Store, StoreError,
@@ -109,6 +111,13 @@ pub enum VaultError {
     InvalidFilter(&'static str),
     #[error(transparent)]
     KeyLifecycle(#[from] KeyLifecycleError),
+    /// A detokenize rate limit (per principal or per tenant) refused the
+    /// request; the card was not opened.
+    #[error("too many detokenize requests for this {}: retry later", .scope.as_str())]
+    RateLimited {
+        scope: crate::monitor::LimitScope,
+        retry_after: std::time::Duration,
+    },
 }
 
 /// Why a key lifecycle operation was refused, or a record cannot be opened
@@ -164,6 +173,7 @@ impl VaultError {
             VaultError::Rng => "internal_error",
             VaultError::InvalidFilter(_) => "invalid_filter",
             VaultError::KeyLifecycle(e) => e.code(),
+            VaultError::RateLimited { .. } => "rate_limited",
         }
     }
 }
@@ -286,6 +296,12 @@ impl Vault {
             .detail(failure.as_str());
         self.store.append_audit(event).await?;
         Err(VaultError::Unauthenticated)
+    }
+
+    /// Whether `presented` is a key this process already verified (see
+    /// [`Authenticator::is_verified`]); cheap, no I/O.
+    pub fn key_is_verified(&self, presented: &str) -> bool {
+        self.auth.is_verified(presented)
     }
 
     /// Require one of `roles` for `action`; a refusal is audited.
@@ -581,11 +597,41 @@ impl Vault {
     }
 
     /// Swap a token back for the card. `reason` is recorded in the audit.
+    /// No rate limit, no anomaly rule: see [`Vault::detokenize_monitored`].
     pub async fn detokenize(
         &self,
         ctx: &RequestContext,
         token: &str,
         reason: &str,
+    ) -> Result<Detokenized, VaultError> {
+        self.detokenize_inner(ctx, token, reason, None).await
+    }
+
+    /// [`Vault::detokenize`] under `monitor`: the principal's rate limit is
+    /// checked before the token is looked up, the tenant's after (the tenant
+    /// is the token's); a refusal is a `detokenize` event with outcome
+    /// `denied` and error code `rate_limited`, and the card is not opened.
+    /// A detokenize that makes the anomaly rule fire still succeeds; it is
+    /// followed by a `detokenize_anomaly` event (counts only) and a warning
+    /// in the log. If that event cannot be written, the card is not
+    /// returned.
+    pub async fn detokenize_monitored(
+        &self,
+        ctx: &RequestContext,
+        token: &str,
+        reason: &str,
+        monitor: &DetokenizeMonitor,
+    ) -> Result<Detokenized, VaultError> {
+        self.detokenize_inner(ctx, token, reason, Some(monitor))
+            .await
+    }
+
+    async fn detokenize_inner(
+        &self,
+        ctx: &RequestContext,
+        token: &str,
+        reason: &str,
+        monitor: Option<&DetokenizeMonitor>,
     ) -> Result<Detokenized, VaultError> {
         self.require_role(ctx, Action::Detokenize, &[Role::Detokenize])
             .await?;
@@ -593,7 +639,24 @@ impl Vault {
             let ev = ctx.event(Action::Detokenize, Outcome::Failure);
             return Err(self.fail(ev, VaultError::InvalidReason).await);
         }
+        let principal_id = ctx.principal.id.as_str();
+        if let Some(Err(wait)) = monitor.map(|m| m.admit_principal(principal_id, Instant::now())) {
+            let mut ev = ctx.event(Action::Detokenize, Outcome::Denied);
+            if let Some(t) = Token::parse(token) {
+                ev = ev.token(t.as_str());
+            }
+            return Err(self.rate_limited(ev, LimitScope::Principal, wait).await);
+        }
         let row = self.lookup(ctx, Action::Detokenize, token).await?;
+        if let Some(Err(wait)) =
+            monitor.map(|m| m.admit_tenant(&row.tenant, principal_id, Instant::now()))
+        {
+            let ev = ctx
+                .event(Action::Detokenize, Outcome::Denied)
+                .tenant(row.tenant.clone())
+                .token(row.token.clone());
+            return Err(self.rate_limited(ev, LimitScope::Tenant, wait).await);
+        }
         let event = ctx
             .event(Action::Detokenize, Outcome::Success)
             .tenant(row.tenant.clone())
@@ -604,10 +667,46 @@ impl Vault {
             Err(e) => return Err(self.fail(event.detail("integrity"), e).await),
         };
         self.store.append_audit(event).await?;
+        if let Some(anomaly) =
+            monitor.and_then(|m| m.observe(principal_id, &row.token, Instant::now()))
+        {
+            tracing::warn!(
+                principal = %ctx.principal.name,
+                tenant = %row.tenant,
+                request_id = %ctx.request_id,
+                distinct_tokens = anomaly.distinct,
+                threshold = anomaly.threshold,
+                baseline = anomaly.baseline,
+                window_s = anomaly.window.as_secs(),
+                "detokenize anomaly: a principal detokenized many more distinct tokens than its baseline"
+            );
+            let ev = ctx
+                .event(Action::DetokenizeAnomaly, Outcome::Success)
+                .tenant(row.tenant.clone())
+                .token(row.token.clone())
+                .detail(anomaly.detail());
+            self.store.append_audit(ev).await?;
+        }
         Ok(Detokenized {
             token: row.token,
             card,
         })
+    }
+
+    /// Record a detokenize refused by a rate limit and return its error.
+    async fn rate_limited(
+        &self,
+        event: AuditEvent,
+        scope: LimitScope,
+        retry_after: std::time::Duration,
+    ) -> VaultError {
+        let event = event
+            .error_code("rate_limited")
+            .detail(format!("{}_rate_limit", scope.as_str()));
+        match self.store.append_audit(event).await {
+            Ok(_) => VaultError::RateLimited { scope, retry_after },
+            Err(e) => e.into(),
+        }
     }
 
     /// Non-secret details of a token.
