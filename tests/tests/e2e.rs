@@ -31,6 +31,8 @@ mod hostile;
 mod leaks;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
+#[path = "e2e/monitoring.rs"]
+mod monitoring;
 #[path = "e2e/multi_instance.rs"]
 mod multi_instance;
 #[path = "e2e/outage.rs"]

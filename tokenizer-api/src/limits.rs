@@ -72,7 +72,8 @@ impl SourceGuard {
         }
     }
 
-    /// `Err(wait)` while `ip` is blocked (the refusal is counted).
+    /// `Err(wait)` while `ip` is blocked. A request actually refused for
+    /// it is counted with [`SourceGuard::refuse`].
     pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Duration> {
         if self.rate.is_off() {
             return Ok(());
@@ -80,10 +81,7 @@ impl SourceGuard {
         let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         let key = source_key(ip);
         match sources.get(&key) {
-            Some(SourceState::Blocked { until }) if *until > now => {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                Err(*until - now)
-            }
+            Some(SourceState::Blocked { until }) if *until > now => Err(*until - now),
             Some(SourceState::Blocked { .. }) => {
                 sources.remove(&key);
                 Ok(())
@@ -132,6 +130,11 @@ impl SourceGuard {
         };
         self.blocks.fetch_add(1, Ordering::Relaxed);
         Some(self.block)
+    }
+
+    /// Count one request refused because its source is blocked.
+    pub fn refuse(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Requests refused while blocked, since start.
@@ -187,6 +190,7 @@ mod tests {
         }
         assert_eq!(g.failed(bad, t), Some(Duration::from_secs(10)));
         let wait = g.check(bad, t + Duration::from_secs(4)).unwrap_err();
+        g.refuse();
         assert_eq!(wait, Duration::from_secs(6));
         assert_eq!(retry_after_secs(wait), 6);
         // Failures while blocked do not extend the block.

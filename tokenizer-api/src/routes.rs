@@ -202,7 +202,10 @@ fn guard_source(
     match state.sources.check(ip, std::time::Instant::now()) {
         Ok(()) => Ok(()),
         Err(_) if presented.is_some_and(verified) => Ok(()),
-        Err(wait) => Err(ApiError::SourceBlocked(wait)),
+        Err(wait) => {
+            state.sources.refuse();
+            Err(ApiError::SourceBlocked(wait))
+        }
     }
 }
 
