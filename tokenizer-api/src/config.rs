@@ -330,18 +330,19 @@ pub struct CommonArgs {
     /// Directory of audit archive files; default `<data-dir>/audit-archive`.
     #[arg(long, env = "TOKENIZER_AUDIT_ARCHIVE_DIR")]
     pub audit_archive_dir: Option<PathBuf>,
-    /// Detokenize requests per minute and principal, on this instance (0:
-    /// no limit; default 6000); beyond it 429 `rate_limited`.
+    /// Detokenize requests per minute and principal, on this instance;
+    /// beyond it 429 `rate_limited` (default 0: no limit; set it from the
+    /// principal's volume).
     #[arg(long, env = "TOKENIZER_DETOKENIZE_RATE_PER_PRINCIPAL")]
     pub detokenize_rate_per_principal: Option<u32>,
-    /// Detokenize requests a principal may make at once (default 1000).
+    /// Detokenize requests a principal may make at once (default 100).
     #[arg(long, env = "TOKENIZER_DETOKENIZE_BURST_PER_PRINCIPAL")]
     pub detokenize_burst_per_principal: Option<u32>,
     /// Detokenize requests per minute and tenant (of the token), on this
-    /// instance (0: no limit; default 12000).
+    /// instance (default 0: no limit).
     #[arg(long, env = "TOKENIZER_DETOKENIZE_RATE_PER_TENANT")]
     pub detokenize_rate_per_tenant: Option<u32>,
-    /// Detokenize requests of one tenant at once (default 2000).
+    /// Detokenize requests of one tenant at once (default 100).
     #[arg(long, env = "TOKENIZER_DETOKENIZE_BURST_PER_TENANT")]
     pub detokenize_burst_per_tenant: Option<u32>,
     /// Window of the detokenize anomaly rule, in seconds (default 300).
@@ -638,12 +639,12 @@ fn monitor_config(common: &CommonArgs, file: &FileConfig) -> vault::monitor::Mon
             per_minute: pick(
                 common.detokenize_rate_per_principal,
                 file.detokenize_rate_per_principal,
-                6000,
+                0,
             ),
             burst: pick(
                 common.detokenize_burst_per_principal,
                 file.detokenize_burst_per_principal,
-                1000,
+                100,
             )
             .max(1),
         },
@@ -651,12 +652,12 @@ fn monitor_config(common: &CommonArgs, file: &FileConfig) -> vault::monitor::Mon
             per_minute: pick(
                 common.detokenize_rate_per_tenant,
                 file.detokenize_rate_per_tenant,
-                12_000,
+                0,
             ),
             burst: pick(
                 common.detokenize_burst_per_tenant,
                 file.detokenize_burst_per_tenant,
-                2000,
+                100,
             )
             .max(1),
         },
@@ -848,7 +849,8 @@ mod tests {
 
         // Monitoring: defaults, then the file, then a flag.
         let m = Settings::resolve(&common(), false).unwrap();
-        assert_eq!(m.detokenize_monitor.per_principal.per_minute, 6000);
+        assert!(m.detokenize_monitor.per_principal.is_off());
+        assert!(m.detokenize_monitor.per_tenant.is_off());
         assert_eq!(m.detokenize_monitor.anomaly.min_distinct, 200);
         assert_eq!(m.auth_failures_per_source, 300);
         std::fs::write(
