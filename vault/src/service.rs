@@ -1283,4 +1283,79 @@ mod tests {
             Err(VaultError::InvalidBatchSize)
         ));
     }
+
+    #[tokio::test]
+    async fn monitored_detokenize_limits_and_flags_anomalies() {
+        use crate::monitor::{AnomalyRule, DetokenizeMonitor, MonitorConfig, Rate};
+        let f = fixture().await;
+        let monitor = DetokenizeMonitor::new(MonitorConfig {
+            per_principal: Rate {
+                per_minute: 1,
+                burst: 3,
+            },
+            per_tenant: Rate::OFF,
+            anomaly: AnomalyRule {
+                window: std::time::Duration::from_secs(3600),
+                factor: 5,
+                min_distinct: 2,
+                baseline_windows: 12,
+            },
+        });
+        let mut tokens = Vec::new();
+        for pan in ["4111111111111111", "5555555555554444", "378282246310005"] {
+            let t = f.vault.tokenize(&all(), "shop-1", card(pan)).await.unwrap();
+            tokens.push(t.token);
+        }
+        for t in &tokens {
+            f.vault
+                .detokenize_monitored(&all(), t, "settle", &monitor)
+                .await
+                .unwrap();
+        }
+        let refused = f
+            .vault
+            .detokenize_monitored(&all(), &tokens[0], "settle", &monitor)
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(VaultError::RateLimited {
+                    scope: LimitScope::Principal,
+                    retry_after,
+                }) if retry_after > std::time::Duration::from_secs(50)
+            ),
+            "{refused:?}"
+        );
+        let events = f.vault.store().audit_events(0, 1000).await.unwrap();
+        let of = |a: Action, o: Outcome| {
+            events
+                .iter()
+                .filter(|e| e.event.action == a && e.event.outcome == o)
+                .map(|e| e.event.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(of(Action::Detokenize, Outcome::Success).len(), 3);
+        let denied = of(Action::Detokenize, Outcome::Denied);
+        assert_eq!(denied.len(), 1);
+        assert_eq!(denied[0].error_code.as_deref(), Some("rate_limited"));
+        assert_eq!(denied[0].detail.as_deref(), Some("principal_rate_limit"));
+        assert_eq!(denied[0].token.as_deref(), Some(tokens[0].as_str()));
+        // The third distinct token crossed the minimum of 2: one event.
+        let anomalies = of(Action::DetokenizeAnomaly, Outcome::Success);
+        assert_eq!(anomalies.len(), 1);
+        assert_eq!(anomalies[0].principal.as_deref(), Some("tester"));
+        assert_eq!(anomalies[0].token.as_deref(), Some(tokens[2].as_str()));
+        assert!(anomalies[0]
+            .detail
+            .as_deref()
+            .unwrap()
+            .starts_with("distinct_tokens=3 threshold=2 "));
+        assert_eq!(monitor.counts().anomalies, 1);
+        assert_eq!(monitor.counts().limited_principal, 1);
+        // The unmonitored call is not limited.
+        f.vault
+            .detokenize(&all(), &tokens[0], "settle")
+            .await
+            .unwrap();
+    }
 }
