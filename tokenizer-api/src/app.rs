@@ -138,6 +138,7 @@ impl Application {
             crypto_periods: settings.crypto_periods,
             metrics: crate::metrics::Metrics::new().map_err(StartError::Metrics)?,
             max_body_bytes: settings.max_body_bytes,
+            request_timeout: settings.request_timeout,
             max_batch_body_bytes: settings.max_batch_body_bytes,
             monitor: vault::monitor::DetokenizeMonitor::new(settings.detokenize_monitor),
             sources: crate::limits::SourceGuard::new(
@@ -189,6 +190,14 @@ impl Application {
                 .configure(routes::configure)
                 .default_service(web::to(routes::not_found))
         })
+        // Slow clients are cut off: the head within the request timeout
+        // (actix answers 408), the body as the handler reads it (same
+        // deadline, see `routes::read_json`); idle keep-alive connections
+        // after the idle timeout; at most `max_connections` per worker.
+        .client_request_timeout(settings.request_timeout)
+        .client_disconnect_timeout(Duration::from_secs(1))
+        .keep_alive(settings.idle_timeout)
+        .max_connections(settings.max_connections)
         .bind(settings.listen)
         .map_err(|e| StartError::Bind(settings.listen, e))?;
         let addr = server.addrs().first().copied().unwrap_or(settings.listen);

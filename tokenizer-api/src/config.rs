@@ -330,6 +330,19 @@ pub struct CommonArgs {
     /// Directory of audit archive files; default `<data-dir>/audit-archive`.
     #[arg(long, env = "TOKENIZER_AUDIT_ARCHIVE_DIR")]
     pub audit_archive_dir: Option<PathBuf>,
+    /// Time a client has to send a whole request (head, and body as the
+    /// handler reads it), in milliseconds; then 408 and the connection is
+    /// closed (default 10000).
+    #[arg(long, env = "TOKENIZER_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+    /// Idle keep-alive connections are closed after this many milliseconds
+    /// (default 30000).
+    #[arg(long, env = "TOKENIZER_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// Most open connections per worker (default 1024); more wait in the
+    /// listen backlog.
+    #[arg(long, env = "TOKENIZER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Detokenize requests per minute and principal, on this instance;
     /// beyond it 429 `rate_limited` (default 0: no limit; set it from the
     /// principal's volume).
@@ -398,6 +411,9 @@ struct FileConfig {
     audit_witness_file: Option<PathBuf>,
     audit_retention_days: Option<u32>,
     audit_archive_dir: Option<PathBuf>,
+    request_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    max_connections: Option<usize>,
     kek_backend: Option<String>,
     keyring_file: Option<PathBuf>,
     pkcs11_module: Option<PathBuf>,
@@ -439,6 +455,12 @@ pub struct Settings {
     /// Days of audit history kept online (archiving keeps at least these).
     pub audit_retention_days: u32,
     pub audit_archive_dir: PathBuf,
+    /// Whole-request deadline (head and body); 408 after it.
+    pub request_timeout: std::time::Duration,
+    /// Idle keep-alive connections are closed after it.
+    pub idle_timeout: std::time::Duration,
+    /// Most open connections per worker.
+    pub max_connections: usize,
     pub kek_file: PathBuf,
     /// Where the KEK comes from (see `seal`).
     pub kek_source: crate::seal::KekSource,
@@ -606,6 +628,25 @@ impl Settings {
             dev,
             max_body_bytes: file.max_body_bytes.unwrap_or(16 * 1024),
             max_batch_body_bytes: file.max_batch_body_bytes.unwrap_or(1024 * 1024),
+            request_timeout: std::time::Duration::from_millis(
+                common
+                    .request_timeout_ms
+                    .or(file.request_timeout_ms)
+                    .unwrap_or(10_000)
+                    .max(100),
+            ),
+            idle_timeout: std::time::Duration::from_millis(
+                common
+                    .idle_timeout_ms
+                    .or(file.idle_timeout_ms)
+                    .unwrap_or(30_000)
+                    .max(100),
+            ),
+            max_connections: common
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(1024)
+                .max(1),
         })
     }
 
@@ -790,6 +831,9 @@ mod tests {
             audit_witness_file: None,
             audit_retention_days: None,
             audit_archive_dir: None,
+            request_timeout_ms: None,
+            idle_timeout_ms: None,
+            max_connections: None,
             kek_backend: None,
             keyring_file: None,
             pkcs11_module: None,

@@ -37,6 +37,8 @@ pub enum ApiError {
     KekRotationUnsupported,
     #[error("stored keys are still wrapped under this KEK: rotate the KEK first")]
     KekInUse,
+    #[error("the request did not arrive within the request timeout")]
+    RequestTimeout,
     /// Too many failed authentications from this source address: refused
     /// before authentication for the given time.
     #[error("too many failed authentications from this address: retry later")]
@@ -58,6 +60,7 @@ impl ApiError {
             ApiError::Unseal(e) => e.code(),
             ApiError::KekRotationUnsupported => "kek_rotation_unsupported",
             ApiError::KekInUse => "kek_in_use",
+            ApiError::RequestTimeout => "request_timeout",
             ApiError::SourceBlocked(_) => "rate_limited",
         }
     }
@@ -133,6 +136,7 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Sealed => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::KekRotationUnsupported | ApiError::KekInUse => StatusCode::CONFLICT,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::SourceBlocked(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unseal(e) => match e {
                 crate::seal::UnsealError::WrongPassphrase(_) => StatusCode::FORBIDDEN,

@@ -31,6 +31,8 @@ pub struct AppState {
     pub crypto_periods: vault::CryptoPeriods,
     pub metrics: crate::metrics::Metrics,
     pub max_body_bytes: usize,
+    /// Deadline for the whole body to arrive (slow clients get 408).
+    pub request_timeout: std::time::Duration,
     pub max_batch_body_bytes: usize,
     /// Detokenize rate limits and anomaly rule (per instance; survives
     /// sealing).
@@ -299,6 +301,19 @@ fn object_shaped(body: &[u8]) -> bool {
 /// Read and parse a JSON body: 415 unless JSON, 413 over `limit`, 400 when
 /// not JSON or not of the schema. The raw bytes are zeroized afterwards.
 async fn read_json<T: DeserializeOwned>(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let deadline = req
+        .app_data::<web::Data<AppState>>()
+        .map_or(std::time::Duration::from_secs(10), |s| s.request_timeout);
+    tokio::time::timeout(deadline, read_json_body(req, payload, limit))
+        .await
+        .map_err(|_| ApiError::RequestTimeout)?
+}
+
+async fn read_json_body<T: DeserializeOwned>(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
