@@ -843,15 +843,7 @@ async fn retire_key(
     path: web::Path<(String, String)>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let ctx = admin_context(&req, &state, Action::KeyRetired).await?;
-    let (purpose, version) = key_path(&path)?;
-    let vault = state.vault()?;
-    vault
-        .retire(vault::Actor::Request(&ctx), purpose, version)
-        .await?;
-    Ok(HttpResponse::Ok().json(
-        serde_json::json!({"purpose": purpose.as_str(), "version": version, "state": "retired"}),
-    ))
+    change_key(req, &path, &state, Action::KeyRetired).await
 }
 
 /// `POST /v1/admin/keys/{purpose}/{version}/destroy` (role `key_admin`):
@@ -861,14 +853,29 @@ async fn destroy_key(
     path: web::Path<(String, String)>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let ctx = admin_context(&req, &state, Action::KeyDestroyed).await?;
-    let (purpose, version) = key_path(&path)?;
+    change_key(req, &path, &state, Action::KeyDestroyed).await
+}
+
+/// Retire (`KeyRetired`) or destroy (`KeyDestroyed`) one key version.
+async fn change_key(
+    req: HttpRequest,
+    path: &(String, String),
+    state: &AppState,
+    action: Action,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = admin_context(&req, state, action).await?;
+    let (purpose, version) = key_path(path)?;
     let vault = state.vault()?;
-    vault
-        .destroy(vault::Actor::Request(&ctx), purpose, version)
-        .await?;
+    let actor = vault::Actor::Request(&ctx);
+    let new_state = if action == Action::KeyDestroyed {
+        vault.destroy(actor, purpose, version).await?;
+        "destroyed"
+    } else {
+        vault.retire(actor, purpose, version).await?;
+        "retired"
+    };
     Ok(HttpResponse::Ok().json(
-        serde_json::json!({"purpose": purpose.as_str(), "version": version, "state": "destroyed"}),
+        serde_json::json!({"purpose": purpose.as_str(), "version": version, "state": new_state}),
     ))
 }
 

@@ -177,26 +177,20 @@ impl SealControl {
                 .map_err(UnsealError::Kek)?;
                 self.open_vault(Arc::new(kek)).await
             }
-            KekSource::Pkcs11(config) => {
-                let config = self.pkcs11_config(config).await;
-                let unsealed = tokio::task::spawn_blocking(move || config.unseal())
-                    .await
-                    .map_err(|_| UnsealError::Kek(KekError::Rng))?;
-                match unsealed {
-                    Ok(kek) => {
-                        self.open_vault(Arc::new(kek)).await?;
-                        self.audit(Outcome::Success, "hsm login at start: unsealed")
-                            .await;
-                        Ok(())
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "HSM login failed: the service stays SEALED until POST /v1/admin/unseal succeeds");
-                        self.audit(Outcome::Failure, "hsm login at start failed")
-                            .await;
-                        Ok(())
-                    }
+            KekSource::Pkcs11(config) => match self.hsm_login(config).await? {
+                Ok(kek) => {
+                    self.open_vault(Arc::new(kek)).await?;
+                    self.audit(Outcome::Success, "hsm login at start: unsealed")
+                        .await;
+                    Ok(())
                 }
-            }
+                Err(e) => {
+                    tracing::warn!(error = %e, "HSM login failed: the service stays SEALED until POST /v1/admin/unseal succeeds");
+                    self.audit(Outcome::Failure, "hsm login at start failed")
+                        .await;
+                    Ok(())
+                }
+            },
             KekSource::Keyring { path } => {
                 let keyring = SealedKeyring::open(path).map_err(UnsealError::Kek)?;
                 let need = keyring.threshold();
@@ -379,26 +373,20 @@ impl SealControl {
                     }
                 }
             }
-            KekSource::Pkcs11(config) => {
-                let config = self.pkcs11_config(config).await;
-                let unsealed = tokio::task::spawn_blocking(move || config.unseal())
-                    .await
-                    .map_err(|_| UnsealError::Kek(KekError::Rng))?;
-                match unsealed {
-                    Ok(kek) => {
-                        self.open_vault(Arc::new(kek)).await?;
-                        self.append(ctx, Outcome::Success, None, "hsm login: unsealed")
-                            .await?;
-                        Ok(self.status())
-                    }
-                    Err(e) => {
-                        let err = UnsealError::Kek(e);
-                        self.append(ctx, Outcome::Failure, Some(err.code()), "hsm login failed")
-                            .await?;
-                        Err(err.into())
-                    }
+            KekSource::Pkcs11(config) => match self.hsm_login(config).await? {
+                Ok(kek) => {
+                    self.open_vault(Arc::new(kek)).await?;
+                    self.append(ctx, Outcome::Success, None, "hsm login: unsealed")
+                        .await?;
+                    Ok(self.status())
                 }
-            }
+                Err(e) => {
+                    let err = UnsealError::Kek(e);
+                    self.append(ctx, Outcome::Failure, Some(err.code()), "hsm login failed")
+                        .await?;
+                    Err(err.into())
+                }
+            },
             KekSource::File { path, .. } => {
                 let kek = SoftwareKek::load(path).map_err(UnsealError::Kek)?;
                 self.open_vault(Arc::new(kek)).await?;
@@ -440,6 +428,19 @@ impl SealControl {
     async fn stored_kek_id(&self) -> Option<String> {
         let keys = self.store.load_keys().await.ok()?;
         keys.into_iter().map(|k| k.kek_id).next()
+    }
+
+    /// Open the token, log in and find the KEK the stored keys name, on a
+    /// blocking thread. The outer error: the thread failed; the inner: the
+    /// token refused (wrong or missing PIN, no such key, ...).
+    async fn hsm_login(
+        &self,
+        config: &Pkcs11Config,
+    ) -> Result<Result<hsm_shim::Pkcs11Kek, KekError>, UnsealError> {
+        let config = self.pkcs11_config(config).await;
+        tokio::task::spawn_blocking(move || config.unseal())
+            .await
+            .map_err(|_| UnsealError::Kek(KekError::Rng))
     }
 
     /// The PKCS#11 configuration with the KEK label the stored keys name
