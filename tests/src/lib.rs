@@ -1236,6 +1236,36 @@ impl Service {
         }
     }
 
+    /// The first column of every row a query returns, as text
+    /// (`SELECT token FROM cards`).
+    pub fn sql_strings(&self, query: &str) -> Vec<String> {
+        block_on(async {
+            use sqlx::Connection as _;
+            match self.backend() {
+                Backend::Postgres => {
+                    let mut conn = pg_connect(&self.database_url())
+                        .await
+                        .unwrap_or_else(|e| pg_unavailable(&e));
+                    let rows = sqlx::query_scalar::<_, String>(query)
+                        .fetch_all(&mut conn)
+                        .await
+                        .unwrap_or_else(|e| panic!("{query}: {e}"));
+                    let _ = conn.close().await;
+                    rows
+                }
+                Backend::Sqlite => {
+                    let mut conn = self.sqlite_connect().await;
+                    let rows = sqlx::query_scalar::<_, String>(query)
+                        .fetch_all(&mut conn)
+                        .await
+                        .unwrap_or_else(|e| panic!("{query}: {e}"));
+                    let _ = conn.close().await;
+                    rows
+                }
+            }
+        })
+    }
+
     /// The single integer a query returns (`SELECT COUNT(*) FROM cards`).
     pub fn sql_i64(&self, query: &str) -> i64 {
         block_on(async {

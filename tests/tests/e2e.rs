@@ -25,6 +25,8 @@ mod concurrency;
 mod errors;
 #[path = "e2e/failclosed.rs"]
 mod failclosed;
+#[path = "e2e/faults.rs"]
+mod faults;
 #[path = "e2e/hostile.rs"]
 mod hostile;
 #[path = "e2e/leaks.rs"]

@@ -1,0 +1,362 @@
+//! Fault injection under load: writer threads keep tokenizing new cards (in
+//! tenants of their own, single calls and batches) while the service is
+//! SIGKILLed and restarted on the same port. Afterwards every token
+//! whose tokenize was acknowledged (2xx received) gives its card back,
+//! every stored row is whole (detokenizes, has its audit event), and an
+//! unacknowledged write is either wholly there or wholly absent.
+//!
+//! PostgreSQL killed and restarted under load is `outage.rs`: four writers
+//! during a crash (`pg_ctl stop -m immediate`), 503 `storage_unavailable`
+//! while it is down, recovery without a restart, every acknowledged token
+//! stored, audited and detokenized afterwards.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use e2e::{free_port, fresh_pan, Client, Options, Resp, Service};
+use serde_json::Value;
+
+use crate::{card, exp_year, expect_status, REASON};
+
+const WRITERS: usize = 4;
+const BATCH: usize = 8;
+
+/// What one write request of the workload ended in.
+#[derive(Debug, Clone)]
+enum Outcome {
+    /// 2xx with a token per card.
+    Acknowledged(Vec<String>),
+    /// 503 `storage_unavailable`.
+    Unavailable,
+    /// No answer: the connection failed (the service was killed).
+    NoAnswer,
+    /// Anything else: never acceptable.
+    Other(String),
+}
+
+/// One write request: its tenant, its cards, what came back.
+#[derive(Debug, Clone)]
+struct Write {
+    tenant: String,
+    pans: Vec<String>,
+    batch: bool,
+    outcome: Outcome,
+    at: Instant,
+}
+
+/// Writer threads: thread `i` tokenizes in tenant `<prefix>-<i>`; the last
+/// one sends batches of [`BATCH`].
+struct Workload {
+    stop: Arc<AtomicBool>,
+    writes: Arc<Mutex<Vec<Write>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Workload {
+    fn start(client: &Client, prefix: &str) -> Workload {
+        let stop = Arc::new(AtomicBool::new(false));
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..WRITERS)
+            .map(|i| {
+                let (client, stop, writes) = (client.clone(), stop.clone(), writes.clone());
+                let tenant = format!("{prefix}-{i}");
+                let batch = i == WRITERS - 1;
+                thread::spawn(move || writer(&client, &tenant, batch, &stop, &writes))
+            })
+            .collect();
+        Workload {
+            stop,
+            writes,
+            threads,
+        }
+    }
+
+    fn acknowledged(&self) -> usize {
+        self.writes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|w| matches!(w.outcome, Outcome::Acknowledged(_)))
+            .count()
+    }
+
+    /// Waits until `n` more writes than now were acknowledged.
+    fn wait_for_acks(&self, n: usize, bound: Duration) {
+        let target = self.acknowledged() + n;
+        let started = Instant::now();
+        while self.acknowledged() < target {
+            assert!(
+                started.elapsed() < bound,
+                "the workload got {} of {n} acknowledgements within {bound:?}; last: {:?}",
+                self.acknowledged() + n - target,
+                self.writes.lock().unwrap().last()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn finish(mut self) -> Vec<Write> {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            t.join().expect("a writer thread panicked");
+        }
+        let writes = self.writes.lock().unwrap().clone();
+        writes
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn writer(client: &Client, tenant: &str, batch: bool, stop: &AtomicBool, out: &Mutex<Vec<Write>>) {
+    let year = exp_year();
+    while !stop.load(Ordering::SeqCst) {
+        let n = if batch { BATCH } else { 1 };
+        let pans: Vec<String> = (0..n).map(|_| fresh_pan()).collect();
+        let at = Instant::now();
+        let result = if batch {
+            let cards: Vec<Value> = pans.iter().map(|p| card(p, 9, year)).collect();
+            let body = serde_json::json!({"tenant": tenant, "cards": cards}).to_string();
+            client.try_send_raw(
+                "POST",
+                "/v1/tokens/batch",
+                Some("application/json"),
+                body.as_bytes(),
+            )
+        } else {
+            client.try_tokenize(tenant, &pans[0], 9, year)
+        };
+        let outcome = classify(&result, batch, n);
+        let failed = !matches!(outcome, Outcome::Acknowledged(_));
+        out.lock().unwrap().push(Write {
+            tenant: tenant.to_string(),
+            pans,
+            batch,
+            outcome,
+            at,
+        });
+        if failed {
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn classify(result: &Result<Resp, String>, batch: bool, n: usize) -> Outcome {
+    match result {
+        Ok(r) if (200..300).contains(&r.status) => {
+            let tokens: Vec<String> = if batch {
+                r.json["results"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x["token"].as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            } else {
+                r.json["token"]
+                    .as_str()
+                    .map(str::to_string)
+                    .into_iter()
+                    .collect()
+            };
+            if tokens.len() == n {
+                Outcome::Acknowledged(tokens)
+            } else {
+                Outcome::Other(format!("2xx without a token per card: {r}"))
+            }
+        }
+        Ok(r) if r.status == 503 && r.error_code() == Some("storage_unavailable") => {
+            Outcome::Unavailable
+        }
+        Ok(r) => Outcome::Other(r.to_string()),
+        Err(_) => Outcome::NoAnswer,
+    }
+}
+
+/// What the checks after a fault found.
+#[derive(Debug, Default)]
+struct Verified {
+    /// Acknowledged tokens that detokenized to their card.
+    tokens: usize,
+    /// Unacknowledged cards found stored after all (retry answered 200).
+    stored_unacknowledged: usize,
+    /// Unacknowledged cards found absent (retry answered 201).
+    absent_unacknowledged: usize,
+    /// Rows in `cards`, all of them detokenized.
+    rows: i64,
+}
+
+/// Every acknowledged token gives its card back; every unacknowledged
+/// write is wholly stored or wholly absent (a batch: all its cards alike);
+/// every row of `cards` is whole (has its tokenize audit event and
+/// detokenizes) and no tokenize event names a token without a row.
+fn verify(svc: &Service, client: &Client, writes: &[Write]) -> Verified {
+    let mut v = Verified::default();
+    let year = exp_year();
+    let mut lost = Vec::new();
+    for w in writes {
+        if let Outcome::Acknowledged(tokens) = &w.outcome {
+            for (token, pan) in tokens.iter().zip(&w.pans) {
+                let clear = client.detokenize(token, REASON);
+                if clear.status == 200 && clear.json["pan"] == pan.as_str() {
+                    v.tokens += 1;
+                } else {
+                    lost.push(format!("{token}: HTTP {}", clear.status));
+                }
+            }
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged token(s) lost:\n{}",
+        lost.len(),
+        lost.join("\n")
+    );
+
+    // Rows, before the retries below add any.
+    let orphan_rows = svc.sql_i64(
+        "SELECT COUNT(*) FROM cards c WHERE NOT EXISTS (SELECT 1 FROM audit_events a \
+         WHERE a.action = 'tokenize' AND a.token = c.token)",
+    );
+    let orphan_events = svc.sql_i64(
+        "SELECT COUNT(DISTINCT a.token) FROM audit_events a WHERE a.action = 'tokenize' \
+         AND a.token IS NOT NULL AND NOT EXISTS (SELECT 1 FROM cards c WHERE c.token = a.token)",
+    );
+    assert_eq!(orphan_rows, 0, "stored cards without their audit event");
+    assert_eq!(
+        orphan_events, 0,
+        "tokenize events naming a token with no card"
+    );
+    let tokens = svc.sql_strings("SELECT token FROM cards");
+    v.rows = tokens.len() as i64;
+    let acknowledged_cards: usize = writes
+        .iter()
+        .filter(|w| matches!(w.outcome, Outcome::Acknowledged(_)))
+        .map(|w| w.pans.len())
+        .sum();
+    let attempted_cards: usize = writes.iter().map(|w| w.pans.len()).sum();
+    assert!(
+        (acknowledged_cards..=attempted_cards).contains(&tokens.len()),
+        "{} rows in cards: acknowledged {acknowledged_cards}, attempted {attempted_cards}",
+        tokens.len()
+    );
+    for token in &tokens {
+        let clear = client.detokenize(token, REASON);
+        assert_eq!(clear.status, 200, "a stored row does not open: {clear}");
+    }
+
+    // Unacknowledged writes: all there or all absent, never part.
+    for w in writes {
+        if matches!(w.outcome, Outcome::Acknowledged(_)) {
+            continue;
+        }
+        let created: Vec<bool> = if w.batch {
+            let cards: Vec<Value> = w.pans.iter().map(|p| card(p, 9, year)).collect();
+            let r = client.batch(&w.tenant, &cards);
+            expect_status(&r, 200);
+            r.json["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| {
+                    x["created"]
+                        .as_bool()
+                        .unwrap_or_else(|| panic!("batch result without `created`: {x}"))
+                })
+                .collect()
+        } else {
+            let r = client.tokenize(&w.tenant, &w.pans[0], 9, year);
+            assert!(r.status == 200 || r.status == 201, "{r}");
+            vec![r.status == 201]
+        };
+        assert!(
+            created.iter().all(|c| *c == created[0]),
+            "an unacknowledged batch was stored in part: {created:?} ({:?})",
+            w.outcome
+        );
+        if created[0] {
+            v.absent_unacknowledged += w.pans.len();
+        } else {
+            v.stored_unacknowledged += w.pans.len();
+        }
+    }
+    v
+}
+
+fn outcomes(writes: &[Write]) -> (usize, usize, usize, Vec<String>) {
+    let mut acked = 0;
+    let mut unavailable = 0;
+    let mut no_answer = 0;
+    let mut other = Vec::new();
+    for w in writes {
+        match &w.outcome {
+            Outcome::Acknowledged(_) => acked += 1,
+            Outcome::Unavailable => unavailable += 1,
+            Outcome::NoAnswer => no_answer += 1,
+            Outcome::Other(what) => other.push(what.clone()),
+        }
+    }
+    (acked, unavailable, no_answer, other)
+}
+
+/// SIGKILL in the middle of the write workload, three times, each followed
+/// by a restart on the same port.
+#[test]
+fn sigkill_under_write_load_loses_no_acknowledged_token() {
+    const KILLS: usize = 3;
+    let port = free_port();
+    let mut svc = Service::start_with(Options {
+        listen: format!("127.0.0.1:{port}"),
+        log_level: "info".into(),
+        ..Options::default()
+    });
+    let key = svc.create_principal("writer", &["tokenize", "detokenize"], &["*"]);
+    let client = svc.client(&key);
+    let addr = svc.addr().to_string();
+    let mut all = Vec::new();
+    let mut in_flight_at_kill = 0;
+    for round in 0..KILLS {
+        let load = Workload::start(&client, &format!("kill{round}"));
+        load.wait_for_acks(40, Duration::from_secs(60));
+        // Kill at a moment that differs from round to round.
+        thread::sleep(Duration::from_millis(150 + 170 * round as u64));
+        let killed_at = Instant::now();
+        svc.kill();
+        // The writers see the dead service for a moment.
+        thread::sleep(Duration::from_millis(200));
+        let writes = load.finish();
+        in_flight_at_kill += writes
+            .iter()
+            .filter(|w| w.at < killed_at && matches!(w.outcome, Outcome::NoAnswer))
+            .count();
+        let (_, _, _, other) = outcomes(&writes);
+        assert!(
+            other.is_empty(),
+            "unexpected answers:\n{}",
+            other.join("\n")
+        );
+        all.extend(writes);
+        svc.restart();
+        assert_eq!(svc.addr(), addr, "the restart moved to another port");
+        expect_status(&svc.anonymous().get("/readyz"), 200);
+    }
+    let (acked, _, no_answer, _) = outcomes(&all);
+    let v = verify(&svc, &client, &all);
+    crate::report(&format!(
+        "faults sigkill ({}): kills={KILLS} writers={WRITERS} (1 batching {BATCH}) \
+         | writes acknowledged={acked} unanswered={no_answer} (in flight at the kill: {in_flight_at_kill}) \
+         | tokens verified={} rows={} | unacknowledged: stored={} absent={} partial=0",
+        svc.backend().name(),
+        v.tokens,
+        v.rows,
+        v.stored_unacknowledged,
+        v.absent_unacknowledged,
+    ));
+    assert!(in_flight_at_kill > 0, "no request was in flight at a kill");
+}
