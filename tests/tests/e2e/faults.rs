@@ -5,17 +5,19 @@
 //! every stored row is whole (detokenizes, has its audit event), and an
 //! unacknowledged write is either wholly there or wholly absent.
 //!
-//! PostgreSQL killed and restarted under load is `outage.rs`: four writers
-//! during a crash (`pg_ctl stop -m immediate`), 503 `storage_unavailable`
-//! while it is down, recovery without a restart, every acknowledged token
-//! stored, audited and detokenized afterwards.
+//! PostgreSQL killed and restarted under load is `outage.rs` (four single
+//! writers, 503 `storage_unavailable` while it is down, bounded failures,
+//! recovery without a restart, every acknowledged token stored, audited and
+//! detokenized afterwards). Added here: the same crash twice under this
+//! workload (with batches), then the checks above (atomic batches, every
+//! stored row whole, no orphan audit event).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use e2e::{free_port, fresh_pan, Client, Options, Resp, Service};
+use e2e::{free_port, fresh_pan, Client, Options, PgCluster, Resp, Service};
 use serde_json::Value;
 
 use crate::{card, exp_year, expect_status, REASON};
@@ -359,4 +361,63 @@ fn sigkill_under_write_load_loses_no_acknowledged_token() {
         v.absent_unacknowledged,
     ));
     assert!(in_flight_at_kill > 0, "no request was in flight at a kill");
+}
+
+/// PostgreSQL crashes (`pg_ctl stop -m immediate`) twice under the write
+/// workload and comes back; the service is never restarted. Always on
+/// PostgreSQL (a throwaway cluster), whatever `CARDVAULT_TEST_BACKEND` says.
+#[test]
+fn postgres_crashes_under_write_load_lose_nothing_and_write_nothing_in_part() {
+    const CRASHES: usize = 2;
+    let cluster = PgCluster::start();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("tokenizer.toml");
+    std::fs::write(&config, "db_timeout_ms = 1000\n").unwrap();
+    let mut svc = Service::start_with(Options {
+        database_url: Some(cluster.url()),
+        extra_args: vec!["--config".into(), config.display().to_string()],
+        log_level: "info".into(),
+        ..Options::default()
+    });
+    let key = svc.create_principal("writer", &["tokenize", "detokenize"], &["*"]);
+    let client = svc.client(&key);
+    let probe = svc.anonymous();
+    let load = Workload::start(&client, "pgcrash");
+    let mut down_total = Duration::ZERO;
+    for _ in 0..CRASHES {
+        load.wait_for_acks(30, Duration::from_secs(60));
+        let down = Instant::now();
+        cluster.stop_immediate();
+        thread::sleep(Duration::from_secs(2));
+        let during = load.writes.lock().unwrap().len();
+        thread::sleep(Duration::from_secs(1));
+        assert!(
+            load.writes.lock().unwrap().len() > during,
+            "no request answered while the database was down"
+        );
+        cluster.start_again();
+        down_total += down.elapsed();
+        load.wait_for_acks(30, Duration::from_secs(60));
+        assert!(svc.is_running(), "the service died with its database");
+    }
+    let writes = load.finish();
+    expect_status(&probe.get("/readyz"), 200);
+    let (acked, unavailable, no_answer, other) = outcomes(&writes);
+    assert!(
+        other.is_empty() && no_answer == 0,
+        "answers other than 2xx and 503 storage_unavailable ({no_answer} unanswered):\n{}",
+        other.join("\n")
+    );
+    assert!(unavailable > 0, "no 503 while the database was down");
+    let v = verify(&svc, &client, &writes);
+    crate::report(&format!(
+        "faults postgres-crash: crashes={CRASHES} down_ms={} writers={WRITERS} (1 batching {BATCH}) \
+         | writes acknowledged={acked} 503={unavailable} other=0 | tokens verified={} rows={} \
+         | unacknowledged: stored={} absent={} partial=0",
+        down_total.as_millis(),
+        v.tokens,
+        v.rows,
+        v.stored_unacknowledged,
+        v.absent_unacknowledged,
+    ));
 }
