@@ -1,6 +1,7 @@
 //! Fault injection under load: writer threads keep tokenizing new cards (in
 //! tenants of their own, single calls and batches) while the service is
-//! SIGKILLed and restarted on the same port. Afterwards every token
+//! SIGKILLed and restarted on the same port, or while the file system under
+//! its SQLite database fills up and frees again. Afterwards every token
 //! whose tokenize was acknowledged (2xx received) gives its card back,
 //! every stored row is whole (detokenizes, has its audit event), and an
 //! unacknowledged write is either wholly there or wholly absent.
@@ -12,6 +13,10 @@
 //! workload (with batches), then the checks above (atomic batches, every
 //! stored row whole, no orphan audit event).
 
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -416,6 +421,241 @@ fn postgres_crashes_under_write_load_lose_nothing_and_write_nothing_in_part() {
          | unacknowledged: stored={} absent={} partial=0",
         down_total.as_millis(),
         v.tokens,
+        v.rows,
+        v.stored_unacknowledged,
+        v.absent_unacknowledged,
+    ));
+}
+
+/// A tmpfs of its own, unmounted on drop (also when the test fails).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("cardvault-e2e-tmpfs-")
+            .tempdir()
+            .unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run mount: {e}"));
+        assert!(
+            out.status.success(),
+            "this test needs to mount a tmpfs (as root, or with CAP_SYS_ADMIN): \
+             `mount -t tmpfs -o size={size} tmpfs {}` failed ({}): {}",
+            dir.path().display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success())
+            || Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("e2e: could not unmount {}", self.dir.path().display());
+        }
+    }
+}
+
+/// Writes `path` until the file system is full (ENOSPC); returns its size.
+fn fill(path: &PathBuf) -> u64 {
+    let mut file = fs::File::create(path).unwrap();
+    let chunk = vec![0x5a_u8; 64 * 1024];
+    let mut written = 0u64;
+    loop {
+        match file.write(&chunk) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(28) => break,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+    // The last partial pages too.
+    while let Ok(n) = file.write(&chunk[..512]) {
+        if n == 0 {
+            break;
+        }
+        written += n as u64;
+    }
+    let _ = file.sync_all();
+    written
+}
+
+/// The SQLite database's file system fills up under load: writes fail with
+/// 503 `storage_unavailable` (never a 500, never a token that was not
+/// stored), the process stays up, and once space is freed it recovers by
+/// itself with nothing acknowledged lost (also after a restart). Always on
+/// SQLite, whatever `CARDVAULT_TEST_BACKEND` says.
+#[test]
+fn sqlite_disk_full_under_load_fails_clean_and_recovers() {
+    let fs_ = Tmpfs::mount("24m");
+    let data_dir = fs_.path().to_path_buf();
+    let port = free_port();
+    let mut svc = Service::start_in_dir(
+        &data_dir,
+        Options {
+            listen: format!("127.0.0.1:{port}"),
+            log_level: "info".into(),
+            database_url: Some(format!(
+                "sqlite://{}",
+                data_dir.join("cardvault.db").display()
+            )),
+            ..Options::default()
+        },
+    );
+    let key = svc.create_principal("writer", &["tokenize", "detokenize"], &["*"]);
+    let client = svc.client(&key);
+    let probe = svc.anonymous();
+    let year = exp_year();
+    let early_pan = fresh_pan();
+    let early = crate::token_for(&client, "early", &early_pan);
+
+    let load = Workload::start(&client, "full");
+    load.wait_for_acks(60, Duration::from_secs(60));
+
+    // The disk fills up.
+    let filler = data_dir.join("filler.bin");
+    let filled_at = Instant::now();
+    let filler_bytes = fill(&filler);
+    let first_503 = loop {
+        let seen = load
+            .writes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|w| w.at >= filled_at && matches!(w.outcome, Outcome::Unavailable))
+            .map(|w| w.at)
+            .min();
+        if let Some(at) = seen {
+            break at;
+        }
+        assert!(
+            filled_at.elapsed() < Duration::from_secs(90),
+            "no 503 within 90 s of the disk filling up ({} acknowledged since)",
+            load.writes
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|w| w.at >= filled_at && matches!(w.outcome, Outcome::Acknowledged(_)))
+                .count()
+        );
+        assert!(svc.is_running(), "the service died when its disk filled up");
+        thread::sleep(Duration::from_millis(50));
+    };
+    // A while with the disk full: reads and probes.
+    thread::sleep(Duration::from_millis(1500));
+    let read = client.detokenize(&early, REASON);
+    assert!(
+        (read.status == 200 && read.json["pan"] == early_pan.as_str())
+            || (read.status == 503 && read.error_code() == Some("storage_unavailable")),
+        "detokenize with the disk full: {read}"
+    );
+    let meta = client.metadata(&early);
+    assert!(
+        meta.status == 200
+            || (meta.status == 503 && meta.error_code() == Some("storage_unavailable")),
+        "metadata with the disk full: {meta}"
+    );
+    let one = client.tokenize("full-single", &fresh_pan(), 9, year);
+    assert!(
+        (one.status == 503 && one.error_code() == Some("storage_unavailable")) || one.status == 201,
+        "tokenize with the disk full: {one}"
+    );
+    expect_status(&probe.get("/healthz"), 200);
+    let ready_full = probe.get("/readyz").status;
+    assert!(svc.is_running(), "the service died with its disk full");
+
+    // Space comes back.
+    fs::remove_file(&filler).unwrap();
+    let freed_at = Instant::now();
+    let recovered_after = loop {
+        let first = load
+            .writes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|w| w.at >= freed_at && matches!(w.outcome, Outcome::Acknowledged(_)))
+            .map(|w| w.at - freed_at)
+            .min();
+        if let Some(after) = first {
+            break after;
+        }
+        assert!(
+            freed_at.elapsed() < Duration::from_secs(30),
+            "no write succeeded within 30 s of the space coming back"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    load.wait_for_acks(20, Duration::from_secs(30));
+    let writes = load.finish();
+    expect_status(&probe.get("/readyz"), 200);
+    assert!(svc.is_running(), "the service exited");
+
+    let (acked, unavailable, no_answer, other) = outcomes(&writes);
+    let acked_full = writes
+        .iter()
+        .filter(|w| {
+            w.at >= first_503 && w.at < freed_at && matches!(w.outcome, Outcome::Acknowledged(_))
+        })
+        .count();
+    assert!(
+        other.is_empty() && no_answer == 0,
+        "with the disk full, answers other than 2xx and 503 storage_unavailable:\n{}",
+        other.join("\n")
+    );
+    assert!(unavailable > 0);
+    let mut writes = writes;
+    writes.push(Write {
+        tenant: "early".into(),
+        pans: vec![early_pan],
+        batch: false,
+        outcome: Outcome::Acknowledged(vec![early]),
+        at: filled_at,
+    });
+    let v = verify(&svc, &client, &writes);
+    let broken =
+        svc.sql_i64("SELECT COUNT(*) FROM pragma_integrity_check WHERE integrity_check <> 'ok'");
+    assert_eq!(broken, 0, "PRAGMA integrity_check after the disk was full");
+    // And after a crash: nothing acknowledged lived only in memory.
+    svc.kill();
+    svc.restart();
+    let again = verify(&svc, &client, &writes);
+    crate::report(&format!(
+        "faults disk-full (sqlite on a 24 MiB tmpfs): filler={} KiB | writes acknowledged={acked} \
+         (during the full period after the first 503: {acked_full}) 503={unavailable} other=0 \
+         | first_503_after_fill_ms={} recovered_after_free_ms={} readyz_while_full={ready_full} \
+         | tokens verified={} (again after SIGKILL+restart: {}) rows={} \
+         | unacknowledged: stored={} absent={} partial=0",
+        filler_bytes / 1024,
+        (first_503 - filled_at).as_millis(),
+        recovered_after.as_millis(),
+        v.tokens,
+        again.tokens,
         v.rows,
         v.stored_unacknowledged,
         v.absent_unacknowledged,

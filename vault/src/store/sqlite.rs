@@ -50,6 +50,27 @@ impl SqliteStore {
             .max_connections(8)
             .min_connections(1)
             .acquire_timeout(op_timeout)
+            // A connection must go back to the pool outside any transaction.
+            // After some failures (a COMMIT refused with SQLITE_FULL or an
+            // I/O error, an operation cut short by its timeout) SQLite can
+            // keep the transaction open while sqlx considers it finished:
+            // the next `begin()` on that connection would then only open a
+            // savepoint inside it, and its "commit" would never reach the
+            // disk (seen: tokens acknowledged after a full disk, gone after
+            // a restart). `BEGIN` succeeds only in autocommit mode, so a
+            // connection on which it fails is closed (SQLite rolls the
+            // stray transaction back) instead of being reused.
+            .after_release(|conn, _meta| {
+                Box::pin(async move {
+                    use sqlx::Executor as _;
+                    if conn.execute("BEGIN").await.is_err() {
+                        tracing::warn!("closing a SQLite connection left inside a transaction");
+                        return Ok(false);
+                    }
+                    conn.execute("ROLLBACK").await?;
+                    Ok(true)
+                })
+            })
             .connect_with(opts)
             .await?;
         Ok(SqliteStore { pool, op_timeout })
