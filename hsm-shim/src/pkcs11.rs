@@ -239,6 +239,18 @@ impl Pkcs11Config {
     }
 }
 
+/// Slot-list calls (C_GetSlotList, which rescans the token store) one at a
+/// time per process: SoftHSM2 2.6 aborts (`SlotManager::insertToken:
+/// Assertion result.second failed`) when two threads rescan at once, even
+/// with OS locking enabled (seen in the test suite, 1 run in ~10).
+pub(crate) fn slot_list_lock() -> MutexGuard<'static, ()> {
+    static SLOTS: OnceLock<Mutex<()>> = OnceLock::new();
+    SLOTS
+        .get_or_init(|| Mutex::new(()))
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 // ---------------------------------------------------------------------------
 // Module registry: C_Initialize once per module and process.
 
@@ -419,10 +431,13 @@ impl Pkcs11Token {
         }
         let ctx = module(&config.module)?;
         let mut found = Vec::new();
-        for slot in ctx.get_slots_with_initialized_token().map_err(p11)? {
-            let info = ctx.get_token_info(slot).map_err(p11)?;
-            if info.label().trim_end() == label {
-                found.push(slot);
+        {
+            let _serial = slot_list_lock();
+            for slot in ctx.get_slots_with_initialized_token().map_err(p11)? {
+                let info = ctx.get_token_info(slot).map_err(p11)?;
+                if info.label().trim_end() == label {
+                    found.push(slot);
+                }
             }
         }
         let slot = match found.as_slice() {

@@ -111,6 +111,9 @@ pub(crate) fn new_token(tag: &str) -> Pkcs11Config {
     let mut label = format!("{}-{tag}", *counter);
     label.truncate(32);
     let ctx = &env.ctx;
+    // Token creation rescans the slot list: one at a time with every other
+    // slot-list call of the process (see `pkcs11::slot_list_lock`).
+    let serial = crate::pkcs11::slot_list_lock();
     let initialised = ctx.get_slots_with_initialized_token().expect("slots");
     let free = ctx
         .get_all_slots()
@@ -120,6 +123,9 @@ pub(crate) fn new_token(tag: &str) -> Pkcs11Config {
         .expect("SoftHSM2 always offers one free slot");
     let so = AuthPin::from(SO_PIN.to_owned());
     ctx.init_token(free, &so, &label).expect("C_InitToken");
+    // A fresh slot list, so the new token is found, before others rescan.
+    ctx.get_slots_with_initialized_token().expect("slots");
+    drop(serial);
     let session = ctx.open_rw_session(free).expect("session");
     session.login(UserType::So, Some(&so)).expect("SO login");
     session
