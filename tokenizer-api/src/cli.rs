@@ -532,6 +532,14 @@ fn admin_key() -> Result<zeroize::Zeroizing<String>, ExitCode> {
 
 /// POST `body` to the admin interface; print the JSON answer.
 fn admin_post(url: &str, path: &str, body: serde_json::Value) -> ExitCode {
+    match serde_json::to_vec(&body) {
+        Ok(bytes) => admin_post_bytes(url, path, &bytes),
+        Err(e) => fail(format!("cannot encode the request: {e}")),
+    }
+}
+
+/// POST a JSON body (already encoded) to the admin interface.
+fn admin_post_bytes(url: &str, path: &str, body: &[u8]) -> ExitCode {
     let key = match admin_key() {
         Ok(k) => k,
         Err(code) => return code,
@@ -539,7 +547,8 @@ fn admin_post(url: &str, path: &str, body: serde_json::Value) -> ExitCode {
     let endpoint = format!("{}{path}", url.trim_end_matches('/'));
     let response = ureq::post(&endpoint)
         .set("Authorization", &format!("Bearer {}", key.as_str()))
-        .send_json(body);
+        .set("Content-Type", "application/json")
+        .send_bytes(body);
     let (ok, answer) = match response {
         Ok(r) => (true, r.into_string()),
         Err(ureq::Error::Status(_, r)) => (false, r.into_string()),
@@ -556,17 +565,31 @@ fn admin_post(url: &str, path: &str, body: serde_json::Value) -> ExitCode {
 
 /// `tokenizer unseal`: one custodian (or an HSM login) per call.
 pub fn unseal(url: &str, custodian: Option<&str>) -> ExitCode {
-    let body = match custodian {
-        Some(name) => {
-            let passphrase = match read_secret_line(&format!("passphrase of custodian {name}")) {
-                Ok(p) => p,
-                Err(code) => return code,
-            };
-            serde_json::json!({ "custodian": name, "passphrase": passphrase.as_str() })
-        }
-        None => serde_json::json!({}),
+    #[derive(serde::Serialize)]
+    struct Submission<'a> {
+        custodian: &'a str,
+        passphrase: &'a str,
+    }
+    let Some(name) = custodian else {
+        return admin_post(url, "/v1/admin/unseal", serde_json::json!({}));
     };
-    admin_post(url, "/v1/admin/unseal", body)
+    let passphrase = match read_secret_line(&format!("passphrase of custodian {name}")) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    // Encoded straight into zeroizing memory sized for the worst case (an
+    // escape is at most 6 bytes per character), so it never reallocates:
+    // no other copy of the passphrase is made on the way to the socket.
+    let worst = 64 + 6 * (name.len() + passphrase.len());
+    let mut body = zeroize::Zeroizing::new(Vec::with_capacity(worst));
+    let submission = Submission {
+        custodian: name,
+        passphrase: passphrase.as_str(),
+    };
+    if let Err(e) = serde_json::to_writer(&mut *body, &submission) {
+        return fail(format!("cannot encode the request: {e}"));
+    }
+    admin_post_bytes(url, "/v1/admin/unseal", &body)
 }
 
 /// `tokenizer seal`.
