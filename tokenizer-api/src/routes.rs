@@ -162,20 +162,12 @@ async fn context(
     state: &AppState,
     vault: &Vault,
 ) -> Result<RequestContext, ApiError> {
-    let request_id = req
-        .extensions()
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_default();
-    let source = req
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| "unknown".to_owned());
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| bearer(v).unwrap_or(""));
-    let ip = req.peer_addr().map(|a| a.ip());
+    let Caller {
+        request_id,
+        source,
+        presented,
+        ip,
+    } = caller(req);
     guard_source(state, ip, presented, |k| vault.key_is_verified(k))?;
     let principal = match vault.authenticate(presented, &source, &request_id).await {
         Ok(principal) => principal,
@@ -190,6 +182,33 @@ async fn context(
         source,
         request_id,
     })
+}
+
+/// Who is asking, as far as the request says before authentication.
+struct Caller<'r> {
+    request_id: String,
+    /// `ip:port` of the peer, for the audit trail.
+    source: String,
+    /// The bearer credential (`""` for another scheme), if any.
+    presented: Option<&'r str>,
+    ip: Option<std::net::IpAddr>,
+}
+
+fn caller(req: &HttpRequest) -> Caller<'_> {
+    let peer = req.peer_addr();
+    Caller {
+        request_id: req
+            .extensions()
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default(),
+        source: peer.map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
+        presented: req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| bearer(v).unwrap_or("")),
+        ip: peer.map(|a| a.ip()),
+    }
 }
 
 /// The flood guard in front of authentication: a blocked source gets 429
@@ -694,20 +713,12 @@ async fn admin_context(
     state: &AppState,
     action: Action,
 ) -> Result<RequestContext, ApiError> {
-    let request_id = req
-        .extensions()
-        .get::<RequestId>()
-        .map(|r| r.0.clone())
-        .unwrap_or_default();
-    let source = req
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| "unknown".to_owned());
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .map(|v| bearer(v).unwrap_or(""));
-    let ip = req.peer_addr().map(|a| a.ip());
+    let Caller {
+        request_id,
+        source,
+        presented,
+        ip,
+    } = caller(req);
     guard_source(state, ip, presented, |k| state.seal.key_is_verified(k))?;
     match state
         .seal
