@@ -71,7 +71,7 @@ async fn print_dev_example(app: &Application) -> Result<(), access::AccessError>
     let suffix = format!("{:08x}", rand_u32());
     let roles = access::parse_roles("tokenize,detokenize")?;
     let (principal, key) =
-        access::create_principal(store, &format!("dev-{suffix}"), &roles, &TenantScope::All)
+        access::create_principal(store, &format!("dev-{suffix}"), &roles, &TenantScope::All, None)
             .await?;
     let addr = app.addr();
     println!(

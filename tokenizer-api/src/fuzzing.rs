@@ -114,6 +114,7 @@ impl Harness {
                                 "fuzz",
                                 &roles,
                                 &TenantScope::All,
+                                None,
                             )
                             .await
                             .map_err(|e| e.to_string()),

@@ -147,8 +147,10 @@ pub enum AccessError {
     InvalidTenants,
     #[error("principal name must be 1 to 64 characters of A-Z a-z 0-9 _ . -")]
     InvalidName,
-    #[error("an active principal with this name already exists")]
+    #[error("an active principal with this name or certificate identity already exists")]
     NameTaken,
+    #[error("a certificate identity is a URI (e.g. spiffe://aggregator.example/checkout) or a DNS name, 1 to 255 printable ASCII characters")]
+    InvalidCertIdentity,
     #[error("no active principal with this name")]
     UnknownName,
     #[error("the operating system random number generator failed")]
@@ -197,16 +199,42 @@ fn key_id(presented: &str) -> Option<&str> {
     (ok(id) && ok(secret) && secret.len() == 43).then_some(id)
 }
 
+/// Whether `identity` is a certificate identity we can bind: a URI SAN
+/// (`scheme:rest`, e.g. `spiffe://aggregator.example/checkout`) or a DNS SAN,
+/// printable ASCII without spaces, at most 255 characters, nothing card-like.
+pub fn valid_cert_identity(identity: &str) -> bool {
+    let printable = identity.bytes().all(|b| b.is_ascii_graphic());
+    let dns = identity.split('.').all(|l| {
+        !l.is_empty()
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
+    });
+    let uri = identity.split_once(':').is_some_and(|(scheme, rest)| {
+        !scheme.is_empty()
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+            && !rest.is_empty()
+    });
+    (1..=255).contains(&identity.len()) && printable && (uri || dns) && !contains_pan_like(identity)
+}
+
 /// Create a principal and its API key. The key's argon2id hash is stored;
-/// the key itself is returned once.
+/// the key itself is returned once. With `cert_identity`, a client
+/// certificate carrying that URI or DNS subject alternative name (verified
+/// by the listener's client CA) also authenticates as this principal.
 pub async fn create_principal(
     store: &dyn Store,
     name: &str,
     roles: &BTreeSet<Role>,
     tenants: &TenantScope,
+    cert_identity: Option<&str>,
 ) -> Result<(Principal, NewApiKey), AccessError> {
     if Tenant::parse(name).is_err() || contains_pan_like(name) {
         return Err(AccessError::InvalidName);
+    }
+    if cert_identity.is_some_and(|i| !valid_cert_identity(i)) {
+        return Err(AccessError::InvalidCertIdentity);
     }
     if roles.is_empty() {
         return Err(AccessError::InvalidRoles);
@@ -232,12 +260,15 @@ pub async fn create_principal(
         key_hash: hash,
         created_at: now_millis(),
         revoked_at: None,
+        cert_identity: cert_identity.map(str::to_owned),
     };
     let event = AuditEvent::new(Action::PrincipalCreated, Outcome::Success)
         .source("local")
         .detail(format!(
-            "{name} roles={} tenants={}",
-            row.roles, row.tenants
+            "{name} roles={} tenants={}{}",
+            row.roles,
+            row.tenants,
+            cert_identity.map_or_else(String::new, |i| format!(" cert_identity={i}"))
         ));
     match store.insert_principal(&row, event).await {
         Ok(()) => {}
@@ -269,6 +300,10 @@ pub enum AuthFailure {
     UnknownKey,
     WrongSecret,
     Revoked,
+    /// A verified client certificate whose identity no active principal has.
+    UnknownCertificate,
+    /// A client certificate and an API key of two different principals.
+    CredentialMismatch,
 }
 
 impl AuthFailure {
@@ -279,6 +314,8 @@ impl AuthFailure {
             AuthFailure::UnknownKey => "unknown_key",
             AuthFailure::WrongSecret => "wrong_secret",
             AuthFailure::Revoked => "revoked_key",
+            AuthFailure::UnknownCertificate => "unknown_certificate_identity",
+            AuthFailure::CredentialMismatch => "certificate_and_key_mismatch",
         }
     }
 }
@@ -356,6 +393,18 @@ impl Authenticator {
         Ok(Principal::from_row(&row)?)
     }
 
+    /// The principal bound to a client-certificate identity (the listener's
+    /// TLS layer has verified the certificate against the client CA and the
+    /// CRL). The row is read every time, so a revocation is immediate.
+    pub async fn authenticate_cert(&self, identities: &[String]) -> Result<Principal, AuthError> {
+        for identity in identities {
+            if let Some(row) = self.store.find_principal_by_cert(identity).await? {
+                return Ok(Principal::from_row(&row)?);
+            }
+        }
+        Err(AuthError::Failed(AuthFailure::UnknownCertificate))
+    }
+
     /// Whether this exact key passed an argon2 check in this process (its
     /// SHA-256 is in the cache). No database read, no argon2: what a guard
     /// in front of authentication may ask to let known-good callers through.
@@ -389,6 +438,8 @@ pub struct PrincipalInfo {
     pub tenants: String,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_identity: Option<String>,
 }
 
 pub async fn list_principals(store: &dyn Store) -> Result<Vec<PrincipalInfo>, AccessError> {
@@ -403,6 +454,7 @@ pub async fn list_principals(store: &dyn Store) -> Result<Vec<PrincipalInfo>, Ac
             tenants: r.tenants,
             created_at: r.created_at,
             revoked_at: r.revoked_at,
+            cert_identity: r.cert_identity,
         })
         .collect())
 }
@@ -445,7 +497,7 @@ mod tests {
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.path().join("a.db")).await.unwrap());
         let roles = parse_roles("tokenize").unwrap();
-        let (p, key) = create_principal(&*store, "checkout", &roles, &TenantScope::All)
+        let (p, key) = create_principal(&*store, "checkout", &roles, &TenantScope::All, None)
             .await
             .unwrap();
         assert_eq!(format!("{key:?}"), "NewApiKey([REDACTED])");
@@ -467,8 +519,68 @@ mod tests {
             Err(AuthError::Failed(AuthFailure::Revoked))
         ));
         assert!(matches!(
-            create_principal(&*store, "4111111111111111", &roles, &TenantScope::All).await,
+            create_principal(&*store, "4111111111111111", &roles, &TenantScope::All, None).await,
             Err(AccessError::InvalidName)
+        ));
+    }
+
+    #[test]
+    fn certificate_identity_shapes() {
+        for ok in [
+            "spiffe://aggregator.example/checkout",
+            "urn:cardvault:router",
+            "router.pci.aggregator.example",
+        ] {
+            assert!(valid_cert_identity(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "has space.example",
+            "spiffe://x/4111111111111111",
+            ":nothing",
+            "a..b",
+            &"a".repeat(256),
+        ] {
+            assert!(!valid_cert_identity(bad), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn certificate_identities_authenticate_until_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("a.db")).await.unwrap());
+        let roles = parse_roles("detokenize").unwrap();
+        let id = "spiffe://aggregator.example/router";
+        let (p, _) = create_principal(&*store, "router", &roles, &TenantScope::All, Some(id))
+            .await
+            .unwrap();
+        let auth = Authenticator::new(store.clone());
+        let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        // Any of the certificate's identities may be the bound one.
+        assert_eq!(
+            auth.authenticate_cert(&ids(&["router.example", id]))
+                .await
+                .unwrap(),
+            p
+        );
+        assert!(matches!(
+            auth.authenticate_cert(&ids(&["spiffe://aggregator.example/other"]))
+                .await,
+            Err(AuthError::Failed(AuthFailure::UnknownCertificate))
+        ));
+        assert!(matches!(
+            create_principal(&*store, "router-2", &roles, &TenantScope::All, Some(id)).await,
+            Err(AccessError::NameTaken)
+        ));
+        assert!(matches!(
+            create_principal(&*store, "x", &roles, &TenantScope::All, Some("no spaces")).await,
+            Err(AccessError::InvalidCertIdentity)
+        ));
+        revoke_principal(&*store, "router").await.unwrap();
+        assert!(matches!(
+            auth.authenticate_cert(&ids(&[id])).await,
+            Err(AuthError::Failed(AuthFailure::UnknownCertificate))
         ));
     }
 }

@@ -143,6 +143,8 @@ enum Line {
         key_hash: String,
         created_at: i64,
         revoked_at: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cert_identity: Option<String>,
     },
     Card {
         token: String,
@@ -219,6 +221,7 @@ impl From<BackupRecord> for Line {
                 key_hash: p.key_hash,
                 created_at: p.created_at,
                 revoked_at: p.revoked_at,
+                cert_identity: p.cert_identity,
             },
             BackupRecord::Card(c) => Line::Card {
                 token: c.token,
@@ -392,6 +395,7 @@ fn to_record(line: Line, n: usize) -> Result<Option<BackupRecord>, BackupError> 
             key_hash,
             created_at,
             revoked_at,
+            cert_identity,
         } => BackupRecord::Principal(PrincipalRow {
             id,
             name,
@@ -400,6 +404,7 @@ fn to_record(line: Line, n: usize) -> Result<Option<BackupRecord>, BackupError> 
             key_hash,
             created_at,
             revoked_at,
+            cert_identity,
         }),
         Line::Card {
             token,
@@ -692,9 +697,10 @@ mod tests {
         }
         vault.detokenize(&ctx(), &tokens[0], "check").await.unwrap();
         let roles = access::parse_roles("tokenize").unwrap();
-        let (_, key) = access::create_principal(&*store, "checkout", &roles, &TenantScope::All)
-            .await
-            .unwrap();
+        let (_, key) =
+            access::create_principal(&*store, "checkout", &roles, &TenantScope::All, None)
+                .await
+                .unwrap();
         (tokens, key.expose().to_owned())
     }
 

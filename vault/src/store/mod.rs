@@ -225,6 +225,8 @@ pub struct PrincipalRow {
     pub key_hash: String,
     pub created_at: i64,
     pub revoked_at: Option<i64>,
+    /// The client-certificate identity (URI or DNS SAN) bound to it, if any.
+    pub cert_identity: Option<String>,
 }
 
 /// The storage interface of the vault.
@@ -273,6 +275,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         event: AuditEvent,
     ) -> Result<(), StoreError>;
     async fn find_principal(&self, id: &str) -> Result<Option<PrincipalRow>, StoreError>;
+    /// The active principal bound to a client-certificate identity.
+    async fn find_principal_by_cert(
+        &self,
+        identity: &str,
+    ) -> Result<Option<PrincipalRow>, StoreError>;
     async fn list_principals(&self) -> Result<Vec<PrincipalRow>, StoreError>;
     /// Revoke the active principal with this name; false if there is none.
     async fn revoke_principal(

@@ -549,6 +549,7 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         key_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
         created_at: 1,
         revoked_at: None,
+        cert_identity: None,
     };
     app.insert_principal(&principal, ev(Action::PrincipalCreated))
         .await

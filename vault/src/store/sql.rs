@@ -15,7 +15,7 @@ macro_rules! sql_store {
             "token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at, fingerprint_version";
         const KEY_COLUMNS: &str =
             "purpose, version, kek_id, wrapped, created_at, state, retired_at, destroyed_at, reencrypted_at";
-        const PRINCIPAL_COLUMNS: &str = "id, name, roles, tenants, key_hash, created_at, revoked_at";
+        const PRINCIPAL_COLUMNS: &str = "id, name, roles, tenants, key_hash, created_at, revoked_at, cert_identity";
         const EVENT_COLUMNS: &str =
             "seq, time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail, chain_seq, leaf_hash, chain_hash";
         const CHECKPOINT_COLUMNS: &str = "tree_size, root, chain_head, time, key_id, signature";
@@ -352,6 +352,7 @@ macro_rules! sql_store {
                 key_hash: r.try_get("key_hash")?,
                 created_at: r.try_get("created_at")?,
                 revoked_at: r.try_get("revoked_at")?,
+                cert_identity: r.try_get("cert_identity")?,
             })
         }
 
@@ -718,7 +719,7 @@ macro_rules! sql_store {
                 self.bounded(async {
                     let mut tx = self.pool.begin().await?;
                     let res = sqlx::query(
-                        "INSERT INTO principals (id, name, roles, tenants, key_hash, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                        "INSERT INTO principals (id, name, roles, tenants, key_hash, created_at, cert_identity) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                     )
                     .bind(&row.id)
                     .bind(&row.name)
@@ -726,6 +727,7 @@ macro_rules! sql_store {
                     .bind(&row.tenants)
                     .bind(&row.key_hash)
                     .bind(row.created_at)
+                    .bind(&row.cert_identity)
                     .execute(&mut *tx)
                     .await;
                     match res {
@@ -746,6 +748,19 @@ macro_rules! sql_store {
                         .bind(id)
                         .fetch_optional(&self.pool)
                         .await?;
+                    row.as_ref().map(principal_from_row).transpose()
+                })
+                .await
+            }
+
+            async fn find_principal_by_cert(&self, identity: &str) -> Result<Option<$crate::store::PrincipalRow>, $crate::store::StoreError> {
+                self.bounded(async {
+                    let row = sqlx::query(&format!(
+                        "SELECT {PRINCIPAL_COLUMNS} FROM principals WHERE cert_identity = $1 AND revoked_at IS NULL"
+                    ))
+                    .bind(identity)
+                    .fetch_optional(&self.pool)
+                    .await?;
                     row.as_ref().map(principal_from_row).transpose()
                 })
                 .await
@@ -1399,8 +1414,8 @@ macro_rules! sql_store {
                         }
                         BackupRecord::Principal(p) => {
                             sqlx::query(
-                                "INSERT INTO principals (id, name, roles, tenants, key_hash, created_at, revoked_at)
-                                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                                "INSERT INTO principals (id, name, roles, tenants, key_hash, created_at, revoked_at, cert_identity)
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                             )
                             .bind(&p.id)
                             .bind(&p.name)
@@ -1409,6 +1424,7 @@ macro_rules! sql_store {
                             .bind(&p.key_hash)
                             .bind(p.created_at)
                             .bind(p.revoked_at)
+                            .bind(&p.cert_identity)
                             .execute(&mut *tx)
                             .await?;
                         }

@@ -457,6 +457,7 @@ async fn principal_names_are_unique_among_active_ones() {
             key_hash: "h".into(),
             created_at: 1,
             revoked_at: None,
+            cert_identity: None,
         };
         s.insert_principal(&p("a"), ev()).await.unwrap();
         assert!(
@@ -475,6 +476,62 @@ async fn principal_names_are_unique_among_active_ones() {
             Some(2)
         );
         assert_eq!(s.list_principals().await.unwrap().len(), 2);
+    }
+}
+
+#[tokio::test]
+async fn certificate_identities_are_unique_among_active_principals() {
+    for b in TestStore::all().await {
+        let s = b.store();
+        let p = |id: &str, name: &str| PrincipalRow {
+            id: id.into(),
+            name: name.into(),
+            roles: "tokenize".into(),
+            tenants: "*".into(),
+            key_hash: "h".into(),
+            created_at: 1,
+            revoked_at: None,
+            cert_identity: Some("spiffe://aggregator.example/checkout".into()),
+        };
+        s.insert_principal(&p("a", "checkout"), ev()).await.unwrap();
+        let found = s
+            .find_principal_by_cert("spiffe://aggregator.example/checkout")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.id, "a", "{}", b.name());
+        assert!(s
+            .find_principal_by_cert("spiffe://aggregator.example/router")
+            .await
+            .unwrap()
+            .is_none());
+        // A second active principal cannot take the same identity.
+        assert!(
+            matches!(
+                s.insert_principal(&p("b", "checkout-2"), ev()).await,
+                Err(StoreError::Conflict)
+            ),
+            "{}",
+            b.name()
+        );
+        // Revoked: the identity no longer authenticates, and is free again.
+        assert!(s.revoke_principal("checkout", 2, ev()).await.unwrap());
+        assert!(s
+            .find_principal_by_cert("spiffe://aggregator.example/checkout")
+            .await
+            .unwrap()
+            .is_none());
+        s.insert_principal(&p("b", "checkout-2"), ev())
+            .await
+            .unwrap();
+        assert_eq!(
+            s.find_principal_by_cert("spiffe://aggregator.example/checkout")
+                .await
+                .unwrap()
+                .unwrap()
+                .id,
+            "b"
+        );
     }
 }
 
