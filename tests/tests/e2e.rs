@@ -47,6 +47,8 @@ mod rotation;
 mod roundtrip;
 #[path = "e2e/sealed.rs"]
 mod sealed;
+#[path = "e2e/segment.rs"]
+mod segment;
 #[path = "e2e/tenants.rs"]
 mod tenants;
 

@@ -1,0 +1,1061 @@
+//! The card-data segment, built for real: network namespaces joined by veth
+//! pairs to a core router namespace that forwards between them, the shipped
+//! host firewalls (`deploy/nftables/cardvault.nft` in `pci`,
+//! `deploy/nftables/database.nft` in `db`) loaded with this test's own
+//! addresses file, a private PostgreSQL in `db`, and the real `tokenizer`
+//! (TLS, client certificates from `tokenizer dev-pki`, as an unprivileged
+//! user) in `pci`. Every check is a real connection made with curl from the
+//! namespace of the caller.
+//!
+//! ```text
+//!   internet 198.51.100.10 ┐
+//!   checkout 10.230.1.10   ┤            ┌ pci  10.230.4.5  tokenizer api/reveal/admin
+//!   router   10.230.2.10   ┼── core ────┤
+//!   ops      10.230.3.10   ┘ (forwards) └ db   10.230.5.10  PostgreSQL :5432
+//! ```
+//!
+//! The core namespace filters nothing: what stops a packet is the firewall
+//! of the host it is addressed to (or leaves from), as in the deployment.
+//! PostgreSQL runs in a namespace of its own (not in `pci`) so that the
+//! tokenizer reaches it over the network, through both rulesets. No
+//! namespace has a link to the machine's own network: traffic stays inside.
+//!
+//! Needs root, `ip` (iproute2), `nft` (nftables), `curl`, `setpriv` and
+//! `runuser` (util-linux), the PostgreSQL server binaries and the `postgres`
+//! OS user; without them the test fails with what is missing (it never
+//! skips). Namespaces are named `cv<pid>-<name>` and removed on drop, also
+//! after a panic.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use e2e::{current_year_month, pg_bin_dir, tokenizer_bin, workspace_root};
+
+/// The namespaces around `core`, each with its address and the core's
+/// address on the same /24 (its default route).
+const HOSTS: &[(&str, &str, &str)] = &[
+    ("internet", "198.51.100.10", "198.51.100.1"),
+    ("checkout", "10.230.1.10", "10.230.1.1"),
+    ("router", "10.230.2.10", "10.230.2.1"),
+    ("ops", "10.230.3.10", "10.230.3.1"),
+    ("pci", "10.230.4.5", "10.230.4.1"),
+    ("db", "10.230.5.10", "10.230.5.1"),
+];
+const PCI: &str = "10.230.4.5";
+const DB: &str = "10.230.5.10";
+const INTERNET: &str = "198.51.100.10";
+
+/// This test's values for the address defines of
+/// `deploy/nftables/cardvault-addresses.nft` (the ports stay as shipped).
+const ADDRESS_DEFINES: &[(&str, &str)] = &[
+    ("tokenizer_hosts", "{ 10.230.4.5 }"),
+    ("db_host", "10.230.5.10"),
+    ("checkout_nets", "{ 10.230.1.0/24 }"),
+    ("router_nets", "{ 10.230.2.0/24 }"),
+    ("ops_nets", "{ 10.230.3.0/24 }"),
+    // Nobody there: allowed by the rules, never used by the test.
+    ("dns_servers", "{ 10.230.6.53 }"),
+    ("ntp_servers", "{ 10.230.6.123 }"),
+];
+
+/// The unprivileged user the tokenizer runs as.
+const SERVICE_UID: u32 = 65534;
+const TENANT: &str = "shop-1";
+const PAN: &str = "4111111111111111";
+/// How long a probe waits for a TCP connection before calling the port
+/// silent (dropped); the namespaces are on one machine, so a real answer
+/// takes well under a millisecond.
+const CONNECT_TIMEOUT_S: &str = "2";
+const CMD_TIMEOUT: Duration = Duration::from_secs(60);
+
+// ---------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------
+
+/// Runs a command to completion (killed after `timeout`), output captured.
+fn run_timeout(mut cmd: Command, timeout: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"));
+    let (tx, rx) = mpsc::channel();
+    let pid = child.id();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("waiting for {what}: {e}")),
+        Err(_) => {
+            // Our own child, by its id.
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("{what} did not finish within {timeout:?}")
+        }
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs and asserts success; returns stdout.
+#[track_caller]
+fn must(cmd: Command) -> String {
+    let what = format!("{cmd:?}");
+    let out = run_timeout(cmd, CMD_TIMEOUT);
+    assert!(out.status.success(), "{what} failed: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn cmd(program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args);
+    c
+}
+
+/// `program args...` inside network namespace `ns`.
+fn in_ns(ns: &str, program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, program]).args(args);
+    c
+}
+
+/// `tokenizer args...` in namespace `ns` as the unprivileged service user,
+/// with a clean environment.
+fn tokenizer_in_ns(ns: &str, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, "setpriv"])
+        .arg(format!("--reuid={SERVICE_UID}"))
+        .arg(format!("--regid={SERVICE_UID}"))
+        .args(["--clear-groups", "--"])
+        .arg(tokenizer_bin())
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", "/")
+        .env("NO_COLOR", "1");
+    c
+}
+
+fn which(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Everything the test needs, or a failure that says what is missing.
+fn preflight() {
+    let uid = fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(u32::MAX);
+    let mut missing = Vec::new();
+    if uid != 0 {
+        missing.push(
+            "root (network namespaces, nftables, running services as other users)".to_string(),
+        );
+    }
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("nft", "nftables"),
+        ("curl", "curl"),
+        ("setpriv", "util-linux"),
+        ("runuser", "util-linux"),
+    ] {
+        if !which(tool) {
+            missing.push(format!("`{tool}` (apt-get install -y {package})"));
+        }
+    }
+    let pg_user = Command::new("id")
+        .args(["-u", "postgres"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !pg_user {
+        missing.push("the `postgres` OS user (PostgreSQL server package)".to_string());
+    }
+    assert!(
+        missing.is_empty(),
+        "the segmentation test cannot run here; it needs: {}.\n\
+         It builds network namespaces and loads the deploy nftables rules, so it \
+         must run as root (CI does); it never skips.",
+        missing.join(", ")
+    );
+    // Panics with build instructions when the binary is missing.
+    let _ = tokenizer_bin();
+    let _ = pg_bin_dir();
+}
+
+// ---------------------------------------------------------------------------
+// The segment
+// ---------------------------------------------------------------------------
+
+/// The namespaces, the PostgreSQL cluster and the tokenizer; all of it torn
+/// down on drop (also during a panic), processes first.
+struct Segment {
+    prefix: String,
+    namespaces: Vec<String>,
+    dir: tempfile::TempDir,
+    pg_started: bool,
+    tokenizer: Option<Child>,
+    tokenizer_log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Segment {
+    fn ns(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    fn build() -> Segment {
+        let dir = tempfile::Builder::new()
+            .prefix("cardvault-e2e-segment-")
+            .tempdir()
+            .expect("cannot create a temporary directory");
+        // The service user and postgres must traverse it (not list it).
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+        let mut seg = Segment {
+            prefix: format!("cv{}-", std::process::id()),
+            namespaces: Vec::new(),
+            dir,
+            pg_started: false,
+            tokenizer: None,
+            tokenizer_log: Default::default(),
+        };
+        let core = seg.ns("core");
+        must(cmd("ip", &["netns", "add", &core]));
+        seg.namespaces.push(core.clone());
+        must(in_ns(&core, "ip", &["link", "set", "lo", "up"]));
+        must(in_ns(&core, "sysctl", &["-qw", "net.ipv4.ip_forward=1"]));
+        for (name, addr, gw) in HOSTS {
+            let ns = seg.ns(name);
+            must(cmd("ip", &["netns", "add", &ns]));
+            seg.namespaces.push(ns.clone());
+            let link = format!("to-{name}");
+            // Both ends are made inside the namespaces: nothing touches the
+            // machine's own network.
+            must(in_ns(
+                &core,
+                "ip",
+                &[
+                    "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ],
+            ));
+            must(in_ns(
+                &core,
+                "ip",
+                &["addr", "add", &format!("{gw}/24"), "dev", &link],
+            ));
+            must(in_ns(&core, "ip", &["link", "set", &link, "up"]));
+            must(in_ns(&ns, "ip", &["link", "set", "lo", "up"]));
+            must(in_ns(
+                &ns,
+                "ip",
+                &["addr", "add", &format!("{addr}/24"), "dev", "eth0"],
+            ));
+            must(in_ns(&ns, "ip", &["link", "set", "eth0", "up"]));
+            must(in_ns(&ns, "ip", &["route", "add", "default", "via", gw]));
+        }
+        seg
+    }
+
+    /// initdb and start a private cluster in `db`, listening on its address
+    /// only, trust authentication from anywhere: only the firewalls decide
+    /// who reaches it.
+    fn start_postgres(&mut self) {
+        let bin = pg_bin_dir();
+        let pgdir = self.path("pg");
+        fs::create_dir(&pgdir).unwrap();
+        fs::create_dir(pgdir.join("sock")).unwrap();
+        must(cmd("chown", &["-R", "postgres:", pgdir.to_str().unwrap()]));
+        let data = pgdir.join("data");
+        let initdb = bin.join("initdb");
+        let mut c = cmd("runuser", &["-u", "postgres", "--"]);
+        c.arg(&initdb)
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .current_dir(&pgdir);
+        must(c);
+        let hba = data.join("pg_hba.conf");
+        let mut conf = fs::read_to_string(&hba).unwrap();
+        conf.push_str("\nhost all all 0.0.0.0/0 trust\n");
+        fs::write(&hba, conf).unwrap();
+        let options = format!(
+            "-p 5432 -k {} -c listen_addresses={DB}",
+            pgdir.join("sock").display()
+        );
+        let mut c = in_ns(&self.ns("db"), "runuser", &["-u", "postgres", "--"]);
+        c.arg(bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(pgdir.join("server.log"))
+            .args(["-w", "-t", "60", "-o", &options, "start"])
+            .current_dir(&pgdir);
+        self.pg_started = true;
+        must(c);
+        let mut c = in_ns(&self.ns("db"), "runuser", &["-u", "postgres", "--"]);
+        c.arg(bin.join("psql"))
+            .args(["-X", "-q", "-h"])
+            .arg(pgdir.join("sock"))
+            .args([
+                "-p",
+                "5432",
+                "-U",
+                "postgres",
+                "-c",
+                "CREATE DATABASE cardvault",
+            ])
+            .current_dir(&pgdir);
+        must(c);
+    }
+
+    fn database_url(&self) -> String {
+        format!("postgres://postgres@{DB}:5432/cardvault")
+    }
+
+    /// `tokenizer dev-pki` (server certificate for the pci address), the
+    /// server key handed to the service user.
+    fn make_pki(&self) -> PathBuf {
+        let pki = self.path("pki");
+        let mut c = Command::new(tokenizer_bin());
+        c.args(["dev-pki", "--out"])
+            .arg(&pki)
+            .args(["--server-name", PCI]);
+        must(c);
+        for f in [
+            "ca.pem",
+            "server.pem",
+            "server.key",
+            "client-tokenize.pem",
+            "client-tokenize.key",
+            "client-detokenize.pem",
+            "client-detokenize.key",
+            "client-auditor.pem",
+            "client-auditor.key",
+            "client-key_admin.pem",
+            "client-key_admin.key",
+        ] {
+            assert!(pki.join(f).is_file(), "dev-pki wrote no {f}");
+        }
+        let key_mode = fs::metadata(pki.join("server.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(key_mode & 0o077, 0, "server.key is readable by others");
+        fs::set_permissions(&pki, fs::Permissions::from_mode(0o755)).unwrap();
+        must(cmd(
+            "chown",
+            &[
+                &SERVICE_UID.to_string(),
+                pki.join("server.key").to_str().unwrap(),
+            ],
+        ));
+        pki
+    }
+
+    /// The service's data dir (owned by the service user, 0700), its KEK,
+    /// and one principal per bound client certificate.
+    fn prepare_service(&self) -> PathBuf {
+        let data = self.path("data");
+        fs::create_dir(&data).unwrap();
+        fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).unwrap();
+        must(cmd(
+            "chown",
+            &[&SERVICE_UID.to_string(), data.to_str().unwrap()],
+        ));
+        let d = data.to_str().unwrap();
+        let url = self.database_url();
+        must(tokenizer_in_ns(
+            &self.ns("pci"),
+            &["kek", "generate", "--data-dir", d],
+        ));
+        // The auditor certificate stays unbound (401 below).
+        for (name, role) in [
+            ("checkout", "tokenize"),
+            ("payment-router", "detokenize"),
+            ("operators", "key_admin"),
+        ] {
+            let identity = format!("spiffe://cardvault.dev/{role}");
+            let out = must(tokenizer_in_ns(
+                &self.ns("pci"),
+                &[
+                    "principal",
+                    "create",
+                    "--data-dir",
+                    d,
+                    "--database-url",
+                    &url,
+                    "--name",
+                    name,
+                    "--roles",
+                    role,
+                    "--tenants",
+                    TENANT,
+                    "--cert-identity",
+                    &identity,
+                ],
+            ));
+            let created: Value = serde_json::from_str(out.trim())
+                .unwrap_or_else(|e| panic!("principal create printed {out:?}: {e}"));
+            assert_eq!(created["name"], name, "{created}");
+        }
+        data
+    }
+
+    /// `tokenizer serve` in `pci` with the three TLS listeners; waits for
+    /// its three `listening on` lines.
+    fn start_tokenizer(&mut self, data: &Path, pki: &Path, ports: &Ports) {
+        let p = |f: &str| pki.join(f).to_str().unwrap().to_string();
+        let api = format!("{PCI}:{}", ports.api);
+        let reveal = format!("{PCI}:{}", ports.reveal);
+        let admin = format!("{PCI}:{}", ports.admin);
+        let mut c = tokenizer_in_ns(
+            &self.ns("pci"),
+            &[
+                "serve",
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--database-url",
+                &self.database_url(),
+                "--listen-api",
+                &api,
+                "--listen-reveal",
+                &reveal,
+                "--listen-admin",
+                &admin,
+                "--tls-cert-file",
+                &p("server.pem"),
+                "--tls-key-file",
+                &p("server.key"),
+                "--tls-client-ca-file",
+                &p("ca.pem"),
+            ],
+        );
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("cannot start the tokenizer");
+        let stderr = child.stderr.take().unwrap();
+        self.tokenizer = Some(child);
+        let log = self.tokenizer_log.clone();
+        let (tx, rx) = mpsc::channel::<String>();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let line = e2e::strip_ansi(&line);
+                log.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        while seen.len() < 3 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => {
+                    for (what, addr) in [("api", &api), ("reveal", &reveal), ("admin", &admin)] {
+                        if line.contains(&format!("listening on {addr}"))
+                            && line.contains(&format!("({what})"))
+                            && !seen.contains(&what)
+                        {
+                            seen.push(what);
+                        }
+                    }
+                }
+                Err(_) => panic!(
+                    "the tokenizer did not report its three listeners (saw {seen:?}); log:\n{}",
+                    self.log()
+                ),
+            }
+        }
+    }
+
+    fn log(&self) -> String {
+        self.tokenizer_log.lock().unwrap().join("\n")
+    }
+
+    /// Loads the shipped rulesets: `cardvault.nft` in `pci`, `database.nft`
+    /// in `db`, with this test's addresses file first on the include path.
+    fn load_firewalls(&self) {
+        let shipped = workspace_root().join("deploy/nftables");
+        let include = self.path("nft");
+        fs::create_dir(&include).unwrap();
+        fs::write(
+            include.join("cardvault-addresses.nft"),
+            test_addresses(&shipped.join("cardvault-addresses.nft")),
+        )
+        .unwrap();
+        for (ns, file) in [("pci", "cardvault.nft"), ("db", "database.nft")] {
+            let mut c = in_ns(&self.ns(ns), "nft", &["-I"]);
+            c.arg(&include).arg("-f").arg(shipped.join(file));
+            must(c);
+        }
+        // The test's addresses are the ones in force.
+        let rules = must(in_ns(
+            &self.ns("pci"),
+            "nft",
+            &["list", "table", "inet", "cardvault"],
+        ));
+        assert!(
+            rules.contains("10.230.1.0/24") && rules.contains(DB),
+            "the test's addresses file was not the one included:\n{rules}"
+        );
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // No panics here: best effort, in order, saying what failed.
+        if let Some(mut child) = self.tokenizer.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.pg_started {
+            let pgdir = self.path("pg");
+            let status = Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(pg_bin_dir().join("pg_ctl"))
+                .arg("-D")
+                .arg(pgdir.join("data"))
+                .args(["-m", "immediate", "-w", "-t", "30", "stop"])
+                .current_dir(&pgdir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            if !matches!(&status, Ok(s) if s.success()) {
+                eprintln!("segment: could not stop PostgreSQL ({status:?})");
+            }
+        }
+        for ns in self.namespaces.iter().rev() {
+            // Anything still running in our namespaces was started by this
+            // test (the namespaces are new and named after our pid).
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            let deleted = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+            if !matches!(&deleted, Ok(s) if s.success()) {
+                eprintln!("segment: could not delete network namespace {ns} ({deleted:?})");
+            }
+        }
+    }
+}
+
+/// The ports of the shipped addresses file.
+struct Ports {
+    api: u16,
+    reveal: u16,
+    admin: u16,
+    db: u16,
+}
+
+fn shipped_define(text: &str, name: &str) -> String {
+    text.lines()
+        .filter_map(|l| l.split('#').next())
+        .find_map(|l| {
+            let rest = l.trim().strip_prefix("define ")?;
+            let (n, v) = rest.split_once('=')?;
+            (n.trim() == name).then(|| v.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no `define {name}` in deploy/nftables/cardvault-addresses.nft"))
+}
+
+fn shipped_ports() -> Ports {
+    let text = fs::read_to_string(workspace_root().join("deploy/nftables/cardvault-addresses.nft"))
+        .expect("deploy/nftables/cardvault-addresses.nft");
+    let port = |name: &str| -> u16 {
+        shipped_define(&text, name)
+            .parse()
+            .unwrap_or_else(|e| panic!("define {name}: {e}"))
+    };
+    Ports {
+        api: port("api_port"),
+        reveal: port("reveal_port"),
+        admin: port("admin_port"),
+        db: port("db_port"),
+    }
+}
+
+/// The shipped addresses file with every address define replaced by this
+/// test's value (each must exist there: a renamed define fails here).
+fn test_addresses(shipped: &Path) -> String {
+    let text = fs::read_to_string(shipped).unwrap();
+    let mut replaced = Vec::new();
+    let out: Vec<String> = text
+        .lines()
+        .map(|line| {
+            for (name, value) in ADDRESS_DEFINES {
+                let head = format!("define {name} ");
+                if line.trim_start().starts_with(&head)
+                    || line.trim_start().starts_with(&format!("define {name}="))
+                {
+                    replaced.push(*name);
+                    return format!("define {name} = {value}");
+                }
+            }
+            line.to_string()
+        })
+        .collect();
+    for (name, _) in ADDRESS_DEFINES {
+        assert!(
+            replaced.contains(name),
+            "deploy/nftables/cardvault-addresses.nft has no `define {name}`"
+        );
+    }
+    out.join("\n") + "\n"
+}
+
+// ---------------------------------------------------------------------------
+// Probes
+// ---------------------------------------------------------------------------
+
+/// What a TCP connection attempt came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reach {
+    /// The TCP handshake completed.
+    Connected,
+    /// Nothing answered within the connect timeout (dropped).
+    Silent,
+    /// Anything else (refused, unreachable...): curl's exit code and message.
+    Other(i32, String),
+}
+
+/// One TCP connection attempt from namespace `ns` to `addr:port` (curl's
+/// telnet client: connect, then end at once on the empty stdin).
+fn reach_cmd(ns: &str, addr: &str, port: u16) -> Command {
+    in_ns(
+        ns,
+        "curl",
+        &[
+            "-sS",
+            "--connect-timeout",
+            CONNECT_TIMEOUT_S,
+            "--max-time",
+            "4",
+            "-w",
+            "%{time_connect}",
+            &format!("telnet://{addr}:{port}"),
+        ],
+    )
+}
+
+fn reach_of(out: &Output) -> Reach {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let connect_time: f64 = stdout
+        .trim()
+        .rsplit(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0.0);
+    let code = out.status.code().unwrap_or(-1);
+    if connect_time > 0.0 {
+        Reach::Connected
+    } else if code == 28 {
+        Reach::Silent
+    } else {
+        Reach::Other(
+            code,
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        )
+    }
+}
+
+/// Many probes at once (each may wait out the connect timeout).
+fn reach_all(probes: &[(&str, String, &str, u16)]) -> Vec<Reach> {
+    thread::scope(|s| {
+        let handles: Vec<_> = probes
+            .iter()
+            .map(|(_, ns, addr, port)| {
+                let c = reach_cmd(ns, addr, *port);
+                s.spawn(move || reach_of(&run_timeout(c, Duration::from_secs(20))))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// An HTTPS answer: status and JSON (or text) body.
+#[derive(Debug)]
+struct Https {
+    curl_exit: i32,
+    status: u16,
+    body: String,
+    stderr: String,
+}
+
+impl Https {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+
+    fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+impl std::fmt::Display for Https {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "curl exit {}, HTTP {}: {} {}",
+            self.curl_exit, self.status, self.body, self.stderr
+        )
+    }
+}
+
+/// One HTTPS request from namespace `ns`, verifying the server against the
+/// dev CA, with the client certificate of `role` (none: no certificate).
+fn https(
+    seg: &Segment,
+    pki: &Path,
+    ns: &str,
+    role: Option<&str>,
+    method: &str,
+    url: &str,
+    body: Option<&Value>,
+) -> Https {
+    let mut c = in_ns(
+        &seg.ns(ns),
+        "curl",
+        &[
+            "-sS",
+            "--connect-timeout",
+            CONNECT_TIMEOUT_S,
+            "--max-time",
+            "15",
+            "-X",
+            method,
+            "-w",
+            "\n%{http_code}",
+        ],
+    );
+    c.arg("--cacert").arg(pki.join("ca.pem"));
+    if let Some(role) = role {
+        c.arg("--cert")
+            .arg(pki.join(format!("client-{role}.pem")))
+            .arg("--key")
+            .arg(pki.join(format!("client-{role}.key")));
+    }
+    if let Some(body) = body {
+        c.args(["-H", "Content-Type: application/json", "--data-binary"])
+            .arg(body.to_string());
+    }
+    c.arg(url);
+    let out = run_timeout(c, Duration::from_secs(30));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", stdout.as_str()));
+    Https {
+        curl_exit: out.status.code().unwrap_or(-1),
+        status: status.trim().parse().unwrap_or(0),
+        body: body.to_string(),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The test
+// ---------------------------------------------------------------------------
+
+#[test]
+fn segment_firewalls_listeners_and_client_certificates() {
+    let started = Instant::now();
+    preflight();
+    let ports = shipped_ports();
+    let mut seg = Segment::build();
+    seg.start_postgres();
+    let pki = seg.make_pki();
+    let data = seg.prepare_service();
+    seg.start_tokenizer(&data, &pki, &ports);
+
+    // Every probe of the segment: (from, to, port) that must stay silent
+    // once the firewalls are up. Before they are, each one connects: the
+    // routing works, and the rules are what stops them afterwards.
+    let listeners = [
+        ("api", ports.api),
+        ("reveal", ports.reveal),
+        ("admin", ports.admin),
+    ];
+    let mut forbidden: Vec<(&str, &str, u16)> = Vec::new();
+    for (_, port) in listeners {
+        forbidden.push(("internet", PCI, port));
+    }
+    forbidden.push(("internet", PCI, 22));
+    forbidden.push(("internet", PCI, ports.db));
+    for ns in ["internet", "checkout", "router", "ops"] {
+        forbidden.push((ns, DB, ports.db));
+    }
+    forbidden.push(("checkout", PCI, ports.reveal));
+    forbidden.push(("checkout", PCI, ports.admin));
+    forbidden.push(("router", PCI, ports.api));
+    forbidden.push(("router", PCI, ports.admin));
+    forbidden.push(("ops", PCI, ports.api));
+    forbidden.push(("ops", PCI, ports.reveal));
+
+    let control: Vec<(&str, String, &str, u16)> = [
+        ("internet", PCI, ports.api),
+        ("internet", PCI, ports.reveal),
+        ("internet", PCI, ports.admin),
+        ("internet", DB, ports.db),
+        ("ops", DB, ports.db),
+    ]
+    .into_iter()
+    .map(|(ns, addr, port)| (ns, seg.ns(ns), addr, port))
+    .collect();
+    for (probe, reach) in control.iter().zip(reach_all(&control)) {
+        assert_eq!(
+            reach,
+            Reach::Connected,
+            "control (no firewall yet): {} -> {}:{} should connect",
+            probe.0,
+            probe.2,
+            probe.3
+        );
+    }
+
+    seg.load_firewalls();
+
+    // Nothing but the allowed flows gets a TCP handshake. Egress from the
+    // card-data hosts to the internet is dropped too.
+    let mut probes: Vec<(&str, String, &str, u16)> = forbidden
+        .iter()
+        .map(|(ns, addr, port)| (*ns, seg.ns(ns), *addr, *port))
+        .collect();
+    probes.push(("pci", seg.ns("pci"), INTERNET, 443));
+    probes.push(("db", seg.ns("db"), INTERNET, 443));
+    // Allowed: the tokenizer host opens new connections to the database.
+    probes.push(("pci", seg.ns("pci"), DB, ports.db));
+    let results = reach_all(&probes);
+    let mut wrong = Vec::new();
+    for (probe, reach) in probes.iter().zip(&results) {
+        let allowed = probe.0 == "pci" && probe.2 == DB;
+        let want = if allowed {
+            Reach::Connected
+        } else {
+            Reach::Silent
+        };
+        if *reach != want {
+            wrong.push(format!(
+                "{} -> {}:{}: {reach:?}, expected {want:?}",
+                probe.0, probe.2, probe.3
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "the firewalls let through or refused the wrong flows:\n{}\n--- pci ruleset ---\n{}",
+        wrong.join("\n"),
+        must(in_ns(&seg.ns("pci"), "nft", &["list", "ruleset"]))
+    );
+
+    let api = format!("https://{PCI}:{}", ports.api);
+    let reveal = format!("https://{PCI}:{}", ports.reveal);
+    let admin = format!("https://{PCI}:{}", ports.admin);
+    let exp_year = current_year_month().0 + 4;
+
+    // checkout -> api: tokenize with its client certificate.
+    let resp = https(
+        &seg,
+        &pki,
+        "checkout",
+        Some("tokenize"),
+        "POST",
+        &format!("{api}/v1/tokens"),
+        Some(&json!({"tenant": TENANT, "pan": PAN, "exp_month": 12, "exp_year": exp_year})),
+    );
+    assert_eq!(resp.status, 201, "tokenize from checkout: {resp}");
+    let token = resp.json()["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(token.starts_with("tok_"), "no token: {resp}");
+    assert!(
+        !resp.body.contains(PAN),
+        "the tokenize answer holds the PAN"
+    );
+
+    // router -> reveal: detokenize gives the PAN back.
+    let resp = https(
+        &seg,
+        &pki,
+        "router",
+        Some("detokenize"),
+        "POST",
+        &format!("{reveal}/v1/detokenize"),
+        Some(&json!({"token": token, "reason": "segment test: settle order 1"})),
+    );
+    assert_eq!(
+        resp.status, 200,
+        "detokenize from the payment router: {resp}"
+    );
+    assert_eq!(resp.json()["pan"], PAN, "{resp}");
+
+    // ops -> admin: metrics and readiness.
+    let resp = https(
+        &seg,
+        &pki,
+        "ops",
+        Some("key_admin"),
+        "GET",
+        &format!("{admin}/metrics"),
+        None,
+    );
+    assert_eq!(resp.status, 200, "metrics from ops: {resp}");
+    assert!(resp.body.contains("cardvault_sealed"), "metrics: {resp}");
+    let resp = https(
+        &seg,
+        &pki,
+        "ops",
+        Some("key_admin"),
+        "GET",
+        &format!("{admin}/readyz"),
+        None,
+    );
+    assert_eq!(resp.status, 200, "readyz from ops: {resp}");
+
+    // A certificate of the wrong role: the tokenize certificate on reveal.
+    let resp = https(
+        &seg,
+        &pki,
+        "router",
+        Some("tokenize"),
+        "POST",
+        &format!("{reveal}/v1/detokenize"),
+        Some(&json!({"token": token, "reason": "segment test: wrong role"})),
+    );
+    assert_eq!(
+        (resp.status, resp.error_code().as_str()),
+        (403, "forbidden"),
+        "{resp}"
+    );
+    assert!(!resp.body.contains(PAN), "a refusal holds the PAN");
+    // A certificate of the right CA bound to no principal.
+    let resp = https(
+        &seg,
+        &pki,
+        "checkout",
+        Some("auditor"),
+        "POST",
+        &format!("{api}/v1/tokens"),
+        Some(&json!({"tenant": TENANT, "pan": PAN, "exp_month": 12, "exp_year": exp_year})),
+    );
+    assert_eq!(
+        (resp.status, resp.error_code().as_str()),
+        (401, "unauthenticated"),
+        "{resp}"
+    );
+    // No client certificate: refused in the handshake, or 401.
+    let resp = https(
+        &seg,
+        &pki,
+        "checkout",
+        None,
+        "POST",
+        &format!("{api}/v1/tokens"),
+        Some(&json!({"tenant": TENANT, "pan": PAN, "exp_month": 12, "exp_year": exp_year})),
+    );
+    assert!(
+        (resp.status == 0 && resp.curl_exit != 0) || resp.status == 401,
+        "a request without a client certificate was not refused: {resp}"
+    );
+
+    // Routes on the wrong listener are unknown there.
+    for (ns, role, method, url, body) in [
+        (
+            "checkout",
+            "tokenize",
+            "POST",
+            format!("{api}/v1/detokenize"),
+            Some(json!({"token": token, "reason": "segment test: wrong listener"})),
+        ),
+        (
+            "router",
+            "detokenize",
+            "GET",
+            format!("{reveal}/metrics"),
+            None,
+        ),
+        (
+            "router",
+            "detokenize",
+            "POST",
+            format!("{reveal}/v1/tokens"),
+            Some(json!({"tenant": TENANT, "pan": PAN, "exp_month": 12, "exp_year": exp_year})),
+        ),
+        (
+            "ops",
+            "key_admin",
+            "POST",
+            format!("{admin}/v1/detokenize"),
+            Some(json!({"token": token, "reason": "segment test: wrong listener"})),
+        ),
+        (
+            "checkout",
+            "tokenize",
+            "GET",
+            format!("{api}/v1/admin/keys"),
+            None,
+        ),
+    ] {
+        let resp = https(&seg, &pki, ns, Some(role), method, &url, body.as_ref());
+        assert_eq!(
+            (resp.status, resp.error_code().as_str()),
+            (404, "not_found"),
+            "{method} {url} from {ns}: {resp}"
+        );
+        assert!(!resp.body.contains(PAN), "a 404 holds the PAN");
+    }
+
+    // Health on every listener, each from its own network.
+    for (ns, role, url) in [
+        ("checkout", "tokenize", &api),
+        ("router", "detokenize", &reveal),
+        ("ops", "key_admin", &admin),
+    ] {
+        let resp = https(
+            &seg,
+            &pki,
+            ns,
+            Some(role),
+            "GET",
+            &format!("{url}/healthz"),
+            None,
+        );
+        assert_eq!(resp.status, 200, "healthz {url} from {ns}: {resp}");
+    }
+
+    let log = seg.log();
+    assert!(!log.contains(PAN), "the tokenizer logged the PAN");
+    crate::report(&format!(
+        "segment: {} forbidden flows silent, tokenize/detokenize/metrics through their own listeners, in {:.1?}",
+        forbidden.len() + 2,
+        started.elapsed()
+    ));
+}
