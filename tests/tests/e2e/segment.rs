@@ -475,7 +475,8 @@ impl Segment {
                 Ok(line) => {
                     for (what, addr) in [("api", &api), ("reveal", &reveal), ("admin", &admin)] {
                         if line.contains(&format!("listening on {addr}"))
-                            && line.contains(&format!("({what})"))
+                            && (line.contains(&format!("({what})"))
+                                || line.contains(&format!("({what},")))
                             && !seen.contains(&what)
                         {
                             seen.push(what);
