@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
-use actix_web::dev::{Server, Service as _};
+use actix_web::body::MessageBody;
+use actix_web::dev::{Server, Service as _, ServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
-use actix_web::{web, App, HttpMessage, HttpServer};
+use actix_web::{web, App, HttpMessage};
 use audit::{Action, AuditEvent, Outcome};
 use base64::Engine as _;
 use hsm_shim::KekError;
@@ -21,6 +22,9 @@ use vault::store::{Store, StoreError};
 use vault::Vault;
 
 use crate::config::Settings;
+use crate::listeners::{Connection, ListenerKind};
+#[allow(unused_imports)]
+use crate::metrics_hooks::MetricsHooks as _;
 use crate::routes::{self, AppState, RequestId};
 use crate::seal::{SealControl, UnsealError};
 
@@ -40,6 +44,8 @@ pub enum StartError {
     Keys(#[from] KeysError),
     #[error("cannot listen on {0}: {1}")]
     Bind(SocketAddr, #[source] io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[source] crate::tls::TlsError),
     #[error("cannot set up metrics: {0}")]
     Metrics(#[source] prometheus::Error),
     #[error("cannot record service start in the audit trail: {0}")]
@@ -84,7 +90,9 @@ pub async fn open_store(settings: &Settings, migrate: bool) -> Result<Arc<dyn St
 /// A built, bound, not yet running service.
 pub struct Application {
     server: Server,
-    addr: SocketAddr,
+    /// Bound addresses, in the configured order.
+    listeners: Vec<(ListenerKind, SocketAddr)>,
+    tls: Option<Arc<crate::tls::ReloadableTls>>,
     seal: Arc<SealControl>,
     store: Arc<dyn Store>,
     witness: PathBuf,
@@ -97,7 +105,7 @@ pub struct Application {
 impl std::fmt::Debug for Application {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Application")
-            .field("addr", &self.addr)
+            .field("listeners", &self.listeners)
             .finish_non_exhaustive()
     }
 }
@@ -105,8 +113,14 @@ impl std::fmt::Debug for Application {
 impl Application {
     /// Open everything and bind the listener (port 0 picks a free port).
     pub async fn build(settings: &Settings) -> Result<Application, StartError> {
-        if settings.dev && !settings.listen.ip().is_loopback() {
-            return Err(StartError::DevNotLoopback(settings.listen));
+        if settings.dev {
+            if let Some(l) = settings
+                .listeners
+                .iter()
+                .find(|l| !l.addr.ip().is_loopback())
+            {
+                return Err(StartError::DevNotLoopback(l.addr));
+            }
         }
         prepare_data_dir(&settings.data_dir)?;
         // A missing or unsafe KEK (or keyring) file stops the start before
@@ -140,6 +154,7 @@ impl Application {
             max_body_bytes: settings.max_body_bytes,
             request_timeout: settings.request_timeout,
             max_batch_body_bytes: settings.max_batch_body_bytes,
+            max_header_bytes: settings.max_header_bytes,
             monitor: vault::monitor::DetokenizeMonitor::new(settings.detokenize_monitor),
             sources: crate::limits::SourceGuard::new(
                 settings.auth_failures_per_source,
@@ -159,52 +174,30 @@ impl Application {
             auth_block_s = settings.auth_block.as_secs(),
             "monitoring: limits and anomaly rule (per instance)"
         );
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(state.clone())
-                .wrap_fn(|req, srv| {
-                    let id = new_request_id();
-                    req.extensions_mut().insert(RequestId(id.clone()));
-                    let method = req.method().clone();
-                    let started = Instant::now();
-                    let fut = srv.call(req);
-                    async move {
-                        let mut res = fut.await?;
-                        if let Ok(v) = HeaderValue::from_str(&id) {
-                            res.headers_mut().insert(HeaderName::from_static("x-request-id"), v);
-                        }
-                        // The route pattern, never the raw path: a client may
-                        // put anything in a URL, including a card number.
-                        let route = res.request().match_pattern().unwrap_or_else(|| "<unmatched>".to_owned());
-                        tracing::info!(
-                            request_id = %id,
-                            method = %method,
-                            route = %route,
-                            status = res.status().as_u16(),
-                            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-                            "request"
-                        );
-                        Ok(res)
-                    }
-                })
-                .configure(routes::configure)
-                .default_service(web::to(routes::not_found))
-        })
-        // Slow clients are cut off: the head within the request timeout
-        // (actix answers 408), the body as the handler reads it (same
-        // deadline, see `routes::read_json`); idle keep-alive connections
-        // after the idle timeout; at most `max_connections` per worker.
-        .client_request_timeout(settings.request_timeout)
-        .client_disconnect_timeout(Duration::from_secs(1))
-        .keep_alive(settings.idle_timeout)
-        .max_connections(settings.max_connections)
-        .bind(settings.listen)
-        .map_err(|e| StartError::Bind(settings.listen, e))?;
-        let addr = server.addrs().first().copied().unwrap_or(settings.listen);
-        let server = server.shutdown_timeout(10).run();
+        let tls = match &settings.tls {
+            Some(files) => Some(Arc::new(
+                crate::tls::ReloadableTls::load(files.clone()).map_err(StartError::Tls)?,
+            )),
+            None => None,
+        };
+        let limits = crate::listeners::Limits {
+            request_timeout: settings.request_timeout,
+            idle_timeout: settings.idle_timeout,
+            handshake_timeout: settings.request_timeout.min(Duration::from_secs(10)),
+            max_connections: settings.max_connections,
+        };
+        // Slow clients are cut off: the TLS handshake and the head within
+        // the request timeout (actix answers 408), the body as the handler
+        // reads it (same deadline, see `routes::read_json`); idle keep-alive
+        // connections after the idle timeout; at most `max_connections` open
+        // per listener.
+        let (server, listeners) =
+            crate::listeners::build_server(&settings.listeners, tls.clone(), state, limits)
+                .map_err(|(addr, e)| StartError::Bind(addr, e))?;
         Ok(Application {
             server,
-            addr,
+            listeners,
+            tls,
             seal,
             store,
             witness: settings.audit_witness_file.clone(),
@@ -215,8 +208,19 @@ impl Application {
         })
     }
 
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
+    /// The first listener's address (the only one in `--dev`).
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.listeners.first().map(|(_, a)| *a)
+    }
+
+    /// Every bound listener.
+    pub fn listeners(&self) -> &[(ListenerKind, SocketAddr)] {
+        &self.listeners
+    }
+
+    /// Whether the listeners serve TLS.
+    pub fn tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The vault, when unsealed.
@@ -267,9 +271,29 @@ impl Application {
             self.reencrypt_batch,
             self.reencrypt_interval,
         ));
+        // SIGHUP: read the certificate, key, client CA and CRL again. New
+        // handshakes use them; a bad file leaves the old material in use.
+        let reloader = self.tls.clone().map(|tls| {
+            tokio::spawn(async move {
+                use tokio::signal::unix::{signal, SignalKind};
+                let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                    tracing::error!("cannot watch SIGHUP: TLS reload needs a restart");
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    match tls.reload() {
+                        Ok(()) => tracing::info!("TLS material reloaded"),
+                        Err(e) => tracing::error!(error = %e, "TLS reload failed; the previous material stays in use"),
+                    }
+                }
+            })
+        });
         let result = self.server.await;
         checkpointer.abort();
         reencryption.abort();
+        if let Some(reloader) = reloader {
+            reloader.abort();
+        }
         let stop = AuditEvent::new(Action::ServiceStop, Outcome::Success)
             .source("local")
             .detail("shutdown");
@@ -287,6 +311,81 @@ impl Application {
     pub fn witness_file(&self) -> &Path {
         &self.witness
     }
+}
+
+/// The actix-web app of one listener: the routes it serves, request ids,
+/// the header-size limit, the request log and metrics.
+pub fn app(
+    state: web::Data<AppState>,
+    kind: ListenerKind,
+) -> App<
+    impl ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(state)
+        .wrap_fn(|req, srv| {
+            let id = new_request_id();
+            req.extensions_mut().insert(RequestId(id.clone()));
+            let method = req.method().clone();
+            let started = Instant::now();
+            let listener = req
+                .conn_data::<Connection>()
+                .map_or("unknown", |c| c.listener.name());
+            let header_bytes: usize = req
+                .headers()
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 4)
+                .sum();
+            let limit = req
+                .app_data::<web::Data<AppState>>()
+                .map_or(usize::MAX, |s| s.max_header_bytes);
+            let fut = (header_bytes <= limit).then(|| srv.call(req));
+            async move {
+                let Some(fut) = fut else {
+                    return Err(crate::error::ApiError::HeadersTooLarge(limit).into());
+                };
+                let mut res = fut.await?;
+                if let Ok(v) = HeaderValue::from_str(&id) {
+                    res.headers_mut()
+                        .insert(HeaderName::from_static("x-request-id"), v);
+                }
+                // The route pattern, never the raw path: a client may put
+                // anything in a URL, including a card number.
+                let route = res
+                    .request()
+                    .match_pattern()
+                    .unwrap_or_else(|| "<unmatched>".to_owned());
+                let status = res.status().as_u16();
+                let elapsed = started.elapsed();
+                if let Some(state) = res.request().app_data::<web::Data<AppState>>() {
+                    state.metrics.observe_request(
+                        listener,
+                        method.as_str(),
+                        &route,
+                        status,
+                        elapsed,
+                    );
+                }
+                tracing::info!(
+                    request_id = %id,
+                    listener,
+                    method = %method,
+                    route = %route,
+                    status,
+                    micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+                    "request"
+                );
+                Ok(res)
+            }
+        })
+        .configure(|cfg| routes::configure_for(cfg, kind))
+        .default_service(web::to(routes::not_found))
 }
 
 /// The background side of key rotation, on every instance: pick up keys

@@ -33,7 +33,7 @@ pub fn init_logging(level: &str) {
 }
 
 pub async fn serve(args: ServeArgs) -> ExitCode {
-    let settings = match Settings::resolve(&args.common, args.dev) {
+    let settings = match Settings::resolve_serve(&args.common, args.dev, args.insecure_plain_http) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
@@ -42,10 +42,26 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
         tracing::warn!("==================================================================");
         tracing::warn!("DEV MODE (--dev): INSECURE, NOT A PRODUCTION SETUP.");
         tracing::warn!(
-            "Software KEK and a dev API key in {}; plain HTTP on loopback.",
-            settings.data_dir.display()
+            "Software KEK, a dev API key and a dev PKI in {}; one loopback listener{}.",
+            settings.data_dir.display(),
+            if settings.tls.is_none() {
+                ", INSECURE PLAIN HTTP"
+            } else {
+                ""
+            }
         );
         tracing::warn!("==================================================================");
+    }
+    if settings.dev_pki {
+        let dir = settings.data_dir.join(crate::config::DEV_TLS_DIR);
+        if !dir.join("ca.pem").exists() {
+            if let Err(e) = app::prepare_data_dir(&settings.data_dir) {
+                return fail(e);
+            }
+            if let Err(e) = crate::tls::write_dev_pki(&dir, &[]) {
+                return fail(e);
+            }
+        }
     }
     let app = match Application::build(&settings).await {
         Ok(app) => app,
@@ -54,9 +70,12 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
             return fail(e);
         }
     };
-    tracing::info!("listening on {}", app.addr());
+    let scheme = if app.tls() { "https" } else { "http" };
+    for (kind, addr) in app.listeners() {
+        tracing::info!("listening on {addr} ({}, {scheme})", kind.name());
+    }
     if settings.dev {
-        if let Err(e) = print_dev_example(&app).await {
+        if let Err(e) = print_dev_example(&app, &settings).await {
             return fail(e);
         }
     }
@@ -66,26 +85,75 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
-async fn print_dev_example(app: &Application) -> Result<(), access::AccessError> {
+async fn print_dev_example(
+    app: &Application,
+    settings: &Settings,
+) -> Result<(), access::AccessError> {
     let store: &dyn Store = app.store().as_ref();
     let suffix = format!("{:08x}", rand_u32());
     let roles = access::parse_roles("tokenize,detokenize")?;
-    let (principal, key) =
-        access::create_principal(store, &format!("dev-{suffix}"), &roles, &TenantScope::All, None)
+    let (principal, key) = access::create_principal(
+        store,
+        &format!("dev-{suffix}"),
+        &roles,
+        &TenantScope::All,
+        None,
+    )
+    .await?;
+    let addr = app.addr().map(|a| a.to_string()).unwrap_or_default();
+    let key = key.expose();
+    let body = r#"{"tenant":"shop-42","pan":"4111 1111 1111 1111","exp_month":12,"exp_year":2030}"#;
+    if !app.tls() {
+        println!(
+            "\n# cardvault DEV MODE -- not a production setup; INSECURE PLAIN HTTP. Dev principal `{}` (roles tokenize,detokenize; all tenants).\n\
+             # Tokenize a public test card:\n\
+             curl -s http://{addr}/v1/tokens -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{body}'\n",
+            principal.name,
+        );
+        return Ok(());
+    }
+    // One principal per dev client certificate, bound to its identity.
+    let dir = settings.data_dir.join(crate::config::DEV_TLS_DIR);
+    for role in crate::tls::DEV_ROLES {
+        let identity = crate::tls::dev_identity(role);
+        if store.find_principal_by_cert(&identity).await?.is_none() {
+            access::create_principal(
+                store,
+                &format!("dev-cert-{}", role.replace('_', "-")),
+                &access::parse_roles(role)?,
+                &TenantScope::All,
+                Some(&identity),
+            )
             .await?;
-    let addr = app.addr();
+        }
+    }
+    let d = dir.display();
     println!(
-        "\n# cardvault DEV MODE -- not a production setup. Dev principal `{}` (roles tokenize,detokenize; all tenants).\n\
-         # Tokenize a public test card:\n\
-         curl -s http://{addr}/v1/tokens -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n  \
-         -d '{{\"tenant\":\"shop-42\",\"pan\":\"4111 1111 1111 1111\",\"exp_month\":12,\"exp_year\":2030}}'\n\
-         # Then swap the token back:\n\
-         curl -s http://{addr}/v1/detokenize -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n  \
-         -d '{{\"token\":\"tok_PASTE_HERE\",\"reason\":\"trying cardvault\"}}'\n",
+        "\n# cardvault DEV MODE -- not a production setup. TLS with a dev CA ({d}/ca.pem).\n\
+         # Dev principal `{}` (roles tokenize,detokenize; all tenants) with an API key, and one principal per\n\
+         # client certificate {d}/client-<role>.pem (tokenize, detokenize, auditor, key_admin).\n\
+         # Tokenize a public test card with mutual TLS:\n\
+         curl -s --cacert {d}/ca.pem --cert {d}/client-tokenize.pem --key {d}/client-tokenize.key \\\n  \
+         https://{addr}/v1/tokens -H 'Content-Type: application/json' -d '{body}'\n\
+         # Or with the API key:\n\
+         curl -s --cacert {d}/ca.pem https://{addr}/v1/tokens -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{body}'\n\
+         # Swap a token back (client certificate of role detokenize):\n\
+         curl -s --cacert {d}/ca.pem --cert {d}/client-detokenize.pem --key {d}/client-detokenize.key \\\n  \
+         https://{addr}/v1/detokenize -H 'Content-Type: application/json' -d '{{\"token\":\"tok_PASTE_HERE\",\"reason\":\"trying cardvault\"}}'\n",
         principal.name,
-        key = key.expose(),
     );
     Ok(())
+}
+
+/// `tokenizer dev-pki --out DIR`: a throwaway local PKI (see `tls`).
+pub fn dev_pki(out: &std::path::Path, server_names: &[String]) -> ExitCode {
+    match crate::tls::write_dev_pki(out, server_names) {
+        Ok(pki) => {
+            println!("{}", serde_json::json!(pki));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
 }
 
 fn rand_u32() -> u32 {
@@ -240,6 +308,7 @@ pub async fn principal(cmd: PrincipalCommand) -> ExitCode {
             name,
             roles,
             tenants,
+            cert_identity,
         } => {
             let (roles, tenants) = match (access::parse_roles(&roles), TenantScope::parse(&tenants))
             {
@@ -250,7 +319,15 @@ pub async fn principal(cmd: PrincipalCommand) -> ExitCode {
                 Ok(s) => s,
                 Err(code) => return code,
             };
-            match access::create_principal(store.as_ref(), &name, &roles, &tenants).await {
+            match access::create_principal(
+                store.as_ref(),
+                &name,
+                &roles,
+                &tenants,
+                cert_identity.as_deref(),
+            )
+            .await
+            {
                 Ok((p, key)) => {
                     let line =
                         serde_json::json!({"id": p.id, "name": p.name, "api_key": key.expose()});
@@ -430,9 +507,7 @@ fn keys_status(url: &str, watch: bool) -> ExitCode {
     };
     let endpoint = format!("{}/v1/admin/keys", url.trim_end_matches('/'));
     let fetch = || -> Result<serde_json::Value, String> {
-        let response = ureq::get(&endpoint)
-            .set("Authorization", &format!("Bearer {}", key.as_str()))
-            .call();
+        let response = key.request("GET", &endpoint).call();
         match response {
             Ok(r) => r.into_json().map_err(|e| e.to_string()),
             Err(ureq::Error::Status(_, r)) => Err(r.into_string().unwrap_or_default()),
@@ -524,10 +599,79 @@ fn keys_init(
 }
 
 /// The admin API key, from the environment only.
-fn admin_key() -> Result<zeroize::Zeroizing<String>, ExitCode> {
-    std::env::var("TOKENIZER_API_KEY")
-        .map(zeroize::Zeroizing::new)
-        .map_err(|_| fail("set TOKENIZER_API_KEY to an API key with the role key_admin"))
+/// The operator's client of the admin listener. From the environment:
+/// `TOKENIZER_API_KEY` (a key with role key_admin; optional with a client
+/// certificate on an mTLS admin listener), `TOKENIZER_ADMIN_CA_FILE` (the
+/// CA that signed the server certificate), `TOKENIZER_ADMIN_CLIENT_CERT` and
+/// `TOKENIZER_ADMIN_CLIENT_KEY` (the operator's client certificate).
+struct AdminClient {
+    agent: ureq::Agent,
+    key: Option<zeroize::Zeroizing<String>>,
+}
+
+impl AdminClient {
+    fn request(&self, method: &str, endpoint: &str) -> ureq::Request {
+        let req = self.agent.request(method, endpoint);
+        match &self.key {
+            Some(key) => req.set("Authorization", &format!("Bearer {}", key.as_str())),
+            None => req,
+        }
+    }
+}
+
+fn admin_key() -> Result<AdminClient, ExitCode> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let key = std::env::var("TOKENIZER_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .map(zeroize::Zeroizing::new);
+    let client_cert = var("TOKENIZER_ADMIN_CLIENT_CERT");
+    if key.is_none() && client_cert.is_none() {
+        return Err(fail(
+            "set TOKENIZER_API_KEY to an API key with the role key_admin \
+             (or TOKENIZER_ADMIN_CLIENT_CERT and TOKENIZER_ADMIN_CLIENT_KEY on an mTLS admin listener)",
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(ca) = var("TOKENIZER_ADMIN_CA_FILE") {
+        let certs = CertificateDer::pem_file_iter(&ca)
+            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| fail(format!("TOKENIZER_ADMIN_CA_FILE: {e}")))?;
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| fail(format!("TOKENIZER_ADMIN_CA_FILE: {e}")))?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| fail(format!("TLS: {e}")))?
+        .with_root_certificates(roots);
+    let config = match (client_cert, var("TOKENIZER_ADMIN_CLIENT_KEY")) {
+        (Some(cert), Some(key_file)) => {
+            let chain = CertificateDer::pem_file_iter(&cert)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| fail(format!("TOKENIZER_ADMIN_CLIENT_CERT: {e}")))?;
+            let private = PrivateKeyDer::from_pem_file(&key_file)
+                .map_err(|e| fail(format!("TOKENIZER_ADMIN_CLIENT_KEY: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, private)
+                .map_err(|e| fail(format!("client certificate: {e}")))?
+        }
+        (Some(_), None) => {
+            return Err(fail(
+                "TOKENIZER_ADMIN_CLIENT_CERT needs TOKENIZER_ADMIN_CLIENT_KEY",
+            ))
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(Arc::new(config))
+        .timeout(std::time::Duration::from_secs(60))
+        .build();
+    Ok(AdminClient { agent, key })
 }
 
 /// POST `body` to the admin interface; print the JSON answer.
@@ -545,8 +689,8 @@ fn admin_post_bytes(url: &str, path: &str, body: &[u8]) -> ExitCode {
         Err(code) => return code,
     };
     let endpoint = format!("{}{path}", url.trim_end_matches('/'));
-    let response = ureq::post(&endpoint)
-        .set("Authorization", &format!("Bearer {}", key.as_str()))
+    let response = key
+        .request("POST", &endpoint)
         .set("Content-Type", "application/json")
         .send_bytes(body);
     let (ok, answer) = match response {

@@ -70,7 +70,7 @@ pub enum Command {
         #[arg(
             long,
             env = "TOKENIZER_ADMIN_URL",
-            default_value = "http://127.0.0.1:8080"
+            default_value = "https://127.0.0.1:8445"
         )]
         url: String,
         /// The custodian's name as in the keyring.
@@ -83,7 +83,7 @@ pub enum Command {
         #[arg(
             long,
             env = "TOKENIZER_ADMIN_URL",
-            default_value = "http://127.0.0.1:8080"
+            default_value = "https://127.0.0.1:8445"
         )]
         url: String,
     },
@@ -91,6 +91,18 @@ pub enum Command {
     Kek {
         #[command(subcommand)]
         command: KekCommand,
+    },
+    /// Write a throwaway local PKI for trials and tests (NOT production): a
+    /// CA, a server certificate and a client certificate per role
+    /// (identity spiffe://cardvault.dev/<role>). Files are never overwritten.
+    DevPki {
+        /// Directory to create (mode 0700).
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS names or IP addresses of the server certificate (repeat;
+        /// default localhost, 127.0.0.1, ::1).
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
     },
 }
 
@@ -109,6 +121,12 @@ pub enum PrincipalCommand {
         /// `*` or a comma-separated list of tenant ids.
         #[arg(long)]
         tenants: String,
+        /// Bind a client-certificate identity (a URI or DNS subject
+        /// alternative name, e.g. spiffe://aggregator.example/checkout): a
+        /// certificate from the configured client CA carrying it
+        /// authenticates as this principal on mTLS listeners.
+        #[arg(long)]
+        cert_identity: Option<String>,
     },
     /// List principals as a JSON array (never keys or hashes).
     List {
@@ -176,7 +194,7 @@ pub enum KeysCommand {
         #[arg(
             long,
             env = "TOKENIZER_ADMIN_URL",
-            default_value = "http://127.0.0.1:8080"
+            default_value = "https://127.0.0.1:8445"
         )]
         url: String,
         #[arg(long)]
@@ -191,7 +209,7 @@ pub enum KeysCommand {
         #[arg(
             long,
             env = "TOKENIZER_ADMIN_URL",
-            default_value = "http://127.0.0.1:8080"
+            default_value = "https://127.0.0.1:8445"
         )]
         url: String,
         #[arg(long)]
@@ -202,7 +220,7 @@ pub enum KeysCommand {
         #[arg(
             long,
             env = "TOKENIZER_ADMIN_URL",
-            default_value = "http://127.0.0.1:8080"
+            default_value = "https://127.0.0.1:8445"
         )]
         url: String,
         /// `dek` or `fingerprint`.
@@ -216,7 +234,7 @@ pub enum KeysCommand {
         #[arg(
             long,
             env = "TOKENIZER_ADMIN_URL",
-            default_value = "http://127.0.0.1:8080"
+            default_value = "https://127.0.0.1:8445"
         )]
         url: String,
         #[arg(long, default_value = "dek")]
@@ -297,10 +315,48 @@ pub struct CommonArgs {
     /// Log level or filter: error, warn, info, debug, trace.
     #[arg(long, env = "TOKENIZER_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// Address to listen on (serve) -- accepted everywhere so one set of
-    /// flags can be reused across subcommands.
+    /// `--dev` only: the one loopback address serving every route (default
+    /// 127.0.0.1:8080). Accepted everywhere so one set of flags can be
+    /// reused across subcommands.
     #[arg(long, env = "TOKENIZER_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// The `api` listener: tokenize, metadata, delete (default 127.0.0.1:8443).
+    #[arg(long, env = "TOKENIZER_LISTEN_API")]
+    pub listen_api: Option<SocketAddr>,
+    /// The `reveal` listener: detokenize (default 127.0.0.1:8444).
+    #[arg(long, env = "TOKENIZER_LISTEN_REVEAL")]
+    pub listen_reveal: Option<SocketAddr>,
+    /// The `admin` listener: metrics, readiness, keys, unseal, audit
+    /// (default 127.0.0.1:8445).
+    #[arg(long, env = "TOKENIZER_LISTEN_ADMIN")]
+    pub listen_admin: Option<SocketAddr>,
+    /// Server certificate chain (PEM, leaf first); reloaded on SIGHUP.
+    #[arg(long, env = "TOKENIZER_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Its private key (PEM, mode 0600); reloaded on SIGHUP.
+    #[arg(long, env = "TOKENIZER_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// CA bundle (PEM) client certificates must chain to; reloaded on SIGHUP.
+    #[arg(long, env = "TOKENIZER_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Certificate revocation lists (PEM) of those CAs; reloaded on SIGHUP.
+    #[arg(long, env = "TOKENIZER_TLS_CLIENT_CRL_FILE")]
+    pub tls_client_crl_file: Option<PathBuf>,
+    /// How callers of the api listener authenticate: mtls, api_key or
+    /// mtls_and_api_key (default mtls when a client CA is configured, else
+    /// api_key).
+    #[arg(long, env = "TOKENIZER_API_AUTH")]
+    pub api_auth: Option<String>,
+    /// The same for the reveal listener.
+    #[arg(long, env = "TOKENIZER_REVEAL_AUTH")]
+    pub reveal_auth: Option<String>,
+    /// The same for the admin listener.
+    #[arg(long, env = "TOKENIZER_ADMIN_AUTH")]
+    pub admin_auth: Option<String>,
+    /// Largest request head (header names and values) in bytes; more is
+    /// 431 (default 8192).
+    #[arg(long, env = "TOKENIZER_MAX_HEADER_BYTES")]
+    pub max_header_bytes: Option<usize>,
     /// Apply pending migrations when opening the database (default true;
     /// false where the service runs as a role that may not alter the schema).
     #[arg(long, env = "TOKENIZER_MIGRATE_ON_START")]
@@ -384,10 +440,14 @@ pub struct CommonArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// INSECURE development mode: generates a KEK and a dev API key under the
-    /// data dir, loopback only. Never in production.
+    /// INSECURE development mode: generates a KEK, a dev API key and a dev
+    /// PKI (local CA, server and client certificates) under the data dir;
+    /// one loopback listener with every route. Never in production.
     #[arg(long, env = "TOKENIZER_DEV")]
     pub dev: bool,
+    /// `--dev` only: serve plain HTTP (no TLS) on the loopback listener.
+    #[arg(long, env = "TOKENIZER_INSECURE_PLAIN_HTTP", requires = "dev")]
+    pub insecure_plain_http: bool,
 }
 
 /// The configuration file. Unknown keys are an error (a typo must not
@@ -400,6 +460,18 @@ struct FileConfig {
     kek_file: Option<PathBuf>,
     log_level: Option<String>,
     listen: Option<SocketAddr>,
+    listen_api: Option<SocketAddr>,
+    listen_reveal: Option<SocketAddr>,
+    listen_admin: Option<SocketAddr>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
+    tls_client_ca_file: Option<PathBuf>,
+    tls_client_crl_file: Option<PathBuf>,
+    api_auth: Option<String>,
+    reveal_auth: Option<String>,
+    admin_auth: Option<String>,
+    max_header_bytes: Option<usize>,
+    insecure_plain_http: Option<bool>,
     dev: Option<bool>,
     max_body_bytes: Option<usize>,
     max_batch_body_bytes: Option<usize>,
@@ -468,7 +540,15 @@ pub struct Settings {
     pub reencrypt_batch: u32,
     pub reencrypt_interval: std::time::Duration,
     pub log_level: String,
-    pub listen: SocketAddr,
+    /// The listeners: one (`dev`) in `--dev`, else api, reveal and admin.
+    pub listeners: Vec<crate::listeners::ListenerSpec>,
+    /// TLS material; `None` only in `--dev` with `--insecure-plain-http`.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// `--dev` over TLS without configured files: generate the dev PKI in
+    /// `<data-dir>/dev-tls` at start.
+    pub dev_pki: bool,
+    /// Largest request head, in bytes.
+    pub max_header_bytes: usize,
     pub dev: bool,
     /// Largest accepted body of single-card requests.
     pub max_body_bytes: usize,
@@ -485,6 +565,11 @@ pub struct Settings {
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cardvault";
 pub const DEV_DATA_DIR: &str = ".cardvault-dev";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_LISTEN_API: &str = "127.0.0.1:8443";
+pub const DEFAULT_LISTEN_REVEAL: &str = "127.0.0.1:8444";
+pub const DEFAULT_LISTEN_ADMIN: &str = "127.0.0.1:8445";
+/// Where `--dev` keeps its generated PKI, under the data dir.
+pub const DEV_TLS_DIR: &str = "dev-tls";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -498,10 +583,38 @@ pub enum ConfigError {
     Pkcs11Token,
     #[error("--dev uses the file KEK backend")]
     DevBackend,
+    #[error(
+        "plain HTTP is for --dev only (--insecure-plain-http); production listeners serve TLS"
+    )]
+    PlainHttpOutsideDev,
+    #[error("every listener serves TLS: set tls_cert_file and tls_key_file (see `tokenizer dev-pki` for a trial PKI)")]
+    TlsRequired,
+    #[error("{0} must be mtls, api_key or mtls_and_api_key")]
+    AuthMode(&'static str),
+    #[error("{0} requires client certificates: set tls_client_ca_file")]
+    MtlsWithoutCa(&'static str),
 }
 
 impl Settings {
     pub fn resolve(common: &CommonArgs, dev_flag: bool) -> Result<Settings, ConfigError> {
+        Settings::resolve_inner(common, dev_flag, None)
+    }
+
+    /// [`Settings::resolve`] for `serve`: the listeners and TLS too, with
+    /// `--insecure-plain-http`.
+    pub fn resolve_serve(
+        common: &CommonArgs,
+        dev_flag: bool,
+        plain_http_flag: bool,
+    ) -> Result<Settings, ConfigError> {
+        Settings::resolve_inner(common, dev_flag, Some(plain_http_flag))
+    }
+
+    fn resolve_inner(
+        common: &CommonArgs,
+        dev_flag: bool,
+        serving: Option<bool>,
+    ) -> Result<Settings, ConfigError> {
         let mut file = match &common.config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
@@ -520,18 +633,18 @@ impl Settings {
         let data_dir = common
             .data_dir
             .clone()
-            .or(file.data_dir)
+            .or(file.data_dir.take())
             .unwrap_or_else(|| PathBuf::from(if dev { DEV_DATA_DIR } else { DEFAULT_DATA_DIR }));
         let kek_file = common
             .kek_file
             .clone()
-            .or(file.kek_file)
+            .or(file.kek_file.take())
             .unwrap_or_else(|| data_dir.join("kek.key"));
-        let listen = common.listen.or(file.listen).unwrap_or_else(|| {
-            DEFAULT_LISTEN
-                .parse()
-                .unwrap_or_else(|_| unreachable!("valid literal"))
-        });
+        // Only `serve` listens; other commands need no certificates.
+        let (listeners, tls, dev_pki) = match serving {
+            Some(plain_http_flag) => listeners(common, &mut file, dev, plain_http_flag, &data_dir)?,
+            None => (Vec::new(), None, false),
+        };
         let database_url = common
             .database_url
             .clone()
@@ -624,7 +737,14 @@ impl Settings {
                 .clone()
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
-            listen,
+            listeners,
+            tls,
+            dev_pki,
+            max_header_bytes: common
+                .max_header_bytes
+                .or(file.max_header_bytes)
+                .unwrap_or(8 * 1024)
+                .clamp(1024, 32 * 1024),
             dev,
             max_body_bytes: file.max_body_bytes.unwrap_or(16 * 1024),
             max_batch_body_bytes: file.max_batch_body_bytes.unwrap_or(1024 * 1024),
@@ -668,6 +788,117 @@ impl Settings {
             .or_else(|| self.database_url.strip_prefix("sqlite:"))?;
         Some(PathBuf::from(rest.split('?').next().unwrap_or_default()))
     }
+}
+
+/// The listeners, their authentication and the TLS files.
+fn listeners(
+    common: &CommonArgs,
+    file: &mut FileConfig,
+    dev: bool,
+    plain_http_flag: bool,
+    data_dir: &Path,
+) -> Result<
+    (
+        Vec<crate::listeners::ListenerSpec>,
+        Option<crate::tls::TlsFiles>,
+        bool,
+    ),
+    ConfigError,
+> {
+    use crate::listeners::{AuthMode, ListenerKind, ListenerSpec};
+    let literal =
+        |s: &str| -> SocketAddr { s.parse().unwrap_or_else(|_| unreachable!("valid literal")) };
+    let plain = plain_http_flag || file.insecure_plain_http.unwrap_or(false);
+    if plain && !dev {
+        return Err(ConfigError::PlainHttpOutsideDev);
+    }
+    let cert = common.tls_cert_file.clone().or(file.tls_cert_file.take());
+    let key = common.tls_key_file.clone().or(file.tls_key_file.take());
+    let client_ca = common
+        .tls_client_ca_file
+        .clone()
+        .or(file.tls_client_ca_file.take());
+    let client_crl = common
+        .tls_client_crl_file
+        .clone()
+        .or(file.tls_client_crl_file.take());
+    let dev_dir = data_dir.join(DEV_TLS_DIR);
+    let (tls, dev_pki) = match (plain, cert, key) {
+        (true, _, _) => (None, false),
+        (false, Some(cert), Some(key)) => (
+            Some(crate::tls::TlsFiles {
+                cert,
+                key,
+                client_ca,
+                client_crl,
+            }),
+            false,
+        ),
+        (false, None, None) if dev => (
+            Some(crate::tls::TlsFiles {
+                cert: dev_dir.join("server.pem"),
+                key: dev_dir.join("server.key"),
+                client_ca: Some(dev_dir.join("ca.pem")),
+                client_crl,
+            }),
+            true,
+        ),
+        _ => return Err(ConfigError::TlsRequired),
+    };
+    let verifies = tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    let mode = |name: &'static str, flag: &Option<String>, key: Option<String>| {
+        let mode = match flag.clone().or(key) {
+            Some(s) => AuthMode::parse(&s)
+                .filter(|m| *m != AuthMode::MtlsOrApiKey || dev)
+                .ok_or(ConfigError::AuthMode(name))?,
+            None if dev && verifies => AuthMode::MtlsOrApiKey,
+            None if verifies => AuthMode::Mtls,
+            None => AuthMode::ApiKey,
+        };
+        if mode != AuthMode::ApiKey && !verifies {
+            return Err(ConfigError::MtlsWithoutCa(name));
+        }
+        Ok(mode)
+    };
+    let api_auth = mode("api_auth", &common.api_auth, file.api_auth.take())?;
+    let specs = if dev {
+        vec![ListenerSpec {
+            kind: ListenerKind::Dev,
+            addr: common
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| literal(DEFAULT_LISTEN)),
+            auth: api_auth,
+        }]
+    } else {
+        vec![
+            ListenerSpec {
+                kind: ListenerKind::Api,
+                addr: common
+                    .listen_api
+                    .or(file.listen_api)
+                    .unwrap_or_else(|| literal(DEFAULT_LISTEN_API)),
+                auth: api_auth,
+            },
+            ListenerSpec {
+                kind: ListenerKind::Reveal,
+                addr: common
+                    .listen_reveal
+                    .or(file.listen_reveal)
+                    .unwrap_or_else(|| literal(DEFAULT_LISTEN_REVEAL)),
+                auth: mode("reveal_auth", &common.reveal_auth, file.reveal_auth.take())?,
+            },
+            ListenerSpec {
+                kind: ListenerKind::Admin,
+                addr: common
+                    .listen_admin
+                    .or(file.listen_admin)
+                    .unwrap_or_else(|| literal(DEFAULT_LISTEN_ADMIN)),
+                auth: mode("admin_auth", &common.admin_auth, file.admin_auth.take())?,
+            },
+        ]
+    };
+    Ok((specs, tls, dev_pki))
 }
 
 /// Detokenize limits and the anomaly rule: flag, then variable, then file,
@@ -823,6 +1054,17 @@ mod tests {
             kek_file: None,
             log_level: None,
             listen: None,
+            listen_api: None,
+            listen_reveal: None,
+            listen_admin: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            tls_client_crl_file: None,
+            api_auth: None,
+            reveal_auth: None,
+            admin_auth: None,
+            max_header_bytes: None,
             migrate_on_start: None,
             db_timeout_ms: None,
             db_max_connections: None,
@@ -862,7 +1104,52 @@ mod tests {
         let s = Settings::resolve(&common(), false).unwrap();
         assert_eq!(s.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(s.kek_file, PathBuf::from(DEFAULT_DATA_DIR).join("kek.key"));
-        assert_eq!(s.listen.to_string(), DEFAULT_LISTEN);
+        assert!(s.listeners.is_empty(), "only serve listens");
+        assert!(matches!(
+            Settings::resolve_serve(&common(), false, false),
+            Err(ConfigError::TlsRequired)
+        ));
+        assert!(matches!(
+            Settings::resolve_serve(&common(), false, true),
+            Err(ConfigError::PlainHttpOutsideDev)
+        ));
+        let dev = Settings::resolve_serve(&common(), true, false).unwrap();
+        assert_eq!(dev.listeners.len(), 1);
+        assert_eq!(dev.listeners[0].addr.to_string(), DEFAULT_LISTEN);
+        assert!(dev.dev_pki);
+        let mut tls = common();
+        tls.tls_cert_file = Some("/etc/cardvault/server.pem".into());
+        tls.tls_key_file = Some("/etc/cardvault/server.key".into());
+        let prod = Settings::resolve_serve(&tls, false, false).unwrap();
+        let shown: Vec<String> = prod
+            .listeners
+            .iter()
+            .map(|l| format!("{} {} {}", l.kind.name(), l.addr, l.auth.as_str()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "api 127.0.0.1:8443 api_key",
+                "reveal 127.0.0.1:8444 api_key",
+                "admin 127.0.0.1:8445 api_key"
+            ]
+        );
+        tls.reveal_auth = Some("mtls".into());
+        assert!(matches!(
+            Settings::resolve_serve(&tls, false, false),
+            Err(ConfigError::MtlsWithoutCa("reveal_auth"))
+        ));
+        tls.tls_client_ca_file = Some("/etc/cardvault/clients-ca.pem".into());
+        tls.reveal_auth = None;
+        tls.admin_auth = Some("mtls_and_api_key".into());
+        let prod = Settings::resolve_serve(&tls, false, false).unwrap();
+        let modes: Vec<&str> = prod.listeners.iter().map(|l| l.auth.as_str()).collect();
+        assert_eq!(modes, ["mtls", "mtls", "mtls_and_api_key"]);
+        tls.api_auth = Some("mtls_or_api_key".into());
+        assert!(matches!(
+            Settings::resolve_serve(&tls, false, false),
+            Err(ConfigError::AuthMode("api_auth"))
+        ));
         assert_eq!(
             s.sqlite_path(),
             Some(PathBuf::from(DEFAULT_DATA_DIR).join("cardvault.db"))
@@ -886,10 +1173,12 @@ mod tests {
         c.config = Some(file.clone());
         let s = Settings::resolve(&c, false).unwrap();
         assert_eq!(s.data_dir, PathBuf::from("/srv/vault"));
-        assert_eq!(s.listen.port(), 9000);
+        let listen =
+            |c: &CommonArgs| Settings::resolve_serve(c, true, true).unwrap().listeners[0].addr;
+        assert_eq!(listen(&c).port(), 9000);
         assert_eq!(s.max_body_bytes, 100);
         c.listen = Some("127.0.0.1:9001".parse().unwrap());
-        assert_eq!(Settings::resolve(&c, false).unwrap().listen.port(), 9001);
+        assert_eq!(listen(&c).port(), 9001);
 
         // Monitoring: defaults, then the file, then a flag.
         let m = Settings::resolve(&common(), false).unwrap();

@@ -39,6 +39,8 @@ pub enum ApiError {
     KekInUse,
     #[error("the request did not arrive within the request timeout")]
     RequestTimeout,
+    #[error("request headers are too large (limit {0} bytes)")]
+    HeadersTooLarge(usize),
     /// Too many failed authentications from this source address: refused
     /// before authentication for the given time.
     #[error("too many failed authentications from this address: retry later")]
@@ -61,6 +63,7 @@ impl ApiError {
             ApiError::KekRotationUnsupported => "kek_rotation_unsupported",
             ApiError::KekInUse => "kek_in_use",
             ApiError::RequestTimeout => "request_timeout",
+            ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::SourceBlocked(_) => "rate_limited",
         }
     }
@@ -137,6 +140,7 @@ impl ResponseError for ApiError {
             ApiError::Sealed => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::KekRotationUnsupported | ApiError::KekInUse => StatusCode::CONFLICT,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::SourceBlocked(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unseal(e) => match e {
                 crate::seal::UnsealError::WrongPassphrase(_) => StatusCode::FORBIDDEN,

@@ -94,7 +94,8 @@ impl Harness {
             "0".into(),
         ])
         .map_err(|e| err(&e))?;
-        let settings = Settings::resolve(&flags.common, true).map_err(|e| err(&e))?;
+        // Plain HTTP on loopback: the fuzzer's target is the HTTP layer.
+        let settings = Settings::resolve_serve(&flags.common, true, true).map_err(|e| err(&e))?;
         let (ready_tx, ready) = mpsc::channel::<Result<(SocketAddr, String), String>>();
         thread::Builder::new()
             .name("fuzz-service".into())
@@ -123,7 +124,8 @@ impl Harness {
                     match created {
                         Ok((_, key)) => {
                             let auth = format!("Bearer {}", key.expose());
-                            let _ = ready_tx.send(Ok((app.addr(), auth)));
+                            let addr = app.addr().ok_or_else(|| "no listener".to_owned());
+                            let _ = ready_tx.send(addr.map(|a| (a, auth)));
                         }
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));

@@ -18,10 +18,14 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fuzzing;
+pub mod hardening;
 pub mod limits;
+pub mod listeners;
 pub mod metrics;
+pub mod metrics_hooks;
 pub mod routes;
 pub mod seal;
+pub mod tls;
 
 pub use app::Application;
 pub use config::{Cli, Settings};

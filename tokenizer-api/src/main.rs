@@ -21,6 +21,7 @@ async fn main() -> ExitCode {
         Command::Unseal { url, custodian } => cli::unseal(&url, custodian.as_deref()),
         Command::Seal { url } => cli::seal(&url),
         Command::Kek { command } => cli::kek(command),
+        Command::DevPki { out, server_names } => cli::dev_pki(&out, &server_names),
     }
 }
 

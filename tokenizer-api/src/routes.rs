@@ -20,6 +20,9 @@ use vault::{CardInput, RequestContext, Role, TokenInfo, Vault};
 use zeroize::Zeroizing;
 
 use crate::error::{ApiError, ErrorBody};
+use crate::listeners::{AuthMode, Connection, ListenerKind};
+#[allow(unused_imports)]
+use crate::metrics_hooks::MetricsHooks as _;
 use crate::seal::SealControl;
 
 /// Shared state of every worker.
@@ -34,6 +37,8 @@ pub struct AppState {
     /// Deadline for the whole body to arrive (slow clients get 408).
     pub request_timeout: std::time::Duration,
     pub max_batch_body_bytes: usize,
+    /// Largest accepted request head (header names and values), in bytes.
+    pub max_header_bytes: usize,
     /// Detokenize rate limits and anomaly rule (per instance; survives
     /// sealing).
     pub monitor: vault::monitor::DetokenizeMonitor,
@@ -52,41 +57,80 @@ impl AppState {
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-/// Every route; any other method on a known path is 405.
+/// Where a route is served (see `listeners`).
+const ALL: &[ListenerKind] = &[ListenerKind::Api, ListenerKind::Reveal, ListenerKind::Admin];
+const API: &[ListenerKind] = &[ListenerKind::Api];
+const REVEAL: &[ListenerKind] = &[ListenerKind::Reveal];
+const ADMIN: &[ListenerKind] = &[ListenerKind::Admin];
+
+/// Every route, all listeners (tests and tools that need the whole table).
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    configure_for(cfg, ListenerKind::Dev);
+}
+
+/// The routes of one listener; any other method on a known path is 405,
+/// a path of another listener is 404.
+pub fn configure_for(cfg: &mut web::ServiceConfig, listener: ListenerKind) {
     let routes = [
-        ("/healthz", vec![web::get().to(healthz)]),
-        ("/readyz", vec![web::get().to(readyz)]),
-        ("/metrics", vec![web::get().to(metrics)]),
-        ("/v1/tokens", vec![web::post().to(tokenize)]),
-        ("/v1/tokens/batch", vec![web::post().to(tokenize_batch)]),
-        ("/v1/detokenize", vec![web::post().to(detokenize)]),
+        (ALL, "/healthz", vec![web::get().to(healthz)]),
+        (ADMIN, "/readyz", vec![web::get().to(readyz)]),
+        (ADMIN, "/metrics", vec![web::get().to(metrics)]),
+        (API, "/v1/tokens", vec![web::post().to(tokenize)]),
         (
+            API,
+            "/v1/tokens/batch",
+            vec![web::post().to(tokenize_batch)],
+        ),
+        (REVEAL, "/v1/detokenize", vec![web::post().to(detokenize)]),
+        (
+            API,
             "/v1/tokens/{token}",
             vec![web::get().to(metadata), web::delete().to(delete)],
         ),
-        ("/v1/audit/events", vec![web::get().to(audit_events)]),
-        ("/v1/admin/unseal", vec![web::post().to(unseal)]),
-        ("/v1/admin/seal", vec![web::post().to(seal)]),
-        ("/v1/admin/seal-status", vec![web::get().to(seal_status)]),
-        ("/v1/admin/keys", vec![web::get().to(key_status)]),
-        ("/v1/admin/keys/rotate", vec![web::post().to(rotate_keys)]),
+        (ADMIN, "/v1/audit/events", vec![web::get().to(audit_events)]),
+        (ADMIN, "/v1/admin/unseal", vec![web::post().to(unseal)]),
+        (ADMIN, "/v1/admin/seal", vec![web::post().to(seal)]),
         (
+            ADMIN,
+            "/v1/admin/seal-status",
+            vec![web::get().to(seal_status)],
+        ),
+        (ADMIN, "/v1/admin/keys", vec![web::get().to(key_status)]),
+        (
+            ADMIN,
+            "/v1/admin/keys/rotate",
+            vec![web::post().to(rotate_keys)],
+        ),
+        (
+            ADMIN,
             "/v1/admin/keys/{purpose}/{version}/retire",
             vec![web::post().to(retire_key)],
         ),
         (
+            ADMIN,
             "/v1/admin/keys/{purpose}/{version}/destroy",
             vec![web::post().to(destroy_key)],
         ),
-        ("/v1/admin/kek/rotate", vec![web::post().to(rotate_kek)]),
-        ("/v1/admin/kek/destroy", vec![web::post().to(destroy_kek)]),
         (
+            ADMIN,
+            "/v1/admin/kek/rotate",
+            vec![web::post().to(rotate_kek)],
+        ),
+        (
+            ADMIN,
+            "/v1/admin/kek/destroy",
+            vec![web::post().to(destroy_kek)],
+        ),
+        (
+            ADMIN,
             "/v1/audit/checkpoints",
             vec![web::get().to(audit_checkpoints)],
         ),
     ];
-    for (path, methods) in routes {
+    for (homes, path, methods) in routes {
+        if !listener.serves(homes) {
+            continue;
+        }
         let resource = methods
             .into_iter()
             .fold(web::resource(path), |r, route| r.route(route))
@@ -160,28 +204,85 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 async fn context(
     req: &HttpRequest,
     state: &AppState,
-    vault: &Vault,
+    _vault: &Vault,
 ) -> Result<RequestContext, ApiError> {
+    authenticate(req, state).await
+}
+
+/// Authenticate the caller as its listener requires (see
+/// `listeners::AuthMode`): an API key, the principal bound to its verified
+/// client certificate, or both naming the same principal. Works sealed or
+/// not (principals need no key). A failure is audited (if that write fails,
+/// the caller gets a storage error), counted in the metrics and against
+/// its source.
+async fn authenticate(req: &HttpRequest, state: &AppState) -> Result<RequestContext, ApiError> {
+    use vault::access::{AuthError, AuthFailure};
     let Caller {
         request_id,
         source,
         presented,
         ip,
     } = caller(req);
-    guard_source(state, ip, presented, |k| vault.key_is_verified(k))?;
-    let principal = match vault.authenticate(presented, &source, &request_id).await {
-        Ok(principal) => principal,
-        Err(e @ vault::VaultError::Unauthenticated) => {
-            count_failure(state, ip, &request_id).await;
-            return Err(e.into());
+    let connection = req.conn_data::<Connection>();
+    let mode = connection.map_or(AuthMode::ApiKey, |c| c.auth);
+    let listener = connection.map_or("unknown", |c| c.listener.name());
+    let certificate = connection.and_then(|c| c.client.clone());
+    let auth = state.seal.authenticator();
+    guard_source(state, ip, presented, |k| auth.is_verified(k))?;
+    async fn by_key(
+        auth: &vault::access::Authenticator,
+        presented: Option<&str>,
+    ) -> Result<vault::access::Principal, AuthError> {
+        match presented {
+            Some(key) => auth.authenticate(key).await,
+            None => Err(AuthError::Failed(AuthFailure::Missing)),
         }
-        Err(e) => return Err(e.into()),
+    }
+    let result = match (mode, certificate) {
+        (AuthMode::ApiKey, _) | (AuthMode::MtlsOrApiKey, None) => by_key(auth, presented).await,
+        (AuthMode::Mtls | AuthMode::MtlsOrApiKey, Some(cert)) => {
+            auth.authenticate_cert(&cert.identities).await
+        }
+        // The handshake requires a certificate on these listeners.
+        (AuthMode::Mtls | AuthMode::MtlsAndApiKey, None) => {
+            Err(AuthError::Failed(AuthFailure::Missing))
+        }
+        (AuthMode::MtlsAndApiKey, Some(cert)) => {
+            match auth.authenticate_cert(&cert.identities).await {
+                Ok(by_cert) => match by_key(auth, presented).await {
+                    Ok(p) if p.id == by_cert.id => Ok(by_cert),
+                    Ok(_) => Err(AuthError::Failed(AuthFailure::CredentialMismatch)),
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            }
+        }
     };
-    Ok(RequestContext {
-        principal,
-        source,
-        request_id,
-    })
+    let failure = match result {
+        Ok(principal) => {
+            return Ok(RequestContext {
+                principal,
+                source,
+                request_id,
+            })
+        }
+        Err(AuthError::Store(e)) => return Err(vault::VaultError::from(e).into()),
+        Err(AuthError::Failed(f)) => f,
+    };
+    let event = audit::AuditEvent::new(Action::AuthenticationFailed, audit::Outcome::Denied)
+        .source(&source)
+        .request_id(&request_id)
+        .error_code("unauthenticated")
+        .detail(failure.as_str());
+    state
+        .seal
+        .store()
+        .append_audit(event)
+        .await
+        .map_err(vault::VaultError::from)?;
+    state.metrics.auth_failure(listener, failure.as_str());
+    count_failure(state, ip, &request_id).await;
+    Err(vault::VaultError::Unauthenticated.into())
 }
 
 /// Who is asking, as far as the request says before authentication.
@@ -232,7 +333,11 @@ fn guard_source(
 
 /// A failed authentication, counted against its source; the one that
 /// blocks the source is a `source_blocked` audit event and a warning.
-async fn count_failure(state: &AppState, ip: Option<std::net::IpAddr>, request_id: &str) {
+pub(crate) async fn count_failure(
+    state: &AppState,
+    ip: Option<std::net::IpAddr>,
+    request_id: &str,
+) {
     let Some(ip) = ip else { return };
     let Some(block) = state.sources.failed(ip, std::time::Instant::now()) else {
         return;
@@ -703,30 +808,27 @@ async fn audit_checkpoints(
 }
 
 /// The caller of an admin request, authenticated without the vault (which
-/// may be sealed), with role `key_admin`.
+/// may be sealed), with role `key_admin`; a refusal is audited.
 async fn admin_context(
     req: &HttpRequest,
     state: &AppState,
     action: Action,
 ) -> Result<RequestContext, ApiError> {
-    let Caller {
-        request_id,
-        source,
-        presented,
-        ip,
-    } = caller(req);
-    guard_source(state, ip, presented, |k| state.seal.key_is_verified(k))?;
-    match state
-        .seal
-        .authenticate(presented, &source, &request_id, action)
-        .await
-    {
-        Err(e @ ApiError::Vault(vault::VaultError::Unauthenticated)) => {
-            count_failure(state, ip, &request_id).await;
-            Err(e)
-        }
-        other => other,
+    let ctx = authenticate(req, state).await?;
+    if ctx.principal.has_role(Role::KeyAdmin) {
+        return Ok(ctx);
     }
+    let event = ctx
+        .event(Action::AuthorizationDenied, audit::Outcome::Denied)
+        .error_code("forbidden")
+        .detail(format!("{}: role_not_permitted", action.as_str()));
+    state
+        .seal
+        .store()
+        .append_audit(event)
+        .await
+        .map_err(vault::VaultError::from)?;
+    Err(vault::VaultError::Forbidden.into())
 }
 
 #[derive(Deserialize)]

@@ -29,10 +29,10 @@ use hsm_shim::{
     KekError, KeyEncryptionKey, Pkcs11Config, SealedKeyring, SoftwareKek, UnsealedKeyring, Unsealer,
 };
 use serde::Serialize;
-use vault::access::{AuthError, Authenticator};
+use vault::access::Authenticator;
 use vault::keys::KeysError;
 use vault::store::Store;
-use vault::{RequestContext, Role, Vault, VaultError};
+use vault::{RequestContext, Vault, VaultError};
 use zeroize::Zeroizing;
 
 use crate::error::ApiError;
@@ -209,12 +209,6 @@ impl SealControl {
         &self.store
     }
 
-    /// Whether `presented` is a key the admin authenticator already
-    /// verified (no I/O; see `limits`).
-    pub fn key_is_verified(&self, presented: &str) -> bool {
-        self.auth.is_verified(presented)
-    }
-
     /// The vault, when unsealed.
     pub fn vault(&self) -> Option<Arc<Vault>> {
         self.vault.read().unwrap_or_else(|p| p.into_inner()).clone()
@@ -234,54 +228,10 @@ impl SealControl {
         }
     }
 
-    /// Authenticate an admin request and require `key_admin`. Failures are
-    /// audited (as the vault does for card routes); if that audit write
-    /// fails, the caller gets a storage error.
-    pub async fn authenticate(
-        &self,
-        presented: Option<&str>,
-        source: &str,
-        request_id: &str,
-        action: Action,
-    ) -> Result<RequestContext, ApiError> {
-        let failure = match presented {
-            None => "missing",
-            Some(key) => match self.auth.authenticate(key).await {
-                Ok(principal) => {
-                    let ctx = RequestContext {
-                        principal,
-                        source: source.to_owned(),
-                        request_id: request_id.to_owned(),
-                    };
-                    if ctx.principal.has_role(Role::KeyAdmin) {
-                        return Ok(ctx);
-                    }
-                    let event = AuditEvent::new(Action::AuthorizationDenied, Outcome::Denied)
-                        .principal(ctx.principal.name.clone())
-                        .source(source)
-                        .request_id(request_id)
-                        .error_code("forbidden")
-                        .detail(format!("{}: role_not_permitted", action.as_str()));
-                    self.store
-                        .append_audit(event)
-                        .await
-                        .map_err(VaultError::from)?;
-                    return Err(VaultError::Forbidden.into());
-                }
-                Err(AuthError::Store(e)) => return Err(VaultError::from(e).into()),
-                Err(AuthError::Failed(f)) => f.as_str(),
-            },
-        };
-        let event = AuditEvent::new(Action::AuthenticationFailed, Outcome::Denied)
-            .source(source)
-            .request_id(request_id)
-            .error_code("unauthenticated")
-            .detail(failure);
-        self.store
-            .append_audit(event)
-            .await
-            .map_err(VaultError::from)?;
-        Err(VaultError::Unauthenticated.into())
+    /// Verifies API keys and client-certificate identities (no vault key
+    /// needed: available sealed or not).
+    pub fn authenticator(&self) -> &Authenticator {
+        &self.auth
     }
 
     /// One unseal attempt (see the module doc). Already unsealed: the status,

@@ -34,7 +34,7 @@ pub struct RequestContext {
 }
 
 impl RequestContext {
-    fn event(&self, action: Action, outcome: Outcome) -> AuditEvent {
+    pub fn event(&self, action: Action, outcome: Outcome) -> AuditEvent {
         AuditEvent::new(action, outcome)
             .principal(self.principal.name.clone())
             .source(self.source.clone())

@@ -1,0 +1,492 @@
+//! TLS for the listeners (rustls with the ring provider): what the server
+//! presents, which client certificates it accepts, reloading both without a
+//! restart, why a handshake failed, and who a verified client is.
+//!
+//! Protocols: TLS 1.3, and TLS 1.2 with ECDHE key exchange and AEAD suites
+//! only (AES-GCM, ChaCha20-Poly1305); nothing older is offered. Client
+//! certificates are verified against the configured CA bundle and, when a
+//! CRL file is configured, checked for revocation (fail closed: a
+//! certificate whose status the CRLs do not cover is refused). A verified
+//! certificate's identity is its URI and DNS subject alternative names; a
+//! principal bound to one of them (`tokenizer principal create
+//! --cert-identity`) is the caller.
+//!
+//! Also here: `tokenizer dev-pki`, a throwaway local CA with a server
+//! certificate and one client certificate per role, for trials only.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+
+/// Where the TLS material comes from. Every file is read again on reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The server certificate chain (PEM, leaf first).
+    pub cert: PathBuf,
+    /// Its private key (PEM; mode 0600 or 0400).
+    pub key: PathBuf,
+    /// CA bundle that client certificates must chain to (PEM).
+    pub client_ca: Option<PathBuf>,
+    /// Certificate revocation lists of those CAs (PEM, one or more).
+    pub client_crl: Option<PathBuf>,
+}
+
+/// Whether a listener asks for a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCerts {
+    /// The handshake fails without a valid one.
+    Required,
+    /// A presented certificate must be valid; none is fine too.
+    Optional,
+    /// Not asked for.
+    None,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {0}: {1}")]
+    Read(String, #[source] io::Error),
+    #[error("{0} holds no PEM certificate")]
+    NoCertificate(String),
+    #[error("{0} holds no usable PEM private key")]
+    NoKey(String),
+    #[error("{0} is readable by group or others; chmod 600 it")]
+    KeyPermissions(String),
+    #[error("{0} holds no PEM certificate revocation list")]
+    NoCrl(String),
+    #[error("client CA bundle {0}: {1}")]
+    ClientCa(String, String),
+    #[error("a listener requires client certificates but no tls_client_ca_file is configured")]
+    NoClientCa,
+    #[error("TLS configuration: {0}")]
+    Rustls(String),
+    #[error("cannot generate the development PKI: {0}")]
+    Generate(String),
+    #[error("cannot write {0}: {1}")]
+    Write(String, #[source] io::Error),
+}
+
+/// The crypto provider of every listener: ring, with the suites we allow.
+pub fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![
+        cs::TLS13_AES_256_GCM_SHA384,
+        cs::TLS13_AES_128_GCM_SHA256,
+        cs::TLS13_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+        cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(provider)
+}
+
+/// The server configurations of every kind of listener, swapped as a whole
+/// on reload.
+#[derive(Debug, Clone)]
+struct Built {
+    required: Option<Arc<ServerConfig>>,
+    optional: Option<Arc<ServerConfig>>,
+    none: Arc<ServerConfig>,
+}
+
+/// TLS material that can be reloaded while serving: a new handshake uses
+/// the configuration current when it starts; established connections keep
+/// theirs.
+#[derive(Debug)]
+pub struct ReloadableTls {
+    files: TlsFiles,
+    current: RwLock<Built>,
+}
+
+impl ReloadableTls {
+    /// Load every file now; an error stops the start.
+    pub fn load(files: TlsFiles) -> Result<ReloadableTls, TlsError> {
+        let built = build(&files)?;
+        Ok(ReloadableTls {
+            files,
+            current: RwLock::new(built),
+        })
+    }
+
+    /// Read every file again. On error the old material stays in use.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let built = build(&self.files)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = built;
+        Ok(())
+    }
+
+    /// Whether client certificates can be verified (a CA is configured).
+    pub fn verifies_clients(&self) -> bool {
+        self.files.client_ca.is_some()
+    }
+
+    /// The configuration for a new handshake.
+    pub fn config(&self, client: ClientCerts) -> Result<Arc<ServerConfig>, TlsError> {
+        let built = self.current.read().unwrap_or_else(|p| p.into_inner());
+        match client {
+            ClientCerts::Required => built.required.clone().ok_or(TlsError::NoClientCa),
+            ClientCerts::Optional => built.optional.clone().ok_or(TlsError::NoClientCa),
+            ClientCerts::None => Ok(built.none.clone()),
+        }
+    }
+}
+
+fn shown(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| TlsError::Read(shown(path), pem_io(e)))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Read(shown(path), pem_io(e)))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate(shown(path)));
+    }
+    Ok(certs)
+}
+
+fn pem_io(e: rustls_pki_types::pem::Error) -> io::Error {
+    match e {
+        rustls_pki_types::pem::Error::Io(e) => e,
+        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+    }
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let mode = fs::metadata(path)
+        .map_err(|e| TlsError::Read(shown(path), e))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(TlsError::KeyPermissions(shown(path)));
+    }
+    PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
+        rustls_pki_types::pem::Error::Io(e) => TlsError::Read(shown(path), e),
+        _ => TlsError::NoKey(shown(path)),
+    })
+}
+
+fn verifier(
+    files: &TlsFiles,
+    provider: &Arc<CryptoProvider>,
+    optional: bool,
+) -> Result<Option<Arc<dyn ClientCertVerifier>>, TlsError> {
+    let Some(ca) = &files.client_ca else {
+        return Ok(None);
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::ClientCa(shown(ca), e.to_string()))?;
+    }
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if let Some(path) = &files.client_crl {
+        let crls = CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(|e| TlsError::Read(shown(path), pem_io(e)))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Read(shown(path), pem_io(e)))?;
+        if crls.is_empty() {
+            return Err(TlsError::NoCrl(shown(path)));
+        }
+        builder = builder.with_crls(crls).only_check_end_entity_revocation();
+    }
+    if optional {
+        builder = builder.allow_unauthenticated();
+    }
+    builder
+        .build()
+        .map(Some)
+        .map_err(|e| TlsError::ClientCa(shown(ca), e.to_string()))
+}
+
+fn build(files: &TlsFiles) -> Result<Built, TlsError> {
+    let provider = provider();
+    let chain = read_certs(&files.cert)?;
+    let key = read_key(&files.key)?;
+    let server_config = |verifier: Option<Arc<dyn ClientCertVerifier>>| {
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        let builder = match verifier {
+            Some(v) => builder.with_client_cert_verifier(v),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok::<_, TlsError>(Arc::new(config))
+    };
+    Ok(Built {
+        required: verifier(files, &provider, false)?
+            .map(|v| server_config(Some(v)))
+            .transpose()?,
+        optional: verifier(files, &provider, true)?
+            .map(|v| server_config(Some(v)))
+            .transpose()?,
+        none: server_config(None)?,
+    })
+}
+
+/// Why a handshake failed, as a fixed code (for the audit trail and the
+/// metrics).
+pub fn failure_reason(error: &io::Error) -> &'static str {
+    use rustls::{CertificateError, Error};
+    let Some(e) = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<Error>())
+    else {
+        return match error.kind() {
+            io::ErrorKind::TimedOut => "timeout",
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => "aborted",
+            _ => "protocol",
+        };
+    };
+    match e {
+        Error::NoCertificatesPresented => "no_certificate",
+        Error::InvalidCertificate(c) => match c {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "not_yet_valid"
+            }
+            CertificateError::UnknownIssuer => "unknown_ca",
+            CertificateError::Revoked => "revoked",
+            CertificateError::UnknownRevocationStatus => "unknown_revocation_status",
+            CertificateError::BadSignature => "bad_signature",
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "wrong_purpose"
+            }
+            _ => "bad_certificate",
+        },
+        Error::InvalidCertRevocationList(_) => "bad_crl",
+        _ => "protocol",
+    }
+}
+
+/// Whether a failure reason is about the client's certificate (audited as a
+/// refused authentication), rather than transport or protocol noise.
+pub fn is_certificate_failure(reason: &str) -> bool {
+    !matches!(reason, "timeout" | "aborted" | "protocol")
+}
+
+/// A client whose certificate the handshake verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// URI and DNS subject alternative names, in certificate order.
+    pub identities: Vec<String>,
+}
+
+/// The identity of the verified peer certificate, if one was presented.
+pub fn client_identity(conn: &rustls::ServerConnection) -> Option<ClientIdentity> {
+    let leaf = conn.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let mut identities = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                x509_parser::extensions::GeneralName::URI(uri) => {
+                    identities.push((*uri).to_owned())
+                }
+                x509_parser::extensions::GeneralName::DNSName(dns) => {
+                    identities.push((*dns).to_owned())
+                }
+                _ => {}
+            }
+        }
+    }
+    Some(ClientIdentity { identities })
+}
+
+/// The roles `tokenizer dev-pki` makes a client certificate for.
+pub const DEV_ROLES: [&str; 4] = ["tokenize", "detokenize", "auditor", "key_admin"];
+
+/// The URI identity of a dev client certificate.
+pub fn dev_identity(role: &str) -> String {
+    format!("spiffe://cardvault.dev/{role}")
+}
+
+/// What `tokenizer dev-pki` wrote.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DevPki {
+    pub dir: PathBuf,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// (role, certificate, key, identity)
+    pub clients: Vec<(String, PathBuf, PathBuf, String)>,
+}
+
+fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), TlsError> {
+    use std::io::Write as _;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| TlsError::Write(shown(path), e))?;
+    f.write_all(contents.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| TlsError::Write(shown(path), e))
+}
+
+/// A local CA (valid 90 days), a server certificate for `server_names` (DNS
+/// names or IP addresses) and a client certificate per role of
+/// [`DEV_ROLES`], written to `dir` (created 0700; existing files are never
+/// overwritten). For trials and tests, never production: the CA key sits
+/// next to the certificates.
+pub fn write_dev_pki(dir: &Path, server_names: &[String]) -> Result<DevPki, TlsError> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let gen = |e: rcgen::Error| TlsError::Generate(e.to_string());
+    fs::create_dir_all(dir).map_err(|e| TlsError::Write(shown(dir), e))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| TlsError::Write(shown(dir), e))?;
+    let now = time::OffsetDateTime::now_utc();
+    let validity = |p: &mut CertificateParams| {
+        p.not_before = now - time::Duration::hours(1);
+        p.not_after = now + time::Duration::days(90);
+    };
+
+    let ca_key = KeyPair::generate().map_err(gen)?;
+    let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.distinguished_name.push(
+        DnType::CommonName,
+        "cardvault development CA (not for production)",
+    );
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    validity(&mut ca);
+    let ca_cert = ca.self_signed(&ca_key).map_err(gen)?;
+    let issuer = Issuer::new(ca, &ca_key);
+
+    let leaf = |names: Vec<String>, cn: &str, purpose: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().map_err(gen)?;
+        let mut params = CertificateParams::new(names).map_err(gen)?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![purpose];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity(&mut params);
+        let cert = params.signed_by(&key, &issuer).map_err(gen)?;
+        Ok::<_, TlsError>((cert.pem(), key.serialize_pem()))
+    };
+
+    let pki = DevPki {
+        dir: dir.to_path_buf(),
+        ca: dir.join("ca.pem"),
+        server_cert: dir.join("server.pem"),
+        server_key: dir.join("server.key"),
+        clients: DEV_ROLES
+            .iter()
+            .map(|r| {
+                (
+                    (*r).to_owned(),
+                    dir.join(format!("client-{r}.pem")),
+                    dir.join(format!("client-{r}.key")),
+                    dev_identity(r),
+                )
+            })
+            .collect(),
+    };
+    write_new(&pki.ca, &ca_cert.pem(), 0o644)?;
+    write_new(&dir.join("ca.key"), &ca_key.serialize_pem(), 0o600)?;
+    let names = if server_names.is_empty() {
+        vec!["localhost".into(), "127.0.0.1".into(), "::1".into()]
+    } else {
+        server_names.to_vec()
+    };
+    let (cert, key) = leaf(
+        names,
+        "cardvault development server",
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    write_new(&pki.server_cert, &cert, 0o644)?;
+    write_new(&pki.server_key, &key, 0o600)?;
+    for (role, cert_path, key_path, identity) in &pki.clients {
+        let (cert, key) = leaf(
+            vec![identity.clone()],
+            &format!("cardvault development client {role}"),
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        write_new(cert_path, &cert, 0o644)?;
+        write_new(key_path, &key, 0o600)?;
+    }
+    Ok(pki)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn dev_pki_loads_and_refuses_loose_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = write_dev_pki(&dir.path().join("pki"), &[]).unwrap();
+        let files = TlsFiles {
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+            client_ca: Some(pki.ca.clone()),
+            client_crl: None,
+        };
+        let tls = ReloadableTls::load(files.clone()).unwrap();
+        assert!(tls.config(ClientCerts::Required).is_ok());
+        tls.reload().unwrap();
+        // A second run never overwrites.
+        assert!(write_dev_pki(&dir.path().join("pki"), &[]).is_err());
+        fs::set_permissions(&pki.server_key, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(tls.reload(), Err(TlsError::KeyPermissions(_))));
+        // The old material stays in use after a failed reload.
+        assert!(tls.config(ClientCerts::None).is_ok());
+        let no_ca = TlsFiles {
+            client_ca: None,
+            ..files
+        };
+        fs::set_permissions(&pki.server_key, fs::Permissions::from_mode(0o600)).unwrap();
+        let tls = ReloadableTls::load(no_ca).unwrap();
+        assert!(matches!(
+            tls.config(ClientCerts::Required),
+            Err(TlsError::NoClientCa)
+        ));
+    }
+
+    #[test]
+    fn only_tls12_and_13_with_aead_suites() {
+        let p = provider();
+        for suite in &p.cipher_suites {
+            let name = format!("{:?}", suite.suite());
+            assert!(
+                name.starts_with("TLS13_") || name.starts_with("TLS_ECDHE_"),
+                "{name}"
+            );
+            assert!(
+                name.contains("GCM") || name.contains("CHACHA20_POLY1305"),
+                "{name}"
+            );
+        }
+    }
+}
