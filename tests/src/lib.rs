@@ -93,12 +93,109 @@ pub fn tokenizer_bin() -> PathBuf {
 
 /// A `Command` for the binary with a predictable environment: no inherited
 /// `RUST_LOG` (the `--log-level` flag decides) and no colours in the logs.
+/// When the tests run as root it runs as the [`service_user`] (the service
+/// refuses to run as root outside `--dev`, as it should in production); see
+/// [`tokenizer_command_as_invoker`] for the one test that wants root.
 pub fn tokenizer_command() -> Command {
+    let mut cmd = tokenizer_command_as_invoker();
+    if let Some(user) = service_user() {
+        use std::os::unix::process::CommandExt as _;
+        // std drops the supplementary groups too when root switches uid.
+        cmd.uid(user.uid).gid(user.gid);
+    }
+    cmd
+}
+
+/// [`tokenizer_command`] without the switch to the [`service_user`]: the
+/// process runs as whoever runs the tests (root, here and in CI).
+pub fn tokenizer_command_as_invoker() -> Command {
     let mut cmd = Command::new(tokenizer_bin());
     cmd.env_remove("RUST_LOG")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null());
     cmd
+}
+
+// ---------------------------------------------------------------------------
+// The unprivileged user the binary runs as
+// ---------------------------------------------------------------------------
+
+/// The account every `tokenizer` process of the tests runs as when the tests
+/// run as root: `nobody`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// `nobody` from `/etc/passwd` (65534/65534 when it is not listed), or
+/// `None` when the tests do not run as root (then every process runs as the
+/// test's own user, as before).
+pub fn service_user() -> Option<ServiceUser> {
+    if !running_as_root() {
+        return None;
+    }
+    let passwd = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    Some(
+        passwd
+            .lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split(':').collect();
+                match fields.as_slice() {
+                    ["nobody", _, uid, gid, ..] => Some(ServiceUser {
+                        uid: uid.parse().ok()?,
+                        gid: gid.parse().ok()?,
+                    }),
+                    _ => None,
+                }
+            })
+            .unwrap_or(ServiceUser {
+                uid: 65_534,
+                gid: 65_534,
+            }),
+    )
+}
+
+/// Hands `path` (and everything under it, symlinks not followed) to the
+/// [`service_user`], so a service running as that user can read and write
+/// what a test prepared: data directories, configuration and PIN files,
+/// SoftHSM2 token directories. Nothing to do when the tests do not run as
+/// root.
+pub fn give_to_service_user(path: &Path) {
+    let Some(user) = service_user() else {
+        return;
+    };
+    chown_tree(path, user).unwrap_or_else(|e| {
+        panic!(
+            "cannot give {} to uid {} gid {}: {e}",
+            path.display(),
+            user.uid,
+            user.gid
+        )
+    });
+}
+
+/// A file that vanishes meanwhile (a running instance renaming its own
+/// files) is skipped.
+fn chown_tree(path: &Path, user: ServiceUser) -> io::Result<()> {
+    let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound;
+    match std::os::unix::fs::lchown(path, Some(user.uid), Some(user.gid)) {
+        Err(e) if gone(&e) => return Ok(()),
+        other => other?,
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {}
+        Err(e) if !gone(&e) => return Err(e),
+        _ => return Ok(()),
+    }
+    let entries = match fs::read_dir(path) {
+        Err(e) if gone(&e) => return Ok(()),
+        entries => entries?,
+    };
+    for entry in entries {
+        chown_tree(&entry?.path(), user)?;
+    }
+    Ok(())
 }
 
 /// Where the auditors' `vault-audit` binary is expected: `$VAULT_AUDIT_BIN`,
@@ -217,6 +314,16 @@ pub fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+/// The listener named in a listening line (`listening on ADDR (api,
+/// https)`); `dev` when none is named.
+pub fn listener_name(line: &str) -> String {
+    line.rsplit_once('(')
+        .and_then(|(_, rest)| rest.split([',', ')']).next())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "dev".to_string())
 }
 
 /// The address in a line containing `listening on `: the rest of the line,
@@ -910,6 +1017,15 @@ pub struct Options {
     pub database_url: Option<String>,
     /// Environment variables of the `serve` process (e.g. `SOFTHSM2_CONF`).
     pub env: Vec<(String, String)>,
+    /// Run `serve` as whoever runs the tests (root, here and in CI) instead
+    /// of the [`service_user`]: for the tests of the refusal to run as root.
+    pub as_invoker: bool,
+    /// `--dev` only: plain HTTP (`--insecure-plain-http`) instead of TLS.
+    pub plain_http: bool,
+    /// Outside `--dev`: also pass the harness PKI's CA as the client CA
+    /// (then the listeners default to mutual TLS; tests add `--api-auth`
+    /// etc. in `extra_args`). Without it every listener takes API keys.
+    pub client_ca: bool,
 }
 
 impl Default for Options {
@@ -922,6 +1038,9 @@ impl Default for Options {
             extra_args: Vec::new(),
             database_url: None,
             env: Vec::new(),
+            as_invoker: false,
+            plain_http: false,
+            client_ca: false,
         }
     }
 }
@@ -935,14 +1054,46 @@ impl Options {
         }
     }
 
-    fn serve_args(&self, data_dir: &Path) -> Vec<OsString> {
+    /// `serve`'s arguments. `previous`: the addresses of the last run of the
+    /// same service (a restart comes back on the same ports).
+    fn serve_args(&self, data_dir: &Path, previous: &[(String, String)]) -> Vec<OsString> {
         let mut args: Vec<OsString> = vec!["serve".into(), "--data-dir".into(), data_dir.into()];
-        args.push("--listen".into());
-        args.push(self.listen.clone().into());
+        let again = |name: &str, default: &str| {
+            previous
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or_else(|| default.to_string(), |(_, a)| a.clone())
+        };
+        if self.dev {
+            args.push("--listen".into());
+            args.push(again("dev", &self.listen).into());
+        } else {
+            // `listen` names the api listener; the others take free ports.
+            for (flag, name, default) in [
+                ("--listen-api", "api", self.listen.as_str()),
+                ("--listen-reveal", "reveal", "127.0.0.1:0"),
+                ("--listen-admin", "admin", "127.0.0.1:0"),
+            ] {
+                args.push(flag.into());
+                args.push(again(name, default).into());
+            }
+            let pki = harness_pki_dir(data_dir);
+            args.push("--tls-cert-file".into());
+            args.push(pki.join("server.pem").into());
+            args.push("--tls-key-file".into());
+            args.push(pki.join("server.key").into());
+            if self.client_ca {
+                args.push("--tls-client-ca-file".into());
+                args.push(pki.join("ca.pem").into());
+            }
+        }
         args.push("--log-level".into());
         args.push(self.log_level.clone().into());
         if self.dev {
             args.push("--dev".into());
+            if self.plain_http {
+                args.push("--insecure-plain-http".into());
+            }
         }
         if let Some(url) = &self.database_url {
             args.push("--database-url".into());
@@ -962,15 +1113,24 @@ struct Running {
 /// What happened to a `serve` process.
 #[derive(Debug)]
 pub enum Launch {
-    /// It logged its listening line.
-    Started { addr: String },
+    /// It logged its listening lines: (listener, address) each.
+    Started { listeners: Vec<(String, String)> },
     /// It exited before listening.
     Exited { status: ExitStatus, stderr: String },
 }
 
-fn launch(data_dir: &Path, opts: &Options, captured: &Captured) -> (Launch, Option<Running>) {
-    let mut cmd = tokenizer_command();
-    cmd.args(opts.serve_args(data_dir))
+fn launch(
+    data_dir: &Path,
+    opts: &Options,
+    captured: &Captured,
+    previous: &[(String, String)],
+) -> (Launch, Option<Running>) {
+    let mut cmd = if opts.as_invoker {
+        tokenizer_command_as_invoker()
+    } else {
+        tokenizer_command()
+    };
+    cmd.args(opts.serve_args(data_dir, previous))
         .envs(opts.env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -985,8 +1145,12 @@ fn launch(data_dir: &Path, opts: &Options, captured: &Captured) -> (Launch, Opti
         drain(stdout, captured.stdout.clone(), mpsc::channel().0),
         drain(stderr, captured.stderr.clone(), tx),
     ];
-    match wait_for_listening(&mut child, &rx) {
-        Ok(addr) => (Launch::Started { addr }, Some(Running { child, readers })),
+    let expected = if opts.dev { 1 } else { 3 };
+    match wait_for_listening(&mut child, &rx, expected) {
+        Ok(listeners) => (
+            Launch::Started { listeners },
+            Some(Running { child, readers }),
+        ),
         Err(Some(status)) => {
             join_readers(readers);
             let stderr = captured.stderr_bytes();
@@ -1013,18 +1177,23 @@ fn launch(data_dir: &Path, opts: &Options, captured: &Captured) -> (Launch, Opti
     }
 }
 
-/// `Ok(addr)` once listening, `Err(Some(status))` if the process exited,
-/// `Err(None)` on timeout.
+/// `Ok(listeners)` once `expected` listeners logged their line,
+/// `Err(Some(status))` if the process exited, `Err(None)` on timeout.
 fn wait_for_listening(
     child: &mut Child,
     lines: &Receiver<String>,
-) -> Result<String, Option<ExitStatus>> {
+    expected: usize,
+) -> Result<Vec<(String, String)>, Option<ExitStatus>> {
     let deadline = Instant::now() + START_TIMEOUT;
+    let mut listeners = Vec::new();
     loop {
         match lines.recv_timeout(Duration::from_millis(50)) {
             Ok(line) => {
                 if let Some(addr) = parse_listening_line(&line) {
-                    return Ok(addr);
+                    listeners.push((listener_name(&line), addr));
+                    if listeners.len() >= expected {
+                        return Ok(listeners);
+                    }
                 }
                 continue;
             }
@@ -1077,7 +1246,8 @@ impl DataDir {
 }
 
 /// A tempdir for a data directory (call sites that need to prepare one).
-/// Private (0700), as an operator would set it up.
+/// Private (0700), as an operator would set it up, and owned by the
+/// [`service_user`] when the tests run as root.
 pub fn temp_data_dir() -> tempfile::TempDir {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::Builder::new()
@@ -1086,6 +1256,7 @@ pub fn temp_data_dir() -> tempfile::TempDir {
         .expect("cannot create a temporary data directory");
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700))
         .expect("cannot chmod the temporary data directory");
+    give_to_service_user(dir.path());
     dir
 }
 
@@ -1096,7 +1267,7 @@ pub struct Service {
     opts: Options,
     captured: Captured,
     running: Option<Running>,
-    addr: String,
+    endpoints: Endpoints,
     /// Declared last: dropped after the process is gone.
     db: Option<PgDatabase>,
 }
@@ -1105,7 +1276,7 @@ impl fmt::Debug for Service {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Service")
             .field("data_dir", &self.data_dir.path())
-            .field("addr", &self.addr)
+            .field("endpoints", &self.endpoints)
             .field("running", &self.running.is_some())
             .field(
                 "database",
@@ -1126,8 +1297,10 @@ impl Service {
         Service::start_in(DataDir::Temp(temp_data_dir()), opts)
     }
 
-    /// Starts on a directory the caller owns (it is not removed).
+    /// Starts on a directory the caller owns (it is not removed). The
+    /// directory and everything in it are given to the [`service_user`].
     pub fn start_in_dir(dir: &Path, opts: Options) -> Service {
+        give_to_service_user(dir);
         Service::start_in(DataDir::Path(dir.to_path_buf()), opts)
     }
 
@@ -1154,12 +1327,15 @@ impl Service {
                 out.describe()
             );
         }
+        if !opts.dev && !harness_pki_dir(data_dir.path()).exists() {
+            make_harness_pki(data_dir.path(), &captured);
+        }
         let mut service = Service {
             data_dir,
             opts,
             captured,
             running: None,
-            addr: String::new(),
+            endpoints: Endpoints::default(),
             db,
         };
         service.spawn();
@@ -1167,10 +1343,21 @@ impl Service {
     }
 
     fn spawn(&mut self) {
-        let (launch, running) = launch(self.data_dir.path(), &self.opts, &self.captured);
+        let (launch, running) = launch(
+            self.data_dir.path(),
+            &self.opts,
+            &self.captured,
+            &self.endpoints.listeners,
+        );
         match (launch, running) {
-            (Launch::Started { addr }, Some(running)) => {
-                self.addr = addr;
+            (Launch::Started { listeners }, Some(running)) => {
+                let ca = match (self.opts.dev, self.opts.plain_http) {
+                    (true, true) => None,
+                    (true, false) => Some(self.data_dir.path().join("dev-tls").join("ca.pem")),
+                    (false, _) => Some(harness_pki_dir(self.data_dir.path()).join("ca.pem")),
+                };
+                self.endpoints = Endpoints { listeners, ca };
+                register_tls(&self.endpoints);
                 self.running = Some(running);
             }
             (Launch::Exited { status, stderr }, _) => panic!(
@@ -1180,13 +1367,43 @@ impl Service {
         }
     }
 
-    /// `host:port` the server listens on.
+    /// `host:port` of the `api` listener (of the one listener in `--dev`).
     pub fn addr(&self) -> &str {
-        &self.addr
+        self.endpoints.addr_for("/v1/tokens")
     }
 
+    /// Where the service listens, and the CA of its TLS.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
+    }
+
+    /// `host:port` of a listener by name (`api`, `reveal`, `admin`, `dev`).
+    pub fn listener(&self, name: &str) -> Option<&str> {
+        self.endpoints.listener(name)
+    }
+
+    /// The admin interface's URL (what `tokenizer unseal --url` takes).
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!(
+            "{}://{}",
+            self.endpoints.scheme(),
+            self.endpoints.addr_for("/v1/admin")
+        )
+    }
+
+    /// Environment for operator commands that call the admin interface
+    /// (`unseal`, `seal`, `keys ...`): the CA that signed its certificate.
+    pub fn admin_env(&self) -> Vec<(String, String)> {
+        self.endpoints
+            .ca
+            .iter()
+            .map(|ca| {
+                (
+                    "TOKENIZER_ADMIN_CA_FILE".to_string(),
+                    ca.display().to_string(),
+                )
+            })
+            .collect()
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -1316,6 +1533,11 @@ impl Service {
 
     pub fn stderr(&self) -> String {
         self.captured.stderr()
+    }
+
+    /// The process id of the running server.
+    pub fn pid(&self) -> Option<u32> {
+        self.running.as_ref().map(|running| running.child.id())
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -1485,17 +1707,17 @@ impl Service {
 
     /// An authenticated client (`Authorization: Bearer <key>`).
     pub fn client(&self, api_key: &str) -> Client {
-        Client::new(&self.addr, Some(format!("Bearer {api_key}")))
+        Client::for_endpoints(&self.endpoints, Some(format!("Bearer {api_key}")))
     }
 
     /// A client that sends no `Authorization` header.
     pub fn anonymous(&self) -> Client {
-        Client::new(&self.addr, None)
+        Client::for_endpoints(&self.endpoints, None)
     }
 
     /// A client sending this exact `Authorization` value.
     pub fn client_with_authorization(&self, value: &str) -> Client {
-        Client::new(&self.addr, Some(value.to_string()))
+        Client::for_endpoints(&self.endpoints, Some(value.to_string()))
     }
 
     /// Searches the data directory, everything the binary printed, and on
@@ -1570,10 +1792,17 @@ pub fn expect_refused_start(data_dir: &Path, opts: &Options) -> (ExitStatus, Str
         }
         _ => None,
     };
-    let (launch, running) = launch(data_dir, &opts, &captured);
+    // The refusal must be about what the test set up, not a missing
+    // certificate.
+    if !opts.dev && data_dir.is_dir() && !harness_pki_dir(data_dir).exists() {
+        give_to_service_user(data_dir);
+        make_harness_pki(data_dir, &captured);
+    }
+    let (launch, running) = launch(data_dir, &opts, &captured, &[]);
     match launch {
         Launch::Exited { status, stderr } => (status, stderr),
-        Launch::Started { addr } => {
+        Launch::Started { listeners } => {
+            let addr = format!("{listeners:?}");
             if let Some(mut running) = running {
                 let _ = running.child.kill();
                 let _ = running.child.wait();
@@ -1658,34 +1887,84 @@ impl fmt::Display for Resp {
 #[derive(Debug, Clone)]
 pub struct Client {
     agent: ureq::Agent,
-    addr: String,
+    endpoints: Endpoints,
+    /// TLS client configuration (with the client certificate, if any).
+    tls: Option<Arc<rustls::ClientConfig>>,
     authorization: Option<String>,
 }
 
 impl Client {
+    /// A plain-HTTP client of one address (every path goes there).
     pub fn new(addr: &str, authorization: Option<String>) -> Client {
+        let endpoints = Endpoints {
+            listeners: vec![("dev".to_string(), addr.to_string())],
+            ca: None,
+        };
+        Client::for_endpoints(&endpoints, authorization)
+    }
+
+    /// A client of a service's listeners: each path goes to the listener
+    /// that serves it, over TLS when the service has a CA.
+    pub fn for_endpoints(endpoints: &Endpoints, authorization: Option<String>) -> Client {
+        let tls = endpoints.ca.as_deref().map(|ca| tls_client_config(ca, None));
+        Client::build(endpoints.clone(), tls, authorization)
+    }
+
+    fn build(
+        endpoints: Endpoints,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        authorization: Option<String>,
+    ) -> Client {
         // No pooled connections: a server that closes a connection after an
         // error must not break the next request.
-        let agent = ureq::AgentBuilder::new()
+        let mut agent = ureq::AgentBuilder::new()
             .timeout(REQUEST_TIMEOUT)
             .max_idle_connections(0)
-            .redirects(0)
-            .build();
+            .redirects(0);
+        if let Some(tls) = &tls {
+            agent = agent.tls_config(tls.clone());
+        }
         Client {
-            agent,
-            addr: addr.to_string(),
+            agent: agent.build(),
+            endpoints,
+            tls,
             authorization,
         }
     }
 
+    /// The same client presenting a client certificate (PEM files) at the
+    /// TLS handshake.
+    pub fn with_client_cert(&self, cert: &Path, key: &Path) -> Client {
+        let ca = self
+            .endpoints
+            .ca
+            .clone()
+            .expect("client certificates need a TLS service");
+        Client::build(
+            self.endpoints.clone(),
+            Some(tls_client_config(&ca, Some((cert, key)))),
+            self.authorization.clone(),
+        )
+    }
+
+    /// The same client with another `Authorization` value (or none).
+    pub fn with_authorization(&self, authorization: Option<String>) -> Client {
+        Client::build(self.endpoints.clone(), self.tls.clone(), authorization)
+    }
+
+    /// The api listener's address (the one listener's in `--dev`).
     pub fn addr(&self) -> &str {
-        &self.addr
+        self.endpoints.addr_for("/v1/tokens")
     }
 
     /// The same credentials against `svc` (after a restart the address
-    /// changes).
+    /// may change).
     pub fn reconnect(&self, svc: &Service) -> Client {
-        Client::new(svc.addr(), self.authorization.clone())
+        Client::build(
+            svc.endpoints().clone(),
+            self.tls.clone(),
+            self.authorization.clone(),
+        )
     }
 
     pub fn authorization(&self) -> Option<&str> {
@@ -1693,7 +1972,12 @@ impl Client {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        format!(
+            "{}://{}{}",
+            self.endpoints.scheme(),
+            self.endpoints.addr_for(path),
+            path
+        )
     }
 
     fn request(&self, method: &str, path: &str) -> ureq::Request {
@@ -1844,7 +2128,8 @@ impl Client {
         body: Vec<u8>,
     ) -> Resp {
         raw_exchange(
-            &self.addr,
+            self.endpoints.addr_for(path),
+            self.tls.clone(),
             method,
             path,
             self.authorization.as_deref(),
@@ -1879,14 +2164,19 @@ fn try_finish(
     Ok(Resp::from_parts(status, request_id, content_type, text))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn raw_exchange(
     addr: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
     method: &str,
     path: &str,
     authorization: Option<&str>,
     content_type: Option<&str>,
     body: Vec<u8>,
 ) -> Resp {
+    if let Some(tls) = tls {
+        return raw_exchange_tls(addr, tls, method, path, authorization, content_type, body);
+    }
     let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     stream.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(REQUEST_TIMEOUT)).unwrap();
@@ -2855,13 +3145,10 @@ pub fn raw_http(
     limit: Duration,
 ) -> RawOutcome {
     let started = Instant::now();
-    let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    stream
+    let mut wire = Wire::connect(addr, tls_for_addr(addr));
+    wire.tcp()
         .set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
-    stream.set_write_timeout(Some(REQUEST_TIMEOUT)).unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = stream;
     let mut raw = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     let mut sent = 0;
@@ -2869,7 +3156,7 @@ pub fn raw_http(
     let mut write_failed = false;
     loop {
         if started.elapsed() > limit {
-            let _ = reader.shutdown(Shutdown::Both);
+            let _ = wire.tcp().shutdown(Shutdown::Both);
             return RawOutcome::Closed {
                 after: started.elapsed(),
                 error: Some("client gave up".to_string()),
@@ -2877,16 +3164,16 @@ pub fn raw_http(
         }
         if sent < request.len() && !write_failed && Instant::now() >= next_write {
             let end = (sent + chunk.max(1)).min(request.len());
-            match writer.write_all(&request[sent..end]) {
+            match wire.write_all(&request[sent..end]) {
                 Ok(()) => {
-                    let _ = writer.flush();
+                    let _ = wire.flush();
                     sent = end;
                     next_write = Instant::now() + pause;
                 }
                 Err(_) => write_failed = true,
             }
         }
-        match reader.read(&mut buf) {
+        match wire.read(&mut buf) {
             Ok(0) => {
                 return match parse_raw_response(&raw) {
                     Some(resp) => RawOutcome::Response(resp),
@@ -2899,7 +3186,7 @@ pub fn raw_http(
             Ok(n) => {
                 raw.extend_from_slice(&buf[..n]);
                 if response_complete(&raw) {
-                    let _ = reader.shutdown(Shutdown::Both);
+                    let _ = wire.tcp().shutdown(Shutdown::Both);
                     return RawOutcome::Response(parse_raw_response(&raw).unwrap());
                 }
             }
@@ -2919,4 +3206,266 @@ pub fn raw_http(
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// TLS: the harness PKI, client configurations, raw connections
+// ---------------------------------------------------------------------------
+
+/// Where a service listens: (listener, `host:port`) per listener, and the
+/// CA of its server certificate (`None`: plain HTTP, `--dev` only).
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints {
+    pub listeners: Vec<(String, String)>,
+    pub ca: Option<PathBuf>,
+}
+
+impl Endpoints {
+    pub fn scheme(&self) -> &'static str {
+        if self.ca.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&str> {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| a.as_str())
+    }
+
+    /// The listener serving `path`: `reveal` for detokenize, `admin` for
+    /// metrics, readiness, admin and audit routes, `api` for the rest (the
+    /// one listener of `--dev` for everything).
+    pub fn addr_for(&self, path: &str) -> &str {
+        let name = if path.starts_with("/v1/detokenize") {
+            "reveal"
+        } else if ["/metrics", "/readyz", "/v1/admin", "/v1/audit"]
+            .iter()
+            .any(|p| path.starts_with(p))
+        {
+            "admin"
+        } else {
+            "api"
+        };
+        self.listener(name)
+            .or_else(|| self.listener("dev"))
+            .or_else(|| self.listeners.first().map(|(_, a)| a.as_str()))
+            .unwrap_or("127.0.0.1:1")
+    }
+}
+
+/// The harness's PKI of a data directory (made by `tokenizer dev-pki`).
+pub fn harness_pki_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("harness-pki")
+}
+
+/// `tokenizer dev-pki --out <data-dir>/harness-pki`: a CA, the server
+/// certificate (localhost, 127.0.0.1, ::1) and one client certificate per
+/// role, `client-<role>.pem` with identity `spiffe://cardvault.dev/<role>`.
+pub fn make_harness_pki(data_dir: &Path, captured: &Captured) {
+    let dir = harness_pki_dir(data_dir);
+    let mut cmd = tokenizer_command();
+    cmd.arg("dev-pki").arg("--out").arg(&dir);
+    let output = wait_with_timeout(cmd, CLI_TIMEOUT, &["dev-pki"]);
+    captured.stdout.lock().unwrap().extend_from_slice(&output.stdout);
+    captured.stderr.lock().unwrap().extend_from_slice(&output.stderr);
+    assert!(
+        output.status.success(),
+        "`tokenizer dev-pki` failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn read_pem_certs(path: &Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        .unwrap_or_else(|e| panic!("cannot read certificates from {}: {e}", path.display()))
+}
+
+/// A rustls client configuration trusting `ca`, optionally with a client
+/// certificate (PEM certificate and key files). TLS 1.3 and 1.2, ring.
+pub fn tls_client_config(ca: &Path, client: Option<(&Path, &Path)>) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_pem_certs(ca) {
+        roots.add(cert).expect("a usable CA certificate");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => {
+            let chain = read_pem_certs(cert);
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key)
+                .unwrap_or_else(|e| panic!("cannot read the key {}: {e}", key.display()));
+            builder
+                .with_client_auth_cert(chain, key)
+                .expect("a usable client certificate")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(config)
+}
+
+/// TLS client configurations of the listeners of every running service
+/// of this process, by address: what lets [`raw_http`] reach a TLS
+/// listener by its address alone.
+fn tls_registry() -> &'static Mutex<std::collections::HashMap<String, Arc<rustls::ClientConfig>>> {
+    static REGISTRY: std::sync::OnceLock<
+        Mutex<std::collections::HashMap<String, Arc<rustls::ClientConfig>>>,
+    > = std::sync::OnceLock::new();
+    REGISTRY.get_or_init(|| Mutex::new(std::collections::HashMap::new()))
+}
+
+fn register_tls(endpoints: &Endpoints) {
+    let Some(ca) = &endpoints.ca else { return };
+    let config = tls_client_config(ca, None);
+    let mut registry = tls_registry().lock().unwrap();
+    for (_, addr) in &endpoints.listeners {
+        registry.insert(addr.clone(), config.clone());
+    }
+}
+
+/// The TLS client configuration for a listener address of a running
+/// service (`None`: plain HTTP).
+pub fn tls_for_addr(addr: &str) -> Option<Arc<rustls::ClientConfig>> {
+    tls_registry().lock().unwrap().get(addr).cloned()
+}
+
+/// A client connection, plain or TLS (handshake done), read and written
+/// from one thread.
+pub enum Wire {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl fmt::Debug for Wire {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Wire::Plain(_) => "Wire::Plain",
+            Wire::Tls(_) => "Wire::Tls",
+        })
+    }
+}
+
+impl Wire {
+    /// Connects (and completes the TLS handshake) or panics.
+    pub fn connect(addr: &str, tls: Option<Arc<rustls::ClientConfig>>) -> Wire {
+        Wire::try_connect(addr, tls).unwrap_or_else(|e| panic!("connect {addr}: {e}"))
+    }
+
+    pub fn try_connect(addr: &str, tls: Option<Arc<rustls::ClientConfig>>) -> io::Result<Wire> {
+        let tcp = TcpStream::connect(addr)?;
+        tcp.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+        tcp.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        let Some(tls) = tls else {
+            return Ok(Wire::Plain(tcp));
+        };
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let conn = rustls::ClientConnection::new(tls, name)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock)?;
+        }
+        Ok(Wire::Tls(Box::new(stream)))
+    }
+
+    /// The TCP connection underneath (timeouts, shutdown).
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Wire::Plain(s) => s,
+            Wire::Tls(s) => &s.sock,
+        }
+    }
+}
+
+impl Read for Wire {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Wire::Plain(s) => s.read(buf),
+            Wire::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Wire {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Wire::Plain(s) => s.write(buf),
+            Wire::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Wire::Plain(s) => s.flush(),
+            Wire::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// [`raw_exchange`] over TLS: one thread writes everything, then reads (a
+/// server that answers early and stops reading ends the writing with an
+/// error after a few seconds; its answer is still read).
+fn raw_exchange_tls(
+    addr: &str,
+    tls: Arc<rustls::ClientConfig>,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+) -> Resp {
+    let mut wire = Wire::connect(addr, Some(tls));
+    wire.tcp()
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(auth) = authorization {
+        head.push_str(&format!("Authorization: {auth}\r\n"));
+    }
+    if let Some(ct) = content_type {
+        head.push_str(&format!("Content-Type: {ct}\r\n"));
+    }
+    head.push_str("\r\n");
+    let _ = wire
+        .write_all(head.as_bytes())
+        .and_then(|()| wire.write_all(&body))
+        .and_then(|()| wire.flush());
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match wire.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                raw.extend_from_slice(&buf[..n]);
+                if response_complete(&raw) {
+                    break;
+                }
+            }
+            Err(e) if !raw.is_empty() && e.kind() != io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{method} {path}: reading the response: {e}"),
+        }
+    }
+    let _ = wire.tcp().shutdown(Shutdown::Both);
+    parse_raw_response(&raw).unwrap_or_else(|| {
+        panic!(
+            "{method} {path}: cannot parse the raw response: {:?}",
+            String::from_utf8_lossy(&raw)
+        )
+    })
 }

@@ -378,6 +378,7 @@ fn postgres_crashes_under_write_load_lose_nothing_and_write_nothing_in_part() {
     let config_dir = tempfile::tempdir().unwrap();
     let config = config_dir.path().join("tokenizer.toml");
     std::fs::write(&config, "db_timeout_ms = 1000\n").unwrap();
+    e2e::give_to_service_user(config_dir.path());
     let mut svc = Service::start_with(Options {
         database_url: Some(cluster.url()),
         extra_args: vec!["--config".into(), config.display().to_string()],

@@ -205,6 +205,7 @@ fn restart_refused_when_the_kek_disappears() {
     assert!(!status.success());
     fs::write(&kek, saved).unwrap();
     fs::set_permissions(&kek, fs::Permissions::from_mode(0o600)).unwrap();
+    e2e::give_to_service_user(&kek);
     svc.restart();
     let client = client.reconnect(&svc);
     expect_status(&client.detokenize(&token, REASON), 200);

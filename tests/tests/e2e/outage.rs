@@ -115,6 +115,7 @@ fn database_crash_fails_fast_recovers_and_loses_nothing() {
     let config_dir = tempfile::tempdir().unwrap();
     let config = config_dir.path().join("tokenizer.toml");
     fs::write(&config, format!("db_timeout_ms = {DB_TIMEOUT_MS}\n")).unwrap();
+    e2e::give_to_service_user(config_dir.path());
     let mut svc = Service::start_with(Options {
         database_url: Some(cluster.url()),
         extra_args: vec!["--config".into(), config.display().to_string()],

@@ -9,7 +9,7 @@
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use e2e::{temp_data_dir, tokenizer_command, Options, Service};
+use e2e::{give_to_service_user, temp_data_dir, tokenizer_command, Options, Service};
 
 use crate::{expect_status, token_for, REASON, TENANT, TEST_CARDS};
 
@@ -292,6 +292,8 @@ fn pkcs11_backend_unseals_by_logging_in_to_the_token() {
         "{}",
         String::from_utf8_lossy(&init.stderr)
     );
+    // The token directory softhsm2-util made (as root) is the service's.
+    give_to_service_user(dir.path());
     let data = dir.path().join("data");
     let pin_file = dir.path().join("pin");
     let backend = [
@@ -311,6 +313,7 @@ fn pkcs11_backend_unseals_by_logging_in_to_the_token() {
             .open(&pin_file)
             .unwrap();
         f.write_all(b"12345678\n").unwrap();
+        give_to_service_user(&pin_file);
     };
     write_pin();
 
