@@ -876,6 +876,31 @@ fn segment_firewalls_listeners_and_client_certificates() {
         must(in_ns(&seg.ns("pci"), "nft", &["list", "ruleset"]))
     );
 
+    // The drops went through the logging chains (rate-limited log, then a
+    // named counter) of the host that dropped them.
+    for (ns, table, counter) in [
+        ("pci", "cardvault", "dropped_in"),
+        ("pci", "cardvault", "dropped_out"),
+        ("db", "cardvault_db", "dropped_in"),
+        ("db", "cardvault_db", "dropped_out"),
+    ] {
+        let listed = must(in_ns(
+            &seg.ns(ns),
+            "nft",
+            &["list", "counter", "inet", table, counter],
+        ));
+        let packets: u64 = listed
+            .split_whitespace()
+            .skip_while(|w| *w != "packets")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            packets > 0,
+            "{ns}: counter {table}/{counter} counted no drop:\n{listed}"
+        );
+    }
+
     let api = format!("https://{PCI}:{}", ports.api);
     let reveal = format!("https://{PCI}:{}", ports.reveal);
     let admin = format!("https://{PCI}:{}", ports.admin);
