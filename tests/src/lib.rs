@@ -1327,8 +1327,8 @@ impl Service {
                 out.describe()
             );
         }
-        if !opts.dev && !harness_pki_dir(data_dir.path()).exists() {
-            make_harness_pki(data_dir.path(), &captured);
+        if !opts.dev {
+            ensure_harness_pki(data_dir.path(), &captured);
         }
         let mut service = Service {
             data_dir,
@@ -1796,7 +1796,7 @@ pub fn expect_refused_start(data_dir: &Path, opts: &Options) -> (ExitStatus, Str
     // certificate.
     if !opts.dev && data_dir.is_dir() && !harness_pki_dir(data_dir).exists() {
         give_to_service_user(data_dir);
-        make_harness_pki(data_dir, &captured);
+        ensure_harness_pki(data_dir, &captured);
     }
     let (launch, running) = launch(data_dir, &opts, &captured, &[]);
     match launch {
@@ -3262,6 +3262,16 @@ pub fn harness_pki_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("harness-pki")
 }
 
+/// [`make_harness_pki`] unless the data directory has one; several services
+/// starting at once on one directory make it once.
+pub fn ensure_harness_pki(data_dir: &Path, captured: &Captured) {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    if !harness_pki_dir(data_dir).join("client-key_admin.key").exists() {
+        make_harness_pki(data_dir, captured);
+    }
+}
+
 /// `tokenizer dev-pki --out <data-dir>/harness-pki`: a CA, the server
 /// certificate (localhost, 127.0.0.1, ::1) and one client certificate per
 /// role, `client-<role>.pem` with identity `spiffe://cardvault.dev/<role>`.
@@ -3362,7 +3372,16 @@ impl Wire {
     }
 
     pub fn try_connect(addr: &str, tls: Option<Arc<rustls::ClientConfig>>) -> io::Result<Wire> {
-        let tcp = TcpStream::connect(addr)?;
+        Wire::over(TcpStream::connect(addr)?, addr, tls)
+    }
+
+    /// An established TCP connection to `addr`, with TLS when `tls` is
+    /// given (the handshake is done here).
+    pub fn over(
+        tcp: TcpStream,
+        addr: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> io::Result<Wire> {
         tcp.set_read_timeout(Some(REQUEST_TIMEOUT))?;
         tcp.set_write_timeout(Some(REQUEST_TIMEOUT))?;
         let Some(tls) = tls else {

@@ -51,6 +51,8 @@ mod sealed;
 mod segment;
 #[path = "e2e/tenants.rs"]
 mod tenants;
+#[path = "e2e/tls.rs"]
+mod tls;
 
 use e2e::{current_year_month, Client, Resp, Service};
 use serde_json::{json, Value};

@@ -11,8 +11,9 @@
 //!
 //! The TLS handshake is ours (tokio-rustls) rather than the HTTP server's,
 //! so that a refused client certificate is known with its source address:
-//! it is audited, counted against the source (`limits`), and a source that
-//! is blocked is disconnected before any handshake. The verified
+//! it is audited and counted against the source like a failed login
+//! (`limits`; a blocked source's refusals are counted, not audited again,
+//! and its requests get 429). The verified
 //! connection is then served by actix-http with the actix-web app.
 
 use std::io;
@@ -240,18 +241,6 @@ impl Acceptor {
             );
             return Err(refused("connection limit"));
         };
-        // A source blocked for failed authentications gets no handshake.
-        if let Some(ip) = peer.map(|p| p.ip()) {
-            if self
-                .state
-                .sources
-                .check(ip, std::time::Instant::now())
-                .is_err()
-            {
-                self.state.sources.refuse();
-                return Err(refused("source blocked"));
-            }
-        }
         let _ = tcp.set_nodelay(true);
         let connection = |client| Connection {
             listener: self.spec.kind,
@@ -301,6 +290,18 @@ impl Acceptor {
         self.state.metrics.tls_handshake_failure(listener, reason);
         if !crate::tls::is_certificate_failure(reason) {
             tracing::debug!(listener, reason, "TLS handshake failed");
+            return;
+        }
+        // A source already blocked for failed authentications is not
+        // audited again on every attempt (its block was).
+        let blocked = peer.is_some_and(|p| {
+            self.state
+                .sources
+                .check(p.ip(), std::time::Instant::now())
+                .is_err()
+        });
+        if blocked {
+            self.state.sources.refuse();
             return;
         }
         tracing::warn!(listener, reason, source = ?peer, "client certificate refused at the TLS handshake");

@@ -371,9 +371,15 @@ pub fn write_dev_pki(dir: &Path, server_names: &[String]) -> Result<DevPki, TlsE
     let ca_key = KeyPair::generate().map_err(gen)?;
     let mut ca = CertificateParams::new(Vec::<String>::new()).map_err(gen)?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    // A name of its own: two dev PKIs are two different CAs to a verifier.
+    let mut tag = [0u8; 4];
+    getrandom::getrandom(&mut tag).map_err(|e| TlsError::Generate(e.to_string()))?;
     ca.distinguished_name.push(
         DnType::CommonName,
-        "cardvault development CA (not for production)",
+        format!(
+            "cardvault development CA {} (not for production)",
+            tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        ),
     );
     ca.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -386,7 +392,14 @@ pub fn write_dev_pki(dir: &Path, server_names: &[String]) -> Result<DevPki, TlsE
 
     let leaf = |names: Vec<String>, cn: &str, purpose: ExtendedKeyUsagePurpose| {
         let key = KeyPair::generate().map_err(gen)?;
+        // `scheme://...` is a URI SAN; anything else a DNS name or IP.
+        let (uris, names): (Vec<String>, Vec<String>) =
+            names.into_iter().partition(|n| n.contains("://"));
         let mut params = CertificateParams::new(names).map_err(gen)?;
+        for uri in uris {
+            let uri = rcgen::string::Ia5String::try_from(uri).map_err(gen)?;
+            params.subject_alt_names.push(rcgen::SanType::URI(uri));
+        }
         params.distinguished_name.push(DnType::CommonName, cn);
         params.extended_key_usages = vec![purpose];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

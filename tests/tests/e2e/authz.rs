@@ -120,12 +120,12 @@ fn code_for(status: u16) -> Option<&'static str> {
 /// calls that follow it.
 fn served_routes(source: &str) -> Vec<(String, String)> {
     let start = source
-        .find("pub fn configure(")
-        .expect("routes.rs has `pub fn configure(`");
+        .find("pub fn configure_for(")
+        .expect("routes.rs has `pub fn configure_for(`");
     let body = &source[start..];
     let end = body
         .find("\n}\n")
-        .expect("configure() ends with a `}` line");
+        .expect("configure_for() ends with a `}` line");
     let body = &body[..end];
     let mut routes = Vec::new();
     let mut path: Option<String> = None;

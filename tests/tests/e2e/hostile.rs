@@ -37,6 +37,8 @@ enum Expect {
 /// One hostile request, sent as raw bytes.
 struct Case {
     what: String,
+    /// The listener serving the case's path.
+    addr: String,
     request: Vec<u8>,
     expect: Expect,
 }
@@ -69,7 +71,7 @@ fn request(
 /// and `fresh` (a valid card number that is not stored: if anything
 /// accepted it, the data would change).
 struct Builder<'a> {
-    addr: &'a str,
+    endpoints: &'a e2e::Endpoints,
     key: &'a str,
     token: &'a str,
     fresh: &'a str,
@@ -78,8 +80,9 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn post(&mut self, what: impl Into<String>, path: &str, body: &[u8], expect: Expect) {
+        let addr = self.endpoints.addr_for(path).to_string();
         let request = request(
-            self.addr,
+            &addr,
             self.key,
             "POST",
             path,
@@ -88,6 +91,7 @@ impl Builder<'_> {
         );
         self.cases.push(Case {
             what: what.into(),
+            addr,
             request,
             expect,
         });
@@ -102,9 +106,11 @@ impl Builder<'_> {
         body: &[u8],
         expect: Expect,
     ) {
-        let request = request(self.addr, self.key, method, path, content_type, body);
+        let addr = self.endpoints.addr_for(path).to_string();
+        let request = request(&addr, self.key, method, path, content_type, body);
         self.cases.push(Case {
             what: what.into(),
+            addr,
             request,
             expect,
         });
@@ -192,9 +198,9 @@ fn string_literal(inner: &[u8]) -> Vec<u8> {
 }
 
 fn build_cases(svc: &Service, key: &str, token: &str, fresh: &str) -> Vec<Case> {
-    let addr = svc.addr().to_string();
+    let endpoints = svc.endpoints().clone();
     let mut b = Builder {
-        addr: &addr,
+        endpoints: &endpoints,
         key,
         token,
         fresh,
@@ -794,8 +800,9 @@ fn build_cases(svc: &Service, key: &str, token: &str, fresh: &str) -> Vec<Case> 
 
 /// Sends one case; `Err` describes a wrong answer.
 fn run_case(svc: &Service, case: &Case) -> Result<(), String> {
+    let _ = svc;
     let outcome = raw_http(
-        svc.addr(),
+        &case.addr,
         &case.request,
         case.request.len(),
         Duration::ZERO,
@@ -1139,7 +1146,7 @@ fn slow_clients() {
     });
     let (client, stored) = seed(&svc);
     let key = key_of(&client);
-    let addr = svc.addr().to_string();
+    let addr = svc.endpoints().addr_for("/v1/detokenize").to_string();
     let before = svc.dump_data();
 
     // The head, one byte a second.
@@ -1172,9 +1179,8 @@ fn slow_clients() {
         let full = full.clone();
         let body = body.clone();
         std::thread::spawn(move || {
-            let stream = std::net::TcpStream::connect(&addr).unwrap();
-            let mut w = stream.try_clone().unwrap();
             use std::io::{Read as _, Write as _};
+            let mut w = e2e::Wire::connect(&addr, e2e::tls_for_addr(&addr));
             w.write_all(full.as_bytes()).unwrap();
             let started = Instant::now();
             let mut sent = 0;
@@ -1189,11 +1195,11 @@ fn slow_clients() {
             }
             // Is the connection still open? A read with a short timeout
             // that times out means the server is still waiting for us.
-            stream
+            w.tcp()
                 .set_read_timeout(Some(Duration::from_millis(500)))
                 .unwrap();
             let mut buf = [0u8; 1024];
-            let state = match (&stream).read(&mut buf) {
+            let state = match w.read(&mut buf) {
                 Ok(0) => "closed".to_string(),
                 Ok(n) => format!(
                     "answered: {}",

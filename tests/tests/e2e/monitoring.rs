@@ -79,7 +79,9 @@ fn exchange(
     key: Option<&str>,
     body: Option<&Value>,
 ) -> Raw {
-    let mut stream = connect(addr, from);
+    let tcp = connect(addr, from);
+    let mut stream = e2e::Wire::over(tcp, addr, e2e::tls_for_addr(addr))
+        .unwrap_or_else(|e| panic!("TLS to {addr}: {e}"));
     let body = body.map(Value::to_string).unwrap_or_default();
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -118,7 +120,7 @@ fn exchange(
 
 fn detokenize_raw(svc: &Service, from: Option<IpAddr>, key: &str, token: &str) -> Raw {
     exchange(
-        svc.addr(),
+        svc.endpoints().addr_for("/v1/detokenize"),
         from,
         "POST",
         "/v1/detokenize",
@@ -343,7 +345,11 @@ fn unauthenticated_flood_is_limited_per_source_while_good_callers_carry_on() {
     let stop = Arc::new(AtomicBool::new(false));
     let flooders: Vec<_> = (0..2)
         .map(|_| {
-            let (addr, key, stop) = (svc.addr().to_owned(), bad_key.clone(), stop.clone());
+            let (addr, key, stop) = (
+                svc.endpoints().addr_for("/v1/detokenize").to_owned(),
+                bad_key.clone(),
+                stop.clone(),
+            );
             std::thread::spawn(move || {
                 let mut seen = Vec::new();
                 while !stop.load(Ordering::Relaxed) {

@@ -46,6 +46,7 @@ fn run_with_stdin(mut cmd: Command, stdin: &str) -> (bool, String, String) {
 fn unseal(svc: &Service, admin_key: &str, name: &str, passphrase: &str) -> (bool, String, String) {
     let mut cmd = tokenizer_command();
     cmd.args(["unseal", "--url", &svc.base_url(), "--custodian", name])
+        .envs(svc.admin_env())
         .env("TOKENIZER_API_KEY", admin_key);
     run_with_stdin(cmd, &format!("{passphrase}\n"))
 }
@@ -127,6 +128,7 @@ fn keyring_backend_starts_sealed_and_needs_k_custodians() {
     // Seal: every card operation stops at once.
     let mut seal = tokenizer_command();
     seal.args(["seal", "--url", &svc.base_url()])
+        .envs(svc.admin_env())
         .env("TOKENIZER_API_KEY", &admin_key);
     let (ok, out, err) = run_with_stdin(seal, "");
     assert!(ok && out.contains("\"sealed\":true"), "{out}{err}");
@@ -153,6 +155,7 @@ fn keyring_backend_starts_sealed_and_needs_k_custodians() {
     let mut rotate = tokenizer_command();
     rotate
         .args(["keys", "rotate", "--kek", "--url", &svc.base_url()])
+        .envs(svc.admin_env())
         .env("TOKENIZER_API_KEY", &admin_key);
     let (ok, out, err) = run_with_stdin(rotate, "");
     assert!(ok && out.contains("\"kek_id\""), "{out}{err}");
@@ -171,6 +174,7 @@ fn keyring_backend_starts_sealed_and_needs_k_custodians() {
     let destroy = |id: &str| {
         let mut cmd = tokenizer_command();
         cmd.args(["keys", "destroy", "--kek", id, "--url", &svc.base_url()])
+        .envs(svc.admin_env())
             .env("TOKENIZER_API_KEY", &admin_key);
         run_with_stdin(cmd, "")
     };
@@ -351,6 +355,7 @@ fn pkcs11_backend_unseals_by_logging_in_to_the_token() {
     let mut unseal = tokenizer_command();
     unseal
         .args(["unseal", "--url", &svc.base_url()])
+        .envs(svc.admin_env())
         .env("TOKENIZER_API_KEY", &admin_key);
     let (ok, _, err) = run_with_stdin(unseal, "");
     assert!(!ok && err.contains("kek_unavailable"), "{err}");
@@ -358,6 +363,7 @@ fn pkcs11_backend_unseals_by_logging_in_to_the_token() {
     let mut unseal = tokenizer_command();
     unseal
         .args(["unseal", "--url", &svc.base_url()])
+        .envs(svc.admin_env())
         .env("TOKENIZER_API_KEY", &admin_key);
     let (ok, out, err) = run_with_stdin(unseal, "");
     assert!(ok && out.contains("\"sealed\":false"), "{out}{err}");
@@ -370,6 +376,7 @@ fn pkcs11_backend_unseals_by_logging_in_to_the_token() {
     let mut rotate = tokenizer_command();
     rotate
         .args(["keys", "rotate", "--kek", "--url", &svc.base_url()])
+        .envs(svc.admin_env())
         .env("TOKENIZER_API_KEY", &admin_key);
     let (ok, out, err) = run_with_stdin(rotate, "");
     assert!(ok && out.contains("p11:cardvault-kek-"), "{out}{err}");
