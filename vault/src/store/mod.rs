@@ -229,6 +229,25 @@ pub struct PrincipalRow {
     pub cert_identity: Option<String>,
 }
 
+/// The connections of a store's pool at one moment (for metrics; the
+/// numbers are read one after the other, so they may disagree by one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolState {
+    /// Connections open now, idle or in use.
+    pub open: u32,
+    /// Open connections waiting in the pool.
+    pub idle: u32,
+    /// The most the pool opens.
+    pub max: u32,
+}
+
+impl PoolState {
+    /// Open connections lent out now.
+    pub fn in_use(&self) -> u32 {
+        self.open.saturating_sub(self.idle)
+    }
+}
+
 /// The storage interface of the vault.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
@@ -236,6 +255,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn ping(&self) -> Result<(), StoreError>;
     /// Close the pool (SQLite: checkpoints the WAL into the main file).
     async fn close(&self);
+    /// The pool's connections now (no database round trip).
+    fn pool_state(&self) -> PoolState;
 
     async fn load_keys(&self) -> Result<Vec<StoredKey>, StoreError>;
     /// Insert a wrapped key unless one with the same purpose and version

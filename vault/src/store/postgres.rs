@@ -128,3 +128,32 @@ impl PgStore {
 }
 
 sql_store!(PgStore, Postgres);
+
+#[cfg(test)]
+mod pool_state_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::tests::PgTestDb;
+    use crate::store::Store as _;
+
+    #[tokio::test]
+    async fn pool_state_counts_lent_connections() {
+        let db = PgTestDb::create().await;
+        let store = PgStore::connect_lazy(
+            &db.url,
+            PgSettings {
+                max_connections: 3,
+                ..PgSettings::default()
+            },
+        )
+        .unwrap();
+        let lazy = store.pool_state();
+        assert_eq!((lazy.open, lazy.in_use(), lazy.max), (0, 0, 3));
+        let held = store.pool().acquire().await.unwrap();
+        let during = store.pool_state();
+        assert_eq!((during.open, during.in_use()), (1, 1), "{during:?}");
+        drop(held);
+        store.close().await;
+        drop(db);
+    }
+}

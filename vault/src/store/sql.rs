@@ -486,6 +486,14 @@ macro_rules! sql_store {
                 self.pool.close().await;
             }
 
+            fn pool_state(&self) -> $crate::store::PoolState {
+                $crate::store::PoolState {
+                    open: self.pool.size(),
+                    idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+                    max: self.pool.options().get_max_connections(),
+                }
+            }
+
             async fn load_keys(&self) -> Result<Vec<$crate::store::StoredKey>, $crate::store::StoreError> {
                 self.bounded(async {
                     let rows = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM vault_keys ORDER BY purpose, version"))

@@ -117,3 +117,34 @@ impl SqliteStore {
 }
 
 sql_store!(SqliteStore, Sqlite);
+
+#[cfg(test)]
+mod pool_state_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::store::Store as _;
+
+    #[tokio::test]
+    async fn pool_state_counts_lent_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db")).await.unwrap();
+        // A connection released by the migrations may still be in its
+        // `after_release` check for a moment.
+        let mut before = store.pool_state();
+        for _ in 0..100 {
+            if before.in_use() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            before = store.pool_state();
+        }
+        assert_eq!(before.max, 8);
+        assert_eq!(before.in_use(), 0, "{before:?}");
+        let held = store.pool().acquire().await.unwrap();
+        let during = store.pool_state();
+        assert_eq!(during.in_use(), 1, "{during:?}");
+        assert!(during.open >= 1 && during.open <= during.max, "{during:?}");
+        drop(held);
+        store.close().await;
+    }
+}
