@@ -196,6 +196,7 @@ fn lock_memory() -> MemoryLock {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]

@@ -7,13 +7,26 @@
 //! detokenization monitoring (PCI DSS 10.4/10.7): requests refused by a rate
 //! limit per scope, anomalies of the detokenize rule, sources blocked for
 //! failed authentications (no principal, tenant or address label: counts
-//! only; the audit trail says who). Values are read when scraped. Request
-//! metrics come with the listener work.
+//! only; the audit trail says who). Values are read when scraped.
+//!
+//! Requests (PCI DSS 10.4, 10.7): every response counted by listener,
+//! method, route pattern and status, its latency in a histogram, card
+//! operations by outcome; failed authentications and TLS handshakes by
+//! reason. Read when scraped as well: the audit trail's size and its last
+//! signed checkpoint (size and time), each key version's age, and the
+//! storage pool's connections.
+//!
+//! Labels are fixed vocabularies: every value a caller passes is checked
+//! ([`route_label`], [`code_label`], [`method_label`]) and anything else is
+//! counted under `other`, so a mistake upstream can neither put a card
+//! number, a token or a name into a label nor grow the series without bound.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::routes::AppState;
@@ -32,6 +45,97 @@ pub struct Metrics {
     blocked_sources: IntGauge,
     /// Serialises bringing the counters up to the monitors' totals.
     sync: Mutex<()>,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    card_operations: IntCounterVec,
+    auth_failures: IntCounterVec,
+    tls_handshake_failures: IntCounterVec,
+    audit_entries: IntGauge,
+    audit_checkpoint_size: IntGauge,
+    audit_checkpoint_time: IntGauge,
+    /// The newest checkpoint seen: (tree size, signing time in Unix seconds).
+    last_checkpoint: Mutex<Option<(u64, i64)>>,
+    key_age: IntGaugeVec,
+    pool_connections: IntGaugeVec,
+    pool_max: IntGauge,
+}
+
+/// Latency buckets, in seconds: 0.5 ms to 10 s.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// What a route label may be besides a route pattern.
+pub const UNMATCHED_ROUTE: &str = "<unmatched>";
+/// The label of any value outside its vocabulary.
+const OTHER: &str = "other";
+
+/// The card operation a request was, from its method and route pattern.
+fn card_operation(method: &str, route: &str) -> Option<&'static str> {
+    match (method, route) {
+        ("POST", "/v1/tokens") => Some("tokenize"),
+        ("POST", "/v1/tokens/batch") => Some("tokenize_batch"),
+        ("POST", "/v1/detokenize") => Some("detokenize"),
+        ("GET", "/v1/tokens/{token}") => Some("metadata"),
+        ("DELETE", "/v1/tokens/{token}") => Some("delete"),
+        _ => None,
+    }
+}
+
+fn outcome(status: u16) -> Option<&'static str> {
+    match status {
+        200..=299 => Some("success"),
+        400..=499 => Some("client_error"),
+        500..=599 => Some("server_error"),
+        _ => None,
+    }
+}
+
+/// Whether `s` is made of lower-case letters, digits (never more than two
+/// in a row: no number, let alone a card number, gets through) and the
+/// bytes of `extra`.
+fn vocabulary_word(s: &str, extra: &[u8]) -> bool {
+    let mut digits = 0;
+    s.bytes().all(|b| {
+        digits = if b.is_ascii_digit() { digits + 1 } else { 0 };
+        digits <= 2 && (b.is_ascii_lowercase() || b.is_ascii_digit() || extra.contains(&b))
+    })
+}
+
+/// A route pattern as given (`/v1/tokens/{token}`) or `<unmatched>`; a raw
+/// path, or anything else that cannot be a pattern of ours, is `other`.
+pub fn route_label(route: &str) -> &str {
+    let pattern = route.len() <= 64 && route.starts_with('/') && vocabulary_word(route, b"/-_{}");
+    if pattern || route == UNMATCHED_ROUTE {
+        route
+    } else {
+        OTHER
+    }
+}
+
+/// A fixed code (`api`, `unknown_key`, `no_certificate`): lower-case
+/// letters, underscores and short digit runs, at most 40 bytes; `other`
+/// otherwise.
+pub fn code_label(code: &str) -> &str {
+    if !code.is_empty() && code.len() <= 40 && vocabulary_word(code, b"_") {
+        code
+    } else {
+        OTHER
+    }
+}
+
+/// An HTTP method of the standard set; `other` otherwise.
+pub fn method_label(method: &str) -> &str {
+    match method {
+        "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "PATCH" | "OPTIONS" | "CONNECT" | "TRACE" => {
+            method
+        }
+        _ => OTHER,
+    }
+}
+
+fn gauge_value<T: TryInto<i64>>(value: T) -> i64 {
+    value.try_into().unwrap_or(i64::MAX)
 }
 
 impl std::fmt::Debug for Metrics {
@@ -91,7 +195,90 @@ impl Metrics {
         for scope in ["principal", "tenant", "source"] {
             rate_limited.with_label_values(&[scope]);
         }
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "http_requests_total",
+                "Responses by listener, method, route pattern (never the raw path) and status",
+            ),
+            &["listener", "method", "route", "status"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "Time from the request head to the response, by listener and route pattern",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["listener", "route"],
+        )?;
+        let card_operations = IntCounterVec::new(
+            Opts::new(
+                "card_operations_total",
+                "Card operations (tokenize, tokenize_batch, detokenize, metadata, delete) by outcome (success, client_error, server_error)",
+            ),
+            &["operation", "outcome"],
+        )?;
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "auth_failures_total",
+                "Failed authentications by listener and reason (the audit trail says who and from where)",
+            ),
+            &["listener", "reason"],
+        )?;
+        let tls_handshake_failures = IntCounterVec::new(
+            Opts::new(
+                "tls_handshake_failures_total",
+                "Failed TLS handshakes by listener and reason",
+            ),
+            &["listener", "reason"],
+        )?;
+        let audit_entries = IntGauge::new("audit_entries", "Entries in the audit chain")?;
+        let audit_checkpoint_size = IntGauge::new(
+            "audit_last_checkpoint_size",
+            "Tree size of the newest signed audit checkpoint (0: none yet)",
+        )?;
+        let audit_checkpoint_time = IntGauge::new(
+            "audit_last_checkpoint_timestamp_seconds",
+            "When the newest audit checkpoint was signed, Unix seconds (0: none yet)",
+        )?;
+        let key_age = IntGaugeVec::new(
+            Opts::new("key_age_seconds", "Age of each vault key version"),
+            &["purpose", "version"],
+        )?;
+        let pool_connections = IntGaugeVec::new(
+            Opts::new(
+                "db_pool_connections",
+                "Open storage connections: idle in the pool or in use",
+            ),
+            &["state"],
+        )?;
+        let pool_max = IntGauge::new(
+            "db_pool_max_connections",
+            "The most storage connections the pool opens",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(request_duration.clone()))?;
+        registry.register(Box::new(card_operations.clone()))?;
+        registry.register(Box::new(auth_failures.clone()))?;
+        registry.register(Box::new(tls_handshake_failures.clone()))?;
+        registry.register(Box::new(audit_entries.clone()))?;
+        registry.register(Box::new(audit_checkpoint_size.clone()))?;
+        registry.register(Box::new(audit_checkpoint_time.clone()))?;
+        registry.register(Box::new(key_age.clone()))?;
+        registry.register(Box::new(pool_connections.clone()))?;
+        registry.register(Box::new(pool_max.clone()))?;
         Ok(Self {
+            requests,
+            request_duration,
+            card_operations,
+            auth_failures,
+            tls_handshake_failures,
+            audit_entries,
+            audit_checkpoint_size,
+            audit_checkpoint_time,
+            last_checkpoint: Mutex::new(None),
+            key_age,
+            pool_connections,
+            pool_max,
             rate_limited,
             anomalies,
             source_blocks,
@@ -106,12 +293,57 @@ impl Metrics {
         })
     }
 
+    /// One response: counted by listener, method, route pattern and status,
+    /// its latency observed, and, for a card route, the operation counted by
+    /// outcome. `route` is the matched pattern or [`UNMATCHED_ROUTE`].
+    pub fn observe_request(
+        &self,
+        listener: &str,
+        method: &str,
+        route: &str,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        let listener = code_label(listener);
+        let method = method_label(method);
+        let route = route_label(route);
+        let status_text = status.to_string();
+        self.requests
+            .with_label_values(&[listener, method, route, &status_text])
+            .inc();
+        self.request_duration
+            .with_label_values(&[listener, route])
+            .observe(elapsed.as_secs_f64());
+        if let (Some(operation), Some(outcome)) = (card_operation(method, route), outcome(status)) {
+            self.card_operations
+                .with_label_values(&[operation, outcome])
+                .inc();
+        }
+    }
+
+    /// A failed authentication; `reason` is a fixed code
+    /// (`missing_credentials`, `unknown_key`, ...).
+    pub fn auth_failure(&self, listener: &str, reason: &str) {
+        self.auth_failures
+            .with_label_values(&[code_label(listener), code_label(reason)])
+            .inc();
+    }
+
+    /// A failed TLS handshake; `reason` is a fixed code (`unknown_ca`,
+    /// `expired`, `revoked`, `no_certificate`, `protocol`, ...).
+    pub fn tls_handshake_failure(&self, listener: &str, reason: &str) {
+        self.tls_handshake_failures
+            .with_label_values(&[code_label(listener), code_label(reason)])
+            .inc();
+    }
+
     /// Refresh from the vault and render the text format.
     pub async fn render(&self, state: &AppState) -> String {
         let vault = state.seal.vault();
         self.sealed.set(i64::from(vault.is_none()));
         self.key_records.reset();
         self.key_state.reset();
+        self.key_age.reset();
         if let Some(vault) = vault {
             match vault.key_status(state.crypto_periods).await {
                 Ok(status) => {
@@ -129,17 +361,83 @@ impl Metrics {
                         self.key_state
                             .with_label_values(&[k.purpose.as_str(), &version, k.state.as_str()])
                             .set(1);
+                        self.key_age
+                            .with_label_values(&labels)
+                            .set(gauge_value(k.age.as_secs()));
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "metrics: key status unavailable"),
             }
         }
         self.monitoring(state);
+        let store = state.seal.store().as_ref();
+        self.audit_trail(store).await;
+        self.pool(store);
+        self.encode()
+    }
+
+    fn encode(&self) -> String {
         let mut out = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
             tracing::error!(error = %e, "metrics: cannot encode");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// The audit trail's size and its newest checkpoint, from the store
+    /// (also while sealed). The newest checkpoint's size is a cheap MAX;
+    /// the list of checkpoints (for its time) is read only when that size
+    /// changed since the last scrape.
+    async fn audit_trail(&self, store: &dyn vault::store::Store) {
+        match store.audit_size().await {
+            Ok(size) => self.audit_entries.set(gauge_value(size)),
+            Err(e) => tracing::warn!(error = %e, "metrics: audit size unavailable"),
+        }
+        // Every checkpoint is signed before now (plus the second the
+        // store's bound rounds down).
+        let bound = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
+        let newest = match store.checkpoint_before(0, bound).await {
+            Ok(newest) => newest,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics: audit checkpoints unavailable");
+                return;
+            }
+        };
+        let known = *self
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let last = match (newest, known) {
+            (None, _) => None,
+            (Some(size), Some((known_size, at))) if size == known_size => Some((size, at)),
+            (Some(_), _) => match store.checkpoints().await {
+                Ok(all) => all
+                    .last()
+                    .map(|cp| (cp.tree_size, cp.time.unix_timestamp())),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: audit checkpoints unavailable");
+                    return;
+                }
+            },
+        };
+        *self
+            .last_checkpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = last;
+        let (size, at) = last.unwrap_or((0, 0));
+        self.audit_checkpoint_size.set(gauge_value(size));
+        self.audit_checkpoint_time.set(at);
+    }
+
+    fn pool(&self, store: &dyn vault::store::Store) {
+        let pool = store.pool_state();
+        self.pool_connections
+            .with_label_values(&["idle"])
+            .set(i64::from(pool.idle));
+        self.pool_connections
+            .with_label_values(&["in_use"])
+            .set(i64::from(pool.in_use()));
+        self.pool_max.set(i64::from(pool.max));
     }
 
     /// Counters of the monitors (kept as atomics there) brought up to date.
@@ -163,5 +461,164 @@ impl Metrics {
         catch_up(&self.source_blocks, state.sources.blocks());
         self.blocked_sources
             .set(i64::try_from(state.sources.blocked_now()).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The value of one sample line (`name{labels} value`) of the text.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    #[test]
+    fn requests_card_operations_and_failures_are_counted() {
+        let m = Metrics::new().unwrap();
+        let ms = Duration::from_millis;
+        m.observe_request("api", "POST", "/v1/tokens", 201, ms(3));
+        m.observe_request("api", "POST", "/v1/tokens", 200, ms(2));
+        m.observe_request("api", "POST", "/v1/tokens", 422, ms(1));
+        m.observe_request("api", "POST", "/v1/tokens/batch", 200, ms(40));
+        m.observe_request("reveal", "POST", "/v1/detokenize", 200, ms(5));
+        m.observe_request("api", "GET", "/v1/tokens/{token}", 404, ms(1));
+        m.observe_request("api", "DELETE", "/v1/tokens/{token}", 503, ms(7));
+        m.observe_request("admin", "GET", "/metrics", 200, Duration::from_micros(300));
+        m.observe_request("api", "GET", UNMATCHED_ROUTE, 404, ms(20_000));
+        m.auth_failure("api", "unknown_key");
+        m.auth_failure("api", "unknown_key");
+        m.auth_failure("reveal", "missing_credentials");
+        m.tls_handshake_failure("admin", "unknown_ca");
+        let text = m.encode();
+
+        let count = |series: &str| {
+            sample(&text, series).unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+        };
+        assert_eq!(
+            count(
+                r#"cardvault_http_requests_total{listener="api",method="POST",route="/v1/tokens",status="201"}"#
+            ),
+            1.0
+        );
+        assert_eq!(
+            count(
+                r#"cardvault_http_requests_total{listener="api",method="GET",route="<unmatched>",status="404"}"#
+            ),
+            1.0
+        );
+        assert_eq!(
+            count(
+                r#"cardvault_http_request_duration_seconds_count{listener="api",route="/v1/tokens"}"#
+            ),
+            3.0
+        );
+        assert_eq!(
+            count(
+                r#"cardvault_http_request_duration_seconds_bucket{listener="admin",route="/metrics",le="0.0005"}"#
+            ),
+            1.0
+        );
+        // 20 s is beyond the last bucket (10 s): only +Inf holds it.
+        assert_eq!(
+            count(
+                r#"cardvault_http_request_duration_seconds_bucket{listener="api",route="<unmatched>",le="10"}"#
+            ),
+            0.0
+        );
+        assert_eq!(
+            count(
+                r#"cardvault_http_request_duration_seconds_bucket{listener="api",route="<unmatched>",le="+Inf"}"#
+            ),
+            1.0
+        );
+        for (operation, outcome, n) in [
+            ("tokenize", "success", 2.0),
+            ("tokenize", "client_error", 1.0),
+            ("tokenize_batch", "success", 1.0),
+            ("detokenize", "success", 1.0),
+            ("metadata", "client_error", 1.0),
+            ("delete", "server_error", 1.0),
+        ] {
+            assert_eq!(
+                count(&format!(
+                    r#"cardvault_card_operations_total{{operation="{operation}",outcome="{outcome}"}}"#
+                )),
+                n,
+                "{operation} {outcome}"
+            );
+        }
+        // /metrics and unmatched routes are no card operation.
+        assert_eq!(
+            text.matches("cardvault_card_operations_total{").count(),
+            6,
+            "{text}"
+        );
+        assert_eq!(
+            count(r#"cardvault_auth_failures_total{listener="api",reason="unknown_key"}"#),
+            2.0
+        );
+        assert_eq!(
+            count(
+                r#"cardvault_auth_failures_total{listener="reveal",reason="missing_credentials"}"#
+            ),
+            1.0
+        );
+        assert_eq!(
+            count(
+                r#"cardvault_tls_handshake_failures_total{listener="admin",reason="unknown_ca"}"#
+            ),
+            1.0
+        );
+    }
+
+    #[test]
+    fn labels_outside_their_vocabulary_are_other() {
+        // Well-known test card numbers only (shared/test-cards.md).
+        let pan = "4111111111111111";
+        let m = Metrics::new().unwrap();
+        m.observe_request(
+            "api",
+            "GET",
+            &format!("/v1/tokens/{pan}"),
+            404,
+            Duration::ZERO,
+        );
+        m.observe_request("api", "GET", "/v1/tokens/tok_0123abcd", 404, Duration::ZERO);
+        m.observe_request(pan, "BREW", "/v1/tokens", 404, Duration::ZERO);
+        m.auth_failure("api", &format!("pan {pan}"));
+        m.auth_failure("api", "Shop-42");
+        m.tls_handshake_failure("admin", "CN=checkout.example");
+        let text = m.encode();
+        for secret in [pan, "tok_", "0123", "Shop-42", "checkout", "BREW", "411"] {
+            assert!(!text.contains(secret), "{secret} in:\n{text}");
+        }
+        assert!(text.contains(r#"route="other""#), "{text}");
+        assert!(text.contains(r#"cardvault_http_requests_total{listener="other",method="other",route="/v1/tokens",status="404"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"cardvault_auth_failures_total{listener="api",reason="other"} 2"#),
+            "{text}"
+        );
+
+        assert_eq!(
+            route_label("/v1/admin/keys/{purpose}/{version}/retire"),
+            "/v1/admin/keys/{purpose}/{version}/retire"
+        );
+        assert_eq!(
+            route_label("/v1/admin/seal-status"),
+            "/v1/admin/seal-status"
+        );
+        assert_eq!(
+            route_label("/v1/admin/keys/dek/1/retire"),
+            "/v1/admin/keys/dek/1/retire"
+        );
+        assert_eq!(route_label("/v1/admin/keys/dek/123/retire"), "other");
+        assert_eq!(route_label("v1/tokens"), "other");
+        assert_eq!(code_label("no_certificate"), "no_certificate");
+        assert_eq!(code_label(""), "other");
+        assert_eq!(method_label("DELETE"), "DELETE");
     }
 }
