@@ -38,6 +38,19 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     init_logging(&settings.log_level);
+    // Before any key or card number is in memory.
+    match crate::hardening::harden(settings.dev) {
+        Ok(report) => {
+            tracing::info!("{report}");
+            if let Some(warning) = report.warning() {
+                tracing::warn!("{warning}");
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "start-up refused");
+            return fail(e);
+        }
+    }
     if settings.dev {
         tracing::warn!("==================================================================");
         tracing::warn!("DEV MODE (--dev): INSECURE, NOT A PRODUCTION SETUP.");
