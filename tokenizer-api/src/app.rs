@@ -23,8 +23,6 @@ use vault::Vault;
 
 use crate::config::Settings;
 use crate::listeners::{Connection, ListenerKind};
-#[allow(unused_imports)]
-use crate::metrics_hooks::MetricsHooks as _;
 use crate::routes::{self, AppState, RequestId};
 use crate::seal::{SealControl, UnsealError};
 

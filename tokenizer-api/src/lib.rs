@@ -22,7 +22,6 @@ pub mod hardening;
 pub mod limits;
 pub mod listeners;
 pub mod metrics;
-pub mod metrics_hooks;
 pub mod routes;
 pub mod seal;
 pub mod tls;

@@ -31,8 +31,6 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-#[allow(unused_imports)]
-use crate::metrics_hooks::MetricsHooks as _;
 use crate::routes::AppState;
 use crate::tls::{ClientCerts, ClientIdentity, ReloadableTls};
 

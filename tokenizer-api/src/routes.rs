@@ -21,8 +21,6 @@ use zeroize::Zeroizing;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::listeners::{AuthMode, Connection, ListenerKind};
-#[allow(unused_imports)]
-use crate::metrics_hooks::MetricsHooks as _;
 use crate::seal::SealControl;
 
 /// Shared state of every worker.
