@@ -1906,7 +1906,10 @@ impl Client {
     /// A client of a service's listeners: each path goes to the listener
     /// that serves it, over TLS when the service has a CA.
     pub fn for_endpoints(endpoints: &Endpoints, authorization: Option<String>) -> Client {
-        let tls = endpoints.ca.as_deref().map(|ca| tls_client_config(ca, None));
+        let tls = endpoints
+            .ca
+            .as_deref()
+            .map(|ca| tls_client_config(ca, None));
         Client::build(endpoints.clone(), tls, authorization)
     }
 
@@ -3267,7 +3270,10 @@ pub fn harness_pki_dir(data_dir: &Path) -> PathBuf {
 pub fn ensure_harness_pki(data_dir: &Path, captured: &Captured) {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    if !harness_pki_dir(data_dir).join("client-key_admin.key").exists() {
+    if !harness_pki_dir(data_dir)
+        .join("client-key_admin.key")
+        .exists()
+    {
         make_harness_pki(data_dir, captured);
     }
 }
@@ -3280,8 +3286,16 @@ pub fn make_harness_pki(data_dir: &Path, captured: &Captured) {
     let mut cmd = tokenizer_command();
     cmd.arg("dev-pki").arg("--out").arg(&dir);
     let output = wait_with_timeout(cmd, CLI_TIMEOUT, &["dev-pki"]);
-    captured.stdout.lock().unwrap().extend_from_slice(&output.stdout);
-    captured.stderr.lock().unwrap().extend_from_slice(&output.stderr);
+    captured
+        .stdout
+        .lock()
+        .unwrap()
+        .extend_from_slice(&output.stdout);
+    captured
+        .stderr
+        .lock()
+        .unwrap()
+        .extend_from_slice(&output.stderr);
     assert!(
         output.status.success(),
         "`tokenizer dev-pki` failed: {}",

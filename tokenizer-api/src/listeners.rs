@@ -317,6 +317,9 @@ impl Acceptor {
     }
 }
 
+/// A bound listener: its kind and address.
+pub type Bound = (ListenerKind, SocketAddr);
+
 /// Bind every listener and build the server (not yet running). Returns the
 /// bound addresses in the order of `specs`.
 pub fn build_server(
@@ -324,7 +327,7 @@ pub fn build_server(
     tls: Option<Arc<ReloadableTls>>,
     state: web::Data<AppState>,
     limits: Limits,
-) -> Result<(actix_server::Server, Vec<(ListenerKind, SocketAddr)>), (SocketAddr, io::Error)> {
+) -> Result<(actix_server::Server, Vec<Bound>), (SocketAddr, io::Error)> {
     let mut builder = actix_server::Server::build()
         .shutdown_timeout(10)
         .backlog(1024);

@@ -174,7 +174,7 @@ fn keyring_backend_starts_sealed_and_needs_k_custodians() {
     let destroy = |id: &str| {
         let mut cmd = tokenizer_command();
         cmd.args(["keys", "destroy", "--kek", id, "--url", &svc.base_url()])
-        .envs(svc.admin_env())
+            .envs(svc.admin_env())
             .env("TOKENIZER_API_KEY", &admin_key);
         run_with_stdin(cmd, "")
     };

@@ -116,7 +116,12 @@ fn each_route_is_served_on_its_listener_only() {
         (&api, "POST", "/v1/admin/seal"),
     ] {
         let resp = if method == "POST" {
-            client.send_raw(method, path, Some("application/json"), br#"{"token":"x","reason":"y"}"#)
+            client.send_raw(
+                method,
+                path,
+                Some("application/json"),
+                br#"{"token":"x","reason":"y"}"#,
+            )
         } else {
             client.send(method, path)
         };
@@ -165,7 +170,12 @@ fn client_certificates_authenticate_as_their_principals() {
     );
     // A valid certificate no principal is bound to.
     let (cert, key) = cert_of(&svc, "auditor");
-    let unbound = anonymous.with_client_cert(&cert, &key).tokenize(TENANT, "4111111111111111", 12, exp_year());
+    let unbound = anonymous.with_client_cert(&cert, &key).tokenize(
+        TENANT,
+        "4111111111111111",
+        12,
+        exp_year(),
+    );
     assert_eq!(
         (unbound.status, unbound.error_code()),
         (401, Some("unauthenticated")),
@@ -183,14 +193,24 @@ fn client_certificates_authenticate_as_their_principals() {
 
     // No certificate at all: the mTLS listener refuses the handshake (an
     // API key does not help), and the refusal is audited.
-    let api_key = bind(&svc, "keyholder", "tokenize", "spiffe://cardvault.dev/keyholder");
-    let without_cert = svc
-        .client(&api_key)
-        .try_tokenize(TENANT, "4111111111111111", 12, exp_year());
-    assert!(without_cert.is_err(), "no certificate, no handshake: {without_cert:?}");
+    let api_key = bind(
+        &svc,
+        "keyholder",
+        "tokenize",
+        "spiffe://cardvault.dev/keyholder",
+    );
+    let without_cert =
+        svc.client(&api_key)
+            .try_tokenize(TENANT, "4111111111111111", 12, exp_year());
+    assert!(
+        without_cert.is_err(),
+        "no certificate, no handshake: {without_cert:?}"
+    );
     let refused = wait_for_refusals(&svc, 1);
     assert!(
-        refused.iter().any(|d| d.starts_with("client_certificate_refused: no_certificate")),
+        refused
+            .iter()
+            .any(|d| d.starts_with("client_certificate_refused: no_certificate")),
         "{refused:?}"
     );
 }
@@ -213,11 +233,17 @@ fn certificate_and_key_together_must_name_one_principal() {
     assert_eq!(both.status, 201, "{both}");
     for (what, authorization) in [
         ("the certificate alone", None),
-        ("another principal's key", Some(format!("Bearer {other_key}"))),
+        (
+            "another principal's key",
+            Some(format!("Bearer {other_key}")),
+        ),
     ] {
-        let resp = with_cert
-            .with_authorization(authorization)
-            .tokenize(TENANT, "4111111111111111", 12, exp_year());
+        let resp = with_cert.with_authorization(authorization).tokenize(
+            TENANT,
+            "4111111111111111",
+            12,
+            exp_year(),
+        );
         assert_eq!(
             (resp.status, resp.error_code()),
             (401, Some("unauthenticated")),
@@ -256,7 +282,10 @@ fn signed_client_cert(
     params.serial_number = Some(rcgen::SerialNumber::from(serial));
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     let cert = params.signed_by(&key, &issuer).unwrap();
-    let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+    let (c, k) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
     fs::write(&c, cert.pem()).unwrap();
     fs::write(&k, key.serialize_pem()).unwrap();
     (c, k)
@@ -315,10 +344,7 @@ fn wrong_ca_expired_and_revoked_certificates_are_refused_at_the_handshake_and_au
             dir.path(),
             Options {
                 client_ca: true,
-                extra_args: vec![
-                    "--tls-client-crl-file".into(),
-                    crl.display().to_string(),
-                ],
+                extra_args: vec!["--tls-client-crl-file".into(), crl.display().to_string()],
                 ..Options::default()
             },
         )
@@ -327,9 +353,12 @@ fn wrong_ca_expired_and_revoked_certificates_are_refused_at_the_handshake_and_au
 
     let anonymous = svc.anonymous();
     let (good_cert, good_key) = signed_client_cert(&svc, scratch.path(), "good", -1, 30, 0x600d);
-    let ok = anonymous
-        .with_client_cert(&good_cert, &good_key)
-        .tokenize(TENANT, "4111111111111111", 12, exp_year());
+    let ok = anonymous.with_client_cert(&good_cert, &good_key).tokenize(
+        TENANT,
+        "4111111111111111",
+        12,
+        exp_year(),
+    );
     assert_eq!(ok.status, 201, "a valid certificate of the CA works: {ok}");
 
     // Another CA's certificate for the same identity.
@@ -340,18 +369,30 @@ fn wrong_ca_expired_and_revoked_certificates_are_refused_at_the_handshake_and_au
         .output()
         .unwrap();
     assert!(out.status.success());
-    let (expired_cert, expired_key) = signed_client_cert(&svc, scratch.path(), "expired", -30, -1, 0x0e);
-    let (revoked_cert, revoked_key) = signed_client_cert(&svc, scratch.path(), "revoked", -1, 30, 0x0bad);
+    let (expired_cert, expired_key) =
+        signed_client_cert(&svc, scratch.path(), "expired", -30, -1, 0x0e);
+    let (revoked_cert, revoked_key) =
+        signed_client_cert(&svc, scratch.path(), "revoked", -1, 30, 0x0bad);
     let cases = [
-        ("unknown_ca", other.join("client-tokenize.pem"), other.join("client-tokenize.key")),
+        (
+            "unknown_ca",
+            other.join("client-tokenize.pem"),
+            other.join("client-tokenize.key"),
+        ),
         ("expired", expired_cert, expired_key),
         ("revoked", revoked_cert, revoked_key),
     ];
     for (i, (reason, cert, key)) in cases.iter().enumerate() {
-        let refused = anonymous
-            .with_client_cert(cert, key)
-            .try_tokenize(TENANT, "4111111111111111", 12, exp_year());
-        assert!(refused.is_err(), "{reason}: the handshake must fail: {refused:?}");
+        let refused = anonymous.with_client_cert(cert, key).try_tokenize(
+            TENANT,
+            "4111111111111111",
+            12,
+            exp_year(),
+        );
+        assert!(
+            refused.is_err(),
+            "{reason}: the handshake must fail: {refused:?}"
+        );
         let audited = wait_for_refusals(&svc, i + 1);
         assert!(
             audited
@@ -364,7 +405,10 @@ fn wrong_ca_expired_and_revoked_certificates_are_refused_at_the_handshake_and_au
     let sources = svc.sql_strings(
         "SELECT source FROM audit_events WHERE detail LIKE 'client_certificate_refused%'",
     );
-    assert!(sources.iter().all(|s| s.starts_with("127.0.0.1:")), "{sources:?}");
+    assert!(
+        sources.iter().all(|s| s.starts_with("127.0.0.1:")),
+        "{sources:?}"
+    );
     // Nothing was tokenized by the refused clients.
     assert_eq!(svc.sql_i64("SELECT COUNT(*) FROM cards"), 1);
 }
@@ -374,7 +418,16 @@ fn wrong_ca_expired_and_revoked_certificates_are_refused_at_the_handshake_and_au
 fn curl_answers(svc: &Service, extra: &[&str]) -> bool {
     let ca = svc.endpoints().ca.clone().unwrap();
     let out = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "10", "--cacert"])
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-m",
+            "10",
+            "--cacert",
+        ])
         .arg(&ca)
         .args(extra)
         .arg(format!("https://{}/healthz", svc.addr()))
@@ -388,12 +441,33 @@ fn only_tls_12_and_13_with_aead_suites_are_accepted() {
     let svc = Service::start();
     assert!(curl_answers(&svc, &["--tlsv1.3"]), "TLS 1.3");
     assert!(
-        curl_answers(&svc, &["--tlsv1.2", "--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-AES128-GCM-SHA256"]),
+        curl_answers(
+            &svc,
+            &[
+                "--tlsv1.2",
+                "--tls-max",
+                "1.2",
+                "--ciphers",
+                "ECDHE-ECDSA-AES128-GCM-SHA256"
+            ]
+        ),
         "TLS 1.2 with ECDHE and AES-GCM"
     );
-    assert!(!curl_answers(&svc, &["--tlsv1", "--tls-max", "1.1"]), "TLS 1.0/1.1 refused");
     assert!(
-        !curl_answers(&svc, &["--tlsv1.2", "--tls-max", "1.2", "--ciphers", "ECDHE-ECDSA-AES128-SHA256:AES128-SHA"]),
+        !curl_answers(&svc, &["--tlsv1", "--tls-max", "1.1"]),
+        "TLS 1.0/1.1 refused"
+    );
+    assert!(
+        !curl_answers(
+            &svc,
+            &[
+                "--tlsv1.2",
+                "--tls-max",
+                "1.2",
+                "--ciphers",
+                "ECDHE-ECDSA-AES128-SHA256:AES128-SHA"
+            ]
+        ),
         "CBC suites refused"
     );
     // Plain HTTP on a TLS listener gets no HTTP answer.
@@ -425,7 +499,9 @@ fn sighup_reloads_the_server_certificate_without_a_restart() {
     let key = svc.create_principal("reload", &["tokenize"], &["*"]);
     let before = svc.client(&key);
     assert_eq!(
-        before.tokenize(TENANT, "4111111111111111", 12, exp_year()).status,
+        before
+            .tokenize(TENANT, "4111111111111111", 12, exp_year())
+            .status,
         201
     );
     // A new PKI; its server certificate and key replace the files in place.
@@ -441,7 +517,11 @@ fn sighup_reloads_the_server_certificate_without_a_restart() {
         fs::write(pki(&svc).join(file), fs::read(next.join(file)).unwrap()).unwrap();
     }
     let pid = svc.pid().unwrap().to_string();
-    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
     // New handshakes present the new certificate: a client trusting only
     // the new CA gets in, one trusting only the old CA does not.
     let endpoints = Endpoints {
@@ -460,12 +540,21 @@ fn sighup_reloads_the_server_certificate_without_a_restart() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let old = svc.client(&key).try_tokenize(TENANT, "4111111111111111", 12, exp_year());
-    assert!(old.is_err(), "the old CA no longer verifies the server: {old:?}");
+    let old = svc
+        .client(&key)
+        .try_tokenize(TENANT, "4111111111111111", 12, exp_year());
+    assert!(
+        old.is_err(),
+        "the old CA no longer verifies the server: {old:?}"
+    );
     assert!(svc.stderr().contains("TLS material reloaded"));
     // A broken file on reload leaves the current material in use.
     fs::write(pki(&svc).join("server.pem"), "not a certificate").unwrap();
-    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
     std::thread::sleep(Duration::from_millis(500));
     let still = after.tokenize(TENANT, "4111111111111111", 12, exp_year());
     assert_eq!(still.status, 200, "{still}");
