@@ -6,8 +6,10 @@
 //! reads that function's source (`include_str!`) and fails when it names a
 //! method and path the table lacks (or the table names one it does not
 //! serve), so adding an endpoint without deciding who may call it fails
-//! here. Each route of the source is also probed on the running service
-//! (anything but 404 `not_found` means it is served).
+//! here. Each route of the source is also probed on every listener of the
+//! running service: served (anything but 404 `not_found`) on the listener
+//! its row names (`API`, `REVEAL`, `ADMIN`, or `ALL`), 404 on the others,
+//! so moving a route to another listener fails here too.
 //!
 //! `POST /v1/admin/seal` seals the service: its cells run last.
 
@@ -303,27 +305,79 @@ fn authorization_matrix() {
 #[test]
 fn every_route_in_the_source_is_served() {
     let svc = Service::start();
-    let anon = svc.anonymous();
-    let mut unserved = Vec::new();
-    for (method, path) in served_routes(include_str!("../../../tokenizer-api/src/routes.rs")) {
+    let source = include_str!("../../../tokenizer-api/src/routes.rs");
+    let homes = route_homes(source);
+    let mut wrong = Vec::new();
+    let mut probes = 0;
+    for (method, path) in served_routes(source) {
+        let home = homes
+            .iter()
+            .find(|(p, _)| *p == path)
+            .map(|(_, h)| h.clone())
+            .unwrap_or_else(|| panic!("no listener read for {path}"));
         let path = path
             .replace("{token}", "tok_AAAAAAAAAAAAAAAAAAAAAA")
             .replace("{purpose}/{version}", "dek/1");
-        let resp = if method == "POST" {
-            anon.send_raw(&method, &path, Some("application/json"), b"{}")
-        } else {
-            anon.send(&method, &path)
-        };
-        if resp.status == 404 && resp.error_code() == Some("not_found") {
-            unserved.push(format!("{method} {path}: {resp}"));
+        // Each route on each listener: served on its own (anything but 404
+        // `not_found`), 404 `not_found` on the others.
+        for listener in ["api", "reveal", "admin"] {
+            probes += 1;
+            let endpoints = e2e::Endpoints {
+                listeners: vec![(
+                    "dev".to_string(),
+                    svc.listener(listener).unwrap().to_string(),
+                )],
+                ca: svc.endpoints().ca.clone(),
+            };
+            let anon = Client::for_endpoints(&endpoints, None);
+            let resp = if method == "POST" {
+                anon.send_raw(&method, &path, Some("application/json"), b"{}")
+            } else {
+                anon.send(&method, &path)
+            };
+            let not_found = resp.status == 404 && resp.error_code() == Some("not_found");
+            let at_home = home == "ALL" || home.eq_ignore_ascii_case(listener);
+            if at_home == not_found {
+                wrong.push(format!(
+                    "{method} {path} on {listener} (home {home}): {resp}"
+                ));
+            }
         }
     }
     // A path nobody serves is 404, so the probe can tell.
-    let nothing = anon.get("/v1/no-such-route");
+    let nothing = svc.anonymous().get("/v1/no-such-route");
     assert_eq!(nothing.status, 404, "{nothing}");
+    crate::report(&format!("authz: {probes} route x listener probes"));
     assert!(
-        unserved.is_empty(),
-        "routes in configure() the binary does not serve (stale binary?):\n{}",
-        unserved.join("\n")
+        wrong.is_empty(),
+        "routes served on the wrong listener, or not served on their own (stale binary?):\n{}",
+        wrong.join("\n")
     );
+}
+
+/// The home listener constant (`ALL`, `API`, `REVEAL`, `ADMIN`) of each
+/// path literal in `configure_for`'s table: the identifier that opens its
+/// row.
+fn route_homes(source: &str) -> Vec<(String, String)> {
+    let start = source
+        .find("pub fn configure_for(")
+        .expect("routes.rs has `pub fn configure_for(`");
+    let body = &source[start..];
+    let body = &body[..body.find("\n}\n").expect("configure_for() ends")];
+    let mut homes = Vec::new();
+    for row in body.split('(').skip(1) {
+        let row = row.trim_start();
+        let Some((home, rest)) = row.split_once(',') else {
+            continue;
+        };
+        if !["ALL", "API", "REVEAL", "ADMIN"].contains(&home.trim()) {
+            continue;
+        }
+        if let Some(path) = rest.trim_start().strip_prefix('"') {
+            let path = &path[..path.find('"').expect("a closed path literal")];
+            homes.push((path.to_string(), home.trim().to_string()));
+        }
+    }
+    assert!(homes.len() >= 10, "suspiciously few rows read: {homes:?}");
+    homes
 }
