@@ -27,12 +27,16 @@ mod errors;
 mod failclosed;
 #[path = "e2e/faults.rs"]
 mod faults;
+#[path = "e2e/hardening.rs"]
+mod hardening;
 #[path = "e2e/hostile.rs"]
 mod hostile;
 #[path = "e2e/leaks.rs"]
 mod leaks;
 #[path = "e2e/lifecycle.rs"]
 mod lifecycle;
+#[path = "e2e/metrics.rs"]
+mod metrics;
 #[path = "e2e/monitoring.rs"]
 mod monitoring;
 #[path = "e2e/multi_instance.rs"]
