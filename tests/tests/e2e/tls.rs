@@ -559,3 +559,73 @@ fn sighup_reloads_the_server_certificate_without_a_restart() {
     let still = after.tokenize(TENANT, "4111111111111111", 12, exp_year());
     assert_eq!(still.status, 200, "{still}");
 }
+
+#[test]
+fn dev_mode_serves_tls_with_a_client_certificate_per_role() {
+    let svc = Service::start_with(Options::dev());
+    assert_eq!(svc.endpoints().scheme(), "https");
+    let dir = svc.data_dir().join("dev-tls");
+    let anonymous = svc.anonymous();
+    let as_role = |role: &str| {
+        anonymous.with_client_cert(
+            &dir.join(format!("client-{role}.pem")),
+            &dir.join(format!("client-{role}.key")),
+        )
+    };
+    // Each dev certificate is bound to a principal of its role.
+    let created = as_role("tokenize").tokenize(TENANT, "4111111111111111", 12, exp_year());
+    assert_eq!(created.status, 201, "{created}");
+    let token = created.str("token");
+    let revealed = as_role("detokenize").detokenize(&token, REASON);
+    assert_eq!(revealed.status, 200, "{revealed}");
+    assert_eq!(revealed.str("pan"), "4111111111111111");
+    let denied = as_role("auditor").detokenize(&token, REASON);
+    assert_eq!(denied.status, 403, "{denied}");
+    // Without a certificate the dev listener still takes an API key.
+    assert_eq!(anonymous.get("/healthz").status, 200);
+    assert_eq!(
+        anonymous
+            .tokenize(TENANT, "4111111111111111", 12, exp_year())
+            .status,
+        401
+    );
+    // The dev CA key never leaves the data dir; keys are private.
+    use std::os::unix::fs::PermissionsExt as _;
+    for key in ["ca.key", "server.key", "client-tokenize.key"] {
+        let mode = fs::metadata(dir.join(key)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    assert!(
+        svc.stdout().contains("--cert"),
+        "the dev example shows mTLS"
+    );
+}
+
+#[test]
+fn each_listener_holds_at_most_max_connections() {
+    let svc = Service::start_with(Options {
+        extra_args: vec!["--max-connections".into(), "3".into()],
+        ..Options::default()
+    });
+    let api = svc.listener("api").unwrap().to_string();
+    let tls = e2e::tls_for_addr(&api);
+    let held: Vec<e2e::Wire> = (0..3)
+        .map(|_| e2e::Wire::connect(&api, tls.clone()))
+        .collect();
+    // The fourth is closed at once (no handshake) ...
+    let fourth = e2e::Wire::try_connect(&api, tls.clone());
+    assert!(
+        fourth.is_err(),
+        "a fourth connection on a full listener: {fourth:?}"
+    );
+    // ... while the other listeners have their own room.
+    let admin = svc.anonymous();
+    assert_eq!(admin.get("/readyz").status, 200);
+    // Closing one frees its slot.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while e2e::Wire::try_connect(&api, tls.clone()).is_err() {
+        assert!(Instant::now() < deadline, "slots were not freed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
