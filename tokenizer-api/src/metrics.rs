@@ -385,40 +385,18 @@ impl Metrics {
     }
 
     /// The audit trail's size and its newest checkpoint, from the store
-    /// (also while sealed). The newest checkpoint's size is a cheap MAX;
-    /// the list of checkpoints (for its time) is read only when that size
-    /// changed since the last scrape.
+    /// (also while sealed): two one-row reads.
     async fn audit_trail(&self, store: &dyn vault::store::Store) {
         match store.audit_size().await {
             Ok(size) => self.audit_entries.set(gauge_value(size)),
             Err(e) => tracing::warn!(error = %e, "metrics: audit size unavailable"),
         }
-        // Every checkpoint is signed before now (plus the second the
-        // store's bound rounds down).
-        let bound = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
-        let newest = match store.checkpoint_before(0, bound).await {
-            Ok(newest) => newest,
+        let last = match store.last_checkpoint().await {
+            Ok(cp) => cp.map(|cp| (cp.tree_size, cp.time.unix_timestamp())),
             Err(e) => {
                 tracing::warn!(error = %e, "metrics: audit checkpoints unavailable");
                 return;
             }
-        };
-        let known = *self
-            .last_checkpoint
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let last = match (newest, known) {
-            (None, _) => None,
-            (Some(size), Some((known_size, at))) if size == known_size => Some((size, at)),
-            (Some(_), _) => match store.checkpoints().await {
-                Ok(all) => all
-                    .last()
-                    .map(|cp| (cp.tree_size, cp.time.unix_timestamp())),
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics: audit checkpoints unavailable");
-                    return;
-                }
-            },
         };
         *self
             .last_checkpoint

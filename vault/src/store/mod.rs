@@ -328,6 +328,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn audit_size(&self) -> Result<u64, StoreError>;
     /// Every signed checkpoint, smallest tree first.
     async fn checkpoints(&self) -> Result<Vec<audit::Checkpoint>, StoreError>;
+    /// The newest signed checkpoint (one row, for the metrics).
+    async fn last_checkpoint(&self) -> Result<Option<audit::Checkpoint>, StoreError>;
     /// Sign and store a checkpoint of the chain as it is now, unless the
     /// newest checkpoint already covers it.
     async fn write_checkpoint(

@@ -875,6 +875,18 @@ macro_rules! sql_store {
                 .await
             }
 
+            async fn last_checkpoint(&self) -> Result<Option<audit::Checkpoint>, $crate::store::StoreError> {
+                self.bounded(async {
+                    let row = sqlx::query(&format!(
+                        "SELECT {CHECKPOINT_COLUMNS} FROM audit_checkpoints ORDER BY tree_size DESC LIMIT 1"
+                    ))
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    row.as_ref().map(checkpoint_from_row).transpose()
+                })
+                .await
+            }
+
             async fn write_checkpoint(&self, key: &audit::SigningKey) -> Result<Option<audit::Checkpoint>, $crate::store::StoreError> {
                 self.bounded(async {
                     let mut tx = self.pool.begin().await?;

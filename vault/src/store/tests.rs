@@ -668,6 +668,12 @@ async fn audit_chain_verifies_and_exposes_tampering() {
         assert_eq!(entries.len(), 35, "{}", b.name());
         let checkpoints = s.checkpoints().await.unwrap();
         assert_eq!(checkpoints.len(), 2);
+        assert_eq!(
+            s.last_checkpoint().await.unwrap().as_ref(),
+            checkpoints.last(),
+            "{}",
+            b.name()
+        );
         let report = audit::verify_trail(&entries, checkpoints.clone(), &key.verifying_key())
             .unwrap_or_else(|f| panic!("{}: {f}", b.name()));
         assert_eq!(report.entries, 35);
