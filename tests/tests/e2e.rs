@@ -19,8 +19,12 @@ mod auth;
 mod authz;
 #[path = "e2e/batch.rs"]
 mod batch;
+#[path = "e2e/card_lifecycle.rs"]
+mod card_lifecycle;
 #[path = "e2e/concurrency.rs"]
 mod concurrency;
+#[path = "e2e/cvc.rs"]
+mod cvc;
 #[path = "e2e/errors.rs"]
 mod errors;
 #[path = "e2e/failclosed.rs"]
@@ -43,6 +47,8 @@ mod monitoring;
 mod multi_instance;
 #[path = "e2e/outage.rs"]
 mod outage;
+#[path = "e2e/pan_shaped.rs"]
+mod pan_shaped;
 #[path = "e2e/roles.rs"]
 mod roles;
 #[path = "e2e/rotation.rs"]
