@@ -393,3 +393,70 @@ fn a_nearly_exhausted_token_space_is_refused_not_looped() {
     expect_status(&resp, 201);
     check_pan_shaped(&resp.json, &elsewhere);
 }
+
+/// The same tiny space filled by four clients at once (three tenants each):
+/// a token drawn by two requests at the same time is drawn again, never
+/// given twice nor answered with an error other than 409
+/// `token_space_exhausted`.
+#[test]
+fn concurrent_requests_in_a_tiny_space_never_share_a_token() {
+    let svc = Service::start();
+    let client = admin(&svc);
+    let pans = one_space_pans();
+    let tenants: Vec<String> = (0..12).map(|i| format!("shop-race-{i:02}")).collect();
+    for tenant in &tenants {
+        allow_pan_shaped(&svc, tenant);
+    }
+    let results: Vec<(u16, Option<String>, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = tenants
+            .chunks(3)
+            .map(|mine| {
+                let client = client.clone();
+                let pans = &pans;
+                scope.spawn(move || {
+                    let mut out = Vec::new();
+                    for tenant in mine {
+                        for pan in pans {
+                            let resp = tokenize_as(&client, tenant, pan, "pan_shaped");
+                            let token =
+                                (resp.status == 201).then(|| check_pan_shaped(&resp.json, pan));
+                            out.push((resp.status, token, resp.text));
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let mut issued = HashSet::new();
+    let mut refused = 0;
+    for (status, token, text) in &results {
+        match (status, token) {
+            (201, Some(token)) => assert!(issued.insert(token.clone()), "a token issued twice"),
+            (409, _) => {
+                assert!(text.contains("token_space_exhausted"), "{text}");
+                refused += 1;
+            }
+            _ => panic!("unexpected answer while racing for the space: {status} {text}"),
+        }
+    }
+    crate::report(&format!(
+        "pan_shaped race: {} issued of 90, {refused} refused ({})",
+        issued.len(),
+        svc.backend().name()
+    ));
+    assert!(
+        issued.len() <= 90 && refused > 0,
+        "{} issued, {refused} refused",
+        issued.len()
+    );
+    assert_eq!(
+        svc.sql_i64("SELECT COUNT(*) FROM cards"),
+        issued.len() as i64,
+        "stored cards and issued tokens differ"
+    );
+}
