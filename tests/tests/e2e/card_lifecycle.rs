@@ -242,6 +242,7 @@ fn patch_updates_expiry_and_name_and_refuses_the_rest() {
     assert_eq!(clear.json["cardholder_name"], "Bo Both", "{clear}");
     assert_eq!(clear.json["pan"], pan.as_str());
 
+    let other = svc.principal_client("patch-other", &["tokenize"], &["shop-other"]);
     let stored = svc.dump_data();
     let last_year_month = if now_month == 1 {
         (12, now_year - 1)
@@ -343,7 +344,6 @@ fn patch_updates_expiry_and_name_and_refuses_the_rest() {
         &[],
     );
     // Another tenant's token: 404 to a principal of another tenant.
-    let other = svc.principal_client("patch-other", &["tokenize"], &["shop-other"]);
     expect_error(
         &patch(&other, &token, &json!({"cardholder_name": "Mallory"})),
         404,
