@@ -396,11 +396,12 @@ fn column_names(svc: &Service) -> Vec<String> {
 /// The length of a card's sealed record.
 fn ciphertext_len(svc: &Service, token: &str) -> i64 {
     let f = match svc.backend() {
-        Backend::Postgres => "octet_length",
-        Backend::Sqlite => "length",
+        // PostgreSQL's octet_length is an INT4; the harness reads INT8.
+        Backend::Postgres => "CAST(octet_length(ciphertext) AS BIGINT)",
+        Backend::Sqlite => "length(ciphertext)",
     };
     svc.sql_i64(&format!(
-        "SELECT {f}(ciphertext) FROM cards WHERE token = '{}'",
+        "SELECT {f} FROM cards WHERE token = '{}'",
         token.replace('\'', "''")
     ))
 }
