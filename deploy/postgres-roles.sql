@@ -14,6 +14,7 @@
 --                    create, alter or drop anything (no CREATE on the schema
 --                    or the database, no TEMPORARY), and gets per table only:
 --                      cards         SELECT, INSERT, UPDATE, DELETE
+--                      tenants       SELECT, INSERT, UPDATE
 --                      vault_keys    SELECT, INSERT, UPDATE (state,
 --                                    retired_at, destroyed_at,
 --                                    reencrypted_at, wrapped, kek_id) --
@@ -261,6 +262,9 @@ GRANT SELECT, INSERT, UPDATE (wrapped, kek_id) ON TABLE audit_signing_keys TO :"
 -- Backups read the archived segments; recording one (and deleting the
 -- archived entries) is `tokenizer audit archive`, run as the owner.
 GRANT SELECT ON TABLE audit_archives TO :"app_role";
+-- Tenants: created on first use, policy set by `tokenizer tenant set`,
+-- marked deleted (and their fingerprint salt erased) by `tenant delete`.
+GRANT SELECT, INSERT, UPDATE ON TABLE tenants TO :"app_role";
 
 -- The auditor role (`vault-audit verify`): reads the audit trail, nothing
 -- else.

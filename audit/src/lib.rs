@@ -122,6 +122,16 @@ pub enum Action {
     /// A source address was refused for a while after too many failed
     /// authentications (detail: the limit and how long).
     SourceBlocked,
+    /// An expiry date or cardholder name of a stored card changed (the token
+    /// stays).
+    CardUpdated,
+    /// Records past their expiry or their tenant's retention were deleted
+    /// (counts only).
+    Purged,
+    /// A tenant's policy (pan-shaped tokens, token lifetime, retention) set.
+    TenantUpdated,
+    /// A tenant deleted: its records and its fingerprint key (crypto-shred).
+    TenantDeleted,
 }
 
 impl Action {
@@ -153,6 +163,10 @@ impl Action {
             Action::KekRotated => "kek_rotated",
             Action::DetokenizeAnomaly => "detokenize_anomaly",
             Action::SourceBlocked => "source_blocked",
+            Action::CardUpdated => "card_updated",
+            Action::Purged => "purged",
+            Action::TenantUpdated => "tenant_updated",
+            Action::TenantDeleted => "tenant_deleted",
         }
     }
 
@@ -162,7 +176,7 @@ impl Action {
     }
 }
 
-const ALL_ACTIONS: [Action; 25] = [
+const ALL_ACTIONS: [Action; 29] = [
     Action::Tokenize,
     Action::Detokenize,
     Action::MetadataRead,
@@ -188,6 +202,10 @@ const ALL_ACTIONS: [Action; 25] = [
     Action::KekRotated,
     Action::DetokenizeAnomaly,
     Action::SourceBlocked,
+    Action::CardUpdated,
+    Action::Purged,
+    Action::TenantUpdated,
+    Action::TenantDeleted,
 ];
 
 /// How it ended.

@@ -98,6 +98,8 @@ pub struct Application {
     checkpoint_every: u64,
     reencrypt_batch: u32,
     reencrypt_interval: Duration,
+    purge_interval: Duration,
+    state: web::Data<AppState>,
 }
 
 impl std::fmt::Debug for Application {
@@ -131,10 +133,13 @@ impl Application {
         let store = open_store(settings, settings.migrate_on_start).await?;
         // Auditors verify checkpoints with the public key, written to
         // `audit-verify.pub` when the vault opens.
-        let seal = Arc::new(SealControl::new(
+        let seal = Arc::new(SealControl::with_options(
             store.clone(),
             settings.kek_source.clone(),
             settings.data_dir.join("audit-verify.pub"),
+            vault::VaultOptions {
+                cvc_ttl: settings.cvc_ttl,
+            },
         ));
         seal.start().await.map_err(kek_error)?;
         let start = AuditEvent::new(Action::ServiceStart, Outcome::Success)
@@ -190,7 +195,7 @@ impl Application {
         // connections after the idle timeout; at most `max_connections` open
         // per listener.
         let (server, listeners) =
-            crate::listeners::build_server(&settings.listeners, tls.clone(), state, limits)
+            crate::listeners::build_server(&settings.listeners, tls.clone(), state.clone(), limits)
                 .map_err(|(addr, e)| StartError::Bind(addr, e))?;
         Ok(Application {
             server,
@@ -203,6 +208,8 @@ impl Application {
             checkpoint_every: settings.audit_checkpoint_every,
             reencrypt_batch: settings.reencrypt_batch,
             reencrypt_interval: settings.reencrypt_interval,
+            purge_interval: settings.purge_interval,
+            state,
         })
     }
 
@@ -264,6 +271,11 @@ impl Application {
                 }
             })
         };
+        let lifecycle = tokio::spawn(lifecycle_jobs(
+            self.seal.clone(),
+            self.state.clone(),
+            self.purge_interval,
+        ));
         let reencryption = tokio::spawn(reencryption_pass(
             self.seal.clone(),
             self.reencrypt_batch,
@@ -289,6 +301,7 @@ impl Application {
         let result = self.server.await;
         checkpointer.abort();
         reencryption.abort();
+        lifecycle.abort();
         if let Some(reloader) = reloader {
             reloader.abort();
         }
@@ -384,6 +397,41 @@ pub fn app(
         })
         .configure(|cfg| routes::configure_for(cfg, kind))
         .default_service(web::to(routes::not_found))
+}
+
+/// Card lifecycle in the background: every `purge_interval` the records
+/// past their expiry or their tenant's retention are deleted (batches, each
+/// audited `purged` with its counts; see `vault::tenants::purge`), and every
+/// few seconds the security codes past their time to live are dropped.
+async fn lifecycle_jobs(seal: Arc<SealControl>, state: web::Data<AppState>, every: Duration) {
+    let mut purge = tokio::time::interval(every);
+    purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweep = tokio::time::interval(Duration::from_secs(1));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = purge.tick() => {
+                // Sealed: nothing to do (no card is readable anyway).
+                if seal.vault().is_none() {
+                    continue;
+                }
+                match vault::tenants::purge(seal.store().as_ref(), "service").await {
+                    Ok(counts) => {
+                        state.metrics.purged(counts);
+                        if counts.expired + counts.retention > 0 {
+                            tracing::info!(expired = counts.expired, retention = counts.retention, "purge: records deleted");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "purge failed; retrying at the next interval"),
+                }
+            }
+            _ = sweep.tick() => {
+                if let Some(vault) = seal.vault() {
+                    vault.sweep_cvc();
+                }
+            }
+        }
+    }
 }
 
 /// The background side of key rotation, on every instance: pick up keys

@@ -158,6 +158,107 @@ async fn print_dev_example(
     Ok(())
 }
 
+/// `tokenizer tenant set|list|delete`.
+pub async fn tenant(cmd: crate::config::TenantCommand) -> ExitCode {
+    use crate::config::TenantCommand;
+    use vault::tenants;
+    let shown = |t: &vault::store::TenantRow| {
+        let time = |ms: i64| crate::routes::rfc3339_millis(ms);
+        serde_json::json!({
+            "tenant": t.name,
+            "pan_shaped": t.pan_shaped,
+            "token_ttl_days": t.token_ttl_days,
+            "retention_days": t.retention_days,
+            "created_at": time(t.created_at),
+            "updated_at": time(t.updated_at),
+            "deleted_at": t.deleted_at.map(time),
+        })
+    };
+    match cmd {
+        TenantCommand::Set {
+            common,
+            name,
+            pan_shaped,
+            token_ttl_days,
+            retention_days,
+        } => {
+            let (_, store) = match store_for(&common).await {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let days = |d: Option<u32>| d.map(|d| (d > 0).then_some(d));
+            let change = tenants::PolicyChange {
+                pan_shaped,
+                token_ttl_days: days(token_ttl_days),
+                retention_days: days(retention_days),
+            };
+            let result = tenants::set_policy(store.as_ref(), &name, change).await;
+            store.close().await;
+            match result {
+                Ok(row) => {
+                    println!("{}", shown(&row));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        TenantCommand::List { common } => {
+            let (_, store) = match store_for(&common).await {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let result = store.tenants().await;
+            store.close().await;
+            match result {
+                Ok(rows) => {
+                    let rows: Vec<_> = rows.iter().map(shown).collect();
+                    println!("{}", serde_json::Value::Array(rows));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        TenantCommand::Delete { common, name } => {
+            let (_, store) = match store_for(&common).await {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let result = tenants::delete_tenant(store.as_ref(), &name).await;
+            store.close().await;
+            match result {
+                Ok(n) => {
+                    println!(
+                        "{}",
+                        serde_json::json!({"tenant": name, "records_deleted": n})
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+    }
+}
+
+/// `tokenizer purge`: records past their expiry or retention, now.
+pub async fn purge(common: CommonArgs) -> ExitCode {
+    let (_, store) = match store_for(&common).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let result = vault::tenants::purge(store.as_ref(), "local").await;
+    store.close().await;
+    match result {
+        Ok(c) => {
+            println!(
+                "{}",
+                serde_json::json!({"expired": c.expired, "retention": c.retention})
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
+
 /// `tokenizer dev-pki --out DIR`: a throwaway local PKI (see `tls`).
 pub fn dev_pki(out: &std::path::Path, server_names: &[String]) -> ExitCode {
     match crate::tls::write_dev_pki(out, server_names) {

@@ -92,6 +92,18 @@ pub enum Command {
         #[command(subcommand)]
         command: KekCommand,
     },
+    /// Tenants: pan-shaped tokens, token lifetime, retention; deletion.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Delete every record past its expiry or its tenant's retention now
+    /// (the service also does it every `purge_interval_secs`). Prints one
+    /// JSON line with the counts.
+    Purge {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
     /// Write a throwaway local PKI for trials and tests (NOT production): a
     /// CA, a server certificate and a client certificate per role
     /// (identity spiffe://cardvault.dev/<role>). Files are never overwritten.
@@ -137,6 +149,39 @@ pub enum PrincipalCommand {
     Revoke {
         #[command(flatten)]
         common: CommonArgs,
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Set a tenant's policy (created if new); prints the tenant as JSON.
+    Set {
+        #[command(flatten)]
+        common: Box<CommonArgs>,
+        name: String,
+        /// May tokenize with `"token_format": "pan_shaped"`.
+        #[arg(long)]
+        pan_shaped: Option<bool>,
+        /// Default lifetime of new tokens in days (0: none).
+        #[arg(long)]
+        token_ttl_days: Option<u32>,
+        /// Purge records unused (not tokenized again nor detokenized) for
+        /// this many days (0: keep).
+        #[arg(long)]
+        retention_days: Option<u32>,
+    },
+    /// Every tenant and its policy (JSON; never a salt).
+    List {
+        #[command(flatten)]
+        common: Box<CommonArgs>,
+    },
+    /// Delete a tenant: its fingerprint key is erased (crypto-shred), then
+    /// every record of it is deleted; tokenizing for it is refused from then
+    /// on. Prints `{"tenant","records_deleted"}`.
+    Delete {
+        #[command(flatten)]
+        common: Box<CommonArgs>,
         name: String,
     },
 }
@@ -434,6 +479,14 @@ pub struct CommonArgs {
     /// How long a source stays refused, in seconds (default 60).
     #[arg(long, env = "TOKENIZER_AUTH_BLOCK_SECS")]
     pub auth_block_secs: Option<u64>,
+    /// How long a card security code is held in memory at most, in seconds
+    /// (default and maximum 3600).
+    #[arg(long, env = "TOKENIZER_CVC_TTL_SECS")]
+    pub cvc_ttl_secs: Option<u64>,
+    /// How often the service purges records past their expiry or their
+    /// tenant's retention, in seconds (default 3600).
+    #[arg(long, env = "TOKENIZER_PURGE_INTERVAL_SECS")]
+    pub purge_interval_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -506,6 +559,8 @@ struct FileConfig {
     detokenize_anomaly_baseline_windows: Option<u32>,
     auth_failures_per_source: Option<u32>,
     auth_block_secs: Option<u64>,
+    cvc_ttl_secs: Option<u64>,
+    purge_interval_secs: Option<u64>,
 }
 
 /// Resolved settings.
@@ -560,6 +615,10 @@ pub struct Settings {
     pub auth_failures_per_source: u32,
     /// How long a source that used them up is refused.
     pub auth_block: std::time::Duration,
+    /// How long a security code is held (at most an hour).
+    pub cvc_ttl: std::time::Duration,
+    /// How often the purge runs inside the service.
+    pub purge_interval: std::time::Duration,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cardvault";
@@ -669,6 +728,20 @@ impl Settings {
             .or(file.audit_archive_dir)
             .unwrap_or_else(|| data_dir.join("audit-archive"));
         Ok(Settings {
+            cvc_ttl: std::time::Duration::from_secs(
+                common
+                    .cvc_ttl_secs
+                    .or(file.cvc_ttl_secs)
+                    .unwrap_or(3600)
+                    .clamp(1, 3600),
+            ),
+            purge_interval: std::time::Duration::from_secs(
+                common
+                    .purge_interval_secs
+                    .or(file.purge_interval_secs)
+                    .unwrap_or(3600)
+                    .max(1),
+            ),
             detokenize_monitor,
             auth_failures_per_source: common
                 .auth_failures_per_source
@@ -1096,6 +1169,8 @@ mod tests {
             detokenize_anomaly_baseline_windows: None,
             auth_failures_per_source: None,
             auth_block_secs: None,
+            cvc_ttl_secs: None,
+            purge_interval_secs: None,
         }
     }
 

@@ -94,6 +94,11 @@ fn vault_status(e: &VaultError) -> StatusCode {
         VaultError::Storage(_) | VaultError::Keys(_) => StatusCode::SERVICE_UNAVAILABLE,
         VaultError::Integrity | VaultError::Rng => StatusCode::INTERNAL_SERVER_ERROR,
         VaultError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+        VaultError::TokenFormatNotPermitted => StatusCode::FORBIDDEN,
+        VaultError::TokenSpaceExhausted { .. }
+        | VaultError::TenantDeleted
+        | VaultError::OlderExpiry => StatusCode::CONFLICT,
+        VaultError::InvalidExpiresAt => StatusCode::BAD_REQUEST,
         VaultError::KeyLifecycle(k) => match k {
             KeyLifecycleError::NotFound => StatusCode::NOT_FOUND,
             // The record exists but its key is gone for good (crypto-shred).

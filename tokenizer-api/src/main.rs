@@ -21,6 +21,8 @@ async fn main() -> ExitCode {
         Command::Unseal { url, custodian } => cli::unseal(&url, custodian.as_deref()),
         Command::Seal { url } => cli::seal(&url),
         Command::Kek { command } => cli::kek(command),
+        Command::Tenant { command } => cli::tenant(command).await,
+        Command::Purge { common } => cli::purge(common).await,
         Command::DevPki { out, server_names } => cli::dev_pki(&out, &server_names),
     }
 }

@@ -58,6 +58,8 @@ pub struct Metrics {
     key_age: IntGaugeVec,
     pool_connections: IntGaugeVec,
     pool_max: IntGauge,
+    cvc_held: IntGauge,
+    purged: IntCounterVec,
 }
 
 /// Latency buckets, in seconds: 0.5 ms to 10 s.
@@ -78,6 +80,7 @@ fn card_operation(method: &str, route: &str) -> Option<&'static str> {
         ("POST", "/v1/detokenize") => Some("detokenize"),
         ("GET", "/v1/tokens/{token}") => Some("metadata"),
         ("DELETE", "/v1/tokens/{token}") => Some("delete"),
+        ("PATCH", "/v1/tokens/{token}") => Some("update"),
         _ => None,
     }
 }
@@ -192,6 +195,22 @@ impl Metrics {
         registry.register(Box::new(anomalies.clone()))?;
         registry.register(Box::new(source_blocks.clone()))?;
         registry.register(Box::new(blocked_sources.clone()))?;
+        let cvc_held = IntGauge::new(
+            "cvc_held",
+            "Card security codes held in memory now (each until its first release or its time to live)",
+        )?;
+        let purged = IntCounterVec::new(
+            Opts::new(
+                "purged_records_total",
+                "Records deleted by the purge: past their expiry, or unused beyond their tenant's retention",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(cvc_held.clone()))?;
+        registry.register(Box::new(purged.clone()))?;
+        for reason in ["expired", "retention"] {
+            purged.with_label_values(&[reason]);
+        }
         for scope in ["principal", "tenant", "source"] {
             rate_limited.with_label_values(&[scope]);
         }
@@ -283,6 +302,8 @@ impl Metrics {
             anomalies,
             source_blocks,
             blocked_sources,
+            cvc_held,
+            purged,
             sync: Mutex::new(()),
             registry,
             sealed,
@@ -337,10 +358,22 @@ impl Metrics {
             .inc();
     }
 
+    /// Records a purge deleted.
+    pub fn purged(&self, counts: vault::store::PurgeCounts) {
+        self.purged
+            .with_label_values(&["expired"])
+            .inc_by(counts.expired);
+        self.purged
+            .with_label_values(&["retention"])
+            .inc_by(counts.retention);
+    }
+
     /// Refresh from the vault and render the text format.
     pub async fn render(&self, state: &AppState) -> String {
         let vault = state.seal.vault();
         self.sealed.set(i64::from(vault.is_none()));
+        self.cvc_held
+            .set(vault.as_ref().map_or(0, |v| gauge_value(v.cvc_held())));
         self.key_records.reset();
         self.key_state.reset();
         self.key_age.reset();

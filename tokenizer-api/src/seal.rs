@@ -126,6 +126,8 @@ struct Ceremony {
 
 /// The seal: holds the vault once unsealed.
 pub struct SealControl {
+    /// How the vault is opened on unseal.
+    options: vault::VaultOptions,
     store: Arc<dyn Store>,
     auth: Authenticator,
     source: KekSource,
@@ -151,7 +153,23 @@ impl SealControl {
     /// A sealed control; [`SealControl::start`] unseals what can unseal by
     /// itself.
     pub fn new(store: Arc<dyn Store>, source: KekSource, public_key_file: PathBuf) -> Self {
+        Self::with_options(
+            store,
+            source,
+            public_key_file,
+            vault::VaultOptions::default(),
+        )
+    }
+
+    /// [`SealControl::new`] with the options of the vault it opens.
+    pub fn with_options(
+        store: Arc<dyn Store>,
+        source: KekSource,
+        public_key_file: PathBuf,
+        options: vault::VaultOptions,
+    ) -> Self {
         Self {
+            options,
             auth: Authenticator::new(store.clone()),
             store,
             source,
@@ -528,7 +546,7 @@ impl SealControl {
     }
 
     async fn open_vault(&self, kek: Arc<dyn KeyEncryptionKey>) -> Result<(), UnsealError> {
-        let vault = Vault::open(self.store.clone(), kek)
+        let vault = Vault::open_with(self.store.clone(), kek, self.options)
             .await
             .map_err(UnsealError::Keys)?;
         if let Err(e) = std::fs::write(

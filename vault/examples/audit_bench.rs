@@ -100,6 +100,7 @@ async fn main() {
                         exp_month: 12,
                         exp_year: 2035,
                         cardholder_name: None,
+                        cvc: None,
                     };
                     let t = Instant::now();
                     vault.tokenize(&ctx, "bench", card).await.unwrap();

@@ -49,6 +49,7 @@ fn card(n: u64) -> CardInput {
         exp_month: 12,
         exp_year: 2035,
         cardholder_name: None,
+        cvc: None,
     }
 }
 

@@ -64,6 +64,8 @@ pub enum BackupError {
 pub struct BackupSummary {
     pub keys: u64,
     pub principals: u64,
+    #[serde(default)]
+    pub tenants: u64,
     pub cards: u64,
     pub audit_events: u64,
     pub audit_checkpoints: u64,
@@ -76,6 +78,7 @@ impl BackupSummary {
         match r {
             BackupRecord::Key(_) => self.keys += 1,
             BackupRecord::Principal(_) => self.principals += 1,
+            BackupRecord::Tenant(_) => self.tenants += 1,
             BackupRecord::Card(_) => self.cards += 1,
             BackupRecord::Audit(_) => self.audit_events += 1,
             BackupRecord::Checkpoint(_) => self.audit_checkpoints += 1,
@@ -87,9 +90,10 @@ impl BackupSummary {
     /// Counts for the audit trail (no content).
     fn describe(&self) -> String {
         format!(
-            "keys={} principals={} cards={} audit_events={} audit_checkpoints={} audit_signing_keys={} audit_archives={}",
+            "keys={} principals={} tenants={} cards={} audit_events={} audit_checkpoints={} audit_signing_keys={} audit_archives={}",
             self.keys,
             self.principals,
+            self.tenants,
             self.cards,
             self.audit_events,
             self.audit_checkpoints,
@@ -161,6 +165,29 @@ enum Line {
         /// Absent in backups from before migration 0004: version 1.
         #[serde(default = "first_version")]
         fingerprint_version: u32,
+        /// Absent in backups from before migration 0006.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_used_at: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        updated_at: Option<i64>,
+    },
+    /// A tenant (from migration 0006): its policy and fingerprint salt
+    /// (base64; absent for legacy and deleted tenants).
+    Tenant {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fingerprint_salt: Option<String>,
+        pan_shaped: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_ttl_days: Option<u32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retention_days: Option<u32>,
+        created_at: i64,
+        updated_at: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        deleted_at: Option<i64>,
     },
     Audit {
         seq: i64,
@@ -236,6 +263,19 @@ impl From<BackupRecord> for Line {
                 ciphertext: B64.encode(c.ciphertext),
                 created_at: c.created_at,
                 fingerprint_version: c.fingerprint_version,
+                expires_at: c.expires_at,
+                last_used_at: c.last_used_at,
+                updated_at: c.updated_at,
+            },
+            BackupRecord::Tenant(t) => Line::Tenant {
+                name: t.name,
+                fingerprint_salt: t.fingerprint_salt.map(|s| B64.encode(s)),
+                pan_shaped: t.pan_shaped,
+                token_ttl_days: t.token_ttl_days,
+                retention_days: t.retention_days,
+                created_at: t.created_at,
+                updated_at: t.updated_at,
+                deleted_at: t.deleted_at,
             },
             BackupRecord::Audit(a) => Line::Audit {
                 seq: a.seq,
@@ -419,6 +459,9 @@ fn to_record(line: Line, n: usize) -> Result<Option<BackupRecord>, BackupError> 
             ciphertext,
             created_at,
             fingerprint_version,
+            expires_at,
+            last_used_at,
+            updated_at,
         } => BackupRecord::Card(CardRow {
             token,
             tenant,
@@ -432,6 +475,28 @@ fn to_record(line: Line, n: usize) -> Result<Option<BackupRecord>, BackupError> 
             ciphertext: decode_b64(&ciphertext, n)?,
             created_at,
             fingerprint_version,
+            expires_at,
+            last_used_at,
+            updated_at,
+        }),
+        Line::Tenant {
+            name,
+            fingerprint_salt,
+            pan_shaped,
+            token_ttl_days,
+            retention_days,
+            created_at,
+            updated_at,
+            deleted_at,
+        } => BackupRecord::Tenant(crate::store::TenantRow {
+            name,
+            fingerprint_salt: fingerprint_salt.map(|s| decode_b64(&s, n)).transpose()?,
+            pan_shaped,
+            token_ttl_days,
+            retention_days,
+            created_at,
+            updated_at,
+            deleted_at,
         }),
         Line::Audit {
             seq,
@@ -692,6 +757,7 @@ mod tests {
                 exp_month: 11,
                 exp_year: i64::from(time::OffsetDateTime::now_utc().year()) + 2,
                 cardholder_name: name.map(|n| Zeroizing::new(n.to_owned())),
+                cvc: None,
             };
             tokens.push(vault.tokenize(&ctx(), "shop-1", card).await.unwrap().token);
         }
@@ -756,6 +822,7 @@ mod tests {
                 exp_month: 11,
                 exp_year: i64::from(time::OffsetDateTime::now_utc().year()) + 2,
                 cardholder_name: None,
+                cvc: None,
             };
             assert_eq!(
                 vault.tokenize(&ctx(), "shop-1", again).await.unwrap().token,

@@ -104,8 +104,22 @@ impl Expiry {
     }
 }
 
+/// Later is greater: by year, then month.
+impl PartialOrd for Expiry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Expiry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.year, self.month).cmp(&(other.year, other.month))
+    }
+}
+
 /// Cardholder name: 1 to 64 printable characters. Stored encrypted; zeroized
 /// on drop; `Debug` is redacted.
+#[derive(Clone)]
 pub struct CardholderName(Zeroizing<String>);
 
 impl CardholderName {
@@ -140,12 +154,59 @@ impl fmt::Debug for CardholderName {
     }
 }
 
-/// A token id: `tok_` + 22 characters of URL-safe base64 (128 random bits).
+/// A token id. Either `tok_` + 22 characters of URL-safe base64 (128
+/// random bits; the default, [`TokenFormat::Random`]), or a pan-shaped token
+/// ([`TokenFormat::PanShaped`]): as many digits as the card number, its
+/// first six and last four, random digits between, and a Luhn check that
+/// always fails, so that no system can take it for a card number.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Token(String);
 
 /// Random bytes in a token.
 pub const TOKEN_RANDOM_BYTES: usize = 16;
+
+/// How a new token looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenFormat {
+    #[default]
+    Random,
+    PanShaped,
+}
+
+impl TokenFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenFormat::Random => "random",
+            TokenFormat::PanShaped => "pan_shaped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TokenFormat> {
+        match s {
+            "random" => Some(TokenFormat::Random),
+            "pan_shaped" => Some(TokenFormat::PanShaped),
+            _ => None,
+        }
+    }
+
+    /// The format of a stored token.
+    pub fn of(token: &str) -> TokenFormat {
+        if token.starts_with("tok_") {
+            TokenFormat::Random
+        } else {
+            TokenFormat::PanShaped
+        }
+    }
+}
+
+/// How many pan-shaped tokens one BIN, last four and length have: the
+/// middle digits (length - 10) that make the number fail the Luhn check,
+/// nine in ten of them (of each ten middles differing in one digit, exactly
+/// one passes). A 16-digit card: 900,000; a 12-digit card: 90.
+pub fn pan_shaped_space(pan_len: usize) -> u64 {
+    let middle = u32::try_from(pan_len.saturating_sub(10)).unwrap_or(0);
+    9 * 10u64.saturating_pow(middle.saturating_sub(1)) * u64::from(middle > 0)
+}
 
 impl Token {
     /// A new token from the OS CSPRNG. Never derived from card data.
@@ -159,18 +220,59 @@ impl Token {
         )))
     }
 
+    /// A new pan-shaped token for `pan`: its BIN and last four around
+    /// middle digits drawn from the OS CSPRNG (never from the card number),
+    /// redrawn until the whole fails the Luhn check (nine draws in ten
+    /// succeed at once). Unique only by the store's primary key: the caller
+    /// checks and draws again.
+    pub fn pan_shaped(pan: &crate::Pan) -> Result<Token, getrandom::Error> {
+        let len = pan.len();
+        let middle = len.saturating_sub(10);
+        loop {
+            let mut digits = String::with_capacity(len);
+            digits.push_str(&pan.bin());
+            let mut raw = [0u8; 16];
+            getrandom::getrandom(&mut raw[..middle])?;
+            for b in &raw[..middle] {
+                // 250 = 25 x 10: reject above it to keep the digits uniform.
+                let mut b = *b;
+                while b >= 250 {
+                    let mut one = [0u8; 1];
+                    getrandom::getrandom(&mut one)?;
+                    b = one[0];
+                }
+                digits.push(char::from(b'0' + b % 10));
+            }
+            digits.push_str(&pan.last4());
+            if !crate::pan::luhn_valid(digits.as_bytes()) {
+                return Ok(Token(digits));
+            }
+        }
+    }
+
     /// Accept only the exact shape of a token; anything else is "not found".
     pub fn parse(s: &str) -> Option<Token> {
-        let body = s.strip_prefix("tok_")?;
-        let ok = body.len() == 22
-            && body
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+        if let Some(body) = s.strip_prefix("tok_") {
+            let ok = body.len() == 22
+                && body
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_');
+            return ok.then(|| Token(s.to_owned()));
+        }
+        // Pan-shaped: 12 to 19 digits that fail the Luhn check (a number
+        // that passes is a card number, never a token).
+        let ok = (12..=19).contains(&s.len())
+            && s.bytes().all(|c| c.is_ascii_digit())
+            && !crate::pan::luhn_valid(s.as_bytes());
         ok.then(|| Token(s.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    pub fn format(&self) -> TokenFormat {
+        TokenFormat::of(&self.0)
     }
 }
 
@@ -266,8 +368,35 @@ mod tests {
             "tok_../../etc/passwd00000",
             "xok_AAAAAAAAAAAAAAAAAAAAAA",
             "tok_AAAAAAAAAAAAAAAAAAAAA=",
+            "4111111111111111",
+            "41111111111",
+            "41111111111111111112",
         ] {
             assert!(Token::parse(bad).is_none(), "{bad}");
         }
+    }
+
+    #[test]
+    fn pan_shaped_tokens_keep_bin_and_last_four_and_fail_luhn() {
+        for number in ["4111111111111111", "378282246310005", "36227206271667"] {
+            let pan = crate::Pan::parse(number).unwrap();
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..500 {
+                let t = Token::pan_shaped(&pan).unwrap();
+                let s = t.as_str();
+                assert_eq!(s.len(), number.len());
+                assert_eq!(&s[..6], &number[..6]);
+                assert_eq!(&s[s.len() - 4..], &number[number.len() - 4..]);
+                assert!(!crate::pan::luhn_valid(s.as_bytes()), "{s}");
+                assert_ne!(s, number);
+                assert_eq!(Token::parse(s).as_ref(), Some(&t));
+                assert_eq!(t.format(), TokenFormat::PanShaped);
+                seen.insert(s.to_owned());
+            }
+            assert!(seen.len() > 450, "draws repeat too often: {}", seen.len());
+        }
+        assert_eq!(pan_shaped_space(16), 900_000);
+        assert_eq!(pan_shaped_space(12), 90);
+        assert_eq!(pan_shaped_space(19), 900_000_000);
     }
 }

@@ -171,20 +171,28 @@ impl FingerprintKey {
         self.version
     }
 
-    fn tenant_key(&self, tenant: &str) -> Zeroizing<[u8; 32]> {
+    /// The tenant's key: HMAC(master, tenant), and with the tenant's salt
+    /// (tenants created since migration 0006) HMAC(master, tenant, salt):
+    /// erasing the salt makes the key underivable (tenant deletion).
+    fn tenant_key(&self, tenant: &str, salt: Option<&[u8]>) -> Zeroizing<[u8; 32]> {
         // HMAC accepts keys of any length: `new_from_slice` cannot fail.
         let mut mac = <HmacSha256 as Mac>::new_from_slice(self.master.as_ref())
             .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
         mac.update(b"cardvault/fingerprint-tenant/v1\0");
         mac.update(tenant.as_bytes());
+        if let Some(salt) = salt {
+            // Tenant names are printable ASCII: the NUL cannot be part of one.
+            mac.update(b"\0salt\0");
+            mac.update(salt);
+        }
         Zeroizing::new(mac.finalize().into_bytes().into())
     }
 
     /// `fp_` + URL-safe base64 of HMAC-SHA-256(tenant key, PAN digits).
     /// One-way and keyed: without the key it cannot be tested against
     /// guessed card numbers. Safe to show to the tenant it belongs to.
-    pub fn fingerprint(&self, tenant: &str, pan: &Pan) -> String {
-        let key = self.tenant_key(tenant);
+    pub fn fingerprint(&self, tenant: &str, salt: Option<&[u8]>, pan: &Pan) -> String {
+        let key = self.tenant_key(tenant, salt);
         let mut mac = <HmacSha256 as Mac>::new_from_slice(key.as_ref())
             .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
         mac.update(pan.expose_digits().as_bytes());
@@ -341,16 +349,21 @@ mod tests {
     fn fingerprints_are_per_tenant_and_stable() {
         let fk = FingerprintKey::from_bytes(1, random_key().unwrap().as_ref()).unwrap();
         let pan = Pan::parse("4111111111111111").unwrap();
-        let a = fk.fingerprint("shop-1", &pan);
-        assert_eq!(a, fk.fingerprint("shop-1", &pan));
-        assert_ne!(a, fk.fingerprint("shop-2", &pan));
+        let a = fk.fingerprint("shop-1", None, &pan);
+        assert_eq!(a, fk.fingerprint("shop-1", None, &pan));
+        assert_ne!(a, fk.fingerprint("shop-2", None, &pan));
         assert_ne!(
             a,
-            fk.fingerprint("shop-1", &Pan::parse("4242424242424242").unwrap())
+            fk.fingerprint("shop-1", None, &Pan::parse("4242424242424242").unwrap())
         );
         assert!(a.starts_with("fp_") && a.len() == 46);
+        // A salt gives the tenant another key; another salt, another again.
+        let salted = fk.fingerprint("shop-1", Some(&[7u8; 32]), &pan);
+        assert_ne!(a, salted);
+        assert_eq!(salted, fk.fingerprint("shop-1", Some(&[7u8; 32]), &pan));
+        assert_ne!(salted, fk.fingerprint("shop-1", Some(&[8u8; 32]), &pan));
         let other = FingerprintKey::from_bytes(1, random_key().unwrap().as_ref()).unwrap();
-        assert_ne!(a, other.fingerprint("shop-1", &pan));
+        assert_ne!(a, other.fingerprint("shop-1", None, &pan));
     }
 
     #[test]

@@ -33,21 +33,23 @@ pub mod backup;
 pub mod brand;
 pub mod card;
 pub mod crypto;
+pub mod cvc;
 pub mod keys;
 pub mod monitor;
 pub mod pan;
 pub mod rotation;
 mod service;
 pub mod store;
+pub mod tenants;
 
 pub use access::{Principal, Role, TenantScope};
 pub use brand::Brand;
-pub use card::{CardDataError, CardholderName, Expiry, Tenant, Token};
+pub use card::{CardDataError, CardholderName, Expiry, Tenant, Token, TokenFormat};
 pub use crypto::CardSecret;
 pub use keys::KeysError;
 pub use pan::{Pan, PanError};
 pub use rotation::{Actor, CryptoPeriods, KeyInfo, KeyStatus, Progress, Rotation};
 pub use service::{
-    AuditPage, AuditQuery, CardError, CardInput, Detokenized, KeyLifecycleError, RequestContext,
-    TokenInfo, Vault, VaultError, MAX_BATCH,
+    AuditPage, AuditQuery, CardError, CardInput, CardUpdate, Detokenized, KeyLifecycleError,
+    RequestContext, TokenInfo, TokenizeOptions, Vault, VaultError, VaultOptions, MAX_BATCH,
 };

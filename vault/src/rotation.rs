@@ -149,12 +149,17 @@ fn conflict(e: StoreError) -> VaultError {
 /// Reseal one record under the active keys: a fresh nonce and the new
 /// version in its associated data; the fingerprint recomputed if it is under
 /// an older fingerprint key. None if it cannot be opened (kept as it is).
-fn reseal(keys: &KeySet, row: &CardRow) -> Option<Resealed> {
+fn reseal(
+    keys: &KeySet,
+    salts: &std::collections::HashMap<String, Option<Vec<u8>>>,
+    row: &CardRow,
+) -> Option<Resealed> {
     let dek = keys.active_dek();
     let fp = keys.fingerprint_key();
     let secret: CardSecret = open_with(keys, row).ok()?;
     let (fingerprint, fingerprint_version) = if row.fingerprint_version < fp.version() {
-        (fp.fingerprint(&row.tenant, &secret.pan), fp.version())
+        let salt = salts.get(&row.tenant).and_then(|s| s.as_deref());
+        (fp.fingerprint(&row.tenant, salt, &secret.pan), fp.version())
     } else {
         (row.fingerprint.clone(), row.fingerprint_version)
     };
@@ -326,7 +331,8 @@ impl Vault {
                         label(KeyPurpose::Fingerprint, keys.fingerprint_key().version())
                     )),
             };
-            let resealer = |row: &CardRow| reseal(&keys, row);
+            let salts = self.tenants.salts().await?;
+            let resealer = |row: &CardRow| reseal(&keys, &salts, row);
             match self.store.reencrypt_batch(&batch, &resealer).await {
                 Err(StoreError::StaleKeys) if attempt == 0 => {
                     attempt += 1;

@@ -46,6 +46,7 @@ fn card(pan: &str) -> CardInput {
         exp_month: 12,
         exp_year: i64::from(time::OffsetDateTime::now_utc().year()) + 3,
         cardholder_name: None,
+        cvc: None,
     }
 }
 

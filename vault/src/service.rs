@@ -4,8 +4,9 @@
 //! delete; before anything is returned for reads). An operation whose audit
 //! event cannot be written fails.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use audit::{Action, AuditEvent, Outcome};
 use hsm_shim::KeyEncryptionKey;
@@ -13,17 +14,26 @@ use zeroize::Zeroizing;
 
 use crate::access::{AuthError, AuthFailure, Authenticator, Principal, Role, TenantScope};
 use crate::brand::Brand;
-use crate::card::{CardDataError, CardholderName, Expiry, Tenant, Token};
+use crate::card::{
+    pan_shaped_space, CardDataError, CardholderName, Expiry, Tenant, Token, TokenFormat,
+};
 use crate::crypto::{CardSecret, CryptoError, RecordAad, Sealed, NONCE_LEN};
+use crate::cvc::{Cvc, CvcHolder};
 use crate::keys::{KeySet, Keyring, KeysError};
 use crate::monitor::{DetokenizeMonitor, LimitScope};
 use crate::pan::{contains_pan_like, masked_form, Pan, PanError};
 use crate::store::{
-    now_millis, AuditFilter, CardRow, KeyPurpose, KeyState, NewCard, Store, StoreError,
+    now_millis, AuditFilter, CardRow, KeyPurpose, KeyState, NewCard, Store, StoreError, TenantRow,
 };
+use crate::tenants::Tenants;
 
 /// Most cards in one batch call.
 pub const MAX_BATCH: usize = 1000;
+
+/// Taken pan-shaped draws in a row before the space is counted.
+const PAN_SHAPED_PATIENCE: u32 = 8;
+/// The share of a pan-shaped space that counts as used up.
+const PAN_SHAPED_FULL: f64 = 0.9;
 
 /// Who is asking, from where, under which request id.
 #[derive(Debug, Clone)]
@@ -48,6 +58,40 @@ pub struct CardInput {
     pub exp_month: i64,
     pub exp_year: i64,
     pub cardholder_name: Option<Zeroizing<String>>,
+    /// The security code, held in memory only (see `cvc`).
+    pub cvc: Option<Zeroizing<String>>,
+}
+
+/// How new tokens of a tokenize call are made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenizeOptions {
+    pub format: TokenFormat,
+    /// When the new tokens expire (Unix ms; must be in the future). The
+    /// tenant's default lifetime applies when absent.
+    pub expires_at: Option<i64>,
+}
+
+/// A change of a stored card's expiry or name (PATCH).
+#[derive(Debug, Default)]
+pub struct CardUpdate {
+    pub exp_month: Option<i64>,
+    pub exp_year: Option<i64>,
+    pub cardholder_name: Option<Zeroizing<String>>,
+}
+
+/// How the vault is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct VaultOptions {
+    /// How long a security code is held (at most an hour).
+    pub cvc_ttl: Duration,
+}
+
+impl Default for VaultOptions {
+    fn default() -> Self {
+        VaultOptions {
+            cvc_ttl: crate::cvc::MAX_TTL,
+        }
+    }
 }
 
 impl std::fmt::Debug for CardInput {
@@ -63,6 +107,8 @@ pub enum CardError {
     Pan(#[from] PanError),
     #[error(transparent)]
     Data(#[from] CardDataError),
+    #[error("the security code must be 3 digits (4 for American Express)")]
+    Cvc,
 }
 
 impl CardError {
@@ -77,6 +123,7 @@ impl CardError {
             CardError::Data(
                 CardDataError::CardholderName | CardDataError::CardholderNameHasPan,
             ) => "invalid_cardholder_name",
+            CardError::Cvc => "invalid_cvc",
         }
     }
 }
@@ -111,6 +158,20 @@ pub enum VaultError {
     InvalidFilter(&'static str),
     #[error(transparent)]
     KeyLifecycle(#[from] KeyLifecycleError),
+    /// The tenant may not use this token format (configuration:
+    /// `tokenizer tenant set NAME --pan-shaped true`).
+    #[error("this tenant may not use pan-shaped tokens")]
+    TokenFormatNotPermitted,
+    /// Pan-shaped tokens for this BIN, last four and length are (nearly)
+    /// used up.
+    #[error("pan-shaped tokens for this BIN and last four are nearly used up ({used} of {space}); use a random token")]
+    TokenSpaceExhausted { used: u64, space: u64 },
+    #[error("the tenant was deleted")]
+    TenantDeleted,
+    #[error("expires_at must be a future RFC 3339 time")]
+    InvalidExpiresAt,
+    #[error("the stored card has a later expiry date; an older one never replaces it")]
+    OlderExpiry,
     /// A detokenize rate limit (per principal or per tenant) refused the
     /// request; the card was not opened.
     #[error("too many detokenize requests for this {}: retry later", .scope.as_str())]
@@ -174,6 +235,11 @@ impl VaultError {
             VaultError::InvalidFilter(_) => "invalid_filter",
             VaultError::KeyLifecycle(e) => e.code(),
             VaultError::RateLimited { .. } => "rate_limited",
+            VaultError::TokenFormatNotPermitted => "token_format_not_permitted",
+            VaultError::TokenSpaceExhausted { .. } => "token_space_exhausted",
+            VaultError::TenantDeleted => "tenant_deleted",
+            VaultError::InvalidExpiresAt => "invalid_expires_at",
+            VaultError::OlderExpiry => "older_expiry",
         }
     }
 }
@@ -200,6 +266,13 @@ pub struct TokenInfo {
     pub created_at: i64,
     /// Whether this call created the token (tokenize only).
     pub created: bool,
+    pub token_format: TokenFormat,
+    /// When the token expires (Unix ms), if it does.
+    pub expires_at: Option<i64>,
+    /// Whether this call changed the stored expiry or name.
+    pub updated: bool,
+    /// Whether a security code is held for the token (in this process).
+    pub cvc_available: bool,
 }
 
 /// An audit query: equality filters, a time range, and a cursor.
@@ -226,6 +299,10 @@ pub struct AuditPage {
 pub struct Detokenized {
     pub token: String,
     pub card: CardSecret,
+    /// The security code, released by this call (then gone).
+    pub cvc: Option<Cvc>,
+    /// Whether a security code is still held for the token.
+    pub cvc_available: bool,
 }
 
 /// The vault: storage, unwrapped keys and the authenticator.
@@ -237,6 +314,11 @@ pub struct Vault {
     /// Where this instance's re-encryption pass stands (hints for speed
     /// only: a pass is correct from any starting point, see `rotation.rs`).
     pub(crate) pass: std::sync::Mutex<crate::rotation::PassHint>,
+    pub(crate) tenants: Tenants,
+    cvc: CvcHolder,
+    /// Tokens whose use this process recorded, and when (the retention
+    /// clock is kept to the day: one write per card and day at most).
+    touched: Mutex<HashMap<String, i64>>,
 }
 
 fn card_aad(row: &CardRow) -> RecordAad<'_> {
@@ -254,13 +336,69 @@ impl Vault {
         store: Arc<dyn Store>,
         kek: Arc<dyn KeyEncryptionKey>,
     ) -> Result<Vault, KeysError> {
+        Vault::open_with(store, kek, VaultOptions::default()).await
+    }
+
+    /// [`Vault::open`] with options.
+    pub async fn open_with(
+        store: Arc<dyn Store>,
+        kek: Arc<dyn KeyEncryptionKey>,
+        options: VaultOptions,
+    ) -> Result<Vault, KeysError> {
         let keys = Keyring::load_or_init(&store, kek).await?;
+        let cvc =
+            CvcHolder::new(options.cvc_ttl).map_err(|_| KeysError::Missing("security-code key"))?;
         Ok(Vault {
             auth: Authenticator::new(store.clone()),
+            tenants: Tenants::new(store.clone()),
             store,
             keys,
             pass: std::sync::Mutex::default(),
+            cvc,
+            touched: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Security codes held now (a gauge; never the codes).
+    pub fn cvc_held(&self) -> usize {
+        self.cvc.held()
+    }
+
+    /// Drop the security codes past their time to live.
+    pub fn sweep_cvc(&self) -> usize {
+        self.cvc.sweep(Instant::now())
+    }
+
+    /// Record that these cards were used (retention), at most once per card
+    /// and day and process.
+    async fn touch(&self, tokens: &[&str], now: i64) {
+        const DAY_MS: i64 = 86_400_000;
+        let due: Vec<String> = {
+            let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+            if touched.len() > 200_000 {
+                touched.clear();
+            }
+            let mut due = Vec::new();
+            for t in tokens {
+                if touched.get(*t).is_none_or(|at| now - at >= DAY_MS) {
+                    touched.insert((*t).to_owned(), now);
+                    due.push((*t).to_owned());
+                }
+            }
+            due
+        };
+        if due.is_empty() {
+            return;
+        }
+        // Retention is kept to the day; a failed write is retried the next
+        // day at the latest, and never fails the request.
+        if let Err(e) = self.store.touch_cards(&due, now, DAY_MS).await {
+            tracing::warn!(error = %e, "cannot record card use for retention");
+            let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
+            for t in &due {
+                touched.remove(t);
+            }
+        }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -353,7 +491,21 @@ impl Vault {
         tenant: &str,
         card: CardInput,
     ) -> Result<TokenInfo, VaultError> {
-        let mut results = self.tokenize_batch(ctx, tenant, vec![card], false).await?;
+        self.tokenize_with(ctx, tenant, card, TokenizeOptions::default())
+            .await
+    }
+
+    /// [`Vault::tokenize`] with a token format and expiry.
+    pub async fn tokenize_with(
+        &self,
+        ctx: &RequestContext,
+        tenant: &str,
+        card: CardInput,
+        options: TokenizeOptions,
+    ) -> Result<TokenInfo, VaultError> {
+        let mut results = self
+            .tokenize_batch(ctx, tenant, vec![card], false, options)
+            .await?;
         match results.pop() {
             Some(Ok(info)) => Ok(info),
             Some(Err(e)) => Err(e.into()),
@@ -369,7 +521,19 @@ impl Vault {
         tenant: &str,
         cards: Vec<CardInput>,
     ) -> Result<Vec<Result<TokenInfo, CardError>>, VaultError> {
-        self.tokenize_batch(ctx, tenant, cards, true).await
+        self.tokenize_batch(ctx, tenant, cards, true, TokenizeOptions::default())
+            .await
+    }
+
+    /// [`Vault::tokenize_many`] with a token format and expiry.
+    pub async fn tokenize_many_with(
+        &self,
+        ctx: &RequestContext,
+        tenant: &str,
+        cards: Vec<CardInput>,
+        options: TokenizeOptions,
+    ) -> Result<Vec<Result<TokenInfo, CardError>>, VaultError> {
+        self.tokenize_batch(ctx, tenant, cards, true, options).await
     }
 
     async fn tokenize_batch(
@@ -378,6 +542,7 @@ impl Vault {
         tenant: &str,
         cards: Vec<CardInput>,
         batch: bool,
+        options: TokenizeOptions,
     ) -> Result<Vec<Result<TokenInfo, CardError>>, VaultError> {
         self.require_role(ctx, Action::Tokenize, &[Role::Tokenize])
             .await?;
@@ -402,16 +567,34 @@ impl Vault {
                 .fail(base.detail("batch"), VaultError::InvalidBatchSize)
                 .await);
         }
-
         let now = now_millis();
+        if options.expires_at.is_some_and(|at| at <= now) {
+            return Err(self.fail(base, VaultError::InvalidExpiresAt).await);
+        }
+        let policy = self.tenants.for_use(tenant.as_str()).await?;
+        if policy.deleted_at.is_some() {
+            return Err(self.fail(base, VaultError::TenantDeleted).await);
+        }
+        if options.format == TokenFormat::PanShaped && !policy.pan_shaped {
+            return Err(self
+                .fail(
+                    base.detail("pan_shaped"),
+                    VaultError::TokenFormatNotPermitted,
+                )
+                .await);
+        }
+        let expires_at = crate::tenants::expiry_for(&policy, options.expires_at, now);
+
         let mut slots: Vec<Result<usize, CardError>> = Vec::with_capacity(cards.len());
         let mut secrets = Vec::new();
+        let mut cvcs = Vec::new();
         let mut failures = Vec::new();
         for input in cards {
             match validate(&input) {
-                Ok(s) => {
+                Ok((s, cvc)) => {
                     slots.push(Ok(secrets.len()));
                     secrets.push(s);
+                    cvcs.push(cvc);
                 }
                 Err(e) => {
                     let mut ev = base.clone();
@@ -425,27 +608,55 @@ impl Vault {
 
         // Sealed under the keys held now; if another instance rotated them
         // meanwhile, the store refuses (stale keys): reload and seal again.
-        let mut attempt = 0;
+        // A pan-shaped token drawn twice (taken in the meantime): draw again.
+        let mut stale = 0;
+        let mut taken = 0;
         let inserted = loop {
-            let rows = self.seal_cards(&tenant, &secrets, &base, now)?;
+            let rows = match self
+                .seal_cards(&policy, &secrets, &base, now, options.format, expires_at)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(e @ VaultError::TokenSpaceExhausted { .. }) => {
+                    return Err(self.fail(base.clone().detail("pan_shaped"), e).await)
+                }
+                Err(e) => return Err(e),
+            };
             match self.store.insert_cards(rows, failures.clone()).await {
-                Err(StoreError::StaleKeys) if attempt == 0 => {
-                    attempt += 1;
+                Err(StoreError::StaleKeys) if stale == 0 => {
+                    stale += 1;
                     self.refresh_keys().await?;
                 }
+                Err(StoreError::TokenTaken) if taken < 3 => taken += 1,
                 other => break other?,
             }
         };
         let mut infos = Vec::with_capacity(inserted.len());
-        for (ins, secret) in inserted.into_iter().zip(&secrets) {
-            let expiry = if ins.created {
-                secret.expiry
+        let mut used = Vec::new();
+        for ((ins, secret), cvc) in inserted.into_iter().zip(&secrets).zip(cvcs) {
+            let (row, expiry, updated) = if ins.created {
+                (ins.row, secret.expiry, false)
             } else {
-                // The stored card wins: report what is stored.
-                self.open_row(&ins.row).await?.expiry
+                used.push(ins.row.token.clone());
+                // The stored card wins, unless this one is newer.
+                self.update_if_newer(ctx, ins.row, secret).await?
             };
-            infos.push(Some(token_info(&ins.row, expiry, ins.created)));
+            let cvc_available = match cvc {
+                Some(cvc) => {
+                    self.cvc
+                        .put(&row.token, cvc, Instant::now())
+                        .map_err(|_| VaultError::Rng)?;
+                    true
+                }
+                None => self.cvc.has(&row.token, Instant::now()),
+            };
+            let mut info = token_info(&row, expiry, ins.created);
+            info.updated = updated;
+            info.cvc_available = cvc_available;
+            infos.push(Some(info));
         }
+        let used: Vec<&str> = used.iter().map(String::as_str).collect();
+        self.touch(&used, now).await;
         Ok(slots
             .into_iter()
             .map(|slot| {
@@ -460,27 +671,219 @@ impl Vault {
             .collect())
     }
 
-    /// Seal validated cards under the active keys (fresh tokens).
-    fn seal_cards(
+    /// A card tokenized again: if it is newer (a later expiry, or the same
+    /// expiry and another cardholder name), the stored record is resealed
+    /// with it (the token stays; audited `card_updated`). An older expiry
+    /// never replaces a later one. Returns the row, the expiry now stored
+    /// and whether it changed.
+    async fn update_if_newer(
         &self,
-        tenant: &Tenant,
+        ctx: &RequestContext,
+        row: CardRow,
+        offered: &CardSecret,
+    ) -> Result<(CardRow, Expiry, bool), VaultError> {
+        let stored = self.open_row(&row).await?;
+        let later = offered.expiry > stored.expiry;
+        let renamed = offered.expiry == stored.expiry
+            && offered.name.is_some()
+            && offered.name.as_ref().map(|n| n.expose())
+                != stored.name.as_ref().map(|n| n.expose());
+        if !later && !renamed {
+            return Ok((row, stored.expiry, false));
+        }
+        let name = match &offered.name {
+            Some(n) => Some(n.clone()),
+            None => stored.name.clone(),
+        };
+        let new = CardSecret {
+            pan: stored.pan,
+            expiry: offered.expiry,
+            name,
+        };
+        let what = match (later, renamed || offered.name.is_some()) {
+            (true, true) => "expiry,name",
+            (true, false) => "expiry",
+            _ => "name",
+        };
+        match self.reseal_update(ctx, &row, &new, what).await? {
+            Some(updated) => Ok((updated, new.expiry, true)),
+            // Changed meanwhile by another request: report what is stored.
+            None => {
+                let current = self
+                    .store
+                    .find_card(&row.token)
+                    .await?
+                    .ok_or(VaultError::NotFound)?;
+                let expiry = self.open_row(&current).await?.expiry;
+                Ok((current, expiry, false))
+            }
+        }
+    }
+
+    /// Reseal `row`'s record as `secret` under the active DEK (same token)
+    /// and store it if the row did not change meanwhile, with a
+    /// `card_updated` event naming `what`. `None` if it changed.
+    async fn reseal_update(
+        &self,
+        ctx: &RequestContext,
+        row: &CardRow,
+        secret: &CardSecret,
+        what: &str,
+    ) -> Result<Option<CardRow>, VaultError> {
+        let event = ctx
+            .event(Action::CardUpdated, Outcome::Success)
+            .tenant(row.tenant.clone())
+            .token(row.token.clone())
+            .detail(what.to_owned());
+        for attempt in 0..2 {
+            let keys = self.keys.keys();
+            let dek = keys.active_dek();
+            let aad = RecordAad {
+                tenant: &row.tenant,
+                token: &row.token,
+                key_version: dek.version(),
+            };
+            let sealed = dek
+                .seal(&aad, &secret.encode())
+                .map_err(|_| VaultError::Rng)?;
+            let now = now_millis();
+            let mut new = row.clone();
+            new.key_version = dek.version();
+            new.nonce = sealed.nonce.to_vec();
+            new.ciphertext = sealed.ciphertext;
+            new.updated_at = Some(now);
+            new.last_used_at = Some(now);
+            match self
+                .store
+                .update_card(
+                    &new,
+                    &row.nonce,
+                    keys.fingerprint_key().version(),
+                    event.clone(),
+                )
+                .await
+            {
+                Ok(true) => return Ok(Some(new)),
+                Ok(false) => return Ok(None),
+                Err(StoreError::StaleKeys) if attempt == 0 => {
+                    self.refresh_keys().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Change a stored card's expiry or cardholder name (`PATCH`; role
+    /// `tokenize`). An expiry before the stored one is refused (409
+    /// `older_expiry`); nothing changes on any error.
+    pub async fn update(
+        &self,
+        ctx: &RequestContext,
+        token: &str,
+        change: CardUpdate,
+    ) -> Result<TokenInfo, VaultError> {
+        self.require_role(ctx, Action::CardUpdated, &[Role::Tokenize])
+            .await?;
+        let row = self.lookup(ctx, Action::CardUpdated, token).await?;
+        let base = ctx
+            .event(Action::CardUpdated, Outcome::Failure)
+            .tenant(row.tenant.clone())
+            .token(row.token.clone());
+        let stored = match self.open_row(&row).await {
+            Ok(card) => card,
+            Err(e) => return Err(self.fail(base.detail("integrity"), e).await),
+        };
+        let expiry = match (change.exp_month, change.exp_year) {
+            (None, None) => stored.expiry,
+            (month, year) => match Expiry::new(
+                month.unwrap_or(i64::from(stored.expiry.month())),
+                year.unwrap_or(i64::from(stored.expiry.year())),
+            ) {
+                Ok(e) => e,
+                Err(e) => {
+                    let e = VaultError::InvalidCard(e.into());
+                    return Err(self.fail(base, e).await);
+                }
+            },
+        };
+        if expiry < stored.expiry {
+            return Err(self.fail(base, VaultError::OlderExpiry).await);
+        }
+        let name = match &change.cardholder_name {
+            Some(n) => match CardholderName::parse(n) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    let e = VaultError::InvalidCard(e.into());
+                    return Err(self.fail(base, e).await);
+                }
+            },
+            None => stored.name.clone(),
+        };
+        let expiry_changed = expiry != stored.expiry;
+        let name_changed =
+            name.as_ref().map(|n| n.expose()) != stored.name.as_ref().map(|n| n.expose());
+        let what = match (expiry_changed, name_changed) {
+            (false, false) => {
+                let mut info = token_info(&row, stored.expiry, false);
+                info.cvc_available = self.cvc.has(&row.token, Instant::now());
+                return Ok(info);
+            }
+            (true, true) => "expiry,name",
+            (true, false) => "expiry",
+            (false, true) => "name",
+        };
+        let secret = CardSecret {
+            pan: stored.pan,
+            expiry,
+            name,
+        };
+        let Some(new) = self.reseal_update(ctx, &row, &secret, what).await? else {
+            return Err(self
+                .fail(
+                    base.detail("changed_meanwhile"),
+                    VaultError::KeyLifecycle(KeyLifecycleError::Conflict),
+                )
+                .await);
+        };
+        let mut info = token_info(&new, expiry, false);
+        info.updated = true;
+        info.cvc_available = self.cvc.has(&row.token, Instant::now());
+        Ok(info)
+    }
+
+    /// Seal validated cards under the active keys (fresh tokens of
+    /// `format`).
+    async fn seal_cards(
+        &self,
+        tenant: &TenantRow,
         secrets: &[CardSecret],
         base: &AuditEvent,
         now: i64,
+        format: TokenFormat,
+        expires_at: Option<i64>,
     ) -> Result<Vec<NewCard>, VaultError> {
+        let tokens = match format {
+            TokenFormat::Random => secrets
+                .iter()
+                .map(|_| Token::generate().map_err(|_| VaultError::Rng))
+                .collect::<Result<Vec<_>, _>>()?,
+            TokenFormat::PanShaped => self.pan_shaped_tokens(secrets).await?,
+        };
         let keys = self.keys.keys();
         let fp_key = keys.fingerprint_key();
         let dek = keys.active_dek();
+        let salt = tenant.fingerprint_salt.as_deref();
+        let name = tenant.name.as_str();
         let mut out = Vec::with_capacity(secrets.len());
-        for secret in secrets {
-            let token = Token::generate().map_err(|_| VaultError::Rng)?;
-            let fingerprint = fp_key.fingerprint(tenant.as_str(), &secret.pan);
+        for (secret, token) in secrets.iter().zip(tokens) {
+            let fingerprint = fp_key.fingerprint(name, salt, &secret.pan);
             let previous_fingerprints = keys
                 .previous_fingerprint_keys()
-                .map(|k| k.fingerprint(tenant.as_str(), &secret.pan))
+                .map(|k| k.fingerprint(name, salt, &secret.pan))
                 .collect();
             let aad = RecordAad {
-                tenant: tenant.as_str(),
+                tenant: name,
                 token: token.as_str(),
                 key_version: dek.version(),
             };
@@ -491,7 +894,7 @@ impl Vault {
             let pan_len = u8::try_from(secret.pan.len()).map_err(|_| VaultError::Integrity)?;
             let row = CardRow {
                 token: token.as_str().to_owned(),
-                tenant: tenant.as_str().to_owned(),
+                tenant: name.to_owned(),
                 fingerprint,
                 brand: secret.pan.brand().as_str().to_owned(),
                 bin: secret.pan.bin(),
@@ -502,6 +905,9 @@ impl Vault {
                 ciphertext: sealed.ciphertext,
                 created_at: now,
                 fingerprint_version: fp_key.version(),
+                expires_at,
+                last_used_at: Some(now),
+                updated_at: None,
             };
             out.push(NewCard {
                 row,
@@ -510,6 +916,53 @@ impl Vault {
             });
         }
         Ok(out)
+    }
+
+    /// One free pan-shaped token per card: drawn at random and checked
+    /// against the store; a taken one is drawn again. After
+    /// [`PAN_SHAPED_PATIENCE`] taken draws in a row the space is counted:
+    /// nearly used up ([`PAN_SHAPED_FULL`] of it) is a clear error rather
+    /// than an endless search; so is running out of draws.
+    async fn pan_shaped_tokens(&self, secrets: &[CardSecret]) -> Result<Vec<Token>, VaultError> {
+        let mut out: Vec<Option<Token>> = vec![None; secrets.len()];
+        let mut misses = vec![0u32; secrets.len()];
+        loop {
+            let mut wanted = Vec::new();
+            for (i, secret) in secrets.iter().enumerate() {
+                if out[i].is_none() {
+                    let t = Token::pan_shaped(&secret.pan).map_err(|_| VaultError::Rng)?;
+                    wanted.push((i, t));
+                }
+            }
+            if wanted.is_empty() {
+                return Ok(out.into_iter().flatten().collect());
+            }
+            let candidates: Vec<String> =
+                wanted.iter().map(|(_, t)| t.as_str().to_owned()).collect();
+            let taken = self.store.tokens_taken(&candidates).await?;
+            for (i, token) in wanted {
+                let twice = out.iter().flatten().any(|t| t == &token);
+                if taken.iter().any(|t| t == token.as_str()) || twice {
+                    misses[i] += 1;
+                    if misses[i].is_multiple_of(PAN_SHAPED_PATIENCE) {
+                        let pan = &secrets[i].pan;
+                        let space = pan_shaped_space(pan.len());
+                        let pan_len = u8::try_from(pan.len()).map_err(|_| VaultError::Integrity)?;
+                        let used = self
+                            .store
+                            .pan_shaped_in_use(&pan.bin(), &pan.last4(), pan_len)
+                            .await?;
+                        if used as f64 >= space as f64 * PAN_SHAPED_FULL
+                            || misses[i] >= 8 * PAN_SHAPED_PATIENCE
+                        {
+                            return Err(VaultError::TokenSpaceExhausted { used, space });
+                        }
+                    }
+                } else {
+                    out[i] = Some(token);
+                }
+            }
+        }
     }
 
     /// Open a stored record with the DEK of its version. A version this
@@ -584,6 +1037,14 @@ impl Vault {
         let Some(row) = self.store.find_card(token.as_str()).await? else {
             return Err(self.fail(base, VaultError::NotFound).await);
         };
+        // Past its expiry the token is gone as if deleted (the purge
+        // removes the row).
+        if row.expires_at.is_some_and(|at| at <= now_millis()) {
+            self.cvc.forget(&row.token);
+            return Err(self
+                .fail(base.detail("expired"), VaultError::NotFound)
+                .await);
+        }
         if !ctx.principal.tenants.allows(&row.tenant) {
             let mut ev = base
                 .tenant(row.tenant.clone())
@@ -604,7 +1065,7 @@ impl Vault {
         token: &str,
         reason: &str,
     ) -> Result<Detokenized, VaultError> {
-        self.detokenize_inner(ctx, token, reason, None).await
+        self.detokenize_inner(ctx, token, reason, None, false).await
     }
 
     /// [`Vault::detokenize`] under `monitor`: the principal's rate limit is
@@ -621,8 +1082,9 @@ impl Vault {
         token: &str,
         reason: &str,
         monitor: &DetokenizeMonitor,
+        include_cvc: bool,
     ) -> Result<Detokenized, VaultError> {
-        self.detokenize_inner(ctx, token, reason, Some(monitor))
+        self.detokenize_inner(ctx, token, reason, Some(monitor), include_cvc)
             .await
     }
 
@@ -632,6 +1094,7 @@ impl Vault {
         token: &str,
         reason: &str,
         monitor: Option<&DetokenizeMonitor>,
+        include_cvc: bool,
     ) -> Result<Detokenized, VaultError> {
         self.require_role(ctx, Action::Detokenize, &[Role::Detokenize])
             .await?;
@@ -666,7 +1129,21 @@ impl Vault {
             Ok(card) => card,
             Err(e) => return Err(self.fail(event.detail("integrity"), e).await),
         };
+        // The security code leaves with this answer and is gone; the audit
+        // trail says so (never the code). If the event cannot be written,
+        // the code is dropped rather than kept for a retry.
+        let cvc = if include_cvc {
+            self.cvc.take(&row.token, Instant::now())
+        } else {
+            None
+        };
+        let event = if cvc.is_some() {
+            event.detail("cvc_released")
+        } else {
+            event
+        };
         self.store.append_audit(event).await?;
+        self.touch(&[row.token.as_str()], now_millis()).await;
         if let Some(anomaly) =
             monitor.and_then(|m| m.observe(principal_id, &row.token, Instant::now()))
         {
@@ -687,9 +1164,12 @@ impl Vault {
                 .detail(anomaly.detail());
             self.store.append_audit(ev).await?;
         }
+        let cvc_available = self.cvc.has(&row.token, Instant::now());
         Ok(Detokenized {
             token: row.token,
             card,
+            cvc,
+            cvc_available,
         })
     }
 
@@ -727,7 +1207,9 @@ impl Vault {
             Err(e) => return Err(self.fail(event.detail("integrity"), e).await),
         };
         self.store.append_audit(event).await?;
-        Ok(token_info(&row, card.expiry, false))
+        let mut info = token_info(&row, card.expiry, false);
+        info.cvc_available = self.cvc.has(&row.token, Instant::now());
+        Ok(info)
     }
 
     /// Delete a token and its ciphertext.
@@ -739,6 +1221,7 @@ impl Vault {
             .event(Action::Delete, Outcome::Success)
             .tenant(row.tenant.clone())
             .token(row.token.clone());
+        self.cvc.forget(&row.token);
         if self
             .store
             .delete_card(&row.token, &row.tenant, event.clone())
@@ -869,7 +1352,7 @@ impl Vault {
     }
 }
 
-fn validate(input: &CardInput) -> Result<CardSecret, CardError> {
+fn validate(input: &CardInput) -> Result<(CardSecret, Option<Cvc>), CardError> {
     let pan = Pan::parse(&input.pan)?;
     let expiry = Expiry::new(input.exp_month, input.exp_year)?;
     let name = input
@@ -877,7 +1360,12 @@ fn validate(input: &CardInput) -> Result<CardSecret, CardError> {
         .as_ref()
         .map(|n| CardholderName::parse(n))
         .transpose()?;
-    Ok(CardSecret { pan, expiry, name })
+    let cvc = input
+        .cvc
+        .as_ref()
+        .map(|c| Cvc::parse(c, pan.brand()).map_err(|_| CardError::Cvc))
+        .transpose()?;
+    Ok((CardSecret { pan, expiry, name }, cvc))
 }
 
 fn valid_reason(reason: &str) -> bool {
@@ -901,6 +1389,10 @@ fn token_info(row: &CardRow, expiry: Expiry, created: bool) -> TokenInfo {
         exp_year: expiry.year(),
         created_at: row.created_at,
         created,
+        token_format: TokenFormat::of(&row.token),
+        expires_at: row.expires_at,
+        updated: false,
+        cvc_available: false,
     }
 }
 
@@ -955,6 +1447,7 @@ mod tests {
             exp_month: 12,
             exp_year: i64::from(time::OffsetDateTime::now_utc().year()) + 3,
             cardholder_name: Some(Zeroizing::new("Jane Doe".to_owned())),
+            cvc: None,
         }
     }
 
@@ -1308,13 +1801,13 @@ mod tests {
         }
         for t in &tokens {
             f.vault
-                .detokenize_monitored(&all(), t, "settle", &monitor)
+                .detokenize_monitored(&all(), t, "settle", &monitor, false)
                 .await
                 .unwrap();
         }
         let refused = f
             .vault
-            .detokenize_monitored(&all(), &tokens[0], "settle", &monitor)
+            .detokenize_monitored(&all(), &tokens[0], "settle", &monitor, false)
             .await;
         assert!(
             matches!(

@@ -60,6 +60,10 @@ pub enum StoreError {
     /// instance rotated them): reload the keys and try again.
     #[error("the vault keys changed since they were loaded")]
     StaleKeys,
+    /// A new token is already taken (a pan-shaped token drawn twice):
+    /// nothing was written; draw new tokens and try again.
+    #[error("a new token is already in use")]
+    TokenTaken,
 }
 
 /// A wrapped vault key as stored. A destroyed key has an empty `wrapped`.
@@ -187,6 +191,53 @@ pub struct CardRow {
     pub created_at: i64,
     /// Version of the fingerprint key that computed `fingerprint`.
     pub fingerprint_version: u32,
+    /// After this (Unix ms) the token is gone as if deleted.
+    pub expires_at: Option<i64>,
+    /// Last tokenize or detokenize of the card (Unix ms; retention).
+    pub last_used_at: Option<i64>,
+    /// Last expiry or name update (Unix ms).
+    pub updated_at: Option<i64>,
+}
+
+/// A tenant: its policy, and the salt of its fingerprint key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TenantRow {
+    pub name: String,
+    /// 32 random bytes mixed into the tenant's fingerprint key; `None` for a
+    /// tenant from before salts (key from the master and name alone) and
+    /// for a deleted tenant (erased: crypto-shred).
+    pub fingerprint_salt: Option<Vec<u8>>,
+    /// May tokenize with `pan_shaped` tokens.
+    pub pan_shaped: bool,
+    /// Default lifetime of its tokens.
+    pub token_ttl_days: Option<u32>,
+    /// Records not used for this long are purged.
+    pub retention_days: Option<u32>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub deleted_at: Option<i64>,
+}
+
+impl std::fmt::Debug for TenantRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TenantRow")
+            .field("name", &self.name)
+            .field("salted", &self.fingerprint_salt.is_some())
+            .field("pan_shaped", &self.pan_shaped)
+            .field("token_ttl_days", &self.token_ttl_days)
+            .field("retention_days", &self.retention_days)
+            .field("deleted_at", &self.deleted_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a purge batch deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PurgeCounts {
+    /// Past their `expires_at`.
+    pub expired: u64,
+    /// Unused for longer than their tenant's retention.
+    pub retention: u64,
 }
 
 /// One card to insert unless its tenant already has the same fingerprint,
@@ -276,6 +327,69 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         other_events: Vec<AuditEvent>,
     ) -> Result<Vec<Inserted>, StoreError>;
     async fn find_card(&self, token: &str) -> Result<Option<CardRow>, StoreError>;
+    /// Which of these tokens are taken.
+    async fn tokens_taken(&self, tokens: &[String]) -> Result<Vec<String>, StoreError>;
+    /// Cards with this BIN, last four and length whose token is pan-shaped
+    /// (not `tok_`): how much of their token space is used.
+    async fn pan_shaped_in_use(
+        &self,
+        bin: &str,
+        last4: &str,
+        pan_len: u8,
+    ) -> Result<u64, StoreError>;
+    /// Replace the sealed record of `token` (expiry or name update) if it is
+    /// still the one sealed in `expected_nonce`, with `event`, in one
+    /// transaction; the row's keys must be the active ones
+    /// ([`StoreError::StaleKeys`]). Returns false if the record changed
+    /// meanwhile (or is gone).
+    async fn update_card(
+        &self,
+        row: &CardRow,
+        expected_nonce: &[u8],
+        active_fingerprint: u32,
+        event: AuditEvent,
+    ) -> Result<bool, StoreError>;
+    /// Record a use of these cards (retention), at most once per
+    /// `granularity_ms` per card.
+    async fn touch_cards(
+        &self,
+        tokens: &[String],
+        now: i64,
+        granularity_ms: i64,
+    ) -> Result<(), StoreError>;
+    /// Delete up to `limit` records past their expiry (at `now`) and, per
+    /// `(tenant, cutoff)`, unused since before the cutoff; one audit event
+    /// with the counts (`event`'s detail is set) in the same transaction,
+    /// written only if something was deleted.
+    async fn purge_due(
+        &self,
+        now: i64,
+        retention: &[(String, i64)],
+        limit: u32,
+        event: AuditEvent,
+    ) -> Result<PurgeCounts, StoreError>;
+
+    async fn tenant(&self, name: &str) -> Result<Option<TenantRow>, StoreError>;
+    async fn tenants(&self) -> Result<Vec<TenantRow>, StoreError>;
+    /// Insert the tenant unless it exists; returns the stored row.
+    async fn ensure_tenant(&self, row: &TenantRow) -> Result<TenantRow, StoreError>;
+    /// Insert or update the tenant's policy (pan_shaped, token_ttl_days,
+    /// retention_days; a new tenant gets `row`'s salt) with `event`.
+    async fn set_tenant_policy(
+        &self,
+        row: &TenantRow,
+        event: AuditEvent,
+    ) -> Result<TenantRow, StoreError>;
+    /// Mark the tenant deleted and erase its fingerprint salt, with `event`.
+    /// Returns false if it was already deleted.
+    async fn mark_tenant_deleted(
+        &self,
+        name: &str,
+        at: i64,
+        event: AuditEvent,
+    ) -> Result<bool, StoreError>;
+    /// Delete up to `limit` of the tenant's records; returns how many.
+    async fn delete_tenant_cards(&self, tenant: &str, limit: u32) -> Result<u64, StoreError>;
     /// Delete the card with this token and tenant and record `event` in the
     /// same transaction. Returns false (and writes nothing) if no such row.
     async fn delete_card(
@@ -523,6 +637,7 @@ pub enum BackupRecord {
     Key(StoredKey),
     Card(CardRow),
     Principal(PrincipalRow),
+    Tenant(TenantRow),
     Audit(AuditRow),
     Checkpoint(audit::Checkpoint),
     SigningKey(SigningKeyRow),

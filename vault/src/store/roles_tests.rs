@@ -175,6 +175,9 @@ fn card(token: &str, fingerprint: &str) -> CardRow {
         ciphertext: vec![1, 2, 3],
         created_at: 1,
         fingerprint_version: 1,
+        expires_at: None,
+        last_used_at: None,
+        updated_at: None,
     }
 }
 
@@ -309,6 +312,9 @@ const APP_PRIVILEGES: &[&str] = &[
     "principals SELECT",
     "principals.revoked_at UPDATE",
     "schema public USAGE",
+    "tenants INSERT",
+    "tenants SELECT",
+    "tenants UPDATE",
     "vault_keys INSERT",
     "vault_keys SELECT",
     "vault_keys.destroyed_at UPDATE",
@@ -342,6 +348,7 @@ const TABLES: &[&str] = &[
     "audit_signing_keys",
     "cards",
     "principals",
+    "tenants",
     "vault_keys",
 ];
 
@@ -658,7 +665,7 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         .fetch_one(&mut admin)
         .await
         .unwrap();
-    assert_eq!(applied, 5);
+    assert_eq!(applied, 6);
     owner.migrate().await.unwrap();
 
     // `tokenizer restore` is an owner operation: as the runtime role the

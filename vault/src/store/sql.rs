@@ -12,7 +12,9 @@
 macro_rules! sql_store {
     ($store:ty, $db:ty) => {
         const CARD_COLUMNS: &str =
-            "token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at, fingerprint_version";
+            "token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at, fingerprint_version, expires_at, last_used_at, updated_at";
+        const TENANT_COLUMNS: &str =
+            "name, fingerprint_salt, pan_shaped, token_ttl_days, retention_days, created_at, updated_at, deleted_at";
         const KEY_COLUMNS: &str =
             "purpose, version, kek_id, wrapped, created_at, state, retired_at, destroyed_at, reencrypted_at";
         const PRINCIPAL_COLUMNS: &str = "id, name, roles, tenants, key_hash, created_at, revoked_at, cert_identity";
@@ -236,8 +238,8 @@ macro_rules! sql_store {
 
         /// Insert one card row as it is (restore).
         async fn insert_card(tx: &mut Tx<'_>, row: &$crate::store::CardRow) -> Result<u64, $crate::store::StoreError> {
-            let sql = "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at, fingerprint_version)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+            let sql = "INSERT INTO cards (token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at, fingerprint_version, expires_at, last_used_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
             let res = sqlx::query(sql)
                 .bind(&row.token)
                 .bind(&row.tenant)
@@ -251,6 +253,28 @@ macro_rules! sql_store {
                 .bind(&row.ciphertext)
                 .bind(row.created_at)
                 .bind(i64::from(row.fingerprint_version))
+                .bind(row.expires_at)
+                .bind(row.last_used_at)
+                .bind(row.updated_at)
+                .execute(&mut **tx)
+                .await?;
+            Ok(res.rows_affected())
+        }
+
+        /// Insert a tenant row as it is (restore) or as new.
+        async fn insert_tenant(tx: &mut Tx<'_>, row: &$crate::store::TenantRow, on_conflict: &str) -> Result<u64, $crate::store::StoreError> {
+            let sql = format!(
+                "INSERT INTO tenants ({TENANT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) {on_conflict}"
+            );
+            let res = sqlx::query(&sql)
+                .bind(&row.name)
+                .bind(&row.fingerprint_salt)
+                .bind(i64::from(row.pan_shaped))
+                .bind(row.token_ttl_days.map(i64::from))
+                .bind(row.retention_days.map(i64::from))
+                .bind(row.created_at)
+                .bind(row.updated_at)
+                .bind(row.deleted_at)
                 .execute(&mut **tx)
                 .await?;
             Ok(res.rows_affected())
@@ -339,6 +363,28 @@ macro_rules! sql_store {
                     let v: i64 = r.try_get("fingerprint_version")?;
                     u32::try_from(v).map_err(|_| StoreError::Corrupt("fingerprint_version"))?
                 },
+                expires_at: r.try_get("expires_at")?,
+                last_used_at: r.try_get("last_used_at")?,
+                updated_at: r.try_get("updated_at")?,
+            })
+        }
+
+        fn tenant_from_row(r: &Row) -> Result<$crate::store::TenantRow, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            use $crate::store::StoreError;
+            let days = |v: Option<i64>, what: &'static str| {
+                v.map(|d| u32::try_from(d).map_err(|_| StoreError::Corrupt(what))).transpose()
+            };
+            let pan_shaped: i64 = r.try_get("pan_shaped")?;
+            Ok($crate::store::TenantRow {
+                name: r.try_get("name")?,
+                fingerprint_salt: r.try_get("fingerprint_salt")?,
+                pan_shaped: pan_shaped != 0,
+                token_ttl_days: days(r.try_get("token_ttl_days")?, "token_ttl_days")?,
+                retention_days: days(r.try_get("retention_days")?, "retention_days")?,
+                created_at: r.try_get("created_at")?,
+                updated_at: r.try_get("updated_at")?,
+                deleted_at: r.try_get("deleted_at")?,
             })
         }
 
@@ -576,6 +622,24 @@ macro_rules! sql_store {
                             .cloned()
                     };
                     let to_insert: Vec<&NewCard> = cards.iter().filter(|c| found_before(c).is_none()).collect();
+                    // A stored card past its expiry is gone as if deleted:
+                    // the same card tokenized again gets a new token.
+                    let mut expired_replaced = 0u64;
+                    for chunk in to_insert.chunks(ROWS_PER_STATEMENT) {
+                        let mut q = sqlx::QueryBuilder::<$db>::new("DELETE FROM cards WHERE expires_at IS NOT NULL AND expires_at <= ");
+                        q.push_bind(chunk.first().map_or(0, |c| c.row.created_at));
+                        q.push(" AND (tenant, fingerprint) IN (");
+                        let mut sep = q.separated(", ");
+                        for c in chunk {
+                            sep.push("(");
+                            sep.push_bind_unseparated(&c.row.tenant);
+                            sep.push_unseparated(", ");
+                            sep.push_bind_unseparated(&c.row.fingerprint);
+                            sep.push_unseparated(")");
+                        }
+                        q.push(")");
+                        expired_replaced += q.build().execute(&mut *tx).await?.rows_affected();
+                    }
                     // Multi-row statements: a 1000-card batch is a few dozen
                     // round trips, not two thousand.
                     let mut created: HashSet<String> = HashSet::new();
@@ -599,10 +663,23 @@ macro_rules! sql_store {
                                 .push_bind(&r.nonce)
                                 .push_bind(&r.ciphertext)
                                 .push_bind(r.created_at)
-                                .push_bind(i64::from(r.fingerprint_version));
+                                .push_bind(i64::from(r.fingerprint_version))
+                                .push_bind(r.expires_at)
+                                .push_bind(r.last_used_at)
+                                .push_bind(r.updated_at);
                         });
                         q.push(" ON CONFLICT (tenant, fingerprint) DO NOTHING RETURNING token");
-                        for r in q.build().fetch_all(&mut *tx).await? {
+                        // A new token that is already taken (a pan-shaped
+                        // token drawn twice) violates the primary key: the
+                        // caller draws again.
+                        let rows = match q.build().fetch_all(&mut *tx).await {
+                            Ok(rows) => rows,
+                            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                                return Err($crate::store::StoreError::TokenTaken)
+                            }
+                            Err(e) => return Err(e.into()),
+                        };
+                        for r in rows {
                             created.insert(r.try_get("token")?);
                         }
                     }
@@ -627,6 +704,14 @@ macro_rules! sql_store {
                         }
                     }
                     let mut events = other_events;
+                    if expired_replaced > 0 {
+                        if let Some(first) = cards.first() {
+                            let mut ev = first.event.clone();
+                            ev.action = audit::Action::Purged;
+                            ev.detail = Some(format!("expired={expired_replaced} retention=0 (replaced by a new tokenization)"));
+                            events.push(ev);
+                        }
+                    }
                     let mut out = Vec::with_capacity(cards.len());
                     for card in cards {
                         let before = found_before(&card);
@@ -663,6 +748,252 @@ macro_rules! sql_store {
                     row.as_ref().map(card_from_row).transpose()
                 })
                 .await
+            }
+
+            async fn tokens_taken(&self, tokens: &[String]) -> Result<Vec<String>, $crate::store::StoreError> {
+                use sqlx::Row as _;
+                self.bounded(async {
+                    let mut taken = Vec::new();
+                    for chunk in tokens.chunks(ROWS_PER_STATEMENT) {
+                        let mut q = sqlx::QueryBuilder::<$db>::new("SELECT token FROM cards WHERE token IN (");
+                        let mut sep = q.separated(", ");
+                        for t in chunk {
+                            sep.push_bind(t);
+                        }
+                        q.push(")");
+                        for r in q.build().fetch_all(&self.pool).await? {
+                            taken.push(r.try_get("token")?);
+                        }
+                    }
+                    Ok(taken)
+                })
+                .await
+            }
+
+            async fn pan_shaped_in_use(&self, bin: &str, last4: &str, pan_len: u8) -> Result<u64, $crate::store::StoreError> {
+                self.bounded(async {
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM cards WHERE bin = $1 AND last4 = $2 AND pan_len = $3 AND substr(token, 1, 4) <> 'tok_'",
+                    )
+                    .bind(bin)
+                    .bind(last4)
+                    .bind(i64::from(pan_len))
+                    .fetch_one(&self.pool)
+                    .await?;
+                    Ok(u64::try_from(n).unwrap_or(0))
+                })
+                .await
+            }
+
+            async fn update_card(
+                &self,
+                row: &$crate::store::CardRow,
+                expected_nonce: &[u8],
+                active_fingerprint: u32,
+                event: audit::AuditEvent,
+            ) -> Result<bool, $crate::store::StoreError> {
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    guard_keys(&mut tx, row.key_version, active_fingerprint, true).await?;
+                    let res = sqlx::query(
+                        "UPDATE cards SET key_version = $1, nonce = $2, ciphertext = $3, updated_at = $4, last_used_at = $5
+                         WHERE token = $6 AND tenant = $7 AND nonce = $8",
+                    )
+                    .bind(i64::from(row.key_version))
+                    .bind(&row.nonce)
+                    .bind(&row.ciphertext)
+                    .bind(row.updated_at)
+                    .bind(row.last_used_at)
+                    .bind(&row.token)
+                    .bind(&row.tenant)
+                    .bind(expected_nonce)
+                    .execute(&mut *tx)
+                    .await?;
+                    if res.rows_affected() == 0 {
+                        tx.rollback().await?;
+                        return Ok(false);
+                    }
+                    insert_event(&mut tx, &event).await?;
+                    tx.commit().await?;
+                    Ok(true)
+                })
+                .await
+            }
+
+            async fn touch_cards(&self, tokens: &[String], now: i64, granularity_ms: i64) -> Result<(), $crate::store::StoreError> {
+                self.bounded(async {
+                    for chunk in tokens.chunks(ROWS_PER_STATEMENT) {
+                        let mut q = sqlx::QueryBuilder::<$db>::new("UPDATE cards SET last_used_at = ");
+                        q.push_bind(now);
+                        q.push(" WHERE (last_used_at IS NULL OR last_used_at < ");
+                        q.push_bind(now - granularity_ms);
+                        q.push(") AND token IN (");
+                        let mut sep = q.separated(", ");
+                        for t in chunk {
+                            sep.push_bind(t);
+                        }
+                        q.push(")");
+                        q.build().execute(&self.pool).await?;
+                    }
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn purge_due(
+                &self,
+                now: i64,
+                retention: &[(String, i64)],
+                limit: u32,
+                mut event: audit::AuditEvent,
+            ) -> Result<$crate::store::PurgeCounts, $crate::store::StoreError> {
+                let counts = self
+                    .bounded(async {
+                        let mut tx = self.pool.begin().await?;
+                        let limit = i64::from(limit.max(1));
+                        let expired = sqlx::query(
+                            "DELETE FROM cards WHERE token IN
+                               (SELECT token FROM cards WHERE expires_at IS NOT NULL AND expires_at <= $1 LIMIT $2)",
+                        )
+                        .bind(now)
+                        .bind(limit)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                        let mut retained = 0u64;
+                        for (tenant, cutoff) in retention {
+                            let left = limit - i64::try_from(expired + retained).unwrap_or(limit);
+                            if left <= 0 {
+                                break;
+                            }
+                            retained += sqlx::query(
+                                "DELETE FROM cards WHERE token IN
+                                   (SELECT token FROM cards WHERE tenant = $1 AND COALESCE(last_used_at, created_at) < $2 LIMIT $3)",
+                            )
+                            .bind(tenant)
+                            .bind(*cutoff)
+                            .bind(left)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                        }
+                        let counts = $crate::store::PurgeCounts { expired, retention: retained };
+                        if expired + retained == 0 {
+                            tx.rollback().await?;
+                            return Ok(counts);
+                        }
+                        event.detail = Some(format!("expired={expired} retention={retained}"));
+                        insert_event(&mut tx, &event).await?;
+                        tx.commit().await?;
+                        Ok(counts)
+                    })
+                    .await?;
+                if counts.expired + counts.retention > 0 {
+                    self.after_delete().await;
+                }
+                Ok(counts)
+            }
+
+            async fn tenant(&self, name: &str) -> Result<Option<$crate::store::TenantRow>, $crate::store::StoreError> {
+                self.bounded(async {
+                    let row = sqlx::query(&format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1"))
+                        .bind(name)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                    row.as_ref().map(tenant_from_row).transpose()
+                })
+                .await
+            }
+
+            async fn tenants(&self) -> Result<Vec<$crate::store::TenantRow>, $crate::store::StoreError> {
+                self.bounded(async {
+                    let rows = sqlx::query(&format!("SELECT {TENANT_COLUMNS} FROM tenants ORDER BY name"))
+                        .fetch_all(&self.pool)
+                        .await?;
+                    rows.iter().map(tenant_from_row).collect()
+                })
+                .await
+            }
+
+            async fn ensure_tenant(&self, row: &$crate::store::TenantRow) -> Result<$crate::store::TenantRow, $crate::store::StoreError> {
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    insert_tenant(&mut tx, row, "ON CONFLICT (name) DO NOTHING").await?;
+                    let stored = sqlx::query(&format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1"))
+                        .bind(&row.name)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    tx.commit().await?;
+                    tenant_from_row(&stored)
+                })
+                .await
+            }
+
+            async fn set_tenant_policy(
+                &self,
+                row: &$crate::store::TenantRow,
+                event: audit::AuditEvent,
+            ) -> Result<$crate::store::TenantRow, $crate::store::StoreError> {
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    insert_tenant(
+                        &mut tx,
+                        row,
+                        "ON CONFLICT (name) DO UPDATE SET pan_shaped = excluded.pan_shaped,
+                           token_ttl_days = excluded.token_ttl_days, retention_days = excluded.retention_days,
+                           updated_at = excluded.updated_at",
+                    )
+                    .await?;
+                    let stored = sqlx::query(&format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1"))
+                        .bind(&row.name)
+                        .fetch_one(&mut *tx)
+                        .await?;
+                    insert_event(&mut tx, &event).await?;
+                    tx.commit().await?;
+                    tenant_from_row(&stored)
+                })
+                .await
+            }
+
+            async fn mark_tenant_deleted(&self, name: &str, at: i64, event: audit::AuditEvent) -> Result<bool, $crate::store::StoreError> {
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    let res = sqlx::query(
+                        "UPDATE tenants SET deleted_at = $1, updated_at = $1, fingerprint_salt = NULL
+                         WHERE name = $2 AND deleted_at IS NULL",
+                    )
+                    .bind(at)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+                    if res.rows_affected() == 0 {
+                        tx.rollback().await?;
+                        return Ok(false);
+                    }
+                    insert_event(&mut tx, &event).await?;
+                    tx.commit().await?;
+                    Ok(true)
+                })
+                .await
+            }
+
+            async fn delete_tenant_cards(&self, tenant: &str, limit: u32) -> Result<u64, $crate::store::StoreError> {
+                let n = self
+                    .bounded(async {
+                        let res = sqlx::query(
+                            "DELETE FROM cards WHERE token IN (SELECT token FROM cards WHERE tenant = $1 LIMIT $2)",
+                        )
+                        .bind(tenant)
+                        .bind(i64::from(limit.max(1)))
+                        .execute(&self.pool)
+                        .await?;
+                        Ok(res.rows_affected())
+                    })
+                    .await?;
+                if n > 0 {
+                    self.after_delete().await;
+                }
+                Ok(n)
             }
 
             async fn delete_card(
@@ -1374,9 +1705,12 @@ macro_rules! sql_store {
                     }
                 }
                 type ToRecord = fn(&Row) -> Result<BackupRecord, StoreError>;
-                let tables: [(String, ToRecord); 6] = [
+                let tables: [(String, ToRecord); 7] = [
                     (format!("SELECT {PRINCIPAL_COLUMNS} FROM principals ORDER BY id"), |r| {
                         Ok(BackupRecord::Principal(principal_from_row(r)?))
+                    }),
+                    (format!("SELECT {TENANT_COLUMNS} FROM tenants ORDER BY name"), |r| {
+                        Ok(BackupRecord::Tenant(tenant_from_row(r)?))
                     }),
                     (format!("SELECT {CARD_COLUMNS} FROM cards ORDER BY token"), |r| {
                         Ok(BackupRecord::Card(card_from_row(r)?))
@@ -1413,7 +1747,7 @@ macro_rules! sql_store {
                         "SELECT (SELECT COUNT(*) FROM vault_keys) + (SELECT COUNT(*) FROM cards)
                               + (SELECT COUNT(*) FROM principals) + (SELECT COUNT(*) FROM audit_events)
                               + (SELECT COUNT(*) FROM audit_checkpoints) + (SELECT COUNT(*) FROM audit_signing_keys)
-                              + (SELECT COUNT(*) FROM audit_archives)",
+                              + (SELECT COUNT(*) FROM audit_archives) + (SELECT COUNT(*) FROM tenants)",
                     )
                     .fetch_one(&self.pool)
                     .await?;
@@ -1451,6 +1785,9 @@ macro_rules! sql_store {
                         BackupRecord::Card(row) => {
                             insert_card(&mut tx, row).await?;
                         }
+                        BackupRecord::Tenant(row) => {
+                            insert_tenant(&mut tx, row, "").await?;
+                        }
                         BackupRecord::Audit(row) => {
                             insert_restored_event(&mut tx, row).await?;
                         }
@@ -1465,6 +1802,15 @@ macro_rules! sql_store {
                         }
                     }
                 }
+                // A backup from before tenant rows: its tenants keep their
+                // unsalted fingerprint keys (as the migration does).
+                sqlx::query(
+                    "INSERT INTO tenants (name, created_at, updated_at)
+                     SELECT tenant, MIN(created_at), MIN(created_at) FROM cards
+                     WHERE tenant NOT IN (SELECT name FROM tenants) GROUP BY tenant",
+                )
+                .execute(&mut *tx)
+                .await?;
                 // The chain head follows from the restored chain, which must
                 // link up entry by entry: a broken chain is not restored.
                 let mut chained: Vec<audit::ChainedEvent> = records

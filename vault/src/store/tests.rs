@@ -189,6 +189,9 @@ fn row(token: &str, tenant: &str, fp: &str) -> CardRow {
         ciphertext: vec![1, 2, 3],
         created_at: 1,
         fingerprint_version: 1,
+        expires_at: None,
+        last_used_at: None,
+        updated_at: None,
     }
 }
 
