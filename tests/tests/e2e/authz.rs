@@ -63,6 +63,8 @@ enum Body {
     Batch,
     /// A fresh token of [`TENANT`] with a reason.
     Detokenize,
+    /// `{"cardholder_name": ..}`: a valid update of the token's card.
+    Patch,
     /// `{}`: the file backend re-reads its KEK.
     Unseal,
     /// `{"fingerprint": false}`.
@@ -87,6 +89,7 @@ const TABLE: &[Row] = &[
     ("POST",   "/v1/tokens/batch",                      Body::Batch,      [401, 401, 401, 401, 401, 200, 403, 403, 403, 403]),
     ("POST",   "/v1/detokenize",                        Body::Detokenize, [401, 401, 401, 401, 401, 403, 200, 403, 403, 403]),
     ("GET",    "/v1/tokens/{token}",                    Body::None,       [401, 401, 401, 401, 401, 200, 403, 403, 403, 404]),
+    ("PATCH",  "/v1/tokens/{token}",                    Body::Patch,      [401, 401, 401, 401, 401, 200, 403, 403, 403, 404]),
     ("DELETE", "/v1/tokens/{token}",                    Body::None,       [401, 401, 401, 401, 401, 204, 204, 403, 403, 404]),
     ("GET",    "/v1/audit/events",                      Body::None,       [401, 401, 401, 401, 401, 403, 403, 200, 403, 403]),
     ("GET",    "/v1/audit/checkpoints",                 Body::None,       [401, 401, 401, 401, 401, 403, 403, 200, 403, 403]),
@@ -209,6 +212,7 @@ fn call(client: &Client, admin: &Client, method: &str, path: &str, body: Body) -
             "tenant": TENANT, "cards": [card(&fresh_pan(), 12, exp_year())],
         })),
         Body::Detokenize => Some(json!({ "token": token, "reason": REASON })),
+        Body::Patch => Some(json!({ "cardholder_name": "Matrix Holder" })),
         Body::Unseal => Some(json!({})),
         Body::Rotate => Some(json!({ "fingerprint": false })),
         Body::DestroyKek => Some(json!({ "kek_id": "no-such-kek" })),
