@@ -1851,4 +1851,249 @@ mod tests {
             .await
             .unwrap();
     }
+
+    /// A 12-digit card number of BIN 411111 and last four 1111 with these
+    /// two middle digits (Luhn digit fixed up to be valid): generated from a
+    /// test BIN, as the test-card rules allow.
+    fn twelve_digit(middle: u8) -> Option<String> {
+        let s = format!("411111{middle:02}1111");
+        crate::pan::luhn_valid(s.as_bytes()).then_some(s)
+    }
+
+    #[tokio::test]
+    async fn pan_shaped_space_runs_out_with_a_clear_error() {
+        let f = fixture().await;
+        let pans: Vec<String> = (0..100).filter_map(twelve_digit).collect();
+        assert_eq!(pans.len(), 10, "ten Luhn-valid middles");
+        let opts = TokenizeOptions {
+            format: TokenFormat::PanShaped,
+            expires_at: None,
+        };
+        // Not allowed until the tenant's policy says so.
+        assert!(matches!(
+            f.vault
+                .tokenize_with(&all(), "legacy-0", card(&pans[0]), opts)
+                .await,
+            Err(VaultError::TokenFormatNotPermitted)
+        ));
+        let mut tokens = std::collections::HashSet::new();
+        let mut refused = None;
+        'fill: for t in 0..10 {
+            let tenant = format!("legacy-{t}");
+            crate::tenants::set_policy(
+                f.vault.store().as_ref(),
+                &tenant,
+                crate::tenants::PolicyChange {
+                    pan_shaped: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            // Other processes see a policy change within `tenants::FRESH`.
+            f.vault.tenants.invalidate(&tenant);
+            for pan in &pans {
+                match f
+                    .vault
+                    .tokenize_with(&all(), &tenant, card(pan), opts)
+                    .await
+                {
+                    Ok(info) => {
+                        assert!(!crate::pan::luhn_valid(info.token.as_bytes()));
+                        assert!(info.token.starts_with("411111") && info.token.ends_with("1111"));
+                        assert!(tokens.insert(info.token), "a token issued twice");
+                    }
+                    Err(VaultError::TokenSpaceExhausted { used, space }) => {
+                        refused = Some((used, space));
+                        break 'fill;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+        let (used, space) = refused.expect("the space ran out");
+        assert_eq!(space, 90);
+        assert!(used as f64 >= 81.0 && used <= 90, "{used}");
+        assert_eq!(tokens.len() as u64, used);
+    }
+
+    #[tokio::test]
+    async fn security_codes_are_released_once() {
+        let f = fixture().await;
+        let mut c = card("378282246310005");
+        c.cvc = Some(Zeroizing::new("123".to_owned()));
+        assert!(matches!(
+            f.vault.tokenize(&all(), "shop-1", c).await,
+            Err(VaultError::InvalidCard(CardError::Cvc))
+        ));
+        let mut c = card("378282246310005");
+        c.cvc = Some(Zeroizing::new("9183".to_owned()));
+        let info = f.vault.tokenize(&all(), "shop-1", c).await.unwrap();
+        assert!(info.cvc_available);
+        assert_eq!(f.vault.cvc_held(), 1);
+        let monitor = DetokenizeMonitor::new(crate::monitor::MonitorConfig {
+            per_principal: crate::monitor::Rate::OFF,
+            per_tenant: crate::monitor::Rate::OFF,
+            anomaly: crate::monitor::AnomalyRule {
+                window: std::time::Duration::from_secs(3600),
+                factor: 5,
+                min_distinct: 0,
+                baseline_windows: 12,
+            },
+        });
+        let plain = f
+            .vault
+            .detokenize_monitored(&all(), &info.token, "settle", &monitor, false)
+            .await
+            .unwrap();
+        assert!(plain.cvc.is_none() && plain.cvc_available);
+        let once = f
+            .vault
+            .detokenize_monitored(&all(), &info.token, "settle", &monitor, true)
+            .await
+            .unwrap();
+        assert_eq!(once.cvc.as_ref().map(Cvc::expose), Some("9183"));
+        assert!(!once.cvc_available);
+        let twice = f
+            .vault
+            .detokenize_monitored(&all(), &info.token, "settle", &monitor, true)
+            .await
+            .unwrap();
+        assert!(twice.cvc.is_none());
+        // Nothing of it in any file (database, WAL, KEK).
+        for entry in std::fs::read_dir(f._dir.path()).unwrap() {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            assert!(
+                !bytes.windows(4).any(|w| w == b"9183"),
+                "the code reached a file"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn newer_expiry_updates_older_never_does() {
+        let f = fixture().await;
+        let year = i64::from(time::OffsetDateTime::now_utc().year());
+        let with = |y: i64, name: Option<&str>| CardInput {
+            pan: Zeroizing::new("5555555555554444".to_owned()),
+            exp_month: 6,
+            exp_year: y,
+            cardholder_name: name.map(|n| Zeroizing::new(n.to_owned())),
+            cvc: None,
+        };
+        let a = f
+            .vault
+            .tokenize(&all(), "shop-1", with(year + 2, None))
+            .await
+            .unwrap();
+        let newer = f
+            .vault
+            .tokenize(&all(), "shop-1", with(year + 4, Some("A B")))
+            .await
+            .unwrap();
+        assert_eq!(
+            (newer.token.as_str(), newer.updated, newer.exp_year),
+            (a.token.as_str(), true, u16::try_from(year + 4).unwrap())
+        );
+        let older = f
+            .vault
+            .tokenize(&all(), "shop-1", with(year + 3, None))
+            .await
+            .unwrap();
+        assert_eq!(
+            (older.updated, older.exp_year),
+            (false, u16::try_from(year + 4).unwrap())
+        );
+        let d = f.vault.detokenize(&all(), &a.token, "check").await.unwrap();
+        assert_eq!(d.card.name.as_ref().map(|n| n.expose()), Some("A B"));
+        assert!(matches!(
+            f.vault
+                .update(
+                    &all(),
+                    &a.token,
+                    CardUpdate {
+                        exp_month: Some(1),
+                        exp_year: Some(year + 3),
+                        cardholder_name: None
+                    }
+                )
+                .await,
+            Err(VaultError::OlderExpiry)
+        ));
+        let patched = f
+            .vault
+            .update(
+                &all(),
+                &a.token,
+                CardUpdate {
+                    exp_month: None,
+                    exp_year: None,
+                    cardholder_name: Some(Zeroizing::new("C D".to_owned())),
+                },
+            )
+            .await
+            .unwrap();
+        assert!(patched.updated);
+        let d = f.vault.detokenize(&all(), &a.token, "check").await.unwrap();
+        assert_eq!(d.card.name.as_ref().map(|n| n.expose()), Some("C D"));
+        assert_eq!(d.card.expiry.year(), u16::try_from(year + 4).unwrap());
+    }
+
+    #[tokio::test]
+    async fn expired_tokens_are_gone_and_purged_and_a_deleted_tenant_is_shredded() {
+        let f = fixture().await;
+        let store = f.vault.store().clone();
+        let soon = now_millis() + 300;
+        let opts = TokenizeOptions {
+            format: TokenFormat::Random,
+            expires_at: Some(soon),
+        };
+        let short = f
+            .vault
+            .tokenize_with(&all(), "shop-1", card("4242424242424242"), opts)
+            .await
+            .unwrap();
+        assert_eq!(short.expires_at, Some(soon));
+        let keep = f
+            .vault
+            .tokenize(&all(), "shop-2", card("4242424242424242"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(matches!(
+            f.vault.detokenize(&all(), &short.token, "x").await,
+            Err(VaultError::NotFound)
+        ));
+        let counts = crate::tenants::purge(store.as_ref(), "test").await.unwrap();
+        assert_eq!((counts.expired, counts.retention), (1, 0));
+        assert!(store.find_card(&short.token).await.unwrap().is_none());
+        // Tokenized again after expiry: a new token.
+        let again = f
+            .vault
+            .tokenize(&all(), "shop-1", card("4242424242424242"))
+            .await
+            .unwrap();
+        assert_ne!(again.token, short.token);
+
+        // Deleting shop-1: its salt goes first, then its records.
+        let salted = store.tenant("shop-1").await.unwrap().unwrap();
+        assert!(salted.fingerprint_salt.is_some());
+        let n = crate::tenants::delete_tenant(store.as_ref(), "shop-1")
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        let gone = store.tenant("shop-1").await.unwrap().unwrap();
+        assert!(gone.fingerprint_salt.is_none() && gone.deleted_at.is_some());
+        f.vault.tenants.invalidate("shop-1");
+        assert!(matches!(
+            f.vault
+                .tokenize(&all(), "shop-1", card("4242424242424242"))
+                .await,
+            Err(VaultError::TenantDeleted)
+        ));
+        assert!(
+            f.vault.detokenize(&all(), &keep.token, "x").await.is_ok(),
+            "another tenant is untouched"
+        );
+    }
 }
