@@ -627,7 +627,25 @@ impl Vault {
                     stale += 1;
                     self.refresh_keys().await?;
                 }
-                Err(StoreError::TokenTaken) if taken < 3 => taken += 1,
+                Err(StoreError::TokenTaken) if taken < 8 => taken += 1,
+                // Drawn tokens kept being taken by concurrent requests: the
+                // space is (nearly) used up.
+                Err(StoreError::TokenTaken) => {
+                    let (used, space) = match secrets.first() {
+                        Some(s) => {
+                            let len =
+                                u8::try_from(s.pan.len()).map_err(|_| VaultError::Integrity)?;
+                            let used = self
+                                .store
+                                .pan_shaped_in_use(&s.pan.bin(), &s.pan.last4(), len)
+                                .await?;
+                            (used, pan_shaped_space(s.pan.len()))
+                        }
+                        None => (0, 0),
+                    };
+                    let e = VaultError::TokenSpaceExhausted { used, space };
+                    return Err(self.fail(base.clone().detail("pan_shaped"), e).await);
+                }
                 other => break other?,
             }
         };
