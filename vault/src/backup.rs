@@ -476,7 +476,9 @@ fn to_record(line: Line, n: usize) -> Result<Option<BackupRecord>, BackupError> 
             created_at,
             fingerprint_version,
             expires_at,
-            last_used_at,
+            // A backup from before migration 0006: last used when created
+            // (as the migration sets it; retention reads it).
+            last_used_at: last_used_at.or(Some(created_at)),
             updated_at,
         }),
         Line::Tenant {

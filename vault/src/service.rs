@@ -1051,10 +1051,17 @@ impl Vault {
                 .fail(base.detail("malformed_token"), VaultError::NotFound)
                 .await);
         };
-        let base = base.token(token.as_str());
+        // A digit string we did not issue is never written down: it may be
+        // a mistyped card number (one digit off fails the Luhn check just
+        // like a pan-shaped token). Random tokens cannot hold card data.
         let Some(row) = self.store.find_card(token.as_str()).await? else {
+            let base = match token.format() {
+                TokenFormat::Random => base.token(token.as_str()),
+                TokenFormat::PanShaped => base.detail("unknown_pan_shaped_token"),
+            };
             return Err(self.fail(base, VaultError::NotFound).await);
         };
+        let base = base.token(token.as_str());
         // Past its expiry the token is gone as if deleted (the purge
         // removes the row).
         if row.expires_at.is_some_and(|at| at <= now_millis()) {
@@ -1123,7 +1130,9 @@ impl Vault {
         let principal_id = ctx.principal.id.as_str();
         if let Some(Err(wait)) = monitor.map(|m| m.admit_principal(principal_id, Instant::now())) {
             let mut ev = ctx.event(Action::Detokenize, Outcome::Denied);
-            if let Some(t) = Token::parse(token) {
+            // Not looked up yet: only a random token is recorded (see
+            // `lookup`).
+            if let Some(t) = Token::parse(token).filter(|t| t.format() == TokenFormat::Random) {
                 ev = ev.token(t.as_str());
             }
             return Err(self.rate_limited(ev, LimitScope::Principal, wait).await);
@@ -2113,5 +2122,26 @@ mod tests {
             f.vault.detokenize(&all(), &keep.token, "x").await.is_ok(),
             "another tenant is untouched"
         );
+    }
+
+    #[tokio::test]
+    async fn an_unknown_digit_token_is_never_written_down() {
+        let f = fixture().await;
+        // One digit off a test card: fails Luhn, so it has the shape of a
+        // pan-shaped token; it may be a mistyped card number.
+        let typo = "4111111111111112";
+        for r in [
+            f.vault.detokenize(&all(), typo, "settle").await.map(|_| ()),
+            f.vault.metadata(&all(), typo).await.map(|_| ()),
+            f.vault.delete(&all(), typo).await,
+        ] {
+            assert!(matches!(r, Err(VaultError::NotFound)));
+        }
+        let events = f.vault.store().audit_events(0, 1000).await.unwrap();
+        assert!(events.len() >= 3);
+        for e in events {
+            let text = format!("{:?}", e.event);
+            assert!(!text.contains(typo), "written down: {text}");
+        }
     }
 }

@@ -384,7 +384,12 @@ fn a_token_is_gone_after_its_expires_at() {
     let client = admin(&svc);
     let pan = fresh_pan();
     let keep = token_for(&client, TENANT, &fresh_pan());
-    let expires = SystemTime::now() + Duration::from_secs(3);
+    // On a whole second: the RFC 3339 form below has no fraction.
+    let now_secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let expires = UNIX_EPOCH + Duration::from_secs(now_secs + 4);
     let resp = tokenize_body(
         &client,
         json!({"tenant": TENANT, "pan": pan, "exp_month": 12, "exp_year": exp_year(),

@@ -369,7 +369,7 @@ fn wrong_methods() {
         ("GET", "/v1/detokenize".to_string()),
         ("DELETE", "/v1/detokenize".to_string()),
         ("PUT", format!("/v1/tokens/{token}")),
-        ("PATCH", format!("/v1/tokens/{token}")),
+        ("PATCH", "/v1/tokens".to_string()),
         ("POST", format!("/v1/tokens/{token}")),
     ] {
         let resp = client.send(method, &path);

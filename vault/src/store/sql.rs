@@ -868,7 +868,7 @@ macro_rules! sql_store {
                             }
                             retained += sqlx::query(
                                 "DELETE FROM cards WHERE token IN
-                                   (SELECT token FROM cards WHERE tenant = $1 AND COALESCE(last_used_at, created_at) < $2 LIMIT $3)",
+                                   (SELECT token FROM cards WHERE tenant = $1 AND last_used_at < $2 LIMIT $3)",
                             )
                             .bind(tenant)
                             .bind(*cutoff)
