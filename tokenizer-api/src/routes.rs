@@ -73,6 +73,7 @@ pub fn configure_for(cfg: &mut web::ServiceConfig, listener: ListenerKind) {
         (ALL, "/healthz", vec![web::get().to(healthz)]),
         (ADMIN, "/readyz", vec![web::get().to(readyz)]),
         (ADMIN, "/metrics", vec![web::get().to(metrics)]),
+        (API, "/v1/ping", vec![web::get().to(ping)]),
         (API, "/v1/tokens", vec![web::post().to(tokenize)]),
         (
             API,
@@ -147,6 +148,16 @@ pub async fn not_found() -> Result<HttpResponse, ApiError> {
 
 async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
     Err(ApiError::MethodNotAllowed)
+}
+
+/// `GET /v1/ping` (any principal): the smallest authenticated call, the
+/// benchmark's baseline (TLS, authentication, routing, JSON; no card).
+async fn ping(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let ctx = authenticate(&req, &state).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "status": "ok",
+        "principal": ctx.principal.name,
+    })))
 }
 
 async fn healthz() -> HttpResponse {

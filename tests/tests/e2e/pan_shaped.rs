@@ -150,8 +150,13 @@ fn pan_shaped_batches_hold_for_many_cards() {
     allow_pan_shaped(&svc, SHAPED);
     let client = admin(&svc);
     let year = exp_year();
-    let pans: Vec<String> = (0..800)
+    // Distinct cards (a 12-digit card from a test BIN has only five random
+    // digits: two draws may give the same card, which keeps its token).
+    let mut seen = HashSet::new();
+    let pans: Vec<String> = (0..)
         .map(|i| generated_pan(["411111", "424242"][i % 2], 12 + i % 8))
+        .filter(|p| seen.insert(p.clone()))
+        .take(800)
         .collect();
     let mut tokens = HashSet::new();
     for chunk in pans.chunks(400) {
