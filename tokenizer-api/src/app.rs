@@ -139,6 +139,7 @@ impl Application {
             settings.data_dir.join("audit-verify.pub"),
             vault::VaultOptions {
                 cvc_ttl: settings.cvc_ttl,
+                group_commit: settings.db_group_commit,
             },
         ));
         seal.start().await.map_err(kek_error)?;

@@ -487,6 +487,11 @@ pub struct CommonArgs {
     /// tenant's retention, in seconds (default 3600).
     #[arg(long, env = "TOKENIZER_PURGE_INTERVAL_SECS")]
     pub purge_interval_secs: Option<u64>,
+    /// Concurrent requests share one transaction and one durable commit
+    /// (default true; false commits every request on its own, for
+    /// comparison).
+    #[arg(long, env = "TOKENIZER_DB_GROUP_COMMIT")]
+    pub db_group_commit: Option<bool>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -561,6 +566,7 @@ struct FileConfig {
     auth_block_secs: Option<u64>,
     cvc_ttl_secs: Option<u64>,
     purge_interval_secs: Option<u64>,
+    db_group_commit: Option<bool>,
 }
 
 /// Resolved settings.
@@ -619,6 +625,8 @@ pub struct Settings {
     pub cvc_ttl: std::time::Duration,
     /// How often the purge runs inside the service.
     pub purge_interval: std::time::Duration,
+    /// Group commit of concurrent writes (see `vault::commit`).
+    pub db_group_commit: bool,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cardvault";
@@ -728,6 +736,10 @@ impl Settings {
             .or(file.audit_archive_dir)
             .unwrap_or_else(|| data_dir.join("audit-archive"));
         Ok(Settings {
+            db_group_commit: common
+                .db_group_commit
+                .or(file.db_group_commit)
+                .unwrap_or(true),
             cvc_ttl: std::time::Duration::from_secs(
                 common
                     .cvc_ttl_secs
@@ -1171,6 +1183,7 @@ mod tests {
             auth_block_secs: None,
             cvc_ttl_secs: None,
             purge_interval_secs: None,
+            db_group_commit: None,
         }
     }
 

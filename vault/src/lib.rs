@@ -32,6 +32,7 @@ pub mod archive;
 pub mod backup;
 pub mod brand;
 pub mod card;
+pub mod commit;
 pub mod crypto;
 pub mod cvc;
 pub mod keys;

@@ -705,12 +705,13 @@ macro_rules! sql_store {
                     }
                     let mut events = other_events;
                     if expired_replaced > 0 {
-                        if let Some(first) = cards.first() {
-                            let mut ev = first.event.clone();
-                            ev.action = audit::Action::Purged;
-                            ev.detail = Some(format!("expired={expired_replaced} retention=0 (replaced by a new tokenization)"));
-                            events.push(ev);
-                        }
+                        // Not any one request's doing (a group may hold
+                        // several tenants): the service's.
+                        events.push(
+                            audit::AuditEvent::new(audit::Action::Purged, audit::Outcome::Success)
+                                .source("local")
+                                .detail(format!("expired={expired_replaced} retention=0 (replaced by a new tokenization)")),
+                        );
                     }
                     let mut out = Vec::with_capacity(cards.len());
                     for card in cards {
