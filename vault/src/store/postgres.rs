@@ -57,10 +57,15 @@ impl PgStore {
         let opts = PgConnectOptions::from_str(url)?
             .application_name("cardvault")
             // A hung statement must not hold a request (or a row lock) forever.
-            .options([(
-                "statement_timeout",
-                format!("{}", settings.op_timeout.as_millis()),
-            )]);
+            .options([
+                (
+                    "statement_timeout",
+                    format!("{}", settings.op_timeout.as_millis()),
+                ),
+                // An acknowledged token is on disk, whatever the server's
+                // default: no asynchronous commit for this session.
+                ("synchronous_commit", "on".to_owned()),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
             .acquire_timeout(settings.op_timeout)

@@ -300,10 +300,16 @@ macro_rules! sql_store {
         }
 
         /// Insert a key row as it is; false if its purpose and version exist.
+        /// Insert a key row unless it conflicts with any unique index: the
+        /// same purpose and version, or a second active key of its purpose
+        /// (instances starting at once on a new database both generate keys;
+        /// PostgreSQL checks only the named arbiter of `ON CONFLICT (..)`,
+        /// so the partial index `vault_keys_one_active` raised an error
+        /// there). Returns whether it was inserted.
         async fn insert_key_row(tx: &mut Tx<'_>, k: &$crate::store::StoredKey) -> Result<bool, $crate::store::StoreError> {
             let res = sqlx::query(&format!(
                 "INSERT INTO vault_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                 ON CONFLICT (purpose, version) DO NOTHING"
+                 ON CONFLICT DO NOTHING"
             ))
             .bind(k.purpose.as_str())
             .bind(i64::from(k.version))
