@@ -69,6 +69,10 @@ struct Args {
     /// The tokenizer binary (default: next to this one).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Extra arguments for `tokenizer serve` (repeat), e.g.
+    /// `--serve-arg=--db-group-commit --serve-arg=false`.
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    serve_args: Vec<String>,
 }
 
 type Res<T> = Result<T, String>;
@@ -259,7 +263,7 @@ fn bench(
         chown_tree(data, owner)?;
     }
 
-    let mut service = Service::start(tokenizer, data, url, &pki)?;
+    let mut service = Service::start(tokenizer, data, url, &pki, &args.serve_args)?;
     let ca = pki.join("ca.pem");
     let result = load(args, &service, &ca, &key, &sample);
     let log_lines = service.stop();
@@ -363,7 +367,7 @@ struct Service {
 }
 
 impl Service {
-    fn start(bin: &Path, data: &Path, url: &str, pki: &Path) -> Res<Service> {
+    fn start(bin: &Path, data: &Path, url: &str, pki: &Path, extra: &[String]) -> Res<Service> {
         let d = data.display().to_string();
         let cert = pki.join("server.pem").display().to_string();
         let key = pki.join("server.key").display().to_string();
@@ -385,6 +389,7 @@ impl Service {
                 "--tls-key-file",
                 &key,
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
