@@ -41,13 +41,20 @@ enum Job {
         event: AuditEvent,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Card uses for retention: written (for the whole group in one
+    /// statement list and transaction) before the group's cards and events.
+    Touch {
+        tokens: Vec<String>,
+        now: i64,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 impl Job {
     fn cards(&self) -> usize {
         match self {
             Job::Cards { cards, .. } => cards.len(),
-            Job::Event { .. } => 0,
+            Job::Event { .. } | Job::Touch { .. } => 0,
         }
     }
 
@@ -57,7 +64,7 @@ impl Job {
             Job::Cards { cards, .. } => cards
                 .first()
                 .map(|c| (c.row.key_version, c.row.fingerprint_version)),
-            Job::Event { .. } => None,
+            Job::Event { .. } | Job::Touch { .. } => None,
         }
     }
 }
@@ -90,6 +97,17 @@ impl GroupCommit {
                 events,
                 reply,
             })
+            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?
+    }
+
+    /// [`Store::touch_cards`] through the group (day granularity).
+    pub async fn touch_cards(&self, tokens: Vec<String>, now: i64) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs
+            .send(Job::Touch { tokens, now, reply })
             .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?;
         answer
             .await
@@ -140,8 +158,38 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
     }
 }
 
+const DAY_MS: i64 = 86_400_000;
+
 /// Run one group; answer every job.
 async fn commit(store: &dyn Store, group: Vec<Job>) {
+    // Card uses first, all in one transaction.
+    let (touches, group): (Vec<Job>, Vec<Job>) = group
+        .into_iter()
+        .partition(|j| matches!(j, Job::Touch { .. }));
+    if !touches.is_empty() {
+        let mut tokens = Vec::new();
+        let mut now = 0;
+        for job in &touches {
+            if let Job::Touch {
+                tokens: t, now: n, ..
+            } = job
+            {
+                tokens.extend(t.iter().cloned());
+                now = now.max(*n);
+            }
+        }
+        let result = store.touch_cards(&tokens, now, DAY_MS).await;
+        for job in touches {
+            if let Job::Touch { reply, .. } = job {
+                let _ = reply.send(result.as_ref().map(|_| ()).map_err(|_| {
+                    StoreError::Unavailable(sqlx::Error::Protocol("touch failed".into()))
+                }));
+            }
+        }
+    }
+    if group.is_empty() {
+        return;
+    }
     if group.len() == 1 {
         for job in group {
             alone(store, job).await;
@@ -161,6 +209,7 @@ async fn commit(store: &dyn Store, group: Vec<Job>) {
                 events.extend(e.iter().cloned());
             }
             Job::Event { event, .. } => events.push(event.clone()),
+            Job::Touch { .. } => {}
         }
     }
     match store.insert_cards(cards, events).await {
@@ -172,7 +221,7 @@ async fn commit(store: &dyn Store, group: Vec<Job>) {
                         let mine: Vec<Inserted> = inserted.by_ref().take(cards.len()).collect();
                         let _ = reply.send(Ok(mine));
                     }
-                    Job::Event { reply, .. } => {
+                    Job::Event { reply, .. } | Job::Touch { reply, .. } => {
                         let _ = reply.send(Ok(()));
                     }
                 }
@@ -198,6 +247,9 @@ async fn alone(store: &dyn Store, job: Job) {
         }
         Job::Event { event, reply } => {
             let _ = reply.send(store.append_audit(event).await.map(|_| ()));
+        }
+        Job::Touch { tokens, now, reply } => {
+            let _ = reply.send(store.touch_cards(&tokens, now, DAY_MS).await);
         }
     }
 }

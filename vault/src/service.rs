@@ -419,9 +419,15 @@ impl Vault {
         if due.is_empty() {
             return;
         }
-        // Retention is kept to the day; a failed write is retried the next
-        // day at the latest, and never fails the request.
-        if let Err(e) = self.store.touch_cards(&due, now, DAY_MS).await {
+        // Through the group commit: many cards per transaction, committed
+        // before this request answers. Retention is kept to the day; a
+        // failed write is retried on a use a day later at the latest, and
+        // never fails the request.
+        let result = match &self.commits {
+            Some(c) => c.touch_cards(due.clone(), now).await,
+            None => self.store.touch_cards(&due, now, DAY_MS).await,
+        };
+        if let Err(e) = result {
             tracing::warn!(error = %e, "cannot record card use for retention");
             let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
             for t in &due {
@@ -1198,8 +1204,11 @@ impl Vault {
         } else {
             event
         };
-        self.write_event(event).await?;
-        self.touch(&[row.token.as_str()], now_millis()).await;
+        // The event and the card's use go to the writer together (one
+        // group, usually).
+        let used = [row.token.as_str()];
+        let (written, ()) = tokio::join!(self.write_event(event), self.touch(&used, now_millis()));
+        written?;
         if let Some(anomaly) =
             monitor.and_then(|m| m.observe(principal_id, &row.token, Instant::now()))
         {

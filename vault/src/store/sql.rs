@@ -829,6 +829,8 @@ macro_rules! sql_store {
 
             async fn touch_cards(&self, tokens: &[String], now: i64, granularity_ms: i64) -> Result<(), $crate::store::StoreError> {
                 self.bounded(async {
+                    // One transaction (one commit) for the whole list.
+                    let mut tx = self.pool.begin().await?;
                     for chunk in tokens.chunks(ROWS_PER_STATEMENT) {
                         let mut q = sqlx::QueryBuilder::<$db>::new("UPDATE cards SET last_used_at = ");
                         q.push_bind(now);
@@ -840,8 +842,9 @@ macro_rules! sql_store {
                             sep.push_bind(t);
                         }
                         q.push(")");
-                        q.build().execute(&self.pool).await?;
+                        q.build().execute(&mut *tx).await?;
                     }
+                    tx.commit().await?;
                     Ok(())
                 })
                 .await
