@@ -88,18 +88,11 @@ fn main() {
 /// A test-BIN (411111) card number with a correct Luhn digit, from `n`.
 fn test_pan(n: u64) -> String {
     let body = format!("411111{:09}", n % 1_000_000_000);
-    let mut sum = 0;
-    for (i, c) in body.bytes().rev().enumerate() {
-        let mut v = u32::from(c - b'0');
-        if i % 2 == 0 {
-            v *= 2;
-            if v > 9 {
-                v -= 9;
-            }
-        }
-        sum += v;
-    }
-    format!("{body}{}", (10 - sum % 10) % 10)
+    // The one check digit that makes it pass.
+    (0..10)
+        .map(|d| format!("{body}{d}"))
+        .find(|p| vault::pan::luhn_valid(p.as_bytes()))
+        .unwrap_or(body)
 }
 
 /// The unprivileged user the service runs as when we are root (it refuses

@@ -2183,17 +2183,7 @@ fn raw_exchange(
     let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     stream.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
     stream.set_write_timeout(Some(REQUEST_TIMEOUT)).unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(auth) = authorization {
-        head.push_str(&format!("Authorization: {auth}\r\n"));
-    }
-    if let Some(ct) = content_type {
-        head.push_str(&format!("Content-Type: {ct}\r\n"));
-    }
-    head.push_str("\r\n");
+    let head = request_head(addr, method, path, authorization, content_type, body.len());
     let mut writer = stream.try_clone().unwrap();
     let write = thread::spawn(move || {
         let result = writer
@@ -2204,6 +2194,36 @@ fn raw_exchange(
         }
     });
     let mut reader = stream;
+    let raw = read_raw_response(&mut reader, method, path);
+    let _ = reader.shutdown(Shutdown::Both);
+    let _ = write.join();
+    parsed_raw_response(&raw, method, path)
+}
+
+/// The head of a raw request (`Connection: close`, a `Content-Length`).
+fn request_head(
+    addr: &str,
+    method: &str,
+    path: &str,
+    authorization: Option<&str>,
+    content_type: Option<&str>,
+    len: usize,
+) -> String {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {len}\r\n"
+    );
+    if let Some(auth) = authorization {
+        head.push_str(&format!("Authorization: {auth}\r\n"));
+    }
+    if let Some(ct) = content_type {
+        head.push_str(&format!("Content-Type: {ct}\r\n"));
+    }
+    head.push_str("\r\n");
+    head
+}
+
+/// Read until a whole response arrived or the server closed.
+fn read_raw_response(reader: &mut impl Read, method: &str, path: &str) -> Vec<u8> {
     let mut raw = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
@@ -2221,12 +2241,14 @@ fn raw_exchange(
             Err(e) => panic!("{method} {path}: reading the response: {e}"),
         }
     }
-    let _ = reader.shutdown(Shutdown::Both);
-    let _ = write.join();
-    parse_raw_response(&raw).unwrap_or_else(|| {
+    raw
+}
+
+fn parsed_raw_response(raw: &[u8], method: &str, path: &str) -> Resp {
+    parse_raw_response(raw).unwrap_or_else(|| {
         panic!(
             "{method} {path}: cannot parse the raw response: {:?}",
-            String::from_utf8_lossy(&raw)
+            String::from_utf8_lossy(raw)
         )
     })
 }
@@ -3464,41 +3486,12 @@ fn raw_exchange_tls(
     wire.tcp()
         .set_write_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(auth) = authorization {
-        head.push_str(&format!("Authorization: {auth}\r\n"));
-    }
-    if let Some(ct) = content_type {
-        head.push_str(&format!("Content-Type: {ct}\r\n"));
-    }
-    head.push_str("\r\n");
+    let head = request_head(addr, method, path, authorization, content_type, body.len());
     let _ = wire
         .write_all(head.as_bytes())
         .and_then(|()| wire.write_all(&body))
         .and_then(|()| wire.flush());
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        match wire.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                raw.extend_from_slice(&buf[..n]);
-                if response_complete(&raw) {
-                    break;
-                }
-            }
-            Err(e) if !raw.is_empty() && e.kind() != io::ErrorKind::WouldBlock => break,
-            Err(e) => panic!("{method} {path}: reading the response: {e}"),
-        }
-    }
+    let raw = read_raw_response(&mut wire, method, path);
     let _ = wire.tcp().shutdown(Shutdown::Both);
-    parse_raw_response(&raw).unwrap_or_else(|| {
-        panic!(
-            "{method} {path}: cannot parse the raw response: {:?}",
-            String::from_utf8_lossy(&raw)
-        )
-    })
+    parsed_raw_response(&raw, method, path)
 }

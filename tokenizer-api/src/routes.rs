@@ -212,17 +212,8 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .body(body)
 }
 
-/// Authenticate the request and build its context. Runs before the body is
-/// read, behind the flood guard (`limits`).
-async fn context(
-    req: &HttpRequest,
-    state: &AppState,
-    _vault: &Vault,
-) -> Result<RequestContext, ApiError> {
-    authenticate(req, state).await
-}
-
-/// Authenticate the caller as its listener requires (see
+/// Authenticate the caller (before the body is read, behind the flood
+/// guard of `limits`) as its listener requires (see
 /// `listeners::AuthMode`): an API key, the principal bound to its verified
 /// client certificate, or both naming the same principal. Works sealed or
 /// not (principals need no key). A failure is audited (if that write fails,
@@ -687,7 +678,7 @@ async fn tokenize(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &state, &vault).await?;
+    let ctx = authenticate(&req, &state).await?;
     vault
         .require_role(&ctx, Action::Tokenize, &[Role::Tokenize])
         .await?;
@@ -724,7 +715,7 @@ async fn tokenize_batch(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &state, &vault).await?;
+    let ctx = authenticate(&req, &state).await?;
     vault
         .require_role(&ctx, Action::Tokenize, &[Role::Tokenize])
         .await?;
@@ -762,7 +753,7 @@ async fn detokenize(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &state, &vault).await?;
+    let ctx = authenticate(&req, &state).await?;
     vault
         .require_role(&ctx, Action::Detokenize, &[Role::Detokenize])
         .await?;
@@ -802,7 +793,7 @@ async fn update(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &state, &vault).await?;
+    let ctx = authenticate(&req, &state).await?;
     vault
         .require_role(&ctx, Action::CardUpdated, &[Role::Tokenize])
         .await?;
@@ -828,7 +819,7 @@ async fn metadata(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &state, &vault).await?;
+    let ctx = authenticate(&req, &state).await?;
     let info = vault.metadata(&ctx, &path).await?;
     Ok(HttpResponse::Ok().json(TokenResponse::new(info, false)))
 }
@@ -839,7 +830,7 @@ async fn delete(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &state, &vault).await?;
+    let ctx = authenticate(&req, &state).await?;
     vault.delete(&ctx, &path).await?;
     Ok(HttpResponse::NoContent().finish())
 }
@@ -878,7 +869,7 @@ async fn audit_events(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &state, &vault).await?;
+    let ctx = authenticate(&req, &state).await?;
     vault
         .require_role(&ctx, Action::AuditRead, &[Role::Auditor])
         .await?;
@@ -922,7 +913,7 @@ async fn audit_checkpoints(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let vault = state.vault()?;
-    let ctx = context(&req, &state, &vault).await?;
+    let ctx = authenticate(&req, &state).await?;
     let checkpoints = vault.audit_checkpoints(&ctx).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "public_key": vault.audit_public_key(),

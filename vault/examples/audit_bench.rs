@@ -25,19 +25,11 @@ use zeroize::Zeroizing;
 /// A test-BIN (411111) card number with a correct Luhn digit.
 fn test_pan(n: u64) -> String {
     let body = format!("411111{:09}", n % 1_000_000_000);
-    let digits: Vec<u32> = body.chars().map(|c| c.to_digit(10).unwrap()).collect();
-    let mut sum = 0;
-    for (i, d) in digits.iter().rev().enumerate() {
-        let mut v = *d;
-        if i % 2 == 0 {
-            v *= 2;
-            if v > 9 {
-                v -= 9;
-            }
-        }
-        sum += v;
-    }
-    format!("{body}{}", (10 - sum % 10) % 10)
+    // The one check digit that makes it pass.
+    (0..10)
+        .map(|d| format!("{body}{d}"))
+        .find(|p| vault::pan::luhn_valid(p.as_bytes()))
+        .unwrap_or(body)
 }
 
 #[tokio::main]

@@ -831,7 +831,10 @@ mod tests {
                 tokens[1]
             );
             // Principals and their keys survive.
-            let p = vault.authenticate(Some(&key), "test", "r").await.unwrap();
+            let p = crate::access::Authenticator::new(to.store().clone())
+                .authenticate(&key)
+                .await
+                .unwrap();
             assert_eq!(p.name, "checkout");
             // The audit trail came along, numbers kept, and continues after them.
             let src = from.store().audit_events(0, 10_000).await.unwrap();

@@ -11,9 +11,11 @@
 //!
 //! Public API, in the order a caller meets it:
 //! - [`store::sqlite::SqliteStore::open`] then [`Vault::open`] with a KEK;
-//! - [`Vault::authenticate`] an API key into a [`Principal`];
-//! - [`Vault::tokenize`], [`Vault::tokenize_many`], [`Vault::detokenize`],
-//!   [`Vault::metadata`], [`Vault::delete`] with a [`RequestContext`];
+//! - [`access::Authenticator`]: an API key or a client-certificate identity
+//!   into a [`Principal`] (no vault key needed: works sealed);
+//! - [`Vault::tokenize`], [`Vault::tokenize_many`] (and `_with` a token
+//!   format and expiry), [`Vault::detokenize`], [`Vault::metadata`],
+//!   [`Vault::update`], [`Vault::delete`] with a [`RequestContext`];
 //! - [`Vault::detokenize_monitored`] with a [`monitor::DetokenizeMonitor`]:
 //!   rate limits and the anomaly rule of detokenize (per instance);
 //! - key lifecycle ([`rotation`]): [`Vault::rotate_dek`],

@@ -12,7 +12,7 @@ use audit::{Action, AuditEvent, Outcome};
 use hsm_shim::KeyEncryptionKey;
 use zeroize::Zeroizing;
 
-use crate::access::{AuthError, AuthFailure, Authenticator, Principal, Role, TenantScope};
+use crate::access::{Principal, Role, TenantScope};
 use crate::brand::Brand;
 use crate::card::{
     pan_shaped_space, CardDataError, CardholderName, Expiry, Tenant, Token, TokenFormat,
@@ -313,7 +313,6 @@ pub struct Detokenized {
 pub struct Vault {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) keys: Keyring,
-    auth: Authenticator,
     /// Where this instance's re-encryption pass stands (hints for speed
     /// only: a pass is correct from any starting point, see `rotation.rs`).
     pub(crate) pass: std::sync::Mutex<crate::rotation::PassHint>,
@@ -355,7 +354,6 @@ impl Vault {
         let cvc =
             CvcHolder::new(options.cvc_ttl).map_err(|_| KeysError::Missing("security-code key"))?;
         Ok(Vault {
-            auth: Authenticator::new(store.clone()),
             tenants: Tenants::new(store.clone()),
             store,
             keys,
@@ -444,37 +442,6 @@ impl Vault {
     pub async fn ready(&self) -> Result<(), VaultError> {
         self.store.ping().await?;
         Ok(())
-    }
-
-    /// Authenticate an API key (or its absence). A failure is audited; if
-    /// that audit write fails, the caller gets a storage error instead.
-    pub async fn authenticate(
-        &self,
-        presented: Option<&str>,
-        source: &str,
-        request_id: &str,
-    ) -> Result<Principal, VaultError> {
-        let failure = match presented {
-            None => AuthFailure::Missing,
-            Some(key) => match self.auth.authenticate(key).await {
-                Ok(p) => return Ok(p),
-                Err(AuthError::Store(e)) => return Err(e.into()),
-                Err(AuthError::Failed(f)) => f,
-            },
-        };
-        let event = AuditEvent::new(Action::AuthenticationFailed, Outcome::Denied)
-            .source(source)
-            .request_id(request_id)
-            .error_code("unauthenticated")
-            .detail(failure.as_str());
-        self.write_event(event).await?;
-        Err(VaultError::Unauthenticated)
-    }
-
-    /// Whether `presented` is a key this process already verified (see
-    /// [`Authenticator::is_verified`]); cheap, no I/O.
-    pub fn key_is_verified(&self, presented: &str) -> bool {
-        self.auth.is_verified(presented)
     }
 
     /// Require one of `roles` for `action`; a refusal is audited.
