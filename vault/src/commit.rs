@@ -15,6 +15,10 @@
 //! added wait: a lone request is committed at once; the group forms while
 //! the previous commit is in flight.
 //!
+//! The group's transaction is written by the store's dedicated writer if it
+//! has one (SQLite: a thread with its own connection, `sqlite_writer.rs`),
+//! else through the store's pool (PostgreSQL).
+//!
 //! If a group fails as a whole (a refused audit event, stale keys, a token
 //! drawn twice), each of its requests is run again on its own, so one bad
 //! request never fails the others.
@@ -24,7 +28,9 @@ use std::sync::Arc;
 use audit::AuditEvent;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{Inserted, NewCard, Store, StoreError};
+use async_trait::async_trait;
+
+use crate::store::{Inserted, NewCard, Store, StoreError, Writer};
 
 /// Most requests in one group.
 pub const MAX_JOBS: usize = 256;
@@ -80,7 +86,15 @@ impl GroupCommit {
     /// last handle is dropped (the vault sealed or closed).
     pub fn start(store: Arc<dyn Store>) -> GroupCommit {
         let (jobs, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(store, rx));
+        let sink: Arc<dyn Writer> = match store.dedicated_writer() {
+            Ok(Some(w)) => w,
+            Ok(None) => Arc::new(ThroughStore(store)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no dedicated writer; group commits go through the pool");
+                Arc::new(ThroughStore(store))
+            }
+        };
+        tokio::spawn(writer(sink, rx));
         GroupCommit { jobs }
     }
 
@@ -126,7 +140,35 @@ impl GroupCommit {
     }
 }
 
-async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
+/// The store's own writes, through its pool.
+#[derive(Debug)]
+struct ThroughStore(Arc<dyn Store>);
+
+#[async_trait]
+impl Writer for ThroughStore {
+    async fn insert_cards(
+        &self,
+        cards: Vec<NewCard>,
+        events: Vec<AuditEvent>,
+    ) -> Result<Vec<Inserted>, StoreError> {
+        self.0.insert_cards(cards, events).await
+    }
+
+    async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.0.append_audit(event).await.map(|_| ())
+    }
+
+    async fn touch_cards(
+        &self,
+        tokens: &[String],
+        now: i64,
+        granularity_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.0.touch_cards(tokens, now, granularity_ms).await
+    }
+}
+
+async fn writer(store: Arc<dyn Writer>, mut rx: mpsc::UnboundedReceiver<Job>) {
     // A card job under other key versions than the group's waits for the
     // next group.
     let mut held: Option<Job> = None;
@@ -161,7 +203,7 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
 const DAY_MS: i64 = 86_400_000;
 
 /// Run one group; answer every job.
-async fn commit(store: &dyn Store, group: Vec<Job>) {
+async fn commit(store: &dyn Writer, group: Vec<Job>) {
     // Card uses first, all in one transaction.
     let (touches, group): (Vec<Job>, Vec<Job>) = group
         .into_iter()
@@ -236,7 +278,7 @@ async fn commit(store: &dyn Store, group: Vec<Job>) {
     }
 }
 
-async fn alone(store: &dyn Store, job: Job) {
+async fn alone(store: &dyn Writer, job: Job) {
     match job {
         Job::Cards {
             cards,
@@ -246,7 +288,7 @@ async fn alone(store: &dyn Store, job: Job) {
             let _ = reply.send(store.insert_cards(cards, events).await);
         }
         Job::Event { event, reply } => {
-            let _ = reply.send(store.append_audit(event).await.map(|_| ()));
+            let _ = reply.send(store.append_audit(event).await);
         }
         Job::Touch { tokens, now, reply } => {
             let _ = reply.send(store.touch_cards(&tokens, now, DAY_MS).await);

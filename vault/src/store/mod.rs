@@ -22,8 +22,10 @@
 pub mod postgres;
 #[cfg(test)]
 mod roles_tests;
+mod rows;
 mod sql;
 pub mod sqlite;
+mod sqlite_writer;
 #[cfg(test)]
 pub(crate) mod tests;
 
@@ -42,6 +44,10 @@ use crate::pan::contains_pan_like;
 pub enum StoreError {
     #[error("storage unavailable: {0}")]
     Unavailable(#[from] sqlx::Error),
+    /// From SQLite's dedicated writer (`sqlite_writer.rs`), which does not
+    /// go through sqlx.
+    #[error("storage unavailable: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("storage migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("storage operation timed out")]
@@ -299,9 +305,33 @@ impl PoolState {
     }
 }
 
+/// The writes of the group commit (`commit.rs`): what a group of
+/// concurrent requests turns into. Each is one durable transaction with the
+/// semantics of the [`Store`] method of the same name.
+#[async_trait]
+pub trait Writer: Send + Sync + std::fmt::Debug {
+    async fn insert_cards(
+        &self,
+        cards: Vec<NewCard>,
+        other_events: Vec<AuditEvent>,
+    ) -> Result<Vec<Inserted>, StoreError>;
+    async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError>;
+    async fn touch_cards(
+        &self,
+        tokens: &[String],
+        now: i64,
+        granularity_ms: i64,
+    ) -> Result<(), StoreError>;
+}
+
 /// The storage interface of the vault.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
+    /// A writer of its own for the group commit, if the backend has one
+    /// that is faster than its pool: SQLite's dedicated writer thread
+    /// (`sqlite_writer.rs`). None: the group commit writes through the
+    /// store. Each call starts a new one.
+    fn dedicated_writer(&self) -> Result<Option<Arc<dyn Writer>>, StoreError>;
     /// Cheap round trip to the database, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Close the pool (SQLite: checkpoints the WAL into the main file).

@@ -99,6 +99,13 @@ impl PgStore {
         Ok(())
     }
 
+    /// No writer of its own: group commits go through the pool (each
+    /// statement is one network round trip either way).
+    #[allow(clippy::unnecessary_wraps)]
+    fn own_writer(&self) -> Result<Option<std::sync::Arc<dyn super::Writer>>, StoreError> {
+        Ok(None)
+    }
+
     #[cfg(test)]
     pub(crate) fn pool(&self) -> &PgPool {
         &self.pool

@@ -11,8 +11,7 @@
 /// `pool: sqlx::Pool<$db>` and `op_timeout: std::time::Duration`.
 macro_rules! sql_store {
     ($store:ty, $db:ty) => {
-        const CARD_COLUMNS: &str =
-            "token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at, fingerprint_version, expires_at, last_used_at, updated_at";
+        use $crate::store::rows::{CARD_COLUMNS, EVENT_INSERT};
         const TENANT_COLUMNS: &str =
             "name, fingerprint_salt, pan_shaped, token_ttl_days, retention_days, created_at, updated_at, deleted_at";
         const KEY_COLUMNS: &str =
@@ -50,40 +49,23 @@ macro_rules! sql_store {
         /// parameters per statement, PostgreSQL 65535; rows here bind 11-14).
         const ROWS_PER_STATEMENT: usize = 64;
 
-        const EVENT_INSERT: &str = "INSERT INTO audit_events (time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail, chain_seq, leaf_hash, chain_hash) ";
-
         /// Lock the head of the audit chain and read it. The UPDATE takes
         /// SQLite's write lock or PostgreSQL's row lock, held until commit:
         /// appends are serialised across connections and instances, so the
         /// chain is gap-free and in commit order.
         async fn lock_head(tx: &mut Tx<'_>) -> Result<audit::Trail, $crate::store::StoreError> {
             use sqlx::Row as _;
-            use $crate::store::StoreError;
             let r = sqlx::query("UPDATE audit_head SET size = size WHERE id = 1 RETURNING size, head, frontier")
                 .fetch_one(&mut **tx)
                 .await?;
-            let size: i64 = r.try_get("size")?;
-            let head: Vec<u8> = r.try_get("head")?;
-            let frontier: Vec<u8> = r.try_get("frontier")?;
-            let size = u64::try_from(size).map_err(|_| StoreError::Corrupt("audit head size"))?;
-            let head: [u8; 32] = head.try_into().map_err(|_| StoreError::Corrupt("audit head hash"))?;
-            if frontier.len() % 32 != 0 {
-                return Err(StoreError::Corrupt("audit head frontier"));
-            }
-            let nodes = frontier
-                .chunks(32)
-                .map(|c| <[u8; 32]>::try_from(c).map_err(|_| StoreError::Corrupt("audit head frontier")))
-                .collect::<Result<Vec<_>, _>>()?;
-            let tree = audit::merkle::Frontier::from_parts(size, nodes).ok_or(StoreError::Corrupt("audit head frontier"))?;
-            audit::Trail::resume(audit::ChainState::resume(size, head), tree).ok_or(StoreError::Corrupt("audit head"))
+            $crate::store::rows::trail_from_head(r.try_get("size")?, r.try_get("head")?, r.try_get("frontier")?)
         }
 
         async fn save_head(tx: &mut Tx<'_>, trail: &audit::Trail) -> Result<(), $crate::store::StoreError> {
-            let frontier: Vec<u8> = trail.tree().nodes().iter().flatten().copied().collect();
-            let size = i64::try_from(trail.size()).map_err(|_| $crate::store::StoreError::Corrupt("audit size"))?;
+            let (size, head, frontier) = $crate::store::rows::head_row(trail)?;
             sqlx::query("UPDATE audit_head SET size = $1, head = $2, frontier = $3 WHERE id = 1")
                 .bind(size)
-                .bind(trail.chain().head.to_vec())
+                .bind(head)
                 .bind(frontier)
                 .execute(&mut **tx)
                 .await?;
@@ -97,25 +79,14 @@ macro_rules! sql_store {
         /// Append events to the audit chain and insert them, in order, in
         /// multi-row statements. Returns the chain number of the last one.
         async fn insert_events(tx: &mut Tx<'_>, events: &[audit::AuditEvent]) -> Result<i64, $crate::store::StoreError> {
-            use $crate::store::StoreError;
-            for e in events {
-                $crate::store::check_event(e)?;
-            }
+            $crate::store::rows::check_events(events)?;
             let mut trail = lock_head(tx).await?;
             let chained: Vec<audit::ChainedEvent> = events.iter().map(|e| trail.append(e.clone())).collect();
             for chunk in chained.chunks(ROWS_PER_STATEMENT) {
                 let rows = chunk
                     .iter()
-                    .map(|c| {
-                        let time = c
-                            .event
-                            .time
-                            .format(&time::format_description::well_known::Rfc3339)
-                            .map_err(|_| StoreError::Corrupt("audit time cannot be formatted"))?;
-                        let seq = i64::try_from(c.seq).map_err(|_| StoreError::Corrupt("audit chain size"))?;
-                        Ok((c, time, seq))
-                    })
-                    .collect::<Result<Vec<_>, StoreError>>()?;
+                    .map(|c| $crate::store::rows::event_row(c).map(|(time, seq)| (c, time, seq)))
+                    .collect::<Result<Vec<_>, _>>()?;
                 let mut q = sqlx::QueryBuilder::<$db>::new(EVENT_INSERT);
                 q.push_values(rows, |mut b, (c, time, seq)| {
                     let e = &c.event;
@@ -137,7 +108,7 @@ macro_rules! sql_store {
                 q.build().execute(&mut **tx).await?;
             }
             save_head(tx, &trail).await?;
-            i64::try_from(trail.size()).map_err(|_| StoreError::Corrupt("audit chain size"))
+            $crate::store::rows::last_seq(&trail)
         }
 
         async fn insert_archive(tx: &mut Tx<'_>, a: &audit::db::ArchiveRow) -> Result<(), $crate::store::StoreError> {
@@ -526,6 +497,10 @@ macro_rules! sql_store {
 
         #[async_trait::async_trait]
         impl $crate::store::Store for $store {
+            fn dedicated_writer(&self) -> Result<Option<std::sync::Arc<dyn $crate::store::Writer>>, $crate::store::StoreError> {
+                <$store>::own_writer(self)
+            }
+
             async fn ping(&self) -> Result<(), $crate::store::StoreError> {
                 self.bounded(async {
                     sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -578,27 +553,19 @@ macro_rules! sql_store {
                 cards: Vec<$crate::store::NewCard>,
                 other_events: Vec<audit::AuditEvent>,
             ) -> Result<Vec<$crate::store::Inserted>, $crate::store::StoreError> {
-                use std::collections::{HashMap, HashSet};
                 use sqlx::Row as _;
-                use $crate::store::{CardRow, Inserted, NewCard};
+                use $crate::store::NewCard;
                 self.bounded(async {
                     let mut tx = self.pool.begin().await?;
-                    if let Some(first) = cards.first() {
-                        // Every card of a call is sealed with the same keys.
-                        if cards.iter().any(|c| {
-                            c.row.key_version != first.row.key_version
-                                || c.row.fingerprint_version != first.row.fingerprint_version
-                        }) {
-                            return Err($crate::store::StoreError::Corrupt("cards of one call under different keys"));
-                        }
-                        guard_keys(&mut tx, first.row.key_version, first.row.fingerprint_version, true).await?;
+                    if let Some((dek, fingerprint)) = $crate::store::rows::one_key_set(&cards)? {
+                        guard_keys(&mut tx, dek, fingerprint, true).await?;
                     }
+                    let mut found = $crate::store::rows::Found::default();
                     // During a fingerprint rotation: cards stored under an
                     // older fingerprint key are found by their old
                     // fingerprints (the rows cannot move meanwhile without
                     // this transaction seeing it: a moved row conflicts with
                     // the insert below).
-                    let mut previous: HashMap<(String, String), CardRow> = HashMap::new();
                     let lookups: Vec<(&String, &String)> = cards
                         .iter()
                         .flat_map(|c| c.previous_fingerprints.iter().map(move |f| (&c.row.tenant, f)))
@@ -618,19 +585,12 @@ macro_rules! sql_store {
                         q.push(")");
                         for r in q.build().fetch_all(&mut *tx).await? {
                             let row = card_from_row(&r)?;
-                            previous.insert((row.tenant.clone(), row.fingerprint.clone()), row);
+                            found.previous.insert((row.tenant.clone(), row.fingerprint.clone()), row);
                         }
                     }
-                    let found_before = |c: &NewCard| -> Option<CardRow> {
-                        c.previous_fingerprints
-                            .iter()
-                            .find_map(|f| previous.get(&(c.row.tenant.clone(), f.clone())))
-                            .cloned()
-                    };
-                    let to_insert: Vec<&NewCard> = cards.iter().filter(|c| found_before(c).is_none()).collect();
+                    let to_insert: Vec<&NewCard> = cards.iter().filter(|c| found.before(c).is_none()).collect();
                     // A stored card past its expiry is gone as if deleted:
                     // the same card tokenized again gets a new token.
-                    let mut expired_replaced = 0u64;
                     for chunk in to_insert.chunks(ROWS_PER_STATEMENT) {
                         let mut q = sqlx::QueryBuilder::<$db>::new("DELETE FROM cards WHERE expires_at IS NOT NULL AND expires_at <= ");
                         q.push_bind(chunk.first().map_or(0, |c| c.row.created_at));
@@ -644,11 +604,10 @@ macro_rules! sql_store {
                             sep.push_unseparated(")");
                         }
                         q.push(")");
-                        expired_replaced += q.build().execute(&mut *tx).await?.rows_affected();
+                        found.expired_replaced += q.build().execute(&mut *tx).await?.rows_affected();
                     }
                     // Multi-row statements: a 1000-card batch is a few dozen
                     // round trips, not two thousand.
-                    let mut created: HashSet<String> = HashSet::new();
                     for chunk in to_insert.chunks(ROWS_PER_STATEMENT) {
                         // The unique (tenant, fingerprint) constraint carries
                         // idempotency: a card whose tenant already has its
@@ -686,11 +645,10 @@ macro_rules! sql_store {
                             Err(e) => return Err(e.into()),
                         };
                         for r in rows {
-                            created.insert(r.try_get("token")?);
+                            found.created.insert(r.try_get("token")?);
                         }
                     }
-                    let stale: Vec<&NewCard> = to_insert.iter().copied().filter(|c| !created.contains(&c.row.token)).collect();
-                    let mut existing: HashMap<(String, String), CardRow> = HashMap::new();
+                    let stale: Vec<&NewCard> = to_insert.iter().copied().filter(|c| !found.created.contains(&c.row.token)).collect();
                     for chunk in stale.chunks(ROWS_PER_STATEMENT) {
                         let mut q = sqlx::QueryBuilder::<$db>::new(format!(
                             "SELECT {CARD_COLUMNS} FROM cards WHERE (tenant, fingerprint) IN ("
@@ -706,39 +664,10 @@ macro_rules! sql_store {
                         q.push(")");
                         for r in q.build().fetch_all(&mut *tx).await? {
                             let row = card_from_row(&r)?;
-                            existing.insert((row.tenant.clone(), row.fingerprint.clone()), row);
+                            found.existing.insert((row.tenant.clone(), row.fingerprint.clone()), row);
                         }
                     }
-                    let mut events = other_events;
-                    if expired_replaced > 0 {
-                        // Not any one request's doing (a group may hold
-                        // several tenants): the service's.
-                        events.push(
-                            audit::AuditEvent::new(audit::Action::Purged, audit::Outcome::Success)
-                                .source("local")
-                                .detail(format!("expired={expired_replaced} retention=0 (replaced by a new tokenization)")),
-                        );
-                    }
-                    let mut out = Vec::with_capacity(cards.len());
-                    for card in cards {
-                        let before = found_before(&card);
-                        let NewCard { row, mut event, .. } = card;
-                        let inserted = if let Some(stored) = before {
-                            Inserted { row: stored, created: false }
-                        } else if created.contains(&row.token) {
-                            Inserted { row, created: true }
-                        } else {
-                            let stored = existing
-                                .get(&(row.tenant.clone(), row.fingerprint.clone()))
-                                .cloned()
-                                .ok_or($crate::store::StoreError::Corrupt("card neither inserted nor found"))?;
-                            Inserted { row: stored, created: false }
-                        };
-                        event.token = Some(inserted.row.token.clone());
-                        event.detail = Some(if inserted.created { "created" } else { "existing" }.to_owned());
-                        events.push(event);
-                        out.push(inserted);
-                    }
+                    let (out, events) = $crate::store::rows::settle(cards, other_events, &found)?;
                     insert_events(&mut tx, &events).await?;
                     tx.commit().await?;
                     Ok(out)

@@ -4,7 +4,8 @@
 //! pages), and a WAL checkpoint after each delete so no copy stays in the WAL.
 //! The queries are shared with PostgreSQL (`sql.rs`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
@@ -23,6 +24,8 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
 pub struct SqliteStore {
     pool: SqlitePool,
     op_timeout: Duration,
+    /// The database file, for the dedicated writer's connection.
+    path: PathBuf,
 }
 
 impl SqliteStore {
@@ -73,13 +76,24 @@ impl SqliteStore {
             })
             .connect_with(opts)
             .await?;
-        Ok(SqliteStore { pool, op_timeout })
+        Ok(SqliteStore {
+            pool,
+            op_timeout,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Apply pending migrations.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         MIGRATOR.run(&self.pool).await?;
         Ok(())
+    }
+
+    /// The group commit's writer: a thread with a connection of its own
+    /// (`sqlite_writer.rs`).
+    fn own_writer(&self) -> Result<Option<Arc<dyn super::Writer>>, StoreError> {
+        let writer = super::sqlite_writer::SqliteWriter::start(&self.path, self.op_timeout)?;
+        Ok(Some(Arc::new(writer)))
     }
 
     /// The pool, for tests that must reach under the store (tampering,
@@ -94,7 +108,7 @@ impl SqliteStore {
     /// Key guards (see `guard_keys` in sql.rs): a no-op UPDATE, so the
     /// transaction takes SQLite's write lock at once (a read that later
     /// writes could fail with a busy snapshot) and reads the states.
-    const KEY_GUARD: &'static str = "UPDATE vault_keys SET state = state
+    pub(crate) const KEY_GUARD: &'static str = "UPDATE vault_keys SET state = state
          WHERE (purpose = 'dek' AND version = $1) OR (purpose = 'fingerprint' AND version = $2)
          RETURNING state";
     const KEY_GUARD_SHARED: &'static str = Self::KEY_GUARD;
