@@ -27,6 +27,8 @@ mod sql;
 pub mod sqlite;
 mod sqlite_writer;
 #[cfg(test)]
+mod sqlite_writer_tests;
+#[cfg(test)]
 pub(crate) mod tests;
 
 use std::path::Path;

@@ -62,15 +62,16 @@ impl SqliteStore {
             // disk (seen: tokens acknowledged after a full disk, gone after
             // a restart). `BEGIN` succeeds only in autocommit mode, so a
             // connection on which it fails is closed (SQLite rolls the
-            // stray transaction back) instead of being reused.
+            // stray transaction back) instead of being reused. Both
+            // statements go to the connection's worker thread at once: one
+            // hand-off per release, not two.
             .after_release(|conn, _meta| {
                 Box::pin(async move {
                     use sqlx::Executor as _;
-                    if conn.execute("BEGIN").await.is_err() {
+                    if conn.execute("BEGIN; ROLLBACK").await.is_err() {
                         tracing::warn!("closing a SQLite connection left inside a transaction");
                         return Ok(false);
                     }
-                    conn.execute("ROLLBACK").await?;
                     Ok(true)
                 })
             })
