@@ -18,6 +18,11 @@
 //! connection left inside a transaction after a failure (a refused COMMIT
 //! on a full disk) is rolled back or closed, never reused as is; the next
 //! operation opens a new one.
+//!
+//! Checkpoints (copying the WAL into the database file, with its own fsync)
+//! run on a second thread, PASSIVE, every [`CHECKPOINT_EVERY`]: SQLite
+//! would otherwise run them inside the commit that crosses 1000 WAL pages,
+//! and every request of that group would wait for it.
 
 use std::path::Path;
 use std::sync::mpsc;
@@ -33,6 +38,12 @@ use super::{CardRow, Inserted, NewCard, StoreError, Writer};
 
 /// Statements kept prepared on the writer's connection.
 const STATEMENT_CACHE: usize = 32;
+/// How often the checkpointer copies committed WAL frames into the
+/// database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// WAL pages (4 KiB) after which the writer checkpoints by itself: only if
+/// the checkpointer falls behind (SQLite's default is 1000).
+const WRITER_AUTOCHECKPOINT: u32 = 10_000;
 
 enum Op {
     Cards {
@@ -58,6 +69,8 @@ enum Op {
 pub(crate) struct SqliteWriter {
     ops: mpsc::Sender<Op>,
     op_timeout: Duration,
+    /// Dropping it ends the checkpointer.
+    _checkpoints: mpsc::Sender<()>,
 }
 
 impl SqliteWriter {
@@ -66,12 +79,22 @@ impl SqliteWriter {
     /// operation's error.
     pub(crate) fn start(path: &Path, op_timeout: Duration) -> Result<SqliteWriter, StoreError> {
         let (ops, rx) = mpsc::channel();
-        let path = path.to_path_buf();
+        let file = path.to_path_buf();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || run(&path, op_timeout, &rx))
+            .spawn(move || run(&file, op_timeout, &rx))
             .map_err(|_| StoreError::Unavailable(sqlx::Error::WorkerCrashed))?;
-        Ok(SqliteWriter { ops, op_timeout })
+        let (checkpoints, stop) = mpsc::channel();
+        let file = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || checkpointer(&file, op_timeout, &stop))
+            .map_err(|_| StoreError::Unavailable(sqlx::Error::WorkerCrashed))?;
+        Ok(SqliteWriter {
+            ops,
+            op_timeout,
+            _checkpoints: checkpoints,
+        })
     }
 
     async fn call<T>(
@@ -170,6 +193,26 @@ fn run(path: &Path, busy: Duration, ops: &mpsc::Receiver<Op>) {
     }
 }
 
+/// PASSIVE checkpoints until the writer handle is dropped. A failure is
+/// logged and tried again next time (the writer's own auto-checkpoint is
+/// the backstop).
+fn checkpointer(path: &Path, busy: Duration, stop: &mpsc::Receiver<()>) {
+    let mut conn: Option<Connection> = None;
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        let c = match conn.take().map_or_else(|| open(path, busy), Ok) {
+            Ok(c) => conn.insert(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "the SQLite checkpointer cannot open its connection");
+                continue;
+            }
+        };
+        if let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "SQLite WAL checkpoint failed");
+            conn = None;
+        }
+    }
+}
+
 /// Answer; true if the answer was an error.
 fn send<T>(reply: oneshot::Sender<Result<T, StoreError>>, result: Result<T, StoreError>) -> bool {
     let failed = result.is_err();
@@ -201,6 +244,7 @@ fn open(path: &Path, busy: Duration) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "secure_delete", "ON")?;
+    conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }
