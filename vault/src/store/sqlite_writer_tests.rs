@@ -6,28 +6,8 @@ use std::time::Duration;
 
 use audit::{Action, AuditEvent, Outcome};
 
-use super::tests::TestStore;
+use super::tests::{row, TestStore};
 use super::*;
-
-fn row(token: &str, tenant: &str, fp: &str) -> CardRow {
-    CardRow {
-        token: token.into(),
-        tenant: tenant.into(),
-        fingerprint: fp.into(),
-        brand: "visa".into(),
-        bin: "411111".into(),
-        last4: "1111".into(),
-        pan_len: 16,
-        key_version: 1,
-        nonce: vec![0; 12],
-        ciphertext: vec![1, 2, 3],
-        created_at: 1_000,
-        fingerprint_version: 1,
-        expires_at: None,
-        last_used_at: None,
-        updated_at: None,
-    }
-}
 
 fn card(token: &str, tenant: &str, fp: &str) -> NewCard {
     NewCard {

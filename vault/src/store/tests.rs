@@ -175,7 +175,7 @@ impl TestStore {
     }
 }
 
-fn row(token: &str, tenant: &str, fp: &str) -> CardRow {
+pub(crate) fn row(token: &str, tenant: &str, fp: &str) -> CardRow {
     CardRow {
         token: token.into(),
         tenant: tenant.into(),
