@@ -45,29 +45,16 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// the checkpointer falls behind (SQLite's default is 1000).
 const WRITER_AUTOCHECKPOINT: u32 = 10_000;
 
-enum Op {
-    Cards {
-        cards: Vec<NewCard>,
-        events: Vec<AuditEvent>,
-        reply: oneshot::Sender<Result<Vec<Inserted>, StoreError>>,
-    },
-    Event {
-        event: AuditEvent,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-    Touch {
-        tokens: Vec<String>,
-        now: i64,
-        granularity_ms: i64,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-}
+/// One operation for the writer thread: it runs on the thread's connection
+/// (or gets the error of opening one), answers its caller, and says whether
+/// it failed.
+type Task = Box<dyn FnOnce(Result<&mut Connection, StoreError>) -> bool + Send>;
 
 /// A handle on the writer thread; the thread ends when the last handle is
 /// dropped.
 #[derive(Debug)]
 pub(crate) struct SqliteWriter {
-    ops: mpsc::Sender<Op>,
+    tasks: mpsc::Sender<Task>,
     op_timeout: Duration,
     /// Dropping it ends the checkpointer.
     _checkpoints: mpsc::Sender<()>,
@@ -78,7 +65,7 @@ impl SqliteWriter {
     /// (and again after one was dropped), so a failure to open is that
     /// operation's error.
     pub(crate) fn start(path: &Path, op_timeout: Duration) -> Result<SqliteWriter, StoreError> {
-        let (ops, rx) = mpsc::channel();
+        let (tasks, rx) = mpsc::channel();
         let file = path.to_path_buf();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
@@ -91,19 +78,26 @@ impl SqliteWriter {
             .spawn(move || checkpointer(&file, op_timeout, &stop))
             .map_err(|_| StoreError::Unavailable(sqlx::Error::WorkerCrashed))?;
         Ok(SqliteWriter {
-            ops,
+            tasks,
             op_timeout,
             _checkpoints: checkpoints,
         })
     }
 
-    async fn call<T>(
+    /// Run `op` in the writer thread and wait for its answer.
+    async fn call<T: Send + 'static>(
         &self,
-        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+        op: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.ops
-            .send(op(reply))
+        let task: Task = Box::new(move |conn| {
+            let result = conn.and_then(op);
+            let failed = result.is_err();
+            let _ = reply.send(result);
+            failed
+        });
+        self.tasks
+            .send(task)
             .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?;
         // The operation may still commit after this gives up: the caller
         // was not answered, and a retry finds what was written.
@@ -122,16 +116,14 @@ impl Writer for SqliteWriter {
         cards: Vec<NewCard>,
         events: Vec<AuditEvent>,
     ) -> Result<Vec<Inserted>, StoreError> {
-        self.call(|reply| Op::Cards {
-            cards,
-            events,
-            reply,
-        })
-        .await
+        self.call(move |c| insert_cards(c, cards, events)).await
     }
 
     async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
-        self.call(|reply| Op::Event { event, reply }).await
+        self.call(move |c| {
+            write(c, |tx| insert_events(tx, std::slice::from_ref(&event))).map(|_| ())
+        })
+        .await
     }
 
     async fn touch_cards(
@@ -141,48 +133,23 @@ impl Writer for SqliteWriter {
         granularity_ms: i64,
     ) -> Result<(), StoreError> {
         let tokens = tokens.to_vec();
-        self.call(|reply| Op::Touch {
-            tokens,
-            now,
-            granularity_ms,
-            reply,
-        })
-        .await
+        self.call(move |c| write(c, |tx| touch(tx, &tokens, now, granularity_ms)))
+            .await
     }
 }
 
-fn run(path: &Path, busy: Duration, ops: &mpsc::Receiver<Op>) {
+fn run(path: &Path, busy: Duration, tasks: &mpsc::Receiver<Task>) {
     let mut conn: Option<Connection> = None;
-    while let Ok(op) = ops.recv() {
+    while let Ok(task) = tasks.recv() {
         let c = match conn.take().map_or_else(|| open(path, busy), Ok) {
             Ok(c) => conn.insert(c),
             Err(e) => {
                 tracing::warn!(error = %e, "the SQLite writer cannot open its connection");
-                fail(op, e);
+                task(Err(e));
                 continue;
             }
         };
-        let failed = match op {
-            Op::Cards {
-                cards,
-                events,
-                reply,
-            } => send(reply, insert_cards(c, cards, events)),
-            Op::Event { event, reply } => send(
-                reply,
-                write(c, |tx| insert_events(tx, std::slice::from_ref(&event))).map(|_| ()),
-            ),
-            Op::Touch {
-                tokens,
-                now,
-                granularity_ms,
-                reply,
-            } => send(
-                reply,
-                write(c, |tx| touch(tx, &tokens, now, granularity_ms)),
-            ),
-        };
-        if failed && !c.is_autocommit() {
+        if task(Ok(&mut *c)) && !c.is_autocommit() {
             // Still inside a transaction: roll it back, or close the
             // connection (SQLite rolls back) and open a new one next time.
             if c.execute_batch("ROLLBACK").is_err() || !c.is_autocommit() {
@@ -210,20 +177,6 @@ fn checkpointer(path: &Path, busy: Duration, stop: &mpsc::Receiver<()>) {
             tracing::warn!(error = %e, "SQLite WAL checkpoint failed");
             conn = None;
         }
-    }
-}
-
-/// Answer; true if the answer was an error.
-fn send<T>(reply: oneshot::Sender<Result<T, StoreError>>, result: Result<T, StoreError>) -> bool {
-    let failed = result.is_err();
-    let _ = reply.send(result);
-    failed
-}
-
-fn fail(op: Op, e: StoreError) {
-    match op {
-        Op::Cards { reply, .. } => drop(reply.send(Err(e))),
-        Op::Event { reply, .. } | Op::Touch { reply, .. } => drop(reply.send(Err(e))),
     }
 }
 
