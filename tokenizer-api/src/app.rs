@@ -133,7 +133,7 @@ impl Application {
         let store = open_store(settings, settings.migrate_on_start).await?;
         // Auditors verify checkpoints with the public key, written to
         // `audit-verify.pub` when the vault opens.
-        let seal = Arc::new(SealControl::with_options(
+        let seal = Arc::new(SealControl::new(
             store.clone(),
             settings.kek_source.clone(),
             settings.data_dir.join("audit-verify.pub"),

@@ -734,8 +734,7 @@ impl AdminClient {
 }
 
 fn admin_key() -> Result<AdminClient, ExitCode> {
-    use rustls_pki_types::pem::PemObject as _;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use std::path::Path;
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
     let key = std::env::var("TOKENIZER_API_KEY")
         .ok()
@@ -750,8 +749,7 @@ fn admin_key() -> Result<AdminClient, ExitCode> {
     }
     let mut roots = rustls::RootCertStore::empty();
     if let Some(ca) = var("TOKENIZER_ADMIN_CA_FILE") {
-        let certs = CertificateDer::pem_file_iter(&ca)
-            .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+        let certs = crate::tls::read_certs(Path::new(&ca))
             .map_err(|e| fail(format!("TOKENIZER_ADMIN_CA_FILE: {e}")))?;
         for cert in certs {
             roots
@@ -765,10 +763,11 @@ fn admin_key() -> Result<AdminClient, ExitCode> {
         .with_root_certificates(roots);
     let config = match (client_cert, var("TOKENIZER_ADMIN_CLIENT_KEY")) {
         (Some(cert), Some(key_file)) => {
-            let chain = CertificateDer::pem_file_iter(&cert)
-                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+            // The server's readers: a key file readable by others is
+            // refused, and no error quotes the file's content.
+            let chain = crate::tls::read_certs(Path::new(&cert))
                 .map_err(|e| fail(format!("TOKENIZER_ADMIN_CLIENT_CERT: {e}")))?;
-            let private = PrivateKeyDer::from_pem_file(&key_file)
+            let private = crate::tls::read_key(Path::new(&key_file))
                 .map_err(|e| fail(format!("TOKENIZER_ADMIN_CLIENT_KEY: {e}")))?;
             builder
                 .with_client_auth_cert(chain, private)

@@ -53,8 +53,6 @@ pub struct Metrics {
     audit_entries: IntGauge,
     audit_checkpoint_size: IntGauge,
     audit_checkpoint_time: IntGauge,
-    /// The newest checkpoint seen: (tree size, signing time in Unix seconds).
-    last_checkpoint: Mutex<Option<(u64, i64)>>,
     key_age: IntGaugeVec,
     pool_connections: IntGaugeVec,
     pool_max: IntGauge,
@@ -322,7 +320,6 @@ impl Metrics {
             audit_entries,
             audit_checkpoint_size,
             audit_checkpoint_time,
-            last_checkpoint: Mutex::new(None),
             key_age,
             pool_connections,
             pool_max,
@@ -459,10 +456,6 @@ impl Metrics {
                 return;
             }
         };
-        *self
-            .last_checkpoint
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = last;
         let (size, at) = last.unwrap_or((0, 0));
         self.audit_checkpoint_size.set(gauge_value(size));
         self.audit_checkpoint_time.set(at);

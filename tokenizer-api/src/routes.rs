@@ -61,11 +61,6 @@ const API: &[ListenerKind] = &[ListenerKind::Api];
 const REVEAL: &[ListenerKind] = &[ListenerKind::Reveal];
 const ADMIN: &[ListenerKind] = &[ListenerKind::Admin];
 
-/// Every route, all listeners (tests and tools that need the whole table).
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    configure_for(cfg, ListenerKind::Dev);
-}
-
 /// The routes of one listener; any other method on a known path is 405,
 /// a path of another listener is 404.
 pub fn configure_for(cfg: &mut web::ServiceConfig, listener: ListenerKind) {

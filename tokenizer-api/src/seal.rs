@@ -150,19 +150,9 @@ impl std::fmt::Debug for SealControl {
 }
 
 impl SealControl {
-    /// A sealed control; [`SealControl::start`] unseals what can unseal by
-    /// itself.
-    pub fn new(store: Arc<dyn Store>, source: KekSource, public_key_file: PathBuf) -> Self {
-        Self::with_options(
-            store,
-            source,
-            public_key_file,
-            vault::VaultOptions::default(),
-        )
-    }
-
-    /// [`SealControl::new`] with the options of the vault it opens.
-    pub fn with_options(
+    /// A sealed control for vaults opened with `options`;
+    /// [`SealControl::start`] unseals what can unseal by itself.
+    pub fn new(
         store: Arc<dyn Store>,
         source: KekSource,
         public_key_file: PathBuf,

@@ -128,11 +128,6 @@ impl ReloadableTls {
         Ok(())
     }
 
-    /// Whether client certificates can be verified (a CA is configured).
-    pub fn verifies_clients(&self) -> bool {
-        self.files.client_ca.is_some()
-    }
-
     /// The configuration for a new handshake.
     pub fn config(&self, client: ClientCerts) -> Result<Arc<ServerConfig>, TlsError> {
         let built = self.current.read().unwrap_or_else(|p| p.into_inner());
@@ -148,7 +143,7 @@ fn shown(path: &Path) -> String {
     path.display().to_string()
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| TlsError::Read(shown(path), pem_io(e)))?
         .collect::<Result<Vec<_>, _>>()
@@ -166,7 +161,7 @@ fn pem_io(e: rustls_pki_types::pem::Error) -> io::Error {
     }
 }
 
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let mode = fs::metadata(path)
         .map_err(|e| TlsError::Read(shown(path), e))?
         .permissions()

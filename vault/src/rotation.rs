@@ -148,7 +148,9 @@ fn conflict(e: StoreError) -> VaultError {
 
 /// Reseal one record under the active keys: a fresh nonce and the new
 /// version in its associated data; the fingerprint recomputed if it is under
-/// an older fingerprint key. None if it cannot be opened (kept as it is).
+/// an older fingerprint key. None if it cannot be opened, or its tenant is
+/// deleted or unknown (kept as it is: a deleted tenant's records are being
+/// swept, and a missing salt must not yield an unsalted fingerprint).
 fn reseal(
     keys: &KeySet,
     salts: &std::collections::HashMap<String, Option<Vec<u8>>>,
@@ -158,7 +160,7 @@ fn reseal(
     let fp = keys.fingerprint_key();
     let secret: CardSecret = open_with(keys, row).ok()?;
     let (fingerprint, fingerprint_version) = if row.fingerprint_version < fp.version() {
-        let salt = salts.get(&row.tenant).and_then(|s| s.as_deref());
+        let salt = salts.get(&row.tenant)?.as_deref();
         (fp.fingerprint(&row.tenant, salt, &secret.pan), fp.version())
     } else {
         (row.fingerprint.clone(), row.fingerprint_version)

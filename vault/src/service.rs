@@ -71,12 +71,19 @@ pub struct TokenizeOptions {
     pub expires_at: Option<i64>,
 }
 
-/// A change of a stored card's expiry or name (PATCH).
-#[derive(Debug, Default)]
+/// A change of a stored card's expiry or name (PATCH). `Debug` is
+/// redacted: the name is cardholder data.
+#[derive(Default)]
 pub struct CardUpdate {
     pub exp_month: Option<i64>,
     pub exp_year: Option<i64>,
     pub cardholder_name: Option<Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for CardUpdate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CardUpdate([REDACTED])")
+    }
 }
 
 /// How the vault is set up.
@@ -704,10 +711,10 @@ impl Vault {
     ) -> Result<(CardRow, Expiry, bool), VaultError> {
         let stored = self.open_row(&row).await?;
         let later = offered.expiry > stored.expiry;
-        let renamed = offered.expiry == stored.expiry
-            && offered.name.is_some()
+        let name_changed = offered.name.is_some()
             && offered.name.as_ref().map(|n| n.expose())
                 != stored.name.as_ref().map(|n| n.expose());
+        let renamed = offered.expiry == stored.expiry && name_changed;
         if !later && !renamed {
             return Ok((row, stored.expiry, false));
         }
@@ -720,7 +727,7 @@ impl Vault {
             expiry: offered.expiry,
             name,
         };
-        let what = match (later, renamed || offered.name.is_some()) {
+        let what = match (later, name_changed) {
             (true, true) => "expiry,name",
             (true, false) => "expiry",
             _ => "name",
@@ -1322,9 +1329,19 @@ impl Vault {
             })
             .collect();
         let mut detail = format!("after={} limit={limit} returned={}", q.after, events.len());
+        // A pan-shaped filter may be a mistyped card number (see `lookup`):
+        // recorded masked, as a card number would be.
+        let token = f.token.as_deref().map(|t| match TokenFormat::of(t) {
+            TokenFormat::Random => t.to_owned(),
+            TokenFormat::PanShaped => crate::pan::masked_form(
+                t.get(..6).unwrap_or_default(),
+                t.get(t.len().saturating_sub(4)..).unwrap_or_default(),
+                t.len(),
+            ),
+        });
         for (name, value) in [
             ("principal", f.principal.as_deref()),
-            ("token", f.token.as_deref()),
+            ("token", token.as_deref()),
             ("action", f.action.map(|a| a.as_str())),
             ("tenant", f.tenant.as_deref()),
             ("outcome", f.outcome.map(|o| o.as_str())),
@@ -1435,6 +1452,24 @@ mod tests {
     use crate::access::TenantScope;
     use crate::store::sqlite::SqliteStore;
     use std::collections::BTreeSet;
+
+    #[test]
+    fn card_inputs_print_no_cardholder_data() {
+        let input = CardInput {
+            pan: Zeroizing::new("4111111111111111".into()),
+            exp_month: 12,
+            exp_year: 2030,
+            cardholder_name: Some(Zeroizing::new("Jane Cardholder".into())),
+            cvc: Some(Zeroizing::new("123".into())),
+        };
+        let update = CardUpdate {
+            exp_month: Some(1),
+            exp_year: Some(2031),
+            cardholder_name: Some(Zeroizing::new("Jane Cardholder".into())),
+        };
+        let printed = format!("{input:?} {update:?}");
+        assert_eq!(printed, "CardInput([REDACTED]) CardUpdate([REDACTED])");
+    }
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -1753,6 +1788,37 @@ mod tests {
             f.vault.audit_query(&auditor, q(bad, 0, 10)).await,
             Err(VaultError::InvalidFilter(_))
         ));
+        // A digit string we did not issue may be a mistyped card number:
+        // the query is recorded with it masked, never in full.
+        let mistyped = AuditFilter {
+            token: Some("4111111111111112".into()),
+            ..AuditFilter::default()
+        };
+        let page = f
+            .vault
+            .audit_query(&auditor, q(mistyped, 0, 100))
+            .await
+            .unwrap();
+        assert!(page.events.is_empty());
+        let reads = AuditFilter {
+            action: Some(Action::AuditRead),
+            ..AuditFilter::default()
+        };
+        let page = f
+            .vault
+            .audit_query(&auditor, q(reads, 0, 1000))
+            .await
+            .unwrap();
+        let details: Vec<String> = page
+            .events
+            .iter()
+            .filter_map(|e| e.event.detail.clone())
+            .collect();
+        assert!(
+            details.iter().any(|d| d.contains("token=411111******1112")),
+            "{details:?}"
+        );
+        assert!(!details.iter().any(|d| d.contains("4111111111111112")));
         let shop1_auditor = ctx(&[Role::Auditor], TenantScope::parse("shop-1").unwrap());
         assert!(matches!(
             f.vault

@@ -72,13 +72,16 @@ impl Tenants {
         Ok(row)
     }
 
-    /// The fingerprint salt of every tenant (for the re-encryption pass).
+    /// The fingerprint salt of every tenant that is not deleted (for the
+    /// re-encryption pass; `None`: a legacy tenant without salt). A deleted
+    /// tenant's salt is erased: its records are never fingerprinted again.
     pub async fn salts(&self) -> Result<HashMap<String, Option<Vec<u8>>>, StoreError> {
         Ok(self
             .store
             .tenants()
             .await?
             .into_iter()
+            .filter(|t| t.deleted_at.is_none())
             .map(|t| (t.name, t.fingerprint_salt))
             .collect())
     }

@@ -2,7 +2,7 @@
 //! (method and path) against every kind of caller, with the expected status
 //! of each cell.
 //!
-//! The table must list every route `routes::configure` serves: the test
+//! The table must list every route `routes::configure_for` serves: the test
 //! reads that function's source (`include_str!`) and fails when it names a
 //! method and path the table lacks (or the table names one it does not
 //! serve), so adding an endpoint without deciding who may call it fails
@@ -121,7 +121,7 @@ fn code_for(status: u16) -> Option<&'static str> {
     }
 }
 
-/// Every (method, path) `routes::configure` serves, read from its source:
+/// Every (method, path) `routes::configure_for` serves, read from its source:
 /// each path literal of the `routes` array with the `web::<method>()`
 /// calls that follow it.
 fn served_routes(source: &str) -> Vec<(String, String)> {
