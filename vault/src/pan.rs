@@ -123,10 +123,24 @@ impl fmt::Debug for Pan {
 
 /// Luhn (mod 10) check over ASCII digits. Non-digits make it fail.
 pub fn luhn_valid(digits: &[u8]) -> bool {
+    !digits.is_empty() && luhn_sum(digits).is_some_and(|sum| sum.is_multiple_of(10))
+}
+
+/// `payload` with the one Luhn check digit appended that makes it pass (for
+/// generating test card numbers from a test BIN); None if it holds a
+/// non-digit.
+pub fn with_check_digit(payload: &str) -> Option<String> {
+    let sum = luhn_sum(format!("{payload}0").as_bytes())?;
+    Some(format!("{payload}{}", (10 - sum % 10) % 10))
+}
+
+/// The Luhn sum of ASCII digits (every second digit from the right doubled,
+/// digits of the product added); None on a non-digit.
+fn luhn_sum(digits: &[u8]) -> Option<u32> {
     let mut sum = 0u32;
     for (i, &c) in digits.iter().rev().enumerate() {
         if !c.is_ascii_digit() {
-            return false;
+            return None;
         }
         let mut d = u32::from(c - b'0');
         if i % 2 == 1 {
@@ -137,7 +151,7 @@ pub fn luhn_valid(digits: &[u8]) -> bool {
         }
         sum += d;
     }
-    !digits.is_empty() && sum.is_multiple_of(10)
+    Some(sum)
 }
 
 /// Whether free text (a reason, a tenant, a name that will be stored in clear)
@@ -315,8 +329,10 @@ mod tests {
         ) {
             let good = check_digit(&payload);
             let mut s: Vec<u8> = payload.iter().map(|d| b'0' + d).collect();
+            let text = String::from_utf8(s.clone()).unwrap();
             s.push(b'0' + good);
             prop_assert!(luhn_valid(&s));
+            prop_assert_eq!(with_check_digit(&text).map(String::into_bytes), Some(s.clone()));
             let last = s.len() - 1;
             s[last] = b'0' + (good + wrong) % 10;
             prop_assert!(!luhn_valid(&s));
