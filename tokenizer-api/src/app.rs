@@ -339,9 +339,11 @@ pub fn app(
         InitError = (),
     >,
 > {
+    let limit = state.max_header_bytes;
+    let metrics_state = state.clone();
     App::new()
         .app_data(state)
-        .wrap_fn(|req, srv| {
+        .wrap_fn(move |req, srv| {
             let id = new_request_id();
             req.extensions_mut().insert(RequestId(id.clone()));
             let method = req.method().clone();
@@ -354,15 +356,21 @@ pub fn app(
                 .iter()
                 .map(|(name, value)| name.as_str().len() + value.len() + 4)
                 .sum();
-            let limit = req
-                .app_data::<web::Data<AppState>>()
-                .map_or(usize::MAX, |s| s.max_header_bytes);
-            let fut = (header_bytes <= limit).then(|| srv.call(req));
+            // Too large: answered here, and logged and counted below like
+            // any other answer.
+            let call = if header_bytes <= limit {
+                Ok(srv.call(req))
+            } else {
+                Err(req)
+            };
+            let state = metrics_state.clone();
             async move {
-                let Some(fut) = fut else {
-                    return Err(crate::error::ApiError::HeadersTooLarge(limit).into());
+                let mut res = match call {
+                    Ok(fut) => fut.await?.map_into_boxed_body(),
+                    Err(req) => req.into_response(actix_web::ResponseError::error_response(
+                        &crate::error::ApiError::HeadersTooLarge(limit),
+                    )),
                 };
-                let mut res = fut.await?;
                 if let Ok(v) = HeaderValue::from_str(&id) {
                     res.headers_mut()
                         .insert(HeaderName::from_static("x-request-id"), v);
@@ -372,18 +380,12 @@ pub fn app(
                 let route = res
                     .request()
                     .match_pattern()
-                    .unwrap_or_else(|| "<unmatched>".to_owned());
+                    .unwrap_or_else(|| crate::metrics::UNMATCHED_ROUTE.to_owned());
                 let status = res.status().as_u16();
                 let elapsed = started.elapsed();
-                if let Some(state) = res.request().app_data::<web::Data<AppState>>() {
-                    state.metrics.observe_request(
-                        listener,
-                        method.as_str(),
-                        &route,
-                        status,
-                        elapsed,
-                    );
-                }
+                state
+                    .metrics
+                    .observe_request(listener, method.as_str(), &route, status, elapsed);
                 tracing::info!(
                     request_id = %id,
                     listener,

@@ -292,28 +292,18 @@ impl Acceptor {
         }
         // A source already blocked for failed authentications is not
         // audited again on every attempt (its block was).
-        let blocked = peer.is_some_and(|p| {
-            self.state
-                .sources
-                .check(p.ip(), std::time::Instant::now())
-                .is_err()
-        });
-        if blocked {
-            self.state.sources.refuse();
+        let ip = peer.map(|p| p.ip());
+        if crate::routes::guard_source(&self.state, ip, None).is_err() {
             return;
         }
         tracing::warn!(listener, reason, source = ?peer, "client certificate refused at the TLS handshake");
-        let event =
-            audit::AuditEvent::new(audit::Action::AuthenticationFailed, audit::Outcome::Denied)
-                .source(peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string()))
-                .error_code("unauthenticated")
-                .detail(format!(
-                    "client_certificate_refused: {reason} (listener {listener})"
-                ));
-        if let Err(e) = self.state.seal.store().append_audit(event).await {
+        let source = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+        let detail = format!("client_certificate_refused: {reason} (listener {listener})");
+        if let Err(e) =
+            crate::routes::record_auth_failure(&self.state, ip, &source, None, detail).await
+        {
             tracing::error!(error = %e, "cannot record a refused client certificate in the audit trail");
         }
-        crate::routes::count_failure(&self.state, peer.map(|p| p.ip()), "").await;
     }
 }
 

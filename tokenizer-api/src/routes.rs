@@ -227,7 +227,7 @@ async fn authenticate(req: &HttpRequest, state: &AppState) -> Result<RequestCont
     let listener = connection.map_or("unknown", |c| c.listener.name());
     let certificate = connection.and_then(|c| c.client.clone());
     let auth = state.seal.authenticator();
-    guard_source(state, ip, presented, |k| auth.is_verified(k))?;
+    guard_source(state, ip, presented)?;
     async fn by_key(
         auth: &vault::access::Authenticator,
         presented: Option<&str>,
@@ -268,20 +268,38 @@ async fn authenticate(req: &HttpRequest, state: &AppState) -> Result<RequestCont
         Err(AuthError::Store(e)) => return Err(vault::VaultError::from(e).into()),
         Err(AuthError::Failed(f)) => f,
     };
-    let event = audit::AuditEvent::new(Action::AuthenticationFailed, audit::Outcome::Denied)
-        .source(&source)
-        .request_id(&request_id)
-        .error_code("unauthenticated")
-        .detail(failure.as_str());
-    state
-        .seal
-        .store()
-        .append_audit(event)
-        .await
-        .map_err(vault::VaultError::from)?;
     state.metrics.auth_failure(listener, failure.as_str());
-    count_failure(state, ip, &request_id).await;
+    record_auth_failure(
+        state,
+        ip,
+        &source,
+        Some(&request_id),
+        failure.as_str().to_owned(),
+    )
+    .await
+    .map_err(vault::VaultError::from)?;
     Err(vault::VaultError::Unauthenticated.into())
+}
+
+/// A failed authentication (a refused credential, or a client certificate
+/// refused at the TLS handshake): audited with its source, and counted
+/// against the source by the flood guard (also when the audit write
+/// failed, which is returned).
+pub(crate) async fn record_auth_failure(
+    state: &AppState,
+    ip: Option<std::net::IpAddr>,
+    source: &str,
+    request_id: Option<&str>,
+    detail: String,
+) -> Result<(), vault::store::StoreError> {
+    let mut event = audit::AuditEvent::new(Action::AuthenticationFailed, audit::Outcome::Denied)
+        .source(source)
+        .error_code("unauthenticated")
+        .detail(detail);
+    event.request_id = request_id.map(str::to_owned);
+    let written = state.seal.store().append_audit(event).await;
+    count_failure(state, ip, request_id.unwrap_or_default()).await;
+    written.map(|_| ())
 }
 
 /// Who is asking, as far as the request says before authentication.
@@ -313,16 +331,15 @@ fn caller(req: &HttpRequest) -> Caller<'_> {
 
 /// The flood guard in front of authentication: a blocked source gets 429
 /// unless it presents a key this process already verified.
-fn guard_source(
+pub(crate) fn guard_source(
     state: &AppState,
     ip: Option<std::net::IpAddr>,
     presented: Option<&str>,
-    verified: impl Fn(&str) -> bool,
 ) -> Result<(), ApiError> {
     let Some(ip) = ip else { return Ok(()) };
     match state.sources.check(ip, std::time::Instant::now()) {
         Ok(()) => Ok(()),
-        Err(_) if presented.is_some_and(verified) => Ok(()),
+        Err(_) if presented.is_some_and(|k| state.seal.authenticator().is_verified(k)) => Ok(()),
         Err(wait) => {
             state.sources.refuse();
             Err(ApiError::SourceBlocked(wait))

@@ -175,11 +175,14 @@ pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> 
     })
 }
 
-fn verifier(
+/// The client-certificate verifiers (required, optional) from one reading
+/// of the CA bundle and the CRLs; none without a client CA.
+type Verifiers = (Arc<dyn ClientCertVerifier>, Arc<dyn ClientCertVerifier>);
+
+fn verifiers(
     files: &TlsFiles,
     provider: &Arc<CryptoProvider>,
-    optional: bool,
-) -> Result<Option<Arc<dyn ClientCertVerifier>>, TlsError> {
+) -> Result<Option<Verifiers>, TlsError> {
     let Some(ca) = &files.client_ca else {
         return Ok(None);
     };
@@ -189,25 +192,36 @@ fn verifier(
             .add(cert)
             .map_err(|e| TlsError::ClientCa(shown(ca), e.to_string()))?;
     }
-    let mut builder =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-    if let Some(path) = &files.client_crl {
-        let crls = CertificateRevocationListDer::pem_file_iter(path)
-            .map_err(|e| TlsError::Read(shown(path), pem_io(e)))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::Read(shown(path), pem_io(e)))?;
-        if crls.is_empty() {
-            return Err(TlsError::NoCrl(shown(path)));
+    let roots = Arc::new(roots);
+    let crls = match &files.client_crl {
+        Some(path) => {
+            let crls = CertificateRevocationListDer::pem_file_iter(path)
+                .map_err(|e| TlsError::Read(shown(path), pem_io(e)))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TlsError::Read(shown(path), pem_io(e)))?;
+            if crls.is_empty() {
+                return Err(TlsError::NoCrl(shown(path)));
+            }
+            Some(crls)
         }
-        builder = builder.with_crls(crls).only_check_end_entity_revocation();
-    }
-    if optional {
-        builder = builder.allow_unauthenticated();
-    }
-    builder
-        .build()
-        .map(Some)
-        .map_err(|e| TlsError::ClientCa(shown(ca), e.to_string()))
+        None => None,
+    };
+    let build = |optional: bool| {
+        let mut builder =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
+        if let Some(crls) = &crls {
+            builder = builder
+                .with_crls(crls.iter().cloned())
+                .only_check_end_entity_revocation();
+        }
+        if optional {
+            builder = builder.allow_unauthenticated();
+        }
+        builder
+            .build()
+            .map_err(|e| TlsError::ClientCa(shown(ca), e.to_string()))
+    };
+    Ok(Some((build(false)?, build(true)?)))
 }
 
 fn build(files: &TlsFiles) -> Result<Built, TlsError> {
@@ -228,13 +242,16 @@ fn build(files: &TlsFiles) -> Result<Built, TlsError> {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok::<_, TlsError>(Arc::new(config))
     };
+    let (required, optional) = match verifiers(files, &provider)? {
+        Some((required, optional)) => (
+            Some(server_config(Some(required))?),
+            Some(server_config(Some(optional))?),
+        ),
+        None => (None, None),
+    };
     Ok(Built {
-        required: verifier(files, &provider, false)?
-            .map(|v| server_config(Some(v)))
-            .transpose()?,
-        optional: verifier(files, &provider, true)?
-            .map(|v| server_config(Some(v)))
-            .transpose()?,
+        required,
+        optional,
         none: server_config(None)?,
     })
 }

@@ -200,7 +200,7 @@ async fn writer(store: Arc<dyn Writer>, mut rx: mpsc::UnboundedReceiver<Job>) {
     }
 }
 
-const DAY_MS: i64 = 86_400_000;
+use crate::tenants::DAY_MS;
 
 /// Run one group; answer every job.
 async fn commit(store: &dyn Writer, group: Vec<Job>) {

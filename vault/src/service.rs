@@ -406,7 +406,7 @@ impl Vault {
     /// Record that these cards were used (retention), at most once per card
     /// and day and process.
     async fn touch(&self, tokens: &[&str], now: i64) {
-        const DAY_MS: i64 = 86_400_000;
+        use crate::tenants::DAY_MS;
         let due: Vec<String> = {
             let mut touched = self.touched.lock().unwrap_or_else(|p| p.into_inner());
             if touched.len() > 200_000 {

@@ -26,7 +26,8 @@ pub const FRESH: Duration = Duration::from_secs(5);
 /// Records deleted per transaction by the purge and tenant deletion.
 pub const BATCH: u32 = 500;
 
-const DAY_MS: i64 = 86_400_000;
+/// One day in milliseconds.
+pub(crate) const DAY_MS: i64 = 86_400_000;
 
 /// Cached tenant rows of one process.
 #[derive(Debug)]

@@ -162,6 +162,19 @@ fn metrics_count_what_happened_and_name_no_one() {
     let mut sink = Vec::new();
     let _ = raw.read_to_end(&mut sink);
 
+    // Headers over the limit (8 KiB by default): 431, logged and counted
+    // like any other answer.
+    let huge = "x".repeat(9000);
+    let too_large = svc
+        .anonymous()
+        .send_raw("GET", "/healthz", Some(&huge), b"");
+    expect_status(&too_large, 431);
+    assert_eq!(
+        too_large.error_code(),
+        Some("headers_too_large"),
+        "{too_large}"
+    );
+
     // Scrape until a checkpoint covers the calls above (one is signed
     // every 200 ms while the trail grows).
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -227,6 +240,15 @@ fn metrics_count_what_happened_and_name_no_one() {
     assert_eq!(requests("/v1/tokens", "401"), 1.0, "{text}");
     assert_eq!(requests("/v1/tokens/batch", "200"), 1.0, "{text}");
     assert_eq!(requests("/v1/detokenize", "404"), 1.0, "{text}");
+    assert_eq!(
+        sum(
+            &samples,
+            "cardvault_http_requests_total",
+            &[("route", "/healthz"), ("status", "431")],
+        ),
+        1.0,
+        "{text}"
+    );
     assert_eq!(
         sum(
             &samples,

@@ -72,6 +72,20 @@ macro_rules! sql_store {
             Ok(())
         }
 
+        /// The end of a write that may have found nothing to change: if
+        /// `changed` rows changed, `event` is appended and the transaction
+        /// committed (true); otherwise it is rolled back, nothing recorded
+        /// (false).
+        async fn commit_if_changed(mut tx: Tx<'_>, changed: u64, event: &audit::AuditEvent) -> Result<bool, $crate::store::StoreError> {
+            if changed == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            insert_event(&mut tx, event).await?;
+            tx.commit().await?;
+            Ok(true)
+        }
+
         async fn insert_event(tx: &mut Tx<'_>, event: &audit::AuditEvent) -> Result<i64, $crate::store::StoreError> {
             insert_events(tx, std::slice::from_ref(event)).await
         }
@@ -745,13 +759,7 @@ macro_rules! sql_store {
                     .bind(expected_nonce)
                     .execute(&mut *tx)
                     .await?;
-                    if res.rows_affected() == 0 {
-                        tx.rollback().await?;
-                        return Ok(false);
-                    }
-                    insert_event(&mut tx, &event).await?;
-                    tx.commit().await?;
-                    Ok(true)
+                    commit_if_changed(tx, res.rows_affected(), &event).await
                 })
                 .await
             }
@@ -905,13 +913,7 @@ macro_rules! sql_store {
                     .bind(name)
                     .execute(&mut *tx)
                     .await?;
-                    if res.rows_affected() == 0 {
-                        tx.rollback().await?;
-                        return Ok(false);
-                    }
-                    insert_event(&mut tx, &event).await?;
-                    tx.commit().await?;
-                    Ok(true)
+                    commit_if_changed(tx, res.rows_affected(), &event).await
                 })
                 .await
             }
@@ -949,13 +951,7 @@ macro_rules! sql_store {
                             .bind(tenant)
                             .execute(&mut *tx)
                             .await?;
-                        if res.rows_affected() == 0 {
-                            tx.rollback().await?;
-                            return Ok(false);
-                        }
-                        insert_event(&mut tx, &event).await?;
-                        tx.commit().await?;
-                        Ok(true)
+                        commit_if_changed(tx, res.rows_affected(), &event).await
                     })
                     .await?;
                 if deleted {
@@ -1069,13 +1065,7 @@ macro_rules! sql_store {
                         .bind(name)
                         .execute(&mut *tx)
                         .await?;
-                    if res.rows_affected() == 0 {
-                        tx.rollback().await?;
-                        return Ok(false);
-                    }
-                    insert_event(&mut tx, &event).await?;
-                    tx.commit().await?;
-                    Ok(true)
+                    commit_if_changed(tx, res.rows_affected(), &event).await
                 })
                 .await
             }
