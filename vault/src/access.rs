@@ -337,14 +337,38 @@ pub struct Authenticator {
     store: Arc<dyn Store>,
     /// principal id -> (SHA-256 of the verified key, the stored hash it matched).
     cache: Mutex<HashMap<String, ([u8; 32], String)>>,
+    /// argon2 checks running at once: at most one per core. Each costs
+    /// about 50 ms of CPU and 19 MiB of memory, so a burst of new
+    /// connections presenting the same key (a client pool starting up)
+    /// must not run one per request: waiters look at the cache again when
+    /// their turn comes, and the first check of a key serves them all.
+    verifying: tokio::sync::Semaphore,
+    /// argon2 checks run so far (successful or not).
+    checks: std::sync::atomic::AtomicU64,
 }
 
 impl Authenticator {
     pub fn new(store: Arc<dyn Store>) -> Authenticator {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         Authenticator {
             store,
             cache: Mutex::new(HashMap::new()),
+            verifying: tokio::sync::Semaphore::new(cores),
+            checks: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// argon2 checks run by this authenticator so far.
+    pub fn argon2_checks(&self) -> u64 {
+        self.checks.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether `digest` (of a presented key) passed argon2 against `hash`.
+    fn cached(&self, id: &str, digest: &[u8; 32], hash: &str) -> bool {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(id)
+            .is_some_and(|(d, h)| bool::from(d.ct_eq(digest)) && h == hash)
     }
 
     /// Check a presented API key. Reads the principal's row every time (so
@@ -361,13 +385,15 @@ impl Authenticator {
             return Err(AuthError::Failed(AuthFailure::Revoked));
         }
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let cached = {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            cache
-                .get(id)
-                .is_some_and(|(d, h)| bool::from(d.ct_eq(&digest)) && *h == row.key_hash)
-        };
-        if !cached {
+        if !self.cached(id, &digest, &row.key_hash) {
+            // (Never closed: an error would only mean no turn to wait for.)
+            let _turn = self.verifying.acquire().await.ok();
+            // Verified by another request while this one waited.
+            if self.cached(id, &digest, &row.key_hash) {
+                return Ok(Principal::from_row(&row)?);
+            }
+            self.checks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let key = Zeroizing::new(presented.to_owned());
             let hash = row.key_hash.clone();
             let ok = tokio::task::spawn_blocking(move || {
@@ -503,8 +529,9 @@ mod tests {
         assert_eq!(format!("{key:?}"), "NewApiKey([REDACTED])");
         let auth = Authenticator::new(store.clone());
         assert_eq!(auth.authenticate(key.expose()).await.unwrap(), p);
-        // Cached path.
+        // Cached path: no second argon2 check.
         assert_eq!(auth.authenticate(key.expose()).await.unwrap(), p);
+        assert_eq!(auth.argon2_checks(), 1);
         // A wrong secret with the right id is refused even with a warm cache.
         let mut wrong = key.expose().to_owned();
         let last = wrong.pop().unwrap();
@@ -522,6 +549,46 @@ mod tests {
             create_principal(&*store, "4111111111111111", &roles, &TenantScope::All, None).await,
             Err(AccessError::InvalidName)
         ));
+    }
+
+    /// A burst of requests with the same key and a cold cache (a client
+    /// pool opening its connections) runs argon2 at most once per core,
+    /// not once per request; a wrong secret in the burst is still refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_burst_of_one_key_runs_argon2_once_per_core_at_most() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("a.db")).await.unwrap());
+        let roles = parse_roles("tokenize").unwrap();
+        let (p, key) = create_principal(&*store, "checkout", &roles, &TenantScope::All, None)
+            .await
+            .unwrap();
+        let mut wrong = key.expose().to_owned();
+        let last = wrong.pop().unwrap();
+        wrong.push(if last == 'A' { 'B' } else { 'A' });
+        let auth = Arc::new(Authenticator::new(store.clone()));
+        let tasks: Vec<_> = (0..32)
+            .map(|i| {
+                let (auth, key) = (auth.clone(), key.expose().to_owned());
+                tokio::spawn(async move { auth.authenticate(&key).await.map(|p| (i, p)) })
+            })
+            .collect();
+        let bad = {
+            let auth = auth.clone();
+            tokio::spawn(async move { auth.authenticate(&wrong).await })
+        };
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap().1, p);
+        }
+        assert!(matches!(
+            bad.await.unwrap(),
+            Err(AuthError::Failed(AuthFailure::WrongSecret))
+        ));
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let checks = auth.argon2_checks();
+        // The right key at most once per core (all may have started before
+        // the first finished), plus the wrong one.
+        assert!(checks <= cores as u64 + 1, "{checks} argon2 checks");
     }
 
     #[test]

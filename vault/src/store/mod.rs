@@ -25,6 +25,7 @@ mod roles_tests;
 mod rows;
 mod sql;
 pub mod sqlite;
+mod sqlite_reader;
 mod sqlite_writer;
 #[cfg(test)]
 mod sqlite_writer_tests;
@@ -324,6 +325,15 @@ pub trait Writer: Send + Sync + std::fmt::Debug {
         now: i64,
         granularity_ms: i64,
     ) -> Result<(), StoreError>;
+}
+
+/// Point reads on the request path, answered without leaving the calling
+/// thread: SQLite's read-only connections (`sqlite_reader.rs`). Same
+/// semantics as the [`Store`] methods of the same names.
+pub(crate) trait PointReader: Send + Sync + std::fmt::Debug {
+    fn find_card(&self, token: &str) -> Result<Option<CardRow>, StoreError>;
+    fn find_principal(&self, id: &str) -> Result<Option<PrincipalRow>, StoreError>;
+    fn find_principal_by_cert(&self, identity: &str) -> Result<Option<PrincipalRow>, StoreError>;
 }
 
 /// The storage interface of the vault.

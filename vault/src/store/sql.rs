@@ -11,12 +11,11 @@
 /// `pool: sqlx::Pool<$db>` and `op_timeout: std::time::Duration`.
 macro_rules! sql_store {
     ($store:ty, $db:ty) => {
-        use $crate::store::rows::{CARD_COLUMNS, EVENT_INSERT};
+        use $crate::store::rows::{CARD_COLUMNS, EVENT_INSERT, PRINCIPAL_COLUMNS};
         const TENANT_COLUMNS: &str =
             "name, fingerprint_salt, pan_shaped, token_ttl_days, retention_days, created_at, updated_at, deleted_at";
         const KEY_COLUMNS: &str =
             "purpose, version, kek_id, wrapped, created_at, state, retired_at, destroyed_at, reencrypted_at";
-        const PRINCIPAL_COLUMNS: &str = "id, name, roles, tenants, key_hash, created_at, revoked_at, cert_identity";
         const EVENT_COLUMNS: &str =
             "seq, time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail, chain_seq, leaf_hash, chain_hash";
         const CHECKPOINT_COLUMNS: &str = "tree_size, root, chain_head, time, key_id, signature";
@@ -690,6 +689,9 @@ macro_rules! sql_store {
             }
 
             async fn find_card(&self, token: &str) -> Result<Option<$crate::store::CardRow>, $crate::store::StoreError> {
+                if let Some(reader) = <$store>::point_reader(self) {
+                    return reader.find_card(token);
+                }
                 self.bounded(async {
                     let row = sqlx::query(&format!("SELECT {CARD_COLUMNS} FROM cards WHERE token = $1"))
                         .bind(token)
@@ -1017,6 +1019,9 @@ macro_rules! sql_store {
             }
 
             async fn find_principal(&self, id: &str) -> Result<Option<$crate::store::PrincipalRow>, $crate::store::StoreError> {
+                if let Some(reader) = <$store>::point_reader(self) {
+                    return reader.find_principal(id);
+                }
                 self.bounded(async {
                     let row = sqlx::query(&format!("SELECT {PRINCIPAL_COLUMNS} FROM principals WHERE id = $1"))
                         .bind(id)
@@ -1028,6 +1033,9 @@ macro_rules! sql_store {
             }
 
             async fn find_principal_by_cert(&self, identity: &str) -> Result<Option<$crate::store::PrincipalRow>, $crate::store::StoreError> {
+                if let Some(reader) = <$store>::point_reader(self) {
+                    return reader.find_principal_by_cert(identity);
+                }
                 self.bounded(async {
                     let row = sqlx::query(&format!(
                         "SELECT {PRINCIPAL_COLUMNS} FROM principals WHERE cert_identity = $1 AND revoked_at IS NULL"

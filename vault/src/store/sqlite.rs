@@ -26,6 +26,8 @@ pub struct SqliteStore {
     op_timeout: Duration,
     /// The database file, for the dedicated writer's connection.
     path: PathBuf,
+    /// Point reads on the request path (`sqlite_reader.rs`).
+    reader: Arc<super::sqlite_reader::SqliteReader>,
 }
 
 impl SqliteStore {
@@ -81,6 +83,12 @@ impl SqliteStore {
             pool,
             op_timeout,
             path: path.to_path_buf(),
+            // Inline reads hold their thread: a lock wait (rare in WAL
+            // mode: recovery, a truncating checkpoint) is cut short.
+            reader: Arc::new(super::sqlite_reader::SqliteReader::new(
+                path,
+                op_timeout.min(Duration::from_secs(1)),
+            )),
         })
     }
 
@@ -95,6 +103,11 @@ impl SqliteStore {
     fn own_writer(&self) -> Result<Option<Arc<dyn super::Writer>>, StoreError> {
         let writer = super::sqlite_writer::SqliteWriter::start(&self.path, self.op_timeout)?;
         Ok(Some(Arc::new(writer)))
+    }
+
+    /// Card and principal lookups on the request path, inline.
+    fn point_reader(&self) -> Option<&dyn super::PointReader> {
+        Some(&*self.reader)
     }
 
     /// The pool, for tests that must reach under the store (tampering,

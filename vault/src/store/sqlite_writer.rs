@@ -389,7 +389,7 @@ fn touch(
     Ok(())
 }
 
-fn card_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CardRow> {
+pub(super) fn card_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CardRow> {
     Ok(CardRow {
         token: r.get(0)?,
         tenant: r.get(1)?,

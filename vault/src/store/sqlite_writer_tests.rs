@@ -206,3 +206,52 @@ async fn a_connection_returned_inside_a_transaction_is_not_reused() {
     .await
     .unwrap();
 }
+
+/// The inline point reads (`sqlite_reader.rs`) see every write committed
+/// before them, by the writer or the pool, on a reused connection: no read
+/// keeps an old snapshot open. Revocation is seen at once.
+#[tokio::test]
+async fn point_reads_see_each_committed_write_at_once() {
+    let (_b, s, w) = setup().await;
+    let cert = "spiffe://aggregator.example/router";
+    let principal = PrincipalRow {
+        id: "p1".into(),
+        name: "router".into(),
+        roles: "detokenize".into(),
+        tenants: "*".into(),
+        key_hash: "h".into(),
+        created_at: 1,
+        revoked_at: None,
+        cert_identity: Some(cert.into()),
+    };
+    for round in 0..3 {
+        let token = format!("tok_{round}");
+        assert_eq!(s.find_card(&token).await.unwrap(), None);
+        w.insert_cards(vec![card(&token, "t1", &format!("fp_{round}"))], vec![])
+            .await
+            .unwrap();
+        assert_eq!(
+            s.find_card(&token).await.unwrap(),
+            Some(row(&token, "t1", &format!("fp_{round}")))
+        );
+    }
+    assert!(s.delete_card("tok_0", "t1", ev()).await.unwrap());
+    assert_eq!(s.find_card("tok_0").await.unwrap(), None);
+
+    assert_eq!(s.find_principal("p1").await.unwrap(), None);
+    s.insert_principal(&principal, ev()).await.unwrap();
+    assert_eq!(
+        s.find_principal("p1").await.unwrap().as_ref(),
+        Some(&principal)
+    );
+    assert_eq!(
+        s.find_principal_by_cert(cert).await.unwrap().as_ref(),
+        Some(&principal)
+    );
+    assert!(s.revoke_principal("router", 2, ev()).await.unwrap());
+    assert_eq!(
+        s.find_principal("p1").await.unwrap().unwrap().revoked_at,
+        Some(2)
+    );
+    assert_eq!(s.find_principal_by_cert(cert).await.unwrap(), None);
+}
