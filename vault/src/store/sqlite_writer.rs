@@ -22,10 +22,13 @@
 //! Checkpoints (copying the WAL into the database file, with its own fsync)
 //! run on a second thread, PASSIVE, every [`CHECKPOINT_EVERY`]: SQLite
 //! would otherwise run them inside the commit that crosses 1000 WAL pages,
-//! and every request of that group would wait for it.
+//! and every request of that group would wait for it. A long WAL is made
+//! to start over by the writer itself, between two groups
+//! ([`RESTART_AFTER_FRAMES`]).
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -41,9 +44,30 @@ const STATEMENT_CACHE: usize = 32;
 /// How often the checkpointer copies committed WAL frames into the
 /// database file.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
-/// WAL pages (4 KiB) after which the writer checkpoints by itself: only if
-/// the checkpointer falls behind (SQLite's default is 1000).
-const WRITER_AUTOCHECKPOINT: u32 = 10_000;
+/// The writer's page cache, in KiB (SQLite's default is 2 MiB). Every new
+/// card adds entries at random places in its indexes (token, fingerprint,
+/// key versions); with millions of cards most of those leaf pages are not
+/// in a 2 MiB cache and each is read again from the file.
+const WRITER_CACHE_KIB: i64 = 64 * 1024;
+/// WAL frames (4 KiB pages) after which the WAL is made to start over.
+/// Under a steady stream of commits a PASSIVE checkpoint never catches up
+/// with the last frame, so SQLite never starts the WAL over and it grows
+/// without end (seen: 580 MB after two minutes of seeding, and every commit
+/// then ran the writer's auto-checkpoint). Run by the checkpointer, a
+/// RESTART checkpoint starved behind the writer (its lock is free only
+/// between two commits) and stopped all checkpointing while it waited
+/// (seen: 2 GB). So the checkpointer only flags it, and the writer thread
+/// runs it between two groups, where no commit of ours competes.
+const RESTART_AFTER_FRAMES: i64 = 8192;
+/// How long the writer's RESTART checkpoint may wait for readers on an
+/// old snapshot (an export, an audit query) before it gives up until the
+/// next flag.
+const RESTART_WAIT: Duration = Duration::from_millis(100);
+/// The size the WAL file is cut back to when it starts over.
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
+/// WAL pages after which the writer checkpoints by itself: only if the
+/// checkpointer falls behind (SQLite's default is 1000).
+const WRITER_AUTOCHECKPOINT: u32 = 32_768;
 
 /// One operation for the writer thread: it runs on the thread's connection
 /// (or gets the error of opening one), answers its caller, and says whether
@@ -66,16 +90,18 @@ impl SqliteWriter {
     /// operation's error.
     pub(crate) fn start(path: &Path, op_timeout: Duration) -> Result<SqliteWriter, StoreError> {
         let (tasks, rx) = mpsc::channel();
+        let restart_due = Arc::new(AtomicBool::new(false));
         let file = path.to_path_buf();
+        let due = restart_due.clone();
         std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || run(&file, op_timeout, &rx))
+            .spawn(move || run(&file, op_timeout, &rx, &due))
             .map_err(|_| StoreError::Unavailable(sqlx::Error::WorkerCrashed))?;
         let (checkpoints, stop) = mpsc::channel();
         let file = path.to_path_buf();
         std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
-            .spawn(move || checkpointer(&file, op_timeout, &stop))
+            .spawn(move || checkpointer(&file, op_timeout, &stop, &restart_due))
             .map_err(|_| StoreError::Unavailable(sqlx::Error::WorkerCrashed))?;
         Ok(SqliteWriter {
             tasks,
@@ -138,7 +164,7 @@ impl Writer for SqliteWriter {
     }
 }
 
-fn run(path: &Path, busy: Duration, tasks: &mpsc::Receiver<Task>) {
+fn run(path: &Path, busy: Duration, tasks: &mpsc::Receiver<Task>, restart_due: &AtomicBool) {
     let mut conn: Option<Connection> = None;
     while let Ok(task) = tasks.recv() {
         let c = match conn.take().map_or_else(|| open(path, busy), Ok) {
@@ -155,15 +181,33 @@ fn run(path: &Path, busy: Duration, tasks: &mpsc::Receiver<Task>) {
             if c.execute_batch("ROLLBACK").is_err() || !c.is_autocommit() {
                 tracing::warn!("closing the SQLite writer's connection left inside a transaction");
                 conn = None;
+                continue;
             }
+        }
+        if restart_due.swap(false, Ordering::Relaxed) {
+            restart_wal(c, busy);
         }
     }
 }
 
-/// PASSIVE checkpoints until the writer handle is dropped. A failure is
-/// logged and tried again next time (the writer's own auto-checkpoint is
-/// the backstop).
-fn checkpointer(path: &Path, busy: Duration, stop: &mpsc::Receiver<()>) {
+/// A RESTART checkpoint on the writer's connection, waiting at most
+/// [`RESTART_WAIT`] for readers. Not done now is done at the next flag.
+fn restart_wal(c: &Connection, busy: Duration) {
+    let done = c
+        .busy_timeout(RESTART_WAIT)
+        .and_then(|()| c.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())))
+        .and_then(|()| c.busy_timeout(busy));
+    if let Err(e) = done {
+        tracing::warn!(error = %e, "SQLite WAL restart failed");
+        let _ = c.busy_timeout(busy);
+    }
+}
+
+/// PASSIVE checkpoints until the writer handle is dropped; when the WAL is
+/// longer than [`RESTART_AFTER_FRAMES`] the writer is asked to restart it.
+/// A failure is logged and tried again next time (the writer's own
+/// auto-checkpoint is the backstop).
+fn checkpointer(path: &Path, busy: Duration, stop: &mpsc::Receiver<()>, restart_due: &AtomicBool) {
     let mut conn: Option<Connection> = None;
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
         let c = match conn.take().map_or_else(|| open(path, busy), Ok) {
@@ -173,9 +217,14 @@ fn checkpointer(path: &Path, busy: Duration, stop: &mpsc::Receiver<()>) {
                 continue;
             }
         };
-        if let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(error = %e, "SQLite WAL checkpoint failed");
-            conn = None;
+        let frames = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
+        match frames {
+            Ok(n) if n >= RESTART_AFTER_FRAMES => restart_due.store(true, Ordering::Relaxed),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "SQLite WAL checkpoint failed");
+                conn = None;
+            }
         }
     }
 }
@@ -198,6 +247,8 @@ fn open(path: &Path, busy: Duration) -> Result<Connection, StoreError> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "secure_delete", "ON")?;
     conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT)?;
+    conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+    conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }
