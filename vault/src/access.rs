@@ -517,8 +517,8 @@ mod tests {
         assert!(parse_roles("").is_err());
     }
 
-    #[tokio::test]
-    async fn create_authenticate_revoke() {
+    /// A store with one principal, `checkout` (role tokenize), and its key.
+    async fn checkout_principal() -> (tempfile::TempDir, Arc<dyn Store>, Principal, NewApiKey) {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.path().join("a.db")).await.unwrap());
@@ -526,6 +526,21 @@ mod tests {
         let (p, key) = create_principal(&*store, "checkout", &roles, &TenantScope::All, None)
             .await
             .unwrap();
+        (dir, store, p, key)
+    }
+
+    /// `key` with its last character changed: the right id, a wrong secret.
+    fn wrong_secret(key: &NewApiKey) -> String {
+        let mut wrong = key.expose().to_owned();
+        let last = wrong.pop().unwrap();
+        wrong.push(if last == 'A' { 'B' } else { 'A' });
+        wrong
+    }
+
+    #[tokio::test]
+    async fn create_authenticate_revoke() {
+        let (_dir, store, p, key) = checkout_principal().await;
+        let roles = parse_roles("tokenize").unwrap();
         assert_eq!(format!("{key:?}"), "NewApiKey([REDACTED])");
         let auth = Authenticator::new(store.clone());
         assert_eq!(auth.authenticate(key.expose()).await.unwrap(), p);
@@ -533,9 +548,7 @@ mod tests {
         assert_eq!(auth.authenticate(key.expose()).await.unwrap(), p);
         assert_eq!(auth.argon2_checks(), 1);
         // A wrong secret with the right id is refused even with a warm cache.
-        let mut wrong = key.expose().to_owned();
-        let last = wrong.pop().unwrap();
-        wrong.push(if last == 'A' { 'B' } else { 'A' });
+        let wrong = wrong_secret(&key);
         assert!(matches!(
             auth.authenticate(&wrong).await,
             Err(AuthError::Failed(AuthFailure::WrongSecret))
@@ -556,16 +569,8 @@ mod tests {
     /// not once per request; a wrong secret in the burst is still refused.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_burst_of_one_key_runs_argon2_once_per_core_at_most() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("a.db")).await.unwrap());
-        let roles = parse_roles("tokenize").unwrap();
-        let (p, key) = create_principal(&*store, "checkout", &roles, &TenantScope::All, None)
-            .await
-            .unwrap();
-        let mut wrong = key.expose().to_owned();
-        let last = wrong.pop().unwrap();
-        wrong.push(if last == 'A' { 'B' } else { 'A' });
+        let (_dir, store, p, key) = checkout_principal().await;
+        let wrong = wrong_secret(&key);
         let auth = Arc::new(Authenticator::new(store.clone()));
         let tasks: Vec<_> = (0..32)
             .map(|i| {

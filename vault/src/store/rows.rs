@@ -10,10 +10,10 @@ use audit::{Action, AuditEvent, ChainedEvent, Outcome, Trail};
 
 use super::{check_event, CardRow, Inserted, NewCard, StoreError};
 
-/// The columns of `cards`, in the order both drivers read and write them.
 /// The principal columns, in the order the rusqlite reader reads them.
 pub(crate) const PRINCIPAL_COLUMNS: &str =
     "id, name, roles, tenants, key_hash, created_at, revoked_at, cert_identity";
+/// The columns of `cards`, in the order both drivers read and write them.
 pub(crate) const CARD_COLUMNS: &str = "token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at, fingerprint_version, expires_at, last_used_at, updated_at";
 
 /// The head of an `audit_events` insert; the values follow.

@@ -39,6 +39,11 @@ pub(crate) struct SqliteReader {
     path: PathBuf,
     busy: Duration,
     idle: Mutex<Vec<Connection>>,
+    /// The three statements, built once (the statement cache is keyed by
+    /// their text).
+    card_sql: String,
+    principal_sql: String,
+    cert_sql: String,
 }
 
 impl std::fmt::Debug for SqliteReader {
@@ -57,6 +62,12 @@ impl SqliteReader {
             path: path.to_path_buf(),
             busy,
             idle: Mutex::new(Vec::new()),
+            card_sql: format!("SELECT {CARD_COLUMNS} FROM cards WHERE token = ?1"),
+            principal_sql: format!("SELECT {PRINCIPAL_COLUMNS} FROM principals WHERE id = ?1"),
+            cert_sql: format!(
+                "SELECT {PRINCIPAL_COLUMNS} FROM principals
+                 WHERE cert_identity = ?1 AND revoked_at IS NULL"
+            ),
         }
     }
 
@@ -94,32 +105,25 @@ impl SqliteReader {
 impl PointReader for SqliteReader {
     fn find_card(&self, token: &str) -> Result<Option<CardRow>, StoreError> {
         self.read(|c| {
-            c.prepare_cached(&format!(
-                "SELECT {CARD_COLUMNS} FROM cards WHERE token = ?1"
-            ))?
-            .query_row([token], super::sqlite_writer::card_row)
-            .optional()
+            c.prepare_cached(&self.card_sql)?
+                .query_row([token], super::sqlite_writer::card_row)
+                .optional()
         })
     }
 
     fn find_principal(&self, id: &str) -> Result<Option<PrincipalRow>, StoreError> {
         self.read(|c| {
-            c.prepare_cached(&format!(
-                "SELECT {PRINCIPAL_COLUMNS} FROM principals WHERE id = ?1"
-            ))?
-            .query_row([id], principal_row)
-            .optional()
+            c.prepare_cached(&self.principal_sql)?
+                .query_row([id], principal_row)
+                .optional()
         })
     }
 
     fn find_principal_by_cert(&self, identity: &str) -> Result<Option<PrincipalRow>, StoreError> {
         self.read(|c| {
-            c.prepare_cached(&format!(
-                "SELECT {PRINCIPAL_COLUMNS} FROM principals
-                 WHERE cert_identity = ?1 AND revoked_at IS NULL"
-            ))?
-            .query_row([identity], principal_row)
-            .optional()
+            c.prepare_cached(&self.cert_sql)?
+                .query_row([identity], principal_row)
+                .optional()
         })
     }
 }
