@@ -6,7 +6,10 @@
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
+use utoipa::ToSchema;
 use vault::{CardError, KeyLifecycleError, VaultError};
+
+use crate::seal::{SealError, UnsealError};
 
 /// Every error an HTTP handler can return.
 #[derive(Debug, thiserror::Error)]
@@ -30,13 +33,9 @@ pub enum ApiError {
     #[error("the vault is sealed: card operations resume when it is unsealed")]
     Sealed,
     #[error(transparent)]
-    Unseal(#[from] crate::seal::UnsealError),
-    #[error(
-        "the file backend's KEK cannot be rotated in place: move to the keyring or pkcs11 backend"
-    )]
-    KekRotationUnsupported,
-    #[error("stored keys are still wrapped under this KEK: rotate the KEK first")]
-    KekInUse,
+    Unseal(#[from] UnsealError),
+    #[error(transparent)]
+    Seal(SealError),
     #[error("the request did not arrive within the request timeout")]
     RequestTimeout,
     #[error("request headers are too large (limit {0} bytes)")]
@@ -60,8 +59,7 @@ impl ApiError {
             ApiError::BodyRead => "invalid_request",
             ApiError::Sealed => "sealed",
             ApiError::Unseal(e) => e.code(),
-            ApiError::KekRotationUnsupported => "kek_rotation_unsupported",
-            ApiError::KekInUse => "kek_in_use",
+            ApiError::Seal(e) => e.code(),
             ApiError::RequestTimeout => "request_timeout",
             ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::SourceBlocked(_) => "rate_limited",
@@ -108,14 +106,40 @@ fn vault_status(e: &VaultError) -> StatusCode {
     }
 }
 
-#[derive(Debug, Serialize)]
+/// HTTP status of a failed unseal.
+fn unseal_status(e: &UnsealError) -> StatusCode {
+    match e {
+        UnsealError::WrongPassphrase(_) => StatusCode::FORBIDDEN,
+        UnsealError::UnknownCustodian | UnsealError::CustodianRequired => StatusCode::BAD_REQUEST,
+        UnsealError::Kek(_) | UnsealError::Keys(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+impl From<SealError> for ApiError {
+    fn from(e: SealError) -> ApiError {
+        match e {
+            // One variant per meaning: a sealed vault is `Sealed` wherever
+            // it is found, a vault error is `Vault`.
+            SealError::Sealed => ApiError::Sealed,
+            SealError::Vault(v) => ApiError::Vault(v),
+            SealError::Unseal(u) => ApiError::Unseal(u),
+            other => ApiError::Seal(other),
+        }
+    }
+}
+
+/// The error body of every answer that is not a success.
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody<'a> {
     pub error: ErrorDetail<'a>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail<'a> {
+    /// Stable error code (see each operation's error responses).
+    #[schema(value_type = String)]
     pub code: &'a str,
+    /// Written by the service; never quotes the request.
     pub message: String,
 }
 
@@ -143,18 +167,17 @@ impl ResponseError for ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Sealed => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::KekRotationUnsupported | ApiError::KekInUse => StatusCode::CONFLICT,
+            ApiError::Seal(SealError::Sealed) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Seal(SealError::KekNotFound) => StatusCode::NOT_FOUND,
+            ApiError::Seal(SealError::KekRotationUnsupported | SealError::KekInUse) => {
+                StatusCode::CONFLICT
+            }
+            ApiError::Seal(SealError::Unseal(e)) => unseal_status(e),
+            ApiError::Seal(SealError::Vault(e)) => vault_status(e),
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::SourceBlocked(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unseal(e) => match e {
-                crate::seal::UnsealError::WrongPassphrase(_) => StatusCode::FORBIDDEN,
-                crate::seal::UnsealError::UnknownCustodian
-                | crate::seal::UnsealError::CustodianRequired => StatusCode::BAD_REQUEST,
-                crate::seal::UnsealError::Kek(_) | crate::seal::UnsealError::Keys(_) => {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }
-            },
+            ApiError::Unseal(e) => unseal_status(e),
         }
     }
 
@@ -204,4 +227,135 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = inner.source();
     }
     s
+}
+
+/// One error of every kind the service answers, for the catalogue below.
+/// The `match` makes a new `ApiError` variant a compile error here until
+/// its sample is added.
+fn samples() -> Vec<ApiError> {
+    use hsm_shim::KekError;
+    use vault::keys::KeysError;
+    use vault::store::StoreError;
+    let all = vec![
+        ApiError::MalformedJson,
+        ApiError::InvalidRequest,
+        ApiError::PayloadTooLarge(0),
+        ApiError::UnsupportedMediaType,
+        ApiError::NotFound,
+        ApiError::MethodNotAllowed,
+        ApiError::BodyRead,
+        ApiError::Sealed,
+        ApiError::RequestTimeout,
+        ApiError::HeadersTooLarge(0),
+        ApiError::SourceBlocked(std::time::Duration::ZERO),
+        ApiError::Unseal(UnsealError::WrongPassphrase(String::new())),
+        ApiError::Unseal(UnsealError::UnknownCustodian),
+        ApiError::Unseal(UnsealError::CustodianRequired),
+        ApiError::Unseal(UnsealError::Kek(KekError::Rng)),
+        ApiError::Unseal(UnsealError::Keys(KeysError::Store(StoreError::Timeout))),
+        ApiError::Seal(SealError::KekRotationUnsupported),
+        ApiError::Seal(SealError::KekInUse),
+        ApiError::Seal(SealError::KekNotFound),
+    ];
+    for e in &all {
+        match e {
+            ApiError::Vault(_)
+            | ApiError::MalformedJson
+            | ApiError::InvalidRequest
+            | ApiError::PayloadTooLarge(_)
+            | ApiError::UnsupportedMediaType
+            | ApiError::NotFound
+            | ApiError::MethodNotAllowed
+            | ApiError::BodyRead
+            | ApiError::Sealed
+            | ApiError::Unseal(_)
+            | ApiError::Seal(_)
+            | ApiError::RequestTimeout
+            | ApiError::HeadersTooLarge(_)
+            | ApiError::SourceBlocked(_) => {}
+        }
+    }
+    let card = [
+        CardError::Pan(vault::pan::PanError::Length(0)),
+        CardError::Data(vault::card::CardDataError::Expired),
+        CardError::Data(vault::card::CardDataError::ExpiryMonth),
+        CardError::Data(vault::card::CardDataError::CardholderName),
+        CardError::Cvc,
+    ];
+    let lifecycle = [
+        KeyLifecycleError::NotFound,
+        KeyLifecycleError::Active,
+        KeyLifecycleError::InUse,
+        KeyLifecycleError::WrongState(vault::store::KeyState::Active),
+        KeyLifecycleError::Conflict,
+        KeyLifecycleError::SameKek,
+        KeyLifecycleError::Destroyed,
+        KeyLifecycleError::Retired,
+    ];
+    let vault = [
+        VaultError::InvalidTenant,
+        VaultError::InvalidReason,
+        VaultError::InvalidBatchSize,
+        VaultError::Unauthenticated,
+        VaultError::Forbidden,
+        VaultError::NotFound,
+        VaultError::Storage(StoreError::Timeout),
+        VaultError::Keys(KeysError::Store(StoreError::Timeout)),
+        VaultError::Integrity,
+        VaultError::Rng,
+        VaultError::InvalidFilter(""),
+        VaultError::TokenFormatNotPermitted,
+        VaultError::TokenSpaceExhausted { used: 0, space: 0 },
+        VaultError::TenantDeleted,
+        VaultError::InvalidExpiresAt,
+        VaultError::OlderExpiry,
+        VaultError::RateLimited {
+            scope: vault::monitor::LimitScope::Principal,
+            retry_after: std::time::Duration::ZERO,
+        },
+    ];
+    all.into_iter()
+        .chain(card.into_iter().map(|c| ApiError::Vault(c.into())))
+        .chain(lifecycle.into_iter().map(|k| ApiError::Vault(k.into())))
+        .chain(vault.into_iter().map(ApiError::Vault))
+        .collect()
+}
+
+/// The HTTP status of a stable error code, from the mapping above (the
+/// OpenAPI document's error responses are built from it).
+pub fn error_status(code: &str) -> Option<u16> {
+    use std::sync::OnceLock;
+    static CATALOGUE: OnceLock<Vec<(&'static str, u16)>> = OnceLock::new();
+    CATALOGUE
+        .get_or_init(|| {
+            samples()
+                .iter()
+                .map(|e| (e.code(), e.status_code().as_u16()))
+                .collect()
+        })
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map(|(_, s)| *s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A code means one status wherever it is answered (the document lists
+    /// codes per status).
+    #[test]
+    fn every_code_has_one_status() {
+        let mut seen: std::collections::HashMap<&str, u16> = Default::default();
+        for e in samples() {
+            let status = e.status_code().as_u16();
+            if let Some(before) = seen.insert(e.code(), status) {
+                assert_eq!(before, status, "{} answers two statuses", e.code());
+            }
+        }
+        assert_eq!(error_status("invalid_pan"), Some(422));
+        assert_eq!(error_status("sealed"), Some(503));
+        assert_eq!(error_status("kek_in_use"), Some(409));
+        assert_eq!(error_status("no_such_code"), None);
+    }
 }

@@ -1,11 +1,21 @@
 //! The cardvault HTTP service and operator CLI (the `tokenizer` binary).
 //!
-//! This crate owns HTTP and the command line: configuration ([`config`]),
-//! building and running the server ([`app::Application`]), the handlers
-//! ([`routes`]), the one mapping from errors to HTTP responses ([`error`]),
-//! the guard against unauthenticated floods ([`limits`]), the sealed start
-//! and unsealing ([`seal`]), and the operator commands
-//! ([`cli`]).
+//! This crate owns HTTP and the command line. Its modules, from the bottom
+//! up (each uses only those above it, so there is no import circle):
+//! - [`config`] (flags, environment, TOML file), [`tls`] (rustls
+//!   configurations, client certificates, `dev-pki`), [`limits`] (the guard
+//!   against unauthenticated floods), [`hardening`], [`listeners`] (what a
+//!   listener is: kind, authentication mode, the connection a handler sees);
+//! - [`seal`] (the sealed start and unsealing), [`error`] (the one mapping
+//!   from errors to HTTP responses), [`metrics`] (Prometheus);
+//! - [`state`] (what every worker shares), [`auth`] (the one authentication
+//!   path), [`routes`] (the route table, the handlers by area, the OpenAPI
+//!   document);
+//! - [`http`] (a listener's actix-web app and middleware), [`server`] (TLS
+//!   handshake, connection limits, the HTTP server), [`app`] (building and
+//!   running the service: [`app::Application`]);
+//! - [`cli`] (the operator commands), [`fuzzing`] (entry points of the fuzz
+//!   targets).
 //!
 //! Invariants: no SQL and no cryptography here (both live in `vault`);
 //! handlers authenticate before reading a body; request bodies are parsed
@@ -14,16 +24,20 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fuzzing;
 pub mod hardening;
+pub mod http;
 pub mod limits;
 pub mod listeners;
 pub mod metrics;
 pub mod routes;
 pub mod seal;
+pub mod server;
+pub mod state;
 pub mod tls;
 
 pub use app::Application;

@@ -29,7 +29,10 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::routes::AppState;
+use vault::monitor::DetokenizeMonitor;
+
+use crate::limits::SourceGuard;
+use crate::seal::SealControl;
 
 /// The registry and its gauges.
 pub struct Metrics {
@@ -393,9 +396,16 @@ impl Metrics {
             .inc_by(counts.retention);
     }
 
-    /// Refresh from the vault and render the text format.
-    pub async fn render(&self, state: &AppState) -> String {
-        let vault = state.seal.vault();
+    /// Refresh from the vault, the monitors and the store, and render the
+    /// text format.
+    pub async fn render(
+        &self,
+        seal: &SealControl,
+        periods: vault::CryptoPeriods,
+        monitor: &DetokenizeMonitor,
+        sources: &SourceGuard,
+    ) -> String {
+        let vault = seal.vault();
         self.sealed.set(i64::from(vault.is_none()));
         self.cvc_held
             .set(vault.as_ref().map_or(0, |v| gauge_value(v.cvc_held())));
@@ -403,7 +413,7 @@ impl Metrics {
         self.key_state.reset();
         self.key_age.reset();
         if let Some(vault) = vault {
-            match vault.key_status(state.crypto_periods).await {
+            match vault.key_status(periods).await {
                 Ok(status) => {
                     self.remaining
                         .set(i64::try_from(status.remaining).unwrap_or(i64::MAX));
@@ -427,8 +437,8 @@ impl Metrics {
                 Err(e) => tracing::warn!(error = %e, "metrics: key status unavailable"),
             }
         }
-        self.monitoring(state);
-        let store = state.seal.store().as_ref();
+        self.monitoring(monitor, sources);
+        let store = seal.store().as_ref();
         self.audit_trail(store).await;
         self.pool(store);
         self.encode()
@@ -473,10 +483,10 @@ impl Metrics {
     }
 
     /// Counters of the monitors (kept as atomics there) brought up to date.
-    fn monitoring(&self, state: &AppState) {
+    fn monitoring(&self, monitor: &DetokenizeMonitor, sources: &SourceGuard) {
         let _serial = self.sync.lock().unwrap_or_else(|p| p.into_inner());
         let catch_up = |c: &IntCounter, total: u64| c.inc_by(total.saturating_sub(c.get()));
-        let counts = state.monitor.counts();
+        let counts = monitor.counts();
         catch_up(
             &self.rate_limited.with_label_values(&["principal"]),
             counts.limited_principal,
@@ -487,12 +497,12 @@ impl Metrics {
         );
         catch_up(
             &self.rate_limited.with_label_values(&["source"]),
-            state.sources.refused(),
+            sources.refused(),
         );
         catch_up(&self.anomalies, counts.anomalies);
-        catch_up(&self.source_blocks, state.sources.blocks());
+        catch_up(&self.source_blocks, sources.blocks());
         self.blocked_sources
-            .set(i64::try_from(state.sources.blocked_now()).unwrap_or(i64::MAX));
+            .set(i64::try_from(sources.blocked_now()).unwrap_or(i64::MAX));
     }
 }
 

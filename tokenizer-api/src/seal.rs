@@ -35,8 +35,6 @@ use vault::store::Store;
 use vault::{RequestContext, Vault, VaultError};
 use zeroize::Zeroizing;
 
-use crate::error::ApiError;
-
 /// Where the KEK comes from.
 #[derive(Debug, Clone)]
 pub enum KekSource {
@@ -76,15 +74,49 @@ impl KekSource {
 
 /// What `GET /v1/admin/seal-status`, `/readyz` and the unseal and seal
 /// calls report.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct SealStatus {
     pub sealed: bool,
+    #[schema(value_type = String)]
     pub backend: &'static str,
     /// Keyring: custodians accepted so far, and how many are needed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub custodians_accepted: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub custodians_needed: Option<usize>,
+}
+
+/// Why a seal, unseal or KEK operation was refused (mapped to HTTP in
+/// `crate::error`).
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    #[error("the vault is sealed: card operations resume when it is unsealed")]
+    Sealed,
+    #[error(
+        "the file backend's KEK cannot be rotated in place: move to the keyring or pkcs11 backend"
+    )]
+    KekRotationUnsupported,
+    #[error("stored keys are still wrapped under this KEK: rotate the KEK first")]
+    KekInUse,
+    #[error("no such resource")]
+    KekNotFound,
+    #[error(transparent)]
+    Unseal(#[from] UnsealError),
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+}
+
+impl SealError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            SealError::Sealed => "sealed",
+            SealError::KekRotationUnsupported => "kek_rotation_unsupported",
+            SealError::KekInUse => "kek_in_use",
+            SealError::KekNotFound => "not_found",
+            SealError::Unseal(e) => e.code(),
+            SealError::Vault(e) => e.code(),
+        }
+    }
 }
 
 /// Why an unseal attempt did not unseal (beyond "not enough custodians
@@ -249,7 +281,7 @@ impl SealControl {
         ctx: &RequestContext,
         custodian: Option<&str>,
         passphrase: Option<&str>,
-    ) -> Result<SealStatus, ApiError> {
+    ) -> Result<SealStatus, SealError> {
         let mut ceremony = self.ceremony.lock().await;
         if self.vault().is_some() {
             return Ok(self.status());
@@ -357,7 +389,7 @@ impl SealControl {
 
     /// Drop every key from memory at once (audited first: an unaudited seal
     /// still seals, and says so in the log).
-    pub async fn seal(&self, ctx: &RequestContext) -> Result<SealStatus, ApiError> {
+    pub async fn seal(&self, ctx: &RequestContext) -> Result<SealStatus, SealError> {
         let mut ceremony = self.ceremony.lock().await;
         let was = self.vault.write().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(keyring) = ceremony.keyring.take() {
@@ -417,12 +449,12 @@ impl SealControl {
     /// A new KEK (a new keyring version, or a new key generated in the
     /// HSM) and every stored key re-wrapped under it (`Vault::rotate_kek`).
     /// Returns the new KEK id.
-    pub async fn rotate_kek(&self, ctx: &RequestContext) -> Result<String, ApiError> {
+    pub async fn rotate_kek(&self, ctx: &RequestContext) -> Result<String, SealError> {
         let mut ceremony = self.ceremony.lock().await;
-        let vault = self.vault().ok_or(ApiError::Sealed)?;
+        let vault = self.vault().ok_or(SealError::Sealed)?;
         let new: Arc<dyn KeyEncryptionKey> = match &self.source {
             KekSource::Keyring { .. } => {
-                let keyring = ceremony.keyring.as_mut().ok_or(ApiError::Sealed)?;
+                let keyring = ceremony.keyring.as_mut().ok_or(SealError::Sealed)?;
                 Arc::new(keyring.add_kek_version().map_err(UnsealError::Kek)?)
             }
             KekSource::Pkcs11(config) => {
@@ -440,7 +472,7 @@ impl SealControl {
                 .map_err(|_| UnsealError::Kek(KekError::Rng))?;
                 Arc::new(generated.map_err(UnsealError::Kek)?)
             }
-            KekSource::File { .. } => return Err(ApiError::KekRotationUnsupported),
+            KekSource::File { .. } => return Err(SealError::KekRotationUnsupported),
         };
         let id = new.kek_id().to_owned();
         vault
@@ -452,9 +484,9 @@ impl SealControl {
     /// Destroy an old KEK (a keyring version, or a key in the HSM) that no
     /// stored key is wrapped under any more: the crypto-shred of everything
     /// it ever wrapped (backups made before its rotation included).
-    pub async fn destroy_kek(&self, ctx: &RequestContext, kek_id: &str) -> Result<(), ApiError> {
+    pub async fn destroy_kek(&self, ctx: &RequestContext, kek_id: &str) -> Result<(), SealError> {
         let mut ceremony = self.ceremony.lock().await;
-        let vault = self.vault().ok_or(ApiError::Sealed)?;
+        let vault = self.vault().ok_or(SealError::Sealed)?;
         let store = vault.store();
         let keys = store.load_keys().await.map_err(VaultError::from)?;
         let signing = store.load_signing_keys().await.map_err(VaultError::from)?;
@@ -482,11 +514,11 @@ impl SealControl {
                 .append_audit(refuse("kek_in_use"))
                 .await
                 .map_err(VaultError::from)?;
-            return Err(ApiError::KekInUse);
+            return Err(SealError::KekInUse);
         }
         let destroyed = match &self.source {
             KekSource::Keyring { .. } => {
-                let keyring = ceremony.keyring.as_mut().ok_or(ApiError::Sealed)?;
+                let keyring = ceremony.keyring.as_mut().ok_or(SealError::Sealed)?;
                 match keyring.versions().iter().find(|v| v.kek_id == kek_id) {
                     Some(v) => keyring
                         .destroy_kek_version(v.version)
@@ -499,7 +531,7 @@ impl SealControl {
             KekSource::Pkcs11(config) => {
                 let Some((label, _)) = kek_id.strip_prefix("p11:").and_then(|r| r.rsplit_once(':'))
                 else {
-                    return Err(ApiError::NotFound);
+                    return Err(SealError::KekNotFound);
                 };
                 let (config, label) = (config.clone(), label.to_owned());
                 tokio::task::spawn_blocking(move || {
@@ -511,7 +543,7 @@ impl SealControl {
                 .map_err(|_| UnsealError::Kek(KekError::Rng))?
                 .map_err(UnsealError::Kek)
             }
-            KekSource::File { .. } => return Err(ApiError::KekRotationUnsupported),
+            KekSource::File { .. } => return Err(SealError::KekRotationUnsupported),
         };
         match destroyed {
             Ok(()) => {
@@ -555,7 +587,7 @@ impl SealControl {
         outcome: Outcome,
         code: Option<&str>,
         detail: &str,
-    ) -> Result<(), ApiError> {
+    ) -> Result<(), SealError> {
         let mut event = ctx
             .clone_event(Action::UnsealAttempt, outcome)
             .detail(detail);
