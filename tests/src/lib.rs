@@ -3262,14 +3262,20 @@ impl Endpoints {
     }
 
     /// The listener serving `path`: `reveal` for detokenize, `admin` for
-    /// metrics, readiness, admin and audit routes, `api` for the rest (the
-    /// one listener of `--dev` for everything).
+    /// metrics, readiness, admin and audit routes and the API document,
+    /// `api` for the rest (the one listener of `--dev` for everything).
     pub fn addr_for(&self, path: &str) -> &str {
         let name = if path.starts_with("/v1/detokenize") {
             "reveal"
-        } else if ["/metrics", "/readyz", "/v1/admin", "/v1/audit"]
-            .iter()
-            .any(|p| path.starts_with(p))
+        } else if [
+            "/metrics",
+            "/readyz",
+            "/v1/admin",
+            "/v1/audit",
+            "/v1/openapi.json",
+        ]
+        .iter()
+        .any(|p| path.starts_with(p))
         {
             "admin"
         } else {

@@ -23,6 +23,8 @@ mod batch;
 mod card_lifecycle;
 #[path = "e2e/concurrency.rs"]
 mod concurrency;
+#[path = "e2e/contract.rs"]
+mod contract;
 #[path = "e2e/cvc.rs"]
 mod cvc;
 #[path = "e2e/errors.rs"]

@@ -2,11 +2,11 @@
 //! (method and path) against every kind of caller, with the expected status
 //! of each cell.
 //!
-//! The table must list every route `routes::configure_for` serves: the test
-//! reads that function's source (`include_str!`) and fails when it names a
-//! method and path the table lacks (or the table names one it does not
-//! serve), so adding an endpoint without deciding who may call it fails
-//! here. Each route of the source is also probed on every listener of the
+//! The table must list every route the service serves: the test reads the
+//! service's route table (`tokenizer_api::routes::ROUTES`, what
+//! `routes::configure_for` serves) and fails when it names a method and
+//! path the table lacks (or the table names one it does not serve), so
+//! adding an endpoint without deciding who may call it fails here. Each route of the source is also probed on every listener of the
 //! running service: served (anything but 404 `not_found`) on the listener
 //! its row names (`API`, `REVEAL`, `ADMIN`, or `ALL`), 404 on the others,
 //! so moving a route to another listener fails here too.
@@ -85,6 +85,7 @@ const TABLE: &[Row] = &[
     ("GET",    "/healthz",                              Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
     ("GET",    "/readyz",                               Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
     ("GET",    "/metrics",                              Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    ("GET",    "/v1/openapi.json",                      Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
     ("GET",    "/v1/ping",                              Body::None,       [401, 401, 401, 401, 401, 200, 200, 200, 200, 200]),
     ("POST",   "/v1/tokens",                            Body::Tokenize,   [401, 401, 401, 401, 401, 201, 403, 403, 403, 403]),
     ("POST",   "/v1/tokens/batch",                      Body::Batch,      [401, 401, 401, 401, 401, 200, 403, 403, 403, 403]),
@@ -121,51 +122,13 @@ fn code_for(status: u16) -> Option<&'static str> {
     }
 }
 
-/// Every (method, path) `routes::configure_for` serves, read from its source:
-/// each path literal of the `routes` array with the `web::<method>()`
-/// calls that follow it.
-fn served_routes(source: &str) -> Vec<(String, String)> {
-    let start = source
-        .find("pub fn configure_for(")
-        .expect("routes.rs has `pub fn configure_for(`");
-    let body = &source[start..];
-    let end = body
-        .find("\n}\n")
-        .expect("configure_for() ends with a `}` line");
-    let body = &body[..end];
-    let mut routes = Vec::new();
-    let mut path: Option<String> = None;
-    let mut rest = body;
-    while !rest.is_empty() {
-        if let Some(after) = rest.strip_prefix("\"/") {
-            let close = after.find('"').expect("a closed path literal");
-            path = Some(format!("/{}", &after[..close]));
-            rest = &after[close + 1..];
-            continue;
-        }
-        if let Some(after) = rest.strip_prefix("web::") {
-            let name: String = after
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-                .collect();
-            let method = match name.as_str() {
-                "get" | "post" | "put" | "patch" | "delete" | "head" => {
-                    Some(name.to_ascii_uppercase())
-                }
-                "method" => panic!("configure() uses web::method(..): teach the authz test"),
-                _ => None,
-            };
-            if let Some(method) = method {
-                let path = path.clone().expect("a method call after a path literal");
-                routes.push((method, path));
-            }
-            rest = &after[name.len()..];
-            continue;
-        }
-        let mut chars = rest.chars();
-        chars.next();
-        rest = chars.as_str();
-    }
+/// Every (method, path) `routes::configure_for` serves: the service's
+/// route table.
+fn served_routes() -> Vec<(String, String)> {
+    let mut routes: Vec<(String, String)> = tokenizer_api::routes::ROUTES
+        .iter()
+        .map(|r| (r.method.to_string(), r.path.to_owned()))
+        .collect();
     routes.sort();
     routes.dedup();
     routes
@@ -173,8 +136,7 @@ fn served_routes(source: &str) -> Vec<(String, String)> {
 
 #[test]
 fn the_table_lists_exactly_the_served_routes() {
-    let source = include_str!("../../../tokenizer-api/src/routes.rs");
-    let served = served_routes(source);
+    let served = served_routes();
     assert!(
         served.len() >= 10,
         "suspiciously few routes read from configure(): {served:?}"
@@ -311,16 +273,15 @@ fn authorization_matrix() {
     );
 }
 
-/// Every route of `configure()` is served by the running binary: a request
+/// Every route of the route table is served by the running binary: a request
 /// without a key gets anything but 404 `not_found`.
 #[test]
 fn every_route_in_the_source_is_served() {
     let svc = Service::start();
-    let source = include_str!("../../../tokenizer-api/src/routes.rs");
-    let homes = route_homes(source);
+    let homes = route_homes();
     let mut wrong = Vec::new();
     let mut probes = 0;
-    for (method, path) in served_routes(source) {
+    for (method, path) in served_routes() {
         let home = homes
             .iter()
             .find(|(p, _)| *p == path)
@@ -366,29 +327,24 @@ fn every_route_in_the_source_is_served() {
     );
 }
 
-/// The home listener constant (`ALL`, `API`, `REVEAL`, `ADMIN`) of each
-/// path literal in `configure_for`'s table: the identifier that opens its
-/// row.
-fn route_homes(source: &str) -> Vec<(String, String)> {
-    let start = source
-        .find("pub fn configure_for(")
-        .expect("routes.rs has `pub fn configure_for(`");
-    let body = &source[start..];
-    let body = &body[..body.find("\n}\n").expect("configure_for() ends")];
-    let mut homes = Vec::new();
-    for row in body.split('(').skip(1) {
-        let row = row.trim_start();
-        let Some((home, rest)) = row.split_once(',') else {
-            continue;
-        };
-        if !["ALL", "API", "REVEAL", "ADMIN"].contains(&home.trim()) {
-            continue;
-        }
-        if let Some(path) = rest.trim_start().strip_prefix('"') {
-            let path = &path[..path.find('"').expect("a closed path literal")];
-            homes.push((path.to_string(), home.trim().to_string()));
-        }
-    }
+/// The home listener (`ALL`, `API`, `REVEAL`, `ADMIN`) of each path of the
+/// route table.
+fn route_homes() -> Vec<(String, String)> {
+    let homes: Vec<(String, String)> = tokenizer_api::routes::ROUTES
+        .iter()
+        .map(|r| {
+            let home = if r.homes.len() == 3 {
+                "ALL".to_owned()
+            } else {
+                r.homes
+                    .iter()
+                    .map(|h| h.name().to_ascii_uppercase())
+                    .collect::<Vec<_>>()
+                    .join("+")
+            };
+            (r.path.to_owned(), home)
+        })
+        .collect();
     assert!(homes.len() >= 10, "suspiciously few rows read: {homes:?}");
     homes
 }
