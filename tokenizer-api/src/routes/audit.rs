@@ -21,8 +21,10 @@ use crate::state::AppState;
 #[into_params(parameter_in = Query)]
 pub(crate) struct AuditParams {
     /// Entries after this chain number (the previous page's `next_after`).
+    #[param(maximum = 9223372036854775807_u64)]
     after: Option<u64>,
-    /// Entries per page (default 100).
+    /// Entries per page (default 100; clamped to 1..1000).
+    #[param(value_type = Option<u64>, maximum = 4294967295_u64)]
     limit: Option<u32>,
     principal: Option<String>,
     token: Option<String>,
@@ -32,8 +34,10 @@ pub(crate) struct AuditParams {
     /// `success`, `denied` or `failure`.
     outcome: Option<String>,
     /// RFC 3339, inclusive.
+    #[param(format = DateTime)]
     from: Option<String>,
     /// RFC 3339, exclusive.
+    #[param(format = DateTime)]
     to: Option<String>,
 }
 
@@ -129,7 +133,13 @@ pub async fn events(
         },
         from: parse_time(params.from.as_deref())?,
         to: parse_time(params.to.as_deref())?,
-        after: params.after.unwrap_or(0),
+        // Chain numbers are stored as signed 64-bit integers.
+        after: match params.after {
+            Some(after) if i64::try_from(after).is_err() => {
+                return Err(bad("after is beyond the largest chain number"))
+            }
+            after => after.unwrap_or(0),
+        },
         limit: params.limit.unwrap_or(100),
     };
     let page = vault.audit_query(&ctx, query).await?;

@@ -22,21 +22,21 @@ use crate::state::AppState;
 #[serde(deny_unknown_fields)]
 pub(crate) struct CardRequest {
     /// The card number: 12 to 19 digits (spaces and dashes allowed), Luhn-valid.
-    #[schema(value_type = String, example = "4111 1111 1111 1111")]
+    #[schema(value_type = String, min_length = 12, pattern = r"^[0-9 -]+$", example = "4111 1111 1111 1111")]
     pan: SecretString,
     /// 1 to 12.
-    #[schema(example = 12)]
+    #[schema(minimum = 1, maximum = 12, example = 12)]
     exp_month: i64,
     /// Four digits; the expiry may not be before this month.
-    #[schema(example = 2030)]
+    #[schema(minimum = 1000, maximum = 9999, example = 2030)]
     exp_year: i64,
     /// 1 to 64 printable characters, never a card number.
     #[serde(default)]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 64)]
     cardholder_name: Option<SecretString>,
     /// The security code (3 or 4 digits): held in memory only, released once.
     #[serde(default)]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, pattern = r"^[0-9]{3,4}$")]
     cvc: Option<SecretString>,
 }
 
@@ -57,29 +57,29 @@ impl From<CardRequest> for CardInput {
 #[serde(deny_unknown_fields)]
 pub(crate) struct TokenizeRequest {
     /// 1 to 64 characters of `A-Z a-z 0-9 _ . -`.
-    #[schema(example = "shop-42")]
+    #[schema(pattern = r"^[A-Za-z0-9_.-]{1,64}$", example = "shop-42")]
     tenant: String,
     /// The card number: 12 to 19 digits (spaces and dashes allowed), Luhn-valid.
-    #[schema(value_type = String, example = "4111111111111111")]
+    #[schema(value_type = String, min_length = 12, pattern = r"^[0-9 -]+$", example = "4111111111111111")]
     pan: SecretString,
-    #[schema(example = 12)]
+    #[schema(minimum = 1, maximum = 12, example = 12)]
     exp_month: i64,
-    #[schema(example = 2030)]
+    #[schema(minimum = 1000, maximum = 9999, example = 2030)]
     exp_year: i64,
     #[serde(default)]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 64)]
     cardholder_name: Option<SecretString>,
     /// The security code: held in memory only, released once.
     #[serde(default)]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, pattern = r"^[0-9]{3,4}$")]
     cvc: Option<SecretString>,
     /// `random` (default) or `pan_shaped` (if the tenant allows it).
     #[serde(default)]
-    #[schema(example = "random")]
+    #[schema(value_type = Option<TokenFormatName>)]
     token_format: Option<String>,
     /// RFC 3339, in the future; after it the token is gone.
     #[serde(default)]
-    #[schema(example = "2031-01-01T00:00:00Z")]
+    #[schema(format = DateTime, example = "2031-01-01T00:00:00Z")]
     expires_at: Option<String>,
 }
 
@@ -87,14 +87,30 @@ pub(crate) struct TokenizeRequest {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct BatchRequest {
-    #[schema(example = "shop-42")]
+    /// 1 to 64 characters of `A-Z a-z 0-9 _ . -`.
+    #[schema(pattern = r"^[A-Za-z0-9_.-]{1,64}$", example = "shop-42")]
     tenant: String,
     /// 1 to 1000 cards.
+    #[schema(min_items = 1, max_items = 1000)]
     cards: Vec<CardRequest>,
     #[serde(default)]
+    #[schema(value_type = Option<TokenFormatName>)]
     token_format: Option<String>,
     #[serde(default)]
+    #[schema(format = DateTime)]
     expires_at: Option<String>,
+}
+
+/// A token format.
+#[derive(ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+pub(crate) enum TokenFormatName {
+    /// `tok_` and 22 random characters (the default).
+    Random,
+    /// The card's length, BIN and last four around random middle digits
+    /// that fail the Luhn check (if the tenant allows it).
+    PanShaped,
 }
 
 /// `PATCH /v1/tokens/{token}`: a new expiry (month and year together)
@@ -103,11 +119,13 @@ pub(crate) struct BatchRequest {
 #[serde(deny_unknown_fields)]
 pub(crate) struct UpdateRequest {
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 12)]
     exp_month: Option<i64>,
     #[serde(default)]
+    #[schema(minimum = 1000, maximum = 9999)]
     exp_year: Option<i64>,
     #[serde(default)]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 64)]
     cardholder_name: Option<SecretString>,
 }
 

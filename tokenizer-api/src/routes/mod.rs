@@ -22,6 +22,7 @@ pub mod health;
 pub mod openapi;
 pub mod reveal;
 
+use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::Method;
 use actix_web::{web, HttpResponse};
 use time::format_description::well_known::Rfc3339;
@@ -427,13 +428,21 @@ pub fn configure_for(cfg: &mut web::ServiceConfig, listener: ListenerKind) {
         }
     }
     for path in paths {
-        let resource = ROUTES
+        let served: Vec<&Route> = ROUTES
             .iter()
             .filter(|r| r.path == path && listener.serves(r.homes))
+            .collect();
+        let allow = served
+            .iter()
+            .map(|r| r.method.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let resource = served
+            .iter()
             .fold(web::resource(path), |res, r| {
                 res.route((r.handler)().method(r.method.clone()))
             })
-            .default_service(web::to(method_not_allowed));
+            .default_service(web::to(move || method_not_allowed(allow.clone())));
         cfg.service(resource);
     }
 }
@@ -442,8 +451,15 @@ pub async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound)
 }
 
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
+/// 405, with the `Allow` header RFC 9110 asks for: the methods the path
+/// has on this listener.
+async fn method_not_allowed(allow: String) -> HttpResponse {
+    use actix_web::ResponseError as _;
+    let mut res = ApiError::MethodNotAllowed.error_response();
+    if let Ok(v) = HeaderValue::from_str(&allow) {
+        res.headers_mut().insert(header::ALLOW, v);
+    }
+    res
 }
 
 /// Unix milliseconds as RFC 3339. Times in answers are never bare digit

@@ -21,7 +21,7 @@ pub(crate) struct DetokenizeRequest {
     token: String,
     /// Why the card is needed: 1 to 256 printable characters, never a card
     /// number (recorded in the audit trail).
-    #[schema(example = "settlement")]
+    #[schema(min_length = 1, max_length = 256, example = "settlement")]
     reason: String,
     /// Release the held security code with this answer (then it is gone).
     #[serde(default)]
