@@ -83,7 +83,7 @@ pub enum ContractError {
     UnknownCode(String, String, String),
 }
 
-/// The document path of an actix pattern: the same (`{name}` segments).
+/// The HTTP methods of a path item (its other keys are not operations).
 fn methods_of(item: &Map<String, Value>) -> impl Iterator<Item = &String> {
     item.keys().filter(|k| {
         matches!(
@@ -148,13 +148,32 @@ pub fn build() -> Result<Value, ContractError> {
             .ok_or_else(undocumented)?;
         for (status, codes) in by_status {
             let listed: Vec<String> = codes.iter().map(|c| format!("`{c}`")).collect();
-            responses.insert(
-                status.to_string(),
-                json!({
-                    "description": format!("Error: {}.", listed.join(", ")),
-                    "content": {"application/json": {"schema": error_schema(&codes)}},
-                }),
-            );
+            let mut response = json!({
+                "description": format!("Error: {}.", listed.join(", ")),
+                "content": {"application/json": {"schema": error_schema(&codes)}},
+            });
+            let extra = match status {
+                401 => Some(("WWW-Authenticate", "The scheme to use: `Bearer`.")),
+                429 => Some(("Retry-After", "Seconds to wait before trying again.")),
+                _ => None,
+            };
+            if let Some((name, description)) = extra {
+                response["headers"] = json!({
+                    name: {"description": description, "required": true, "schema": {"type": "string"}}
+                });
+            }
+            responses.insert(status.to_string(), response);
+        }
+        // Every answer carries its request id.
+        for response in responses.values_mut() {
+            if let Some(response) = response.as_object_mut() {
+                let headers = response.entry("headers").or_insert_with(|| json!({}));
+                headers["x-request-id"] = json!({
+                    "description": "The request id, also recorded in the audit trail.",
+                    "required": true,
+                    "schema": {"type": "string"},
+                });
+            }
         }
     }
     // The other direction: nothing documented that is not served.
