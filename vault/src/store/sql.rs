@@ -6,6 +6,16 @@
 //! code serves both: `sql_store!` expands it for a concrete `sqlx` database.
 //! A backend module provides the struct (with `pool` and `op_timeout`
 //! fields), opening, and `after_delete` (SQLite checkpoints its WAL there).
+//!
+//! One file on purpose. Most of it is a single `impl Store for $store`
+//! block (48 operations): a trait impl cannot be spread over several blocks,
+//! files or macros, so grouping the operations by table (cards, tenants,
+//! principals, audit, keys, archives, backup) would need a forwarding
+//! method for each, its signature written a third time. What precedes the
+//! impl (column lists, row decoding, the audit-chain append, restore
+//! inserts) is used only by it and must expand in the same backend module,
+//! as its types (`Row`, `Tx`) are the backend's: a second macro for it would
+//! split one expansion over two files, neither readable alone.
 
 /// Implement [`Store`](super::Store) for `$store`, a struct with fields
 /// `pool: sqlx::Pool<$db>` and `op_timeout: std::time::Duration`.
