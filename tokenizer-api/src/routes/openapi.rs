@@ -81,6 +81,10 @@ pub enum ContractError {
     NotServed(String, String),
     #[error("{0} {1} lists error code {2}, which has no HTTP status in crate::error")]
     UnknownCode(String, String, String),
+    #[error(
+        "{0} {1}: its annotation already documents status {2}, which its error codes answer too"
+    )]
+    StatusTwice(String, String, u16),
 }
 
 /// The HTTP methods of a path item (its other keys are not operations).
@@ -162,7 +166,13 @@ pub fn build() -> Result<Value, ContractError> {
                     name: {"description": description, "required": true, "schema": {"type": "string"}}
                 });
             }
-            responses.insert(status.to_string(), response);
+            if responses.insert(status.to_string(), response).is_some() {
+                return Err(ContractError::StatusTwice(
+                    route.method.to_string(),
+                    route.path.to_owned(),
+                    status,
+                ));
+            }
         }
         // Every answer carries its request id.
         for response in responses.values_mut() {
