@@ -11,25 +11,76 @@ use vault::store::Store;
 
 use crate::app::{self, Application};
 use crate::config::{
-    AuditCommand, CommonArgs, KekCommand, KeysCommand, PrincipalCommand, ServeArgs, Settings,
+    AuditCommand, CommonArgs, KekCommand, KeysCommand, LogFormat, PrincipalCommand, ServeArgs,
+    Settings,
 };
 
-/// Print an error to stderr and fail.
+/// Print an error to stderr and fail: a plain `error: ...` line, or with
+/// JSON logs an `ERROR` event, so that every line on stderr stays JSON.
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {msg}");
+    if json_logs() {
+        tracing::error!("{msg}");
+    } else {
+        eprintln!("error: {msg}");
+    }
     ExitCode::FAILURE
 }
 
-pub fn init_logging(level: &str) {
+/// Set once the JSON log format is installed.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process writes its logs as JSON (see [`init_logging`]): the
+/// panic hook and error lines then write JSON too.
+pub fn json_logs() -> bool {
+    JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Logs to stderr at `level` (a level or a filter expression) in `format`
+/// (see [`json_subscriber`] for JSON).
+pub fn init_logging(level: &str, format: LogFormat) {
+    match format {
+        LogFormat::Text => {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(log_filter(level))
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_target(true)
+                .try_init();
+        }
+        LogFormat::Json => {
+            if tracing::subscriber::set_global_default(json_subscriber(level, std::io::stderr))
+                .is_ok()
+            {
+                JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A bare level applies to everything; a filter expression is taken as is.
+fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
     use tracing_subscriber::EnvFilter;
-    // A bare level applies to everything; a filter expression is taken as is.
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// `--log-format json`: one object per line, the event's fields
+/// (`message`, `request_id`, ...) at the top level next to `timestamp`,
+/// `level` and `target`, and, for an event inside a span, the current span
+/// (`span`) and every enclosing span (`spans`) with their fields.
+pub fn json_subscriber<W>(level: &str, writer: W) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(log_filter(level))
+        .with_writer(writer)
         .with_target(true)
-        .try_init();
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(true)
+        .with_ansi(false)
+        .finish()
 }
 
 pub async fn serve(args: ServeArgs) -> ExitCode {
@@ -37,7 +88,7 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    init_logging(&settings.log_level);
+    init_logging(&settings.log_level, settings.log_format);
     // Before any key or card number is in memory.
     match crate::hardening::harden(settings.dev) {
         Ok(report) => {
@@ -117,12 +168,12 @@ async fn print_dev_example(
     let key = key.expose();
     let body = r#"{"tenant":"shop-42","pan":"4111 1111 1111 1111","exp_month":12,"exp_year":2030}"#;
     if !app.tls() {
-        println!(
+        print_dev_text(&format!(
             "\n# cardvault DEV MODE -- not a production setup; INSECURE PLAIN HTTP. Dev principal `{}` (roles tokenize,detokenize; all tenants).\n\
              # Tokenize a public test card:\n\
              curl -s http://{addr}/v1/tokens -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{body}'\n",
             principal.name,
-        );
+        ));
         return Ok(());
     }
     // One principal per dev client certificate, bound to its identity.
@@ -141,7 +192,7 @@ async fn print_dev_example(
         }
     }
     let d = dir.display();
-    println!(
+    print_dev_text(&format!(
         "\n# cardvault DEV MODE -- not a production setup. TLS with a dev CA ({d}/ca.pem).\n\
          # Dev principal `{}` (roles tokenize,detokenize; all tenants) with an API key, and one principal per\n\
          # client certificate {d}/client-<role>.pem (tokenize, detokenize, auditor, key_admin).\n\
@@ -154,8 +205,18 @@ async fn print_dev_example(
          curl -s --cacert {d}/ca.pem --cert {d}/client-detokenize.pem --key {d}/client-detokenize.key \\\n  \
          https://{addr}/v1/detokenize -H 'Content-Type: application/json' -d '{{\"token\":\"tok_PASTE_HERE\",\"reason\":\"trying cardvault\"}}'\n",
         principal.name,
-    );
+    ));
     Ok(())
+}
+
+/// The dev example on stdout: as it is, or with JSON logs as one JSON object
+/// (`{"dev_example": TEXT}`), so that every line the service writes is JSON.
+fn print_dev_text(text: &str) {
+    if json_logs() {
+        println!("{}", serde_json::json!({ "dev_example": text }));
+    } else {
+        println!("{text}");
+    }
 }
 
 /// `tokenizer tenant set|list|delete`.
@@ -278,7 +339,7 @@ fn rand_u32() -> u32 {
 
 async fn store_for(common: &CommonArgs) -> Result<(Settings, Arc<dyn Store>), ExitCode> {
     let settings = Settings::resolve(common, false).map_err(fail)?;
-    init_logging(&settings.log_level);
+    init_logging(&settings.log_level, settings.log_format);
     let store = app::open_store(&settings, settings.migrate_on_start)
         .await
         .map_err(fail)?;
@@ -315,7 +376,7 @@ pub async fn restore(common: CommonArgs, from: std::path::PathBuf) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    init_logging(&settings.log_level);
+    init_logging(&settings.log_level, settings.log_format);
     let kek = match hsm_shim::SoftwareKek::load(&settings.kek_file) {
         Ok(k) => k,
         Err(e) => return fail(e),
@@ -404,7 +465,7 @@ pub async fn migrate(common: CommonArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    init_logging(&settings.log_level);
+    init_logging(&settings.log_level, settings.log_format);
     match app::open_store(&settings, true).await {
         Ok(store) => {
             store.close().await;
@@ -490,7 +551,7 @@ pub fn kek(cmd: KekCommand) -> ExitCode {
                 Ok(s) => s,
                 Err(e) => return fail(e),
             };
-            init_logging(&settings.log_level);
+            init_logging(&settings.log_level, settings.log_format);
             use hsm_shim::KeyEncryptionKey as _;
             match &settings.kek_source {
                 crate::seal::KekSource::File { .. } => {}
@@ -669,7 +730,7 @@ fn keys_init(
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    init_logging(&settings.log_level);
+    init_logging(&settings.log_level, settings.log_format);
     let crate::seal::KekSource::Keyring { path } = &settings.kek_source else {
         return fail(
             "keys init creates the keyring of kek_backend = \"keyring\"; set --kek-backend keyring",
@@ -852,4 +913,63 @@ pub fn unseal(url: &str, custodian: Option<&str>) -> ExitCode {
 /// `tokenizer seal`.
 pub fn seal(url: &str) -> ExitCode {
     admin_post(url, "/v1/admin/seal", serde_json::json!({}))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::{Arc, Mutex};
+
+    /// Lines written by a subscriber, kept for the test.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_logs_carry_event_and_span_fields() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = super::json_subscriber("info", move || writer.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(request_id = "r-1", status = 201_u16, "request");
+            let outer = tracing::info_span!("unseal", custodian = "alice");
+            let _outer = outer.enter();
+            let inner = tracing::info_span!("kek", backend = "keyring");
+            let _inner = inner.enter();
+            tracing::warn!(tries = 2_u32, "retrying");
+            tracing::debug!("below the level");
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let parsed: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(parsed.len(), 2, "{text}");
+        let request = &parsed[0];
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(request[key].is_string(), "{key} missing: {request}");
+        }
+        assert_eq!(request["level"], "INFO");
+        assert_eq!(request["message"], "request");
+        assert_eq!(request["request_id"], "r-1");
+        assert_eq!(request["status"], 201);
+        assert!(request.get("span").is_none(), "{request}");
+        let retry = &parsed[1];
+        assert_eq!(retry["level"], "WARN");
+        assert_eq!(retry["tries"], 2);
+        assert_eq!(retry["span"]["name"], "kek");
+        assert_eq!(retry["span"]["backend"], "keyring");
+        assert_eq!(retry["spans"][0]["name"], "unseal");
+        assert_eq!(retry["spans"][0]["custodian"], "alice");
+        assert_eq!(retry["spans"][1]["name"], "kek");
+    }
 }

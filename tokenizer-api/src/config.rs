@@ -360,6 +360,11 @@ pub struct CommonArgs {
     /// Log level or filter: error, warn, info, debug, trace.
     #[arg(long, env = "TOKENIZER_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Log format: `text` (default) or `json` (one JSON object per line:
+    /// timestamp, level, message and the event's fields, target, and the
+    /// current span and span list when there is one).
+    #[arg(long, env = "TOKENIZER_LOG_FORMAT")]
+    pub log_format: Option<String>,
     /// `--dev` only: the one loopback address serving every route (default
     /// 127.0.0.1:8080). Accepted everywhere so one set of flags can be
     /// reused across subcommands.
@@ -517,6 +522,7 @@ struct FileConfig {
     database_url: Option<String>,
     kek_file: Option<PathBuf>,
     log_level: Option<String>,
+    log_format: Option<String>,
     listen: Option<SocketAddr>,
     listen_api: Option<SocketAddr>,
     listen_reveal: Option<SocketAddr>,
@@ -601,6 +607,7 @@ pub struct Settings {
     pub reencrypt_batch: u32,
     pub reencrypt_interval: std::time::Duration,
     pub log_level: String,
+    pub log_format: LogFormat,
     /// The listeners: one (`dev`) in `--dev`, else api, reveal and admin.
     pub listeners: Vec<crate::listeners::ListenerSpec>,
     /// TLS material; `None` only in `--dev` with `--insecure-plain-http`.
@@ -638,8 +645,39 @@ pub const DEFAULT_LISTEN_ADMIN: &str = "127.0.0.1:8445";
 /// Where `--dev` keeps its generated PKI, under the data dir.
 pub const DEV_TLS_DIR: &str = "dev-tls";
 
+/// How log lines are written (`log_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// One human-readable line per event (the default).
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, the event's fields
+    /// (`message`, `request_id`, ...) at the top level, `target`, and
+    /// `span`/`spans` inside a span.
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(s: &str) -> Option<LogFormat> {
+        match s {
+            "text" => Some(LogFormat::Text),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("log_format must be text or json")]
+    LogFormat,
     #[error("cannot read configuration file {0}: {1}")]
     Read(String, #[source] std::io::Error),
     #[error("configuration file {0} is invalid: {1}")]
@@ -696,6 +734,10 @@ impl Settings {
             pkcs11_kek_label: file.pkcs11_kek_label.take(),
         };
         let detokenize_monitor = monitor_config(common, &file);
+        let log_format = match common.log_format.clone().or(file.log_format.take()) {
+            Some(s) => LogFormat::parse(&s).ok_or(ConfigError::LogFormat)?,
+            None => LogFormat::Text,
+        };
         let dev = dev_flag || file.dev.unwrap_or(false);
         let data_dir = common
             .data_dir
@@ -822,6 +864,7 @@ impl Settings {
                 .clone()
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
+            log_format,
             listeners,
             tls,
             dev_pki,
@@ -1138,6 +1181,7 @@ mod tests {
             database_url: None,
             kek_file: None,
             log_level: None,
+            log_format: None,
             listen: None,
             listen_api: None,
             listen_reveal: None,
@@ -1290,6 +1334,26 @@ mod tests {
         c.detokenize_rate_per_principal = Some(0);
         let m = Settings::resolve(&c, false).unwrap();
         assert!(m.detokenize_monitor.per_principal.is_off());
+
+        // Log format: text by default, then the file, then a flag; an
+        // unknown value is an error that does not repeat it.
+        assert_eq!(m.log_format, LogFormat::Text);
+        std::fs::write(&file, "log_format = \"json\"\n").unwrap();
+        let mut c = common();
+        c.config = Some(file.clone());
+        assert_eq!(
+            Settings::resolve(&c, false).unwrap().log_format,
+            LogFormat::Json
+        );
+        c.log_format = Some("text".into());
+        assert_eq!(
+            Settings::resolve(&c, false).unwrap().log_format,
+            LogFormat::Text
+        );
+        c.log_format = Some("yaml".into());
+        let refused = Settings::resolve(&c, false).unwrap_err();
+        assert!(matches!(refused, ConfigError::LogFormat));
+        assert!(!refused.to_string().contains("yaml"), "{refused}");
 
         std::fs::write(&file, "data_dr = \"/typo\"\n").unwrap();
         assert!(matches!(

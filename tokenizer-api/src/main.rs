@@ -29,12 +29,18 @@ async fn main() -> ExitCode {
 
 /// Panics are logged with their location only. Our code never formats card
 /// data into a panic, and this keeps a future mistake from printing it.
+/// With JSON logs the hook writes one JSON event instead of a plain line.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         let location = info
             .location()
             .map(|l| format!("{}:{}", l.file(), l.line()))
             .unwrap_or_else(|| "unknown".to_owned());
+        if cli::json_logs() {
+            // One JSON line, like every other line on stderr.
+            tracing::error!(%location, "panic at {location} (message withheld)");
+            return;
+        }
         tracing::error!(%location, "panic (message withheld)");
         #[allow(clippy::print_stderr)]
         {
