@@ -11,8 +11,8 @@ use vault::store::Store;
 
 use crate::app::{self, Application};
 use crate::config::{
-    AuditCommand, CommonArgs, KekCommand, KeysCommand, LogFormat, PrincipalCommand, ServeArgs,
-    Settings,
+    AuditCommand, DatabaseArgs, FlagGroup, KekCommand, KekFileArg, KeysCommand, LogFormat,
+    PrincipalCommand, ServeArgs, Settings, StoreArgs, VaultArgs,
 };
 
 /// Print an error to stderr and fail: a plain `error: ...` line, or with
@@ -237,13 +237,13 @@ pub async fn tenant(cmd: crate::config::TenantCommand) -> ExitCode {
     };
     match cmd {
         TenantCommand::Set {
-            common,
+            store: args,
             name,
             pan_shaped,
             token_ttl_days,
             retention_days,
         } => {
-            let (_, store) = match store_for(&common).await {
+            let (_, store) = match store_for(&args).await {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -263,8 +263,8 @@ pub async fn tenant(cmd: crate::config::TenantCommand) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        TenantCommand::List { common } => {
-            let (_, store) = match store_for(&common).await {
+        TenantCommand::List { store: args } => {
+            let (_, store) = match store_for(&args).await {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -279,8 +279,8 @@ pub async fn tenant(cmd: crate::config::TenantCommand) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        TenantCommand::Delete { common, name } => {
-            let (_, store) = match store_for(&common).await {
+        TenantCommand::Delete { store: args, name } => {
+            let (_, store) = match store_for(&args).await {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -301,8 +301,8 @@ pub async fn tenant(cmd: crate::config::TenantCommand) -> ExitCode {
 }
 
 /// `tokenizer purge`: records past their expiry or retention, now.
-pub async fn purge(common: CommonArgs) -> ExitCode {
-    let (_, store) = match store_for(&common).await {
+pub async fn purge(args: StoreArgs) -> ExitCode {
+    let (_, store) = match store_for(&args).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -337,8 +337,10 @@ fn rand_u32() -> u32 {
     u32::from_le_bytes(b)
 }
 
-async fn store_for(common: &CommonArgs) -> Result<(Settings, Arc<dyn Store>), ExitCode> {
-    let settings = Settings::resolve(common, false).map_err(fail)?;
+/// Settings from a command's option groups, logging, and the store opened
+/// (migrated when `migrate_on_start` says so).
+async fn store_for(flags: &impl FlagGroup) -> Result<(Settings, Arc<dyn Store>), ExitCode> {
+    let settings = Settings::resolve(flags, false).map_err(fail)?;
     init_logging(&settings.log_level, settings.log_format);
     let store = app::open_store(&settings, settings.migrate_on_start)
         .await
@@ -347,8 +349,8 @@ async fn store_for(common: &CommonArgs) -> Result<(Settings, Arc<dyn Store>), Ex
 }
 
 /// `tokenizer backup --out FILE`.
-pub async fn backup(common: CommonArgs, out: std::path::PathBuf) -> ExitCode {
-    let (settings, store) = match store_for(&common).await {
+pub async fn backup(args: StoreArgs, kek_file: KekFileArg, out: std::path::PathBuf) -> ExitCode {
+    let (settings, store) = match store_for(&(&args, &kek_file)).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -371,8 +373,13 @@ pub async fn backup(common: CommonArgs, out: std::path::PathBuf) -> ExitCode {
 }
 
 /// `tokenizer restore --from FILE`: into an empty (freshly migrated) database.
-pub async fn restore(common: CommonArgs, from: std::path::PathBuf) -> ExitCode {
-    let settings = match Settings::resolve(&common, false) {
+pub async fn restore(
+    vault: VaultArgs,
+    database: DatabaseArgs,
+    kek_file: KekFileArg,
+    from: std::path::PathBuf,
+) -> ExitCode {
+    let settings = match Settings::resolve(&(&vault, &database, &kek_file), false) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
@@ -403,11 +410,12 @@ pub async fn restore(common: CommonArgs, from: std::path::PathBuf) -> ExitCode {
 /// to files (see `vault::archive`).
 pub async fn audit(cmd: AuditCommand) -> ExitCode {
     let AuditCommand::Archive {
-        common,
+        store: args,
+        retention,
         older_than_days,
         below_pci_minimum,
     } = cmd;
-    let (settings, store) = match store_for(&common).await {
+    let (settings, store) = match store_for(&(&args, &retention)).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -460,8 +468,8 @@ pub async fn audit(cmd: AuditCommand) -> ExitCode {
 }
 
 /// `tokenizer migrate`: apply pending migrations and say so.
-pub async fn migrate(common: CommonArgs) -> ExitCode {
-    let settings = match Settings::resolve(&common, false) {
+pub async fn migrate(vault: VaultArgs, database: DatabaseArgs) -> ExitCode {
+    let settings = match Settings::resolve(&(&vault, &database), false) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
@@ -479,7 +487,7 @@ pub async fn migrate(common: CommonArgs) -> ExitCode {
 pub async fn principal(cmd: PrincipalCommand) -> ExitCode {
     match cmd {
         PrincipalCommand::Create {
-            common,
+            store: args,
             name,
             roles,
             tenants,
@@ -490,7 +498,7 @@ pub async fn principal(cmd: PrincipalCommand) -> ExitCode {
                 (Ok(r), Ok(t)) => (r, t),
                 (Err(e), _) | (_, Err(e)) => return fail(e),
             };
-            let (_, store) = match store_for(&common).await {
+            let (_, store) = match store_for(&args).await {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -512,8 +520,8 @@ pub async fn principal(cmd: PrincipalCommand) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        PrincipalCommand::List { common } => {
-            let (_, store) = match store_for(&common).await {
+        PrincipalCommand::List { store: args } => {
+            let (_, store) = match store_for(&args).await {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -528,8 +536,8 @@ pub async fn principal(cmd: PrincipalCommand) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        PrincipalCommand::Revoke { common, name } => {
-            let (_, store) = match store_for(&common).await {
+        PrincipalCommand::Revoke { store: args, name } => {
+            let (_, store) = match store_for(&args).await {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -546,8 +554,13 @@ pub async fn principal(cmd: PrincipalCommand) -> ExitCode {
 
 pub fn kek(cmd: KekCommand) -> ExitCode {
     match cmd {
-        KekCommand::Generate { common } => {
-            let settings = match Settings::resolve(&common, false) {
+        KekCommand::Generate {
+            vault,
+            database: _,
+            kek_file,
+            kek,
+        } => {
+            let settings = match Settings::resolve(&(&vault, &kek_file, &kek), false) {
                 Ok(s) => s,
                 Err(e) => return fail(e),
             };
@@ -623,11 +636,13 @@ fn read_secret_line(prompt: &str) -> Result<zeroize::Zeroizing<String>, ExitCode
 pub fn keys(cmd: KeysCommand) -> ExitCode {
     match cmd {
         KeysCommand::Init {
-            common,
+            vault,
+            keyring,
+            database: _,
             shares,
             threshold,
             custodians,
-        } => keys_init(*common, shares, threshold, &custodians),
+        } => keys_init(&(&vault, &keyring), shares, threshold, &custodians),
         KeysCommand::Rotate {
             url,
             fingerprint,
@@ -721,12 +736,12 @@ fn keys_status(url: &str, watch: bool) -> ExitCode {
 
 /// `tokenizer keys init`: the split-knowledge keyring.
 fn keys_init(
-    common: CommonArgs,
+    flags: &impl FlagGroup,
     shares: usize,
     threshold: usize,
     custodians: &[String],
 ) -> ExitCode {
-    let settings = match Settings::resolve(&common, false) {
+    let settings = match Settings::resolve(flags, false) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };

@@ -20,6 +20,51 @@ fn help_names_every_subcommand() {
 }
 
 #[test]
+fn subcommand_help_lists_only_its_options() {
+    let help = |args: &[&str]| {
+        let out = tokenizer().args(args).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for args in [
+        &["tenant", "set"][..],
+        &["tenant", "list"],
+        &["principal", "create"],
+        &["purge"],
+        &["backup"],
+        &["restore"],
+        &["migrate"],
+        &["kek", "generate"],
+        &["keys", "init"],
+        &["audit", "archive"],
+    ] {
+        let text = help(args);
+        assert!(text.contains("--data-dir"), "{args:?}:\n{text}");
+        for serve_only in [
+            "--listen-api",
+            "--listen",
+            "--tls-cert-file",
+            "--request-timeout-ms",
+            "--cvc-ttl-secs",
+        ] {
+            assert!(
+                !text.contains(&format!("{serve_only} ")),
+                "`{args:?} --help` lists {serve_only}:\n{text}"
+            );
+        }
+    }
+    let serve = help(&["serve"]);
+    for option in [
+        "--listen-api",
+        "--tls-cert-file",
+        "--data-dir",
+        "--log-format",
+    ] {
+        assert!(serve.contains(option), "serve --help lacks {option}");
+    }
+}
+
+#[test]
 fn dev_mode_refuses_a_non_loopback_address() {
     let dir = tempfile::tempdir().unwrap();
     let out = tokenizer()
