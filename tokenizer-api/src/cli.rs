@@ -2,6 +2,8 @@
 //! (one JSON document per command); logs go to stderr.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod progress;
+
 use std::os::unix::fs::DirBuilderExt as _;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,6 +11,7 @@ use std::sync::Arc;
 use vault::access::{self, TenantScope};
 use vault::store::Store;
 
+use self::progress::Progress;
 use crate::app::{self, Application};
 use crate::config::{
     AuditCommand, DatabaseArgs, FlagGroup, KekCommand, KekFileArg, KeysCommand, LogFormat,
@@ -306,17 +309,32 @@ pub async fn purge(args: StoreArgs) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
+    let progress = Progress::spinner("purge");
+    progress.phase(match stored_counts(store.as_ref()).await {
+        Some((cards, _)) => format!(
+            "deleting records past their expiry or retention, in batches of {} (the store holds {cards} cards)",
+            vault::tenants::BATCH
+        ),
+        None => "deleting records past their expiry or retention".to_owned(),
+    });
     let result = vault::tenants::purge(store.as_ref(), "local").await;
     store.close().await;
     match result {
         Ok(c) => {
+            progress.finish(format!(
+                "{} expired and {} past their retention deleted",
+                c.expired, c.retention
+            ));
             println!(
                 "{}",
                 serde_json::json!({"expired": c.expired, "retention": c.retention})
             );
             ExitCode::SUCCESS
         }
-        Err(e) => fail(e),
+        Err(e) => {
+            progress.fail();
+            fail(e)
+        }
     }
 }
 
@@ -358,18 +376,53 @@ pub async fn backup(args: StoreArgs, kek_file: KekFileArg, out: std::path::PathB
         Ok(k) => k,
         Err(e) => return fail(e),
     };
+    // `write_backup` reports nothing until it is done: the phase, what the
+    // store holds now, and the counts written.
+    let progress = Progress::spinner("backup");
+    progress.phase(match stored_counts(store.as_ref()).await {
+        Some((cards, events)) => format!(
+            "writing {} (the store holds {cards} cards, {events} audit entries)",
+            out.display()
+        ),
+        None => format!("writing {}", out.display()),
+    });
     let result = vault::backup::write_backup(store.as_ref(), &kek, &out).await;
     store.close().await;
     match result {
         Ok(summary) => {
+            progress.finish(format!("{} written, fsynced", contents(&summary)));
             println!(
                 "{}",
                 serde_json::json!({"backup": out.display().to_string(), "contents": summary})
             );
             ExitCode::SUCCESS
         }
-        Err(e) => fail(e),
+        Err(e) => {
+            progress.fail();
+            fail(e)
+        }
     }
+}
+
+/// Cards and audit entries in the store (for the progress of commands whose
+/// vault function reports only at the end); `None` if it cannot say.
+async fn stored_counts(store: &dyn Store) -> Option<(u64, u64)> {
+    let usage = store.key_usage().await.ok()?;
+    let events = store.audit_size().await.ok()?;
+    Some((usage.by_dek.values().sum(), events))
+}
+
+/// What a backup holds, in words (counts only).
+fn contents(summary: &vault::backup::BackupSummary) -> String {
+    format!(
+        "{} cards, {} audit entries, {} checkpoints, {} principals, {} tenants, {} keys",
+        summary.cards,
+        summary.audit_events,
+        summary.audit_checkpoints,
+        summary.principals,
+        summary.tenants,
+        summary.keys + summary.audit_signing_keys
+    )
 }
 
 /// `tokenizer restore --from FILE`: into an empty (freshly migrated) database.
@@ -392,17 +445,28 @@ pub async fn restore(
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    // `restore_backup` checks the whole file, then writes it, and reports
+    // only at the end.
+    let progress = Progress::spinner("restore");
+    progress.phase(format!(
+        "checking {}, then writing it into the empty database",
+        from.display()
+    ));
     let result = vault::backup::restore_backup(store.as_ref(), &kek, &from).await;
     store.close().await;
     match result {
         Ok(summary) => {
+            progress.finish(format!("{} restored", contents(&summary)));
             println!(
                 "{}",
                 serde_json::json!({"restored": from.display().to_string(), "contents": summary})
             );
             ExitCode::SUCCESS
         }
-        Err(e) => fail(e),
+        Err(e) => {
+            progress.fail();
+            fail(e)
+        }
     }
 }
 
@@ -439,12 +503,37 @@ pub async fn audit(cmd: AuditCommand) -> ExitCode {
     let cutoff = time::OffsetDateTime::now_utc() - time::Duration::days(i64::from(days));
     let event = audit::AuditEvent::new(audit::Action::AuditArchived, audit::Outcome::Success)
         .source("local");
+    // `archive_audit` exports, verifies from disk, records and deletes, and
+    // reports only at the end.
+    let progress = Progress::spinner("audit archive");
+    let size = store
+        .audit_size()
+        .await
+        .map(|n| format!(" (the trail holds {n} entries)"))
+        .unwrap_or_default();
+    progress.phase(format!(
+        "exporting the entries older than {days} days to {}, verifying the file, deleting them{size}",
+        dir.display()
+    ));
     let result =
         vault::archive::archive_audit(store.as_ref(), &settings.database_url, dir, cutoff, event)
             .await;
     store.close().await;
     match result {
         Ok(done) => {
+            progress.finish(match &done.segment {
+                Some((row, path)) => format!(
+                    "entries {} to {} archived to {}, {} deleted from the database",
+                    row.from_seq,
+                    row.to_seq,
+                    path.display(),
+                    done.deleted
+                ),
+                None => format!(
+                    "nothing to archive, {} deleted from the database",
+                    done.deleted
+                ),
+            });
             let segment = done.segment.map(|(row, path)| {
                 serde_json::json!({
                     "from_seq": row.from_seq,
@@ -463,7 +552,10 @@ pub async fn audit(cmd: AuditCommand) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(e) => fail(e),
+        Err(e) => {
+            progress.fail();
+            fail(e)
+        }
     }
 }
 
@@ -704,7 +796,10 @@ fn keys_status(url: &str, watch: bool) -> ExitCode {
             Err(e) => Err(format!("cannot reach {endpoint}: {e}")),
         }
     };
-    let mut total = None;
+    // The first answer's remaining records are the pass's total (a rotation
+    // while watching makes it grow).
+    let mut total = 0;
+    let mut progress = None;
     loop {
         let status = match fetch() {
             Ok(s) => s,
@@ -715,21 +810,18 @@ fn keys_status(url: &str, watch: bool) -> ExitCode {
             println!("{status}");
             return ExitCode::SUCCESS;
         }
-        let total = *total.get_or_insert(remaining.max(1));
-        let done = total.saturating_sub(remaining);
-        let width = 40;
-        let filled = usize::try_from(done * width / total).unwrap_or(0);
-        eprint!(
-            "\rre-encryption [{}{}] {:>3}% ({done} of {total} records moved, {remaining} left)",
-            "#".repeat(filled),
-            "-".repeat(40 - filled.min(40)),
-            done * 100 / total
-        );
+        total = total.max(remaining);
+        let bar = progress.get_or_insert_with(|| Progress::bar("re-encryption", total));
+        let done = total - remaining;
         if remaining == 0 {
-            eprintln!();
+            bar.update(done, total, "records moved");
+            bar.finish(format!(
+                "done: every record is under the active keys ({total} moved while watching)"
+            ));
             println!("{status}");
             return ExitCode::SUCCESS;
         }
+        bar.update(done, total, format!("records moved, {remaining} left"));
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
