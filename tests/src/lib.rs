@@ -343,6 +343,89 @@ pub fn parse_listening_line(line: &str) -> Option<String> {
         .map(|_| word.to_string())
 }
 
+/// The message of a log line: the `message` of a JSON log line
+/// (`--log-format json`), else the line itself.
+pub fn log_message(line: &str) -> String {
+    let trimmed = line.trim_end();
+    if trimmed.starts_with('{') {
+        if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(trimmed) {
+            if let Some(Value::String(message)) = fields.get("message") {
+                return message.clone();
+            }
+        }
+    }
+    line.to_string()
+}
+
+/// The keys every line of `--log-format json` carries. `message` too, but
+/// for sqlx's query log (target `sqlx::query`), whose events have no
+/// message: they carry `summary` and `db.statement` instead.
+pub const JSON_LOG_KEYS: [&str; 3] = ["timestamp", "level", "target"];
+
+/// What [`check_json_log`] found.
+#[derive(Debug, Default)]
+pub struct JsonLog {
+    /// Lines read (each one JSON object).
+    pub lines: usize,
+    /// Lines per level (`TRACE`, `DEBUG`, ...).
+    pub levels: std::collections::BTreeMap<String, usize>,
+    /// Access-log lines (`"message": "request"`), each with a `request_id`.
+    pub requests: usize,
+    /// Lines logged inside a span (`span` and `spans` keys).
+    pub in_spans: usize,
+}
+
+/// Checks that every line of `text` (a process's stdout or stderr written
+/// with `--log-format json`) is one JSON object with [`JSON_LOG_KEYS`] and
+/// a `message`
+/// (stdout may also hold the CLI's one-line JSON answers, which need no
+/// log keys: `log_keys` false), that access-log lines carry a non-empty
+/// `request_id`, and that a line inside a span names it; returns what it
+/// counted, or the first offending line.
+pub fn check_json_log(text: &str, log_keys: bool) -> Result<JsonLog, String> {
+    let mut found = JsonLog::default();
+    for (n, line) in text.lines().enumerate() {
+        let at = || format!("line {}: {line:?}", n + 1);
+        let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) else {
+            return Err(format!("not a JSON object: {}", at()));
+        };
+        found.lines += 1;
+        if !log_keys {
+            continue;
+        }
+        let text_key = if fields.get("target").and_then(Value::as_str) == Some("sqlx::query") {
+            "summary"
+        } else {
+            "message"
+        };
+        for key in JSON_LOG_KEYS.into_iter().chain([text_key]) {
+            if !fields.get(key).is_some_and(Value::is_string) {
+                return Err(format!("no string `{key}`: {}", at()));
+            }
+        }
+        let level = fields["level"].as_str().unwrap_or_default().to_string();
+        *found.levels.entry(level).or_default() += 1;
+        if fields.get("message").and_then(Value::as_str) == Some("request") {
+            if fields
+                .get("request_id")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                return Err(format!("an access-log line without request_id: {}", at()));
+            }
+            found.requests += 1;
+        }
+        if let Some(span) = fields.get("span") {
+            let spans = fields.get("spans").and_then(Value::as_array);
+            if !span.get("name").is_some_and(Value::is_string) || spans.is_none_or(Vec::is_empty) {
+                return Err(format!("a span without its name or list: {}", at()));
+            }
+            found.in_spans += 1;
+        }
+    }
+    Ok(found)
+}
+
 // ---------------------------------------------------------------------------
 // CLI
 // ---------------------------------------------------------------------------
@@ -382,8 +465,20 @@ pub fn run_cli_on(
     args: &[&str],
     captured: &Captured,
 ) -> CliOutput {
+    run_cli_with_env(data_dir, database_url, args, &[], captured)
+}
+
+/// [`run_cli_on`] with environment variables (e.g. `TOKENIZER_LOG_FORMAT`).
+pub fn run_cli_with_env(
+    data_dir: &Path,
+    database_url: Option<&str>,
+    args: &[&str],
+    env: &[(String, String)],
+    captured: &Captured,
+) -> CliOutput {
     let mut cmd = tokenizer_command();
     cmd.args(args).arg("--data-dir").arg(data_dir);
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     if let Some(url) = database_url {
         cmd.arg("--database-url").arg(url);
     }
@@ -1008,6 +1103,9 @@ pub struct Options {
     /// Run `kek generate` before the first start (ignored with `dev`).
     pub generate_kek: bool,
     pub log_level: String,
+    /// `--log-format` of `serve` (and `TOKENIZER_LOG_FORMAT` of the CLI
+    /// calls of a [`Service`]); `None`: the binary's default (text).
+    pub log_format: Option<String>,
     pub listen: String,
     /// Extra arguments for `serve`.
     pub extra_args: Vec<String>,
@@ -1034,6 +1132,7 @@ impl Default for Options {
             dev: false,
             generate_kek: true,
             log_level: "trace".to_string(),
+            log_format: None,
             listen: "127.0.0.1:0".to_string(),
             extra_args: Vec::new(),
             database_url: None,
@@ -1052,6 +1151,15 @@ impl Options {
             generate_kek: false,
             ..Options::default()
         }
+    }
+
+    /// The environment of the CLI calls made for a service with these
+    /// options: its log format, so that they log like the service.
+    pub fn cli_env(&self) -> Vec<(String, String)> {
+        self.log_format
+            .iter()
+            .map(|f| ("TOKENIZER_LOG_FORMAT".to_string(), f.clone()))
+            .collect()
     }
 
     /// `serve`'s arguments. `previous`: the addresses of the last run of the
@@ -1089,6 +1197,10 @@ impl Options {
         }
         args.push("--log-level".into());
         args.push(self.log_level.clone().into());
+        if let Some(format) = &self.log_format {
+            args.push("--log-format".into());
+            args.push(format.into());
+        }
         if self.dev {
             args.push("--dev".into());
             if self.plain_http {
@@ -1189,6 +1301,7 @@ fn wait_for_listening(
     loop {
         match lines.recv_timeout(Duration::from_millis(50)) {
             Ok(line) => {
+                let line = log_message(&line);
                 if let Some(addr) = parse_listening_line(&line) {
                     listeners.push((listener_name(&line), addr));
                     if listeners.len() >= expected {
@@ -1202,7 +1315,7 @@ fn wait_for_listening(
         if let Some(status) = child.try_wait().unwrap() {
             // Drain what is left: the listening line may still be queued.
             while let Ok(line) = lines.recv_timeout(Duration::from_millis(200)) {
-                if parse_listening_line(&line).is_some() {
+                if parse_listening_line(&log_message(&line)).is_some() {
                     break;
                 }
             }
@@ -1315,10 +1428,11 @@ impl Service {
             _ => None,
         };
         if opts.generate_kek && !opts.dev && !data_dir.path().join("kek.key").exists() {
-            let out = run_cli_on(
+            let out = run_cli_with_env(
                 data_dir.path(),
                 opts.database_url.as_deref(),
                 &["kek", "generate"],
+                &opts.cli_env(),
                 &captured,
             );
             assert!(
@@ -1597,10 +1711,11 @@ impl Service {
     /// Runs a CLI subcommand on this data directory and database (output
     /// captured too).
     pub fn cli(&self, args: &[&str]) -> CliOutput {
-        run_cli_on(
+        run_cli_with_env(
             self.data_dir(),
             self.opts.database_url.as_deref(),
             args,
+            &self.opts.cli_env(),
             &self.captured,
         )
     }
@@ -1615,6 +1730,7 @@ impl Service {
         if let Some(url) = &self.opts.database_url {
             cmd.arg("--database-url").arg(url);
         }
+        cmd.envs(self.opts.cli_env());
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd
             .spawn()

@@ -2,6 +2,8 @@
 //! (one JSON document per command); logs go to stderr.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod progress;
+
 use std::os::unix::fs::DirBuilderExt as _;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,27 +11,79 @@ use std::sync::Arc;
 use vault::access::{self, TenantScope};
 use vault::store::Store;
 
+use self::progress::Progress;
 use crate::app::{self, Application};
 use crate::config::{
-    AuditCommand, CommonArgs, KekCommand, KeysCommand, PrincipalCommand, ServeArgs, Settings,
+    AuditCommand, DatabaseArgs, FlagGroup, KekCommand, KekFileArg, KeysCommand, LogFormat,
+    PrincipalCommand, ServeArgs, Settings, StoreArgs, VaultArgs,
 };
 
-/// Print an error to stderr and fail.
+/// Print an error to stderr and fail: a plain `error: ...` line, or with
+/// JSON logs an `ERROR` event, so that every line on stderr stays JSON.
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {msg}");
+    if json_logs() {
+        tracing::error!("{msg}");
+    } else {
+        eprintln!("error: {msg}");
+    }
     ExitCode::FAILURE
 }
 
-pub fn init_logging(level: &str) {
+/// Set once the JSON log format is installed.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process writes its logs as JSON (see [`init_logging`]): the
+/// panic hook and error lines then write JSON too.
+pub fn json_logs() -> bool {
+    JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Logs to stderr at `level` (a level or a filter expression) in `format`
+/// (see [`json_subscriber`] for JSON).
+pub fn init_logging(level: &str, format: LogFormat) {
+    match format {
+        LogFormat::Text => {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(log_filter(level))
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_target(true)
+                .try_init();
+        }
+        LogFormat::Json => {
+            if tracing::subscriber::set_global_default(json_subscriber(level, std::io::stderr))
+                .is_ok()
+            {
+                JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// A bare level applies to everything; a filter expression is taken as is.
+fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
     use tracing_subscriber::EnvFilter;
-    // A bare level applies to everything; a filter expression is taken as is.
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+    EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// `--log-format json`: one object per line, the event's fields
+/// (`message`, `request_id`, ...) at the top level next to `timestamp`,
+/// `level` and `target`, and, for an event inside a span, the current span
+/// (`span`) and every enclosing span (`spans`) with their fields.
+pub fn json_subscriber<W>(level: &str, writer: W) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    tracing_subscriber::fmt()
+        .with_env_filter(log_filter(level))
+        .with_writer(writer)
         .with_target(true)
-        .try_init();
+        .json()
+        .flatten_event(true)
+        .with_current_span(true)
+        .with_span_list(true)
+        .with_ansi(false)
+        .finish()
 }
 
 pub async fn serve(args: ServeArgs) -> ExitCode {
@@ -37,7 +91,7 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    init_logging(&settings.log_level);
+    init_logging(&settings.log_level, settings.log_format);
     // Before any key or card number is in memory.
     match crate::hardening::harden(settings.dev) {
         Ok(report) => {
@@ -117,12 +171,12 @@ async fn print_dev_example(
     let key = key.expose();
     let body = r#"{"tenant":"shop-42","pan":"4111 1111 1111 1111","exp_month":12,"exp_year":2030}"#;
     if !app.tls() {
-        println!(
+        print_dev_text(&format!(
             "\n# cardvault DEV MODE -- not a production setup; INSECURE PLAIN HTTP. Dev principal `{}` (roles tokenize,detokenize; all tenants).\n\
              # Tokenize a public test card:\n\
              curl -s http://{addr}/v1/tokens -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{body}'\n",
             principal.name,
-        );
+        ));
         return Ok(());
     }
     // One principal per dev client certificate, bound to its identity.
@@ -141,7 +195,7 @@ async fn print_dev_example(
         }
     }
     let d = dir.display();
-    println!(
+    print_dev_text(&format!(
         "\n# cardvault DEV MODE -- not a production setup. TLS with a dev CA ({d}/ca.pem).\n\
          # Dev principal `{}` (roles tokenize,detokenize; all tenants) with an API key, and one principal per\n\
          # client certificate {d}/client-<role>.pem (tokenize, detokenize, auditor, key_admin).\n\
@@ -154,8 +208,18 @@ async fn print_dev_example(
          curl -s --cacert {d}/ca.pem --cert {d}/client-detokenize.pem --key {d}/client-detokenize.key \\\n  \
          https://{addr}/v1/detokenize -H 'Content-Type: application/json' -d '{{\"token\":\"tok_PASTE_HERE\",\"reason\":\"trying cardvault\"}}'\n",
         principal.name,
-    );
+    ));
     Ok(())
+}
+
+/// The dev example on stdout: as it is, or with JSON logs as one JSON object
+/// (`{"dev_example": TEXT}`), so that every line the service writes is JSON.
+fn print_dev_text(text: &str) {
+    if json_logs() {
+        println!("{}", serde_json::json!({ "dev_example": text }));
+    } else {
+        println!("{text}");
+    }
 }
 
 /// `tokenizer tenant set|list|delete`.
@@ -176,13 +240,13 @@ pub async fn tenant(cmd: crate::config::TenantCommand) -> ExitCode {
     };
     match cmd {
         TenantCommand::Set {
-            common,
+            store: args,
             name,
             pan_shaped,
             token_ttl_days,
             retention_days,
         } => {
-            let (_, store) = match store_for(&common).await {
+            let (_, store) = match store_for(&args).await {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -202,8 +266,8 @@ pub async fn tenant(cmd: crate::config::TenantCommand) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        TenantCommand::List { common } => {
-            let (_, store) = match store_for(&common).await {
+        TenantCommand::List { store: args } => {
+            let (_, store) = match store_for(&args).await {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -218,8 +282,8 @@ pub async fn tenant(cmd: crate::config::TenantCommand) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        TenantCommand::Delete { common, name } => {
-            let (_, store) = match store_for(&common).await {
+        TenantCommand::Delete { store: args, name } => {
+            let (_, store) = match store_for(&args).await {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -240,22 +304,37 @@ pub async fn tenant(cmd: crate::config::TenantCommand) -> ExitCode {
 }
 
 /// `tokenizer purge`: records past their expiry or retention, now.
-pub async fn purge(common: CommonArgs) -> ExitCode {
-    let (_, store) = match store_for(&common).await {
+pub async fn purge(args: StoreArgs) -> ExitCode {
+    let (_, store) = match store_for(&args).await {
         Ok(s) => s,
         Err(code) => return code,
     };
+    let progress = Progress::spinner("purge");
+    progress.phase(match stored_counts(store.as_ref()).await {
+        Some((cards, _)) => format!(
+            "deleting records past their expiry or retention, in batches of {} (the store holds {cards} cards)",
+            vault::tenants::BATCH
+        ),
+        None => "deleting records past their expiry or retention".to_owned(),
+    });
     let result = vault::tenants::purge(store.as_ref(), "local").await;
     store.close().await;
     match result {
         Ok(c) => {
+            progress.finish(format!(
+                "{} expired and {} past their retention deleted",
+                c.expired, c.retention
+            ));
             println!(
                 "{}",
                 serde_json::json!({"expired": c.expired, "retention": c.retention})
             );
             ExitCode::SUCCESS
         }
-        Err(e) => fail(e),
+        Err(e) => {
+            progress.fail();
+            fail(e)
+        }
     }
 }
 
@@ -276,9 +355,11 @@ fn rand_u32() -> u32 {
     u32::from_le_bytes(b)
 }
 
-async fn store_for(common: &CommonArgs) -> Result<(Settings, Arc<dyn Store>), ExitCode> {
-    let settings = Settings::resolve(common, false).map_err(fail)?;
-    init_logging(&settings.log_level);
+/// Settings from a command's option groups, logging, and the store opened
+/// (migrated when `migrate_on_start` says so).
+async fn store_for(flags: &impl FlagGroup) -> Result<(Settings, Arc<dyn Store>), ExitCode> {
+    let settings = Settings::resolve(flags, false).map_err(fail)?;
+    init_logging(&settings.log_level, settings.log_format);
     let store = app::open_store(&settings, settings.migrate_on_start)
         .await
         .map_err(fail)?;
@@ -286,8 +367,8 @@ async fn store_for(common: &CommonArgs) -> Result<(Settings, Arc<dyn Store>), Ex
 }
 
 /// `tokenizer backup --out FILE`.
-pub async fn backup(common: CommonArgs, out: std::path::PathBuf) -> ExitCode {
-    let (settings, store) = match store_for(&common).await {
+pub async fn backup(args: StoreArgs, kek_file: KekFileArg, out: std::path::PathBuf) -> ExitCode {
+    let (settings, store) = match store_for(&(&args, &kek_file)).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -295,27 +376,67 @@ pub async fn backup(common: CommonArgs, out: std::path::PathBuf) -> ExitCode {
         Ok(k) => k,
         Err(e) => return fail(e),
     };
+    // `write_backup` reports nothing until it is done: the phase, what the
+    // store holds now, and the counts written.
+    let progress = Progress::spinner("backup");
+    progress.phase(match stored_counts(store.as_ref()).await {
+        Some((cards, events)) => format!(
+            "writing {} (the store holds {cards} cards, {events} audit entries)",
+            out.display()
+        ),
+        None => format!("writing {}", out.display()),
+    });
     let result = vault::backup::write_backup(store.as_ref(), &kek, &out).await;
     store.close().await;
     match result {
         Ok(summary) => {
+            progress.finish(format!("{} written, fsynced", contents(&summary)));
             println!(
                 "{}",
                 serde_json::json!({"backup": out.display().to_string(), "contents": summary})
             );
             ExitCode::SUCCESS
         }
-        Err(e) => fail(e),
+        Err(e) => {
+            progress.fail();
+            fail(e)
+        }
     }
 }
 
+/// Cards and audit entries in the store (for the progress of commands whose
+/// vault function reports only at the end); `None` if it cannot say.
+async fn stored_counts(store: &dyn Store) -> Option<(u64, u64)> {
+    let usage = store.key_usage().await.ok()?;
+    let events = store.audit_size().await.ok()?;
+    Some((usage.by_dek.values().sum(), events))
+}
+
+/// What a backup holds, in words (counts only).
+fn contents(summary: &vault::backup::BackupSummary) -> String {
+    format!(
+        "{} cards, {} audit entries, {} checkpoints, {} principals, {} tenants, {} keys",
+        summary.cards,
+        summary.audit_events,
+        summary.audit_checkpoints,
+        summary.principals,
+        summary.tenants,
+        summary.keys + summary.audit_signing_keys
+    )
+}
+
 /// `tokenizer restore --from FILE`: into an empty (freshly migrated) database.
-pub async fn restore(common: CommonArgs, from: std::path::PathBuf) -> ExitCode {
-    let settings = match Settings::resolve(&common, false) {
+pub async fn restore(
+    vault: VaultArgs,
+    database: DatabaseArgs,
+    kek_file: KekFileArg,
+    from: std::path::PathBuf,
+) -> ExitCode {
+    let settings = match Settings::resolve(&(&vault, &database, &kek_file), false) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    init_logging(&settings.log_level);
+    init_logging(&settings.log_level, settings.log_format);
     let kek = match hsm_shim::SoftwareKek::load(&settings.kek_file) {
         Ok(k) => k,
         Err(e) => return fail(e),
@@ -324,17 +445,28 @@ pub async fn restore(common: CommonArgs, from: std::path::PathBuf) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
+    // `restore_backup` checks the whole file, then writes it, and reports
+    // only at the end.
+    let progress = Progress::spinner("restore");
+    progress.phase(format!(
+        "checking {}, then writing it into the empty database",
+        from.display()
+    ));
     let result = vault::backup::restore_backup(store.as_ref(), &kek, &from).await;
     store.close().await;
     match result {
         Ok(summary) => {
+            progress.finish(format!("{} restored", contents(&summary)));
             println!(
                 "{}",
                 serde_json::json!({"restored": from.display().to_string(), "contents": summary})
             );
             ExitCode::SUCCESS
         }
-        Err(e) => fail(e),
+        Err(e) => {
+            progress.fail();
+            fail(e)
+        }
     }
 }
 
@@ -342,11 +474,12 @@ pub async fn restore(common: CommonArgs, from: std::path::PathBuf) -> ExitCode {
 /// to files (see `vault::archive`).
 pub async fn audit(cmd: AuditCommand) -> ExitCode {
     let AuditCommand::Archive {
-        common,
+        store: args,
+        retention,
         older_than_days,
         below_pci_minimum,
     } = cmd;
-    let (settings, store) = match store_for(&common).await {
+    let (settings, store) = match store_for(&(&args, &retention)).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -370,12 +503,37 @@ pub async fn audit(cmd: AuditCommand) -> ExitCode {
     let cutoff = time::OffsetDateTime::now_utc() - time::Duration::days(i64::from(days));
     let event = audit::AuditEvent::new(audit::Action::AuditArchived, audit::Outcome::Success)
         .source("local");
+    // `archive_audit` exports, verifies from disk, records and deletes, and
+    // reports only at the end.
+    let progress = Progress::spinner("audit archive");
+    let size = store
+        .audit_size()
+        .await
+        .map(|n| format!(" (the trail holds {n} entries)"))
+        .unwrap_or_default();
+    progress.phase(format!(
+        "exporting the entries older than {days} days to {}, verifying the file, deleting them{size}",
+        dir.display()
+    ));
     let result =
         vault::archive::archive_audit(store.as_ref(), &settings.database_url, dir, cutoff, event)
             .await;
     store.close().await;
     match result {
         Ok(done) => {
+            progress.finish(match &done.segment {
+                Some((row, path)) => format!(
+                    "entries {} to {} archived to {}, {} deleted from the database",
+                    row.from_seq,
+                    row.to_seq,
+                    path.display(),
+                    done.deleted
+                ),
+                None => format!(
+                    "nothing to archive, {} deleted from the database",
+                    done.deleted
+                ),
+            });
             let segment = done.segment.map(|(row, path)| {
                 serde_json::json!({
                     "from_seq": row.from_seq,
@@ -394,17 +552,20 @@ pub async fn audit(cmd: AuditCommand) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Err(e) => fail(e),
+        Err(e) => {
+            progress.fail();
+            fail(e)
+        }
     }
 }
 
 /// `tokenizer migrate`: apply pending migrations and say so.
-pub async fn migrate(common: CommonArgs) -> ExitCode {
-    let settings = match Settings::resolve(&common, false) {
+pub async fn migrate(vault: VaultArgs, database: DatabaseArgs) -> ExitCode {
+    let settings = match Settings::resolve(&(&vault, &database), false) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    init_logging(&settings.log_level);
+    init_logging(&settings.log_level, settings.log_format);
     match app::open_store(&settings, true).await {
         Ok(store) => {
             store.close().await;
@@ -418,7 +579,7 @@ pub async fn migrate(common: CommonArgs) -> ExitCode {
 pub async fn principal(cmd: PrincipalCommand) -> ExitCode {
     match cmd {
         PrincipalCommand::Create {
-            common,
+            store: args,
             name,
             roles,
             tenants,
@@ -429,7 +590,7 @@ pub async fn principal(cmd: PrincipalCommand) -> ExitCode {
                 (Ok(r), Ok(t)) => (r, t),
                 (Err(e), _) | (_, Err(e)) => return fail(e),
             };
-            let (_, store) = match store_for(&common).await {
+            let (_, store) = match store_for(&args).await {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -451,8 +612,8 @@ pub async fn principal(cmd: PrincipalCommand) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        PrincipalCommand::List { common } => {
-            let (_, store) = match store_for(&common).await {
+        PrincipalCommand::List { store: args } => {
+            let (_, store) = match store_for(&args).await {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -467,8 +628,8 @@ pub async fn principal(cmd: PrincipalCommand) -> ExitCode {
                 Err(e) => fail(e),
             }
         }
-        PrincipalCommand::Revoke { common, name } => {
-            let (_, store) = match store_for(&common).await {
+        PrincipalCommand::Revoke { store: args, name } => {
+            let (_, store) = match store_for(&args).await {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -485,12 +646,17 @@ pub async fn principal(cmd: PrincipalCommand) -> ExitCode {
 
 pub fn kek(cmd: KekCommand) -> ExitCode {
     match cmd {
-        KekCommand::Generate { common } => {
-            let settings = match Settings::resolve(&common, false) {
+        KekCommand::Generate {
+            vault,
+            database: _,
+            kek_file,
+            kek,
+        } => {
+            let settings = match Settings::resolve(&(&vault, &kek_file, &kek), false) {
                 Ok(s) => s,
                 Err(e) => return fail(e),
             };
-            init_logging(&settings.log_level);
+            init_logging(&settings.log_level, settings.log_format);
             use hsm_shim::KeyEncryptionKey as _;
             match &settings.kek_source {
                 crate::seal::KekSource::File { .. } => {}
@@ -562,11 +728,13 @@ fn read_secret_line(prompt: &str) -> Result<zeroize::Zeroizing<String>, ExitCode
 pub fn keys(cmd: KeysCommand) -> ExitCode {
     match cmd {
         KeysCommand::Init {
-            common,
+            vault,
+            keyring,
+            database: _,
             shares,
             threshold,
             custodians,
-        } => keys_init(*common, shares, threshold, &custodians),
+        } => keys_init(&(&vault, &keyring), shares, threshold, &custodians),
         KeysCommand::Rotate {
             url,
             fingerprint,
@@ -628,7 +796,10 @@ fn keys_status(url: &str, watch: bool) -> ExitCode {
             Err(e) => Err(format!("cannot reach {endpoint}: {e}")),
         }
     };
-    let mut total = None;
+    // The first answer's remaining records are the pass's total (a rotation
+    // while watching makes it grow).
+    let mut total = 0;
+    let mut progress = None;
     loop {
         let status = match fetch() {
             Ok(s) => s,
@@ -639,37 +810,34 @@ fn keys_status(url: &str, watch: bool) -> ExitCode {
             println!("{status}");
             return ExitCode::SUCCESS;
         }
-        let total = *total.get_or_insert(remaining.max(1));
-        let done = total.saturating_sub(remaining);
-        let width = 40;
-        let filled = usize::try_from(done * width / total).unwrap_or(0);
-        eprint!(
-            "\rre-encryption [{}{}] {:>3}% ({done} of {total} records moved, {remaining} left)",
-            "#".repeat(filled),
-            "-".repeat(40 - filled.min(40)),
-            done * 100 / total
-        );
+        total = total.max(remaining);
+        let bar = progress.get_or_insert_with(|| Progress::bar("re-encryption", total));
+        let done = total - remaining;
         if remaining == 0 {
-            eprintln!();
+            bar.update(done, total, "records moved");
+            bar.finish(format!(
+                "done: every record is under the active keys ({total} moved while watching)"
+            ));
             println!("{status}");
             return ExitCode::SUCCESS;
         }
+        bar.update(done, total, format!("records moved, {remaining} left"));
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
 
 /// `tokenizer keys init`: the split-knowledge keyring.
 fn keys_init(
-    common: CommonArgs,
+    flags: &impl FlagGroup,
     shares: usize,
     threshold: usize,
     custodians: &[String],
 ) -> ExitCode {
-    let settings = match Settings::resolve(&common, false) {
+    let settings = match Settings::resolve(flags, false) {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
-    init_logging(&settings.log_level);
+    init_logging(&settings.log_level, settings.log_format);
     let crate::seal::KekSource::Keyring { path } = &settings.kek_source else {
         return fail(
             "keys init creates the keyring of kek_backend = \"keyring\"; set --kek-backend keyring",
@@ -852,4 +1020,63 @@ pub fn unseal(url: &str, custodian: Option<&str>) -> ExitCode {
 /// `tokenizer seal`.
 pub fn seal(url: &str) -> ExitCode {
     admin_post(url, "/v1/admin/seal", serde_json::json!({}))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::{Arc, Mutex};
+
+    /// Lines written by a subscriber, kept for the test.
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn json_logs_carry_event_and_span_fields() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = super::json_subscriber("info", move || writer.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(request_id = "r-1", status = 201_u16, "request");
+            let outer = tracing::info_span!("unseal", custodian = "alice");
+            let _outer = outer.enter();
+            let inner = tracing::info_span!("kek", backend = "keyring");
+            let _inner = inner.enter();
+            tracing::warn!(tries = 2_u32, "retrying");
+            tracing::debug!("below the level");
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let parsed: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(parsed.len(), 2, "{text}");
+        let request = &parsed[0];
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(request[key].is_string(), "{key} missing: {request}");
+        }
+        assert_eq!(request["level"], "INFO");
+        assert_eq!(request["message"], "request");
+        assert_eq!(request["request_id"], "r-1");
+        assert_eq!(request["status"], 201);
+        assert!(request.get("span").is_none(), "{request}");
+        let retry = &parsed[1];
+        assert_eq!(retry["level"], "WARN");
+        assert_eq!(retry["tries"], 2);
+        assert_eq!(retry["span"]["name"], "kek");
+        assert_eq!(retry["span"]["backend"], "keyring");
+        assert_eq!(retry["spans"][0]["name"], "unseal");
+        assert_eq!(retry["spans"][0]["custodian"], "alice");
+        assert_eq!(retry["spans"][1]["name"], "kek");
+    }
 }

@@ -20,6 +20,51 @@ fn help_names_every_subcommand() {
 }
 
 #[test]
+fn subcommand_help_lists_only_its_options() {
+    let help = |args: &[&str]| {
+        let out = tokenizer().args(args).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for args in [
+        &["tenant", "set"][..],
+        &["tenant", "list"],
+        &["principal", "create"],
+        &["purge"],
+        &["backup"],
+        &["restore"],
+        &["migrate"],
+        &["kek", "generate"],
+        &["keys", "init"],
+        &["audit", "archive"],
+    ] {
+        let text = help(args);
+        assert!(text.contains("--data-dir"), "{args:?}:\n{text}");
+        for serve_only in [
+            "--listen-api",
+            "--listen",
+            "--tls-cert-file",
+            "--request-timeout-ms",
+            "--cvc-ttl-secs",
+        ] {
+            assert!(
+                !text.contains(&format!("{serve_only} ")),
+                "`{args:?} --help` lists {serve_only}:\n{text}"
+            );
+        }
+    }
+    let serve = help(&["serve"]);
+    for option in [
+        "--listen-api",
+        "--tls-cert-file",
+        "--data-dir",
+        "--log-format",
+    ] {
+        assert!(serve.contains(option), "serve --help lacks {option}");
+    }
+}
+
+#[test]
 fn dev_mode_refuses_a_non_loopback_address() {
     let dir = tempfile::tempdir().unwrap();
     let out = tokenizer()
@@ -255,4 +300,71 @@ fn checkpoints_follow_the_entry_count_and_go_to_the_witness_file() {
     assert!(key.starts_with("cardvault-audit-ed25519:"));
     server.kill().unwrap();
     let _ = server.wait();
+}
+
+/// Without a terminal, the long commands write their progress as plain
+/// lines on stderr (JSON events with `--log-format json`); stdout stays one
+/// JSON answer.
+#[test]
+fn long_commands_report_progress_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str]| {
+        let out = tokenizer()
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(stdout.lines().count(), 1, "{args:?}: {stdout}");
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap();
+        stderr
+    };
+    run(&["kek", "generate"]);
+    let file = dir.path().join("vault.backup");
+    let err = run(&["backup", "--out", file.to_str().unwrap()]);
+    assert!(
+        err.contains("backup: writing ") && err.contains("the store holds 0 cards"),
+        "{err}"
+    );
+    assert!(
+        err.contains("backup: 0 cards, ") && err.contains(" written, fsynced"),
+        "{err}"
+    );
+    let err = run(&["purge"]);
+    assert!(
+        err.contains("purge: 0 expired and 0 past their retention deleted"),
+        "{err}"
+    );
+    let err = run(&["purge", "--log-format", "json"]);
+    let events: Vec<serde_json::Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["operation"] == "purge"
+                && e["message"].as_str().unwrap().contains("0 expired")),
+        "{err}"
+    );
+    let restored = dir.path().join("restored");
+    let out = tokenizer()
+        .args(["restore", "--data-dir"])
+        .arg(&restored)
+        .arg("--kek-file")
+        .arg(data.join("kek.key"))
+        .arg("--from")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("restore: checking ") && err.contains("restore: 0 cards, "),
+        "{err}"
+    );
 }

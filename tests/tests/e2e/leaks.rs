@@ -3,13 +3,17 @@
 //! content of every table (PostgreSQL, dumped as text), and its output. The
 //! files of a PostgreSQL cluster (heap, indexes, WAL) are scanned in
 //! `outage.rs`, which has a cluster of its own.
+//!
+//! Each scenario runs twice: with the default text logs, and with
+//! `--log-format json` (the CLI calls too), where every line written must
+//! also be a JSON object with the log keys ([`e2e::check_json_log`]).
 
 use std::fs;
 use std::time::{Duration, Instant};
 
 use e2e::{
-    assert_no_leaks, fresh_pan, generated_pan, run_vault_audit, scan_dir, Backend, Client, Options,
-    Resp, Scan, Service,
+    assert_no_leaks, check_json_log, fresh_pan, generated_pan, run_vault_audit, scan_dir, Backend,
+    Client, Options, Resp, Scan, Service,
 };
 use serde_json::{json, Value};
 
@@ -149,9 +153,56 @@ fn misplaced_pan_requests(client: &Client, pan: &str, token: &str, oversized: bo
     );
 }
 
+/// The `--log-format` of a run: `None` is the default (text).
+type LogFormat = Option<&'static str>;
+
+/// Options of a scenario's service in `format`.
+fn options(format: LogFormat) -> Options {
+    Options {
+        log_format: format.map(str::to_string),
+        ..Options::default()
+    }
+}
+
+/// With JSON logs: every line on the captured stderr (the service's and
+/// its CLI calls') is a JSON object with the log keys, access-log lines
+/// carry their request id, and lines logged inside a span name it; every
+/// line on stdout (the CLI's answers) is a JSON object. Returns a summary
+/// for the report (empty for text).
+fn check_log_lines(svc: &Service, format: LogFormat) -> String {
+    if format != Some("json") {
+        return String::new();
+    }
+    let stderr = check_json_log(&svc.stderr(), true)
+        .unwrap_or_else(|e| panic!("--log-format json, stderr: {e}"));
+    let stdout = check_json_log(&svc.stdout(), false)
+        .unwrap_or_else(|e| panic!("--log-format json, stdout: {e}"));
+    assert!(
+        stderr.lines >= 3 && stderr.levels.contains_key("TRACE"),
+        "the service logged almost nothing at trace level: {stderr:?}"
+    );
+    assert!(
+        stderr.requests > 0,
+        "no access-log line (with its request_id): {stderr:?}"
+    );
+    format!(
+        " | json log: {} stderr lines ({} requests with request_id, {} in spans, {:?}), {} stdout lines",
+        stderr.lines, stderr.requests, stderr.in_spans, stderr.levels, stdout.lines
+    )
+}
+
 #[test]
 fn no_card_number_in_data_files_or_output() {
-    let mut svc = Service::start();
+    data_files_and_output(None);
+}
+
+#[test]
+fn no_card_number_in_data_files_or_output_json_logs() {
+    data_files_and_output(Some("json"));
+}
+
+fn data_files_and_output(format: LogFormat) {
+    let mut svc = Service::start_with(options(format));
     let client = admin(&svc);
     let limited = svc.principal_client("shop-a-only", &["tokenize", "detokenize"], &["shop-a"]);
     let auditor = svc.principal_client("auditor", &["auditor"], &["*"]);
@@ -266,13 +317,23 @@ fn no_card_number_in_data_files_or_output() {
     assert_eq!(client.tokenize(TENANT, &pans[0], 1, year).status, 200);
     svc.kill();
     assert_no_leaks(&svc.scan_for_leaks(&scan_list));
+    check_log_lines(&svc, format);
 }
 
 /// Card numbers in the URL (path, query) or in a header: access logs and
 /// traces must not write them either.
 #[test]
 fn no_card_number_from_urls_or_headers_in_output() {
-    let mut svc = Service::start();
+    urls_and_headers(None);
+}
+
+#[test]
+fn no_card_number_from_urls_or_headers_in_output_json_logs() {
+    urls_and_headers(Some("json"));
+}
+
+fn urls_and_headers(format: LogFormat) {
+    let mut svc = Service::start_with(options(format));
     let client = admin(&svc);
     let pan = "4242424242424242";
     let other = fresh_pan();
@@ -298,6 +359,7 @@ fn no_card_number_from_urls_or_headers_in_output() {
 
     svc.kill();
     assert_no_leaks(&svc.scan_for_leaks(&[pan, other.as_str()]));
+    check_log_lines(&svc, format);
 }
 
 /// Every HTTP response body a test received, except the successful
@@ -331,7 +393,17 @@ impl Responses {
 /// itself is tested on planted leaks in `tests/src/lib.rs`.
 #[test]
 fn no_card_number_anywhere_after_rotation_backup_export_and_archive() {
+    whole_life(None);
+}
+
+#[test]
+fn no_card_number_anywhere_after_rotation_backup_export_and_archive_json_logs() {
+    whole_life(Some("json"));
+}
+
+fn whole_life(format: LogFormat) {
     let mut svc = Service::start_with(Options {
+        log_format: format.map(str::to_string),
         extra_args: vec![
             "--reencrypt-batch".into(),
             "7".into(),
@@ -499,16 +571,20 @@ fn no_card_number_anywhere_after_rotation_backup_export_and_archive() {
         }
     }
     let stderr = svc.stderr();
-    assert!(
-        stderr.contains(" TRACE "),
-        "the service did not log at trace level"
-    );
+    if format.is_none() {
+        assert!(
+            stderr.contains(" TRACE "),
+            "the service did not log at trace level"
+        );
+    }
+    let json_log = check_log_lines(&svc, format);
     crate::report(&format!(
-        "leaks ({}): findings=0 | bytes_scanned={} places_scanned={} (distinct {}) \
+        "leaks ({}, {} logs): findings=0 | bytes_scanned={} places_scanned={} (distinct {}) \
          | numbers={} (each whole, UTF-16LE/BE, u64 LE/BE, and every 11-digit fragment) \
          | responses_kept={} metrics_bytes={} stderr_bytes={} archives={archives} \
-         | panic: location-only hook checked (closed stdout), no API path panics",
+         | panic: location-only hook checked (closed stdout), no API path panics{json_log}",
         svc.backend().name(),
+        format.unwrap_or("text"),
         total.bytes,
         total.places.len(),
         places.len(),
