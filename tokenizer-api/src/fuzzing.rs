@@ -26,7 +26,7 @@ use clap::Parser;
 use vault::TenantScope;
 
 use crate::app::Application;
-use crate::config::{CommonArgs, Settings};
+use crate::config::{ServeOptions, Settings};
 
 /// What the service answered.
 #[derive(Debug, Clone)]
@@ -60,7 +60,7 @@ pub struct HarnessError(String);
 #[derive(Parser)]
 struct Flags {
     #[command(flatten)]
-    common: CommonArgs,
+    common: ServeOptions,
 }
 
 fn data_root() -> PathBuf {

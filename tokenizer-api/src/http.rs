@@ -1,7 +1,9 @@
 //! The actix-web app of one listener: its routes (`routes::configure_for`),
 //! and the middleware every request passes: a request id (`x-request-id`,
-//! also in the audit trail), the request-head size limit (431), the access
-//! log line (route pattern, never the raw path) and the request metrics.
+//! also in the audit trail, and a `request` span around the request so that
+//! every log line of it carries the id), the request-head size limit (431),
+//! the access log line (route pattern, never the raw path) and the request
+//! metrics.
 
 use std::time::Instant;
 
@@ -10,6 +12,7 @@ use actix_web::dev::{Service as _, ServiceFactory, ServiceRequest, ServiceRespon
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::{web, App, HttpMessage};
 use base64::Engine as _;
+use tracing::Instrument as _;
 
 use crate::listeners::{Connection, ListenerKind};
 use crate::routes;
@@ -54,6 +57,9 @@ pub fn app(
                 Err(req)
             };
             let state = metrics_state.clone();
+            // Every line logged while the request is served carries its
+            // request id and listener (the span's fields, in JSON logs).
+            let span = tracing::info_span!("request", request_id = %id, listener);
             async move {
                 let mut res = match call {
                     Ok(fut) => fut.await?.map_into_boxed_body(),
@@ -87,6 +93,7 @@ pub fn app(
                 );
                 Ok(res)
             }
+            .instrument(span)
         })
         .configure(|cfg| routes::configure_for(cfg, kind))
         .default_service(web::to(routes::not_found))

@@ -406,10 +406,6 @@ impl FlagGroup for ServeOptions {
     }
 }
 
-/// The name [`ServeOptions`] had when every subcommand flattened all of
-/// them (`fuzzing` still uses it).
-pub type CommonArgs = ServeOptions;
-
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     #[command(flatten)]

@@ -28,9 +28,9 @@ mod settings;
 mod tests;
 
 pub use args::{
-    AuditArchiveArgs, CommonArgs, DatabaseArgs, KekBackendArgs, KekFileArg, KeyringArgs,
-    MigrateOnStartArg, Pkcs11Args, ServeArgs, ServeOptions, StoreArgs, UnusedDatabaseUrl,
-    VaultArgs, SERVE_ONLY_OPTIONS,
+    AuditArchiveArgs, DatabaseArgs, KekBackendArgs, KekFileArg, KeyringArgs, MigrateOnStartArg,
+    Pkcs11Args, ServeArgs, ServeOptions, StoreArgs, UnusedDatabaseUrl, VaultArgs,
+    SERVE_ONLY_OPTIONS,
 };
 pub use command::{
     AuditCommand, Cli, Command, KekCommand, KeysCommand, PrincipalCommand, TenantCommand,
