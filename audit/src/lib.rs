@@ -132,6 +132,17 @@ pub enum Action {
     TenantUpdated,
     /// A tenant deleted: its records and its fingerprint key (crypto-shred).
     TenantDeleted,
+    /// A hosted collection session was opened (detail: its origin and
+    /// lifetime; never the client secret).
+    CollectSessionCreated,
+    /// The edge submitted a card for a session: accepted (a retry of the
+    /// completed submission too) or refused (error code; detail: the
+    /// buyer's address as the edge reports it). Never the card.
+    CollectSubmission,
+    /// A session was completed with its card's token.
+    CollectSessionCompleted,
+    /// Sessions past their lifetime were purged (counts only).
+    CollectSessionsExpired,
 }
 
 impl Action {
@@ -167,6 +178,10 @@ impl Action {
             Action::Purged => "purged",
             Action::TenantUpdated => "tenant_updated",
             Action::TenantDeleted => "tenant_deleted",
+            Action::CollectSessionCreated => "collect_session_created",
+            Action::CollectSubmission => "collect_submission",
+            Action::CollectSessionCompleted => "collect_session_completed",
+            Action::CollectSessionsExpired => "collect_sessions_expired",
         }
     }
 
@@ -176,7 +191,7 @@ impl Action {
     }
 }
 
-const ALL_ACTIONS: [Action; 29] = [
+const ALL_ACTIONS: [Action; 33] = [
     Action::Tokenize,
     Action::Detokenize,
     Action::MetadataRead,
@@ -206,6 +221,10 @@ const ALL_ACTIONS: [Action; 29] = [
     Action::Purged,
     Action::TenantUpdated,
     Action::TenantDeleted,
+    Action::CollectSessionCreated,
+    Action::CollectSubmission,
+    Action::CollectSessionCompleted,
+    Action::CollectSessionsExpired,
 ];
 
 /// How it ended.

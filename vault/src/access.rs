@@ -30,6 +30,10 @@ pub enum Role {
     Detokenize,
     Auditor,
     KeyAdmin,
+    /// The hosted-collection edge: reads a session's public settings and
+    /// completes sessions; nothing else (no token, no card, no tenant of
+    /// its own).
+    Collect,
 }
 
 impl Role {
@@ -39,6 +43,7 @@ impl Role {
             Role::Detokenize => "detokenize",
             Role::Auditor => "auditor",
             Role::KeyAdmin => "key_admin",
+            Role::Collect => "collect",
         }
     }
 
@@ -48,6 +53,7 @@ impl Role {
             Role::Detokenize,
             Role::Auditor,
             Role::KeyAdmin,
+            Role::Collect,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)

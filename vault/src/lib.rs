@@ -18,6 +18,11 @@
 //!   [`Vault::update`], [`Vault::delete`] with a [`RequestContext`];
 //! - [`Vault::detokenize_monitored`] with a [`monitor::DetokenizeMonitor`]:
 //!   rate limits and the anomaly rule of detokenize (per instance);
+//! - hosted collection ([`collect`]): [`Vault::create_collect_session`],
+//!   [`Vault::collect_session`] (checkout server),
+//!   [`Vault::collect_session_public`] and
+//!   [`Vault::complete_collect_session`] (the edge, role `collect`),
+//!   [`Vault::purge_collect_sessions`];
 //! - key lifecycle ([`rotation`]): [`Vault::rotate_dek`],
 //!   [`Vault::reencrypt_batch`], [`Vault::retire`], [`Vault::destroy`],
 //!   [`Vault::rotate_kek`], [`Vault::key_status`], [`Vault::refresh_keys`];
@@ -34,6 +39,7 @@ pub mod archive;
 pub mod backup;
 pub mod brand;
 pub mod card;
+pub mod collect;
 pub mod commit;
 pub mod crypto;
 pub mod cvc;
@@ -53,6 +59,7 @@ pub use keys::KeysError;
 pub use pan::{Pan, PanError};
 pub use rotation::{Actor, CryptoPeriods, KeyInfo, KeyStatus, Progress, Rotation};
 pub use service::{
-    AuditPage, AuditQuery, CardError, CardInput, CardUpdate, Detokenized, KeyLifecycleError,
-    RequestContext, TokenInfo, TokenizeOptions, Vault, VaultError, VaultOptions, MAX_BATCH,
+    AuditPage, AuditQuery, CardError, CardInput, CardUpdate, CollectSession, CollectSessionInput,
+    Detokenized, KeyLifecycleError, NewCollectSession, RequestContext, SessionStatus, Submission,
+    TokenInfo, TokenizeOptions, Vault, VaultError, VaultOptions, MAX_BATCH,
 };

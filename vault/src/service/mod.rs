@@ -18,7 +18,9 @@
 //!   and deleting it;
 //! - `audit_query`: the audit trail for auditors, checkpoints;
 //! - `lifecycle`: what the running service calls: lifecycle events,
-//!   readiness, key refresh, the security-code sweep.
+//!   readiness, key refresh, the security-code sweep;
+//! - `collect`: hosted collection sessions: opened by the checkout server,
+//!   read back by it, completed once by the edge.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,15 +40,21 @@ use crate::store::{now_millis, CardRow, KeyPurpose, KeyState, NewCard, Store, St
 use crate::tenants::Tenants;
 
 mod audit_query;
+mod collect;
 mod lifecycle;
 mod reveal;
 mod tokenize;
 mod update;
 
 #[cfg(test)]
+mod collect_tests;
+#[cfg(test)]
 mod tests;
 
 pub use audit_query::{AuditPage, AuditQuery};
+pub use collect::{
+    CollectSession, CollectSessionInput, NewCollectSession, SessionStatus, Submission,
+};
 pub use reveal::Detokenized;
 pub use tokenize::{CardInput, TokenizeOptions, MAX_BATCH};
 pub use update::CardUpdate;
@@ -75,6 +83,10 @@ pub struct VaultOptions {
     pub cvc_ttl: Duration,
     /// Concurrent requests share transactions and fsyncs (see `commit`).
     pub group_commit: bool,
+    /// Hosted collection may name `http://` loopback origins (`--dev` only).
+    pub collect_http_loopback: bool,
+    /// Refused submissions before a collection session is closed.
+    pub collect_max_failures: u32,
 }
 
 impl Default for VaultOptions {
@@ -82,6 +94,8 @@ impl Default for VaultOptions {
         VaultOptions {
             cvc_ttl: crate::cvc::MAX_TTL,
             group_commit: true,
+            collect_http_loopback: false,
+            collect_max_failures: crate::collect::DEFAULT_MAX_FAILURES,
         }
     }
 }
@@ -165,6 +179,22 @@ pub enum VaultError {
         scope: crate::monitor::LimitScope,
         retry_after: std::time::Duration,
     },
+    #[error(transparent)]
+    InvalidOrigin(#[from] crate::collect::OriginError),
+    #[error("ttl_secs must be 1 to {}", crate::collect::MAX_TTL_SECS)]
+    InvalidTtl,
+    #[error("reference must be 1 to 64 printable characters and must not contain a card number")]
+    InvalidReference,
+    #[error("style.{0} is not allowed or out of range")]
+    InvalidStyle(&'static str),
+    #[error("the collection session expired")]
+    SessionExpired,
+    #[error("the collection session was completed with another card")]
+    SessionCompleted,
+    #[error("the collection session was closed after too many refused submissions")]
+    SessionClosed,
+    #[error("the client secret does not match the session")]
+    WrongSecret,
 }
 
 /// Why a key lifecycle operation was refused, or a record cannot be opened
@@ -226,6 +256,14 @@ impl VaultError {
             VaultError::TenantDeleted => "tenant_deleted",
             VaultError::InvalidExpiresAt => "invalid_expires_at",
             VaultError::OlderExpiry => "older_expiry",
+            VaultError::InvalidOrigin(_) => "invalid_origin",
+            VaultError::InvalidTtl => "invalid_ttl",
+            VaultError::InvalidReference => "invalid_reference",
+            VaultError::InvalidStyle(_) => "invalid_style",
+            VaultError::SessionExpired => "session_expired",
+            VaultError::SessionCompleted => "session_completed",
+            VaultError::SessionClosed => "session_closed",
+            VaultError::WrongSecret => "wrong_secret",
         }
     }
 }
@@ -276,6 +314,10 @@ pub struct Vault {
     touched: Mutex<HashMap<String, i64>>,
     /// The group-commit writer (None: every request commits on its own).
     commits: Option<crate::commit::GroupCommit>,
+    /// Hosted collection: `http://` loopback origins allowed (`--dev`), and
+    /// refused submissions before a session closes.
+    collect_http_loopback: bool,
+    collect_max_failures: u32,
 }
 
 fn card_aad(row: &CardRow) -> RecordAad<'_> {
@@ -316,6 +358,8 @@ impl Vault {
             commits: options
                 .group_commit
                 .then(|| crate::commit::GroupCommit::start(store_for_commits)),
+            collect_http_loopback: options.collect_http_loopback,
+            collect_max_failures: options.collect_max_failures.max(1),
         })
     }
 

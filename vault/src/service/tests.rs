@@ -26,13 +26,13 @@ fn card_inputs_print_no_cardholder_data() {
     assert_eq!(printed, "CardInput([REDACTED]) CardUpdate([REDACTED])");
 }
 
-struct Fixture {
+pub(super) struct Fixture {
     _dir: tempfile::TempDir,
-    sqlite: SqliteStore,
-    vault: Vault,
+    pub(super) sqlite: SqliteStore,
+    pub(super) vault: Vault,
 }
 
-async fn fixture() -> Fixture {
+pub(super) async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let kek = hsm_shim::SoftwareKek::generate(&dir.path().join("kek.key")).unwrap();
     let sqlite = SqliteStore::open(&dir.path().join("v.db")).await.unwrap();
@@ -46,7 +46,7 @@ async fn fixture() -> Fixture {
     }
 }
 
-fn ctx(roles: &[Role], tenants: TenantScope) -> RequestContext {
+pub(super) fn ctx(roles: &[Role], tenants: TenantScope) -> RequestContext {
     RequestContext {
         principal: Principal {
             id: "id".into(),
@@ -59,11 +59,11 @@ fn ctx(roles: &[Role], tenants: TenantScope) -> RequestContext {
     }
 }
 
-fn all() -> RequestContext {
+pub(super) fn all() -> RequestContext {
     ctx(&[Role::Tokenize, Role::Detokenize], TenantScope::All)
 }
 
-fn card(pan: &str) -> CardInput {
+pub(super) fn card(pan: &str) -> CardInput {
     CardInput {
         pan: Zeroizing::new(pan.to_owned()),
         exp_month: 12,

@@ -115,6 +115,21 @@ impl Vault {
     ) -> Result<Vec<Result<TokenInfo, CardError>>, VaultError> {
         self.require_role(ctx, Action::Tokenize, &[Role::Tokenize])
             .await?;
+        self.tokenize_authorized(ctx, tenant, cards, batch, options)
+            .await
+    }
+
+    /// Tokenize for a caller whose role was checked: by `tokenize_batch`,
+    /// or by a collection session the edge completes (role `collect`). The
+    /// caller's tenants are checked here.
+    pub(crate) async fn tokenize_authorized(
+        &self,
+        ctx: &RequestContext,
+        tenant: &str,
+        cards: Vec<CardInput>,
+        batch: bool,
+        options: TokenizeOptions,
+    ) -> Result<Vec<Result<TokenInfo, CardError>>, VaultError> {
         let base = ctx.event(Action::Tokenize, Outcome::Success);
         let tenant = match Tenant::parse(tenant) {
             Ok(t) => t,
@@ -372,7 +387,7 @@ impl Vault {
     }
 }
 
-fn validate(input: &CardInput) -> Result<(CardSecret, Option<Cvc>), CardError> {
+pub(super) fn validate(input: &CardInput) -> Result<(CardSecret, Option<Cvc>), CardError> {
     let pan = Pan::parse(&input.pan)?;
     let expiry = Expiry::new(input.exp_month, input.exp_year)?;
     let name = input

@@ -208,6 +208,32 @@ pub struct CardRow {
     pub updated_at: Option<i64>,
 }
 
+/// A hosted collection session (see `crate::collect`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectSessionRow {
+    pub id: String,
+    pub tenant: String,
+    /// The one origin allowed to embed the form, in browser form.
+    pub allowed_origin: String,
+    /// `ClientSecret::hash` of the client secret (never the secret).
+    pub secret_hash: Vec<u8>,
+    pub require_cvc: bool,
+    /// `random` or `pan_shaped`.
+    pub token_format: String,
+    pub reference: Option<String>,
+    /// `CollectStyle` as JSON.
+    pub style: Option<String>,
+    pub created_at: i64,
+    pub expires_at: i64,
+    /// Refused submissions so far.
+    pub failures: i64,
+    /// Set when too many submissions were refused.
+    pub closed_at: Option<i64>,
+    pub completed_at: Option<i64>,
+    /// The card's token once completed.
+    pub token: Option<String>,
+}
+
 /// A tenant: its policy, and the salt of its fingerprint key.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TenantRow {
@@ -432,6 +458,45 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> Result<bool, StoreError>;
     /// Delete up to `limit` of the tenant's records; returns how many.
     async fn delete_tenant_cards(&self, tenant: &str, limit: u32) -> Result<u64, StoreError>;
+    /// Store a new collection session and record `event` in the same
+    /// transaction.
+    async fn insert_collect_session(
+        &self,
+        row: &CollectSessionRow,
+        event: AuditEvent,
+    ) -> Result<(), StoreError>;
+    async fn find_collect_session(&self, id: &str)
+        -> Result<Option<CollectSessionRow>, StoreError>;
+    /// Mark an open session (not completed, not closed, not expired at
+    /// `at`) completed with `token`, and record `event`, in one
+    /// transaction. False (nothing written) if it was no longer open.
+    async fn complete_collect_session(
+        &self,
+        id: &str,
+        token: &str,
+        at: i64,
+        event: AuditEvent,
+    ) -> Result<bool, StoreError>;
+    /// Count a refused submission of an open session, closing it at
+    /// `max_failures`, and record `event`, in one transaction. Returns the
+    /// session's failures after it (`None`: no longer open, nothing
+    /// counted, the event still recorded).
+    async fn fail_collect_session(
+        &self,
+        id: &str,
+        max_failures: u32,
+        at: i64,
+        event: AuditEvent,
+    ) -> Result<Option<i64>, StoreError>;
+    /// Delete up to `limit` sessions that expired before `before`; the
+    /// counts of those deleted, (completed, not completed). `event` (given
+    /// the counts) is recorded in the same transaction when any is deleted.
+    async fn purge_collect_sessions(
+        &self,
+        before: i64,
+        limit: u32,
+        event: &(dyn Fn(u64, u64) -> AuditEvent + Send + Sync),
+    ) -> Result<(u64, u64), StoreError>;
     /// Delete the card with this token and tenant and record `event` in the
     /// same transaction. Returns false (and writes nothing) if no such row.
     async fn delete_card(

@@ -31,6 +31,7 @@ macro_rules! sql_store {
         const CHECKPOINT_COLUMNS: &str = "tree_size, root, chain_head, time, key_id, signature";
         const SIGNING_KEY_COLUMNS: &str = "generation, key_id, kek_id, wrapped, public_key, created_at";
         const ARCHIVE_COLUMNS: &str = "from_seq, to_seq, chain_head, frontier, file_name, file_sha256, archived_at";
+        const COLLECT_COLUMNS: &str = "id, tenant, allowed_origin, secret_hash, require_cvc, token_format, reference, style, created_at, expires_at, failures, closed_at, completed_at, token";
 
         /// Cards the re-encryption pass still has to move ($1: active DEK
         /// version, $2: active fingerprint key version). Two counts, each a
@@ -366,6 +367,27 @@ macro_rules! sql_store {
                 expires_at: r.try_get("expires_at")?,
                 last_used_at: r.try_get("last_used_at")?,
                 updated_at: r.try_get("updated_at")?,
+            })
+        }
+
+        fn collect_from_row(r: &Row) -> Result<$crate::store::CollectSessionRow, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            let require_cvc: i64 = r.try_get("require_cvc")?;
+            Ok($crate::store::CollectSessionRow {
+                id: r.try_get("id")?,
+                tenant: r.try_get("tenant")?,
+                allowed_origin: r.try_get("allowed_origin")?,
+                secret_hash: r.try_get("secret_hash")?,
+                require_cvc: require_cvc != 0,
+                token_format: r.try_get("token_format")?,
+                reference: r.try_get("reference")?,
+                style: r.try_get("style")?,
+                created_at: r.try_get("created_at")?,
+                expires_at: r.try_get("expires_at")?,
+                failures: r.try_get("failures")?,
+                closed_at: r.try_get("closed_at")?,
+                completed_at: r.try_get("completed_at")?,
+                token: r.try_get("token")?,
             })
         }
 
@@ -947,6 +969,150 @@ macro_rules! sql_store {
                     self.after_delete().await;
                 }
                 Ok(n)
+            }
+
+            async fn insert_collect_session(
+                &self,
+                row: &$crate::store::CollectSessionRow,
+                event: audit::AuditEvent,
+            ) -> Result<(), $crate::store::StoreError> {
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    sqlx::query(&format!(
+                        "INSERT INTO collect_sessions ({COLLECT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                    ))
+                    .bind(&row.id)
+                    .bind(&row.tenant)
+                    .bind(&row.allowed_origin)
+                    .bind(&row.secret_hash)
+                    .bind(i64::from(row.require_cvc))
+                    .bind(&row.token_format)
+                    .bind(&row.reference)
+                    .bind(&row.style)
+                    .bind(row.created_at)
+                    .bind(row.expires_at)
+                    .bind(row.failures)
+                    .bind(row.closed_at)
+                    .bind(row.completed_at)
+                    .bind(&row.token)
+                    .execute(&mut *tx)
+                    .await?;
+                    insert_event(&mut tx, &event).await?;
+                    tx.commit().await?;
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn find_collect_session(
+                &self,
+                id: &str,
+            ) -> Result<Option<$crate::store::CollectSessionRow>, $crate::store::StoreError> {
+                self.bounded(async {
+                    let row = sqlx::query(&format!("SELECT {COLLECT_COLUMNS} FROM collect_sessions WHERE id = $1"))
+                        .bind(id)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                    row.as_ref().map(collect_from_row).transpose()
+                })
+                .await
+            }
+
+            async fn complete_collect_session(
+                &self,
+                id: &str,
+                token: &str,
+                at: i64,
+                event: audit::AuditEvent,
+            ) -> Result<bool, $crate::store::StoreError> {
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    let res = sqlx::query(
+                        "UPDATE collect_sessions SET completed_at = $1, token = $2
+                         WHERE id = $3 AND completed_at IS NULL AND closed_at IS NULL AND expires_at > $1",
+                    )
+                    .bind(at)
+                    .bind(token)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                    commit_if_changed(tx, res.rows_affected(), &event).await
+                })
+                .await
+            }
+
+            async fn fail_collect_session(
+                &self,
+                id: &str,
+                max_failures: u32,
+                at: i64,
+                event: audit::AuditEvent,
+            ) -> Result<Option<i64>, $crate::store::StoreError> {
+                use sqlx::Row as _;
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    let row = sqlx::query(
+                        "UPDATE collect_sessions SET failures = failures + 1,
+                           closed_at = CASE WHEN failures + 1 >= $2 THEN $3 ELSE closed_at END
+                         WHERE id = $1 AND completed_at IS NULL AND closed_at IS NULL AND expires_at > $3
+                         RETURNING failures",
+                    )
+                    .bind(id)
+                    .bind(i64::from(max_failures))
+                    .bind(at)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    let failures = row.map(|r| r.try_get::<i64, _>("failures")).transpose()?;
+                    insert_event(&mut tx, &event).await?;
+                    tx.commit().await?;
+                    Ok(failures)
+                })
+                .await
+            }
+
+            async fn purge_collect_sessions(
+                &self,
+                before: i64,
+                limit: u32,
+                event: &(dyn Fn(u64, u64) -> audit::AuditEvent + Send + Sync),
+            ) -> Result<(u64, u64), $crate::store::StoreError> {
+                use sqlx::Row as _;
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    let rows = sqlx::query(
+                        "SELECT id, completed_at FROM collect_sessions WHERE expires_at < $1 ORDER BY expires_at LIMIT $2",
+                    )
+                    .bind(before)
+                    .bind(i64::from(limit.max(1)))
+                    .fetch_all(&mut *tx)
+                    .await?;
+                    if rows.is_empty() {
+                        tx.rollback().await?;
+                        return Ok((0, 0));
+                    }
+                    let mut completed = 0u64;
+                    let mut ids = Vec::with_capacity(rows.len());
+                    for r in &rows {
+                        let id: String = r.try_get("id")?;
+                        let done: Option<i64> = r.try_get("completed_at")?;
+                        completed += u64::from(done.is_some());
+                        ids.push(id);
+                    }
+                    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+                        let mut q = sqlx::QueryBuilder::<$db>::new("DELETE FROM collect_sessions WHERE id IN (");
+                        let mut list = q.separated(", ");
+                        for id in chunk {
+                            list.push_bind(id.clone());
+                        }
+                        list.push_unseparated(")");
+                        q.build().execute(&mut *tx).await?;
+                    }
+                    let open = ids.len() as u64 - completed;
+                    insert_event(&mut tx, &event(completed, open)).await?;
+                    tx.commit().await?;
+                    Ok((completed, open))
+                })
+                .await
             }
 
             async fn delete_card(

@@ -997,3 +997,120 @@ async fn migration_0004_upgrades_existing_keys_and_cards() {
         drop(db);
     }
 }
+
+fn collect_row(id: &str, expires_at: i64) -> crate::store::CollectSessionRow {
+    crate::store::CollectSessionRow {
+        id: id.into(),
+        tenant: "t1".into(),
+        allowed_origin: "https://shop.example".into(),
+        secret_hash: vec![7; 32],
+        require_cvc: true,
+        token_format: "random".into(),
+        reference: Some("order-1".into()),
+        style: Some(r##"{"color":"#112233"}"##.into()),
+        created_at: 1,
+        expires_at,
+        failures: 0,
+        closed_at: None,
+        completed_at: None,
+        token: None,
+    }
+}
+
+/// Collection sessions on both backends: stored as given, completed once,
+/// refusals counted up to the close, purged after expiry, each write with
+/// its audit event in the same transaction.
+#[tokio::test]
+async fn collect_sessions_complete_once_count_refusals_and_purge() {
+    for b in TestStore::all().await {
+        let s = b.store();
+        let name = b.name();
+        let far = i64::MAX / 2;
+        let open = collect_row("cs_open", far);
+        s.insert_collect_session(&open, ev().detail("created"))
+            .await
+            .unwrap();
+        assert_eq!(
+            s.find_collect_session("cs_open").await.unwrap(),
+            Some(open.clone()),
+            "{name}"
+        );
+        assert!(s
+            .complete_collect_session("cs_open", "tok_a", 10, ev())
+            .await
+            .unwrap());
+        assert!(
+            !s.complete_collect_session("cs_open", "tok_b", 11, ev())
+                .await
+                .unwrap(),
+            "{name}"
+        );
+        let done = s.find_collect_session("cs_open").await.unwrap().unwrap();
+        assert_eq!(
+            (done.completed_at, done.token.as_deref()),
+            (Some(10), Some("tok_a")),
+            "{name}"
+        );
+        // A completed session counts no refusal.
+        assert_eq!(
+            s.fail_collect_session("cs_open", 3, 12, ev())
+                .await
+                .unwrap(),
+            None,
+            "{name}"
+        );
+
+        s.insert_collect_session(&collect_row("cs_fail", far), ev())
+            .await
+            .unwrap();
+        for n in 1..=3 {
+            assert_eq!(
+                s.fail_collect_session("cs_fail", 3, 20, ev())
+                    .await
+                    .unwrap(),
+                Some(n),
+                "{name}"
+            );
+        }
+        let closed = s.find_collect_session("cs_fail").await.unwrap().unwrap();
+        assert_eq!(closed.closed_at, Some(20), "{name}");
+        assert!(
+            !s.complete_collect_session("cs_fail", "tok_c", 21, ev())
+                .await
+                .unwrap(),
+            "{name}"
+        );
+
+        s.insert_collect_session(&collect_row("cs_old", 100), ev())
+            .await
+            .unwrap();
+        assert!(
+            !s.complete_collect_session("cs_old", "tok_d", 100, ev())
+                .await
+                .unwrap(),
+            "{name}"
+        );
+        let before = s.audit_size().await.unwrap();
+        let event = |c: u64, o: u64| ev().detail(format!("completed={c} not_completed={o}"));
+        assert_eq!(
+            s.purge_collect_sessions(101, 10, &event).await.unwrap(),
+            (0, 1),
+            "{name}"
+        );
+        assert_eq!(
+            s.purge_collect_sessions(101, 10, &event).await.unwrap(),
+            (0, 0),
+            "{name}"
+        );
+        assert_eq!(s.audit_size().await.unwrap(), before + 1, "{name}");
+        assert_eq!(
+            s.find_collect_session("cs_old").await.unwrap(),
+            None,
+            "{name}"
+        );
+        assert!(
+            s.find_collect_session("cs_open").await.unwrap().is_some(),
+            "{name}"
+        );
+    }
+}
