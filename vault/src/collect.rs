@@ -302,6 +302,7 @@ pub fn plain_text(t: &str, max: usize) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
