@@ -1124,7 +1124,13 @@ pub struct Options {
     /// (then the listeners default to mutual TLS; tests add `--api-auth`
     /// etc. in `extra_args`). Without it every listener takes API keys.
     pub client_ca: bool,
+    /// `--collect-public-url` (the hosted-collection edge's public base
+    /// URL, for `frame_url`s); `None`: not configured.
+    pub collect_public_url: Option<String>,
 }
+
+/// The edge address the harness's services name by default.
+pub const HARNESS_EDGE_URL: &str = "https://pay.cardvault.test";
 
 impl Default for Options {
     fn default() -> Self {
@@ -1140,6 +1146,7 @@ impl Default for Options {
             as_invoker: false,
             plain_http: false,
             client_ca: false,
+            collect_public_url: Some(HARNESS_EDGE_URL.to_string()),
         }
     }
 }
@@ -1209,6 +1216,10 @@ impl Options {
         }
         if let Some(url) = &self.database_url {
             args.push("--database-url".into());
+            args.push(url.into());
+        }
+        if let Some(url) = &self.collect_public_url {
+            args.push("--collect-public-url".into());
             args.push(url.into());
         }
         args.extend(self.extra_args.iter().map(OsString::from));

@@ -21,6 +21,8 @@ mod authz;
 mod batch;
 #[path = "e2e/card_lifecycle.rs"]
 mod card_lifecycle;
+#[path = "e2e/collect.rs"]
+mod collect;
 #[path = "e2e/concurrency.rs"]
 mod concurrency;
 #[path = "e2e/contract.rs"]

@@ -138,6 +138,8 @@ impl Application {
             vault::VaultOptions {
                 cvc_ttl: settings.cvc_ttl,
                 group_commit: settings.db_group_commit,
+                collect_http_loopback: settings.dev,
+                ..vault::VaultOptions::default()
             },
         ));
         seal.start().await.map_err(kek_error)?;
@@ -162,6 +164,7 @@ impl Application {
                 settings.auth_failures_per_source,
                 settings.auth_block,
             ),
+            collect_public_url: settings.collect_public_url.clone(),
         });
         let m = &settings.detokenize_monitor;
         tracing::info!(
@@ -347,6 +350,13 @@ async fn lifecycle_jobs(seal: Arc<SealControl>, state: web::Data<AppState>, ever
                         }
                     }
                     Err(e) => tracing::warn!(error = %e, "purge failed; retrying at the next interval"),
+                }
+                if let Some(vault) = seal.vault() {
+                    match vault.purge_collect_sessions("service").await {
+                        Ok((c, o)) if c + o > 0 => tracing::info!(completed = c, not_completed = o, "purge: expired collection sessions deleted"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "collection session purge failed; retrying at the next interval"),
+                    }
                 }
             }
             _ = sweep.tick() => {

@@ -44,6 +44,9 @@ pub enum ApiError {
     /// before authentication for the given time.
     #[error("too many failed authentications from this address: retry later")]
     SourceBlocked(std::time::Duration),
+    /// Hosted collection needs `collect_public_url` (the edge's address).
+    #[error("hosted collection is not configured: set collect_public_url")]
+    CollectNotConfigured,
 }
 
 impl ApiError {
@@ -63,6 +66,7 @@ impl ApiError {
             ApiError::RequestTimeout => "request_timeout",
             ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::SourceBlocked(_) => "rate_limited",
+            ApiError::CollectNotConfigured => "collect_not_configured",
         }
     }
 }
@@ -97,6 +101,13 @@ fn vault_status(e: &VaultError) -> StatusCode {
         | VaultError::TenantDeleted
         | VaultError::OlderExpiry => StatusCode::CONFLICT,
         VaultError::InvalidExpiresAt => StatusCode::BAD_REQUEST,
+        VaultError::InvalidOrigin(_)
+        | VaultError::InvalidTtl
+        | VaultError::InvalidReference
+        | VaultError::InvalidStyle(_) => StatusCode::BAD_REQUEST,
+        VaultError::SessionExpired => StatusCode::GONE,
+        VaultError::SessionCompleted | VaultError::SessionClosed => StatusCode::CONFLICT,
+        VaultError::WrongSecret => StatusCode::FORBIDDEN,
         VaultError::KeyLifecycle(k) => match k {
             KeyLifecycleError::NotFound => StatusCode::NOT_FOUND,
             // The record exists but its key is gone for good (crypto-shred).
@@ -177,6 +188,7 @@ impl ResponseError for ApiError {
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::SourceBlocked(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::CollectNotConfigured => StatusCode::CONFLICT,
             ApiError::Unseal(e) => unseal_status(e),
         }
     }
@@ -256,6 +268,7 @@ fn samples() -> Vec<ApiError> {
         ApiError::Seal(SealError::KekRotationUnsupported),
         ApiError::Seal(SealError::KekInUse),
         ApiError::Seal(SealError::KekNotFound),
+        ApiError::CollectNotConfigured,
     ];
     for e in &all {
         match e {
@@ -272,7 +285,8 @@ fn samples() -> Vec<ApiError> {
             | ApiError::Seal(_)
             | ApiError::RequestTimeout
             | ApiError::HeadersTooLarge(_)
-            | ApiError::SourceBlocked(_) => {}
+            | ApiError::SourceBlocked(_)
+            | ApiError::CollectNotConfigured => {}
         }
     }
     let card = [
@@ -313,6 +327,14 @@ fn samples() -> Vec<ApiError> {
             scope: vault::monitor::LimitScope::Principal,
             retry_after: std::time::Duration::ZERO,
         },
+        VaultError::InvalidOrigin(vault::collect::OriginError::Shape),
+        VaultError::InvalidTtl,
+        VaultError::InvalidReference,
+        VaultError::InvalidStyle(""),
+        VaultError::SessionExpired,
+        VaultError::SessionCompleted,
+        VaultError::SessionClosed,
+        VaultError::WrongSecret,
     ];
     all.into_iter()
         .chain(card.into_iter().map(|c| ApiError::Vault(c.into())))

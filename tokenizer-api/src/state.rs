@@ -27,6 +27,8 @@ pub struct AppState {
     pub monitor: vault::monitor::DetokenizeMonitor,
     /// Failed authentications per source address.
     pub sources: crate::limits::SourceGuard,
+    /// The hosted-collection edge's public base URL (`frame_url`s).
+    pub collect_public_url: Option<String>,
 }
 
 impl AppState {

@@ -39,9 +39,11 @@ enum Caller {
     /// Role `tokenize`, limited to a tenant other than the one the
     /// requests name (and the tokens belong to).
     TokenizeOtherTenant,
+    /// The hosted-collection edge's role.
+    Collect,
 }
 
-const CALLERS: [Caller; 10] = [
+const CALLERS: [Caller; 11] = [
     Caller::NoKey,
     Caller::Malformed,
     Caller::Unknown,
@@ -52,6 +54,7 @@ const CALLERS: [Caller; 10] = [
     Caller::Auditor,
     Caller::KeyAdmin,
     Caller::TokenizeOtherTenant,
+    Caller::Collect,
 ];
 
 /// What a request sends besides method and path.
@@ -71,42 +74,51 @@ enum Body {
     Rotate,
     /// `{"kek_id": ..}` of a KEK that wraps nothing.
     DestroyKek,
+    /// A new collection session of [`TENANT`].
+    CollectSession,
+    /// A fresh card with the client secret of the `{session}` made for the
+    /// cell.
+    CollectComplete,
 }
 
 /// One row: method, path (`{token}` is a fresh token of [`TENANT`]), body,
 /// and the expected status per caller, in [`CALLERS`] order:
 /// no key, malformed, unknown, wrong secret, revoked, tokenize, detokenize,
-/// auditor, key_admin, tokenize on another tenant.
-type Row = (&'static str, &'static str, Body, [u16; 10]);
+/// auditor, key_admin, tokenize on another tenant, collect.
+type Row = (&'static str, &'static str, Body, [u16; 11]);
 
 #[rustfmt::skip]
 const TABLE: &[Row] = &[
-    //                                                              none mal  unk  wrng rev  tok  detk aud  kadm other
-    ("GET",    "/healthz",                              Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    ("GET",    "/readyz",                               Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    ("GET",    "/metrics",                              Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    ("GET",    "/v1/openapi.json",                      Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    ("GET",    "/v1/ping",                              Body::None,       [401, 401, 401, 401, 401, 200, 200, 200, 200, 200]),
-    ("POST",   "/v1/tokens",                            Body::Tokenize,   [401, 401, 401, 401, 401, 201, 403, 403, 403, 403]),
-    ("POST",   "/v1/tokens/batch",                      Body::Batch,      [401, 401, 401, 401, 401, 200, 403, 403, 403, 403]),
-    ("POST",   "/v1/detokenize",                        Body::Detokenize, [401, 401, 401, 401, 401, 403, 200, 403, 403, 403]),
-    ("GET",    "/v1/tokens/{token}",                    Body::None,       [401, 401, 401, 401, 401, 200, 403, 403, 403, 404]),
-    ("PATCH",  "/v1/tokens/{token}",                    Body::Patch,      [401, 401, 401, 401, 401, 200, 403, 403, 403, 404]),
-    ("DELETE", "/v1/tokens/{token}",                    Body::None,       [401, 401, 401, 401, 401, 204, 204, 403, 403, 404]),
-    ("GET",    "/v1/audit/events",                      Body::None,       [401, 401, 401, 401, 401, 403, 403, 200, 403, 403]),
-    ("GET",    "/v1/audit/checkpoints",                 Body::None,       [401, 401, 401, 401, 401, 403, 403, 200, 403, 403]),
-    ("GET",    "/v1/admin/seal-status",                 Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403]),
-    ("POST",   "/v1/admin/unseal",                      Body::Unseal,     [401, 401, 401, 401, 401, 403, 403, 403, 200, 403]),
-    ("GET",    "/v1/admin/keys",                        Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403]),
-    ("POST",   "/v1/admin/keys/rotate",                 Body::Rotate,     [401, 401, 401, 401, 401, 403, 403, 403, 200, 403]),
+    //                                                              none mal  unk  wrng rev  tok  detk aud  kadm other coll
+    ("GET",    "/healthz",                              Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    ("GET",    "/readyz",                               Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    ("GET",    "/metrics",                              Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    ("GET",    "/v1/openapi.json",                      Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    ("GET",    "/v1/ping",                              Body::None,       [401, 401, 401, 401, 401, 200, 200, 200, 200, 200, 200]),
+    ("POST",   "/v1/tokens",                            Body::Tokenize,   [401, 401, 401, 401, 401, 201, 403, 403, 403, 403, 403]),
+    ("POST",   "/v1/tokens/batch",                      Body::Batch,      [401, 401, 401, 401, 401, 200, 403, 403, 403, 403, 403]),
+    ("POST",   "/v1/detokenize",                        Body::Detokenize, [401, 401, 401, 401, 401, 403, 200, 403, 403, 403, 403]),
+    ("GET",    "/v1/tokens/{token}",                    Body::None,       [401, 401, 401, 401, 401, 200, 403, 403, 403, 404, 403]),
+    ("PATCH",  "/v1/tokens/{token}",                    Body::Patch,      [401, 401, 401, 401, 401, 200, 403, 403, 403, 404, 403]),
+    ("DELETE", "/v1/tokens/{token}",                    Body::None,       [401, 401, 401, 401, 401, 204, 204, 403, 403, 404, 403]),
+    ("POST",   "/v1/collect/sessions",                  Body::CollectSession, [401, 401, 401, 401, 401, 201, 403, 403, 403, 403, 403]),
+    ("GET",    "/v1/collect/sessions/{session}",        Body::None,       [401, 401, 401, 401, 401, 200, 403, 403, 403, 404, 403]),
+    ("GET",    "/v1/collect/sessions/{session}/public", Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 403, 403, 200]),
+    ("POST",   "/v1/collect/sessions/{session}/complete", Body::CollectComplete, [401, 401, 401, 401, 401, 403, 403, 403, 403, 403, 200]),
+    ("GET",    "/v1/audit/events",                      Body::None,       [401, 401, 401, 401, 401, 403, 403, 200, 403, 403, 403]),
+    ("GET",    "/v1/audit/checkpoints",                 Body::None,       [401, 401, 401, 401, 401, 403, 403, 200, 403, 403, 403]),
+    ("GET",    "/v1/admin/seal-status",                 Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403]),
+    ("POST",   "/v1/admin/unseal",                      Body::Unseal,     [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403]),
+    ("GET",    "/v1/admin/keys",                        Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403]),
+    ("POST",   "/v1/admin/keys/rotate",                 Body::Rotate,     [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403]),
     // The active DEK cannot be retired, nor an unretired key destroyed: 409 after authorization.
-    ("POST",   "/v1/admin/keys/{purpose}/{version}/retire",  Body::None,  [401, 401, 401, 401, 401, 403, 403, 403, 409, 403]),
-    ("POST",   "/v1/admin/keys/{purpose}/{version}/destroy", Body::None,  [401, 401, 401, 401, 401, 403, 403, 403, 409, 403]),
+    ("POST",   "/v1/admin/keys/{purpose}/{version}/retire",  Body::None,  [401, 401, 401, 401, 401, 403, 403, 403, 409, 403, 403]),
+    ("POST",   "/v1/admin/keys/{purpose}/{version}/destroy", Body::None,  [401, 401, 401, 401, 401, 403, 403, 403, 409, 403, 403]),
     // The file KEK backend cannot rotate or destroy its KEK: 409 after authorization.
-    ("POST",   "/v1/admin/kek/rotate",                  Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 409, 403]),
-    ("POST",   "/v1/admin/kek/destroy",                 Body::DestroyKek, [401, 401, 401, 401, 401, 403, 403, 403, 409, 403]),
+    ("POST",   "/v1/admin/kek/rotate",                  Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 409, 403, 403]),
+    ("POST",   "/v1/admin/kek/destroy",                 Body::DestroyKek, [401, 401, 401, 401, 401, 403, 403, 403, 409, 403, 403]),
     // Last: key_admin seals the service.
-    ("POST",   "/v1/admin/seal",                        Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403]),
+    ("POST",   "/v1/admin/seal",                        Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403]),
 ];
 
 /// The tenant of [`Caller::TokenizeOtherTenant`].
@@ -161,6 +173,16 @@ fn the_table_lists_exactly_the_served_routes() {
 fn call(client: &Client, admin: &Client, method: &str, path: &str, body: Body) -> Resp {
     let mut path = path.replace("{purpose}/{version}", "dek/1");
     let mut token = None;
+    let mut secret = None;
+    if path.contains("{session}") {
+        let made = admin.post_json(
+            "/v1/collect/sessions",
+            &json!({"tenant": TENANT, "allowed_origin": "https://shop.example"}),
+        );
+        assert_eq!(made.status, 201, "{made}");
+        path = path.replace("{session}", made.json["session"].as_str().unwrap());
+        secret = made.json["client_secret"].as_str().map(str::to_owned);
+    }
     if path.contains("{token}") || body == Body::Detokenize {
         let t = token_for(admin, TENANT, &fresh_pan());
         path = path.replace("{token}", &t);
@@ -179,6 +201,12 @@ fn call(client: &Client, admin: &Client, method: &str, path: &str, body: Body) -
         Body::Unseal => Some(json!({})),
         Body::Rotate => Some(json!({ "fingerprint": false })),
         Body::DestroyKek => Some(json!({ "kek_id": "no-such-kek" })),
+        Body::CollectSession => Some(json!({
+            "tenant": TENANT, "allowed_origin": "https://shop.example",
+        })),
+        Body::CollectComplete => Some(json!({
+            "client_secret": secret, "pan": fresh_pan(), "exp_month": 12, "exp_year": exp_year(),
+        })),
     };
     match value {
         Some(v) => client.send_raw(
@@ -231,6 +259,7 @@ fn authorization_matrix() {
             Caller::TokenizeOtherTenant => {
                 svc.principal_client("matrix-other-tenant", &["tokenize"], &[OTHER_TENANT])
             }
+            Caller::Collect => svc.principal_client("matrix-collect", &["collect"], &["*"]),
         }
     };
     let clients: Vec<(Caller, Client)> = CALLERS.iter().map(|&c| (c, client_for(c))).collect();
@@ -289,6 +318,7 @@ fn every_route_in_the_source_is_served() {
             .unwrap_or_else(|| panic!("no listener read for {path}"));
         let path = path
             .replace("{token}", "tok_AAAAAAAAAAAAAAAAAAAAAA")
+            .replace("{session}", "cs_AAAAAAAAAAAAAAAAAAAAAA")
             .replace("{purpose}/{version}", "dek/1");
         // Each route on each listener: served on its own (anything but 404
         // `not_found`), 404 `not_found` on the others.

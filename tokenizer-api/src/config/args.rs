@@ -317,6 +317,11 @@ pub struct ServeOptions {
     /// (default and maximum 3600).
     #[arg(long, env = "TOKENIZER_CVC_TTL_SECS")]
     pub cvc_ttl_secs: Option<u64>,
+    /// The public base URL of the hosted-collection edge (`tokenizer
+    /// edge`), e.g. https://pay.example: collection sessions answer their
+    /// `frame_url` under it (without it, sessions cannot be created).
+    #[arg(long, env = "TOKENIZER_COLLECT_PUBLIC_URL")]
+    pub collect_public_url: Option<String>,
     /// How often the service purges records past their expiry or their
     /// tenant's retention, in seconds (default 3600).
     #[arg(long, env = "TOKENIZER_PURGE_INTERVAL_SECS")]
@@ -400,6 +405,9 @@ impl FlagGroup for ServeOptions {
         flags.auth_block_secs.clone_from(&self.auth_block_secs);
         flags.cvc_ttl_secs.clone_from(&self.cvc_ttl_secs);
         flags
+            .collect_public_url
+            .clone_from(&self.collect_public_url);
+        flags
             .purge_interval_secs
             .clone_from(&self.purge_interval_secs);
         flags.db_group_commit.clone_from(&self.db_group_commit);
@@ -452,6 +460,7 @@ pub const SERVE_ONLY_OPTIONS: &[&str] = &[
     "detokenize-anomaly-min-distinct",
     "detokenize-anomaly-baseline-windows",
     "auth-failures-per-source",
+    "collect-public-url",
     "auth-block-secs",
     "cvc-ttl-secs",
     "purge-interval-secs",

@@ -67,6 +67,7 @@ pub(super) struct FileConfig {
     pub(super) auth_failures_per_source: Option<u32>,
     pub(super) auth_block_secs: Option<u64>,
     pub(super) cvc_ttl_secs: Option<u64>,
+    pub(super) collect_public_url: Option<String>,
     pub(super) purge_interval_secs: Option<u64>,
     pub(super) db_group_commit: Option<bool>,
 }

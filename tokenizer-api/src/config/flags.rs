@@ -101,6 +101,7 @@ pub struct Flags {
     pub auth_failures_per_source: Option<u32>,
     pub auth_block_secs: Option<u64>,
     pub cvc_ttl_secs: Option<u64>,
+    pub collect_public_url: Option<String>,
     pub purge_interval_secs: Option<u64>,
     pub db_group_commit: Option<bool>,
 }

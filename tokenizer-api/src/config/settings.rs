@@ -66,6 +66,8 @@ pub struct Settings {
     pub cvc_ttl: std::time::Duration,
     /// How often the purge runs inside the service.
     pub purge_interval: std::time::Duration,
+    /// The hosted-collection edge's public base URL (no trailing slash).
+    pub collect_public_url: Option<String>,
     /// Group commit of concurrent writes (see `vault::commit`).
     pub db_group_commit: bool,
 }
@@ -132,6 +134,25 @@ pub enum ConfigError {
     AuthMode(&'static str),
     #[error("{0} requires client certificates: set tls_client_ca_file")]
     MtlsWithoutCa(&'static str),
+    #[error("collect_public_url must be an https URL (http on loopback in --dev) without query or fragment")]
+    CollectUrl,
+}
+
+/// The edge's public base URL: its origin as a browser writes it (checked
+/// like a session's origin), an optional path, no query or fragment, no
+/// trailing slash.
+fn collect_url(url: &str, dev: bool) -> Result<String, ConfigError> {
+    let url = url.trim_end_matches('/');
+    if url.contains(['?', '#', ' ', '\\']) || url.chars().any(char::is_control) {
+        return Err(ConfigError::CollectUrl);
+    }
+    let after_scheme = url.find("://").map_or(0, |i| i + 3);
+    let (origin, path) = match url[after_scheme..].find('/') {
+        Some(i) => url.split_at(after_scheme + i),
+        None => (url, ""),
+    };
+    let origin = vault::collect::Origin::parse(origin, dev).map_err(|_| ConfigError::CollectUrl)?;
+    Ok(format!("{}{path}", origin.as_str()))
 }
 
 impl Settings {
@@ -214,7 +235,14 @@ impl Settings {
             .clone()
             .or(file.audit_archive_dir)
             .unwrap_or_else(|| data_dir.join("audit-archive"));
+        let collect_public_url = flags
+            .collect_public_url
+            .clone()
+            .or(file.collect_public_url.take())
+            .map(|u| collect_url(&u, dev))
+            .transpose()?;
         Ok(Settings {
+            collect_public_url,
             db_group_commit: flags
                 .db_group_commit
                 .or(file.db_group_commit)

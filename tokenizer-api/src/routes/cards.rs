@@ -190,7 +190,7 @@ pub(crate) struct TokenResponse {
 }
 
 impl TokenResponse {
-    fn new(info: TokenInfo, with_created: bool) -> TokenResponse {
+    pub(crate) fn new(info: TokenInfo, with_created: bool) -> TokenResponse {
         let created_at = rfc3339_millis(info.created_at);
         TokenResponse {
             token: info.token,

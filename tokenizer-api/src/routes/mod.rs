@@ -1,5 +1,6 @@
 //! The route table and the handlers, one module per area: [`cards`]
-//! (tokenize, batch, metadata, update, delete), [`reveal`] (detokenize),
+//! (tokenize, batch, metadata, update, delete), [`collect`] (hosted
+//! collection sessions), [`reveal`] (detokenize),
 //! [`admin`] (seal, keys, KEK), [`audit`] (events, checkpoints),
 //! [`health`] (liveness, readiness, metrics, ping) and [`openapi`] (the API
 //! document, built from the handlers' annotations and this table).
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod audit;
 pub(crate) mod body;
 pub mod cards;
+pub mod collect;
 pub mod health;
 pub mod openapi;
 pub mod reveal;
@@ -131,6 +133,12 @@ const CARD_ERRORS: &[&str] = &[
     "invalid_cardholder_name",
     "invalid_cvc",
 ];
+const COLLECT_INPUT_ERRORS: &[&str] = &[
+    "invalid_origin",
+    "invalid_ttl",
+    "invalid_reference",
+    "invalid_style",
+];
 const KEY_ADMIN: Access = Access::Roles(&["key_admin"]);
 const SEALED: &[&str] = &["sealed"];
 const FORBIDDEN: &[&str] = &["forbidden"];
@@ -199,6 +207,73 @@ pub static ROUTES: &[Route] = &[
                 "tenant_deleted",
                 "keys_unavailable"
             ],
+        ]
+    ),
+    route!(
+        API,
+        POST,
+        "/v1/collect/sessions",
+        Access::Roles(&["tokenize"]),
+        collect::create_session,
+        [
+            AUTH_ERRORS,
+            FORBIDDEN,
+            SEALED,
+            BODY_ERRORS,
+            COLLECT_INPUT_ERRORS,
+            &[
+                "invalid_tenant",
+                "token_format_not_permitted",
+                "tenant_deleted",
+                "collect_not_configured"
+            ]
+        ]
+    ),
+    route!(
+        API,
+        GET,
+        "/v1/collect/sessions/{session}",
+        Access::Roles(&["tokenize"]),
+        collect::read_session,
+        [
+            AUTH_ERRORS,
+            FORBIDDEN,
+            SEALED,
+            &["not_found", "key_destroyed", "key_retired"]
+        ]
+    ),
+    route!(
+        API,
+        GET,
+        "/v1/collect/sessions/{session}/public",
+        Access::Roles(&["collect"]),
+        collect::public_session,
+        [AUTH_ERRORS, FORBIDDEN, SEALED, &["not_found"]]
+    ),
+    route!(
+        API,
+        POST,
+        "/v1/collect/sessions/{session}/complete",
+        Access::Roles(&["collect"]),
+        collect::complete_session,
+        [
+            AUTH_ERRORS,
+            FORBIDDEN,
+            SEALED,
+            BODY_ERRORS,
+            CARD_ERRORS,
+            &[
+                "not_found",
+                "wrong_secret",
+                "session_expired",
+                "session_completed",
+                "session_closed",
+                "token_space_exhausted",
+                "tenant_deleted",
+                "keys_unavailable",
+                "key_destroyed",
+                "key_retired"
+            ]
         ]
     ),
     route!(

@@ -18,7 +18,7 @@ use actix_web::HttpResponse;
 use serde_json::{json, Map, Value};
 use utoipa::OpenApi;
 
-use super::{admin, audit, cards, health, reveal, Access, ROUTES};
+use super::{admin, audit, cards, collect, health, reveal, Access, ROUTES};
 use crate::error::{error_status, ErrorBody};
 
 #[derive(OpenApi)]
@@ -47,6 +47,10 @@ use crate::error::{error_status, ErrorBody};
         cards::metadata,
         cards::update,
         cards::delete,
+        collect::create_session,
+        collect::read_session,
+        collect::public_session,
+        collect::complete_session,
         reveal::detokenize,
         audit::events,
         audit::checkpoints,
@@ -63,6 +67,7 @@ use crate::error::{error_status, ErrorBody};
     components(schemas(ErrorBody)),
     tags(
         (name = "cards", description = "Tokenize and manage cards (api listener)."),
+        (name = "collect", description = "Hosted card collection sessions (api listener): opened and read back by the checkout server (role `tokenize`), completed by the edge (role `collect`)."),
         (name = "reveal", description = "Detokenize (reveal listener)."),
         (name = "audit", description = "The tamper-evident audit trail (admin listener, role `auditor`)."),
         (name = "admin", description = "Seal, keys and KEK (admin listener, role `key_admin`)."),
