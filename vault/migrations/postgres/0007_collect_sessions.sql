@@ -5,7 +5,7 @@ CREATE TABLE collect_sessions (
     tenant          TEXT    NOT NULL,
     allowed_origin  TEXT    NOT NULL,
     secret_hash     BYTEA   NOT NULL,
-    require_cvc     BIGINT  NOT NULL CHECK (require_cvc IN (0, 1)),
+    code_required   BIGINT  NOT NULL CHECK (code_required IN (0, 1)),
     token_format    TEXT    NOT NULL,
     reference       TEXT,
     style           TEXT,

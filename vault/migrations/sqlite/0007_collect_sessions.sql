@@ -7,12 +7,14 @@
 -- the card's token once completed (the card itself is in `cards`).
 -- failures: refused submissions; at `collect_max_failures` the session is
 -- closed (closed_at). Rows are purged a while after they expire.
+-- code_required: the form asks for the card's security code (the code
+-- itself is never stored; no column is named after it).
 CREATE TABLE collect_sessions (
     id              TEXT    NOT NULL PRIMARY KEY,
     tenant          TEXT    NOT NULL,
     allowed_origin  TEXT    NOT NULL,
     secret_hash     BLOB    NOT NULL,
-    require_cvc     INTEGER NOT NULL CHECK (require_cvc IN (0, 1)),
+    code_required   INTEGER NOT NULL CHECK (code_required IN (0, 1)),
     token_format    TEXT    NOT NULL,
     reference       TEXT,
     style           TEXT,

@@ -31,7 +31,7 @@ macro_rules! sql_store {
         const CHECKPOINT_COLUMNS: &str = "tree_size, root, chain_head, time, key_id, signature";
         const SIGNING_KEY_COLUMNS: &str = "generation, key_id, kek_id, wrapped, public_key, created_at";
         const ARCHIVE_COLUMNS: &str = "from_seq, to_seq, chain_head, frontier, file_name, file_sha256, archived_at";
-        const COLLECT_COLUMNS: &str = "id, tenant, allowed_origin, secret_hash, require_cvc, token_format, reference, style, created_at, expires_at, failures, closed_at, completed_at, token";
+        const COLLECT_COLUMNS: &str = "id, tenant, allowed_origin, secret_hash, code_required, token_format, reference, style, created_at, expires_at, failures, closed_at, completed_at, token";
 
         /// Cards the re-encryption pass still has to move ($1: active DEK
         /// version, $2: active fingerprint key version). Two counts, each a
@@ -372,7 +372,7 @@ macro_rules! sql_store {
 
         fn collect_from_row(r: &Row) -> Result<$crate::store::CollectSessionRow, $crate::store::StoreError> {
             use sqlx::Row as _;
-            let require_cvc: i64 = r.try_get("require_cvc")?;
+            let require_cvc: i64 = r.try_get("code_required")?;
             Ok($crate::store::CollectSessionRow {
                 id: r.try_get("id")?,
                 tenant: r.try_get("tenant")?,
