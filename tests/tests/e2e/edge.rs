@@ -48,6 +48,11 @@ impl Edge {
     /// An edge for `svc` with the API key `key` (in a 0600 file: the only
     /// file the edge gets).
     fn start(svc: &Service, key: &str, extra: &[&str]) -> Edge {
+        Edge::start_with(svc, key, false, extra)
+    }
+
+    /// `tls`: serve the harness's server certificate instead of plain HTTP.
+    fn start_with(svc: &Service, key: &str, tls: bool, extra: &[&str]) -> Edge {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = temp_data_dir();
         let key_file = dir.path().join("edge.key");
@@ -59,9 +64,18 @@ impl Edge {
         let listen = format!("127.0.0.1:{port}");
         let ca = svc.endpoints().ca.clone().expect("the vault serves TLS");
         let mut cmd = tokenizer_command();
-        cmd.arg("edge")
-            .args(["--listen", &listen, "--insecure-plain-http"])
-            .args(["--vault-url", &format!("https://{}", svc.addr())])
+        cmd.arg("edge").args(["--listen", &listen]);
+        if tls {
+            let pki = e2e::harness_pki_dir(svc.data_dir());
+            cmd.arg("--tls-cert-file")
+                .arg(pki.join("server.pem"))
+                .arg("--tls-key-file")
+                .arg(pki.join("server.key"))
+                .args(["--public-url", &format!("https://localhost:{port}")]);
+        } else {
+            cmd.arg("--insecure-plain-http");
+        }
+        cmd.args(["--vault-url", &format!("https://{}", svc.addr())])
             .arg("--vault-ca-file")
             .arg(&ca)
             .arg("--api-key-file")
@@ -76,7 +90,11 @@ impl Edge {
         let mut edge = Edge {
             child,
             log,
-            url: format!("http://{listen}"),
+            url: if tls {
+                format!("https://localhost:{port}")
+            } else {
+                format!("http://{listen}")
+            },
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -646,5 +664,60 @@ fn the_edge_holds_nothing_that_reads_a_card() {
         edge.log_text().as_bytes(),
         &["4111111111111111"],
     );
+    assert!(findings.is_empty(), "{findings:?}");
+}
+
+#[test]
+fn the_edge_serves_tls_with_hsts_and_checks_over_it() {
+    let svc = Service::start();
+    let checkout = svc.principal_client("checkout", &["tokenize"], &["*"]);
+    let key = svc.create_principal("edge", &["collect"], &["*"]);
+    let edge = Edge::start_with(&svc, &key, true, &[]);
+    let ca = svc.endpoints().ca.clone().unwrap();
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(e2e::tls_client_config(&ca, None))
+        .build();
+    let (id, secret) = open_session(&checkout);
+    let frame = fetch(
+        agent
+            .get(&format!("{}/v1/collect/frame/{id}", edge.url))
+            .call(),
+    );
+    assert_eq!(frame.status, 200, "{}", frame.text());
+    assert_eq!(
+        frame.header("strict-transport-security"),
+        Some("max-age=63072000")
+    );
+    assert_eq!(
+        frame.header("content-security-policy"),
+        Some(format!("{CSP_BASE}{SHOP}").as_str())
+    );
+    let done = fetch(
+        agent
+            .post(&format!("{}/v1/collect/submit/{id}", edge.url))
+            .set("Content-Type", "application/json")
+            .set("Origin", &edge.url)
+            .send_bytes(&card(&secret, "378282246310005")),
+    );
+    // Amex takes a 4-digit code: the vault's refusal is relayed as is.
+    assert_eq!(
+        (done.status, done.code().as_deref()),
+        (422, Some("invalid_cvc")),
+        "{}",
+        done.text()
+    );
+    let (ok, report) = edge_check(&[
+        "--url",
+        &edge.url,
+        "--ca-file",
+        ca.to_str().unwrap(),
+        "--session",
+        &id,
+    ]);
+    assert!(ok, "{report}");
+    // Without the CA the edge's certificate is not trusted: no check passes.
+    let (ok, _) = edge_check(&["--url", &edge.url]);
+    assert!(!ok);
+    let findings = scan_bytes("edge log", edge.log_text().as_bytes(), &["378282246310005"]);
     assert!(findings.is_empty(), "{findings:?}");
 }

@@ -64,19 +64,3 @@ pub fn manifest(tls: bool, origin: &str) -> Value {
         "routes": routes,
     })
 }
-
-/// The headers a route of the manifest lists for `path` (the first entry
-/// with that path and status).
-pub fn route_headers(manifest: &Value, path: &str, status: u16) -> Option<Vec<(String, String)>> {
-    manifest["routes"]
-        .as_array()?
-        .iter()
-        .find(|r| r["path"] == path && r["status"] == status)?
-        .get("headers")?
-        .as_object()
-        .map(|h| {
-            h.iter()
-                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                .collect()
-        })
-}
