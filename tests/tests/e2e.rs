@@ -29,6 +29,8 @@ mod concurrency;
 mod contract;
 #[path = "e2e/cvc.rs"]
 mod cvc;
+#[path = "e2e/edge.rs"]
+mod edge;
 #[path = "e2e/errors.rs"]
 mod errors;
 #[path = "e2e/failclosed.rs"]

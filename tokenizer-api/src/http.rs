@@ -99,7 +99,8 @@ pub fn app(
         .default_service(web::to(routes::not_found))
 }
 
-fn new_request_id() -> String {
+/// A fresh request id (96 random bits, URL-safe); the edge's too.
+pub(crate) fn new_request_id() -> String {
     let mut raw = [0u8; 12];
     if getrandom::getrandom(&mut raw).is_err() {
         return "unavailable".to_owned();

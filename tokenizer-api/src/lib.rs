@@ -15,9 +15,15 @@
 //!   handshake, connection limits, the HTTP server), [`app`] (building and
 //!   running the service: [`app::Application`]);
 //! - [`cli`] (the operator commands), [`fuzzing`] (entry points of the fuzz
-//!   targets).
+//!   targets), [`edge`] (`tokenizer edge`: the hosted-collection edge, a
+//!   process of its own that serves the card form and forwards to the
+//!   vault's api listener; it uses `tls`, `http`'s request ids, `server`'s
+//!   stream and `routes::body`'s secret strings, and nothing of the vault's
+//!   state).
 //!
-//! Invariants: no SQL and no cryptography here (both live in `vault`);
+//! Invariants: no SQL and no cryptography here (both live in `vault`; the
+//! edge's SHA-384/SHA-256 digests of its public files are integrity
+//! checks over no secret);
 //! handlers authenticate before reading a body; request bodies are parsed
 //! into zeroizing buffers and never quoted in errors or logs; logs name the
 //! route pattern, never the raw path.
@@ -27,6 +33,7 @@ pub mod app;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod edge;
 pub mod error;
 pub mod fuzzing;
 pub mod hardening;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use tokenizer_api::cli;
-use tokenizer_api::config::{Cli, Command};
+use tokenizer_api::config::{Cli, Command, EdgeCommand};
 
 #[actix_web::main]
 async fn main() -> ExitCode {
@@ -32,6 +32,15 @@ async fn main() -> ExitCode {
         Command::Kek { command } => cli::kek(command),
         Command::Tenant { command } => cli::tenant(command).await,
         Command::Purge { store } => cli::purge(store).await,
+        Command::Edge { args, command } => match command {
+            None => tokenizer_api::edge::run(*args).await,
+            Some(EdgeCommand::Check(check)) => {
+                // Blocking HTTP calls: off the async runtime's thread.
+                tokio::task::spawn_blocking(move || tokenizer_api::edge::check::check(&check))
+                    .await
+                    .unwrap_or(ExitCode::FAILURE)
+            }
+        },
         Command::DevPki { out, server_names } => cli::dev_pki(&out, &server_names),
     }
 }

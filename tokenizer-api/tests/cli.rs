@@ -65,6 +65,42 @@ fn subcommand_help_lists_only_its_options() {
 }
 
 #[test]
+fn the_edge_has_no_vault_options_and_needs_tls_or_loopback() {
+    let out = tokenizer().args(["edge", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap().to_lowercase();
+    for option in [
+        "--vault-url",
+        "--vault-ca-file",
+        "--api-key-file",
+        "--public-url",
+        "check",
+    ] {
+        assert!(help.contains(option), "edge --help lacks {option}:\n{help}");
+    }
+    for word in ["kek", "keyring", "database", "data-dir", "pkcs11"] {
+        for option in [format!("--{word}"), format!("tokenizer_edge_{word}")] {
+            assert!(!help.contains(&option), "edge --help has {option}:\n{help}");
+        }
+    }
+    // Vault options are not accepted either.
+    let out = tokenizer()
+        .args(["edge", "--data-dir", "/tmp", "--insecure-plain-http"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let out = tokenizer().args(["edge"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-cert-file"));
+    let out = tokenizer()
+        .args(["edge", "--insecure-plain-http", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}
+
+#[test]
 fn dev_mode_refuses_a_non_loopback_address() {
     let dir = tempfile::tempdir().unwrap();
     let out = tokenizer()

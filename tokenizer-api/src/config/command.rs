@@ -9,6 +9,7 @@ use super::args::{
     AuditArchiveArgs, DatabaseArgs, KekBackendArgs, KekFileArg, KeyringArgs, ServeArgs, StoreArgs,
     UnusedDatabaseUrl, VaultArgs,
 };
+use super::edge::{EdgeArgs, EdgeCommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -111,6 +112,17 @@ pub enum Command {
     Purge {
         #[command(flatten)]
         store: StoreArgs,
+    },
+    /// Run the hosted-collection edge: the internet-facing process that
+    /// serves the card form and forwards what the buyer typed to the vault
+    /// (role `collect`). It holds no key, no database and no card: its only
+    /// credential is for the vault's api listener.
+    #[command(args_conflicts_with_subcommands = true)]
+    Edge {
+        #[command(flatten)]
+        args: Box<EdgeArgs>,
+        #[command(subcommand)]
+        command: Option<EdgeCommand>,
     },
     /// Write a throwaway local PKI for trials and tests (NOT production): a
     /// CA, a server certificate and a client certificate per role

@@ -13,6 +13,7 @@
 //!   commands and [`ServeOptions`] for `serve`;
 //! - `flags`: every option's command-line value in one flat struct
 //!   ([`Flags`]), the input of resolution;
+//! - `edge`: the options of `tokenizer edge` (flags and variables only);
 //! - `file`: the configuration file;
 //! - `settings`: the resolved [`Settings`], [`ConfigError`], the defaults;
 //! - `sections`: what combines several keys (listeners and TLS, the KEK
@@ -20,6 +21,7 @@
 
 mod args;
 mod command;
+mod edge;
 mod file;
 mod flags;
 mod sections;
@@ -35,6 +37,7 @@ pub use args::{
 pub use command::{
     AuditCommand, Cli, Command, KekCommand, KeysCommand, PrincipalCommand, TenantCommand,
 };
+pub use edge::{EdgeArgs, EdgeCheckArgs, EdgeCommand, DEFAULT_EDGE_LISTEN};
 pub use flags::{FlagGroup, Flags};
 pub use settings::{
     ConfigError, LogFormat, Settings, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_LISTEN_ADMIN,

@@ -150,13 +150,15 @@ fn leaf_commands() -> Vec<(String, Vec<String>)> {
             .get_subcommands()
             .filter(|s| s.get_name() != "help")
             .collect();
-        if subs.is_empty() {
-            let shown = cmd
-                .get_arguments()
-                .filter(|a| !a.is_hide_set())
-                .filter_map(|a| a.get_long().map(str::to_owned))
-                .filter(|l| l != "help" && l != "version")
-                .collect();
+        let shown: Vec<String> = cmd
+            .get_arguments()
+            .filter(|a| !a.is_hide_set())
+            .filter_map(|a| a.get_long().map(str::to_owned))
+            .filter(|l| l != "help" && l != "version")
+            .collect();
+        // A leaf, or a command that runs something itself and has
+        // subcommands too (`edge` and `edge check`).
+        if subs.is_empty() || !shown.is_empty() {
             out.push((path.join(" "), shown));
         }
         for sub in subs {
@@ -222,6 +224,14 @@ fn help_lists_only_the_options_a_subcommand_uses() {
         ("tenant delete", store.clone()),
         ("purge", store.clone()),
         ("dev-pki", "out server-name".to_owned()),
+        (
+            "edge",
+            "listen tls-cert-file tls-key-file insecure-plain-http vault-url vault-ca-file \
+             client-cert-file client-key-file api-key-file public-url max-body-bytes \
+             rate-per-source rate-per-session request-timeout-ms log-level log-format"
+                .to_owned(),
+        ),
+        ("edge check", "url ca-file session".to_owned()),
     ];
     let leaves = leaf_commands();
     let mut checked = 0;
@@ -243,7 +253,9 @@ fn help_lists_only_the_options_a_subcommand_uses() {
             checked += 1;
             continue;
         }
-        for option in shown {
+        // The edge's --listen, --tls-cert-file, ... are its own (with
+        // TOKENIZER_EDGE_* variables, checked below), not serve's.
+        for option in shown.iter().filter(|_| path != "edge") {
             assert!(
                 !SERVE_ONLY_OPTIONS.contains(&option.as_str()),
                 "`{path} --help` lists the serve option --{option}"
@@ -279,6 +291,27 @@ fn help_lists_only_the_options_a_subcommand_uses() {
             !help.contains(option),
             "tenant set --help lists {option}:\n{help}"
         );
+    }
+    // The edge has nothing of a vault: no key, keyring, database or data
+    // directory option, in its help or its variables.
+    let edge = cli.find_subcommand_mut("edge").unwrap();
+    for arg in edge
+        .get_arguments()
+        .filter(|a| a.get_long().is_some_and(|l| l != "help"))
+    {
+        let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
+        assert!(
+            env.starts_with("TOKENIZER_EDGE_"),
+            "edge --{:?}: {env}",
+            arg.get_long()
+        );
+    }
+    let help = edge.render_long_help().to_string().to_lowercase();
+    assert!(help.contains("--vault-url"), "{help}");
+    for word in ["kek", "keyring", "database", "data-dir", "pkcs11", "db-"] {
+        for option in [format!("--{word}"), format!("tokenizer_edge_{word}")] {
+            assert!(!help.contains(&option), "edge --help has {option}:\n{help}");
+        }
     }
     let serve = cli.find_subcommand_mut("serve").unwrap();
     let help = serve.render_long_help().to_string();

@@ -24,7 +24,7 @@ use crate::state::AppState;
 /// 2031]`); that is not our API, so it is refused before parsing. A scan of
 /// the raw bytes (strings skipped), without copying anything out of them;
 /// malformed JSON is left to the parser to report.
-fn object_shaped(body: &[u8]) -> bool {
+pub(crate) fn object_shaped(body: &[u8]) -> bool {
     // Containers open at this point: `true` for an array.
     let mut stack: Vec<bool> = Vec::new();
     let mut in_string = false;

@@ -1,0 +1,217 @@
+//! The edge's calls to the vault's api listener: one shared `ureq` agent
+//! over rustls, trusting only the configured vault CA, presenting the
+//! edge's client certificate and/or its API key (role `collect`). The
+//! calls block: handlers run them in `web::block`.
+
+use std::io::Read as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use zeroize::Zeroizing;
+
+/// The largest answer of the vault the edge reads.
+const MAX_ANSWER_BYTES: u64 = 64 * 1024;
+
+/// Why a call got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallError {
+    /// No connection, TLS refused, connection dropped: 502 `vault_unavailable`.
+    Unavailable,
+    /// No answer within the timeout: 504 `vault_timeout` (the outcome of a
+    /// submission is unknown; a retry of the same card gets the same token).
+    Timeout,
+}
+
+/// The vault's answer: its status, (JSON) body, and its request id (for
+/// the edge's log line: the vault's audit trail names it).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub vault_request_id: Option<String>,
+}
+
+/// How the edge reaches the vault.
+pub struct VaultClient {
+    agent: ureq::Agent,
+    base: String,
+    /// `Bearer cvk_...`, when an API key is configured.
+    authorization: Option<Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for VaultClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaultClient")
+            .field("base", &self.base)
+            .field(
+                "api_key",
+                &self.authorization.as_ref().map(|_| "[REDACTED]"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the client is built from.
+#[derive(Debug)]
+pub struct VaultClientConfig<'a> {
+    pub url: &'a str,
+    pub ca_file: &'a Path,
+    pub client_cert: Option<(&'a Path, &'a Path)>,
+    pub api_key_file: Option<&'a Path>,
+    pub timeout: Duration,
+}
+
+/// Read an API key file: mode 0600 (or stricter), one `cvk_...` key.
+fn read_api_key(path: &Path) -> Result<Zeroizing<String>, String> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "{shown} is readable by group or others; chmod 600 it"
+        ));
+    }
+    let raw = Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read {shown}: {e}"))?,
+    );
+    let key = raw.trim();
+    if !key.starts_with("cvk_") || key.contains(char::is_whitespace) {
+        return Err(format!("{shown} does not hold one API key (cvk_...)"));
+    }
+    Ok(Zeroizing::new(format!("Bearer {key}")))
+}
+
+/// A rustls client configuration: `ca_file` as the only roots, TLS 1.3 and
+/// 1.2 with the listeners' suites, optionally a client certificate.
+pub fn client_tls(
+    ca_file: &Path,
+    client_cert: Option<(&Path, &Path)>,
+) -> Result<rustls::ClientConfig, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = crate::tls::read_certs(ca_file).map_err(|e| e.to_string())?;
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", ca_file.display()))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS: {e}"))?
+        .with_root_certificates(roots);
+    match client_cert {
+        Some((cert, key)) => {
+            let chain = crate::tls::read_certs(cert).map_err(|e| e.to_string())?;
+            let key = crate::tls::read_key(key).map_err(|e| e.to_string())?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+impl VaultClient {
+    pub fn new(config: VaultClientConfig<'_>) -> Result<VaultClient, String> {
+        let base = config.url.trim_end_matches('/');
+        if !base.starts_with("https://") || base.len() <= "https://".len() {
+            return Err("--vault-url must be https://host:port (the vault's api listener)".into());
+        }
+        if base["https://".len()..].contains(['/', '?', '#']) {
+            return Err("--vault-url is the listener's origin only, without a path".into());
+        }
+        let authorization = config.api_key_file.map(read_api_key).transpose()?;
+        if authorization.is_none() && config.client_cert.is_none() {
+            return Err(
+                "the edge needs a credential for the vault: --client-cert-file and \
+                 --client-key-file, and/or --api-key-file"
+                    .into(),
+            );
+        }
+        let tls = client_tls(config.ca_file, config.client_cert)?;
+        let agent = ureq::AgentBuilder::new()
+            .tls_config(Arc::new(tls))
+            .timeout(config.timeout)
+            .redirects(0)
+            .max_idle_connections_per_host(16)
+            .build();
+        Ok(VaultClient {
+            agent,
+            base: base.to_owned(),
+            authorization,
+        })
+    }
+
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let req = self.agent.request(method, &format!("{}{path}", self.base));
+        match &self.authorization {
+            Some(a) => req.set("Authorization", a.as_str()),
+            None => req,
+        }
+    }
+
+    /// `GET /v1/collect/sessions/{id}/public`. `id` is of the session shape.
+    pub fn public_session(&self, id: &str) -> Result<Answer, CallError> {
+        let path = format!("/v1/collect/sessions/{id}/public");
+        answer(self.request("GET", &path).call())
+    }
+
+    /// `POST /v1/collect/sessions/{id}/complete` with `body` (JSON, already
+    /// holding the buyer's address). The body is never logged or kept.
+    pub fn complete(&self, id: &str, body: &[u8]) -> Result<Answer, CallError> {
+        let path = format!("/v1/collect/sessions/{id}/complete");
+        answer(
+            self.request("POST", &path)
+                .set("Content-Type", "application/json")
+                .send_bytes(body),
+        )
+    }
+}
+
+fn answer(result: Result<ureq::Response, ureq::Error>) -> Result<Answer, CallError> {
+    let response = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(ureq::Error::Transport(t)) => return Err(transport(&t)),
+    };
+    let status = response.status();
+    let vault_request_id = response
+        .header("x-request-id")
+        .filter(|v| {
+            v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .map(str::to_owned);
+    let mut body = Vec::new();
+    response
+        .into_reader()
+        .take(MAX_ANSWER_BYTES)
+        .read_to_end(&mut body)
+        .map_err(|e| io_error(&e))?;
+    Ok(Answer {
+        status,
+        body,
+        vault_request_id,
+    })
+}
+
+fn io_error(e: &std::io::Error) -> CallError {
+    match e.kind() {
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => CallError::Timeout,
+        _ => CallError::Unavailable,
+    }
+}
+
+/// A timeout anywhere in the error's chain is a timeout; anything else
+/// (refused, reset, TLS) is unavailable.
+fn transport(t: &ureq::Transport) -> CallError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(t);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return io_error(io);
+        }
+        source = e.source();
+    }
+    CallError::Unavailable
+}
