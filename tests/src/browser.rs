@@ -18,10 +18,14 @@
 //! [`BrowserOptions::trust_leaf_certificate`] passes
 //! `--ignore-certificate-errors-spki-list=<base64 SHA-256 of the leaf's
 //! SubjectPublicKeyInfo>` (honoured because the profile is given with
-//! `--user-data-dir`), which accepts that one key and nothing else, name
-//! checks included. `acceptInsecureCerts` (any certificate at all) stays
-//! available as [`BrowserOptions::accept_insecure_certs`] but is off by
-//! default.
+//! `--user-data-dir`): certificates with that one key are accepted whatever
+//! their other errors (unknown issuer, name, dates), every other certificate
+//! is checked as usual (the smoke test shows both). That is narrower than
+//! `acceptInsecureCerts` (any certificate at all), which stays available as
+//! [`BrowserOptions::accept_insecure_certs`], off by default. chromedriver
+//! reports a refused certificate as a finished navigation to Chromium's
+//! interstitial (`NET::ERR_CERT_AUTHORITY_INVALID` in its text), not as
+//! W3C's `insecure certificate` error.
 //!
 //! Page content is the tests' business: errors and browser-log entries never
 //! carry it unfiltered, every run of 12 or more digits in a WebDriver error
@@ -967,4 +971,36 @@ fn answer(stream: TcpStream, files: &Mutex<HashMap<String, File>>, requests: &Mu
     // Drain what the client still sends so the close is not a reset.
     let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
     let _ = std::io::copy(&mut stream.take(64 * 1024), &mut std::io::sink());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digit_runs_of_twelve_or_more_are_masked() {
+        assert_eq!(mask_digit_runs("card 4111111111111111."), "card [digits].");
+        assert_eq!(mask_digit_runs("4111 1111 1111 1111 x"), "[digits] x");
+        assert_eq!(mask_digit_runs("4111-1111-1111-1111"), "[digits]");
+        assert_eq!(
+            mask_digit_runs("http://127.0.0.1:43815/ at 12:30, 12345678901"),
+            "http://127.0.0.1:43815/ at 12:30, 12345678901"
+        );
+        assert_eq!(mask_digit_runs("1 2 3"), "1 2 3");
+    }
+
+    #[test]
+    fn the_spki_hash_is_the_hash_of_the_certificates_public_key() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let expected = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(
+            rcgen::PublicKeyData::subject_public_key_info(&key),
+        ));
+        assert_eq!(spki_sha256_base64(cert.der()).as_deref(), Some(&*expected));
+        assert_eq!(spki_sha256_base64(b"\x30\x03\x02\x01\x01"), None);
+        assert_eq!(spki_sha256_base64(b""), None);
+    }
 }

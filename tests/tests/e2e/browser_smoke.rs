@@ -6,11 +6,13 @@
 //! exact origin, and the merchant page shows it. Keyboard-only entry (Tab,
 //! Enter) does the same. The same frame embedded by a third origin is
 //! refused by the browser. Screenshots of both land in
-//! `<target>/browser-artifacts/`.
+//! `<target>/browser-artifacts/`. And a harness HTTPS listener loads in a
+//! browser that trusts its leaf key, and only in that one.
 
 use std::time::Duration;
 
-use e2e::browser::{artifacts_dir, keys, Browser, LogEntry, StaticSite};
+use e2e::browser::{artifacts_dir, keys, Browser, BrowserOptions, LogEntry, StaticSite};
+use e2e::{harness_pki_dir, Client, Service};
 
 /// Visa's public test number.
 const TEST_CARD: &str = "4111111111111111";
@@ -249,4 +251,39 @@ fn a_cross_origin_card_frame_talks_to_its_allowed_parent_only() {
     let shot = artifacts.join("browser_smoke-refused.png");
     browser.screenshot(&shot).unwrap();
     eprintln!("browser artifacts: {}", artifacts.display());
+}
+
+#[test]
+fn a_harness_tls_listener_loads_only_where_its_leaf_key_is_trusted() {
+    let svc = Service::start();
+    let url = format!("https://{}/healthz", svc.endpoints().addr_for("/healthz"));
+    let server_cert = harness_pki_dir(svc.data_dir()).join("server.pem");
+
+    let trusting =
+        Browser::start_with(BrowserOptions::default().trust_leaf_certificate(&server_cert));
+    trusting.goto(&url).unwrap();
+    assert_eq!(trusting.current_url().unwrap(), url);
+    let body = trusting.find_css("body").unwrap().text().unwrap();
+    let expected = Client::for_endpoints(svc.endpoints(), None).get("/healthz");
+    assert_eq!(expected.status, 200, "{expected}");
+    assert_eq!(
+        body.trim(),
+        expected.text.trim(),
+        "the page is /healthz's answer"
+    );
+    drop(trusting);
+
+    // An unknown CA and no trusted key: Chromium's certificate interstitial
+    // (chromedriver reports the navigation as done), not the page.
+    let stranger = Browser::start();
+    stranger.goto(&url).unwrap();
+    let page = stranger
+        .execute("return document.body.innerText;", vec![])
+        .unwrap();
+    let page = page.as_str().unwrap_or_default();
+    assert!(
+        page.contains("ERR_CERT_AUTHORITY_INVALID") && !page.contains(expected.text.trim()),
+        "expected the certificate interstitial, got a page of {} characters",
+        page.len()
+    );
 }
