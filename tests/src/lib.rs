@@ -35,6 +35,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+pub mod browser;
+
 /// How long a server may take to log its listening line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a single HTTP request may take.

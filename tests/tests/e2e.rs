@@ -19,6 +19,8 @@ mod auth;
 mod authz;
 #[path = "e2e/batch.rs"]
 mod batch;
+#[path = "e2e/browser_smoke.rs"]
+mod browser_smoke;
 #[path = "e2e/card_lifecycle.rs"]
 mod card_lifecycle;
 #[path = "e2e/collect.rs"]
