@@ -25,6 +25,8 @@ mod browser_smoke;
 mod card_lifecycle;
 #[path = "e2e/collect.rs"]
 mod collect;
+#[path = "e2e/collect_browser.rs"]
+mod collect_browser;
 #[path = "e2e/concurrency.rs"]
 mod concurrency;
 #[path = "e2e/contract.rs"]

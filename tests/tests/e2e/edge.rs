@@ -30,10 +30,10 @@ const CSP_BASE: &str = "default-src 'none'; script-src 'self'; style-src 'self';
     frame-ancestors ";
 
 /// A running `tokenizer edge`, killed on drop.
-struct Edge {
+pub(crate) struct Edge {
     child: Child,
     log: PathBuf,
-    url: String,
+    pub(crate) url: String,
     _dir: tempfile::TempDir,
 }
 
@@ -47,7 +47,7 @@ impl Drop for Edge {
 impl Edge {
     /// An edge for `svc` with the API key `key` (in a 0600 file: the only
     /// file the edge gets).
-    fn start(svc: &Service, key: &str, extra: &[&str]) -> Edge {
+    pub(crate) fn start(svc: &Service, key: &str, extra: &[&str]) -> Edge {
         Edge::start_with(svc, key, false, extra)
     }
 
@@ -112,7 +112,7 @@ impl Edge {
         edge
     }
 
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
