@@ -307,6 +307,13 @@ const APP_PRIVILEGES: &[&str] = &[
     "cards INSERT",
     "cards SELECT",
     "cards UPDATE",
+    "collect_sessions DELETE",
+    "collect_sessions INSERT",
+    "collect_sessions SELECT",
+    "collect_sessions.closed_at UPDATE",
+    "collect_sessions.completed_at UPDATE",
+    "collect_sessions.failures UPDATE",
+    "collect_sessions.token UPDATE",
     "database CONNECT",
     "principals INSERT",
     "principals SELECT",
@@ -347,6 +354,7 @@ const TABLES: &[&str] = &[
     "audit_head",
     "audit_signing_keys",
     "cards",
+    "collect_sessions",
     "principals",
     "tenants",
     "vault_keys",
@@ -665,7 +673,7 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         .fetch_one(&mut admin)
         .await
         .unwrap();
-    assert_eq!(applied, 6);
+    assert_eq!(applied, 7);
     owner.migrate().await.unwrap();
 
     // `tokenizer restore` is an owner operation: as the runtime role the
