@@ -265,11 +265,11 @@ GRANT SELECT ON TABLE audit_archives TO :"app_role";
 -- Tenants: created on first use, policy set by `tokenizer tenant set`,
 -- marked deleted (and their fingerprint salt erased) by `tenant delete`.
 GRANT SELECT, INSERT, UPDATE ON TABLE tenants TO :"app_role";
--- Hosted collection sessions: opened, completed (completed_at, token) or
--- refused (failures, closed_at), purged after they expire; nothing else of
--- a session ever changes.
+-- Hosted collection sessions: opened, held by one submission at a time
+-- (claimed_until), completed (completed_at, token) or refused (failures,
+-- closed_at), purged after they expire; nothing else of a session changes.
 GRANT SELECT, INSERT, DELETE ON TABLE collect_sessions TO :"app_role";
-GRANT UPDATE (failures, closed_at, completed_at, token) ON TABLE collect_sessions TO :"app_role";
+GRANT UPDATE (failures, closed_at, completed_at, token, claimed_until) ON TABLE collect_sessions TO :"app_role";
 
 -- The auditor role (`vault-audit verify`): reads the audit trail, nothing
 -- else.

@@ -106,7 +106,9 @@ fn vault_status(e: &VaultError) -> StatusCode {
         | VaultError::InvalidReference
         | VaultError::InvalidStyle(_) => StatusCode::BAD_REQUEST,
         VaultError::SessionExpired => StatusCode::GONE,
-        VaultError::SessionCompleted | VaultError::SessionClosed => StatusCode::CONFLICT,
+        VaultError::SessionCompleted | VaultError::SessionClosed | VaultError::SessionBusy => {
+            StatusCode::CONFLICT
+        }
         VaultError::WrongSecret => StatusCode::FORBIDDEN,
         VaultError::KeyLifecycle(k) => match k {
             KeyLifecycleError::NotFound => StatusCode::NOT_FOUND,
@@ -335,6 +337,7 @@ fn samples() -> Vec<ApiError> {
         VaultError::SessionCompleted,
         VaultError::SessionClosed,
         VaultError::WrongSecret,
+        VaultError::SessionBusy,
     ];
     all.into_iter()
         .chain(card.into_iter().map(|c| ApiError::Vault(c.into())))

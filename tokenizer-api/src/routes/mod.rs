@@ -268,6 +268,7 @@ pub static ROUTES: &[Route] = &[
                 "session_expired",
                 "session_completed",
                 "session_closed",
+                "session_busy",
                 "token_space_exhausted",
                 "tenant_deleted",
                 "keys_unavailable",

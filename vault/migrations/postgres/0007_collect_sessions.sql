@@ -14,6 +14,7 @@ CREATE TABLE collect_sessions (
     failures        BIGINT  NOT NULL DEFAULT 0,
     closed_at       BIGINT,
     completed_at    BIGINT,
-    token           TEXT
+    token           TEXT,
+    claimed_until   BIGINT
 );
 CREATE INDEX collect_sessions_expires_at ON collect_sessions (expires_at);

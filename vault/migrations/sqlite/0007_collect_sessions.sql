@@ -8,7 +8,9 @@
 -- failures: refused submissions; at `collect_max_failures` the session is
 -- closed (closed_at). Rows are purged a while after they expire.
 -- code_required: the form asks for the card's security code (the code
--- itself is never stored; no column is named after it).
+-- itself is never stored; no column is named after it). claimed_until: a
+-- submission is being tokenized until then (one at a time per session, so
+-- that a losing concurrent submission never stores its card).
 CREATE TABLE collect_sessions (
     id              TEXT    NOT NULL PRIMARY KEY,
     tenant          TEXT    NOT NULL,
@@ -23,6 +25,7 @@ CREATE TABLE collect_sessions (
     failures        INTEGER NOT NULL DEFAULT 0,
     closed_at       INTEGER,
     completed_at    INTEGER,
-    token           TEXT
+    token           TEXT,
+    claimed_until   INTEGER
 ) STRICT;
 CREATE INDEX collect_sessions_expires_at ON collect_sessions (expires_at);

@@ -6,8 +6,9 @@
 //! A session is single use. A retry of the completed submission (the same
 //! secret and the same card, for instance after a lost connection) answers
 //! the same token; any other submission to a completed session is refused
-//! (`session_completed`) without storing anything. Each refused submission
-//! is counted; at `collect_max_failures` the session is closed. Every
+//! (`session_completed`) without storing anything, and so is a second
+//! submission while one is being tokenized (`session_busy`). Each refused
+//! submission is counted; at `collect_max_failures` the session is closed. Every
 //! submission is an audit event (with the buyer's address as the edge
 //! reports it); never the card, never the client secret.
 
@@ -32,6 +33,9 @@ use crate::store::{now_millis, CollectSessionRow};
 
 /// Sessions deleted per purge transaction.
 const PURGE_BATCH: u32 = 500;
+/// How long a submission holds its session while its card is tokenized
+/// (released when it completes or is refused; a crashed one lets go then).
+const CLAIM_MS: i64 = 30_000;
 
 /// What the checkout server asks for.
 #[derive(Debug, Clone)]
@@ -226,6 +230,7 @@ impl Vault {
             closed_at: None,
             completed_at: None,
             token: None,
+            claimed_until: None,
         };
         let event = base.detail(format!(
             "session {} origin {} ttl_s {ttl}{}",
@@ -359,6 +364,19 @@ impl Vault {
                 .refuse_submission(&row, base, VaultError::InvalidCard(CardError::Cvc))
                 .await);
         }
+        // One submission at a time: a concurrent one with another card is
+        // refused before its card is stored.
+        let now = now_millis();
+        if !self
+            .store
+            .claim_collect_session(&row.id, now, now + CLAIM_MS)
+            .await?
+        {
+            return match self.find_session(&row.id).await? {
+                Some(r) if r.completed_at.is_some() => self.retry(&r, base, &submission.card).await,
+                _ => Err(self.fail(base, VaultError::SessionBusy).await),
+            };
+        }
         let options = TokenizeOptions {
             format: TokenFormat::parse(&row.token_format).ok_or(VaultError::Integrity)?,
             expires_at: None,
@@ -388,9 +406,9 @@ impl Vault {
         {
             return Ok(info);
         }
-        // Completed by a concurrent submission (or closed or expired) in
-        // between: the same card got the same token (tokenize is idempotent
-        // per tenant and card), anything else is refused.
+        // Expired (or the hold ran out and another submission completed it)
+        // while this card was tokenized: the card is stored, but this
+        // submission did not complete the session.
         let now = now_millis();
         match self.find_session(&row.id).await? {
             Some(r) if r.token.as_deref() == Some(info.token.as_str()) => Ok(info),

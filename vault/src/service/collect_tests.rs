@@ -320,3 +320,52 @@ async fn expired_sessions_refuse_submissions_and_are_purged() {
         Err(VaultError::NotFound)
     ));
 }
+
+#[tokio::test]
+async fn a_submission_while_another_is_tokenized_is_refused_and_stores_nothing() {
+    let f = fixture().await;
+    let new = f
+        .vault
+        .create_collect_session(&all(), input("https://shop.example"))
+        .await
+        .unwrap();
+    let id = new.session.id.clone();
+    let secret = new.client_secret.expose().to_owned();
+    // Another submission holds the session (as while its card is sealed).
+    let now = now_millis();
+    assert!(f
+        .vault
+        .store()
+        .claim_collect_session(&id, now, now + 60_000)
+        .await
+        .unwrap());
+    assert!(matches!(
+        f.vault
+            .complete_collect_session(&edge(), &id, submission(&secret, "5555555555554444"))
+            .await,
+        Err(VaultError::SessionBusy)
+    ));
+    // Its card was not stored: tokenizing it now makes a new record.
+    assert!(
+        f.vault
+            .tokenize(&all(), "shop-42", card("5555555555554444"))
+            .await
+            .unwrap()
+            .created
+    );
+    // Once the hold has run out, a submission completes the session.
+    assert!(f
+        .vault
+        .store()
+        .claim_collect_session(&id, now + 60_000, now + 60_001)
+        .await
+        .unwrap());
+    let read = f
+        .vault
+        .store()
+        .find_collect_session(&id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.claimed_until, Some(now + 60_001));
+}

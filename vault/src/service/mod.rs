@@ -195,6 +195,8 @@ pub enum VaultError {
     SessionClosed,
     #[error("the client secret does not match the session")]
     WrongSecret,
+    #[error("another submission for this session is in progress: retry shortly")]
+    SessionBusy,
 }
 
 /// Why a key lifecycle operation was refused, or a record cannot be opened
@@ -264,6 +266,7 @@ impl VaultError {
             VaultError::SessionCompleted => "session_completed",
             VaultError::SessionClosed => "session_closed",
             VaultError::WrongSecret => "wrong_secret",
+            VaultError::SessionBusy => "session_busy",
         }
     }
 }

@@ -232,6 +232,9 @@ pub struct CollectSessionRow {
     pub completed_at: Option<i64>,
     /// The card's token once completed.
     pub token: Option<String>,
+    /// A submission holds the session until then (see
+    /// `Store::claim_collect_session`).
+    pub claimed_until: Option<i64>,
 }
 
 /// A tenant: its policy, and the salt of its fingerprint key.
@@ -476,6 +479,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         token: &str,
         at: i64,
         event: AuditEvent,
+    ) -> Result<bool, StoreError>;
+    /// Let one submission at a time tokenize for an open session: true if
+    /// it was open and not held by another submission at `now`; it is then
+    /// held until `until` (completing or refusing releases it).
+    async fn claim_collect_session(
+        &self,
+        id: &str,
+        now: i64,
+        until: i64,
     ) -> Result<bool, StoreError>;
     /// Count a refused submission of an open session, closing it at
     /// `max_failures`, and record `event`, in one transaction. Returns the

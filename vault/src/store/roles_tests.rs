@@ -310,6 +310,7 @@ const APP_PRIVILEGES: &[&str] = &[
     "collect_sessions DELETE",
     "collect_sessions INSERT",
     "collect_sessions SELECT",
+    "collect_sessions.claimed_until UPDATE",
     "collect_sessions.closed_at UPDATE",
     "collect_sessions.completed_at UPDATE",
     "collect_sessions.failures UPDATE",

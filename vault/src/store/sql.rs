@@ -31,7 +31,7 @@ macro_rules! sql_store {
         const CHECKPOINT_COLUMNS: &str = "tree_size, root, chain_head, time, key_id, signature";
         const SIGNING_KEY_COLUMNS: &str = "generation, key_id, kek_id, wrapped, public_key, created_at";
         const ARCHIVE_COLUMNS: &str = "from_seq, to_seq, chain_head, frontier, file_name, file_sha256, archived_at";
-        const COLLECT_COLUMNS: &str = "id, tenant, allowed_origin, secret_hash, code_required, token_format, reference, style, created_at, expires_at, failures, closed_at, completed_at, token";
+        const COLLECT_COLUMNS: &str = "id, tenant, allowed_origin, secret_hash, code_required, token_format, reference, style, created_at, expires_at, failures, closed_at, completed_at, token, claimed_until";
 
         /// Cards the re-encryption pass still has to move ($1: active DEK
         /// version, $2: active fingerprint key version). Two counts, each a
@@ -388,6 +388,7 @@ macro_rules! sql_store {
                 closed_at: r.try_get("closed_at")?,
                 completed_at: r.try_get("completed_at")?,
                 token: r.try_get("token")?,
+                claimed_until: r.try_get("claimed_until")?,
             })
         }
 
@@ -979,7 +980,7 @@ macro_rules! sql_store {
                 self.bounded(async {
                     let mut tx = self.pool.begin().await?;
                     sqlx::query(&format!(
-                        "INSERT INTO collect_sessions ({COLLECT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                        "INSERT INTO collect_sessions ({COLLECT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
                     ))
                     .bind(&row.id)
                     .bind(&row.tenant)
@@ -995,6 +996,7 @@ macro_rules! sql_store {
                     .bind(row.closed_at)
                     .bind(row.completed_at)
                     .bind(&row.token)
+                    .bind(row.claimed_until)
                     .execute(&mut *tx)
                     .await?;
                     insert_event(&mut tx, &event).await?;
@@ -1028,7 +1030,7 @@ macro_rules! sql_store {
                 self.bounded(async {
                     let mut tx = self.pool.begin().await?;
                     let res = sqlx::query(
-                        "UPDATE collect_sessions SET completed_at = $1, token = $2
+                        "UPDATE collect_sessions SET completed_at = $1, token = $2, claimed_until = NULL
                          WHERE id = $3 AND completed_at IS NULL AND closed_at IS NULL AND expires_at > $1",
                     )
                     .bind(at)
@@ -1037,6 +1039,28 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await?;
                     commit_if_changed(tx, res.rows_affected(), &event).await
+                })
+                .await
+            }
+
+            async fn claim_collect_session(
+                &self,
+                id: &str,
+                now: i64,
+                until: i64,
+            ) -> Result<bool, $crate::store::StoreError> {
+                self.bounded(async {
+                    let res = sqlx::query(
+                        "UPDATE collect_sessions SET claimed_until = $3
+                         WHERE id = $1 AND completed_at IS NULL AND closed_at IS NULL AND expires_at > $2
+                           AND (claimed_until IS NULL OR claimed_until <= $2)",
+                    )
+                    .bind(id)
+                    .bind(now)
+                    .bind(until)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(res.rows_affected() == 1)
                 })
                 .await
             }
@@ -1052,7 +1076,7 @@ macro_rules! sql_store {
                 self.bounded(async {
                     let mut tx = self.pool.begin().await?;
                     let row = sqlx::query(
-                        "UPDATE collect_sessions SET failures = failures + 1,
+                        "UPDATE collect_sessions SET failures = failures + 1, claimed_until = NULL,
                            closed_at = CASE WHEN failures + 1 >= $2 THEN $3 ELSE closed_at END
                          WHERE id = $1 AND completed_at IS NULL AND closed_at IS NULL AND expires_at > $3
                          RETURNING failures",

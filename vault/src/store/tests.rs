@@ -1014,6 +1014,7 @@ fn collect_row(id: &str, expires_at: i64) -> crate::store::CollectSessionRow {
         closed_at: None,
         completed_at: None,
         token: None,
+        claimed_until: None,
     }
 }
 
