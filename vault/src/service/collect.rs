@@ -347,7 +347,7 @@ impl Vault {
         }
         if !ClientSecret::matches(&submission.client_secret, &row.secret_hash) {
             return Err(self
-                .refuse_submission(&row, base, VaultError::WrongSecret)
+                .refuse_submission(&row, base, VaultError::WrongSecret, false)
                 .await);
         }
         let now = now_millis();
@@ -361,7 +361,7 @@ impl Vault {
         }
         if row.require_cvc && submission.card.cvc.is_none() {
             return Err(self
-                .refuse_submission(&row, base, VaultError::InvalidCard(CardError::Cvc))
+                .refuse_submission(&row, base, VaultError::InvalidCard(CardError::Cvc), false)
                 .await);
         }
         // One submission at a time: a concurrent one with another card is
@@ -388,7 +388,9 @@ impl Vault {
         let info = match result.map(|mut r| r.pop()) {
             Ok(Some(Ok(info))) => info,
             Ok(Some(Err(card_error))) => {
-                return Err(self.refuse_submission(&row, base, card_error.into()).await)
+                return Err(self
+                    .refuse_submission(&row, base, card_error.into(), true)
+                    .await)
             }
             Ok(None) => return Err(VaultError::Integrity),
             Err(e) => return Err(e),
@@ -493,12 +495,15 @@ impl Vault {
     }
 
     /// A refused submission of an open session: counted (the session closes
-    /// at the limit) and audited in one transaction.
+    /// at the limit) and audited in one transaction. `held`: it had claimed
+    /// the session, and lets go of it (a refusal before claiming leaves
+    /// another submission's claim alone).
     async fn refuse_submission(
         &self,
         row: &CollectSessionRow,
         base: AuditEvent,
         err: VaultError,
+        held: bool,
     ) -> VaultError {
         let mut event = base;
         event.outcome = if matches!(err, VaultError::WrongSecret) {
@@ -509,7 +514,13 @@ impl Vault {
         event.error_code = Some(err.code().to_owned());
         match self
             .store
-            .fail_collect_session(&row.id, self.collect_max_failures, now_millis(), event)
+            .fail_collect_session(
+                &row.id,
+                self.collect_max_failures,
+                now_millis(),
+                held,
+                event,
+            )
             .await
         {
             Ok(Some(n)) if n >= i64::from(self.collect_max_failures) => {

@@ -345,6 +345,21 @@ async fn a_submission_while_another_is_tokenized_is_refused_and_stores_nothing()
             .await,
         Err(VaultError::SessionBusy)
     ));
+    // A refusal that never claimed (a wrong secret) leaves the claim alone.
+    assert!(matches!(
+        f.vault
+            .complete_collect_session(&edge(), &id, submission("wrong", "4111111111111111"))
+            .await,
+        Err(VaultError::WrongSecret)
+    ));
+    let held = f
+        .vault
+        .store()
+        .find_collect_session(&id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.claimed_until, Some(now + 60_000));
     // Its card was not stored: tokenizing it now makes a new record.
     assert!(
         f.vault

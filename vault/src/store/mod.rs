@@ -490,7 +490,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         until: i64,
     ) -> Result<bool, StoreError>;
     /// Count a refused submission of an open session, closing it at
-    /// `max_failures`, and record `event`, in one transaction. Returns the
+    /// `max_failures`, and record `event`, in one transaction; `release`:
+    /// the refused submission held the session's claim, which it lets go
+    /// (a refusal before claiming leaves another submission's claim). Returns the
     /// session's failures after it (`None`: no longer open, nothing
     /// counted, the event still recorded).
     async fn fail_collect_session(
@@ -498,6 +500,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         id: &str,
         max_failures: u32,
         at: i64,
+        release: bool,
         event: AuditEvent,
     ) -> Result<Option<i64>, StoreError>;
     /// Delete up to `limit` sessions that expired before `before`; the

@@ -1070,13 +1070,15 @@ macro_rules! sql_store {
                 id: &str,
                 max_failures: u32,
                 at: i64,
+                release: bool,
                 event: audit::AuditEvent,
             ) -> Result<Option<i64>, $crate::store::StoreError> {
                 use sqlx::Row as _;
                 self.bounded(async {
                     let mut tx = self.pool.begin().await?;
                     let row = sqlx::query(
-                        "UPDATE collect_sessions SET failures = failures + 1, claimed_until = NULL,
+                        "UPDATE collect_sessions SET failures = failures + 1,
+                           claimed_until = CASE WHEN $4 = 1 THEN NULL ELSE claimed_until END,
                            closed_at = CASE WHEN failures + 1 >= $2 THEN $3 ELSE closed_at END
                          WHERE id = $1 AND completed_at IS NULL AND closed_at IS NULL AND expires_at > $3
                          RETURNING failures",
@@ -1084,6 +1086,7 @@ macro_rules! sql_store {
                     .bind(id)
                     .bind(i64::from(max_failures))
                     .bind(at)
+                    .bind(i64::from(release))
                     .fetch_optional(&mut *tx)
                     .await?;
                     let failures = row.map(|r| r.try_get::<i64, _>("failures")).transpose()?;

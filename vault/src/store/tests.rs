@@ -1054,7 +1054,7 @@ async fn collect_sessions_complete_once_count_refusals_and_purge() {
         );
         // A completed session counts no refusal.
         assert_eq!(
-            s.fail_collect_session("cs_open", 3, 12, ev())
+            s.fail_collect_session("cs_open", 3, 12, true, ev())
                 .await
                 .unwrap(),
             None,
@@ -1066,7 +1066,7 @@ async fn collect_sessions_complete_once_count_refusals_and_purge() {
             .unwrap();
         for n in 1..=3 {
             assert_eq!(
-                s.fail_collect_session("cs_fail", 3, 20, ev())
+                s.fail_collect_session("cs_fail", 3, 20, true, ev())
                     .await
                     .unwrap(),
                 Some(n),
