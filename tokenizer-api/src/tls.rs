@@ -329,7 +329,7 @@ pub fn client_identity(conn: &rustls::ServerConnection) -> Option<ClientIdentity
 }
 
 /// The roles `tokenizer dev-pki` makes a client certificate for.
-pub const DEV_ROLES: [&str; 4] = ["tokenize", "detokenize", "auditor", "key_admin"];
+pub const DEV_ROLES: [&str; 5] = ["tokenize", "detokenize", "auditor", "key_admin", "collect"];
 
 /// The URI identity of a dev client certificate.
 pub fn dev_identity(role: &str) -> String {
