@@ -1214,6 +1214,10 @@ impl Options {
             args.push("--dev".into());
             if self.plain_http {
                 args.push("--insecure-plain-http".into());
+            } else {
+                // The trial edge `serve --dev` starts beside the vault.
+                args.push("--dev-edge-listen".into());
+                args.push(again("collect", "127.0.0.1:0").into());
             }
         }
         if let Some(url) = &self.database_url {
@@ -1270,7 +1274,12 @@ fn launch(
         drain(stdout, captured.stdout.clone(), mpsc::channel().0),
         drain(stderr, captured.stderr.clone(), tx),
     ];
-    let expected = if opts.dev { 1 } else { 3 };
+    // `--dev`: the one listener, and the trial edge's unless plain HTTP.
+    let expected = match (opts.dev, opts.plain_http) {
+        (true, true) => 1,
+        (true, false) => 2,
+        (false, _) => 3,
+    };
     match wait_for_listening(&mut child, &rx, expected) {
         Ok(listeners) => (
             Launch::Started { listeners },

@@ -87,10 +87,11 @@ where
 }
 
 pub async fn serve(args: ServeArgs) -> ExitCode {
-    let settings = match Settings::resolve_serve(&args.common, args.dev, args.insecure_plain_http) {
-        Ok(s) => s,
-        Err(e) => return fail(e),
-    };
+    let mut settings =
+        match Settings::resolve_serve(&args.common, args.dev, args.insecure_plain_http) {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        };
     init_logging(&settings.log_level, settings.log_format);
     // Before any key or card number is in memory.
     match crate::hardening::harden(settings.dev) {
@@ -130,6 +131,10 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     }
+    let dev_edge = match bind_dev_edge(&args, &mut settings) {
+        Ok(edge) => edge,
+        Err(e) => return fail(e),
+    };
     let app = match Application::build(&settings).await {
         Ok(app) => app,
         Err(e) => {
@@ -141,20 +146,90 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
     for (kind, addr) in app.listeners() {
         tracing::info!("listening on {addr} ({}, {scheme})", kind.name());
     }
+    let edge_url = dev_edge.as_ref().map(crate::edge::DevEdge::public_url);
+    let dev_edge = match (dev_edge, app.addr()) {
+        (Some(edge), Some(vault)) => {
+            let dir = settings.data_dir.join(crate::config::DEV_TLS_DIR);
+            match edge.start(&dir, vault) {
+                Ok(server) => {
+                    let handle = server.handle();
+                    tokio::spawn(server);
+                    Some(handle)
+                }
+                Err(e) => return fail(format!("the dev edge: {e}")),
+            }
+        }
+        _ => None,
+    };
     if settings.dev {
-        if let Err(e) = print_dev_example(&app, &settings).await {
+        if let Err(e) = print_dev_example(&app, &settings, edge_url.as_deref()).await {
             return fail(e);
         }
     }
-    match app.run().await {
+    let ran = app.run().await;
+    if let Some(edge) = dev_edge {
+        edge.stop(true).await;
+    }
+    match ran {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
 }
 
+/// `serve --dev` with TLS on the dev PKI: bind the trial edge's listener
+/// (so that `collect_public_url`, when not set, names it) before the vault
+/// starts. `None` when there is no dev edge to run: not `--dev`, plain HTTP
+/// (the edge reaches the vault over mutual TLS only), or certificates of
+/// the operator's own (the dev edge uses the dev PKI's).
+fn bind_dev_edge(
+    args: &ServeArgs,
+    settings: &mut Settings,
+) -> Result<Option<crate::edge::DevEdge>, String> {
+    use crate::edge::DevEdge;
+    if !settings.dev {
+        return match args.dev_edge_listen {
+            Some(_) => Err("--dev-edge-listen is for --dev only".into()),
+            None => Ok(None),
+        };
+    }
+    let dir = settings.data_dir.join(crate::config::DEV_TLS_DIR);
+    if settings.tls.is_none() {
+        tracing::warn!(
+            "no dev edge with plain HTTP: the edge reaches the vault over mutual TLS only"
+        );
+        return Ok(None);
+    }
+    if !settings.dev_pki {
+        tracing::info!(
+            "no dev edge: it runs on the dev PKI, and this --dev run has certificates of its own"
+        );
+        return Ok(None);
+    }
+    if !DevEdge::pki_ready(&dir) {
+        tracing::warn!(
+            "no dev edge: the dev PKI in {} predates the role collect (no client-collect.pem); \
+             delete that directory to have it made again",
+            dir.display()
+        );
+        return Ok(None);
+    }
+    let addr = match args.dev_edge_listen {
+        Some(addr) => addr,
+        None => crate::config::DEFAULT_EDGE_LISTEN
+            .parse()
+            .map_err(|e| format!("{e}"))?,
+    };
+    let edge = DevEdge::bind(addr)?;
+    if settings.collect_public_url.is_none() {
+        settings.collect_public_url = Some(edge.public_url());
+    }
+    Ok(Some(edge))
+}
+
 async fn print_dev_example(
     app: &Application,
     settings: &Settings,
+    edge_url: Option<&str>,
 ) -> Result<(), access::AccessError> {
     let store: &dyn Store = app.store().as_ref();
     let suffix = format!("{:08x}", rand_u32());
@@ -209,6 +284,15 @@ async fn print_dev_example(
          https://{addr}/v1/detokenize -H 'Content-Type: application/json' -d '{{\"token\":\"tok_PASTE_HERE\",\"reason\":\"trying cardvault\"}}'\n",
         principal.name,
     ));
+    if let Some(edge) = edge_url {
+        print_dev_text(&format!(
+            "# Hosted card form: a TRIAL EDGE (DEV MODE, not a production setup) on {edge}, as the principal\n\
+             # of client-collect.pem. Open a collection session for your page's origin, then embed its frame_url\n\
+             # with {edge}/v1/collect/cardvault.js (see README, hosted card collection):\n\
+             curl -s --cacert {d}/ca.pem --cert {d}/client-tokenize.pem --key {d}/client-tokenize.key \\\n  \
+             https://{addr}/v1/collect/sessions -H 'Content-Type: application/json' -d '{{\"tenant\":\"shop-42\",\"allowed_origin\":\"http://localhost:3000\"}}'\n"
+        ));
+    }
     Ok(())
 }
 

@@ -721,3 +721,88 @@ fn the_edge_serves_tls_with_hsts_and_checks_over_it() {
     let findings = scan_bytes("edge log", edge.log_text().as_bytes(), &["378282246310005"]);
     assert!(findings.is_empty(), "{findings:?}");
 }
+
+/// `serve --dev` starts a trial edge on a loopback port of its own, with
+/// the dev PKI: TLS with the dev server certificate, and mutual TLS to the
+/// vault with the dev client certificate of the role `collect` (it has no
+/// API key). The vault's frame URLs name it. A card typed into it reaches
+/// the vault, and the trail names the edge's certificate principal.
+#[test]
+fn serve_dev_runs_a_trial_edge_that_reaches_the_vault_over_mutual_tls() {
+    let svc = Service::start_with(e2e::Options {
+        collect_public_url: None,
+        ..e2e::Options::dev()
+    });
+    let edge_addr = svc
+        .listener("collect")
+        .expect("serve --dev logs its trial edge's listener")
+        .to_owned();
+    let edge_url = format!("https://{edge_addr}");
+    assert!(
+        svc.stderr()
+            .contains("DEV MODE: a trial edge (hosted card form)"),
+        "the trial edge is not marked as such"
+    );
+    let checkout = svc.principal_client("checkout", &["tokenize"], &["*"]);
+    let auditor = svc.principal_client("auditor", &["auditor"], &["*"]);
+    let made = checkout.post_json(
+        "/v1/collect/sessions",
+        &json!({"tenant": TENANT, "allowed_origin": SHOP, "require_cvc": true}),
+    );
+    assert_eq!(made.status, 201, "{made}");
+    let (id, secret) = (made.str("session"), made.str("client_secret"));
+    assert_eq!(
+        made.str("frame_url"),
+        format!("{edge_url}/v1/collect/frame/{id}#{secret}")
+    );
+
+    let ca = svc.endpoints().ca.clone().unwrap();
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(e2e::tls_client_config(&ca, None))
+        .build();
+    let frame = fetch(
+        agent
+            .get(&format!("{edge_url}/v1/collect/frame/{id}"))
+            .call(),
+    );
+    assert_eq!(frame.status, 200, "{}", frame.text());
+    assert_eq!(
+        frame.header("content-security-policy"),
+        Some(format!("{CSP_BASE}{SHOP}").as_str())
+    );
+    let done = fetch(
+        agent
+            .post(&format!("{edge_url}/v1/collect/submit/{id}"))
+            .set("Content-Type", "application/json")
+            .set("Origin", &edge_url)
+            .send_bytes(&card(&secret, "4111111111111111")),
+    );
+    assert_eq!(done.status, 200, "{}", done.text());
+    let token = done.json()["token"].as_str().unwrap().to_owned();
+    let read = checkout.get(&format!("/v1/collect/sessions/{id}"));
+    assert_eq!(read.status, 200, "{read}");
+    assert_eq!(read.json["status"], "completed");
+    assert_eq!(read.json["token"]["token"], token.as_str());
+
+    // The submission was the dev edge's certificate principal's.
+    let events = auditor.get("/v1/audit/events?limit=1000");
+    assert_eq!(events.status, 200, "{events}");
+    let submissions: Vec<&Value> = events.json["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| &e["event"])
+        .filter(|e| e["action"] == "collect_submission")
+        .collect();
+    assert_eq!(submissions.len(), 1, "{submissions:?}");
+    assert_eq!(
+        submissions[0]["principal"], "dev-cert-collect",
+        "{submissions:?}"
+    );
+    let findings = scan_bytes(
+        "serve --dev log",
+        svc.stderr().as_bytes(),
+        &["4111111111111111"],
+    );
+    assert!(findings.is_empty(), "{findings:?}");
+}

@@ -426,6 +426,11 @@ pub struct ServeArgs {
     /// `--dev` only: serve plain HTTP (no TLS) on the loopback listener.
     #[arg(long, env = "TOKENIZER_INSECURE_PLAIN_HTTP", requires = "dev")]
     pub insecure_plain_http: bool,
+    /// `--dev` only: the loopback address of the trial edge (the hosted
+    /// card form) started beside the vault (default 127.0.0.1:8446; port 0
+    /// picks a free one).
+    #[arg(long, env = "TOKENIZER_DEV_EDGE_LISTEN")]
+    pub dev_edge_listen: Option<SocketAddr>,
 }
 
 /// The long names of the options only `serve` has (for the help tests).

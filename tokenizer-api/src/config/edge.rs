@@ -10,6 +10,11 @@ use clap::{Args, Subcommand};
 
 /// Where `tokenizer edge` listens by default (the `collect` listener).
 pub const DEFAULT_EDGE_LISTEN: &str = "127.0.0.1:8446";
+/// The edge's default limits (also those of the `serve --dev` edge).
+pub const DEFAULT_EDGE_MAX_BODY_BYTES: usize = 4096;
+pub const DEFAULT_EDGE_RATE_PER_SOURCE: u32 = 30;
+pub const DEFAULT_EDGE_RATE_PER_SESSION: u32 = 10;
+pub const DEFAULT_EDGE_REQUEST_TIMEOUT_MS: u64 = 10_000;
 
 /// `tokenizer edge`: serve the card form and forward submissions.
 #[derive(Debug, Clone, Args)]
@@ -51,20 +56,20 @@ pub struct EdgeArgs {
     #[arg(long, env = "TOKENIZER_EDGE_PUBLIC_URL")]
     pub public_url: Option<String>,
     /// Largest accepted submission body, in bytes.
-    #[arg(long, env = "TOKENIZER_EDGE_MAX_BODY_BYTES", default_value_t = 4096)]
+    #[arg(long, env = "TOKENIZER_EDGE_MAX_BODY_BYTES", default_value_t = DEFAULT_EDGE_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,
     /// Submissions per minute from one source address.
-    #[arg(long, env = "TOKENIZER_EDGE_RATE_PER_SOURCE", default_value_t = 30)]
+    #[arg(long, env = "TOKENIZER_EDGE_RATE_PER_SOURCE", default_value_t = DEFAULT_EDGE_RATE_PER_SOURCE)]
     pub rate_per_source: u32,
     /// Submissions per minute for one session.
-    #[arg(long, env = "TOKENIZER_EDGE_RATE_PER_SESSION", default_value_t = 10)]
+    #[arg(long, env = "TOKENIZER_EDGE_RATE_PER_SESSION", default_value_t = DEFAULT_EDGE_RATE_PER_SESSION)]
     pub rate_per_session: u32,
     /// Reading a request, and each call to the vault, within this many
     /// milliseconds.
     #[arg(
         long,
         env = "TOKENIZER_EDGE_REQUEST_TIMEOUT_MS",
-        default_value_t = 10_000
+        default_value_t = DEFAULT_EDGE_REQUEST_TIMEOUT_MS
     )]
     pub request_timeout_ms: u64,
     /// `error`, `warn`, `info`, `debug`, `trace`, or a filter expression.

@@ -37,7 +37,10 @@ pub use args::{
 pub use command::{
     AuditCommand, Cli, Command, KekCommand, KeysCommand, PrincipalCommand, TenantCommand,
 };
-pub use edge::{EdgeArgs, EdgeCheckArgs, EdgeCommand, DEFAULT_EDGE_LISTEN};
+pub use edge::{
+    EdgeArgs, EdgeCheckArgs, EdgeCommand, DEFAULT_EDGE_LISTEN, DEFAULT_EDGE_MAX_BODY_BYTES,
+    DEFAULT_EDGE_RATE_PER_SESSION, DEFAULT_EDGE_RATE_PER_SOURCE, DEFAULT_EDGE_REQUEST_TIMEOUT_MS,
+};
 pub use flags::{FlagGroup, Flags};
 pub use settings::{
     ConfigError, LogFormat, Settings, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_LISTEN_ADMIN,

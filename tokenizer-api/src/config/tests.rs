@@ -237,9 +237,10 @@ fn help_lists_only_the_options_a_subcommand_uses() {
     let mut checked = 0;
     for (path, shown) in &leaves {
         if path == "serve" {
-            for option in SERVE_ONLY_OPTIONS
-                .iter()
-                .chain(&["dev", "insecure-plain-http"])
+            for option in
+                SERVE_ONLY_OPTIONS
+                    .iter()
+                    .chain(&["dev", "insecure-plain-http", "dev-edge-listen"])
             {
                 assert!(shown.iter().any(|s| s == option), "serve lacks --{option}");
             }

@@ -27,12 +27,18 @@ pub mod routes;
 pub mod server;
 pub mod vault_client;
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::web;
 
-use crate::config::{EdgeArgs, LogFormat};
+use crate::config::{
+    EdgeArgs, LogFormat, DEFAULT_EDGE_MAX_BODY_BYTES, DEFAULT_EDGE_RATE_PER_SESSION,
+    DEFAULT_EDGE_RATE_PER_SOURCE, DEFAULT_EDGE_REQUEST_TIMEOUT_MS,
+};
 use crate::tls::{ClientCerts, ReloadableTls, TlsFiles};
 
 use self::rate::RateLimit;
@@ -122,42 +128,148 @@ pub async fn run(args: EdgeArgs) -> ExitCode {
         (None, None) => None,
         _ => return fail("--client-cert-file and --client-key-file go together"),
     };
-    let timeout = Duration::from_millis(args.request_timeout_ms.max(1));
+    let limits = Limits {
+        max_body_bytes: args.max_body_bytes,
+        rate_per_source: args.rate_per_source,
+        rate_per_session: args.rate_per_session,
+        request_timeout: Duration::from_millis(args.request_timeout_ms.max(1)),
+    };
     let vault = match VaultClient::new(VaultClientConfig {
         url: vault_url,
         ca_file: ca,
         client_cert,
         api_key_file: args.api_key_file.as_deref(),
-        timeout,
+        timeout: limits.request_timeout,
     }) {
         Ok(v) => v,
         Err(e) => return fail(e),
     };
-    let a = assets::assets();
-    for f in a.files() {
+    if tls.is_none() {
+        tracing::warn!("INSECURE: the edge serves plain HTTP (--insecure-plain-http); trials only");
+    }
+    let listener = match std::net::TcpListener::bind(args.listen) {
+        Ok(l) => l,
+        Err(e) => return fail(format!("cannot listen on {}: {e}", args.listen)),
+    };
+    let server = match start(listener, tls, vault, origin, &limits) {
+        Ok((server, _)) => server,
+        Err(e) => return fail(format!("cannot listen on {}: {e}", args.listen)),
+    };
+    match server.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+/// An edge's limits (the `tokenizer edge` options).
+#[derive(Debug, Clone)]
+struct Limits {
+    max_body_bytes: usize,
+    rate_per_source: u32,
+    rate_per_session: u32,
+    request_timeout: Duration,
+}
+
+/// Log what is served and build the server on `listener` (not yet running).
+fn start(
+    listener: std::net::TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    vault: VaultClient,
+    origin: String,
+    limits: &Limits,
+) -> std::io::Result<(actix_server::Server, SocketAddr)> {
+    for f in assets::assets().files() {
         tracing::info!(path = %f.path, sha384 = %f.sha384, bytes = f.body.len(), "serving");
     }
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let state = web::Data::new(EdgeState {
         vault,
         origin,
         tls: tls.is_some(),
-        max_body_bytes: args.max_body_bytes,
-        request_timeout: timeout,
-        per_source: RateLimit::new(args.rate_per_source),
-        per_session: RateLimit::new(args.rate_per_session),
+        max_body_bytes: limits.max_body_bytes,
+        request_timeout: limits.request_timeout,
+        per_source: RateLimit::new(limits.rate_per_source),
+        per_session: RateLimit::new(limits.rate_per_session),
     });
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    if tls.is_none() {
-        tracing::warn!("INSECURE: the edge serves plain HTTP (--insecure-plain-http); trials only");
-    }
-    let (server, bound) = match server::build(args.listen, tls, state) {
-        Ok(s) => s,
-        Err(e) => return fail(format!("cannot listen on {}: {e}", args.listen)),
-    };
+    let (server, bound) = server::build(listener, tls, state)?;
     tracing::info!("listening on {bound} (collect, {scheme})");
-    match server.await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(e),
+    Ok((server, bound))
+}
+
+/// The edge `serve --dev` runs beside the vault, for trials: a loopback
+/// port of its own, the dev PKI's server certificate, and the dev client
+/// certificate of the role `collect` for the vault's one dev listener.
+/// Bound before the vault starts so that the vault's `collect_public_url`
+/// can name it.
+#[derive(Debug)]
+pub struct DevEdge {
+    listener: std::net::TcpListener,
+    addr: SocketAddr,
+}
+
+impl DevEdge {
+    /// Bind `addr` (loopback only).
+    pub fn bind(addr: SocketAddr) -> Result<DevEdge, String> {
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "--dev-edge-listen takes a loopback address; {addr} is not one"
+            ));
+        }
+        let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+            format!("cannot listen on {addr} (the dev edge; --dev-edge-listen): {e}")
+        })?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        Ok(DevEdge { listener, addr })
+    }
+
+    /// Its public URL (`https://127.0.0.1:PORT`).
+    pub fn public_url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Whether the dev PKI in `tls_dir` has what the edge needs (a dev PKI
+    /// made before the role `collect` existed has no certificate for it).
+    pub fn pki_ready(tls_dir: &Path) -> bool {
+        tls_dir.join("client-collect.pem").is_file() && tls_dir.join("client-collect.key").is_file()
+    }
+
+    /// Build the edge server (not yet running) for the vault at `vault`.
+    pub fn start(self, tls_dir: &Path, vault: SocketAddr) -> Result<actix_server::Server, String> {
+        let files = TlsFiles {
+            cert: tls_dir.join("server.pem"),
+            key: tls_dir.join("server.key"),
+            client_ca: None,
+            client_crl: None,
+        };
+        let tls = ReloadableTls::load(files)
+            .and_then(|t| t.config(ClientCerts::None))
+            .map_err(|e| e.to_string())?;
+        let limits = Limits {
+            max_body_bytes: DEFAULT_EDGE_MAX_BODY_BYTES,
+            rate_per_source: DEFAULT_EDGE_RATE_PER_SOURCE,
+            rate_per_session: DEFAULT_EDGE_RATE_PER_SESSION,
+            request_timeout: Duration::from_millis(DEFAULT_EDGE_REQUEST_TIMEOUT_MS),
+        };
+        let (cert, key) = (
+            tls_dir.join("client-collect.pem"),
+            tls_dir.join("client-collect.key"),
+        );
+        let vault = VaultClient::new(VaultClientConfig {
+            url: &format!("https://{vault}"),
+            ca_file: &tls_dir.join("ca.pem"),
+            client_cert: Some((&cert, &key)),
+            api_key_file: None,
+            timeout: limits.request_timeout,
+        })?;
+        let origin = origin_of(&self.public_url(), false)
+            .ok_or_else(|| format!("{} is not an origin", self.public_url()))?;
+        tracing::warn!(
+            "DEV MODE: a trial edge (hosted card form) on {}; not a production setup",
+            self.addr
+        );
+        start(self.listener, Some(tls), vault, origin, &limits)
+            .map(|(server, _)| server)
+            .map_err(|e| e.to_string())
     }
 }
 

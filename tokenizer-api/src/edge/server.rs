@@ -55,13 +55,12 @@ async fn accept(
     }
 }
 
-/// Bind the listener and build the server (not yet running).
+/// Build the server on a bound listener (not yet running).
 pub fn build(
-    addr: SocketAddr,
+    listener: std::net::TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     state: web::Data<EdgeState>,
 ) -> std::io::Result<(actix_server::Server, SocketAddr)> {
-    let listener = std::net::TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     let timeout = state.request_timeout;
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
