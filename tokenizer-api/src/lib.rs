@@ -5,7 +5,8 @@
 //! - [`config`] (flags, environment, TOML file), [`tls`] (rustls
 //!   configurations, client certificates, `dev-pki`), [`limits`] (the guard
 //!   against unauthenticated floods), [`hardening`], [`listeners`] (what a
-//!   listener is: kind, authentication mode, the connection a handler sees);
+//!   listener is: kind, authentication mode, the connection a handler sees),
+//!   [`logging`] (text or JSON logs on stderr);
 //! - [`seal`] (the sealed start and unsealing), [`error`] (the one mapping
 //!   from errors to HTTP responses), [`metrics`] (Prometheus);
 //! - [`state`] (what every worker shares), [`auth`] (the one authentication
@@ -14,12 +15,12 @@
 //! - [`http`] (a listener's actix-web app and middleware), [`server`] (TLS
 //!   handshake, connection limits, the HTTP server), [`app`] (building and
 //!   running the service: [`app::Application`]);
-//! - [`cli`] (the operator commands), [`fuzzing`] (entry points of the fuzz
-//!   targets), [`edge`] (`tokenizer edge`: the hosted-collection edge, a
-//!   process of its own that serves the card form and forwards to the
-//!   vault's api listener; it uses `tls`, `http`'s request ids, `server`'s
-//!   stream and `routes::body`'s secret strings, and nothing of the vault's
-//!   state).
+//! - [`edge`] (`tokenizer edge`: the hosted-collection edge, a process of
+//!   its own that serves the card form and forwards to the vault's api
+//!   listener; it uses `tls`, `http`'s request ids, `server`'s stream and
+//!   `routes::body`'s secret strings, and nothing of the vault's state);
+//! - [`cli`] (the operator commands, and `serve`, whose `--dev` also runs
+//!   a trial edge), [`fuzzing`] (entry points of the fuzz targets).
 //!
 //! Invariants: no SQL and no cryptography here (both live in `vault`; the
 //! edge's SHA-384/SHA-256 digests of its public files are integrity
@@ -40,6 +41,7 @@ pub mod hardening;
 pub mod http;
 pub mod limits;
 pub mod listeners;
+pub mod logging;
 pub mod metrics;
 pub mod routes;
 pub mod seal;

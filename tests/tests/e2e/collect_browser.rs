@@ -33,16 +33,23 @@ fn merchant_page(edge: &str) -> String {
 <h1>Pay for order 77</h1>
 <div id="card"></div>
 <pre id="result"></pre>
+<pre id="errors"></pre>
 <script src="{edge}/v1/collect/cardvault.js"></script>
 <script src="/merchant.js"></script>
 </body></html>"#
     )
 }
 
+/// Mounts the form; the token message (or `{"rejected": CODE}` when the
+/// promise is rejected) goes to `#result`, every `onError` code to
+/// `#errors`.
 fn merchant_script(frame_url: &str) -> String {
     format!(
-        r#"CardVault.mount(document.getElementById("card"), {{frameUrl: {frame_url:?}}})
-  .then(function (m) {{ document.getElementById("result").textContent = JSON.stringify(m); }});"#
+        r#"var seen = [];
+CardVault.mount(document.getElementById("card"), {{frameUrl: {frame_url:?},
+    onError: function (c) {{ seen.push(c); document.getElementById("errors").textContent = seen.join(","); }}}})
+  .then(function (m) {{ document.getElementById("result").textContent = JSON.stringify(m); }},
+        function (e) {{ document.getElementById("result").textContent = JSON.stringify({{rejected: e.code}}); }});"#
     )
 }
 
@@ -247,4 +254,196 @@ fn a_buyer_types_a_card_into_the_hosted_form_and_the_checkout_confirms_the_token
     for pan in [CARD, "5555555555554444"] {
         assert!(!edge_log.contains(pan), "the edge logged a card number");
     }
+}
+
+/// The merchant page and its frame for `frame_url` (the edge's address put
+/// in), loaded; the browser is left inside the frame.
+fn load_form(browser: &Browser, merchant: &StaticSite, edge: &Edge, frame_url: &str) {
+    let frame_url = frame_url.replace("https://pay.cardvault.test", &edge.url);
+    merchant.put(
+        "/index.html",
+        "text/html; charset=utf-8",
+        &merchant_page(&edge.url),
+        &[],
+    );
+    merchant.put(
+        "/merchant.js",
+        "text/javascript; charset=utf-8",
+        &merchant_script(&frame_url),
+        &[],
+    );
+    browser.goto(&merchant.url("/index.html")).unwrap();
+    let frame = browser
+        .wait_for("the card frame", WAIT, |b| b.find_css("#card iframe").ok())
+        .unwrap();
+    browser.switch_to_frame(&frame).unwrap();
+}
+
+/// Types a card without a security code and submits it.
+fn type_card(browser: &Browser, pan: &str) {
+    let number = browser
+        .wait_for("the card number field", WAIT, |b| {
+            b.find_css(r#"input[autocomplete="cc-number"]"#).ok()
+        })
+        .unwrap();
+    number.send_keys(pan).unwrap();
+    browser
+        .find_css(r#"input[autocomplete="cc-exp"]"#)
+        .unwrap()
+        .send_keys(&expiry_typed())
+        .unwrap();
+    browser
+        .find_css("button[type=submit]")
+        .unwrap()
+        .click()
+        .unwrap();
+}
+
+/// The form's message (`#cv-msg`) once shown, and what the live region
+/// announced.
+fn form_message(browser: &Browser) -> (String, String) {
+    let shown = browser
+        .wait_for("the form's message", WAIT, |b| {
+            let m = b.find_css("#cv-msg").ok()?;
+            m.text().ok().filter(|t| !t.is_empty())
+        })
+        .unwrap();
+    let announced = browser
+        .wait_for("the live region's announcement", WAIT, |b| {
+            let live = b.find_css("#cv-live").ok()?;
+            live.property("textContent")
+                .ok()?
+                .as_str()
+                .map(str::to_owned)
+                .filter(|t| !t.is_empty())
+        })
+        .unwrap();
+    (shown, announced)
+}
+
+/// The merchant page's `{"rejected": CODE}` and `onError` codes.
+fn rejection(browser: &Browser) -> (Value, String) {
+    browser.switch_to_parent().unwrap();
+    let result = token_message(browser);
+    let errors = browser.find_css("#errors").unwrap().text().unwrap();
+    (result, errors)
+}
+
+#[test]
+fn wrong_secret_completed_and_expired_forms_say_why_and_settle_the_merchant_promise() {
+    let svc = Service::start_with(Options {
+        dev: true,
+        ..Options::default()
+    });
+    let checkout = svc.principal_client("checkout", &["tokenize"], &["*"]);
+    let edge_key = svc.create_principal("edge", &["collect"], &["*"]);
+    let edge = Edge::start(&svc, &edge_key, &[]);
+    let merchant = StaticSite::start();
+    let browser = Browser::start();
+    let artifacts = artifacts_dir();
+
+    // 1. A frame URL whose secret is not the session's: the vault refuses
+    //    the card, the form says so and locks, the merchant's promise
+    //    rejects with wrong_secret; the session stays open.
+    let (session, frame_url) = open_session(&checkout, merchant.origin(), false);
+    let (base, secret) = frame_url.split_once('#').unwrap();
+    let last = secret.chars().last().unwrap();
+    let wrong = format!(
+        "{base}#{}{}",
+        &secret[..secret.len() - 1],
+        if last == 'A' { 'B' } else { 'A' }
+    );
+    load_form(&browser, &merchant, &edge, &wrong);
+    type_card(&browser, "4000056655665556");
+    let (shown, announced) = form_message(&browser);
+    assert!(shown.contains("could not be verified"), "{shown}");
+    assert_eq!(announced, shown);
+    let number = browser
+        .find_css(r#"input[autocomplete="cc-number"]"#)
+        .unwrap();
+    assert_eq!(number.property("disabled").unwrap(), true);
+    browser
+        .screenshot(&artifacts.join("collect-wrong-secret.png"))
+        .unwrap();
+    let (result, errors) = rejection(&browser);
+    assert_eq!(result, json!({"rejected": "wrong_secret"}));
+    assert_eq!(errors, "wrong_secret");
+    let read = checkout.get(&format!("/v1/collect/sessions/{session}"));
+    assert_eq!(read.json["status"], "open", "{read}");
+
+    // 2. The right frame URL completes it; loaded again, the form is over:
+    //    it says why and the promise rejects with session_completed.
+    load_form(&browser, &merchant, &edge, &frame_url);
+    type_card(&browser, "4000056655665556");
+    browser.switch_to_parent().unwrap();
+    let message = token_message(&browser);
+    assert_eq!(message["last4"], "5556", "{message}");
+    load_form(&browser, &merchant, &edge, &frame_url);
+    let (shown, _) = form_message(&browser);
+    assert!(shown.contains("already been saved"), "{shown}");
+    assert!(
+        browser
+            .find_css(r#"input[autocomplete="cc-number"]"#)
+            .is_err(),
+        "a completed session's form still has its fields"
+    );
+    browser
+        .screenshot(&artifacts.join("collect-completed.png"))
+        .unwrap();
+    let (result, errors) = rejection(&browser);
+    assert_eq!(result, json!({"rejected": "session_completed"}));
+    assert_eq!(errors, "session_completed");
+
+    // 3. A session that expires while the buyer types: the card is
+    //    refused with session_expired; loaded again, the form is over.
+    let made = checkout.post_json(
+        "/v1/collect/sessions",
+        &json!({"tenant": TENANT, "allowed_origin": merchant.origin(), "ttl_secs": 3}),
+    );
+    assert_eq!(made.status, 201, "{made}");
+    let (session, frame_url) = (made.str("session"), made.str("frame_url"));
+    load_form(&browser, &merchant, &edge, &frame_url);
+    browser
+        .wait_for("the card number field", WAIT, |b| {
+            b.find_css(r#"input[autocomplete="cc-number"]"#).ok()
+        })
+        .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    type_card(&browser, "4000056655665556");
+    let (shown, _) = form_message(&browser);
+    assert!(shown.contains("has expired"), "{shown}");
+    let (result, errors) = rejection(&browser);
+    assert_eq!(result, json!({"rejected": "session_expired"}));
+    assert_eq!(errors, "session_expired");
+    let read = checkout.get(&format!("/v1/collect/sessions/{session}"));
+    assert_eq!(read.json["status"], "expired", "{read}");
+    assert!(read.json.get("token").is_none(), "{read}");
+    load_form(&browser, &merchant, &edge, &frame_url);
+    let (shown, _) = form_message(&browser);
+    assert!(shown.contains("has expired"), "{shown}");
+    browser
+        .screenshot(&artifacts.join("collect-expired.png"))
+        .unwrap();
+    let (result, _) = rejection(&browser);
+    assert_eq!(result, json!({"rejected": "session_expired"}));
+
+    // Only the refusals this test provoked reached the console: the
+    // submissions answered 403 and 410; no script error, no CSP report.
+    let log = browser.browser_log().unwrap();
+    let bad: Vec<String> = log
+        .iter()
+        .filter(|e| e.is_severe() || e.message.contains("Content Security Policy"))
+        .filter(|e| {
+            !(e.message.contains("Failed to load resource")
+                && (e.message.contains("status of 403") || e.message.contains("status of 410")))
+        })
+        .map(ToString::to_string)
+        .collect();
+    assert!(bad.is_empty(), "browser errors: {bad:?}");
+    let findings = svc.scan_for_leaks(&["4000056655665556"]);
+    assert!(findings.is_empty(), "{findings:?}");
+    assert!(!edge.log_text().contains("4000056655665556"));
 }

@@ -181,6 +181,19 @@
     function each(fn) { for (var k in F) if (F[k]) fn(k, F[k]); }
     function lock() { each(function (k, el) { el.disabled = true; }); btn.disabled = true; }
 
+    // Report our height to the parent, now and on every change.
+    var root = $('cv-root'), lastH = -1;
+    function resize() {
+      var h = Math.ceil(root.getBoundingClientRect().height);
+      if (cfg && h !== lastH) post({ type: 'cardvault:resize', height: lastH = h });
+    }
+    function sized() { if (window.ResizeObserver) new ResizeObserver(resize).observe(root); resize(); }
+
+    if (cfg && isOrigin(cfg.allowed_origin) && /^session_(expired|completed|closed)$/.test(cfg.final)) {
+      // The session is over (the edge answered 410): say why, tell the page.
+      form.remove(); note(SERVER[cfg.final][1]); post({ type: 'cardvault:error', code: cfg.final });
+      sized(); return;
+    }
     if (!cfg || !isOrigin(cfg.allowed_origin) || !/^\/[^\/\\]/.test(cfg.submit_url) || !secret) {
       cfg = null; lock(); note('This form could not be loaded.' + AGAIN); return;
     }
@@ -292,15 +305,7 @@
         if (!finished) btn.disabled = false;
       });
     });
-
-    // Report our height to the parent, now and on every change.
-    var root = $('cv-root'), lastH = -1;
-    function resize() {
-      var h = Math.ceil(root.getBoundingClientRect().height);
-      if (h !== lastH) post({ type: 'cardvault:resize', height: lastH = h });
-    }
-    if (window.ResizeObserver) new ResizeObserver(resize).observe(root);
-    resize();
+    sized();
   }
 
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', start);

@@ -45,19 +45,16 @@ pub struct File {
 pub enum ErrorPage {
     /// No such session (404).
     NotFound,
-    /// Expired, completed or closed (410).
-    Gone,
     /// The vault did not answer (502/504).
     Unavailable,
 }
 
 impl ErrorPage {
-    pub const ALL: [ErrorPage; 3] = [ErrorPage::NotFound, ErrorPage::Gone, ErrorPage::Unavailable];
+    pub const ALL: [ErrorPage; 2] = [ErrorPage::NotFound, ErrorPage::Unavailable];
 
     pub fn name(self) -> &'static str {
         match self {
             ErrorPage::NotFound => "not_found",
-            ErrorPage::Gone => "gone",
             ErrorPage::Unavailable => "unavailable",
         }
     }
@@ -66,7 +63,6 @@ impl ErrorPage {
     pub fn body(self) -> &'static str {
         match self {
             ErrorPage::NotFound => ERROR_NOT_FOUND,
-            ErrorPage::Gone => ERROR_GONE,
             ErrorPage::Unavailable => ERROR_UNAVAILABLE,
         }
     }
@@ -75,9 +71,6 @@ impl ErrorPage {
 const ERROR_NOT_FOUND: &str = "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"robots\" content=\"noindex, nofollow\"><title>Card form not found</title></head>\n\
 <body><p>This card form does not exist.</p></body></html>\n";
-const ERROR_GONE: &str = "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-<meta name=\"robots\" content=\"noindex, nofollow\"><title>Card form closed</title></head>\n\
-<body><p>This card form is no longer available. Please go back to the shop and start again.</p></body></html>\n";
 const ERROR_UNAVAILABLE: &str = "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
 <meta name=\"robots\" content=\"noindex, nofollow\"><title>Card form unavailable</title></head>\n\
 <body><p>The card form is unavailable right now. Please try again in a moment.</p></body></html>\n";
@@ -153,8 +146,10 @@ impl Assets {
     }
 
     /// The frame page for a session: `config` is
-    /// `{"session","allowed_origin","require_cvc","style","submit_url"}`,
-    /// HTML-escaped into the `data-config` attribute.
+    /// `{"session","allowed_origin","require_cvc","style","submit_url"}`
+    /// for an open session, `{"session","allowed_origin","final": CODE}`
+    /// for one that is over (410: the form shows why and posts
+    /// `cardvault:error` with CODE), HTML-escaped into `data-config`.
     pub fn render_frame(&self, config: &serde_json::Value) -> String {
         let file_name = |f: &File| f.path.rsplit('/').next().unwrap_or_default().to_owned();
         FRAME_HTML

@@ -179,7 +179,8 @@ fn check_session(report: &mut Report, agent: &ureq::Agent, base: &str, session: 
     let Some(ancestors) = ancestors else { return };
     report.headers(&at, &got, &headers::frame(&ancestors, tls));
     match got.status {
-        200 => {
+        // An open form (200), or a form that is over (410, `final` set).
+        status @ (200 | 410) => {
             let page = String::from_utf8_lossy(&got.body);
             let config = page
                 .split_once("data-config=\"")
@@ -192,6 +193,16 @@ fn check_session(report: &mut Report, agent: &ureq::Agent, base: &str, session: 
             report.expect(config["allowed_origin"] == ancestors.as_str(), || {
                 format!("{at}: frame-ancestors {ancestors} is not the form's allowed_origin")
             });
+            let over = matches!(
+                config["final"].as_str(),
+                Some("session_expired" | "session_completed" | "session_closed")
+            );
+            report.expect(over == (status == 410), || {
+                format!(
+                    "{at}: status {status} with a form whose final code is {}",
+                    config["final"]
+                )
+            });
             let expected = assets().render_frame(&config);
             report.expect(expected.as_bytes() == got.body.as_slice(), || {
                 format!(
@@ -203,9 +214,6 @@ fn check_session(report: &mut Report, agent: &ureq::Agent, base: &str, session: 
                 )
             });
         }
-        410 => report.expect(got.body == ErrorPage::Gone.body().as_bytes(), || {
-            format!("{at}: the closed-form page differs from this binary's")
-        }),
         404 => report.expect(got.body == ErrorPage::NotFound.body().as_bytes(), || {
             format!("{at}: the not-found page differs from this binary's")
         }),

@@ -47,7 +47,7 @@ use self::vault_client::{VaultClient, VaultClientConfig};
 
 #[allow(clippy::print_stderr)]
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    if crate::cli::json_logs() {
+    if crate::logging::json_logs() {
         tracing::error!("{msg}");
     } else {
         eprintln!("error: {msg}");
@@ -80,7 +80,7 @@ pub async fn run(args: EdgeArgs) -> ExitCode {
     let Some(format) = LogFormat::parse(&args.log_format) else {
         return fail("--log-format must be text or json");
     };
-    crate::cli::init_logging(&args.log_level, format);
+    crate::logging::init_logging(&args.log_level, format);
     let plain = args.insecure_plain_http;
     if plain && !args.listen.ip().is_loopback() {
         return fail(format!(

@@ -190,12 +190,24 @@ async fn frame(path: web::Path<String>, state: web::Data<EdgeState>) -> HttpResp
         return page(StatusCode::BAD_GATEWAY, ErrorPage::Unavailable, none, tls);
     }
     if session.status != "open" {
-        return page(
-            StatusCode::GONE,
-            ErrorPage::Gone,
-            &session.allowed_origin,
-            tls,
-        );
+        // The form, already final: it shows why and tells the merchant's
+        // page (`cardvault:error`), so that its `mount` promise settles.
+        let code = match session.status.as_str() {
+            "expired" => "session_expired",
+            "completed" => "session_completed",
+            _ => "session_closed",
+        };
+        let config = serde_json::json!({
+            "session": id,
+            "allowed_origin": session.allowed_origin,
+            "final": code,
+        });
+        return with_headers(
+            HttpResponse::build(StatusCode::GONE),
+            headers::frame(&session.allowed_origin, tls),
+        )
+        .insert_header((header::CONTENT_TYPE, "text/html; charset=utf-8"))
+        .body(assets().render_frame(&config));
     }
     let config = serde_json::json!({
         "session": id,
