@@ -9,9 +9,11 @@
 //! card.
 
 use std::io::{Read as _, Write as _};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -48,11 +50,19 @@ impl Edge {
     /// An edge for `svc` with the API key `key` (in a 0600 file: the only
     /// file the edge gets).
     pub(crate) fn start(svc: &Service, key: &str, extra: &[&str]) -> Edge {
-        Edge::start_with(svc, key, false, extra)
+        Edge::start_with(svc, key, false, None, extra)
     }
 
-    /// `tls`: serve the harness's server certificate instead of plain HTTP.
-    fn start_with(svc: &Service, key: &str, tls: bool, extra: &[&str]) -> Edge {
+    /// `tls`: serve the harness's server certificate instead of plain HTTP;
+    /// `vault`: the vault's address as the edge is told it (default the
+    /// vault's api listener).
+    fn start_with(
+        svc: &Service,
+        key: &str,
+        tls: bool,
+        vault: Option<&str>,
+        extra: &[&str],
+    ) -> Edge {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = temp_data_dir();
         let key_file = dir.path().join("edge.key");
@@ -75,17 +85,20 @@ impl Edge {
         } else {
             cmd.arg("--insecure-plain-http");
         }
-        cmd.args(["--vault-url", &format!("https://{}", svc.addr())])
-            .arg("--vault-ca-file")
-            .arg(&ca)
-            .arg("--api-key-file")
-            .arg(&key_file)
-            .args(["--log-level", "trace"])
-            .args(extra)
-            .stdout(Stdio::from(
-                std::fs::File::create(dir.path().join("edge.out")).unwrap(),
-            ))
-            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
+        cmd.args([
+            "--vault-url",
+            &format!("https://{}", vault.unwrap_or(svc.addr())),
+        ])
+        .arg("--vault-ca-file")
+        .arg(&ca)
+        .arg("--api-key-file")
+        .arg(&key_file)
+        .args(["--log-level", "trace"])
+        .args(extra)
+        .stdout(Stdio::from(
+            std::fs::File::create(dir.path().join("edge.out")).unwrap(),
+        ))
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
         let child = cmd.spawn().unwrap();
         let mut edge = Edge {
             child,
@@ -672,7 +685,7 @@ fn the_edge_serves_tls_with_hsts_and_checks_over_it() {
     let svc = Service::start();
     let checkout = svc.principal_client("checkout", &["tokenize"], &["*"]);
     let key = svc.create_principal("edge", &["collect"], &["*"]);
-    let edge = Edge::start_with(&svc, &key, true, &[]);
+    let edge = Edge::start_with(&svc, &key, true, None, &[]);
     let ca = svc.endpoints().ca.clone().unwrap();
     let agent = ureq::AgentBuilder::new()
         .tls_config(e2e::tls_client_config(&ca, None))
@@ -803,6 +816,104 @@ fn serve_dev_runs_a_trial_edge_that_reaches_the_vault_over_mutual_tls() {
         "serve --dev log",
         svc.stderr().as_bytes(),
         &["4111111111111111"],
+    );
+    assert!(findings.is_empty(), "{findings:?}");
+}
+
+/// A TCP relay between the edge and the vault that can stop relaying the
+/// vault's answers (what the vault sends is read and dropped), as a link
+/// that breaks after the request went through.
+struct AnswerEater {
+    addr: String,
+    eat: Arc<AtomicBool>,
+}
+
+impl AnswerEater {
+    fn start(upstream: &str) -> AnswerEater {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let eat = Arc::new(AtomicBool::new(false));
+        let (upstream, flag) = (upstream.to_owned(), eat.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                });
+                let (mut s_in, mut c_out, flag) = (server, client, flag.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    loop {
+                        match s_in.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) if flag.load(Ordering::SeqCst) => {}
+                            Ok(n) => {
+                                if c_out.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        AnswerEater { addr, eat }
+    }
+}
+
+/// The vault stores a card but its answer never reaches the edge: the
+/// buyer gets 504 `vault_timeout` (the outcome unknown to the edge), and a
+/// retry of the same card once the link is back answers the same token,
+/// the one the checkout reads. A frame asked for while no answer comes
+/// back is the 504 page.
+#[test]
+fn a_lost_vault_answer_is_a_504_and_the_retry_gets_the_same_token() {
+    let svc = Service::start();
+    let checkout = svc.principal_client("checkout", &["tokenize"], &["*"]);
+    let key = svc.create_principal("edge", &["collect"], &["*"]);
+    let link = AnswerEater::start(svc.addr());
+    let edge = Edge::start_with(
+        &svc,
+        &key,
+        false,
+        Some(&link.addr),
+        &["--request-timeout-ms", "1500"],
+    );
+    let (id, secret) = open_session(&checkout);
+    // The frame over the link: the edge now holds a kept-alive connection.
+    let frame = edge.get(&format!("/v1/collect/frame/{id}"));
+    assert_eq!(frame.status, 200, "{}", frame.text());
+
+    link.eat.store(true, Ordering::SeqCst);
+    let body = card(&secret, "4012888888881881");
+    let lost = edge.submit(&id, Some(&edge.url), "application/json", &body);
+    assert_eq!(
+        (lost.status, lost.code().as_deref()),
+        (504, Some("vault_timeout")),
+        "{}",
+        lost.text()
+    );
+    // The vault did store it: the request went through, its answer did not.
+    let read = checkout.get(&format!("/v1/collect/sessions/{id}"));
+    assert_eq!(read.json["status"], "completed", "{read}");
+    let stored = read.json["token"]["token"].as_str().unwrap().to_owned();
+    let page = edge.get(&format!("/v1/collect/frame/{id}"));
+    assert_eq!(page.status, 504, "{}", page.text());
+    assert_frame_headers(&page, "'none'");
+
+    link.eat.store(false, Ordering::SeqCst);
+    let retried = edge.submit(&id, Some(&edge.url), "application/json", &body);
+    assert_eq!(retried.status, 200, "{}", retried.text());
+    assert_eq!(retried.json()["token"], stored.as_str());
+    let findings = scan_bytes(
+        "edge log",
+        edge.log_text().as_bytes(),
+        &["4012888888881881"],
     );
     assert!(findings.is_empty(), "{findings:?}");
 }
