@@ -35,6 +35,8 @@ const CSP_BASE: &str = "default-src 'none'; script-src 'self'; style-src 'self';
 pub(crate) struct Edge {
     child: Child,
     log: PathBuf,
+    /// The file holding its API key for the vault (mode 0600).
+    key_file: PathBuf,
     pub(crate) url: String,
     _dir: tempfile::TempDir,
 }
@@ -50,16 +52,17 @@ impl Edge {
     /// An edge for `svc` with the API key `key` (in a 0600 file: the only
     /// file the edge gets).
     pub(crate) fn start(svc: &Service, key: &str, extra: &[&str]) -> Edge {
-        Edge::start_with(svc, key, false, None, extra)
+        Edge::start_with(svc, key, None, None, extra)
     }
 
-    /// `tls`: serve the harness's server certificate instead of plain HTTP;
+    /// `tls`: serve `server.pem` and `server.key` of this directory instead
+    /// of plain HTTP (for `localhost`);
     /// `vault`: the vault's address as the edge is told it (default the
     /// vault's api listener).
     fn start_with(
         svc: &Service,
         key: &str,
-        tls: bool,
+        tls: Option<&std::path::Path>,
         vault: Option<&str>,
         extra: &[&str],
     ) -> Edge {
@@ -75,8 +78,7 @@ impl Edge {
         let ca = svc.endpoints().ca.clone().expect("the vault serves TLS");
         let mut cmd = tokenizer_command();
         cmd.arg("edge").args(["--listen", &listen]);
-        if tls {
-            let pki = e2e::harness_pki_dir(svc.data_dir());
+        if let Some(pki) = tls {
             cmd.arg("--tls-cert-file")
                 .arg(pki.join("server.pem"))
                 .arg("--tls-key-file")
@@ -103,7 +105,8 @@ impl Edge {
         let mut edge = Edge {
             child,
             log,
-            url: if tls {
+            key_file,
+            url: if tls.is_some() {
                 format!("https://localhost:{port}")
             } else {
                 format!("http://{listen}")
@@ -685,7 +688,8 @@ fn the_edge_serves_tls_with_hsts_and_checks_over_it() {
     let svc = Service::start();
     let checkout = svc.principal_client("checkout", &["tokenize"], &["*"]);
     let key = svc.create_principal("edge", &["collect"], &["*"]);
-    let edge = Edge::start_with(&svc, &key, true, None, &[]);
+    let pki = e2e::harness_pki_dir(svc.data_dir());
+    let edge = Edge::start_with(&svc, &key, Some(&pki), None, &[]);
     let ca = svc.endpoints().ca.clone().unwrap();
     let agent = ureq::AgentBuilder::new()
         .tls_config(e2e::tls_client_config(&ca, None))
@@ -880,7 +884,7 @@ fn a_lost_vault_answer_is_a_504_and_the_retry_gets_the_same_token() {
     let edge = Edge::start_with(
         &svc,
         &key,
-        false,
+        None,
         Some(&link.addr),
         &["--request-timeout-ms", "1500"],
     );
@@ -916,4 +920,117 @@ fn a_lost_vault_answer_is_a_504_and_the_retry_gets_the_same_token() {
         &["4012888888881881"],
     );
     assert!(findings.is_empty(), "{findings:?}");
+}
+
+/// `kill -HUP` makes the edge read its certificate and key again: new
+/// connections get the new certificate (a client trusting only the new CA
+/// connects, one trusting only the old CA no longer does), and its
+/// credential for the vault (a new API key replacing a revoked one); a
+/// broken file then leaves the last good material in use.
+#[test]
+fn sighup_reloads_the_edge_certificate_and_credential_and_a_broken_file_keeps_the_last_good_one() {
+    let svc = Service::start();
+    let checkout = svc.principal_client("checkout", &["tokenize"], &["*"]);
+    let key = svc.create_principal("edge", &["collect"], &["*"]);
+    let files = temp_data_dir();
+    let (old_pki, new_pki) = (files.path().join("old"), files.path().join("new"));
+    for dir in [&old_pki, &new_pki] {
+        let out = tokenizer_command()
+            .args(["dev-pki", "--out"])
+            .arg(dir)
+            .args(["--server-name", "localhost"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let served = files.path().join("served");
+    std::fs::create_dir(&served).unwrap();
+    let install = |from: &std::path::Path| {
+        for f in ["server.pem", "server.key"] {
+            // Written in place and renamed, as a deploy tool does.
+            let tmp = served.join(format!(".{f}.new"));
+            std::fs::copy(from.join(f), &tmp).unwrap();
+            std::fs::rename(&tmp, served.join(f)).unwrap();
+        }
+        give_to_service_user(&served);
+    };
+    install(&old_pki);
+    let edge = Edge::start_with(&svc, &key, Some(&served), None, &[]);
+    let healthz = |ca: &std::path::Path| {
+        let agent = ureq::AgentBuilder::new()
+            .tls_config(e2e::tls_client_config(&ca.join("ca.pem"), None))
+            .build();
+        agent.get(&format!("{}/healthz", edge.url)).call().is_ok()
+    };
+    assert!(healthz(&old_pki));
+    assert!(!healthz(&new_pki));
+
+    install(&new_pki);
+    let hup = || {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &edge.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    hup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !healthz(&new_pki) {
+        assert!(Instant::now() < deadline, "no reload:\n{}", edge.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!healthz(&old_pki), "the old certificate is still served");
+
+    // The credential: the old principal revoked, a new key in the file.
+    let (id, _) = open_session(&checkout);
+    let frame = |edge: &Edge| {
+        let agent = ureq::AgentBuilder::new()
+            .tls_config(e2e::tls_client_config(&new_pki.join("ca.pem"), None))
+            .build();
+        fetch(
+            agent
+                .get(&format!("{}/v1/collect/frame/{id}", edge.url))
+                .call(),
+        )
+        .status
+    };
+    assert_eq!(frame(&edge), 200);
+    svc.revoke("edge");
+    assert_eq!(frame(&edge), 502, "a revoked edge still reads sessions");
+    let key2 = svc.create_principal("edge-2", &["collect"], &["*"]);
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let tmp = edge.key_file.with_extension("new");
+        std::fs::write(&tmp, format!("{key2}\n")).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        give_to_service_user(&tmp);
+        std::fs::rename(&tmp, &edge.key_file).unwrap();
+    }
+    hup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while frame(&edge) != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "no new credential:\n{}",
+            edge.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    std::fs::write(served.join("server.pem"), "not a certificate\n").unwrap();
+    hup();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !edge.log_text().contains("TLS reload failed") {
+        assert!(Instant::now() < deadline, "{}", edge.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        healthz(&new_pki),
+        "a broken file replaced the good material"
+    );
+    let alive = std::process::Command::new("kill")
+        .args(["-0", &edge.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(alive.success(), "the edge died on SIGHUP");
 }

@@ -39,7 +39,7 @@ use crate::config::{
     EdgeArgs, LogFormat, DEFAULT_EDGE_MAX_BODY_BYTES, DEFAULT_EDGE_RATE_PER_SESSION,
     DEFAULT_EDGE_RATE_PER_SOURCE, DEFAULT_EDGE_REQUEST_TIMEOUT_MS,
 };
-use crate::tls::{ClientCerts, ReloadableTls, TlsFiles};
+use crate::tls::{ReloadableTls, TlsFiles};
 
 use self::rate::RateLimit;
 use self::routes::EdgeState;
@@ -100,8 +100,8 @@ pub async fn run(args: EdgeArgs) -> ExitCode {
                 client_ca: None,
                 client_crl: None,
             };
-            match ReloadableTls::load(files).and_then(|t| t.config(ClientCerts::None)) {
-                Ok(config) => Some(config),
+            match ReloadableTls::load(files) {
+                Ok(tls) => Some(Arc::new(tls)),
                 Err(e) => return fail(e),
             }
         }
@@ -173,7 +173,7 @@ struct Limits {
 /// Log what is served and build the server on `listener` (not yet running).
 fn start(
     listener: std::net::TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<ReloadableTls>>,
     vault: VaultClient,
     origin: String,
     limits: &Limits,
@@ -191,9 +191,37 @@ fn start(
         per_source: RateLimit::new(limits.rate_per_source),
         per_session: RateLimit::new(limits.rate_per_session),
     });
-    let (server, bound) = server::build(listener, tls, state)?;
+    let (server, bound) = server::build(listener, tls.clone(), state.clone())?;
+    reload_on_hangup(tls, state);
     tracing::info!("listening on {bound} (collect, {scheme})");
     Ok((server, bound))
+}
+
+/// SIGHUP: read the edge's certificate and key, the vault's CA, the client
+/// certificate and the API key file again. New connections use them; a
+/// broken file leaves the previous material in use (and is logged).
+fn reload_on_hangup(tls: Option<Arc<ReloadableTls>>, state: web::Data<EdgeState>) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot watch SIGHUP: reloading certificates needs a restart");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let served = tls
+                .as_ref()
+                .map_or(Ok(()), |t| t.reload().map_err(|e| e.to_string()));
+            let vault = state.vault.reload();
+            match (served, vault) {
+                (Ok(()), Ok(())) => tracing::info!("TLS material reloaded"),
+                (served, vault) => tracing::error!(
+                    served = served.err().as_deref().unwrap_or("reloaded"),
+                    vault = vault.err().as_deref().unwrap_or("reloaded"),
+                    "TLS reload failed; the previous material stays in use where it failed"
+                ),
+            }
+        }
+    });
 }
 
 /// The edge `serve --dev` runs beside the vault, for trials: a loopback
@@ -241,9 +269,7 @@ impl DevEdge {
             client_ca: None,
             client_crl: None,
         };
-        let tls = ReloadableTls::load(files)
-            .and_then(|t| t.config(ClientCerts::None))
-            .map_err(|e| e.to_string())?;
+        let tls = ReloadableTls::load(files).map_err(|e| e.to_string())?;
         let limits = Limits {
             max_body_bytes: DEFAULT_EDGE_MAX_BODY_BYTES,
             rate_per_source: DEFAULT_EDGE_RATE_PER_SOURCE,
@@ -267,7 +293,7 @@ impl DevEdge {
             "DEV MODE: a trial edge (hosted card form) on {}; not a production setup",
             self.addr
         );
-        start(self.listener, Some(tls), vault, origin, &limits)
+        start(self.listener, Some(Arc::new(tls)), vault, origin, &limits)
             .map(|(server, _)| server)
             .map_err(|e| e.to_string())
     }

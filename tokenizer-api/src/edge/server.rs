@@ -1,5 +1,6 @@
 //! The `collect` listener: TLS (rustls, the vault's protocol versions and
-//! AEAD suites, no client certificates) or, on loopback only, plain HTTP;
+//! AEAD suites, no client certificates; the material reloadable) or, on
+//! loopback only, plain HTTP;
 //! actix-http serving the edge's actix-web app, with a request id and an
 //! access log line per request (route pattern, status, request id; never
 //! the raw path or a body).
@@ -18,6 +19,7 @@ use tokio::sync::Semaphore;
 
 use super::routes::{self, EdgeState};
 use crate::server::Io;
+use crate::tls::{ClientCerts, ReloadableTls};
 
 /// Open connections at most; more are closed at once.
 const MAX_CONNECTIONS: usize = 4096;
@@ -28,7 +30,7 @@ fn refused(why: &'static str) -> actix_http::error::DispatchError {
 
 async fn accept(
     tcp: TcpStream,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<ReloadableTls>>,
     slots: Arc<Semaphore>,
     handshake_timeout: Duration,
 ) -> Result<(Io, Protocol, Option<SocketAddr>), actix_http::error::DispatchError> {
@@ -38,9 +40,13 @@ async fn accept(
         return Err(refused("connection limit"));
     };
     let _ = tcp.set_nodelay(true);
-    let Some(config) = tls else {
+    let Some(tls) = tls else {
         return Ok((Io::Plain(tcp), Protocol::Http1, peer));
     };
+    // The material current when this handshake starts (SIGHUP reloads it).
+    let config = tls
+        .config(ClientCerts::None)
+        .map_err(|_| refused("tls configuration"))?;
     let handshake = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
     match tokio::time::timeout(handshake_timeout, handshake).await {
         Ok(Ok(stream)) => Ok((Io::Tls(Box::new(stream)), Protocol::Http1, peer)),
@@ -58,7 +64,7 @@ async fn accept(
 /// Build the server on a bound listener (not yet running).
 pub fn build(
     listener: std::net::TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<ReloadableTls>>,
     state: web::Data<EdgeState>,
 ) -> std::io::Result<(actix_server::Server, SocketAddr)> {
     let bound = listener.local_addr()?;

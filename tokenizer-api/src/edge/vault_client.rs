@@ -1,12 +1,14 @@
 //! The edge's calls to the vault's api listener: one shared `ureq` agent
 //! over rustls, trusting only the configured vault CA, presenting the
 //! edge's client certificate and/or its API key (role `collect`). The
-//! calls block: handlers run them in `web::block`.
+//! calls block: handlers run them in `web::block`. [`VaultClient::reload`]
+//! reads the CA, the client certificate and the key file again (SIGHUP):
+//! new calls use them, a broken file leaves the previous ones in use.
 
 use std::io::Read as _;
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use zeroize::Zeroizing;
@@ -35,8 +37,23 @@ pub struct Answer {
 
 /// How the edge reaches the vault.
 pub struct VaultClient {
-    agent: ureq::Agent,
     base: String,
+    /// The files it is built from, read again on reload.
+    files: Files,
+    current: RwLock<Arc<Current>>,
+}
+
+#[derive(Debug, Clone)]
+struct Files {
+    ca: PathBuf,
+    client_cert: Option<(PathBuf, PathBuf)>,
+    api_key: Option<PathBuf>,
+    timeout: Duration,
+}
+
+/// The agent and credential in use.
+struct Current {
+    agent: ureq::Agent,
     /// `Bearer cvk_...`, when an API key is configured.
     authorization: Option<Zeroizing<String>>,
 }
@@ -47,7 +64,7 @@ impl std::fmt::Debug for VaultClient {
             .field("base", &self.base)
             .field(
                 "api_key",
-                &self.authorization.as_ref().map(|_| "[REDACTED]"),
+                &self.files.api_key.as_ref().map(|_| "[REDACTED]"),
             )
             .finish_non_exhaustive()
     }
@@ -120,31 +137,47 @@ impl VaultClient {
         if base["https://".len()..].contains(['/', '?', '#']) {
             return Err("--vault-url is the listener's origin only, without a path".into());
         }
-        let authorization = config.api_key_file.map(read_api_key).transpose()?;
-        if authorization.is_none() && config.client_cert.is_none() {
+        if config.api_key_file.is_none() && config.client_cert.is_none() {
             return Err(
                 "the edge needs a credential for the vault: --client-cert-file and \
                  --client-key-file, and/or --api-key-file"
                     .into(),
             );
         }
-        let tls = client_tls(config.ca_file, config.client_cert)?;
-        let agent = ureq::AgentBuilder::new()
-            .tls_config(Arc::new(tls))
-            .timeout(config.timeout)
-            .redirects(0)
-            .max_idle_connections_per_host(16)
-            .build();
+        let files = Files {
+            ca: config.ca_file.to_path_buf(),
+            client_cert: config
+                .client_cert
+                .map(|(c, k)| (c.to_path_buf(), k.to_path_buf())),
+            api_key: config.api_key_file.map(Path::to_path_buf),
+            timeout: config.timeout,
+        };
+        let current = RwLock::new(Arc::new(build(&files)?));
         Ok(VaultClient {
-            agent,
             base: base.to_owned(),
-            authorization,
+            files,
+            current,
         })
     }
 
+    /// Read the CA, the client certificate and key, and the API key file
+    /// again; on error the previous ones stay in use.
+    pub fn reload(&self) -> Result<(), String> {
+        let built = build(&self.files)?;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(built);
+        Ok(())
+    }
+
     fn request(&self, method: &str, path: &str) -> ureq::Request {
-        let req = self.agent.request(method, &format!("{}{path}", self.base));
-        match &self.authorization {
+        let current = self
+            .current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let req = current
+            .agent
+            .request(method, &format!("{}{path}", self.base));
+        match &current.authorization {
             Some(a) => req.set("Authorization", a.as_str()),
             None => req,
         }
@@ -166,6 +199,25 @@ impl VaultClient {
                 .send_bytes(body),
         )
     }
+}
+
+fn build(files: &Files) -> Result<Current, String> {
+    let authorization = files.api_key.as_deref().map(read_api_key).transpose()?;
+    let client_cert = files
+        .client_cert
+        .as_ref()
+        .map(|(c, k)| (c.as_path(), k.as_path()));
+    let tls = client_tls(&files.ca, client_cert)?;
+    let agent = ureq::AgentBuilder::new()
+        .tls_config(Arc::new(tls))
+        .timeout(files.timeout)
+        .redirects(0)
+        .max_idle_connections_per_host(16)
+        .build();
+    Ok(Current {
+        agent,
+        authorization,
+    })
 }
 
 fn answer(result: Result<ureq::Response, ureq::Error>) -> Result<Answer, CallError> {
