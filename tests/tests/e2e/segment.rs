@@ -1006,8 +1006,9 @@ fn segment_firewalls_listeners_and_client_certificates() {
     seg.start_edge(&pki, &edge_pki, &ports);
 
     // Every probe of the segment: (from, to, port) that must stay silent
-    // once the firewalls are up. Before they are, each one connects: the
-    // routing works, and the rules are what stops them afterwards.
+    // once the firewalls are up. Before they are, those to a listener
+    // connect (the controls below) and the others are refused at once:
+    // the routing works, and the rules are what stops them afterwards.
     let listeners = [
         ("api", ports.api),
         ("reveal", ports.reveal),
