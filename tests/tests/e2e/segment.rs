@@ -1,15 +1,18 @@
 //! The card-data segment, built for real: network namespaces joined by veth
 //! pairs to a core router namespace that forwards between them, the shipped
 //! host firewalls (`deploy/nftables/cardvault.nft` in `pci`,
-//! `deploy/nftables/database.nft` in `db`) loaded with this test's own
-//! addresses file, a private PostgreSQL in `db`, and the real `tokenizer`
-//! (TLS, client certificates from `tokenizer dev-pki`, as an unprivileged
-//! user) in `pci`. Every check is a real connection made with curl from the
-//! namespace of the caller.
+//! `deploy/nftables/database.nft` in `db`, `deploy/nftables/edge.nft` in
+//! `dmz`) loaded with this test's own addresses file, a private PostgreSQL
+//! in `db`, the real `tokenizer` (TLS, client certificates from `tokenizer
+//! dev-pki`, as an unprivileged user) in `pci`, and the real hosted-collection
+//! edge (`tokenizer edge`: its own TLS certificate, the `collect` client
+//! certificate to the vault's api listener) in `dmz`. Every check is a real
+//! connection made with curl from the namespace of the caller, and one card
+//! is collected end to end through the edge across both firewalls.
 //!
 //! ```text
-//!   internet 198.51.100.10 ┐
-//!   checkout 10.230.1.10   ┤            ┌ pci  10.230.4.5  tokenizer api/reveal/admin
+//!   internet 198.51.100.10 ┐            ┌ dmz  10.230.7.10  tokenizer edge (collect)
+//!   checkout 10.230.1.10   ┤            ├ pci  10.230.4.5   tokenizer api/reveal/admin
 //!   router   10.230.2.10   ┼── core ────┤
 //!   ops      10.230.3.10   ┘ (forwards) └ db   10.230.5.10  PostgreSQL :5432
 //! ```
@@ -28,7 +31,7 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
@@ -48,10 +51,17 @@ const HOSTS: &[(&str, &str, &str)] = &[
     ("ops", "10.230.3.10", "10.230.3.1"),
     ("pci", "10.230.4.5", "10.230.4.1"),
     ("db", "10.230.5.10", "10.230.5.1"),
+    ("dmz", "10.230.7.10", "10.230.7.1"),
 ];
 const PCI: &str = "10.230.4.5";
 const DB: &str = "10.230.5.10";
+const DMZ: &str = "10.230.7.10";
 const INTERNET: &str = "198.51.100.10";
+const CHECKOUT: &str = "10.230.1.10";
+const ROUTER: &str = "10.230.2.10";
+const OPS: &str = "10.230.3.10";
+/// The merchant's page the collection form is framed in.
+const SHOP: &str = "https://shop.example";
 
 /// This test's values for the address defines of
 /// `deploy/nftables/cardvault-addresses.nft` (the ports stay as shipped).
@@ -61,12 +71,15 @@ const ADDRESS_DEFINES: &[(&str, &str)] = &[
     ("checkout_nets", "{ 10.230.1.0/24 }"),
     ("router_nets", "{ 10.230.2.0/24 }"),
     ("ops_nets", "{ 10.230.3.0/24 }"),
+    ("edge_hosts", "{ 10.230.7.10 }"),
     // Nobody there: allowed by the rules, never used by the test.
     ("dns_servers", "{ 10.230.6.53 }"),
     ("ntp_servers", "{ 10.230.6.123 }"),
+    ("dmz_dns_servers", "{ 10.230.7.53 }"),
+    ("dmz_ntp_servers", "{ 10.230.7.123 }"),
 ];
 
-/// The unprivileged user the tokenizer runs as.
+/// The unprivileged user the tokenizer and the edge run as.
 const SERVICE_UID: u32 = 65534;
 const TENANT: &str = "shop-1";
 const PAN: &str = "4111111111111111";
@@ -214,7 +227,64 @@ struct Segment {
     dir: tempfile::TempDir,
     pg_started: bool,
     tokenizer: Option<Child>,
-    tokenizer_log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    tokenizer_log: Log,
+    edge: Option<Child>,
+    edge_log: Log,
+}
+
+/// A process's stderr lines, as read so far.
+type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Starts `c` (stderr piped) and waits until each of `wanted` is a
+/// substring of some line of its stderr; every line goes to `log`. The
+/// child is returned as soon as it is spawned (through `keep`), so a
+/// failure to come up still tears it down.
+fn spawn_until(
+    mut c: Command,
+    what: &str,
+    wanted: &[String],
+    keep: &mut Option<Child>,
+    log: &Log,
+) -> Result<(), String> {
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = c
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let stderr = child.stderr.take().unwrap();
+    *keep = Some(child);
+    let (tx, rx) = mpsc::channel::<String>();
+    let lines = log.clone();
+    thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let line = e2e::strip_ansi(&line);
+            lines.lock().unwrap().push(line.clone());
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = vec![false; wanted.len()];
+    while seen.iter().any(|s| !s) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                for (i, w) in wanted.iter().enumerate() {
+                    seen[i] |= line.contains(w.as_str());
+                }
+            }
+            Err(_) => {
+                let missing: Vec<_> = wanted
+                    .iter()
+                    .zip(&seen)
+                    .filter(|(_, s)| !**s)
+                    .map(|(w, _)| w.as_str())
+                    .collect();
+                return Err(format!("{what} did not log {missing:?}"));
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Segment {
@@ -240,6 +310,8 @@ impl Segment {
             pg_started: false,
             tokenizer: None,
             tokenizer_log: Default::default(),
+            edge: None,
+            edge_log: Default::default(),
         };
         let core = seg.ns("core");
         must(cmd("ip", &["netns", "add", &core]));
@@ -355,6 +427,8 @@ impl Segment {
             "client-auditor.key",
             "client-key_admin.pem",
             "client-key_admin.key",
+            "client-collect.pem",
+            "client-collect.key",
         ] {
             assert!(pki.join(f).is_file(), "dev-pki wrote no {f}");
         }
@@ -363,6 +437,31 @@ impl Segment {
             .permissions()
             .mode();
         assert_eq!(key_mode & 0o077, 0, "server.key is readable by others");
+        fs::set_permissions(&pki, fs::Permissions::from_mode(0o755)).unwrap();
+        // The vault's server key, and the edge's client key (the edge
+        // runs as the same unprivileged user here).
+        for key in ["server.key", "client-collect.key"] {
+            must(cmd(
+                "chown",
+                &[&SERVICE_UID.to_string(), pki.join(key).to_str().unwrap()],
+            ));
+        }
+        pki
+    }
+
+    /// The edge's own server certificate, for the dmz address, from a CA
+    /// of its own (a second `tokenizer dev-pki`): the edge never holds the
+    /// vault's server key, and the internet trusts only the edge's CA.
+    fn make_edge_pki(&self) -> PathBuf {
+        let pki = self.path("pki-edge");
+        let mut c = Command::new(tokenizer_bin());
+        c.args(["dev-pki", "--out"])
+            .arg(&pki)
+            .args(["--server-name", DMZ]);
+        must(c);
+        for f in ["ca.pem", "server.pem", "server.key"] {
+            assert!(pki.join(f).is_file(), "dev-pki wrote no {f}");
+        }
         fs::set_permissions(&pki, fs::Permissions::from_mode(0o755)).unwrap();
         must(cmd(
             "chown",
@@ -390,11 +489,14 @@ impl Segment {
             &self.ns("pci"),
             &["kek", "generate", "--data-dir", d],
         ));
-        // The auditor certificate stays unbound (401 below).
-        for (name, role) in [
-            ("checkout", "tokenize"),
-            ("payment-router", "detokenize"),
-            ("operators", "key_admin"),
+        // The auditor certificate stays unbound (401 below). The edge's
+        // (role collect) is bound as deploy/README.md binds it: every
+        // tenant, since a session names its own.
+        for (name, role, tenants) in [
+            ("checkout", "tokenize", TENANT),
+            ("payment-router", "detokenize", TENANT),
+            ("operators", "key_admin", TENANT),
+            ("edge", "collect", "*"),
         ] {
             let identity = format!("spiffe://cardvault.dev/{role}");
             let out = must(tokenizer_in_ns(
@@ -411,7 +513,7 @@ impl Segment {
                     "--roles",
                     role,
                     "--tenants",
-                    TENANT,
+                    tenants,
                     "--cert-identity",
                     &identity,
                 ],
@@ -423,14 +525,15 @@ impl Segment {
         data
     }
 
-    /// `tokenizer serve` in `pci` with the three TLS listeners; waits for
-    /// its three `listening on` lines.
+    /// `tokenizer serve` in `pci` with the three TLS listeners, the edge's
+    /// public origin as `--collect-public-url`; waits for its three
+    /// `listening on` lines.
     fn start_tokenizer(&mut self, data: &Path, pki: &Path, ports: &Ports) {
         let p = |f: &str| pki.join(f).to_str().unwrap().to_string();
         let api = format!("{PCI}:{}", ports.api);
         let reveal = format!("{PCI}:{}", ports.reveal);
         let admin = format!("{PCI}:{}", ports.admin);
-        let mut c = tokenizer_in_ns(
+        let c = tokenizer_in_ns(
             &self.ns("pci"),
             &[
                 "serve",
@@ -450,45 +553,59 @@ impl Segment {
                 &p("server.key"),
                 "--tls-client-ca-file",
                 &p("ca.pem"),
+                "--collect-public-url",
+                &edge_origin(ports),
             ],
         );
-        c.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("cannot start the tokenizer");
-        let stderr = child.stderr.take().unwrap();
-        self.tokenizer = Some(child);
+        let wanted: Vec<String> = [("api", &api), ("reveal", &reveal), ("admin", &admin)]
+            .iter()
+            .map(|(what, addr)| format!("listening on {addr} ({what}"))
+            .collect();
         let log = self.tokenizer_log.clone();
-        let (tx, rx) = mpsc::channel::<String>();
-        thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let line = e2e::strip_ansi(&line);
-                log.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut seen = Vec::new();
-        while seen.len() < 3 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    for (what, addr) in [("api", &api), ("reveal", &reveal), ("admin", &admin)] {
-                        if line.contains(&format!("listening on {addr}"))
-                            && (line.contains(&format!("({what})"))
-                                || line.contains(&format!("({what},")))
-                            && !seen.contains(&what)
-                        {
-                            seen.push(what);
-                        }
-                    }
-                }
-                Err(_) => panic!(
-                    "the tokenizer did not report its three listeners (saw {seen:?}); log:\n{}",
-                    self.log()
-                ),
-            }
+        if let Err(e) = spawn_until(c, "the tokenizer", &wanted, &mut self.tokenizer, &log) {
+            panic!("{e}; log:\n{}", self.log());
         }
+    }
+
+    /// `tokenizer edge` in `dmz`: its collect listener with its own
+    /// certificate, the vault's api listener at the pci address over
+    /// mutual TLS (the `collect` client certificate, the vault's CA);
+    /// waits for its `listening on` line.
+    fn start_edge(&mut self, pki: &Path, edge_pki: &Path, ports: &Ports) {
+        let listen = format!("{DMZ}:{}", ports.collect);
+        let vault = format!("https://{PCI}:{}", ports.api);
+        let f = |dir: &Path, name: &str| dir.join(name).to_str().unwrap().to_string();
+        let c = tokenizer_in_ns(
+            &self.ns("dmz"),
+            &[
+                "edge",
+                "--listen",
+                &listen,
+                "--tls-cert-file",
+                &f(edge_pki, "server.pem"),
+                "--tls-key-file",
+                &f(edge_pki, "server.key"),
+                "--public-url",
+                &edge_origin(ports),
+                "--vault-url",
+                &vault,
+                "--vault-ca-file",
+                &f(pki, "ca.pem"),
+                "--client-cert-file",
+                &f(pki, "client-collect.pem"),
+                "--client-key-file",
+                &f(pki, "client-collect.key"),
+            ],
+        );
+        let wanted = [format!("listening on {listen} (collect, https)")];
+        let log = self.edge_log.clone();
+        if let Err(e) = spawn_until(c, "the edge", &wanted, &mut self.edge, &log) {
+            panic!("{e}; log:\n{}", self.edge_log());
+        }
+    }
+
+    fn edge_log(&self) -> String {
+        self.edge_log.lock().unwrap().join("\n")
     }
 
     fn log(&self) -> String {
@@ -506,7 +623,11 @@ impl Segment {
             test_addresses(&shipped.join("cardvault-addresses.nft")),
         )
         .unwrap();
-        for (ns, file) in [("pci", "cardvault.nft"), ("db", "database.nft")] {
+        for (ns, file) in [
+            ("pci", "cardvault.nft"),
+            ("db", "database.nft"),
+            ("dmz", "edge.nft"),
+        ] {
             let mut c = in_ns(&self.ns(ns), "nft", &["-I"]);
             c.arg(&include).arg("-f").arg(shipped.join(file));
             must(c);
@@ -518,8 +639,17 @@ impl Segment {
             &["list", "table", "inet", "cardvault"],
         ));
         assert!(
-            rules.contains("10.230.1.0/24") && rules.contains(DB),
+            rules.contains("10.230.1.0/24") && rules.contains(DB) && rules.contains(DMZ),
             "the test's addresses file was not the one included:\n{rules}"
+        );
+        let rules = must(in_ns(
+            &self.ns("dmz"),
+            "nft",
+            &["list", "table", "inet", "cardvault_edge"],
+        ));
+        assert!(
+            rules.contains(PCI) && rules.contains("10.230.7.53"),
+            "the test's addresses file was not the one included in dmz:\n{rules}"
         );
     }
 }
@@ -527,7 +657,10 @@ impl Segment {
 impl Drop for Segment {
     fn drop(&mut self) {
         // No panics here: best effort, in order, saying what failed.
-        if let Some(mut child) = self.tokenizer.take() {
+        for mut child in [self.edge.take(), self.tokenizer.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -567,12 +700,37 @@ impl Drop for Segment {
     }
 }
 
+/// The packets counted by named counter `table/counter` in namespace `ns`,
+/// and the listing it was read from.
+fn counted(seg: &Segment, ns: &str, table: &str, counter: &str) -> (u64, String) {
+    let listed = must(in_ns(
+        &seg.ns(ns),
+        "nft",
+        &["list", "counter", "inet", table, counter],
+    ));
+    let packets = listed
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    (packets, listed)
+}
+
 /// The ports of the shipped addresses file.
 struct Ports {
     api: u16,
     reveal: u16,
     admin: u16,
     db: u16,
+    /// The edge's collect listener.
+    collect: u16,
+}
+
+/// The edge's public origin: what the browser (here `internet`) calls,
+/// the vault's `--collect-public-url` and the edge's `--public-url`.
+fn edge_origin(ports: &Ports) -> String {
+    format!("https://{DMZ}:{}", ports.collect)
 }
 
 fn shipped_define(text: &str, name: &str) -> String {
@@ -599,6 +757,7 @@ fn shipped_ports() -> Ports {
         reveal: port("reveal_port"),
         admin: port("admin_port"),
         db: port("db_port"),
+        collect: port("collect_port"),
     }
 }
 
@@ -743,6 +902,40 @@ fn https(
     url: &str,
     body: Option<&Value>,
 ) -> Https {
+    let client = role.map(|role| {
+        (
+            pki.join(format!("client-{role}.pem")),
+            pki.join(format!("client-{role}.key")),
+        )
+    });
+    https_with(
+        seg,
+        ns,
+        &pki.join("ca.pem"),
+        client.as_ref(),
+        &[],
+        method,
+        url,
+        body,
+    )
+}
+
+/// One HTTPS request from namespace `ns`, verifying the server against
+/// `ca`, with an optional client certificate and key and extra headers.
+/// A body goes to curl through a file (mode 0600), so a card number in it
+/// is never on a command line (nor in a panic message quoting one).
+#[allow(clippy::too_many_arguments)]
+fn https_with(
+    seg: &Segment,
+    ns: &str,
+    ca: &Path,
+    client: Option<&(PathBuf, PathBuf)>,
+    headers: &[String],
+    method: &str,
+    url: &str,
+    body: Option<&Value>,
+) -> Https {
+    static BODIES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let mut c = in_ns(
         &seg.ns(ns),
         "curl",
@@ -758,19 +951,33 @@ fn https(
             "\n%{http_code}",
         ],
     );
-    c.arg("--cacert").arg(pki.join("ca.pem"));
-    if let Some(role) = role {
-        c.arg("--cert")
-            .arg(pki.join(format!("client-{role}.pem")))
-            .arg("--key")
-            .arg(pki.join(format!("client-{role}.key")));
+    c.arg("--cacert").arg(ca);
+    if let Some((cert, key)) = client {
+        c.arg("--cert").arg(cert).arg("--key").arg(key);
     }
+    for h in headers {
+        c.arg("-H").arg(h);
+    }
+    let mut body_file = None;
     if let Some(body) = body {
+        let n = BODIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = seg.path(&format!("body-{n}.json"));
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        std::io::Write::write_all(&mut f, body.to_string().as_bytes()).unwrap();
         c.args(["-H", "Content-Type: application/json", "--data-binary"])
-            .arg(body.to_string());
+            .arg(format!("@{}", path.display()));
+        body_file = Some(path);
     }
     c.arg(url);
     let out = run_timeout(c, Duration::from_secs(30));
+    if let Some(path) = body_file {
+        let _ = fs::remove_file(path);
+    }
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", stdout.as_str()));
     Https {
@@ -793,12 +1000,15 @@ fn segment_firewalls_listeners_and_client_certificates() {
     let mut seg = Segment::build();
     seg.start_postgres();
     let pki = seg.make_pki();
+    let edge_pki = seg.make_edge_pki();
     let data = seg.prepare_service();
     seg.start_tokenizer(&data, &pki, &ports);
+    seg.start_edge(&pki, &edge_pki, &ports);
 
     // Every probe of the segment: (from, to, port) that must stay silent
-    // once the firewalls are up. Before they are, each one connects: the
-    // routing works, and the rules are what stops them afterwards.
+    // once the firewalls are up. Before they are, those to a listener
+    // connect (the controls below) and the others are refused at once:
+    // the routing works, and the rules are what stops them afterwards.
     let listeners = [
         ("api", ports.api),
         ("reveal", ports.reveal),
@@ -819,6 +1029,29 @@ fn segment_firewalls_listeners_and_client_certificates() {
     forbidden.push(("router", PCI, ports.admin));
     forbidden.push(("ops", PCI, ports.api));
     forbidden.push(("ops", PCI, ports.reveal));
+    // The DMZ. From the internet, the edge host answers on its collect
+    // port only.
+    for port in [22, ports.api, ports.reveal, ports.admin, ports.db, 443] {
+        forbidden.push(("internet", DMZ, port));
+    }
+    // The edge host reaches the vault's api listener and nothing else:
+    // not reveal, admin or ssh of the tokenizer host, not the database,
+    // not the other zones, not the internet.
+    for (addr, port) in [
+        (PCI, ports.reveal),
+        (PCI, ports.admin),
+        (PCI, 22),
+        (PCI, ports.db),
+        (DB, ports.db),
+        (CHECKOUT, 443),
+        (ROUTER, 443),
+        (OPS, 22),
+        (INTERNET, 443),
+    ] {
+        forbidden.push(("dmz", addr, port));
+    }
+    // The vault never calls the edge.
+    forbidden.push(("pci", DMZ, ports.collect));
 
     let control: Vec<(&str, String, &str, u16)> = [
         ("internet", PCI, ports.api),
@@ -826,6 +1059,11 @@ fn segment_firewalls_listeners_and_client_certificates() {
         ("internet", PCI, ports.admin),
         ("internet", DB, ports.db),
         ("ops", DB, ports.db),
+        ("internet", DMZ, ports.collect),
+        ("dmz", PCI, ports.reveal),
+        ("dmz", PCI, ports.admin),
+        ("dmz", DB, ports.db),
+        ("pci", DMZ, ports.collect),
     ]
     .into_iter()
     .map(|(ns, addr, port)| (ns, seg.ns(ns), addr, port))
@@ -851,12 +1089,21 @@ fn segment_firewalls_listeners_and_client_certificates() {
         .collect();
     probes.push(("pci", seg.ns("pci"), INTERNET, 443));
     probes.push(("db", seg.ns("db"), INTERNET, 443));
-    // Allowed: the tokenizer host opens new connections to the database.
-    probes.push(("pci", seg.ns("pci"), DB, ports.db));
+    // Allowed: the tokenizer host opens new connections to the database,
+    // the internet to the edge's collect port, the edge host to the
+    // vault's api listener.
+    let allowed: [(&str, &str, u16); 3] = [
+        ("pci", DB, ports.db),
+        ("internet", DMZ, ports.collect),
+        ("dmz", PCI, ports.api),
+    ];
+    for (ns, addr, port) in allowed {
+        probes.push((ns, seg.ns(ns), addr, port));
+    }
     let results = reach_all(&probes);
     let mut wrong = Vec::new();
     for (probe, reach) in probes.iter().zip(&results) {
-        let allowed = probe.0 == "pci" && probe.2 == DB;
+        let allowed = allowed.contains(&(probe.0, probe.2, probe.3));
         let want = if allowed {
             Reach::Connected
         } else {
@@ -871,9 +1118,10 @@ fn segment_firewalls_listeners_and_client_certificates() {
     }
     assert!(
         wrong.is_empty(),
-        "the firewalls let through or refused the wrong flows:\n{}\n--- pci ruleset ---\n{}",
+        "the firewalls let through or refused the wrong flows:\n{}\n--- pci ruleset ---\n{}\n--- dmz ruleset ---\n{}",
         wrong.join("\n"),
-        must(in_ns(&seg.ns("pci"), "nft", &["list", "ruleset"]))
+        must(in_ns(&seg.ns("pci"), "nft", &["list", "ruleset"])),
+        must(in_ns(&seg.ns("dmz"), "nft", &["list", "ruleset"]))
     );
 
     // The drops went through the logging chains (rate-limited log, then a
@@ -883,21 +1131,37 @@ fn segment_firewalls_listeners_and_client_certificates() {
         ("pci", "cardvault", "dropped_out"),
         ("db", "cardvault_db", "dropped_in"),
         ("db", "cardvault_db", "dropped_out"),
+        ("dmz", "cardvault_edge", "dropped_in"),
+        ("dmz", "cardvault_edge", "dropped_out"),
     ] {
-        let listed = must(in_ns(
-            &seg.ns(ns),
-            "nft",
-            &["list", "counter", "inet", table, counter],
-        ));
-        let packets: u64 = listed
-            .split_whitespace()
-            .skip_while(|w| *w != "packets")
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
+        let (packets, listed) = counted(&seg, ns, table, counter);
         assert!(
             packets > 0,
             "{ns}: counter {table}/{counter} counted no drop:\n{listed}"
+        );
+    }
+
+    // Each layer holds alone: the edge host's own rules (edge.nft) drop
+    // its attempts on the card-data zone, before the tokenizer's and the
+    // database's rules would. One probe at a time, so that the edge's
+    // drop counter moves for that probe only.
+    for (addr, port) in [
+        (PCI, ports.reveal),
+        (PCI, ports.admin),
+        (PCI, 22),
+        (DB, ports.db),
+    ] {
+        let (before, _) = counted(&seg, "dmz", "cardvault_edge", "dropped_out");
+        let reach = reach_of(&run_timeout(
+            reach_cmd(&seg.ns("dmz"), addr, port),
+            Duration::from_secs(20),
+        ));
+        let (after, listed) = counted(&seg, "dmz", "cardvault_edge", "dropped_out");
+        assert_eq!(reach, Reach::Silent, "dmz -> {addr}:{port}");
+        assert!(
+            after > before,
+            "dmz -> {addr}:{port} was not dropped by the edge host's own firewall \
+             (edge.nft output):\n{listed}"
         );
     }
 
@@ -1077,11 +1341,209 @@ fn segment_firewalls_listeners_and_client_certificates() {
         assert_eq!(resp.status, 200, "healthz {url} from {ns}: {resp}");
     }
 
+    let collected = collect_through_the_edge(&seg, &pki, &edge_pki, &ports, exp_year);
+
     let log = seg.log();
     assert!(!log.contains(PAN), "the tokenizer logged the PAN");
+    let edge_log = seg.edge_log();
+    assert!(!edge_log.contains(PAN), "the edge logged the PAN");
+    assert!(
+        !edge_log.contains(&collected.client_secret),
+        "the edge logged a client secret"
+    );
     crate::report(&format!(
-        "segment: {} forbidden flows silent, tokenize/detokenize/metrics through their own listeners, in {:.1?}",
+        "segment: {} forbidden flows silent, tokenize/detokenize/metrics through their own listeners, \
+         a card collected through the edge in the DMZ, in {:.1?}",
         forbidden.len() + 2,
         started.elapsed()
     ));
+}
+
+/// What the end-to-end collection leaves for the final checks.
+struct Collected {
+    client_secret: String,
+}
+
+/// The edge's collect listener from the internet, and one card collected
+/// through the DMZ for real: checkout opens a session on the vault's api
+/// listener; the buyer's browser (`internet`) loads the frame and posts the
+/// card to the edge, which completes the session over mutual TLS (the
+/// `collect` certificate) across both firewalls; checkout reads the token
+/// back and the payment router detokenizes it to the same card.
+fn collect_through_the_edge(
+    seg: &Segment,
+    pki: &Path,
+    edge_pki: &Path,
+    ports: &Ports,
+    exp_year: i64,
+) -> Collected {
+    let edge = edge_origin(ports);
+    let api = format!("https://{PCI}:{}", ports.api);
+    let reveal = format!("https://{PCI}:{}", ports.reveal);
+    let edge_ca = edge_pki.join("ca.pem");
+    let from_internet = |method: &str, path: &str, headers: &[String], body: Option<&Value>| {
+        https_with(
+            seg,
+            "internet",
+            &edge_ca,
+            None,
+            headers,
+            method,
+            &format!("{edge}{path}"),
+            body,
+        )
+    };
+
+    // The edge answers the internet over TLS with its own certificate.
+    let resp = from_internet("GET", "/healthz", &[], None);
+    assert_eq!(resp.status, 200, "edge /healthz from the internet: {resp}");
+    let resp = from_internet("GET", "/v1/collect/manifest.json", &[], None);
+    assert_eq!(resp.status, 200, "edge manifest from the internet: {resp}");
+    assert!(
+        resp.body.contains(&edge),
+        "the manifest does not name the edge's origin {edge}: {resp}"
+    );
+    // The vault's routes are not the edge's.
+    let resp = from_internet("GET", "/v1/tokens/tok_x", &[], None);
+    assert_eq!(resp.status, 404, "{resp}");
+
+    // checkout -> api: a collection session for the shop's page.
+    let resp = https(
+        seg,
+        pki,
+        "checkout",
+        Some("tokenize"),
+        "POST",
+        &format!("{api}/v1/collect/sessions"),
+        Some(&json!({"tenant": TENANT, "allowed_origin": SHOP, "reference": "order-segment-1"})),
+    );
+    assert_eq!(resp.status, 201, "collection session from checkout: {resp}");
+    let made = resp.json();
+    let session = made["session"].as_str().unwrap_or_default().to_string();
+    let client_secret = made["client_secret"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let frame_url = made["frame_url"].as_str().unwrap_or_default();
+    assert!(
+        session.starts_with("cs_") && !client_secret.is_empty(),
+        "no session: {resp}"
+    );
+    assert_eq!(
+        frame_url,
+        format!("{edge}/v1/collect/frame/{session}#{client_secret}"),
+        "the frame URL is not under --collect-public-url"
+    );
+
+    // The browser loads the frame: the edge reads the session's public
+    // settings from the vault (edge -> api, mutual TLS).
+    let resp = from_internet("GET", &format!("/v1/collect/frame/{session}"), &[], None);
+    assert_eq!(
+        resp.status,
+        200,
+        "the frame from the internet: curl exit {}, HTTP {}, {}\n--- edge log ---\n{}",
+        resp.curl_exit,
+        resp.status,
+        resp.stderr,
+        seg.edge_log()
+    );
+    assert!(resp.body.contains(&session), "the frame names no session");
+
+    // The frame posts the card to the edge, from the edge's own origin.
+    let card =
+        json!({"client_secret": client_secret, "pan": PAN, "exp_month": 12, "exp_year": exp_year});
+    let resp = from_internet(
+        "POST",
+        &format!("/v1/collect/submit/{session}"),
+        &[
+            format!("Origin: {edge}"),
+            "Sec-Fetch-Site: same-origin".to_string(),
+        ],
+        Some(&card),
+    );
+    assert!(!resp.body.contains(PAN), "the edge's answer holds the PAN");
+    assert_eq!(
+        resp.status,
+        200,
+        "submission through the edge: {resp}\n--- edge log ---\n{}",
+        seg.edge_log()
+    );
+    let done = resp.json();
+    let token = done["token"].as_str().unwrap_or_default().to_string();
+    assert!(token.starts_with("tok_"), "no token: {resp}");
+    assert_eq!(done["last4"], "1111", "{resp}");
+    // A submission from another origin is refused by the edge.
+    let resp = from_internet(
+        "POST",
+        &format!("/v1/collect/submit/{session}"),
+        &["Origin: https://evil.example".to_string()],
+        Some(&card),
+    );
+    assert_eq!(
+        (resp.status, resp.error_code().as_str()),
+        (403, "forbidden_origin"),
+        "{resp}"
+    );
+
+    // checkout reads the session back: completed, with the token.
+    let resp = https(
+        seg,
+        pki,
+        "checkout",
+        Some("tokenize"),
+        "GET",
+        &format!("{api}/v1/collect/sessions/{session}"),
+        None,
+    );
+    assert_eq!(resp.status, 200, "session from checkout: {resp}");
+    let read = resp.json();
+    assert_eq!(read["status"], "completed", "{resp}");
+    assert_eq!(read["token"]["token"], token.as_str(), "{resp}");
+    assert!(!resp.body.contains(PAN), "the session holds the PAN");
+
+    // The card the buyer typed is the card in the vault.
+    let resp = https(
+        seg,
+        pki,
+        "router",
+        Some("detokenize"),
+        "POST",
+        &format!("{reveal}/v1/detokenize"),
+        Some(&json!({"token": token, "reason": "segment test: settle collected order"})),
+    );
+    assert_eq!(
+        resp.status, 200,
+        "detokenize of the collected token: HTTP {}",
+        resp.status
+    );
+    assert!(
+        resp.json()["pan"] == PAN,
+        "the collected token does not detokenize to the card submitted"
+    );
+
+    // The edge's certificate is for the api listener only: refused on the
+    // routes of another role there (the edge host cannot reach reveal or
+    // admin at all, above).
+    let collect_cert = (
+        pki.join("client-collect.pem"),
+        pki.join("client-collect.key"),
+    );
+    let resp = https_with(
+        seg,
+        "dmz",
+        &pki.join("ca.pem"),
+        Some(&collect_cert),
+        &[],
+        "POST",
+        &format!("{api}/v1/tokens"),
+        Some(&json!({"tenant": TENANT, "pan": PAN, "exp_month": 12, "exp_year": exp_year})),
+    );
+    assert_eq!(
+        (resp.status, resp.error_code().as_str()),
+        (403, "forbidden"),
+        "tokenize with the edge's certificate: {resp}"
+    );
+    assert!(!resp.body.contains(PAN), "a refusal holds the PAN");
+
+    Collected { client_secret }
 }
