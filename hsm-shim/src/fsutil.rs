@@ -1,6 +1,7 @@
-//! Private files: created with mode 0600, refused when group or others can
-//! reach them, written durably (fsync of the file and of its directory) and
-//! replaced atomically (write a temporary file beside it, then rename).
+//! Private files: created with mode 0600, refused when others can reach
+//! them (see [`is_private_file`]), written durably (fsync of the file and of
+//! its directory) and replaced atomically (write a temporary file beside
+//! it, then rename).
 
 use std::fs;
 use std::io::Write;
@@ -13,14 +14,25 @@ pub(crate) fn shown(path: &Path) -> String {
     path.display().to_string()
 }
 
-/// Refuse a file that group or others can access in any way.
+/// Whether a file holding a secret (a key, a share, a PIN, an API key) is
+/// private enough to use: no access for group or others (0600, 0400), or,
+/// when root owns it, read access for its group too (0640, 0440) and
+/// nothing for others. The second form is how Kubernetes mounts a Secret
+/// for a non-root process (owner root, group the pod's `fsGroup`), and the
+/// rule PostgreSQL applies to its TLS key.
+pub fn is_private_file(meta: &fs::Metadata) -> bool {
+    let mode = meta.mode() & 0o777;
+    mode & 0o077 == 0 || (meta.uid() == 0 && mode & 0o037 == 0)
+}
+
+/// Refuse a file that others can access in any way (see [`is_private_file`]).
 pub(crate) fn check_private(path: &Path) -> Result<(), KekError> {
     let meta = fs::metadata(path).map_err(|source| KekError::Read {
         path: shown(path),
         source,
     })?;
     let mode = meta.mode() & 0o777;
-    if mode & 0o077 != 0 {
+    if !is_private_file(&meta) {
         return Err(KekError::InsecurePermissions {
             path: shown(path),
             mode,
@@ -127,4 +139,39 @@ pub(crate) fn replace_private(path: &Path, bytes: &[u8]) -> Result<(), KekError>
     fs::rename(&tmp.path, path).map_err(write_err(path))?;
     tmp.keep = true;
     sync_parent(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn private_files_and_the_root_owned_group_readable_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        fs::write(&path, "x").unwrap();
+        let with = |mode: u32| {
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+            is_private_file(&fs::metadata(&path).unwrap())
+        };
+        for mode in [0o600, 0o400, 0o700] {
+            assert!(with(mode), "{mode:o}");
+        }
+        for mode in [0o604, 0o644, 0o660, 0o666, 0o606, 0o620] {
+            assert!(!with(mode), "{mode:o}");
+        }
+        let root = fs::metadata(&path).unwrap().uid() == 0;
+        // Group read is private only when root owns the file.
+        assert_eq!(with(0o640), root);
+        assert_eq!(with(0o440), root);
+        if root {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            assert!(!with(0o640));
+            assert!(!with(0o440));
+            assert!(with(0o600));
+        }
+    }
 }

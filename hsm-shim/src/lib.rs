@@ -61,6 +61,7 @@ mod software;
 #[cfg(test)]
 mod tests;
 
+pub use fsutil::is_private_file;
 pub use keyring::{
     KdfParams, KekVersionInfo, KeyringKek, SealedKeyring, UnsealProgress, UnsealedKeyring, Unsealer,
 };
@@ -107,7 +108,7 @@ pub enum KekError {
     #[error("file {path} already exists; refusing to overwrite a key")]
     AlreadyExists { path: String },
     #[error(
-        "file {path} is accessible by group or others (mode {mode:o}); a file holding a key, share or PIN must be readable only by its owner (chmod 600)"
+        "file {path} is accessible by group or others (mode {mode:o}); a file holding a key, share or PIN must be readable only by its owner (chmod 600; or 640 when owned by root)"
     )]
     InsecurePermissions { path: String, mode: u32 },
     #[error("file {path} is malformed: {reason}")]

@@ -59,7 +59,7 @@ pub enum TlsError {
     NoCertificate(String),
     #[error("{0} holds no usable PEM private key")]
     NoKey(String),
-    #[error("{0} is readable by group or others; chmod 600 it")]
+    #[error("{0} is readable by group or others; chmod 600 it (or 640 when owned by root)")]
     KeyPermissions(String),
     #[error("{0} holds no PEM certificate revocation list")]
     NoCrl(String),
@@ -162,11 +162,8 @@ fn pem_io(e: rustls_pki_types::pem::Error) -> io::Error {
 }
 
 pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let mode = fs::metadata(path)
-        .map_err(|e| TlsError::Read(shown(path), e))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
+    let meta = fs::metadata(path).map_err(|e| TlsError::Read(shown(path), e))?;
+    if !hsm_shim::is_private_file(&meta) {
         return Err(TlsError::KeyPermissions(shown(path)));
     }
     PrivateKeyDer::from_pem_file(path).map_err(|e| match e {

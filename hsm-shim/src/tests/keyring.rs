@@ -246,7 +246,7 @@ fn file_is_private_and_never_overwritten() {
     let err = SealedKeyring::init(&path, 1, &[CAROL], fast()).unwrap_err();
     assert!(matches!(err, KekError::AlreadyExists { .. }), "{err:?}");
     assert_eq!(std::fs::read(&path).unwrap(), before);
-    for mode in [0o640, 0o604, 0o660, 0o644] {
+    for mode in [0o620, 0o604, 0o660, 0o644] {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
         let err = SealedKeyring::open(&path).unwrap_err();
         assert!(

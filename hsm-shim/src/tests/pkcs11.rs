@@ -120,7 +120,7 @@ fn pin_from_file() {
     token.login(&Pin::from_file(&crlf).unwrap()).unwrap();
     assert!(token.is_unsealed().unwrap());
 
-    for mode in [0o640, 0o604, 0o644] {
+    for mode in [0o660, 0o604, 0o644] {
         let path = dir.path().join(format!("pin-{mode:o}"));
         write_file(&path, mode, USER_PIN.as_bytes());
         let err = Pin::from_file(&path).unwrap_err();

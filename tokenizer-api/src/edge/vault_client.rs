@@ -6,7 +6,6 @@
 //! new calls use them, a broken file leaves the previous ones in use.
 
 use std::io::Read as _;
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -80,13 +79,14 @@ pub struct VaultClientConfig<'a> {
     pub timeout: Duration,
 }
 
-/// Read an API key file: mode 0600 (or stricter), one `cvk_...` key.
+/// Read an API key file: private ([`hsm_shim::is_private_file`]: 0600, or
+/// 0640 owned by root), one `cvk_...` key.
 fn read_api_key(path: &Path) -> Result<Zeroizing<String>, String> {
     let shown = path.display();
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {shown}: {e}"))?;
-    if meta.permissions().mode() & 0o077 != 0 {
+    if !hsm_shim::is_private_file(&meta) {
         return Err(format!(
-            "{shown} is readable by group or others; chmod 600 it"
+            "{shown} is readable by group or others; chmod 600 it (or 640 when owned by root)"
         ));
     }
     let raw = Zeroizing::new(
