@@ -46,6 +46,8 @@ pub enum StartError {
     Metrics(#[source] prometheus::Error),
     #[error("cannot record service start in the audit trail: {0}")]
     Audit(#[source] vault::VaultError),
+    #[error("{0}")]
+    Upstream(#[source] crate::upstream::UpstreamError),
 }
 
 /// Create the data dir (mode 0700) if missing; warn if others can read it.
@@ -128,6 +130,16 @@ impl Application {
             other => StartError::Unseal(other),
         };
         settings.kek_source.precheck().map_err(kek_error)?;
+        // So is an upstream of the forwarding proxy whose files are unusable.
+        let upstreams = crate::upstream::Upstreams::load(&settings.upstreams)
+            .map_err(StartError::Upstream)?;
+        for name in upstreams.names() {
+            tracing::info!(upstream = name, "forwarding upstream configured");
+        }
+        let upstreams = Arc::new(crate::upstream::ReloadableUpstreams::new(
+            settings.config_file.as_deref(),
+            upstreams,
+        ));
         let store = open_store(settings, settings.migrate_on_start).await?;
         // Auditors verify checkpoints with the public key, written to
         // `audit-verify.pub` when the vault opens.
@@ -165,6 +177,7 @@ impl Application {
                 settings.auth_block,
             ),
             collect_public_url: settings.collect_public_url.clone(),
+            upstreams,
         });
         let m = &settings.detokenize_monitor;
         tracing::info!(
@@ -283,23 +296,32 @@ impl Application {
             self.reencrypt_batch,
             self.reencrypt_interval,
         ));
-        // SIGHUP: read the certificate, key, client CA and CRL again. New
-        // handshakes use them; a bad file leaves the old material in use.
-        let reloader = self.tls.clone().map(|tls| {
-            tokio::spawn(async move {
+        // SIGHUP: read the certificate, key, client CA and CRL again (new
+        // handshakes use them), and the forwarding upstreams; a bad file
+        // leaves the old material, or the old upstreams, in use.
+        let reloader = {
+            let tls = self.tls.clone();
+            let upstreams = self.state.upstreams.clone();
+            Some(tokio::spawn(async move {
                 use tokio::signal::unix::{signal, SignalKind};
                 let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                    tracing::error!("cannot watch SIGHUP: TLS reload needs a restart");
+                    tracing::error!("cannot watch SIGHUP: TLS and upstream reload need a restart");
                     return;
                 };
                 while hup.recv().await.is_some() {
-                    match tls.reload() {
-                        Ok(()) => tracing::info!("TLS material reloaded"),
-                        Err(e) => tracing::error!(error = %e, "TLS reload failed; the previous material stays in use"),
+                    if let Some(tls) = &tls {
+                        match tls.reload() {
+                            Ok(()) => tracing::info!("TLS material reloaded"),
+                            Err(e) => tracing::error!(error = %e, "TLS reload failed; the previous material stays in use"),
+                        }
+                    }
+                    match upstreams.reload() {
+                        Ok(names) => tracing::info!(upstreams = ?names, "forwarding upstreams reloaded"),
+                        Err(e) => tracing::error!(error = %e, "upstream reload failed; the previous upstreams stay in use"),
                     }
                 }
-            })
-        });
+            }))
+        };
         let result = self.server.await;
         checkpointer.abort();
         reencryption.abort();

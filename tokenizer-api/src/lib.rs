@@ -6,7 +6,8 @@
 //!   configurations, client certificates, `dev-pki`), [`limits`] (the guard
 //!   against unauthenticated floods), [`hardening`], [`listeners`] (what a
 //!   listener is: kind, authentication mode, the connection a handler sees),
-//!   [`logging`] (text or JSON logs on stderr);
+//!   [`logging`] (text or JSON logs on stderr), [`upstream`] (the
+//!   forwarding proxy's upstreams with their TLS client configurations);
 //! - [`seal`] (the sealed start and unsealing), [`error`] (the one mapping
 //!   from errors to HTTP responses), [`metrics`] (Prometheus);
 //! - [`state`] (what every worker shares), [`auth`] (the one authentication
@@ -48,6 +49,7 @@ pub mod seal;
 pub mod server;
 pub mod state;
 pub mod tls;
+pub mod upstream;
 
 pub use app::Application;
 pub use config::{Cli, Settings};

@@ -29,6 +29,8 @@ pub struct AppState {
     pub sources: crate::limits::SourceGuard,
     /// The hosted-collection edge's public base URL (`frame_url`s).
     pub collect_public_url: Option<String>,
+    /// The forwarding proxy's upstreams (reloaded on SIGHUP).
+    pub upstreams: Arc<crate::upstream::ReloadableUpstreams>,
 }
 
 impl AppState {

@@ -325,6 +325,36 @@ pub fn client_identity(conn: &rustls::ServerConnection) -> Option<ClientIdentity
     Some(ClientIdentity { identities })
 }
 
+/// A rustls client configuration: `ca_file` as the only roots (never the
+/// system's), TLS 1.3 and 1.2 with the listeners' suites, optionally a
+/// client certificate. The edge's calls to the vault, `tokenizer edge
+/// check`, and the forwarding proxy's upstreams use it.
+pub fn client_config(
+    ca_file: &Path,
+    client_cert: Option<(&Path, &Path)>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in read_certs(ca_file)? {
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::Rustls(format!("{}: {e}", shown(ca_file))))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .with_root_certificates(roots);
+    match client_cert {
+        Some((cert, key)) => {
+            let chain = read_certs(cert)?;
+            let key = read_key(key)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsError::Rustls(format!("client certificate {}: {e}", shown(cert))))
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
 /// The roles `tokenizer dev-pki` makes a client certificate for.
 pub const DEV_ROLES: [&str; 5] = ["tokenize", "detokenize", "auditor", "key_admin", "collect"];
 

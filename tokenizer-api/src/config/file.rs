@@ -70,6 +70,9 @@ pub(super) struct FileConfig {
     pub(super) collect_public_url: Option<String>,
     pub(super) purge_interval_secs: Option<u64>,
     pub(super) db_group_commit: Option<bool>,
+    /// `[[upstream]]` tables: the forwarding proxy's destinations.
+    #[serde(default)]
+    pub(super) upstream: Vec<super::upstreams::UpstreamFile>,
 }
 
 pub(super) fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {

@@ -17,7 +17,8 @@
 //! - `file`: the configuration file;
 //! - `settings`: the resolved [`Settings`], [`ConfigError`], the defaults;
 //! - `sections`: what combines several keys (listeners and TLS, the KEK
-//!   source, detokenize monitoring).
+//!   source, detokenize monitoring);
+//! - `upstreams`: the forwarding proxy's `[[upstream]]` tables (file only).
 
 mod args;
 mod command;
@@ -28,6 +29,7 @@ mod sections;
 mod settings;
 #[cfg(test)]
 mod tests;
+pub mod upstreams;
 
 pub use args::{
     AuditArchiveArgs, DatabaseArgs, KekBackendArgs, KekFileArg, KeyringArgs, MigrateOnStartArg,
@@ -43,6 +45,6 @@ pub use edge::{
 };
 pub use flags::{FlagGroup, Flags};
 pub use settings::{
-    ConfigError, LogFormat, Settings, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_LISTEN_ADMIN,
-    DEFAULT_LISTEN_API, DEFAULT_LISTEN_REVEAL, DEV_DATA_DIR, DEV_TLS_DIR,
+    read_upstreams, ConfigError, LogFormat, Settings, DEFAULT_DATA_DIR, DEFAULT_LISTEN,
+    DEFAULT_LISTEN_ADMIN, DEFAULT_LISTEN_API, DEFAULT_LISTEN_REVEAL, DEV_DATA_DIR, DEV_TLS_DIR,
 };

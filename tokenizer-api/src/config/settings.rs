@@ -68,6 +68,10 @@ pub struct Settings {
     pub purge_interval: std::time::Duration,
     /// The hosted-collection edge's public base URL (no trailing slash).
     pub collect_public_url: Option<String>,
+    /// The forwarding proxy's upstreams (`[[upstream]]`, file only).
+    pub upstreams: Vec<super::upstreams::UpstreamSpec>,
+    /// The configuration file, read again on SIGHUP for the upstreams.
+    pub config_file: Option<std::path::PathBuf>,
     /// Group commit of concurrent writes (see `vault::commit`).
     pub db_group_commit: bool,
 }
@@ -136,6 +140,8 @@ pub enum ConfigError {
     MtlsWithoutCa(&'static str),
     #[error("collect_public_url must be an https URL (http on loopback in --dev) without query or fragment")]
     CollectUrl,
+    #[error(transparent)]
+    Upstream(#[from] super::upstreams::UpstreamConfigError),
 }
 
 /// The edge's public base URL: its origin as a browser writes it (checked
@@ -153,6 +159,14 @@ fn collect_url(url: &str, dev: bool) -> Result<String, ConfigError> {
     };
     let origin = vault::collect::Origin::parse(origin, dev).map_err(|_| ConfigError::CollectUrl)?;
     Ok(format!("{}{path}", origin.as_str()))
+}
+
+/// The `[[upstream]]` tables of a configuration file, checked (SIGHUP).
+pub fn read_upstreams(
+    path: &std::path::Path,
+) -> Result<Vec<super::upstreams::UpstreamSpec>, ConfigError> {
+    let file = load_file(path)?;
+    Ok(super::upstreams::check(file.upstream)?)
 }
 
 impl Settings {
@@ -241,7 +255,10 @@ impl Settings {
             .or(file.collect_public_url.take())
             .map(|u| collect_url(&u, dev))
             .transpose()?;
+        let upstreams = super::upstreams::check(std::mem::take(&mut file.upstream))?;
         Ok(Settings {
+            upstreams,
+            config_file: flags.config.clone(),
             collect_public_url,
             db_group_commit: flags
                 .db_group_commit

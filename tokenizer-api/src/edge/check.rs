@@ -111,7 +111,7 @@ fn agent(args: &EdgeCheckArgs) -> Result<ureq::Agent, String> {
         .timeout(Duration::from_secs(30))
         .redirects(0);
     if let Some(ca) = &args.ca_file {
-        let config = super::vault_client::client_tls(ca, None)?;
+        let config = crate::tls::client_config(ca, None).map_err(|e| e.to_string())?;
         builder = builder.tls_config(Arc::new(config));
     }
     Ok(builder.build())

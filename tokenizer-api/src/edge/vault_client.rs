@@ -99,35 +99,6 @@ fn read_api_key(path: &Path) -> Result<Zeroizing<String>, String> {
     Ok(Zeroizing::new(format!("Bearer {key}")))
 }
 
-/// A rustls client configuration: `ca_file` as the only roots, TLS 1.3 and
-/// 1.2 with the listeners' suites, optionally a client certificate.
-pub fn client_tls(
-    ca_file: &Path,
-    client_cert: Option<(&Path, &Path)>,
-) -> Result<rustls::ClientConfig, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    let certs = crate::tls::read_certs(ca_file).map_err(|e| e.to_string())?;
-    for cert in certs {
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: {e}", ca_file.display()))?;
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| format!("TLS: {e}"))?
-        .with_root_certificates(roots);
-    match client_cert {
-        Some((cert, key)) => {
-            let chain = crate::tls::read_certs(cert).map_err(|e| e.to_string())?;
-            let key = crate::tls::read_key(key).map_err(|e| e.to_string())?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("client certificate: {e}"))
-        }
-        None => Ok(builder.with_no_client_auth()),
-    }
-}
-
 impl VaultClient {
     pub fn new(config: VaultClientConfig<'_>) -> Result<VaultClient, String> {
         let base = config.url.trim_end_matches('/');
@@ -207,7 +178,7 @@ fn build(files: &Files) -> Result<Current, String> {
         .client_cert
         .as_ref()
         .map(|(c, k)| (c.as_path(), k.as_path()));
-    let tls = client_tls(&files.ca, client_cert)?;
+    let tls = crate::tls::client_config(&files.ca, client_cert).map_err(|e| e.to_string())?;
     let agent = ureq::AgentBuilder::new()
         .tls_config(Arc::new(tls))
         .timeout(files.timeout)
