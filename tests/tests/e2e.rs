@@ -41,6 +41,8 @@ mod errors;
 mod failclosed;
 #[path = "e2e/faults.rs"]
 mod faults;
+#[path = "e2e/forward.rs"]
+mod forward;
 #[path = "e2e/hardening.rs"]
 mod hardening;
 #[path = "e2e/hostile.rs"]

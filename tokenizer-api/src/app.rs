@@ -100,6 +100,9 @@ pub struct Application {
     reencrypt_interval: Duration,
     purge_interval: Duration,
     state: web::Data<AppState>,
+    /// SIGHUP, watched from `build` on: a reload signal that arrives as
+    /// soon as the listeners are up must not hit the default action (exit).
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl std::fmt::Debug for Application {
@@ -131,8 +134,8 @@ impl Application {
         };
         settings.kek_source.precheck().map_err(kek_error)?;
         // So is an upstream of the forwarding proxy whose files are unusable.
-        let upstreams = crate::upstream::Upstreams::load(&settings.upstreams)
-            .map_err(StartError::Upstream)?;
+        let upstreams =
+            crate::upstream::Upstreams::load(&settings.upstreams).map_err(StartError::Upstream)?;
         for name in upstreams.names() {
             tracing::info!(upstream = name, "forwarding upstream configured");
         }
@@ -225,6 +228,13 @@ impl Application {
             reencrypt_interval: settings.reencrypt_interval,
             purge_interval: settings.purge_interval,
             state,
+            hangup: match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch SIGHUP: TLS and upstream reload need a restart");
+                    None
+                }
+            },
         })
     }
 
@@ -302,22 +312,23 @@ impl Application {
         let reloader = {
             let tls = self.tls.clone();
             let upstreams = self.state.upstreams.clone();
-            Some(tokio::spawn(async move {
-                use tokio::signal::unix::{signal, SignalKind};
-                let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                    tracing::error!("cannot watch SIGHUP: TLS and upstream reload need a restart");
-                    return;
-                };
+            self.hangup.map(|mut hup| tokio::spawn(async move {
                 while hup.recv().await.is_some() {
                     if let Some(tls) = &tls {
                         match tls.reload() {
                             Ok(()) => tracing::info!("TLS material reloaded"),
-                            Err(e) => tracing::error!(error = %e, "TLS reload failed; the previous material stays in use"),
+                            Err(e) => {
+                                tracing::error!(error = %e, "TLS reload failed; the previous material stays in use")
+                            }
                         }
                     }
                     match upstreams.reload() {
-                        Ok(names) => tracing::info!(upstreams = ?names, "forwarding upstreams reloaded"),
-                        Err(e) => tracing::error!(error = %e, "upstream reload failed; the previous upstreams stay in use"),
+                        Ok(names) => {
+                            tracing::info!(upstreams = ?names, "forwarding upstreams reloaded")
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "upstream reload failed; the previous upstreams stay in use")
+                        }
                     }
                 }
             }))

@@ -201,12 +201,14 @@ fn start(
 /// certificate and the API key file again. New connections use them; a
 /// broken file leaves the previous material in use (and is logged).
 fn reload_on_hangup(tls: Option<Arc<ReloadableTls>>, state: web::Data<EdgeState>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Watched now, before the listening line: an early SIGHUP must not hit
+    // the default action (exit).
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot watch SIGHUP: reloading certificates needs a restart");
+        return;
+    };
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::error!("cannot watch SIGHUP: reloading certificates needs a restart");
-            return;
-        };
         while hup.recv().await.is_some() {
             let served = tls
                 .as_ref()
