@@ -119,6 +119,10 @@ struct Args {
     /// Extra arguments for `tokenizer edge` (repeat).
     #[arg(long = "edge-arg", allow_hyphen_values = true)]
     edge_args: Vec<String>,
+    /// Keep the logs of the service and of the edge here (`service.log`,
+    /// `edge.log`; they carry no card data).
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
 }
 
 /// The cases that need an edge (and sessions).
@@ -280,6 +284,9 @@ fn bench(
         "api_key" => false,
         other => return Err(format!("--edge-auth must be mtls or api_key, not {other}")),
     };
+    if let Some(dir) = &args.log_dir {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     run_cli(&["kek", "generate"])?;
     run_cli(&["migrate"])?;
     let pki = data.join("pki");
@@ -383,7 +390,14 @@ fn bench(
         );
     }
     serve_args.extend(args.serve_args.iter().cloned());
-    let mut service = Service::start(tokenizer, data, url, &pki, &serve_args)?;
+    let mut service = Service::start(
+        tokenizer,
+        data,
+        url,
+        &pki,
+        &serve_args,
+        args.log_dir.as_ref().map(|d| d.join("service.log")),
+    )?;
     let mut edge = match &edge_origin {
         None => None,
         Some(origin) => {
@@ -564,7 +578,18 @@ struct Proc {
 impl Proc {
     /// Start `cmd` and wait until it logged `listening on <addr> (<tag>,`
     /// for every tag; returns the addresses in the order of `tags`.
-    fn spawn(mut cmd: Command, what: &str, tags: &[&str]) -> Res<(Proc, Vec<String>)> {
+    fn spawn(
+        mut cmd: Command,
+        what: &str,
+        tags: &[&str],
+        log: Option<PathBuf>,
+    ) -> Res<(Proc, Vec<String>)> {
+        let mut keep = match log {
+            Some(path) => Some(std::io::BufWriter::new(
+                std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?,
+            )),
+            None => None,
+        };
         let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -583,9 +608,17 @@ impl Proc {
             // main thread.
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 counter.fetch_add(1, Ordering::Relaxed);
+                if let Some(f) = keep.as_mut() {
+                    use std::io::Write as _;
+                    let _ = writeln!(f, "{line}");
+                }
                 if line.contains("listening on ") {
                     let _ = tx.send(line);
                 }
+            }
+            if let Some(f) = keep.as_mut() {
+                use std::io::Write as _;
+                let _ = f.flush();
             }
         });
         let mut proc = Proc { child, log_lines };
@@ -653,7 +686,14 @@ struct Service {
 }
 
 impl Service {
-    fn start(bin: &Path, data: &Path, url: &str, pki: &Path, extra: &[String]) -> Res<Service> {
+    fn start(
+        bin: &Path,
+        data: &Path,
+        url: &str,
+        pki: &Path,
+        extra: &[String],
+        log: Option<PathBuf>,
+    ) -> Res<Service> {
         let d = data.display().to_string();
         let cert = pki.join("server.pem").display().to_string();
         let key = pki.join("server.key").display().to_string();
@@ -676,7 +716,7 @@ impl Service {
             &key,
         ])
         .args(extra);
-        let (proc, addrs) = Proc::spawn(cmd, "tokenizer", &["api", "reveal"])?;
+        let (proc, addrs) = Proc::spawn(cmd, "tokenizer", &["api", "reveal"], log)?;
         let mut addrs = addrs.into_iter();
         Ok(Service {
             proc,
@@ -740,7 +780,12 @@ impl Edge {
             ]),
         };
         cmd.args(&args.edge_args);
-        let (proc, _) = Proc::spawn(cmd, "edge", &["collect"])?;
+        let (proc, _) = Proc::spawn(
+            cmd,
+            "edge",
+            &["collect"],
+            args.log_dir.as_ref().map(|d| d.join("edge.log")),
+        )?;
         Ok(Edge {
             proc,
             origin: origin.to_owned(),
@@ -1192,14 +1237,16 @@ fn load(
         for &clients in &args.clients {
             let it = iteration(case, &targets, &sample, &fresh);
             // Sessions for the submissions of the timed part, opened
-            // before it: ~1.3 times what the rate of tokenize_new (the
-            // same card work, without the session's) allows in warm-up and
-            // measurement; more are opened on the fly (and counted).
+            // before it: ~1.3 times what the rate of a submission case
+            // already measured at this client count (else of tokenize_new:
+            // the same card work without the session's) allows in warm-up
+            // and measurement; more are opened on the fly (and counted).
             let ahead = match case.as_str() {
                 "collect_submit" | "collect_complete" => {
                     let rate = seen
-                        .get(&("tokenize_new".to_owned(), clients))
-                        .or_else(|| seen.get(&("collect_submit".to_owned(), clients)))
+                        .get(&("collect_submit".to_owned(), clients))
+                        .or_else(|| seen.get(&("collect_complete".to_owned(), clients)))
+                        .or_else(|| seen.get(&("tokenize_new".to_owned(), clients)))
                         .map_or(1500.0, |r| r.0);
                     let total = rate * (1 + args.seconds.max(1)) as f64 * 1.3;
                     (total / clients.max(1) as f64).ceil() as usize + 4
@@ -1207,7 +1254,7 @@ fn load(
                 _ => 0,
             };
             let sample_rss = clients == max_clients;
-            let (tallies, elapsed, rss, edge_rss) = drive(
+            let (tallies, elapsed, rss, edge_rss, opening_secs) = drive(
                 clients,
                 args.seconds,
                 creds,
@@ -1276,10 +1323,13 @@ fn load(
                     row["sessions_opened_ahead"] = json!(ahead_n);
                     row["sessions_failed_ahead"] = json!(ahead_err);
                     row["sessions_opened_inline"] = json!(inline);
+                    row["sessions_opened_ahead_per_second"] =
+                        json!(ahead_n as f64 / opening_secs.max(1e-9));
                     println!(
-                        "{:<16} sessions opened before the timed part: {ahead_n} ({ahead_err} failed); \
-                         opened during it (ran out): {inline}",
-                        ""
+                        "{:<16} sessions opened before the timed part: {ahead_n} ({ahead_err} failed) \
+                         in {opening_secs:.1} s ({:.0}/s, {clients} clients); opened during it (ran out): {inline}",
+                        "",
+                        ahead_n as f64 / opening_secs.max(1e-9)
                     );
                 }
                 if case == "collect_flow" {
@@ -1350,7 +1400,7 @@ fn drive(
     edge: Option<&Edge>,
     sample_rss: bool,
     sessions_ahead: usize,
-) -> Res<(Vec<Tally>, f64, Option<f64>, Option<f64>)> {
+) -> Res<(Vec<Tally>, f64, Option<f64>, Option<f64>, f64)> {
     let warmup = Duration::from_secs(1);
     let measure = Duration::from_secs(seconds.max(1));
     let stop = Arc::new(AtomicBool::new(false));
@@ -1364,6 +1414,7 @@ fn drive(
             .build()
     };
     let api = format!("https://{}", service.api);
+    let opening = Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|n| {
             let mut client = Client {
@@ -1414,6 +1465,7 @@ fn drive(
         })
         .collect();
     ready.wait();
+    let opening_secs = opening.elapsed().as_secs_f64();
     let start = Instant::now();
     let (mut rss, mut edge_rss) = (None, None);
     let max = |acc: Option<f64>, now: f64| Some(acc.map_or(now, |r: f64| r.max(now)));
@@ -1432,5 +1484,5 @@ fn drive(
         .into_iter()
         .map(|h| h.join().map_err(|_| "a client thread panicked".to_owned()))
         .collect::<Res<Vec<_>>>()?;
-    Ok((tallies, elapsed, rss, edge_rss))
+    Ok((tallies, elapsed, rss, edge_rss, opening_secs))
 }
