@@ -12,14 +12,45 @@
 //!   idempotent path); `detokenize`; `batch100`: 100 new cards per call;
 //!   `mix`: 80% tokenize (new), 20% detokenize;
 //!
-//! at each client count, printing requests/s, cards/s, p50/p99/p99.9
-//! latency, errors, and requests/s as a ratio to the baseline of the same
-//! run (machines here are shared and noisy: compare ratios of one run). The
-//! resident size of the service is sampled during the largest client count.
-//! Everything is also written as JSON (`--json FILE`).
+//! and, only when asked for (`--cases ...,collect_submit,collect_flow`),
+//! hosted card collection (issue 17) through a real `tokenizer edge`
+//! started beside the service (TLS, its own origin, forwarding to the
+//! vault's api listener over mutual TLS as the principal `collect`):
+//!
+//! - `collect_submit`: only the buyer's submission of a new card to the
+//!   edge (`POST /v1/collect/submit/{session}`, `Origin` the edge's own),
+//!   on sessions each client opened before the timed part; compared with
+//!   `tokenize_new` (the same new card posted straight to the api
+//!   listener): the ratios of p50, p99 and throughput are "the latency the
+//!   edge adds";
+//! - `collect_complete`: the same, but posted straight to the vault's
+//!   `POST /v1/collect/sessions/{session}/complete` as the edge's principal
+//!   (no edge): splits that ratio into the vault's session work and the
+//!   edge's own hop;
+//! - `collect_flow`: one checkout end to end per iteration: open a session
+//!   (api listener, role tokenize), submit a new card through the edge,
+//!   confirm (`GET /v1/collect/sessions/{session}`: completed, with the
+//!   token the edge answered); flows/s and latency per flow.
+//!
+//! With `--edge-auth mtls` (the default) the api listener runs `--api-auth
+//! mtls` in those runs (the client CA of the dev PKI), the bench's own api
+//! clients present `client-tokenize.pem` and the edge `client-collect.pem`;
+//! with `--edge-auth api_key` the api listener stays as in the other runs
+//! and the edge uses an API key file. The edge's rate limits (30 and 10 a
+//! minute by default, which would throttle a benchmark from one address)
+//! are raised to `--edge-rate`.
+//!
+//! Each case runs at each client count, printing requests/s (flows/s for
+//! `collect_flow`), cards/s, p50/p99/p99.9 latency, errors, and requests/s
+//! as a ratio to the baseline of the same run (machines here are shared
+//! and noisy: compare ratios of one run). The resident size of the service
+//! (and of the edge) is sampled during the largest client count.
+//! Everything is also written as JSON (`--json FILE`). No card number is
+//! printed or logged: errors are shown as status and error code only.
 //!
 //! Card numbers are generated from the test BIN 411111 with a valid Luhn
-//! digit, as the project's test-card rules allow.
+//! digit, as the project's test-card rules allow; every submission and
+//! every `tokenize_new` call uses a card not used before.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::collections::BTreeSet;
@@ -73,7 +104,37 @@ struct Args {
     /// `--serve-arg=--db-group-commit --serve-arg=false`.
     #[arg(long = "serve-arg", allow_hyphen_values = true)]
     serve_args: Vec<String>,
+    /// How the edge authenticates to the vault (collect cases only):
+    /// `mtls` (its client certificate; the api listener then runs
+    /// `--api-auth mtls` and the bench's api clients present
+    /// client-tokenize.pem) or `api_key` (an API key file; the api
+    /// listener stays on API keys as in runs without a collect case).
+    #[arg(long, default_value = "mtls")]
+    edge_auth: String,
+    /// The edge's `--rate-per-source` and `--rate-per-session` (a minute;
+    /// 0: off). Its defaults, 30 and 10, would throttle a benchmark coming
+    /// from one address.
+    #[arg(long, default_value_t = 1_000_000_000)]
+    edge_rate: u32,
+    /// Extra arguments for `tokenizer edge` (repeat).
+    #[arg(long = "edge-arg", allow_hyphen_values = true)]
+    edge_args: Vec<String>,
+    /// Keep the logs of the service and of the edge here (`service.log`,
+    /// `edge.log`; they carry no card data).
+    #[arg(long)]
+    log_dir: Option<PathBuf>,
 }
+
+/// The cases that need an edge (and sessions).
+const COLLECT_CASES: [&str; 3] = ["collect_submit", "collect_complete", "collect_flow"];
+
+fn is_collect(case: &str) -> bool {
+    COLLECT_CASES.contains(&case)
+}
+
+/// The checkout's origin in every session (the edge only puts it into the
+/// form's `frame-ancestors`; the bench plays the frame itself).
+const SHOP_ORIGIN: &str = "https://shop.example";
 
 type Res<T> = Result<T, String>;
 
@@ -217,12 +278,27 @@ fn bench(
         let refs: Vec<&str> = a.iter().map(String::as_str).collect();
         cli(tokenizer, &refs)
     };
+    let collect = args.cases.iter().any(|c| is_collect(c));
+    let mtls = match args.edge_auth.as_str() {
+        "mtls" => collect,
+        "api_key" => false,
+        other => return Err(format!("--edge-auth must be mtls or api_key, not {other}")),
+    };
+    if let Some(dir) = &args.log_dir {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
     run_cli(&["kek", "generate"])?;
     run_cli(&["migrate"])?;
     let pki = data.join("pki");
     let p = pki.display().to_string();
     cli(tokenizer, &["dev-pki", "--out", &p])?;
-    let created = run_cli(&[
+    let api_key_of = |created: &str| -> Res<String> {
+        serde_json::from_str::<Value>(created.trim())
+            .ok()
+            .and_then(|v| v["api_key"].as_str().map(str::to_owned))
+            .ok_or_else(|| "principal create printed no key".to_owned())
+    };
+    let key = api_key_of(&run_cli(&[
         "principal",
         "create",
         "--name",
@@ -231,11 +307,43 @@ fn bench(
         "tokenize,detokenize",
         "--tenants",
         "*",
-    ])?;
-    let key = serde_json::from_str::<Value>(created.trim())
-        .ok()
-        .and_then(|v| v["api_key"].as_str().map(str::to_owned))
-        .ok_or("principal create printed no key")?;
+    ])?)?;
+    // Hosted collection: the edge's principal (role collect) and, with
+    // mutual TLS on the api listener, the bench's own by certificate.
+    let mut edge_key = None;
+    if collect {
+        let mut edge = vec![
+            "principal",
+            "create",
+            "--name",
+            "edge",
+            "--roles",
+            "collect",
+            "--tenants",
+            "*",
+        ];
+        if mtls {
+            run_cli(&[
+                "principal",
+                "create",
+                "--name",
+                "bench-cert",
+                "--roles",
+                "tokenize",
+                "--tenants",
+                "*",
+                "--cert-identity",
+                "spiffe://cardvault.dev/tokenize",
+            ])?;
+            edge.extend(["--cert-identity", "spiffe://cardvault.dev/collect"]);
+            run_cli(&edge)?;
+        } else {
+            let k = api_key_of(&run_cli(&edge)?)?;
+            let file = data.join("edge-vault.key");
+            write_secret_file(&file, &k)?;
+            edge_key = Some((k, file));
+        }
+    }
 
     // Seed through the vault's batch path, in this process.
     let started = Instant::now();
@@ -251,25 +359,140 @@ fn bench(
         chown_tree(data, owner)?;
     }
 
-    let mut service = Service::start(tokenizer, data, url, &pki, &args.serve_args)?;
+    // The edge's port is chosen first: the vault names it in frame URLs.
+    let edge_origin = if collect {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("no free port for the edge: {e}"))?
+            .port();
+        Some(format!("https://127.0.0.1:{port}"))
+    } else {
+        None
+    };
     let ca = pki.join("ca.pem");
-    let result = load(args, &service, &ca, &key, &sample);
-    let log_lines = service.stop();
-    let results = result?;
+    let mut serve_args = Vec::new();
+    if let Some(origin) = &edge_origin {
+        serve_args.extend(["--collect-public-url".to_owned(), origin.clone()]);
+    }
+    if mtls {
+        serve_args.extend(
+            [
+                "--tls-client-ca-file",
+                &ca.display().to_string(),
+                "--api-auth",
+                "mtls",
+                "--reveal-auth",
+                "api_key",
+                "--admin-auth",
+                "api_key",
+            ]
+            .map(str::to_owned),
+        );
+    }
+    serve_args.extend(args.serve_args.iter().cloned());
+    let mut service = Service::start(
+        tokenizer,
+        data,
+        url,
+        &pki,
+        &serve_args,
+        args.log_dir.as_ref().map(|d| d.join("service.log")),
+    )?;
+    let mut edge = match &edge_origin {
+        None => None,
+        Some(origin) => {
+            let started = Edge::start(
+                tokenizer,
+                &pki,
+                origin,
+                &service.api,
+                edge_key.as_ref().map(|(_, f)| f.as_path()),
+                args,
+            );
+            match started {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    service.proc.stop();
+                    return Err(e);
+                }
+            }
+        }
+    };
+    if let Some(e) = &edge {
+        println!(
+            "edge at {} (TLS; to the vault over {}; --rate-per-source and --rate-per-session {}{})",
+            e.origin,
+            if mtls {
+                "mutual TLS, client-collect.pem; the api listener runs --api-auth mtls and the \
+                 bench's api clients present client-tokenize.pem"
+            } else {
+                "TLS with an API key file; the api listener on API keys"
+            },
+            args.edge_rate,
+            if args.edge_rate == 0 {
+                " (off)"
+            } else {
+                " a minute, raised from 30 and 10: one source address would be throttled"
+            }
+        );
+    }
+    let creds = Creds {
+        tls: tls_config(&ca, mtls.then(|| client_pair(&pki, "tokenize")).as_ref())?,
+        key,
+        collect_tls: tls_config(&ca, mtls.then(|| client_pair(&pki, "collect")).as_ref())?,
+        collect_key: edge_key.map(|(k, _)| k),
+    };
+    let result = load(args, &service, edge.as_ref(), &creds, &sample);
+    let edge_log_lines = edge.as_mut().map(|e| e.proc.stop());
+    let log_lines = service.proc.stop();
+    let (results, comparisons) = result?;
     println!("\nservice log lines: {log_lines}");
+    if let Some(n) = edge_log_lines {
+        println!("edge log lines: {n}");
+    }
     if let Some(path) = &args.json {
         let doc = json!({
             "backend": args.backend,
             "seeded_cards": args.seed,
             "seed_cards_per_second": args.seed as f64 / seed_secs.max(1e-9),
             "seconds_per_case": args.seconds,
+            "edge": edge_origin.as_ref().map(|_| json!({
+                "auth": if mtls { "mtls" } else { "api_key" },
+                "api_listener_auth": if mtls { "mtls" } else { "api_key" },
+                "rate_per_source": args.edge_rate,
+                "rate_per_session": args.edge_rate,
+                "log_lines": edge_log_lines,
+            })),
             "results": results,
+            "comparisons": comparisons,
         });
         std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default())
             .map_err(|e| format!("{}: {e}", path.display()))?;
         println!("results written to {}", path.display());
     }
     Ok(())
+}
+
+/// The dev PKI's client certificate and key of `role`.
+fn client_pair(pki: &Path, role: &str) -> (PathBuf, PathBuf) {
+    (
+        pki.join(format!("client-{role}.pem")),
+        pki.join(format!("client-{role}.key")),
+    )
+}
+
+/// A file of mode 0600 holding `secret` (the edge's API key file).
+fn write_secret_file(path: &Path, secret: &str) -> Res<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(secret.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Seed `n` cards (tenant `bench`) with the batch path: 1000 per call, two
@@ -346,43 +569,37 @@ async fn seed(url: &str, kek_file: &Path, n: u64) -> Res<Vec<(u64, String)>> {
     Ok(sample)
 }
 
-/// The running service: its process and listener addresses.
-struct Service {
+/// A running `tokenizer` process, its log drained (and counted).
+struct Proc {
     child: Child,
-    api: String,
-    reveal: String,
     log_lines: Arc<AtomicU64>,
 }
 
-impl Service {
-    fn start(bin: &Path, data: &Path, url: &str, pki: &Path, extra: &[String]) -> Res<Service> {
-        let d = data.display().to_string();
-        let cert = pki.join("server.pem").display().to_string();
-        let key = pki.join("server.key").display().to_string();
-        let mut child = tokenizer_command(bin)
-            .args([
-                "serve",
-                "--data-dir",
-                &d,
-                "--database-url",
-                url,
-                "--listen-api",
-                "127.0.0.1:0",
-                "--listen-reveal",
-                "127.0.0.1:0",
-                "--listen-admin",
-                "127.0.0.1:0",
-                "--tls-cert-file",
-                &cert,
-                "--tls-key-file",
-                &key,
-            ])
-            .args(extra)
+impl Proc {
+    /// Start `cmd` and wait until it logged `listening on <addr> (<tag>,`
+    /// for every tag; returns the addresses in the order of `tags`.
+    fn spawn(
+        mut cmd: Command,
+        what: &str,
+        tags: &[&str],
+        log: Option<PathBuf>,
+    ) -> Res<(Proc, Vec<String>)> {
+        let mut keep = match log {
+            Some(path) => Some(std::io::BufWriter::new(
+                std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))?,
+            )),
+            None => None,
+        };
+        let mut child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start the tokenizer: {e}"))?;
-        let stderr = child.stderr.take().ok_or("no stderr")?;
+            .map_err(|e| format!("cannot start the {what}: {e}"))?;
+        let Some(stderr) = child.stderr.take() else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("no stderr".into());
+        };
         let (tx, rx) = std::sync::mpsc::channel();
         let log_lines = Arc::new(AtomicU64::new(0));
         let counter = log_lines.clone();
@@ -391,37 +608,46 @@ impl Service {
             // main thread.
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 counter.fetch_add(1, Ordering::Relaxed);
+                if let Some(f) = keep.as_mut() {
+                    use std::io::Write as _;
+                    let _ = writeln!(f, "{line}");
+                }
                 if line.contains("listening on ") {
                     let _ = tx.send(line);
                 }
             }
+            if let Some(f) = keep.as_mut() {
+                use std::io::Write as _;
+                let _ = f.flush();
+            }
         });
-        let (mut api, mut reveal) = (None, None);
+        let mut proc = Proc { child, log_lines };
+        let mut addrs: Vec<Option<String>> = vec![None; tags.len()];
         let deadline = Instant::now() + Duration::from_secs(60);
-        while api.is_none() || reveal.is_none() {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .map_err(|_| "the tokenizer did not start listening")?;
+        while addrs.iter().any(Option::is_none) {
+            let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            else {
+                proc.stop();
+                return Err(format!("the {what} did not start listening"));
+            };
             let addr = line
                 .split("listening on ")
                 .nth(1)
                 .and_then(|r| r.split_whitespace().next())
                 .map(str::to_owned);
-            if line.contains("(api,") {
-                api = addr;
-            } else if line.contains("(reveal,") {
-                reveal = addr;
+            for (tag, slot) in tags.iter().zip(addrs.iter_mut()) {
+                if line.contains(&format!("({tag},")) {
+                    slot.clone_from(&addr);
+                }
             }
         }
-        Ok(Service {
-            child,
-            api: api.unwrap_or_default(),
-            reveal: reveal.unwrap_or_default(),
-            log_lines,
-        })
+        Ok((
+            proc,
+            addrs.into_iter().map(Option::unwrap_or_default).collect(),
+        ))
     }
 
-    /// Resident set size of the service now, in MiB.
+    /// Resident set size now, in MiB.
     fn rss_mib(&self) -> f64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .ok()
@@ -434,6 +660,7 @@ impl Service {
             .map_or(0.0, |kb| kb / 1024.0)
     }
 
+    /// Stop it (TERM, then KILL after 15 s); returns its log line count.
     fn stop(&mut self) -> u64 {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -451,7 +678,124 @@ impl Service {
     }
 }
 
-fn tls_config(ca: &Path) -> Res<Arc<rustls::ClientConfig>> {
+/// The running service: its process and listener addresses.
+struct Service {
+    proc: Proc,
+    api: String,
+    reveal: String,
+}
+
+impl Service {
+    fn start(
+        bin: &Path,
+        data: &Path,
+        url: &str,
+        pki: &Path,
+        extra: &[String],
+        log: Option<PathBuf>,
+    ) -> Res<Service> {
+        let d = data.display().to_string();
+        let cert = pki.join("server.pem").display().to_string();
+        let key = pki.join("server.key").display().to_string();
+        let mut cmd = tokenizer_command(bin);
+        cmd.args([
+            "serve",
+            "--data-dir",
+            &d,
+            "--database-url",
+            url,
+            "--listen-api",
+            "127.0.0.1:0",
+            "--listen-reveal",
+            "127.0.0.1:0",
+            "--listen-admin",
+            "127.0.0.1:0",
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+        ])
+        .args(extra);
+        let (proc, addrs) = Proc::spawn(cmd, "tokenizer", &["api", "reveal"], log)?;
+        let mut addrs = addrs.into_iter();
+        Ok(Service {
+            proc,
+            api: addrs.next().unwrap_or_default(),
+            reveal: addrs.next().unwrap_or_default(),
+        })
+    }
+}
+
+/// The running edge (`tokenizer edge`): its process and public origin.
+struct Edge {
+    proc: Proc,
+    /// `https://127.0.0.1:<port>`: where the bench submits, and the
+    /// `Origin` it sends (the edge's own, as its frame's fetch would).
+    origin: String,
+}
+
+impl Edge {
+    /// Start the edge on `origin`'s port, forwarding to the vault's api
+    /// listener `api`, with the dev PKI's server certificate (it names
+    /// 127.0.0.1) and the edge's credential: the dev PKI's client-collect
+    /// certificate, or `api_key_file`.
+    fn start(
+        bin: &Path,
+        pki: &Path,
+        origin: &str,
+        api: &str,
+        api_key_file: Option<&Path>,
+        args: &Args,
+    ) -> Res<Edge> {
+        let listen = origin.trim_start_matches("https://");
+        let path = |name: &str| pki.join(name).display().to_string();
+        let rate = args.edge_rate.to_string();
+        let mut cmd = tokenizer_command(bin);
+        cmd.args([
+            "edge",
+            "--listen",
+            listen,
+            "--public-url",
+            origin,
+            "--tls-cert-file",
+            &path("server.pem"),
+            "--tls-key-file",
+            &path("server.key"),
+            "--vault-url",
+            &format!("https://{api}"),
+            "--vault-ca-file",
+            &path("ca.pem"),
+            "--rate-per-source",
+            &rate,
+            "--rate-per-session",
+            &rate,
+        ]);
+        match api_key_file {
+            Some(file) => cmd.arg("--api-key-file").arg(file),
+            None => cmd.args([
+                "--client-cert-file",
+                &path("client-collect.pem"),
+                "--client-key-file",
+                &path("client-collect.key"),
+            ]),
+        };
+        cmd.args(&args.edge_args);
+        let (proc, _) = Proc::spawn(
+            cmd,
+            "edge",
+            &["collect"],
+            args.log_dir.as_ref().map(|d| d.join("edge.log")),
+        )?;
+        Ok(Edge {
+            proc,
+            origin: origin.to_owned(),
+        })
+    }
+}
+
+/// A client TLS configuration trusting `ca` only, presenting the client
+/// certificate `client` (PEM chain, PEM key) when a listener asks for one.
+fn tls_config(ca: &Path, client: Option<&(PathBuf, PathBuf)>) -> Res<Arc<rustls::ClientConfig>> {
     use rustls::pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).map_err(|e| e.to_string())? {
@@ -459,14 +803,38 @@ fn tls_config(ca: &Path) -> Res<Arc<rustls::ClientConfig>> {
             .add(cert.map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
     .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let shown = |p: &Path, e: &dyn std::fmt::Display| format!("{}: {e}", p.display());
+            let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+                .map_err(|e| shown(cert, &e))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| shown(cert, &e))?;
+            let key =
+                rustls::pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| shown(key, &e))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| shown(cert, &e))?
+        }
+    };
     Ok(Arc::new(config))
+}
+
+/// The credentials of the client threads: TLS for the api, reveal and edge
+/// listeners, and the bench principal's key; for `collect_complete`, the
+/// edge principal's TLS (its client certificate) or key.
+struct Creds {
+    tls: Arc<rustls::ClientConfig>,
+    key: String,
+    collect_tls: Arc<rustls::ClientConfig>,
+    collect_key: Option<String>,
 }
 
 /// What one client thread saw.
@@ -475,24 +843,391 @@ struct Tally {
     latencies_us: Vec<u32>,
     errors: u64,
     cards: u64,
+    /// The first error: status and error code, never a body.
+    first_error: Option<String>,
+    /// Sessions opened before the timed part (`collect_submit`,
+    /// `collect_complete`), and those that failed to open.
+    sessions_ahead: u64,
+    session_errors: u64,
+    /// Sessions opened during the timed part because the ones opened ahead
+    /// ran out: not in the latencies, but they took the client's time.
+    sessions_inline: u64,
+}
+
+impl Tally {
+    fn error(&mut self, e: String) {
+        self.errors += 1;
+        self.first_error.get_or_insert(e);
+    }
 }
 
 /// One request of a case: (method, listener address, path, body, cards).
 type Step = (&'static str, String, &'static str, Option<String>, u64);
 
+/// A collection session as the checkout holds it.
+struct Session {
+    id: String,
+    secret: String,
+}
+
+/// One client thread: its keep-alive connections (one agent for the api,
+/// reveal and edge listeners; one as the edge's principal, for
+/// `collect_complete`), and the sessions it opened ahead.
+struct Client {
+    agent: ureq::Agent,
+    auth: String,
+    collect_agent: ureq::Agent,
+    collect_auth: Option<String>,
+    sessions: Vec<Session>,
+    tally: Tally,
+}
+
+/// One iteration of a case: when its timed part started, how long it took,
+/// and the cards it stored (or why it failed).
+struct Outcome {
+    start: Instant,
+    elapsed: Duration,
+    result: Result<u64, String>,
+}
+
+fn timed(f: impl FnOnce() -> Result<u64, String>) -> Outcome {
+    let start = Instant::now();
+    let result = f();
+    Outcome {
+        start,
+        elapsed: start.elapsed(),
+        result,
+    }
+}
+
+/// One iteration of a case, run by a client thread (`None`: nothing to do).
+type Iteration = Arc<dyn Fn(&mut Client, &mut u64) -> Option<Outcome> + Send + Sync>;
+
+/// An error answer as `<status> <error code>` (the code only if it has the
+/// documented shape: never anything that could echo a request).
+fn describe(e: ureq::Error) -> String {
+    match e {
+        ureq::Error::Status(status, r) => {
+            let code = r
+                .into_string()
+                .ok()
+                .and_then(|b| serde_json::from_str::<Value>(&b).ok())
+                .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
+                .filter(|c| c.len() <= 40 && c.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+                .unwrap_or_default();
+            format!("{status} {code}")
+        }
+        ureq::Error::Transport(t) => format!("transport: {}", t.kind()),
+    }
+}
+
+/// One HTTPS request; the answer's body, or why it failed.
+fn send(
+    agent: &ureq::Agent,
+    method: &str,
+    url: &str,
+    auth: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Result<String, String> {
+    let mut req = agent.request(method, url);
+    if let Some(a) = auth {
+        req = req.set("Authorization", a);
+    }
+    for (name, value) in headers {
+        req = req.set(name, value);
+    }
+    let result = match body {
+        Some(b) => req.set("Content-Type", "application/json").send_string(b),
+        None => req.call(),
+    };
+    match result {
+        Ok(r) => r
+            .into_string()
+            .map_err(|e| format!("reading the answer: {}", e.kind())),
+        Err(e) => Err(describe(e)),
+    }
+}
+
+/// `POST /v1/collect/sessions` on the api listener, as the checkout does.
+fn open_session(c: &Client, api: &str) -> Result<Session, String> {
+    let body = json!({"tenant": "bench", "allowed_origin": SHOP_ORIGIN, "ttl_secs": 900});
+    let answer = send(
+        &c.agent,
+        "POST",
+        &format!("{api}/v1/collect/sessions"),
+        Some(&c.auth),
+        &[],
+        Some(&body.to_string()),
+    )
+    .map_err(|e| format!("open: {e}"))?;
+    let v = serde_json::from_str::<Value>(&answer).map_err(|_| "open: not JSON".to_owned())?;
+    match (v["session"].as_str(), v["client_secret"].as_str()) {
+        (Some(id), Some(secret)) if v["frame_url"].is_string() => Ok(Session {
+            id: id.to_owned(),
+            secret: secret.to_owned(),
+        }),
+        _ => Err("open: no session in the answer".into()),
+    }
+}
+
+/// What the frame posts (frame.js: client secret, number, expiry; no
+/// security code, no name, as `tokenize_new` sends none); straight to the
+/// vault, the edge's `buyer_address` too.
+fn submission(s: &Session, pan: &str, direct: bool) -> String {
+    let mut body =
+        json!({"client_secret": s.secret, "pan": pan, "exp_month": 12, "exp_year": 2035});
+    if direct {
+        body["buyer_address"] = json!("127.0.0.1");
+    }
+    body.to_string()
+}
+
+/// The token of a submission's answer.
+fn token_of(answer: &str) -> Result<String, String> {
+    serde_json::from_str::<Value>(answer)
+        .ok()
+        .and_then(|v| v["token"].as_str().map(str::to_owned))
+        .ok_or_else(|| "no token in the answer".to_owned())
+}
+
+/// The buyer's submission through the edge, as the frame's `fetch` sends
+/// it: the edge's own `Origin`, `Sec-Fetch-Site: same-origin`, no
+/// credentials.
+fn submit(c: &Client, edge: &str, s: &Session, body: &str) -> Result<String, String> {
+    let answer = send(
+        &c.agent,
+        "POST",
+        &format!("{edge}/v1/collect/submit/{}", s.id),
+        None,
+        &[("Origin", edge), ("Sec-Fetch-Site", "same-origin")],
+        Some(body),
+    )
+    .map_err(|e| format!("submit: {e}"))?;
+    token_of(&answer).map_err(|e| format!("submit: {e}"))
+}
+
+/// The same submission straight to the vault, as the edge's principal.
+fn complete_direct(c: &Client, api: &str, s: &Session, body: &str) -> Result<String, String> {
+    let answer = send(
+        &c.collect_agent,
+        "POST",
+        &format!("{api}/v1/collect/sessions/{}/complete", s.id),
+        c.collect_auth.as_deref(),
+        &[],
+        Some(body),
+    )
+    .map_err(|e| format!("complete: {e}"))?;
+    token_of(&answer).map_err(|e| format!("complete: {e}"))
+}
+
+/// The checkout's confirmation: the session is completed, with `token`.
+fn confirm(c: &Client, api: &str, s: &Session, token: &str) -> Result<(), String> {
+    let answer = send(
+        &c.agent,
+        "GET",
+        &format!("{api}/v1/collect/sessions/{}", s.id),
+        Some(&c.auth),
+        &[],
+        None,
+    )
+    .map_err(|e| format!("confirm: {e}"))?;
+    let v = serde_json::from_str::<Value>(&answer).map_err(|_| "confirm: not JSON".to_owned())?;
+    if v["status"] != "completed" {
+        return Err("confirm: the session is not completed".into());
+    }
+    if v["token"]["token"].as_str() != Some(token) {
+        return Err("confirm: not the token the edge answered".into());
+    }
+    Ok(())
+}
+
+/// Where the load goes.
+struct Targets {
+    api: String,
+    reveal: String,
+    /// The edge's origin (collect cases only).
+    edge: Option<String>,
+}
+
+/// The iteration of `case` (an unknown case does nothing).
+fn iteration(
+    case: &str,
+    targets: &Arc<Targets>,
+    sample: &Arc<Vec<(u64, String)>>,
+    fresh: &Arc<AtomicU64>,
+) -> Iteration {
+    let (t, fresh) = (targets.clone(), fresh.clone());
+    if is_collect(case) {
+        let edge = t.edge.clone().unwrap_or_default();
+        let api = t.api.clone();
+        let it: Iteration = match case {
+            "collect_flow" => Arc::new(move |c: &mut Client, _: &mut u64| {
+                let pan = test_pan(fresh.fetch_add(1, Ordering::Relaxed));
+                Some(timed(|| {
+                    let s = open_session(c, &api)?;
+                    let token = submit(c, &edge, &s, &submission(&s, &pan, false))?;
+                    confirm(c, &api, &s, &token)?;
+                    Ok(1)
+                }))
+            }),
+            _ => {
+                let direct = case == "collect_complete";
+                Arc::new(move |c: &mut Client, _: &mut u64| {
+                    let s = match c.sessions.pop() {
+                        Some(s) => s,
+                        None => match open_session(c, &api) {
+                            Ok(s) => {
+                                c.tally.sessions_inline += 1;
+                                s
+                            }
+                            Err(e) => return Some(timed(|| Err(e))),
+                        },
+                    };
+                    let body =
+                        submission(&s, &test_pan(fresh.fetch_add(1, Ordering::Relaxed)), direct);
+                    Some(timed(|| {
+                        if direct {
+                            complete_direct(c, &api, &s, &body)?;
+                        } else {
+                            submit(c, &edge, &s, &body)?;
+                        }
+                        Ok(1)
+                    }))
+                })
+            }
+        };
+        return it;
+    }
+    let case_name = case.to_owned();
+    let sample = sample.clone();
+    let next = move |rng: &mut u64| -> Option<Step> {
+        let (api, reveal) = (&t.api, &t.reveal);
+        let pick = |rng: &mut u64| {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            sample
+                .get((*rng % sample.len().max(1) as u64) as usize)
+                .cloned()
+        };
+        let new_card = || {
+            let i = fresh.fetch_add(1, Ordering::Relaxed);
+            json!({"tenant": "bench", "pan": test_pan(i), "exp_month": 12, "exp_year": 2035})
+                .to_string()
+        };
+        match case_name.as_str() {
+            "baseline" => Some(("GET", api.clone(), "/v1/ping", None, 0)),
+            "tokenize_new" => Some(("POST", api.clone(), "/v1/tokens", Some(new_card()), 1)),
+            "tokenize_repeat" => {
+                let (i, _) = pick(rng)?;
+                let body = json!({"tenant": "bench", "pan": test_pan(i), "exp_month": 12, "exp_year": 2035});
+                Some(("POST", api.clone(), "/v1/tokens", Some(body.to_string()), 1))
+            }
+            "detokenize" => {
+                let (_, token) = pick(rng)?;
+                let body = json!({"token": token, "reason": "benchmark"});
+                Some((
+                    "POST",
+                    reveal.clone(),
+                    "/v1/detokenize",
+                    Some(body.to_string()),
+                    1,
+                ))
+            }
+            "batch100" => {
+                let cards: Vec<Value> = (0..100)
+                    .map(|_| {
+                        let i = fresh.fetch_add(1, Ordering::Relaxed);
+                        json!({"pan": test_pan(i), "exp_month": 12, "exp_year": 2035})
+                    })
+                    .collect();
+                let body = json!({"tenant": "bench", "cards": cards});
+                Some((
+                    "POST",
+                    api.clone(),
+                    "/v1/tokens/batch",
+                    Some(body.to_string()),
+                    100,
+                ))
+            }
+            "mix" => {
+                if (*rng).is_multiple_of(5) {
+                    let (_, token) = pick(rng)?;
+                    let body = json!({"token": token, "reason": "benchmark"});
+                    Some((
+                        "POST",
+                        reveal.clone(),
+                        "/v1/detokenize",
+                        Some(body.to_string()),
+                        1,
+                    ))
+                } else {
+                    Some(("POST", api.clone(), "/v1/tokens", Some(new_card()), 1))
+                }
+            }
+            _ => None,
+        }
+    };
+    Arc::new(move |c: &mut Client, rng: &mut u64| {
+        let (method, base, path, body, cards) = next(rng)?;
+        let url = format!("{base}{path}");
+        Some(timed(|| {
+            send(&c.agent, method, &url, Some(&c.auth), &[], body.as_deref()).map(|_| cards)
+        }))
+    })
+}
+
+/// A percentile of sorted latencies, in ms.
+fn percentile(sorted_us: &[u32], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted_us.len() as f64 * p).ceil() as usize).saturating_sub(1);
+    f64::from(sorted_us[idx.min(sorted_us.len() - 1)]) / 1000.0
+}
+
+/// The comparisons printed after the table: (case, reference, what it
+/// shows). Each at every client count both ran at.
+const COMPARISONS: [(&str, &str, &str); 4] = [
+    (
+        "collect_submit",
+        "tokenize_new",
+        "the edge's whole cost over a direct tokenize",
+    ),
+    (
+        "collect_complete",
+        "tokenize_new",
+        "the vault's session work (no edge)",
+    ),
+    ("collect_submit", "collect_complete", "the edge's own hop"),
+    (
+        "collect_flow",
+        "tokenize_new",
+        "a whole checkout (open, submit, confirm)",
+    ),
+];
+
 fn load(
     args: &Args,
     service: &Service,
-    ca: &Path,
-    key: &str,
+    edge: Option<&Edge>,
+    creds: &Creds,
     sample: &[(u64, String)],
-) -> Res<Vec<Value>> {
-    let tls = tls_config(ca)?;
+) -> Res<(Vec<Value>, Vec<Value>)> {
     let sample = Arc::new(sample.to_vec());
     // New cards get indices far above the seeded ones, per case and thread.
     let fresh = Arc::new(AtomicU64::new(args.seed + 1_000_000));
+    let targets = Arc::new(Targets {
+        api: format!("https://{}", service.api),
+        reveal: format!("https://{}", service.reveal),
+        edge: edge.map(|e| e.origin.clone()),
+    });
     let max_clients = args.clients.iter().copied().max().unwrap_or(1);
     let mut baseline: std::collections::HashMap<usize, f64> = Default::default();
+    // (case, clients) -> (req/s, p50, p99), for the sessions to open ahead
+    // and the comparisons.
+    let mut seen: std::collections::HashMap<(String, usize), (f64, f64, f64)> = Default::default();
     let mut out = Vec::new();
     println!(
         "\n{:<16} {:>7} {:>10} {:>10} {:>9} {:>9} {:>9} {:>7} {:>9}",
@@ -500,84 +1235,43 @@ fn load(
     );
     for case in &args.cases {
         for &clients in &args.clients {
-            let case_name = case.clone();
-            let api = format!("https://{}", service.api);
-            let reveal = format!("https://{}", service.reveal);
-            let sample = sample.clone();
-            let fresh = fresh.clone();
-            let next = move |rng: &mut u64| -> Option<Step> {
-                let pick = |rng: &mut u64| {
-                    *rng ^= *rng << 13;
-                    *rng ^= *rng >> 7;
-                    *rng ^= *rng << 17;
-                    sample
-                        .get((*rng % sample.len().max(1) as u64) as usize)
-                        .cloned()
-                };
-                let new_card = || {
-                    let i = fresh.fetch_add(1, Ordering::Relaxed);
-                    json!({"tenant": "bench", "pan": test_pan(i), "exp_month": 12, "exp_year": 2035})
-                        .to_string()
-                };
-                match case_name.as_str() {
-                    "baseline" => Some(("GET", api.clone(), "/v1/ping", None, 0)),
-                    "tokenize_new" => {
-                        Some(("POST", api.clone(), "/v1/tokens", Some(new_card()), 1))
-                    }
-                    "tokenize_repeat" => {
-                        let (i, _) = pick(rng)?;
-                        let body = json!({"tenant": "bench", "pan": test_pan(i), "exp_month": 12, "exp_year": 2035});
-                        Some(("POST", api.clone(), "/v1/tokens", Some(body.to_string()), 1))
-                    }
-                    "detokenize" => {
-                        let (_, token) = pick(rng)?;
-                        let body = json!({"token": token, "reason": "benchmark"});
-                        Some((
-                            "POST",
-                            reveal.clone(),
-                            "/v1/detokenize",
-                            Some(body.to_string()),
-                            1,
-                        ))
-                    }
-                    "batch100" => {
-                        let cards: Vec<Value> = (0..100)
-                            .map(|_| {
-                                let i = fresh.fetch_add(1, Ordering::Relaxed);
-                                json!({"pan": test_pan(i), "exp_month": 12, "exp_year": 2035})
-                            })
-                            .collect();
-                        let body = json!({"tenant": "bench", "cards": cards});
-                        Some((
-                            "POST",
-                            api.clone(),
-                            "/v1/tokens/batch",
-                            Some(body.to_string()),
-                            100,
-                        ))
-                    }
-                    "mix" => {
-                        if (*rng).is_multiple_of(5) {
-                            let (_, token) = pick(rng)?;
-                            let body = json!({"token": token, "reason": "benchmark"});
-                            Some((
-                                "POST",
-                                reveal.clone(),
-                                "/v1/detokenize",
-                                Some(body.to_string()),
-                                1,
-                            ))
-                        } else {
-                            Some(("POST", api.clone(), "/v1/tokens", Some(new_card()), 1))
-                        }
-                    }
-                    _ => None,
+            let it = iteration(case, &targets, &sample, &fresh);
+            // Sessions for the submissions of the timed part, opened
+            // before it: twice what the rate of a submission case already
+            // measured at this client count allows in warm-up and
+            // measurement (else 1.3 times tokenize_new's: the same card
+            // work without the session's); more are opened on the fly (and
+            // counted).
+            let ahead = match case.as_str() {
+                "collect_submit" | "collect_complete" => {
+                    let measured = ["collect_submit", "collect_complete"]
+                        .iter()
+                        .filter_map(|c| seen.get(&((*c).to_owned(), clients)))
+                        .map(|r| r.0)
+                        .reduce(f64::max);
+                    let (rate, margin) = match measured {
+                        // The other submission case may well be faster.
+                        Some(r) => (r, 2.0),
+                        None => seen
+                            .get(&("tokenize_new".to_owned(), clients))
+                            .map_or((1500.0, 1.3), |r| (r.0, 1.3)),
+                    };
+                    let total = rate * (1 + args.seconds.max(1)) as f64 * margin;
+                    (total / clients.max(1) as f64).ceil() as usize + 4
                 }
+                _ => 0,
             };
-            let next = Arc::new(next);
             let sample_rss = clients == max_clients;
-            let (tallies, elapsed, rss) =
-                drive(clients, args.seconds, &tls, key, next, service, sample_rss)?;
+            let (tallies, elapsed, rss, edge_rss, opening_secs) = drive(
+                clients,
+                args.seconds,
+                creds,
+                it,
+                service,
+                edge,
+                sample_rss,
+                ahead,
+            )?;
             let latencies: Vec<u32> = {
                 let mut all: Vec<u32> = tallies
                     .iter()
@@ -587,19 +1281,15 @@ fn load(
                 all
             };
             let requests = latencies.len() as f64;
-            let errors: u64 = tallies.iter().map(|t| t.errors).sum();
-            let cards: u64 = tallies.iter().map(|t| t.cards).sum();
+            let sum = |f: fn(&Tally) -> u64| -> u64 { tallies.iter().map(f).sum() };
+            let errors = sum(|t| t.errors);
+            let cards = sum(|t| t.cards);
             let rps = requests / elapsed;
-            let pct = |p: f64| -> f64 {
-                if latencies.is_empty() {
-                    return 0.0;
-                }
-                let idx = ((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1);
-                f64::from(latencies[idx.min(latencies.len() - 1)]) / 1000.0
-            };
+            let pct = |p: f64| percentile(&latencies, p);
             if case == "baseline" {
                 baseline.insert(clients, rps);
             }
+            seen.insert((case.clone(), clients), (rps, pct(0.50), pct(0.99)));
             let ratio = baseline.get(&clients).map(|b| rps / b.max(1e-9));
             println!(
                 "{:<16} {:>7} {:>10.0} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>9}",
@@ -613,7 +1303,8 @@ fn load(
                 errors,
                 ratio.map_or("-".to_owned(), |r| format!("{r:.2}"))
             );
-            out.push(json!({
+            let first_error = tallies.iter().find_map(|t| t.first_error.clone());
+            let mut row = json!({
                 "case": case,
                 "clients": clients,
                 "requests_per_second": rps,
@@ -622,86 +1313,177 @@ fn load(
                 "p99_ms": pct(0.99),
                 "p999_ms": pct(0.999),
                 "errors": errors,
+                "first_error": first_error,
                 "ratio_to_baseline": ratio,
                 "service_rss_mib": rss,
-            }));
+            });
+            if let Some(e) = &first_error {
+                println!("{:<16} first error: {e}", "");
+            }
+            if is_collect(case) {
+                let (ahead_n, ahead_err, inline) = (
+                    sum(|t| t.sessions_ahead),
+                    sum(|t| t.session_errors),
+                    sum(|t| t.sessions_inline),
+                );
+                row["edge_rss_mib"] = json!(edge_rss);
+                if ahead > 0 {
+                    row["sessions_opened_ahead"] = json!(ahead_n);
+                    row["sessions_failed_ahead"] = json!(ahead_err);
+                    row["sessions_opened_inline"] = json!(inline);
+                    row["sessions_opened_ahead_per_second"] =
+                        json!(ahead_n as f64 / opening_secs.max(1e-9));
+                    println!(
+                        "{:<16} sessions opened before the timed part: {ahead_n} ({ahead_err} failed) \
+                         in {opening_secs:.1} s ({:.0}/s, {clients} clients); opened during it (ran out): {inline}",
+                        "",
+                        ahead_n as f64 / opening_secs.max(1e-9)
+                    );
+                }
+                if case == "collect_flow" {
+                    row["flows_per_second"] = json!(rps);
+                }
+            }
+            out.push(row);
             if let Some(rss) = rss {
                 println!(
                     "{:<16} service resident size during the run: {rss:.0} MiB",
                     ""
                 );
             }
+            if let Some(rss) = edge_rss.filter(|_| is_collect(case)) {
+                println!("{:<16} edge resident size during the run: {rss:.0} MiB", "");
+            }
         }
     }
-    Ok(out)
+    if args.cases.iter().any(|c| c == "collect_flow") {
+        println!("\ncollect_flow: req/s are flows/s (3 requests each: open, submit through the edge, confirm)");
+    }
+    let mut comparisons = Vec::new();
+    for (case, reference, what) in COMPARISONS {
+        let rows: Vec<_> = args
+            .clients
+            .iter()
+            .filter_map(|&n| {
+                let a = seen.get(&(case.to_owned(), n))?;
+                let b = seen.get(&(reference.to_owned(), n))?;
+                Some((
+                    n,
+                    a.1 / b.1.max(1e-9),
+                    a.2 / b.2.max(1e-9),
+                    a.0 / b.0.max(1e-9),
+                ))
+            })
+            .collect();
+        if rows.is_empty() {
+            continue;
+        }
+        println!("\n{case} / {reference}: {what}");
+        println!(
+            "{:>7} {:>9} {:>9} {:>12}",
+            "clients", "p50 x", "p99 x", "req/s x"
+        );
+        for (n, p50, p99, rps) in rows {
+            println!("{n:>7} {p50:>9.2} {p99:>9.2} {rps:>12.2}");
+            comparisons.push(json!({
+                "case": case,
+                "reference": reference,
+                "clients": n,
+                "p50_ratio": p50,
+                "p99_ratio": p99,
+                "throughput_ratio": rps,
+            }));
+        }
+    }
+    Ok((out, comparisons))
 }
 
-#[allow(clippy::type_complexity)]
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn drive(
     clients: usize,
     seconds: u64,
-    tls: &Arc<rustls::ClientConfig>,
-    key: &str,
-    next: Arc<dyn Fn(&mut u64) -> Option<Step> + Send + Sync>,
+    creds: &Creds,
+    it: Iteration,
     service: &Service,
+    edge: Option<&Edge>,
     sample_rss: bool,
-) -> Res<(Vec<Tally>, f64, Option<f64>)> {
+    sessions_ahead: usize,
+) -> Res<(Vec<Tally>, f64, Option<f64>, Option<f64>, f64)> {
     let warmup = Duration::from_secs(1);
     let measure = Duration::from_secs(seconds.max(1));
     let stop = Arc::new(AtomicBool::new(false));
-    let start = Instant::now();
-    let measuring_from = start + warmup;
+    // Every client has opened its sessions (if any) before the clock starts.
+    let ready = Arc::new(std::sync::Barrier::new(clients + 1));
+    let agent = |tls: &Arc<rustls::ClientConfig>| {
+        ureq::AgentBuilder::new()
+            .tls_config(tls.clone())
+            .timeout(Duration::from_secs(30))
+            .max_idle_connections_per_host(1)
+            .build()
+    };
+    let api = format!("https://{}", service.api);
+    let opening = Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|n| {
-            let agent = ureq::AgentBuilder::new()
-                .tls_config(tls.clone())
-                .timeout(Duration::from_secs(30))
-                .max_idle_connections_per_host(1)
-                .build();
-            let auth = format!("Bearer {key}");
-            let (next, stop) = (next.clone(), stop.clone());
+            let mut client = Client {
+                agent: agent(&creds.tls),
+                auth: format!("Bearer {}", creds.key),
+                collect_agent: agent(&creds.collect_tls),
+                collect_auth: creds.collect_key.as_ref().map(|k| format!("Bearer {k}")),
+                sessions: Vec::new(),
+                tally: Tally::default(),
+            };
+            let (it, stop, ready, api) = (it.clone(), stop.clone(), ready.clone(), api.clone());
             std::thread::spawn(move || {
-                let mut tally = Tally::default();
+                for _ in 0..sessions_ahead {
+                    match open_session(&client, &api) {
+                        Ok(s) => {
+                            client.sessions.push(s);
+                            client.tally.sessions_ahead += 1;
+                        }
+                        Err(e) => {
+                            client.tally.session_errors += 1;
+                            client.tally.first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                ready.wait();
+                let measuring_from = Instant::now() + warmup;
                 let mut rng =
                     0x9E37_79B9_7F4A_7C15u64 ^ (n as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D);
                 while !stop.load(Ordering::Relaxed) {
-                    let Some((method, base, path, body, cards)) = next(&mut rng) else {
+                    let Some(outcome) = it(&mut client, &mut rng) else {
                         break;
                     };
-                    let req = agent
-                        .request(method, &format!("{base}{path}"))
-                        .set("Authorization", &auth);
-                    let t = Instant::now();
-                    let result = match body {
-                        Some(b) => req.set("Content-Type", "application/json").send_string(&b),
-                        None => req.call(),
-                    };
-                    let ok = match result {
-                        Ok(r) => r.into_string().is_ok(),
-                        Err(_) => false,
-                    };
-                    if t < measuring_from {
+                    if outcome.start < measuring_from {
                         continue;
                     }
-                    if ok {
-                        tally
-                            .latencies_us
-                            .push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-                        tally.cards += cards;
-                    } else {
-                        tally.errors += 1;
+                    match outcome.result {
+                        Ok(cards) => {
+                            client.tally.latencies_us.push(
+                                u32::try_from(outcome.elapsed.as_micros()).unwrap_or(u32::MAX),
+                            );
+                            client.tally.cards += cards;
+                        }
+                        Err(e) => client.tally.error(e),
                     }
                 }
-                tally
+                client.tally
             })
         })
         .collect();
-    let mut rss = None;
+    ready.wait();
+    let opening_secs = opening.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let (mut rss, mut edge_rss) = (None, None);
+    let max = |acc: Option<f64>, now: f64| Some(acc.map_or(now, |r: f64| r.max(now)));
     while start.elapsed() < warmup + measure {
         std::thread::sleep(Duration::from_millis(250));
         if sample_rss && start.elapsed() > warmup {
-            let now = service.rss_mib();
-            rss = Some(rss.map_or(now, |r: f64| r.max(now)));
+            rss = max(rss, service.proc.rss_mib());
+            if let Some(e) = edge {
+                edge_rss = max(edge_rss, e.proc.rss_mib());
+            }
         }
     }
     stop.store(true, Ordering::Relaxed);
@@ -710,5 +1492,5 @@ fn drive(
         .into_iter()
         .map(|h| h.join().map_err(|_| "a client thread panicked".to_owned()))
         .collect::<Res<Vec<_>>>()?;
-    Ok((tallies, elapsed, rss))
+    Ok((tallies, elapsed, rss, edge_rss, opening_secs))
 }
