@@ -1,6 +1,6 @@
 //! Submission rate limits of the edge: per source address and per session,
 //! each a fixed one-minute window in this process's memory (several edges
-//! behind one balancer each count their own).
+//! behind one balancer each count their own), O(1) per hit.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -8,23 +8,34 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const WINDOW: Duration = Duration::from_secs(60);
-/// Past this many keys the expired windows are dropped.
-const PRUNE_AT: usize = 10_000;
-/// Never more keys than this: a flood of new keys is refused instead.
-const MAX_KEYS: usize = 100_000;
+/// Never more keys than this in one window: a flood of new keys is refused
+/// (until the window ends) instead of growing the map.
+const MAX_KEYS: usize = 200_000;
 
-/// At most `per_minute` hits per key and window.
+/// At most `per_minute` hits per key and window. The window is one for
+/// every key (a fixed minute, started by the first hit after the last one
+/// ended), so a hit is O(1): no scan of old entries, the map is dropped
+/// whole when the window ends.
 #[derive(Debug)]
 pub struct RateLimit<K> {
     per_minute: u32,
-    windows: Mutex<HashMap<K, (Instant, u32)>>,
+    window: Mutex<Window<K>>,
+}
+
+#[derive(Debug)]
+struct Window<K> {
+    started: Instant,
+    counts: HashMap<K, u32>,
 }
 
 impl<K: Eq + Hash> RateLimit<K> {
     pub fn new(per_minute: u32) -> RateLimit<K> {
         RateLimit {
             per_minute,
-            windows: Mutex::new(HashMap::new()),
+            window: Mutex::new(Window {
+                started: Instant::now(),
+                counts: HashMap::new(),
+            }),
         }
     }
 
@@ -35,21 +46,21 @@ impl<K: Eq + Hash> RateLimit<K> {
             return Ok(());
         }
         let now = Instant::now();
-        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
-        if windows.len() >= PRUNE_AT {
-            windows.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        if now.duration_since(w.started) >= WINDOW {
+            w.started = now;
+            w.counts = HashMap::new();
         }
-        if windows.len() >= MAX_KEYS && !windows.contains_key(&key) {
-            return Err(WINDOW.as_secs());
+        let left = WINDOW
+            .saturating_sub(now.duration_since(w.started))
+            .as_secs()
+            .max(1);
+        if w.counts.len() >= MAX_KEYS && !w.counts.contains_key(&key) {
+            return Err(left);
         }
-        let (start, count) = windows.entry(key).or_insert((now, 0));
-        if now.duration_since(*start) >= WINDOW {
-            *start = now;
-            *count = 0;
-        }
+        let count = w.counts.entry(key).or_insert(0);
         if *count >= self.per_minute {
-            let left = WINDOW.saturating_sub(now.duration_since(*start));
-            return Err(left.as_secs().max(1));
+            return Err(left);
         }
         *count += 1;
         Ok(())
@@ -69,6 +80,12 @@ mod tests {
         let retry = limit.hit("a").unwrap_err();
         assert!((1..=60).contains(&retry));
         assert!(limit.hit("b").is_ok());
+        // The window is shared: a key first seen late in it gets what is left.
+        let many = RateLimit::new(1);
+        for i in 0..1000 {
+            assert!(many.hit(i).is_ok());
+            assert!(many.hit(i).is_err());
+        }
         let off = RateLimit::new(0);
         for _ in 0..100 {
             assert!(off.hit("a").is_ok());
