@@ -143,6 +143,15 @@ pub enum Action {
     CollectSessionCompleted,
     /// Sessions past their lifetime were purged (counts only).
     CollectSessionsExpired,
+    /// Card data is released to a forwarding upstream (before anything is
+    /// sent: principal, tenant, the tokens, the upstream and the path
+    /// pattern; never a card value). Or refused (error code).
+    Forward,
+    /// The forwarded call's end: the upstream's status or the failure, the
+    /// duration, the bytes each way, the SHA-256 of the upstream's
+    /// certificate, the count of card numbers replaced by tokens in its
+    /// answer.
+    ForwardCompleted,
 }
 
 impl Action {
@@ -182,6 +191,8 @@ impl Action {
             Action::CollectSubmission => "collect_submission",
             Action::CollectSessionCompleted => "collect_session_completed",
             Action::CollectSessionsExpired => "collect_sessions_expired",
+            Action::Forward => "forward",
+            Action::ForwardCompleted => "forward_completed",
         }
     }
 
@@ -191,7 +202,7 @@ impl Action {
     }
 }
 
-const ALL_ACTIONS: [Action; 33] = [
+const ALL_ACTIONS: [Action; 35] = [
     Action::Tokenize,
     Action::Detokenize,
     Action::MetadataRead,
@@ -225,6 +236,8 @@ const ALL_ACTIONS: [Action; 33] = [
     Action::CollectSubmission,
     Action::CollectSessionCompleted,
     Action::CollectSessionsExpired,
+    Action::Forward,
+    Action::ForwardCompleted,
 ];
 
 /// How it ended.

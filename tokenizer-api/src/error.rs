@@ -110,6 +110,9 @@ fn vault_status(e: &VaultError) -> StatusCode {
             StatusCode::CONFLICT
         }
         VaultError::WrongSecret => StatusCode::FORBIDDEN,
+        VaultError::TooManyTokens | VaultError::MixedTenants => StatusCode::BAD_REQUEST,
+        VaultError::UpstreamTenant => StatusCode::FORBIDDEN,
+        VaultError::CvcUnavailable => StatusCode::CONFLICT,
         VaultError::KeyLifecycle(k) => match k {
             KeyLifecycleError::NotFound => StatusCode::NOT_FOUND,
             // The record exists but its key is gone for good (crypto-shred).
@@ -338,6 +341,10 @@ fn samples() -> Vec<ApiError> {
         VaultError::SessionClosed,
         VaultError::WrongSecret,
         VaultError::SessionBusy,
+        VaultError::TooManyTokens,
+        VaultError::UpstreamTenant,
+        VaultError::MixedTenants,
+        VaultError::CvcUnavailable,
     ];
     all.into_iter()
         .chain(card.into_iter().map(|c| ApiError::Vault(c.into())))

@@ -1,14 +1,20 @@
 //! The forwarding proxy's upstreams (issue 18), loaded: each checked
-//! `[[upstream]]` table of the configuration file with its TLS client
-//! configuration (its CA as the only roots, its client certificate). An
+//! `[[upstream]]` table of the configuration file with its HTTP client
+//! (reqwest over the workspace's rustls: its CA as the only roots, its
+//! client certificate, HTTP/1.1, no redirects, no proxy, its timeouts). An
 //! upstream whose files are missing, unreadable or whose key is not
 //! private refuses the start, naming the upstream; on SIGHUP the tables are
 //! read again and swapped as a whole, or, if any is refused, the previous
-//! set stays in use.
+//! set stays in use. [`Upstream::send`] makes one call and reads at most
+//! `max_response_bytes` of the answer.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use sha2::Digest as _;
+use zeroize::Zeroizing;
 
 use crate::config::upstreams::UpstreamSpec;
 use crate::tls::TlsError;
@@ -17,7 +23,138 @@ use crate::tls::TlsError;
 #[derive(Debug)]
 pub struct Upstream {
     pub spec: UpstreamSpec,
-    pub tls: Arc<rustls::ClientConfig>,
+    client: reqwest::Client,
+}
+
+/// The upstream's answer.
+pub struct Answer {
+    pub status: u16,
+    pub content_type: Option<String>,
+    /// At most `max_response_bytes`; zeroized when dropped (it may hold
+    /// card numbers until they are replaced).
+    pub body: Zeroizing<Vec<u8>>,
+    /// SHA-256 (hex) of the certificate the upstream presented.
+    pub certificate_sha256: Option<String>,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Answer")
+            .field("status", &self.status)
+            .field("bytes", &self.body.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a call got no usable answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// No connection (refused, unreachable, reset before an answer).
+    Unreachable,
+    /// The TLS handshake failed: the upstream's certificate is not trusted
+    /// (wrong CA, expired, wrong name) or it refused ours.
+    Tls,
+    /// No complete answer within `timeout_ms` (or no connection within
+    /// `connect_timeout_ms`): the outcome at the upstream is unknown.
+    Timeout,
+    /// The answer is larger than `max_response_bytes`.
+    TooLarge,
+}
+
+impl Upstream {
+    /// One call: `method` to `origin + base_path + path` with `headers`
+    /// and `body`. Redirects are answers like any other (never followed).
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(String, String)],
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<Answer, SendError> {
+        let started = Instant::now();
+        let url = format!("{}{}{path}", self.spec.origin, self.spec.base_path);
+        let mut req = self
+            .client
+            .request(method, url)
+            .header(reqwest::header::CONTENT_TYPE, content_type)
+            .body(body);
+        for (name, value) in headers {
+            req = req.header(name.as_str(), value.as_str());
+        }
+        let mut response = req.send().await.map_err(classify)?;
+        let certificate_sha256 = response
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|i| i.peer_certificate())
+            .map(|der| hex(&sha2::Sha256::digest(der)));
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let limit = self.spec.max_response_bytes;
+        if response.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(SendError::TooLarge);
+        }
+        let mut body = Zeroizing::new(Vec::new());
+        while let Some(chunk) = response.chunk().await.map_err(classify)? {
+            if body.len() + chunk.len() > limit {
+                return Err(SendError::TooLarge);
+            }
+            // Grown by hand so that no unzeroized copy is left behind.
+            if body.capacity() < body.len() + chunk.len() {
+                let mut bigger = Zeroizing::new(Vec::with_capacity(
+                    (body.len() + chunk.len())
+                        .max(body.capacity() * 2)
+                        .min(limit),
+                ));
+                bigger.extend_from_slice(&body);
+                body = bigger;
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Answer {
+            status,
+            content_type,
+            body,
+            certificate_sha256,
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What went wrong, from reqwest's error and its sources: a rustls error
+/// anywhere in the chain is a TLS failure.
+fn classify(e: reqwest::Error) -> SendError {
+    if e.is_timeout() {
+        return SendError::Timeout;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
+    while let Some(s) = source {
+        if s.downcast_ref::<rustls::Error>().is_some() {
+            return SendError::Tls;
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+            {
+                return SendError::Tls;
+            }
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return SendError::Timeout;
+            }
+        }
+        source = s.source();
+    }
+    SendError::Unreachable
 }
 
 /// Why the upstreams cannot be used.
@@ -46,11 +183,26 @@ impl Upstreams {
                 .map(|(c, k)| (c.as_path(), k.as_path()));
             let tls = crate::tls::client_config(&spec.ca_file, client)
                 .map_err(|e| UpstreamError::Tls(spec.name.clone(), e))?;
+            let client = reqwest::Client::builder()
+                .use_preconfigured_tls(tls)
+                .tls_info(true)
+                .http1_only()
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .connect_timeout(spec.connect_timeout)
+                .timeout(spec.timeout)
+                .pool_idle_timeout(Duration::from_secs(60))
+                .pool_max_idle_per_host(32)
+                .referer(false)
+                .build()
+                .map_err(|e| {
+                    UpstreamError::Tls(spec.name.clone(), TlsError::Rustls(e.to_string()))
+                })?;
             by_name.insert(
                 spec.name.clone(),
                 Arc::new(Upstream {
                     spec: spec.clone(),
-                    tls: Arc::new(tls),
+                    client,
                 }),
             );
         }

@@ -34,6 +34,10 @@ pub enum Role {
     /// completes sessions; nothing else (no token, no card, no tenant of
     /// its own).
     Collect,
+    /// The payment router's forwarding calls: card data of its tenants'
+    /// tokens put into a request to a configured upstream, never returned
+    /// to the caller (`detokenize` is neither needed nor enough).
+    Forward,
 }
 
 impl Role {
@@ -44,6 +48,7 @@ impl Role {
             Role::Auditor => "auditor",
             Role::KeyAdmin => "key_admin",
             Role::Collect => "collect",
+            Role::Forward => "forward",
         }
     }
 
@@ -54,6 +59,7 @@ impl Role {
             Role::Auditor,
             Role::KeyAdmin,
             Role::Collect,
+            Role::Forward,
         ]
         .into_iter()
         .find(|r| r.as_str() == s)

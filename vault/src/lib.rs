@@ -60,6 +60,7 @@ pub use pan::{Pan, PanError};
 pub use rotation::{Actor, CryptoPeriods, KeyInfo, KeyStatus, Progress, Rotation};
 pub use service::{
     AuditPage, AuditQuery, CardError, CardInput, CardUpdate, CollectSession, CollectSessionInput,
-    Detokenized, KeyLifecycleError, NewCollectSession, RequestContext, SessionStatus, Submission,
-    TokenInfo, TokenizeOptions, Vault, VaultError, VaultOptions, MAX_BATCH,
+    Detokenized, ForwardOutcome, ForwardRelease, ForwardTarget, KeyLifecycleError,
+    NewCollectSession, Released, RequestContext, SessionStatus, Submission, TokenInfo,
+    TokenizeOptions, Vault, VaultError, VaultOptions, Wanted, MAX_BATCH, MAX_FORWARD_TOKENS,
 };

@@ -41,6 +41,7 @@ use crate::tenants::Tenants;
 
 mod audit_query;
 mod collect;
+mod forward;
 mod lifecycle;
 mod reveal;
 mod tokenize;
@@ -54,6 +55,9 @@ mod tests;
 pub use audit_query::{AuditPage, AuditQuery};
 pub use collect::{
     CollectSession, CollectSessionInput, NewCollectSession, SessionStatus, Submission,
+};
+pub use forward::{
+    ForwardOutcome, ForwardRelease, ForwardTarget, Released, Wanted, MAX_FORWARD_TOKENS,
 };
 pub use reveal::Detokenized;
 pub use tokenize::{CardInput, TokenizeOptions, MAX_BATCH};
@@ -197,6 +201,17 @@ pub enum VaultError {
     WrongSecret,
     #[error("another submission for this session is in progress: retry shortly")]
     SessionBusy,
+    #[error(
+        "a forwarded call names 1 to {} distinct tokens",
+        forward::MAX_FORWARD_TOKENS
+    )]
+    TooManyTokens,
+    #[error("this upstream does not serve the tenant of a token")]
+    UpstreamTenant,
+    #[error("every token of a forwarded call belongs to one tenant")]
+    MixedTenants,
+    #[error("no security code is held for a token whose cvc the call names")]
+    CvcUnavailable,
 }
 
 /// Why a key lifecycle operation was refused, or a record cannot be opened
@@ -267,6 +282,10 @@ impl VaultError {
             VaultError::SessionClosed => "session_closed",
             VaultError::WrongSecret => "wrong_secret",
             VaultError::SessionBusy => "session_busy",
+            VaultError::TooManyTokens => "too_many_tokens",
+            VaultError::UpstreamTenant => "tenant_not_allowed",
+            VaultError::MixedTenants => "mixed_tenants",
+            VaultError::CvcUnavailable => "cvc_unavailable",
         }
     }
 }
