@@ -107,10 +107,7 @@ impl Vault {
                 return Err(self.forward_limited(ev, LimitScope::Principal, wait).await);
             }
             let row = self.lookup(ctx, Action::Forward, &w.token).await?;
-            if target
-                .tenants
-                .is_some_and(|t| !t.iter().any(|n| *n == row.tenant))
-            {
+            if target.tenants.is_some_and(|t| !t.contains(&row.tenant)) {
                 let mut ev = base
                     .clone()
                     .tenant(row.tenant.clone())
