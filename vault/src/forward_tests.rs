@@ -527,6 +527,7 @@ fn scanner_takes_the_longest_from_each_group() {
         .copied()
         .filter(|c| c.len() == 16 && luhn_valid(&c.as_bytes()[..12]))
         .collect();
+    assert!(!twelve.is_empty());
     for c in twelve {
         assert_eq!(found_digits(&spaced(c, " ")), vec![c]);
     }
