@@ -82,23 +82,24 @@ pub enum BodyKind {
 }
 
 impl BodyKind {
-    /// The kind for a Content-Type header value. Media type and parameter
-    /// names are case-insensitive; a `charset` parameter must be `utf-8`
-    /// (any case, quoted or not): anything else is `InvalidBody`. Other
-    /// parameters are ignored.
+    /// The kind for a Content-Type header value: `application/json`,
+    /// `application/x-www-form-urlencoded`, `application/xml`, `text/xml`,
+    /// or a structured syntax suffix `+json` / `+xml` (RFC 6839:
+    /// `application/soap+xml` of SOAP 1.2). Media type and parameter names
+    /// are case-insensitive; a `charset` parameter must be `utf-8` (any
+    /// case, quoted or not): anything else is `InvalidBody`. Other
+    /// parameters are ignored. Anything else is `UnsupportedContentType`.
     pub fn from_content_type(value: &str) -> Result<BodyKind, TemplateError> {
         let mut parts = value.split(';');
-        let media = parts.next().unwrap_or("").trim();
-        let kind = if media.eq_ignore_ascii_case("application/json") {
-            BodyKind::Json
-        } else if media.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
-            BodyKind::Form
-        } else if media.eq_ignore_ascii_case("application/xml")
-            || media.eq_ignore_ascii_case("text/xml")
-        {
-            BodyKind::Xml
-        } else {
-            return Err(TemplateError::UnsupportedContentType);
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let (top, sub) = media.split_once('/').unwrap_or(("", ""));
+        let kind = match (top, sub) {
+            ("application", "json") => BodyKind::Json,
+            ("application", "x-www-form-urlencoded") => BodyKind::Form,
+            ("application" | "text", "xml") => BodyKind::Xml,
+            ("application", s) if s.len() > 5 && s.ends_with("+json") => BodyKind::Json,
+            ("application" | "text", s) if s.len() > 4 && s.ends_with("+xml") => BodyKind::Xml,
+            _ => return Err(TemplateError::UnsupportedContentType),
         };
         for param in parts {
             let (name, v) = param.split_once('=').unwrap_or((param, ""));
@@ -688,8 +689,9 @@ impl Found {
 /// The card numbers in a response body (any content type, any bytes).
 ///
 /// A *group* is a maximal run of ASCII digits; groups separated by exactly
-/// one space or one dash (mixed freely: `4111 1111-1111 1111`) form a
-/// *chain*. A card number is a sequence of whole consecutive groups of one
+/// one separator form a *chain*. A separator is a space, a dash, a plus
+/// (a space in a form) or `%20` (a space percent-encoded), mixed freely
+/// (`4111 1111-1111 1111`); two separators in a row end the chain. A card number is a sequence of whole consecutive groups of one
 /// chain, 12 to 19 digits in all, passing the Luhn check: so a card
 /// number is never cut out of a longer run of digits (a 20-digit run, or a
 /// card number glued to other digits, is not one), but one followed by a
@@ -717,13 +719,10 @@ pub fn find_card_numbers(body: &[u8]) -> Vec<Found> {
                 j += 1;
             }
             groups.push(start..j);
-            let linked = j + 1 < body.len()
-                && matches!(body[j], b' ' | b'-')
-                && body[j + 1].is_ascii_digit();
-            if !linked {
-                break;
+            match separator_at(body, j) {
+                Some(n) => j += n,
+                None => break,
             }
-            j += 1;
         }
         let mut g = 0;
         while g < groups.len() {
@@ -741,6 +740,18 @@ pub fn find_card_numbers(body: &[u8]) -> Vec<Found> {
         i = j;
     }
     found
+}
+
+/// The length of the separator at `j` if a digit follows it.
+fn separator_at(body: &[u8], j: usize) -> Option<usize> {
+    let len = match body.get(j)? {
+        b' ' | b'-' | b'+' => 1,
+        b'%' if body.get(j + 1..j + 3) == Some(b"20".as_slice()) => 3,
+        _ => return None,
+    };
+    body.get(j + len)
+        .filter(|c| c.is_ascii_digit())
+        .map(|_| len)
 }
 
 /// The longest card number made of the first groups of `groups`: how many

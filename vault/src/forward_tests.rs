@@ -70,10 +70,20 @@ fn content_types() {
         ("application/x-www-form-urlencoded; charset=utf-8", Form),
         ("application/xml", Xml),
         ("text/xml; charset=UTF-8", Xml),
+        ("application/soap+xml; charset=utf-8; action=\"urn:x\"", Xml),
+        ("application/vnd.api+json", Json),
     ] {
         assert_eq!(BodyKind::from_content_type(ct), Ok(kind), "{ct}");
     }
-    for ct in ["", "text/plain", "application/jsonx", "multipart/form-data"] {
+    for ct in [
+        "",
+        "text/plain",
+        "application/jsonx",
+        "multipart/form-data",
+        "application/+json",
+        "text/json",
+        "json",
+    ] {
         assert_eq!(
             BodyKind::from_content_type(ct),
             Err(TemplateError::UnsupportedContentType),
@@ -462,6 +472,8 @@ fn scanner_finds_every_test_card_in_context() {
             card.to_string(),
             spaced(card, " "),
             spaced(card, "-"),
+            spaced(card, "+"),
+            spaced(card, "%20"),
             format!("{}-{}", &card[..6], spaced(&card[6..], " ")),
         ] {
             for ctx in [
@@ -500,6 +512,9 @@ fn scanner_ignores_what_is_not_a_card() {
         "4111111111111111111111111",
         "4111  1111  1111  1111",
         "4111--1111--1111--1111",
+        "4111 -1111 -1111 -1111",
+        "4111%2B1111%2B1111%2B1111",
+        "4111%1111%1111%1111",
         "4111.1111.1111.1111",
         "4111_1111_1111_1111",
         "2026-12-01T10:20:30Z",
@@ -830,7 +845,7 @@ proptest! {
         before in "[a-z \\-\"{}]{0,6}",
         after in "[a-z \\-\"{}]{0,6}",
         card in prop::sample::select(CARDS.to_vec()),
-        sep in prop::sample::select(vec!["", " ", "-"]),
+        sep in prop::sample::select(vec!["", " ", "-", "+", "%20"]),
     ) {
         // Separators next to the card are fine unless digits follow them.
         let body = format!("{before}{}{after}", spaced(card, sep));
