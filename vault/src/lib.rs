@@ -6,8 +6,8 @@
 //! unwrapped through the KEK of `hsm-shim` ([`keys`]), principals and API
 //! keys ([`access`]), storage behind one trait ([`store`]), and the
 //! operations that tie them together with the audit trail ([`Vault`]),
-//! backups of all of it ([`backup`]), and the audit trail's retention
-//! ([`archive`]).
+//! backups of all of it ([`backup`]), the audit trail's retention
+//! ([`archive`]), and the pure core of the forwarding proxy ([`forward`]).
 //!
 //! Public API, in the order a caller meets it:
 //! - [`store::sqlite::SqliteStore::open`] then [`Vault::open`] with a KEK;
@@ -26,6 +26,13 @@
 //! - key lifecycle ([`rotation`]): [`Vault::rotate_dek`],
 //!   [`Vault::reencrypt_batch`], [`Vault::retire`], [`Vault::destroy`],
 //!   [`Vault::rotate_kek`], [`Vault::key_status`], [`Vault::refresh_keys`];
+//! - forwarding ([`forward`], pure: no I/O): [`BodyKind::from_content_type`],
+//!   [`Template::parse`] of a body with `{{<token>.<field>}}` placeholders,
+//!   [`Template::tokens`] and [`Template::fields_of`] (what to fetch),
+//!   [`Template::render`] (values escaped for the body's kind, into a
+//!   zeroizing buffer); on the answer [`forward::find_card_numbers`] then
+//!   [`forward::replace_card_numbers`]; errors [`TemplateError`] (stable
+//!   `code()`, never a value);
 //! - errors are [`VaultError`] (with a stable `code()`), per-card errors
 //!   [`CardError`].
 //!
@@ -43,6 +50,7 @@ pub mod collect;
 pub mod commit;
 pub mod crypto;
 pub mod cvc;
+pub mod forward;
 pub mod keys;
 pub mod monitor;
 pub mod pan;
@@ -55,6 +63,7 @@ pub use access::{Principal, Role, TenantScope};
 pub use brand::Brand;
 pub use card::{CardDataError, CardholderName, Expiry, Tenant, Token, TokenFormat};
 pub use crypto::CardSecret;
+pub use forward::{BodyKind, Field, Template, TemplateError};
 pub use keys::KeysError;
 pub use pan::{Pan, PanError};
 pub use rotation::{Actor, CryptoPeriods, KeyInfo, KeyStatus, Progress, Rotation};
