@@ -47,6 +47,30 @@ pub enum ApiError {
     /// Hosted collection needs `collect_public_url` (the edge's address).
     #[error("hosted collection is not configured: set collect_public_url")]
     CollectNotConfigured,
+    /// Forwarding: no upstream of that name is configured.
+    #[error("no upstream of that name is configured")]
+    UnknownUpstream,
+    /// Forwarding: the path is not one of the upstream's allowed paths
+    /// (or not a plain path at all).
+    #[error("this path is not allowed for the upstream")]
+    PathNotAllowed,
+    /// Forwarding: the body or its placeholders (see the code).
+    #[error(transparent)]
+    Template(#[from] vault::forward::TemplateError),
+    #[error("the upstream could not be reached; nothing was received by it")]
+    UpstreamUnreachable,
+    #[error("the TLS handshake with the upstream failed (its certificate, or ours, was refused)")]
+    UpstreamTls,
+    #[error("the upstream did not answer in time: the outcome of the call at the upstream is unknown (retry with the same Idempotency-Key)")]
+    UpstreamTimeout,
+    #[error("the upstream's answer is larger than its max_response_bytes")]
+    UpstreamResponseTooLarge,
+    #[error("the upstream's answer holds a card number that could not be replaced by a token; it is not relayed")]
+    UpstreamResponseUnsafe,
+    #[error("this Idempotency-Key was used with another request")]
+    IdempotencyKeyReused,
+    #[error("a call with this Idempotency-Key is in progress: retry shortly")]
+    IdempotencyKeyInUse,
 }
 
 impl ApiError {
@@ -67,6 +91,16 @@ impl ApiError {
             ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::SourceBlocked(_) => "rate_limited",
             ApiError::CollectNotConfigured => "collect_not_configured",
+            ApiError::UnknownUpstream => "unknown_upstream",
+            ApiError::PathNotAllowed => "path_not_allowed",
+            ApiError::Template(e) => e.code(),
+            ApiError::UpstreamUnreachable => "upstream_unreachable",
+            ApiError::UpstreamTls => "upstream_tls",
+            ApiError::UpstreamTimeout => "upstream_timeout",
+            ApiError::UpstreamResponseTooLarge => "upstream_response_too_large",
+            ApiError::UpstreamResponseUnsafe => "upstream_response_unsafe",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::IdempotencyKeyInUse => "idempotency_key_in_use",
         }
     }
 }
@@ -144,6 +178,10 @@ impl From<SealError> for ApiError {
     }
 }
 
+/// Who wrote an answer: `vault` on every error of the service, `upstream`
+/// on the answer a forwarded call relays.
+pub const SOURCE_HEADER: &str = "x-cardvault-source";
+
 /// The error body of every answer that is not a success.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody<'a> {
@@ -195,6 +233,25 @@ impl ResponseError for ApiError {
             ApiError::SourceBlocked(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::CollectNotConfigured => StatusCode::CONFLICT,
             ApiError::Unseal(e) => unseal_status(e),
+            ApiError::UnknownUpstream => StatusCode::NOT_FOUND,
+            ApiError::PathNotAllowed => StatusCode::FORBIDDEN,
+            ApiError::Template(vault::forward::TemplateError::UnsupportedContentType) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+            // The card lacks what a placeholder names (no name, no expiry),
+            // or a value cannot be written in this body type.
+            ApiError::Template(
+                vault::forward::TemplateError::MissingValue { .. }
+                | vault::forward::TemplateError::InvalidValue { .. },
+            ) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Template(_) => StatusCode::BAD_REQUEST,
+            ApiError::UpstreamUnreachable
+            | ApiError::UpstreamTls
+            | ApiError::UpstreamResponseTooLarge
+            | ApiError::UpstreamResponseUnsafe => StatusCode::BAD_GATEWAY,
+            ApiError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::IdempotencyKeyInUse => StatusCode::CONFLICT,
         }
     }
 
@@ -231,6 +288,12 @@ impl ResponseError for ApiError {
                 actix_web::http::header::HeaderValue::from_static("Bearer"),
             );
         }
+        // Every error is the vault's own: never confused with an answer a
+        // forwarded call relays from its upstream (`upstream` there).
+        res.headers_mut().insert(
+            actix_web::http::header::HeaderName::from_static(SOURCE_HEADER),
+            actix_web::http::header::HeaderValue::from_static("vault"),
+        );
         res
     }
 }
@@ -274,6 +337,27 @@ fn samples() -> Vec<ApiError> {
         ApiError::Seal(SealError::KekInUse),
         ApiError::Seal(SealError::KekNotFound),
         ApiError::CollectNotConfigured,
+        ApiError::UnknownUpstream,
+        ApiError::PathNotAllowed,
+        ApiError::Template(vault::forward::TemplateError::UnsupportedContentType),
+        ApiError::Template(vault::forward::TemplateError::InvalidBody("")),
+        ApiError::Template(vault::forward::TemplateError::InvalidPlaceholder { offset: 0 }),
+        ApiError::Template(vault::forward::TemplateError::TooManyTokens),
+        ApiError::Template(vault::forward::TemplateError::MissingValue {
+            offset: 0,
+            field: vault::forward::Field::Pan,
+        }),
+        ApiError::Template(vault::forward::TemplateError::InvalidValue {
+            offset: 0,
+            field: vault::forward::Field::Pan,
+        }),
+        ApiError::UpstreamUnreachable,
+        ApiError::UpstreamTls,
+        ApiError::UpstreamTimeout,
+        ApiError::UpstreamResponseTooLarge,
+        ApiError::UpstreamResponseUnsafe,
+        ApiError::IdempotencyKeyReused,
+        ApiError::IdempotencyKeyInUse,
     ];
     for e in &all {
         match e {
@@ -291,7 +375,17 @@ fn samples() -> Vec<ApiError> {
             | ApiError::RequestTimeout
             | ApiError::HeadersTooLarge(_)
             | ApiError::SourceBlocked(_)
-            | ApiError::CollectNotConfigured => {}
+            | ApiError::CollectNotConfigured
+            | ApiError::UnknownUpstream
+            | ApiError::PathNotAllowed
+            | ApiError::Template(_)
+            | ApiError::UpstreamUnreachable
+            | ApiError::UpstreamTls
+            | ApiError::UpstreamTimeout
+            | ApiError::UpstreamResponseTooLarge
+            | ApiError::UpstreamResponseUnsafe
+            | ApiError::IdempotencyKeyReused
+            | ApiError::IdempotencyKeyInUse => {}
         }
     }
     let card = [

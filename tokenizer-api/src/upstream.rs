@@ -71,7 +71,7 @@ impl Upstream {
         path: &str,
         headers: &[(String, String)],
         content_type: &str,
-        body: Vec<u8>,
+        body: Zeroizing<Vec<u8>>,
     ) -> Result<Answer, SendError> {
         let started = Instant::now();
         let url = format!("{}{}{path}", self.spec.origin, self.spec.base_path);
@@ -79,7 +79,9 @@ impl Upstream {
             .client
             .request(method, url)
             .header(reqwest::header::CONTENT_TYPE, content_type)
-            .body(body);
+            // The card values stay in their zeroizing buffer: it is
+            // wiped when the last reference to it goes.
+            .body(bytes::Bytes::from_owner(ZeroizingBody(body)));
         for (name, value) in headers {
             req = req.header(name.as_str(), value.as_str());
         }
@@ -123,6 +125,15 @@ impl Upstream {
             certificate_sha256,
             elapsed: started.elapsed(),
         })
+    }
+}
+
+/// A request body that holds card values: zeroized when dropped.
+struct ZeroizingBody(Zeroizing<Vec<u8>>);
+
+impl AsRef<[u8]> for ZeroizingBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 

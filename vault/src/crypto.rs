@@ -208,7 +208,10 @@ impl FingerprintKey {
 #[derive(Debug)]
 pub struct CardSecret {
     pub pan: Pan,
-    pub expiry: Expiry,
+    /// `None` only for a card number the vault found in a forwarded call's
+    /// answer (issue 18) and did not hold: its expiry is unknown until a
+    /// tokenize of the same card gives one (a known expiry always wins).
+    pub expiry: Option<Expiry>,
     pub name: Option<CardholderName>,
 }
 
@@ -216,7 +219,7 @@ const SECRET_FORMAT: u8 = 1;
 
 impl CardSecret {
     /// Binary encoding: `1 | len | digits | month | year(be16) | has_name |
-    /// name_len(be16) | name`, written into a buffer allocated once with its
+    /// name_len(be16) | name` (month and year 0: no expiry known), written into a buffer allocated once with its
     /// final size so no unzeroized copy is left behind by reallocation.
     pub fn encode(&self) -> Zeroizing<Vec<u8>> {
         let digits = self.pan.expose_digits().as_bytes();
@@ -227,8 +230,9 @@ impl CardSecret {
         // A Pan has 12 to 19 digits.
         out.push(u8::try_from(digits.len()).unwrap_or(u8::MAX));
         out.extend_from_slice(digits);
-        out.push(self.expiry.month());
-        out.extend_from_slice(&self.expiry.year().to_be_bytes());
+        let (month, year) = self.expiry.map_or((0, 0), |e| (e.month(), e.year()));
+        out.push(month);
+        out.extend_from_slice(&year.to_be_bytes());
         match name {
             None => out.extend_from_slice(&[0, 0, 0]),
             Some(n) => {
@@ -251,8 +255,11 @@ impl CardSecret {
         let pan = Pan::parse(digits).map_err(|_| CryptoError::Malformed)?;
         let month = r.take(1)?[0];
         let y = r.take(2)?;
-        let expiry = Expiry::from_stored(month, u16::from_be_bytes([y[0], y[1]]))
-            .ok_or(CryptoError::Malformed)?;
+        let year = u16::from_be_bytes([y[0], y[1]]);
+        let expiry = match (month, year) {
+            (0, 0) => None,
+            _ => Some(Expiry::from_stored(month, year).ok_or(CryptoError::Malformed)?),
+        };
         let has_name = r.take(1)?[0];
         let n = r.take(2)?;
         let name_len = usize::from(u16::from_be_bytes([n[0], n[1]]));

@@ -87,20 +87,27 @@ pub(crate) async fn read_json<T: DeserializeOwned>(
         .map_err(|_| ApiError::RequestTimeout)?
 }
 
-async fn read_json_body<T: DeserializeOwned>(
+/// Read a body of any type: 413 over `limit`, within the request
+/// deadline, into a zeroizing buffer allocated once where the length is
+/// declared (growing never leaves an unzeroized copy behind).
+pub(crate) async fn read_bytes(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    let deadline = req
+        .app_data::<web::Data<AppState>>()
+        .map_or(std::time::Duration::from_secs(10), |s| s.request_timeout);
+    tokio::time::timeout(deadline, read_bytes_body(req, payload, limit))
+        .await
+        .map_err(|_| ApiError::RequestTimeout)?
+}
+
+async fn read_bytes_body(
     req: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
-) -> Result<T, ApiError> {
-    let is_json = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
-        return Err(ApiError::UnsupportedMediaType);
-    }
+) -> Result<Zeroizing<Vec<u8>>, ApiError> {
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -109,8 +116,6 @@ async fn read_json_body<T: DeserializeOwned>(
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge(limit));
     }
-    // Allocated once at the final size where the length is declared, so
-    // growing does not leave unzeroized copies behind.
     let mut body = Zeroizing::new(Vec::with_capacity(declared.unwrap_or(4096).min(limit)));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|_| ApiError::BodyRead)?;
@@ -128,6 +133,24 @@ async fn read_json_body<T: DeserializeOwned>(
         }
         body.extend_from_slice(&chunk);
     }
+    Ok(body)
+}
+
+async fn read_json_body<T: DeserializeOwned>(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limit: usize,
+) -> Result<T, ApiError> {
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let body = read_bytes_body(req, payload, limit).await?;
     // Syntax first (nothing is copied out of the body), then the shape,
     // then the schema: so not-JSON stays `malformed_json`.
     let syntax = |e: serde_json::Error| match e.classify() {

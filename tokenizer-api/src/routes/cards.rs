@@ -170,8 +170,10 @@ pub(crate) struct TokenResponse {
     last4: String,
     #[schema(example = "411111******1111")]
     masked_pan: String,
-    exp_month: u8,
-    exp_year: u16,
+    /// Null only for a card number the vault found in a forwarded call's
+    /// answer and stored without an expiry (a tokenize with one fills it).
+    exp_month: Option<u8>,
+    exp_year: Option<u16>,
     /// Tokenize only: whether this call stored the card (201) or found it (200).
     #[serde(skip_serializing_if = "Option::is_none")]
     created: Option<bool>,

@@ -328,8 +328,8 @@ pub(crate) struct Completed {
     #[schema(value_type = String, example = "visa")]
     brand: &'static str,
     last4: String,
-    exp_month: u8,
-    exp_year: u16,
+    exp_month: Option<u8>,
+    exp_year: Option<u16>,
 }
 
 /// `POST /v1/collect/sessions/{session}/complete` (role `collect`: the

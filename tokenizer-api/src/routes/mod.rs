@@ -20,6 +20,7 @@ pub mod audit;
 pub(crate) mod body;
 pub mod cards;
 pub mod collect;
+pub mod forward;
 pub mod health;
 pub mod openapi;
 pub mod reveal;

@@ -35,8 +35,10 @@ pub(crate) struct DetokenizeResponse<'a> {
     /// The card number, digits only.
     #[schema(example = "4111111111111111")]
     pan: &'a str,
-    exp_month: u8,
-    exp_year: u16,
+    /// Null only for a card number found in a forwarded call's answer,
+    /// stored without an expiry.
+    exp_month: Option<u8>,
+    exp_year: Option<u16>,
     cardholder_name: Option<&'a str>,
     /// Only with `include_cvc` while one is held: released once.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -79,8 +81,8 @@ pub async fn detokenize(
             // detokenize role, for a tenant it may act on, audited above.
             // (The serialized response buffer is not zeroized: see ARCHITECTURE.md.)
             pan: card.pan.expose_digits(),
-            exp_month: card.expiry.month(),
-            exp_year: card.expiry.year(),
+            exp_month: card.expiry.map(|e| e.month()),
+            exp_year: card.expiry.map(|e| e.year()),
             cardholder_name: card.name.as_ref().map(|n| n.expose()),
             cvc: out.cvc.as_ref().map(|c| c.expose()),
             cvc_available: out.cvc_available,

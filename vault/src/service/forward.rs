@@ -224,6 +224,48 @@ impl Vault {
         Ok(ForwardRelease { tenant, cards })
     }
 
+    /// A release whose request was never sent (its body could not be
+    /// rendered): the security codes go back to the holder.
+    pub fn forward_return_cvcs(&self, release: &mut ForwardRelease) {
+        self.put_back(&mut release.cards, Instant::now());
+    }
+
+    /// The token for a card number found in a forwarded call's answer, in
+    /// the call's tenant, through the tokenize path: a card the tenant
+    /// holds gives its existing token (its stored expiry and name stay);
+    /// another is stored with no expiry known (a later tokenize of the same
+    /// card with an expiry fills it in). Audited as a `tokenize` of the
+    /// forwarding principal, in the tenant its tokens were checked for.
+    pub async fn forward_tokenize(
+        &self,
+        ctx: &RequestContext,
+        tenant: &str,
+        pan: &crate::pan::Pan,
+    ) -> Result<crate::card::Token, VaultError> {
+        self.require_role(ctx, Action::Forward, &[Role::Forward])
+            .await?;
+        let secret = CardSecret {
+            pan: crate::pan::Pan::parse(pan.expose_digits()).map_err(|_| VaultError::Integrity)?,
+            expiry: None,
+            name: None,
+        };
+        let out = self
+            .tokenize_validated(
+                ctx,
+                tenant,
+                vec![Ok((secret, None))],
+                false,
+                super::TokenizeOptions::default(),
+            )
+            .await?;
+        let info = out
+            .into_iter()
+            .next()
+            .ok_or(VaultError::Integrity)?
+            .map_err(VaultError::InvalidCard)?;
+        crate::card::Token::parse(&info.token).ok_or(VaultError::Integrity)
+    }
+
     fn put_back(&self, cards: &mut [Released], now: Instant) {
         for c in cards.iter_mut() {
             if let Some(cvc) = c.cvc.take() {

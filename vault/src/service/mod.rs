@@ -306,8 +306,10 @@ pub struct TokenInfo {
     pub bin: String,
     pub last4: String,
     pub masked_pan: String,
-    pub exp_month: u8,
-    pub exp_year: u16,
+    /// `None`: a card number found in a forwarded call's answer, whose
+    /// expiry the vault does not know (yet).
+    pub exp_month: Option<u8>,
+    pub exp_year: Option<u16>,
     /// Unix milliseconds, UTC.
     pub created_at: i64,
     /// Whether this call created the token (tokenize only).
@@ -576,7 +578,7 @@ pub(crate) fn open_with(keys: &KeySet, row: &CardRow) -> Result<CardSecret, Vaul
     CardSecret::decode(&plain).map_err(|_| VaultError::Integrity)
 }
 
-fn token_info(row: &CardRow, expiry: Expiry, created: bool) -> TokenInfo {
+fn token_info(row: &CardRow, expiry: Option<Expiry>, created: bool) -> TokenInfo {
     TokenInfo {
         token: row.token.clone(),
         tenant: row.tenant.clone(),
@@ -585,8 +587,8 @@ fn token_info(row: &CardRow, expiry: Expiry, created: bool) -> TokenInfo {
         bin: row.bin.clone(),
         last4: row.last4.clone(),
         masked_pan: masked_form(&row.bin, &row.last4, usize::from(row.pan_len)),
-        exp_month: expiry.month(),
-        exp_year: expiry.year(),
+        exp_month: expiry.map(Expiry::month),
+        exp_year: expiry.map(Expiry::year),
         created_at: row.created_at,
         created,
         token_format: TokenFormat::of(&row.token),

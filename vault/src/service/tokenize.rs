@@ -130,6 +130,22 @@ impl Vault {
         batch: bool,
         options: TokenizeOptions,
     ) -> Result<Vec<Result<TokenInfo, CardError>>, VaultError> {
+        let validated = cards.iter().map(validate).collect();
+        self.tokenize_validated(ctx, tenant, validated, batch, options)
+            .await
+    }
+
+    /// [`Vault::tokenize_authorized`] of cards already validated (a card
+    /// number found in a forwarded call's answer has no expiry to
+    /// validate).
+    pub(crate) async fn tokenize_validated(
+        &self,
+        ctx: &RequestContext,
+        tenant: &str,
+        cards: Vec<Result<(CardSecret, Option<Cvc>), CardError>>,
+        batch: bool,
+        options: TokenizeOptions,
+    ) -> Result<Vec<Result<TokenInfo, CardError>>, VaultError> {
         let base = ctx.event(Action::Tokenize, Outcome::Success);
         let tenant = match Tenant::parse(tenant) {
             Ok(t) => t,
@@ -173,8 +189,8 @@ impl Vault {
         let mut secrets = Vec::new();
         let mut cvcs = Vec::new();
         let mut failures = Vec::new();
-        for input in cards {
-            match validate(&input) {
+        for validated in cards {
+            match validated {
                 Ok((s, cvc)) => {
                     slots.push(Ok(secrets.len()));
                     secrets.push(s);
@@ -400,5 +416,12 @@ pub(super) fn validate(input: &CardInput) -> Result<(CardSecret, Option<Cvc>), C
         .as_ref()
         .map(|c| Cvc::parse(c, pan.brand()).map_err(|_| CardError::Cvc))
         .transpose()?;
-    Ok((CardSecret { pan, expiry, name }, cvc))
+    Ok((
+        CardSecret {
+            pan,
+            expiry: Some(expiry),
+            name,
+        },
+        cvc,
+    ))
 }

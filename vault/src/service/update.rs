@@ -41,7 +41,7 @@ impl Vault {
         ctx: &RequestContext,
         row: CardRow,
         offered: &CardSecret,
-    ) -> Result<(CardRow, Expiry, bool), VaultError> {
+    ) -> Result<(CardRow, Option<Expiry>, bool), VaultError> {
         let stored = self.open_row(&row).await?;
         let later = offered.expiry > stored.expiry;
         let name_changed = offered.name.is_some()
@@ -156,11 +156,15 @@ impl Vault {
         };
         let expiry = match (change.exp_month, change.exp_year) {
             (None, None) => stored.expiry,
+            // A card with no known expiry takes a whole one (month and year).
             (month, year) => match Expiry::new(
-                month.unwrap_or(i64::from(stored.expiry.month())),
-                year.unwrap_or(i64::from(stored.expiry.year())),
+                month
+                    .or(stored.expiry.map(|e| i64::from(e.month())))
+                    .unwrap_or(0),
+                year.or(stored.expiry.map(|e| i64::from(e.year())))
+                    .unwrap_or(0),
             ) {
-                Ok(e) => e,
+                Ok(e) => Some(e),
                 Err(e) => {
                     let e = VaultError::InvalidCard(e.into());
                     return Err(self.fail(base, e).await);

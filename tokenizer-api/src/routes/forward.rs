@@ -1,0 +1,219 @@
+//! The forwarding proxy (issue 18, reveal listener, role `forward`):
+//! `POST|PUT|PATCH /v1/forward/{upstream}/{path}`. The caller's body holds
+//! placeholders `{{<token>.<field>}}`; the vault puts the card values in
+//! (escaped for the body's type), sends the request to the configured
+//! upstream, and relays the answer with every card number in it replaced
+//! by a token of the call's tenant. The caller never holds a card number.
+//!
+//! Order of checks, each refusing before anything is sent: credentials and
+//! role; the upstream by name (404 `unknown_upstream`); the path, plain and
+//! one of the upstream's patterns, no query (403 `path_not_allowed`); the
+//! content type and size; the placeholders; the tokens (known, of the
+//! caller's tenants, of one tenant the upstream serves; the detokenize
+//! limits); then the `forward` event, then the call. Vault errors carry
+//! `x-cardvault-source: vault`, relayed answers `x-cardvault-source:
+//! upstream`.
+
+use std::time::Instant;
+
+use actix_web::http::header::{self, HeaderName, HeaderValue};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use audit::Action;
+use vault::forward::{self, BodyKind, CardParts, Field, Template};
+use vault::{ForwardOutcome, ForwardTarget, Role, Wanted};
+
+use super::body::read_bytes;
+use crate::auth::authenticate;
+use crate::error::{ApiError, SOURCE_HEADER};
+use crate::state::AppState;
+use crate::upstream::SendError;
+
+/// The route's prefix (the upstream's name and the path follow).
+const PREFIX: &str = "/v1/forward/";
+
+/// `POST /v1/forward/{upstream}/{path}` (also PUT and PATCH).
+#[utoipa::path(post, path = "/v1/forward/{upstream}/{path}", tag = "reveal",
+    params(
+        ("upstream" = String, Path, description = "A configured upstream's name (`GET /v1/admin/upstreams`)."),
+        ("path" = String, Path, description = "The path at the upstream, one of its allowed `paths` ('*' one segment); plain segments only, no query."),
+        ("Idempotency-Key" = Option<String>, Header, description = "Forwarded when the upstream lists it in `forward_headers`."),
+    ),
+    request_body(content = String, description = "The upstream's request, `application/json`, `application/x-www-form-urlencoded` or `application/xml`/`text/xml` (UTF-8), with placeholders `{{<token>.<field>}}`: field `pan`, `exp_month`, `exp_year`, `exp_yy`, `exp_mmyy`, `cardholder_name`, `cvc` (released once), `bin` or `last4`; 1 to 20 distinct tokens of one tenant.",
+        content_type = "application/json"),
+    responses((status = 200, description = "The upstream's answer as it came (its status, `Content-Type` and body, with every card number replaced by a token of the call's tenant; `x-cardvault-source: upstream`). Any status the upstream answers is relayed; the vault's own errors are the documented ones, with `x-cardvault-source: vault`.", content_type = "application/json", body = String)))]
+pub async fn forward(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let vault = state.vault()?;
+    let ctx = authenticate(&req, &state).await?;
+    vault
+        .require_role(&ctx, Action::Forward, &[Role::Forward])
+        .await?;
+    // The raw path (actix's match info is percent-decoded): `{upstream}/{path}`.
+    let rest = req
+        .uri()
+        .path()
+        .strip_prefix(PREFIX)
+        .ok_or(ApiError::NotFound)?;
+    let (name, tail) = rest.split_once('/').unwrap_or((rest, ""));
+    let upstreams = state.upstreams.current();
+    let upstream = upstreams.get(name).ok_or(ApiError::UnknownUpstream)?;
+    if req.uri().query().is_some() {
+        return Err(ApiError::PathNotAllowed);
+    }
+    let path = crate::config::upstreams::normalize_path(tail)
+        .map_err(|_| ApiError::PathNotAllowed)?;
+    let pattern = upstream
+        .spec
+        .paths
+        .iter()
+        .find(|p| p.matches(&path))
+        .ok_or(ApiError::PathNotAllowed)?;
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let kind = BodyKind::from_content_type(&content_type)?;
+    let body = read_bytes(&req, payload, upstream.spec.max_request_bytes).await?;
+    let template = Template::parse(kind, &body)?;
+    drop(body);
+    let wanted: Vec<Wanted> = template
+        .tokens()
+        .iter()
+        .map(|t| Wanted {
+            token: t.as_str().to_owned(),
+            cvc: template.fields_of(t).contains(&Field::Cvc),
+        })
+        .collect();
+    let target = ForwardTarget {
+        upstream: name,
+        path_pattern: pattern.as_str(),
+        tenants: upstream.spec.tenants.as_deref(),
+    };
+    let mut release = vault
+        .forward_release(&ctx, target, &wanted, &state.monitor)
+        .await?;
+    let rendered = template.render(|token, field| {
+        let card = release
+            .cards
+            .iter()
+            .find(|c| c.asked == token.as_str())?;
+        forward::format_field(
+            field,
+            &CardParts {
+                pan: &card.card.pan,
+                expiry: card.card.expiry,
+                cardholder_name: card.card.name.as_ref(),
+                cvc: card.cvc.as_ref(),
+            },
+        )
+    });
+    let rendered = match rendered {
+        Ok(r) => r,
+        Err(e) => {
+            // Nothing was sent: the security codes go back to the holder.
+            vault.forward_return_cvcs(&mut release);
+            let outcome = ForwardOutcome {
+                error_code: Some(e.code()),
+                ..ForwardOutcome::default()
+            };
+            vault
+                .forward_completed(&ctx, target, &release.tenant, &outcome)
+                .await?;
+            return Err(e.into());
+        }
+    };
+    // The card values are in `rendered` now; the released cards go.
+    let tenant = release.tenant.clone();
+    drop(release);
+    let headers: Vec<(String, String)> = upstream
+        .spec
+        .forward_headers
+        .iter()
+        .filter_map(|h| {
+            let v = req.headers().get(h.as_str())?.to_str().ok()?;
+            Some((h.clone(), v.to_owned()))
+        })
+        .collect();
+    let method = reqwest::Method::from_bytes(req.method().as_str().as_bytes())
+        .map_err(|_| ApiError::MethodNotAllowed)?;
+    let sent = rendered.len();
+    let started = Instant::now();
+    let answer = upstream
+        .send(method, &path, &headers, &content_type, rendered)
+        .await;
+    let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            let err = match e {
+                SendError::Unreachable => ApiError::UpstreamUnreachable,
+                SendError::Tls => ApiError::UpstreamTls,
+                SendError::Timeout => ApiError::UpstreamTimeout,
+                SendError::TooLarge => ApiError::UpstreamResponseTooLarge,
+            };
+            let outcome = ForwardOutcome {
+                error_code: Some(err.code()),
+                elapsed_ms,
+                bytes_sent: sent,
+                ..ForwardOutcome::default()
+            };
+            vault
+                .forward_completed(&ctx, target, &tenant, &outcome)
+                .await?;
+            return Err(err);
+        }
+    };
+    // Every card number in the answer becomes a token of the call's tenant.
+    let answer_kind = answer
+        .content_type
+        .as_deref()
+        .and_then(|ct| BodyKind::from_content_type(ct).ok());
+    let found = forward::find_card_numbers(&answer.body);
+    let mut tokens = Vec::with_capacity(found.len());
+    for f in &found {
+        tokens.push(vault.forward_tokenize(&ctx, &tenant, f.pan()).await?);
+    }
+    let body = if found.is_empty() {
+        answer.body.to_vec()
+    } else {
+        forward::replace_card_numbers(&answer.body, answer_kind, &found, &tokens).map_err(
+            |_| {
+                tracing::error!("a card number in the upstream's answer could not be replaced");
+                ApiError::UpstreamResponseUnsafe
+            },
+        )?
+    };
+    let outcome = ForwardOutcome {
+        status: Some(answer.status),
+        error_code: None,
+        elapsed_ms,
+        bytes_sent: sent,
+        bytes_received: answer.body.len(),
+        certificate_sha256: answer.certificate_sha256.clone(),
+        retokenized: found.len(),
+    };
+    vault
+        .forward_completed(&ctx, target, &tenant, &outcome)
+        .await?;
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut res = HttpResponse::build(status);
+    res.insert_header((header::CACHE_CONTROL, "no-store"))
+        .insert_header((
+            HeaderName::from_static(SOURCE_HEADER),
+            HeaderValue::from_static("upstream"),
+        ));
+    if let Some(ct) = answer
+        .content_type
+        .as_deref()
+        .and_then(|ct| HeaderValue::from_str(ct).ok())
+    {
+        res.insert_header((header::CONTENT_TYPE, ct));
+    }
+    Ok(res.body(body))
+}
