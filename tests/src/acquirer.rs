@@ -855,7 +855,11 @@ fn connection(shared: &Shared, config: Arc<rustls::ServerConfig>, tcp: TcpStream
     if let Ok(clone) = tcp.try_clone() {
         lock(&shared.open).insert(id, clone);
     }
-    serve_tls(shared, config, tcp, id, peer);
+    // Registered after the drop shut the open connections down: the stop
+    // flag was set before, so it is seen here.
+    if !shared.stopping() {
+        serve_tls(shared, config, tcp, id, peer);
+    }
     lock(&shared.open).remove(&id);
 }
 
