@@ -35,6 +35,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+pub mod acquirer;
 pub mod browser;
 
 /// How long a server may take to log its listening line.
