@@ -1966,6 +1966,11 @@ pub struct Resp {
     pub status: u16,
     pub request_id: Option<String>,
     pub content_type: Option<String>,
+    /// `x-cardvault-source`: `vault` on the service's errors, `upstream`
+    /// on an answer a forwarded call relays.
+    pub source: Option<String>,
+    /// `Location`, when sent.
+    pub location: Option<String>,
     /// The raw body.
     pub text: String,
     /// The body as JSON, `Null` when empty or not JSON.
@@ -2006,6 +2011,8 @@ impl Resp {
             status,
             request_id,
             content_type,
+            source: None,
+            location: None,
             text,
             json,
         }
@@ -2300,10 +2307,15 @@ fn try_finish(
     let status = resp.status();
     let request_id = resp.header("x-request-id").map(str::to_string);
     let content_type = resp.header("content-type").map(str::to_string);
+    let source = resp.header("x-cardvault-source").map(str::to_string);
+    let location = resp.header("location").map(str::to_string);
     let text = resp
         .into_string()
         .map_err(|e| format!("{method} {path}: cannot read the body: {e}"))?;
-    Ok(Resp::from_parts(status, request_id, content_type, text))
+    let mut out = Resp::from_parts(status, request_id, content_type, text);
+    out.source = source;
+    out.location = location;
+    Ok(out)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -3404,7 +3416,7 @@ impl Endpoints {
     /// metrics, readiness, admin and audit routes and the API document,
     /// `api` for the rest (the one listener of `--dev` for everything).
     pub fn addr_for(&self, path: &str) -> &str {
-        let name = if path.starts_with("/v1/detokenize") {
+        let name = if path.starts_with("/v1/detokenize") || path.starts_with("/v1/forward/") {
             "reveal"
         } else if [
             "/metrics",

@@ -30,6 +30,8 @@ pub struct Upstream {
 pub struct Answer {
     pub status: u16,
     pub content_type: Option<String>,
+    /// `Location` (a redirect is an answer: never followed).
+    pub location: Option<String>,
     /// At most `max_response_bytes`; zeroized when dropped (it may hold
     /// card numbers until they are replaced).
     pub body: Zeroizing<Vec<u8>>,
@@ -97,6 +99,11 @@ impl Upstream {
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let limit = self.spec.max_response_bytes;
         if response.content_length().is_some_and(|n| n > limit as u64) {
             return Err(SendError::TooLarge);
@@ -121,6 +128,7 @@ impl Upstream {
         Ok(Answer {
             status,
             content_type,
+            location,
             body,
             certificate_sha256,
             elapsed: started.elapsed(),

@@ -64,8 +64,8 @@ pub async fn forward(
     if req.uri().query().is_some() {
         return Err(ApiError::PathNotAllowed);
     }
-    let path = crate::config::upstreams::normalize_path(tail)
-        .map_err(|_| ApiError::PathNotAllowed)?;
+    let path =
+        crate::config::upstreams::normalize_path(tail).map_err(|_| ApiError::PathNotAllowed)?;
     let pattern = upstream
         .spec
         .paths
@@ -99,10 +99,7 @@ pub async fn forward(
         .forward_release(&ctx, target, &wanted, &state.monitor)
         .await?;
     let rendered = template.render(|token, field| {
-        let card = release
-            .cards
-            .iter()
-            .find(|c| c.asked == token.as_str())?;
+        let card = release.cards.iter().find(|c| c.asked == token.as_str())?;
         forward::format_field(
             field,
             &CardParts {
@@ -182,12 +179,10 @@ pub async fn forward(
     let body = if found.is_empty() {
         answer.body.to_vec()
     } else {
-        forward::replace_card_numbers(&answer.body, answer_kind, &found, &tokens).map_err(
-            |_| {
-                tracing::error!("a card number in the upstream's answer could not be replaced");
-                ApiError::UpstreamResponseUnsafe
-            },
-        )?
+        forward::replace_card_numbers(&answer.body, answer_kind, &found, &tokens).map_err(|_| {
+            tracing::error!("a card number in the upstream's answer could not be replaced");
+            ApiError::UpstreamResponseUnsafe
+        })?
     };
     let outcome = ForwardOutcome {
         status: Some(answer.status),
@@ -215,5 +210,48 @@ pub async fn forward(
     {
         res.insert_header((header::CONTENT_TYPE, ct));
     }
+    // A redirect is relayed, never followed; its target is the upstream's
+    // (dropped if it holds a card number).
+    if let Some(loc) = answer.location.as_deref() {
+        if forward::find_card_numbers(loc.as_bytes()).is_empty() {
+            if let Ok(v) = HeaderValue::from_str(loc) {
+                res.insert_header((header::LOCATION, v));
+            }
+        } else {
+            tracing::warn!("the upstream's Location holds a card number: not relayed");
+        }
+    }
     Ok(res.body(body))
+}
+
+/// `PUT /v1/forward/{upstream}/{path}`: as POST.
+#[utoipa::path(put, path = "/v1/forward/{upstream}/{path}", tag = "reveal",
+    params(
+        ("upstream" = String, Path, description = "A configured upstream's name."),
+        ("path" = String, Path, description = "The path at the upstream (see POST)."),
+    ),
+    request_body(content = String, description = "As POST.", content_type = "application/json"),
+    responses((status = 200, description = "As POST.", content_type = "application/json", body = String)))]
+pub async fn forward_put(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    forward(req, payload, state).await
+}
+
+/// `PATCH /v1/forward/{upstream}/{path}`: as POST.
+#[utoipa::path(patch, path = "/v1/forward/{upstream}/{path}", tag = "reveal",
+    params(
+        ("upstream" = String, Path, description = "A configured upstream's name."),
+        ("path" = String, Path, description = "The path at the upstream (see POST)."),
+    ),
+    request_body(content = String, description = "As POST.", content_type = "application/json"),
+    responses((status = 200, description = "As POST.", content_type = "application/json", body = String)))]
+pub async fn forward_patch(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    forward(req, payload, state).await
 }

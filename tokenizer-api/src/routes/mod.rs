@@ -66,6 +66,27 @@ pub struct Route {
     handler: fn() -> actix_web::Route,
 }
 
+impl Route {
+    /// The path as the OpenAPI document writes it: `{name}` for a segment
+    /// matched by a pattern (`{path:.*}` is `{path}`).
+    pub fn document_path(&self) -> String {
+        let mut out = String::with_capacity(self.path.len());
+        let mut in_pattern = false;
+        for c in self.path.chars() {
+            match c {
+                ':' if out.rfind('{') > out.rfind('}') => in_pattern = true,
+                '}' => {
+                    in_pattern = false;
+                    out.push(c);
+                }
+                _ if in_pattern => {}
+                _ => out.push(c),
+            }
+        }
+        out
+    }
+}
+
 /// What every authenticated route may answer besides its own errors.
 const AUTH_ERRORS: &[&str] = &[
     "unauthenticated",
@@ -143,6 +164,34 @@ const COLLECT_INPUT_ERRORS: &[&str] = &[
 const KEY_ADMIN: Access = Access::Roles(&["key_admin"]);
 const SEALED: &[&str] = &["sealed"];
 const FORBIDDEN: &[&str] = &["forbidden"];
+
+/// What a forwarded call may answer of its own (the upstream's answers are
+/// relayed, whatever their status).
+const FORWARD_ERRORS: &[&str] = &[
+    "unknown_upstream",
+    "path_not_allowed",
+    "unsupported_content_type",
+    "payload_too_large",
+    "request_timeout",
+    "invalid_request",
+    "invalid_body",
+    "invalid_placeholder",
+    "too_many_tokens",
+    "mixed_tenants",
+    "tenant_not_allowed",
+    "not_found",
+    "cvc_unavailable",
+    "missing_value",
+    "invalid_value",
+    "upstream_unreachable",
+    "upstream_tls",
+    "upstream_timeout",
+    "upstream_response_too_large",
+    "upstream_response_unsafe",
+    "keys_unavailable",
+    "integrity_error",
+];
+const FORWARD: Access = Access::Roles(&["forward"]);
 
 /// Every route of the service, in the order they are matched.
 pub static ROUTES: &[Route] = &[
@@ -467,6 +516,30 @@ pub static ROUTES: &[Route] = &[
                 "keys_unavailable"
             ],
         ]
+    ),
+    route!(
+        REVEAL,
+        POST,
+        "/v1/forward/{upstream}/{path:.*}",
+        FORWARD,
+        forward::forward,
+        [AUTH_ERRORS, FORBIDDEN, SEALED, FORWARD_ERRORS]
+    ),
+    route!(
+        REVEAL,
+        PUT,
+        "/v1/forward/{upstream}/{path:.*}",
+        FORWARD,
+        forward::forward,
+        [AUTH_ERRORS, FORBIDDEN, SEALED, FORWARD_ERRORS]
+    ),
+    route!(
+        REVEAL,
+        PATCH,
+        "/v1/forward/{upstream}/{path:.*}",
+        FORWARD,
+        forward::forward,
+        [AUTH_ERRORS, FORBIDDEN, SEALED, FORWARD_ERRORS]
     ),
     route!(
         ADMIN,

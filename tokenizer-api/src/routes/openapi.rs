@@ -18,7 +18,7 @@ use actix_web::HttpResponse;
 use serde_json::{json, Map, Value};
 use utoipa::OpenApi;
 
-use super::{admin, audit, cards, collect, health, reveal, Access, ROUTES};
+use super::{admin, audit, cards, collect, forward, health, reveal, Access, ROUTES};
 use crate::error::{error_status, ErrorBody};
 
 #[derive(OpenApi)]
@@ -52,6 +52,9 @@ use crate::error::{error_status, ErrorBody};
         collect::public_session,
         collect::complete_session,
         reveal::detokenize,
+        forward::forward,
+        forward::forward_put,
+        forward::forward_patch,
         audit::events,
         audit::checkpoints,
         admin::unseal,
@@ -109,16 +112,16 @@ pub fn build() -> Result<Value, ContractError> {
     let mut seen = Vec::new();
     for route in ROUTES {
         let method = route.method.as_str().to_ascii_lowercase();
-        let undocumented =
-            || ContractError::Undocumented(route.method.to_string(), route.path.to_owned());
+        let path = route.document_path();
+        let undocumented = || ContractError::Undocumented(route.method.to_string(), path.clone());
         let op = doc
             .pointer_mut(&format!(
                 "/paths/{}/{method}",
-                route.path.replace('~', "~0").replace('/', "~1")
+                path.replace('~', "~0").replace('/', "~1")
             ))
             .and_then(Value::as_object_mut)
             .ok_or_else(undocumented)?;
-        seen.push((method, route.path));
+        seen.push((method, path.clone()));
         let homes: Vec<&str> = route.homes.iter().map(|h| h.name()).collect();
         op.insert("x-cardvault-listener".into(), json!(homes));
         match route.access {
@@ -141,7 +144,7 @@ pub fn build() -> Result<Value, ContractError> {
             let status = error_status(code).ok_or_else(|| {
                 ContractError::UnknownCode(
                     route.method.to_string(),
-                    route.path.to_owned(),
+                    route.document_path(),
                     (*code).to_owned(),
                 )
             })?;
@@ -174,7 +177,7 @@ pub fn build() -> Result<Value, ContractError> {
             if responses.insert(status.to_string(), response).is_some() {
                 return Err(ContractError::StatusTwice(
                     route.method.to_string(),
-                    route.path.to_owned(),
+                    route.document_path(),
                     status,
                 ));
             }
@@ -304,7 +307,8 @@ mod tests {
     fn every_route_is_documented_and_every_operation_served() {
         let doc = build().expect("annotations and route table agree");
         for route in ROUTES {
-            let op = &doc["paths"][route.path][route.method.as_str().to_ascii_lowercase()];
+            let op = &doc["paths"][route.document_path().as_str()]
+                [route.method.as_str().to_ascii_lowercase()];
             assert!(op.is_object(), "{} {}", route.method, route.path);
             let homes: Vec<&str> = route.homes.iter().map(|h| h.name()).collect();
             assert_eq!(op["x-cardvault-listener"], json!(homes));
