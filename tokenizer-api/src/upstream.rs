@@ -152,28 +152,46 @@ fn hex(bytes: &[u8]) -> String {
 /// What went wrong, from reqwest's error and its sources: a rustls error
 /// anywhere in the chain is a TLS failure.
 fn classify(e: reqwest::Error) -> SendError {
+    let kind = classify_chain(&e);
+    // No card data in it: the URL (origin and path) and transport errors.
+    let e = e.without_url();
+    let mut chain = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        source = s.source();
+    }
+    tracing::warn!(outcome = ?kind, error = %chain, "upstream call failed");
+    kind
+}
+
+fn classify_chain(e: &reqwest::Error) -> SendError {
     if e.is_timeout() {
         return SendError::Timeout;
     }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
-    while let Some(s) = source {
-        if s.downcast_ref::<rustls::Error>().is_some() {
-            return SendError::Tls;
-        }
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if io
-                .get_ref()
-                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-            {
-                return SendError::Tls;
-            }
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return SendError::Timeout;
-            }
-        }
-        source = s.source();
+    match std::error::Error::source(e).map(look_into) {
+        Some(Some(kind)) => kind,
+        _ => SendError::Unreachable,
     }
-    SendError::Unreachable
+}
+
+/// TLS or timeout, found anywhere in an error's chain, looking through
+/// `io::Error`s. tokio-rustls reports every TLS failure (a refused
+/// certificate, an alert from the peer) as an `io::Error` of kind
+/// `InvalidData` holding the rustls error.
+fn look_into(e: &(dyn std::error::Error + 'static)) -> Option<SendError> {
+    if e.downcast_ref::<rustls::Error>().is_some() {
+        return Some(SendError::Tls);
+    }
+    if let Some(io) = e.downcast_ref::<std::io::Error>() {
+        return match io.kind() {
+            std::io::ErrorKind::InvalidData => Some(SendError::Tls),
+            std::io::ErrorKind::TimedOut => Some(SendError::Timeout),
+            _ => io.get_ref().and_then(|inner| look_into(inner)),
+        };
+    }
+    e.source().and_then(look_into)
 }
 
 /// Why the upstreams cannot be used.

@@ -375,10 +375,22 @@ mod tests {
 
     #[test]
     fn secret_encoding_round_trips() {
-        for name in [None, Some("Jane Doe"), Some("Łukasz Żółć")] {
+        for (name, expiry) in [
+            (None, Some(Expiry::from_stored(7, 2031).unwrap())),
+            (
+                Some("Jane Doe"),
+                Some(Expiry::from_stored(7, 2031).unwrap()),
+            ),
+            (
+                Some("Łukasz Żółć"),
+                Some(Expiry::from_stored(7, 2031).unwrap()),
+            ),
+            // A card number found in a forwarded answer: no expiry known.
+            (None, None),
+        ] {
             let s = CardSecret {
                 pan: Pan::parse("378282246310005").unwrap(),
-                expiry: Expiry::from_stored(7, 2031).unwrap(),
+                expiry,
                 name: name.map(|n| CardholderName::parse(n).unwrap()),
             };
             let bytes = s.encode();

@@ -288,3 +288,387 @@ fn url_decode_pairs(s: &str) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+fn pay(router: &e2e::Client, path: &str, tok: &str) -> e2e::Resp {
+    let body = format!(r#"{{"card":{{"number":"{{{{{tok}.pan}}}}"}}}}"#);
+    router.send_raw("POST", path, Some("application/json"), body.as_bytes())
+}
+
+fn token_of(checkout: &e2e::Client, pan: &str) -> String {
+    let made = checkout.tokenize(TENANT, pan, 12, exp_year());
+    assert!(made.status == 201 || made.status == 200, "{made}");
+    made.json["token"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn card_numbers_in_the_answer_come_back_as_tokens() {
+    use e2e::acquirer::Response;
+    let acq = Acquirer::start(AcquirerOptions::default());
+    let (svc, checkout, router, _files) = forwarding(&acq, "");
+    let tok = token_of(&checkout, "4111111111111111");
+    // The acquirer echoes the card (known: the same token), and a card the
+    // vault never saw (an updated card), as a string and as a bare number,
+    // with separators.
+    acq.set_response(Response::json(
+        200,
+        &serde_json::json!({"echo": "4111 1111 1111 1111", "updated": 5555555555554444_u64,
+                            "text": "card 4012-8888-8888-1881 ok", "amount": 1000, "date": "2030-12-31"}),
+    ));
+    let r = pay(&router, "/v1/forward/acq-a/v1/payments", &tok);
+    assert_eq!(r.status, 200, "{r}");
+    for pan in ["4111", "5555555555554444", "4012"] {
+        assert!(
+            !r.text.contains(pan)
+                || pan == "4111"
+                    && !r.text.contains("4111111111111111")
+                    && !r.text.contains("4111 1111"),
+            "{}",
+            r.text
+        );
+    }
+    assert_eq!(
+        r.json["echo"],
+        tok.as_str(),
+        "a known card gives its token: {}",
+        r.text
+    );
+    assert_eq!(r.json["amount"], 1000);
+    assert_eq!(r.json["date"], "2030-12-31");
+    let updated = r.json["updated"]
+        .as_str()
+        .expect("a bare JSON number becomes a token string");
+    let text = r.json["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("card tok_") && text.ends_with(" ok"),
+        "{text}"
+    );
+    // The new card is the tenant's, with no expiry known; a tokenize of
+    // the same card with an expiry gives the same token and fills it in.
+    let meta = checkout.get(&format!("/v1/tokens/{updated}"));
+    assert_eq!(meta.status, 200, "{meta}");
+    assert_eq!(meta.json["last4"], "4444");
+    assert!(meta.json["exp_month"].is_null(), "{meta}");
+    let again = checkout.tokenize(TENANT, "5555555555554444", 11, exp_year());
+    assert_eq!(again.json["token"], updated, "{again}");
+    assert_eq!(again.json["exp_month"], 11, "{again}");
+    let findings =
+        svc.scan_for_leaks(&["4111111111111111", "5555555555554444", "4012888888881881"]);
+    assert!(findings.is_empty(), "{findings:?}");
+}
+
+#[test]
+fn tls_failures_timeouts_redirects_and_large_answers_are_the_vaults_typed_errors() {
+    use e2e::acquirer::Response;
+    // The wrong CA, an expired certificate, no client certificate.
+    for (opts, client) in [
+        (
+            AcquirerOptions {
+                server_cert_from_other_ca: true,
+                ..AcquirerOptions::default()
+            },
+            true,
+        ),
+        (
+            AcquirerOptions {
+                expired_server_cert: true,
+                ..AcquirerOptions::default()
+            },
+            true,
+        ),
+        (AcquirerOptions::default(), false),
+    ] {
+        let acq = Acquirer::start(opts);
+        let files = temp_data_dir();
+        let mut table =
+            acq.upstream_toml("acq-a", "paths = [\"/v1/payments\"]\ntenants = [\"*\"]\n");
+        if !client {
+            table = table
+                .lines()
+                .filter(|l| !l.starts_with("client_"))
+                .collect::<Vec<_>>()
+                .join("\n");
+        }
+        let svc = Service::start_with(with_config(files.path(), &table));
+        let checkout = svc.principal_client("checkout", &["tokenize"], &["*"]);
+        let router = svc.principal_client("router", &["forward"], &["*"]);
+        let tok = token_of(&checkout, "4111111111111111");
+        let r = pay(&router, "/v1/forward/acq-a/v1/payments", &tok);
+        assert_eq!(
+            (r.status, r.error_code()),
+            (502, Some("upstream_tls")),
+            "{r}"
+        );
+        assert_eq!(r.source.as_deref(), Some("vault"));
+        assert_eq!(acq.request_count(), 0, "a request reached the acquirer");
+    }
+
+    let acq = Acquirer::start(AcquirerOptions::default());
+    let (_svc, checkout, router, _files) =
+        forwarding(&acq, "timeout_ms = 1500\nmax_response_bytes = 4096\n");
+    let tok = token_of(&checkout, "4111111111111111");
+    // Slow: 504 within the configured time (generous bound: noisy machines).
+    acq.set_response(Response::approved().with_delay(Duration::from_secs(20)));
+    let started = std::time::Instant::now();
+    let r = pay(&router, "/v1/forward/acq-a/v1/payments", &tok);
+    assert_eq!(
+        (r.status, r.error_code()),
+        (504, Some("upstream_timeout")),
+        "{r}"
+    );
+    assert!(
+        r.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown"),
+        "{r}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    // A redirect is the answer: relayed, not followed.
+    acq.clear();
+    acq.set_response(Response::redirect(302, "https://elsewhere.example/3ds"));
+    let r = pay(&router, "/v1/forward/acq-a/v1/payments", &tok);
+    assert_eq!(r.status, 302, "{r}");
+    assert_eq!(r.location.as_deref(), Some("https://elsewhere.example/3ds"));
+    assert_eq!(r.source.as_deref(), Some("upstream"));
+    assert_eq!(acq.request_count(), 1);
+    // Over max_response_bytes: refused, never relayed in part.
+    acq.set_response(Response::new(200).with_body("text/plain", vec![b'x'; 10_000]));
+    let r = pay(&router, "/v1/forward/acq-a/v1/payments", &tok);
+    assert_eq!(
+        (r.status, r.error_code()),
+        (502, Some("upstream_response_too_large")),
+        "{r}"
+    );
+    acq.set_response(Response::new(200).with_chunked_body("text/plain", &[b'y'; 10_000], 1000));
+    let r = pay(&router, "/v1/forward/acq-a/v1/payments", &tok);
+    assert_eq!(
+        (r.status, r.error_code()),
+        (502, Some("upstream_response_too_large")),
+        "{r}"
+    );
+}
+
+#[test]
+fn nothing_reaches_the_acquirer_for_refused_paths_upstreams_tokens_or_placeholders() {
+    let acq = Acquirer::start(AcquirerOptions::default());
+    let (svc, checkout, router, _files) = forwarding(&acq, "");
+    let tok = token_of(&checkout, "4111111111111111");
+    let other_checkout = svc.principal_client("other-checkout", &["tokenize"], &["shop-other"]);
+    let other = other_checkout.tokenize("shop-other", "4242424242424242", 12, exp_year());
+    let other_tok = other.json["token"].as_str().unwrap().to_owned();
+    let shop_router = svc.principal_client("shop-router", &["forward"], &[TENANT]);
+    let detokenizer = svc.principal_client("detok", &["detokenize"], &["*"]);
+    let cases: Vec<(&e2e::Client, String, String, u16, &str)> = vec![
+        (
+            &router,
+            "/v1/forward/nope/v1/payments".into(),
+            tok.clone(),
+            404,
+            "unknown_upstream",
+        ),
+        (
+            &router,
+            "/v1/forward/acq-a/v1/refunds".into(),
+            tok.clone(),
+            403,
+            "path_not_allowed",
+        ),
+        (
+            &router,
+            "/v1/forward/acq-a/v1/payments/x/y/capture".into(),
+            tok.clone(),
+            403,
+            "path_not_allowed",
+        ),
+        (
+            &router,
+            "/v1/forward/acq-a/v1/payments/../admin".into(),
+            tok.clone(),
+            403,
+            "path_not_allowed",
+        ),
+        (
+            &router,
+            "/v1/forward/acq-a/v1/payments/%2e%2e/capture".into(),
+            tok.clone(),
+            403,
+            "path_not_allowed",
+        ),
+        (
+            &router,
+            "/v1/forward/acq-a/v1/payments%2Fx".into(),
+            tok.clone(),
+            403,
+            "path_not_allowed",
+        ),
+        (
+            &router,
+            "/v1/forward/acq-a//evil.example/v1/payments".into(),
+            tok.clone(),
+            403,
+            "path_not_allowed",
+        ),
+        (
+            &router,
+            "/v1/forward/acq-a/v1/payments?x=1".into(),
+            tok.clone(),
+            403,
+            "path_not_allowed",
+        ),
+        (
+            &router,
+            "/v1/forward/acq-a/v1/payments".into(),
+            "tok_AAAAAAAAAAAAAAAAAAAAAA".into(),
+            404,
+            "not_found",
+        ),
+        (
+            &shop_router,
+            "/v1/forward/acq-a/v1/payments".into(),
+            other_tok.clone(),
+            404,
+            "not_found",
+        ),
+        (
+            &detokenizer,
+            "/v1/forward/acq-a/v1/payments".into(),
+            tok.clone(),
+            403,
+            "forbidden",
+        ),
+        (
+            &checkout,
+            "/v1/forward/acq-a/v1/payments".into(),
+            tok.clone(),
+            403,
+            "forbidden",
+        ),
+    ];
+    for (client, path, t, status, code) in &cases {
+        let r = pay(client, path, t);
+        assert_eq!(
+            (r.status, r.error_code()),
+            (*status, Some(*code)),
+            "{path}: {r}"
+        );
+        assert_eq!(r.source.as_deref(), Some("vault"), "{path}");
+    }
+    // Mixed tenants; malformed placeholders; too many tokens.
+    let mixed = format!(r#"{{"a":"{{{{{tok}.pan}}}}","b":"{{{{{other_tok}.pan}}}}"}}"#);
+    let r = router.send_raw(
+        "POST",
+        "/v1/forward/acq-a/v1/payments",
+        Some("application/json"),
+        mixed.as_bytes(),
+    );
+    assert_eq!(
+        (r.status, r.error_code()),
+        (400, Some("mixed_tenants")),
+        "{r}"
+    );
+    for bad in [
+        format!(r#"{{"a":"{{{{{tok}.pin}}}}"}}"#),
+        format!(r#"{{"a":"{{{{ {tok}.pan }}}}"}}"#),
+        format!(r#"{{"a":"{{{{{tok}.pan"}}"#),
+        r#"{"a":"{{4111111111111111.pan}}"}"#.to_owned(),
+    ] {
+        let r = router.send_raw(
+            "POST",
+            "/v1/forward/acq-a/v1/payments",
+            Some("application/json"),
+            bad.as_bytes(),
+        );
+        assert_eq!(
+            (r.status, r.error_code()),
+            (400, Some("invalid_placeholder")),
+            "{bad}: {r}"
+        );
+    }
+    let many: Vec<String> = (0..21)
+        .map(|i| format!("\"{{{{tok_{:A>22}.pan}}}}\"", i))
+        .collect();
+    let r = router.send_raw(
+        "POST",
+        "/v1/forward/acq-a/v1/payments",
+        Some("application/json"),
+        format!("[{}]", many.join(",")).as_bytes(),
+    );
+    assert_eq!(
+        (r.status, r.error_code()),
+        (400, Some("too_many_tokens")),
+        "{r}"
+    );
+    let r = router.send_raw(
+        "POST",
+        "/v1/forward/acq-a/v1/payments",
+        Some("text/plain"),
+        b"x",
+    );
+    assert_eq!(
+        (r.status, r.error_code()),
+        (415, Some("unsupported_content_type")),
+        "{r}"
+    );
+    let r = router.send_raw(
+        "POST",
+        "/v1/forward/acq-a/v1/payments",
+        Some("application/json"),
+        b"{\"a\":",
+    );
+    assert_eq!(
+        (r.status, r.error_code()),
+        (400, Some("invalid_body")),
+        "{r}"
+    );
+    assert_eq!(
+        acq.request_count(),
+        0,
+        "a refused call reached the acquirer: {:?}",
+        acq.requests()
+            .iter()
+            .map(|r| r.target.clone())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn the_security_code_is_forwarded_once() {
+    let acq = Acquirer::start(AcquirerOptions::default());
+    let (_svc, checkout, router, _files) = forwarding(&acq, "");
+    let made = checkout.post_json(
+        "/v1/tokens",
+        &serde_json::json!({"tenant": TENANT, "pan": "4111111111111111", "exp_month": 12, "exp_year": exp_year(), "cvc": "123"}),
+    );
+    assert!(made.status == 201 || made.status == 200, "{made}");
+    let tok = made.json["token"].as_str().unwrap().to_owned();
+    let body = format!(r#"{{"pan":"{{{{{tok}.pan}}}}","cvc":"{{{{{tok}.cvc}}}}"}}"#);
+    let r = router.send_raw(
+        "POST",
+        "/v1/forward/acq-a/v1/payments",
+        Some("application/json"),
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{r}");
+    assert_eq!(
+        acq.wait_for_requests(1, Duration::from_secs(10))[0].json()["cvc"],
+        "123"
+    );
+    let r = router.send_raw(
+        "POST",
+        "/v1/forward/acq-a/v1/payments",
+        Some("application/json"),
+        body.as_bytes(),
+    );
+    assert_eq!(
+        (r.status, r.error_code()),
+        (409, Some("cvc_unavailable")),
+        "{r}"
+    );
+    assert_eq!(acq.request_count(), 1);
+    let meta = checkout.get(&format!("/v1/tokens/{tok}"));
+    assert_eq!(meta.json["cvc_available"], false, "{meta}");
+}
