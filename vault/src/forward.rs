@@ -826,12 +826,9 @@ pub fn replace_card_numbers(
     for (f, token) in found.iter().zip(tokens) {
         let r = f.range();
         let same = r.start >= last_end
-            && body.get(r.clone()).is_some_and(|b| {
-                b.iter()
-                    .copied()
-                    .filter(u8::is_ascii_digit)
-                    .eq(f.pan.expose_digits().bytes())
-            });
+            && body
+                .get(r.clone())
+                .is_some_and(|b| same_digits(b, f.pan.expose_digits().as_bytes()));
         if !same {
             return Err(ReplaceError::Mismatch);
         }
@@ -870,6 +867,27 @@ pub fn replace_card_numbers(
         return Err(ReplaceError::CardLikeOutput);
     }
     Ok(out)
+}
+
+/// Whether `range`, a found card number with its separators, holds
+/// exactly `digits` (the `2` and `0` of a `%20` are not digits of it).
+fn same_digits(range: &[u8], digits: &[u8]) -> bool {
+    let mut i = 0;
+    let mut n = 0;
+    while i < range.len() {
+        match range[i] {
+            b'%' => i += 3,
+            c if c.is_ascii_digit() => {
+                if digits.get(n) != Some(&c) {
+                    return false;
+                }
+                n += 1;
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    n == digits.len()
 }
 
 /// Whether a byte of a JSON text is inside a string, walking forward only.

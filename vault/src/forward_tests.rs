@@ -576,6 +576,19 @@ fn replace_in_text_form_xml_and_json() {
         redact("<p n='4242424242424242'>x</p>", Some(BodyKind::Xml)).unwrap(),
         format!("<p n='{t0}'>x</p>")
     );
+    assert_eq!(
+        redact(
+            "a=4111%201111%201111%201111&b=4111+1111+1111+1111%20",
+            Some(BodyKind::Form)
+        )
+        .unwrap(),
+        format!("a={t0}&b={t1}%20")
+    );
+    // A JSON number token taking the start of the next number (not valid
+    // JSON): the rest of that number is replaced on its own.
+    let body = "[4111111111111111.4242 4242%204242+4242]";
+    let out = redact(body, Some(BodyKind::Json)).unwrap();
+    assert_eq!(out, format!("[\"{t0}\"\"{t1}\"]"));
     // JSON: in strings in place; bare numbers with their whole number token
     // become strings.
     let body = r#"{"a":"4111111111111111","b":4111111111111111,"c":[-378282246310005.25e+2, 1],"d":"x\"4242424242424242"}"#;
