@@ -61,6 +61,8 @@ pub struct Metrics {
     pool_max: IntGauge,
     cvc_held: IntGauge,
     purged: IntCounterVec,
+    forward_calls: IntCounterVec,
+    forward_duration: HistogramVec,
 }
 
 /// Latency buckets, in seconds: 0.5 ms to 10 s.
@@ -314,7 +316,26 @@ impl Metrics {
         registry.register(Box::new(key_age.clone()))?;
         registry.register(Box::new(pool_connections.clone()))?;
         registry.register(Box::new(pool_max.clone()))?;
+        let forward_calls = IntCounterVec::new(
+            Opts::new(
+                "forward_calls_total",
+                "Forwarded calls by upstream (the configured names; `other` for an unknown one) and outcome: the upstream's status class (2xx..5xx), the vault's upstream_* error, or `refused` (refused by the vault before anything was sent)",
+            ),
+            &["upstream", "outcome"],
+        )?;
+        let forward_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "forward_upstream_duration_seconds",
+                "Time of the call to the upstream (connection, request, answer), by upstream",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(forward_calls.clone()))?;
+        registry.register(Box::new(forward_duration.clone()))?;
         Ok(Self {
+            forward_calls,
+            forward_duration,
             requests,
             request_duration,
             card_operations,
@@ -384,6 +405,27 @@ impl Metrics {
         self.tls_handshake_failures
             .with_label_values(&[code_label(listener), code_label(reason)])
             .inc();
+    }
+
+    /// One forwarded call: `upstream` is a configured name or `other`,
+    /// `outcome` a fixed word (see `forward_calls_total`), `upstream_time`
+    /// the time of the call to the upstream when one was made.
+    pub fn forward(&self, upstream: &str, outcome: &str, upstream_time: Option<Duration>) {
+        // Configured names are `[a-z0-9-]`, at most 63 characters.
+        let upstream =
+            if !upstream.is_empty() && upstream.len() <= 63 && vocabulary_word(upstream, b"-") {
+                upstream
+            } else {
+                OTHER
+            };
+        self.forward_calls
+            .with_label_values(&[upstream, code_label(outcome)])
+            .inc();
+        if let Some(t) = upstream_time {
+            self.forward_duration
+                .with_label_values(&[upstream])
+                .observe(t.as_secs_f64());
+        }
     }
 
     /// Records a purge deleted.

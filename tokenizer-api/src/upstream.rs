@@ -203,6 +203,28 @@ pub enum UpstreamError {
     Config(#[from] crate::config::ConfigError),
 }
 
+/// One upstream as `GET /v1/admin/upstreams` lists it.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct UpstreamInfo {
+    pub name: String,
+    /// `https://host[:port][/base]`.
+    pub url: String,
+    /// The only roots trusted for it.
+    pub ca_file: String,
+    /// Mutual TLS: the client certificate presented (absent: none).
+    pub client_cert_file: Option<String>,
+    /// Allowed paths (`*`: one segment).
+    pub paths: Vec<String>,
+    /// Whose tokens may be sent (`*`: every tenant).
+    pub tenants: Vec<String>,
+    pub connect_timeout_ms: u64,
+    pub timeout_ms: u64,
+    pub max_request_bytes: usize,
+    pub max_response_bytes: usize,
+    /// Caller headers passed on (lower case).
+    pub forward_headers: Vec<String>,
+}
+
 /// Every upstream, by name.
 #[derive(Debug, Default)]
 pub struct Upstreams {
@@ -256,29 +278,27 @@ impl Upstreams {
 
     /// What `GET /v1/admin/upstreams` shows: the configuration, no secret
     /// (file paths, not their contents).
-    pub fn listing(&self) -> serde_json::Value {
-        let list: Vec<serde_json::Value> = self
-            .by_name
+    pub fn listing(&self) -> Vec<UpstreamInfo> {
+        self.by_name
             .values()
             .map(|u| {
                 let s = &u.spec;
-                serde_json::json!({
-                    "name": s.name,
-                    "url": format!("{}{}", s.origin, s.base_path),
-                    "ca_file": s.ca_file.display().to_string(),
-                    "mutual_tls": s.client_cert.is_some(),
-                    "client_cert_file": s.client_cert.as_ref().map(|(c, _)| c.display().to_string()),
-                    "paths": s.paths.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
-                    "tenants": s.tenants.clone().unwrap_or_else(|| vec!["*".to_owned()]),
-                    "connect_timeout_ms": u64::try_from(s.connect_timeout.as_millis()).unwrap_or(u64::MAX),
-                    "timeout_ms": u64::try_from(s.timeout.as_millis()).unwrap_or(u64::MAX),
-                    "max_request_bytes": s.max_request_bytes,
-                    "max_response_bytes": s.max_response_bytes,
-                    "forward_headers": s.forward_headers,
-                })
+                let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                UpstreamInfo {
+                    name: s.name.clone(),
+                    url: format!("{}{}", s.origin, s.base_path),
+                    ca_file: s.ca_file.display().to_string(),
+                    client_cert_file: s.client_cert.as_ref().map(|(c, _)| c.display().to_string()),
+                    paths: s.paths.iter().map(|p| p.as_str().to_owned()).collect(),
+                    tenants: s.tenants.clone().unwrap_or_else(|| vec!["*".to_owned()]),
+                    connect_timeout_ms: ms(s.connect_timeout),
+                    timeout_ms: ms(s.timeout),
+                    max_request_bytes: s.max_request_bytes,
+                    max_response_bytes: s.max_response_bytes,
+                    forward_headers: s.forward_headers.clone(),
+                }
             })
-            .collect();
-        serde_json::json!({ "upstreams": list })
+            .collect()
     }
 }
 

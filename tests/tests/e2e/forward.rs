@@ -260,6 +260,35 @@ fn the_acquirer_gets_the_card_in_json_form_and_xml_and_the_caller_never_does() {
     assert!(!text.contains("4111111111111111"));
     let findings = svc.scan_for_leaks(&["4111111111111111"]);
     assert!(findings.is_empty(), "{findings:?}");
+
+    // Listed for operators; counted per upstream and outcome.
+    let listed = auditor.get("/v1/admin/upstreams");
+    assert_eq!(listed.status, 200, "{listed}");
+    let u = &listed.json["upstreams"][0];
+    assert_eq!(u["name"], "acq-a");
+    assert_eq!(u["url"], acq.origin());
+    assert_eq!(
+        u["paths"],
+        serde_json::json!(["/v1/payments", "/v1/payments/*/capture"])
+    );
+    assert_eq!(u["forward_headers"], serde_json::json!(["idempotency-key"]));
+    assert!(u["client_cert_file"].is_string());
+    assert_eq!(
+        router.get("/v1/admin/upstreams").status,
+        403,
+        "the router may not list upstreams"
+    );
+    let metrics = svc.anonymous().get("/metrics").text;
+    assert!(
+        metrics.contains(r#"forward_calls_total{outcome="2xx",upstream="acq-a"} 3"#),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("forward"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(metrics.contains(r#"forward_upstream_duration_seconds_count{upstream="acq-a"} 3"#));
 }
 
 /// `a=b&c=d` decoded (`+` and `%XX`).

@@ -309,3 +309,38 @@ pub async fn destroy_kek(
         state: "destroyed",
     }))
 }
+
+/// `GET /v1/admin/upstreams`.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct UpstreamList {
+    upstreams: Vec<crate::upstream::UpstreamInfo>,
+}
+
+/// `GET /v1/admin/upstreams` (role `key_admin` or `auditor`): the
+/// forwarding proxy's upstreams as configured now (reloaded on SIGHUP).
+#[utoipa::path(get, path = "/v1/admin/upstreams", tag = "admin",
+    responses((status = 200, description = "The configured upstreams.", body = UpstreamList)))]
+pub async fn upstreams(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = crate::auth::authenticate(&req, &state).await?;
+    if !(ctx.principal.has_role(vault::Role::KeyAdmin)
+        || ctx.principal.has_role(vault::Role::Auditor))
+    {
+        let event = ctx
+            .event(Action::AuthorizationDenied, audit::Outcome::Denied)
+            .error_code("forbidden")
+            .detail("upstreams: role_not_permitted");
+        state
+            .seal
+            .store()
+            .append_audit(event)
+            .await
+            .map_err(vault::VaultError::from)?;
+        return Err(vault::VaultError::Forbidden.into());
+    }
+    Ok(HttpResponse::Ok().json(UpstreamList {
+        upstreams: state.upstreams.current().listing(),
+    }))
+}

@@ -47,6 +47,42 @@ pub async fn forward(
     payload: web::Payload,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
+    let mut upstream_time = None;
+    let out = forward_call(&req, payload, &state, &mut upstream_time).await;
+    // Counted per configured upstream (`other` for any other name) and
+    // outcome: the upstream's status class, or the vault's error.
+    let name = req
+        .uri()
+        .path()
+        .strip_prefix(PREFIX)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap_or_default();
+    let label = if state.upstreams.current().get(name).is_some() {
+        name
+    } else {
+        "other"
+    };
+    let outcome = match &out {
+        Ok(res) => match res.status().as_u16() {
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        },
+        Err(e) if e.code().starts_with("upstream_") => e.code(),
+        Err(_) => "refused",
+    };
+    state.metrics.forward(label, outcome, upstream_time);
+    out
+}
+
+async fn forward_call(
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &web::Data<AppState>,
+    upstream_time: &mut Option<std::time::Duration>,
+) -> Result<HttpResponse, ApiError> {
+    let req = req.clone();
     let vault = state.vault()?;
     let ctx = authenticate(&req, &state).await?;
     vault
@@ -144,6 +180,7 @@ pub async fn forward(
     let answer = upstream
         .send(method, &path, &headers, &content_type, rendered)
         .await;
+    *upstream_time = Some(started.elapsed());
     let elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let answer = match answer {
         Ok(a) => a,

@@ -432,6 +432,14 @@ pub static ROUTES: &[Route] = &[
     route!(
         ADMIN,
         GET,
+        "/v1/admin/upstreams",
+        Access::Roles(&["key_admin", "auditor"]),
+        admin::upstreams,
+        [AUTH_ERRORS, FORBIDDEN]
+    ),
+    route!(
+        ADMIN,
+        GET,
         "/v1/admin/seal-status",
         KEY_ADMIN,
         admin::seal_status,

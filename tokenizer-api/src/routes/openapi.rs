@@ -60,6 +60,7 @@ use crate::error::{error_status, ErrorBody};
         admin::unseal,
         admin::seal,
         admin::seal_status,
+        admin::upstreams,
         admin::key_status,
         admin::rotate_keys,
         admin::retire_key,
