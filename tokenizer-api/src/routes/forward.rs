@@ -84,7 +84,7 @@ async fn forward_call(
 ) -> Result<HttpResponse, ApiError> {
     let req = req.clone();
     let vault = state.vault()?;
-    let ctx = authenticate(&req, &state).await?;
+    let ctx = authenticate(&req, state).await?;
     vault
         .require_role(&ctx, Action::Forward, &[Role::Forward])
         .await?;
