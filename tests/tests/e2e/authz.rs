@@ -13,6 +13,7 @@
 //!
 //! `POST /v1/admin/seal` seals the service: its cells run last.
 
+use e2e::acquirer::{Acquirer, AcquirerOptions};
 use e2e::{fresh_pan, Client, Resp, Service};
 use serde_json::json;
 
@@ -41,9 +42,11 @@ enum Caller {
     TokenizeOtherTenant,
     /// The hosted-collection edge's role.
     Collect,
+    /// The payment router's forwarding role.
+    Forward,
 }
 
-const CALLERS: [Caller; 11] = [
+const CALLERS: [Caller; 12] = [
     Caller::NoKey,
     Caller::Malformed,
     Caller::Unknown,
@@ -55,6 +58,7 @@ const CALLERS: [Caller; 11] = [
     Caller::KeyAdmin,
     Caller::TokenizeOtherTenant,
     Caller::Collect,
+    Caller::Forward,
 ];
 
 /// What a request sends besides method and path.
@@ -79,46 +83,53 @@ enum Body {
     /// A fresh card with the client secret of the `{session}` made for the
     /// cell.
     CollectComplete,
+    /// A payment for the test acquirer naming a fresh token's card number.
+    Forward,
 }
 
 /// One row: method, path (`{token}` is a fresh token of [`TENANT`]), body,
 /// and the expected status per caller, in [`CALLERS`] order:
 /// no key, malformed, unknown, wrong secret, revoked, tokenize, detokenize,
-/// auditor, key_admin, tokenize on another tenant, collect.
-type Row = (&'static str, &'static str, Body, [u16; 11]);
+/// auditor, key_admin, tokenize on another tenant, collect, forward.
+type Row = (&'static str, &'static str, Body, [u16; 12]);
 
 #[rustfmt::skip]
 const TABLE: &[Row] = &[
-    //                                                              none mal  unk  wrng rev  tok  detk aud  kadm other coll
-    ("GET",    "/healthz",                              Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    ("GET",    "/readyz",                               Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    ("GET",    "/metrics",                              Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    ("GET",    "/v1/openapi.json",                      Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
-    ("GET",    "/v1/ping",                              Body::None,       [401, 401, 401, 401, 401, 200, 200, 200, 200, 200, 200]),
-    ("POST",   "/v1/tokens",                            Body::Tokenize,   [401, 401, 401, 401, 401, 201, 403, 403, 403, 403, 403]),
-    ("POST",   "/v1/tokens/batch",                      Body::Batch,      [401, 401, 401, 401, 401, 200, 403, 403, 403, 403, 403]),
-    ("POST",   "/v1/detokenize",                        Body::Detokenize, [401, 401, 401, 401, 401, 403, 200, 403, 403, 403, 403]),
-    ("GET",    "/v1/tokens/{token}",                    Body::None,       [401, 401, 401, 401, 401, 200, 403, 403, 403, 404, 403]),
-    ("PATCH",  "/v1/tokens/{token}",                    Body::Patch,      [401, 401, 401, 401, 401, 200, 403, 403, 403, 404, 403]),
-    ("DELETE", "/v1/tokens/{token}",                    Body::None,       [401, 401, 401, 401, 401, 204, 204, 403, 403, 404, 403]),
-    ("POST",   "/v1/collect/sessions",                  Body::CollectSession, [401, 401, 401, 401, 401, 201, 403, 403, 403, 403, 403]),
-    ("GET",    "/v1/collect/sessions/{session}",        Body::None,       [401, 401, 401, 401, 401, 200, 403, 403, 403, 404, 403]),
-    ("GET",    "/v1/collect/sessions/{session}/public", Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 403, 403, 200]),
-    ("POST",   "/v1/collect/sessions/{session}/complete", Body::CollectComplete, [401, 401, 401, 401, 401, 403, 403, 403, 403, 403, 200]),
-    ("GET",    "/v1/audit/events",                      Body::None,       [401, 401, 401, 401, 401, 403, 403, 200, 403, 403, 403]),
-    ("GET",    "/v1/audit/checkpoints",                 Body::None,       [401, 401, 401, 401, 401, 403, 403, 200, 403, 403, 403]),
-    ("GET",    "/v1/admin/seal-status",                 Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403]),
-    ("POST",   "/v1/admin/unseal",                      Body::Unseal,     [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403]),
-    ("GET",    "/v1/admin/keys",                        Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403]),
-    ("POST",   "/v1/admin/keys/rotate",                 Body::Rotate,     [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403]),
+    //                                                              none mal  unk  wrng rev  tok  detk aud  kadm other coll fwd
+    ("GET",    "/healthz",                              Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    ("GET",    "/readyz",                               Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    ("GET",    "/metrics",                              Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    ("GET",    "/v1/openapi.json",                      Body::None,       [200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]),
+    ("GET",    "/v1/ping",                              Body::None,       [401, 401, 401, 401, 401, 200, 200, 200, 200, 200, 200, 200]),
+    ("POST",   "/v1/tokens",                            Body::Tokenize,   [401, 401, 401, 401, 401, 201, 403, 403, 403, 403, 403, 403]),
+    ("POST",   "/v1/tokens/batch",                      Body::Batch,      [401, 401, 401, 401, 401, 200, 403, 403, 403, 403, 403, 403]),
+    ("POST",   "/v1/detokenize",                        Body::Detokenize, [401, 401, 401, 401, 401, 403, 200, 403, 403, 403, 403, 403]),
+    ("GET",    "/v1/tokens/{token}",                    Body::None,       [401, 401, 401, 401, 401, 200, 403, 403, 403, 404, 403, 403]),
+    ("PATCH",  "/v1/tokens/{token}",                    Body::Patch,      [401, 401, 401, 401, 401, 200, 403, 403, 403, 404, 403, 403]),
+    ("DELETE", "/v1/tokens/{token}",                    Body::None,       [401, 401, 401, 401, 401, 204, 204, 403, 403, 404, 403, 403]),
+    ("POST",   "/v1/collect/sessions",                  Body::CollectSession, [401, 401, 401, 401, 401, 201, 403, 403, 403, 403, 403, 403]),
+    ("GET",    "/v1/collect/sessions/{session}",        Body::None,       [401, 401, 401, 401, 401, 200, 403, 403, 403, 404, 403, 403]),
+    ("GET",    "/v1/collect/sessions/{session}/public", Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 403, 403, 200, 403]),
+    ("POST",   "/v1/collect/sessions/{session}/complete", Body::CollectComplete, [401, 401, 401, 401, 401, 403, 403, 403, 403, 403, 200, 403]),
+    ("GET",    "/v1/audit/events",                      Body::None,       [401, 401, 401, 401, 401, 403, 403, 200, 403, 403, 403, 403]),
+    ("GET",    "/v1/audit/checkpoints",                 Body::None,       [401, 401, 401, 401, 401, 403, 403, 200, 403, 403, 403, 403]),
+    ("GET",    "/v1/admin/seal-status",                 Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403, 403]),
+    ("POST",   "/v1/admin/unseal",                      Body::Unseal,     [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403, 403]),
+    ("GET",    "/v1/admin/keys",                        Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403, 403]),
+    ("POST",   "/v1/admin/keys/rotate",                 Body::Rotate,     [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403, 403]),
     // The active DEK cannot be retired, nor an unretired key destroyed: 409 after authorization.
-    ("POST",   "/v1/admin/keys/{purpose}/{version}/retire",  Body::None,  [401, 401, 401, 401, 401, 403, 403, 403, 409, 403, 403]),
-    ("POST",   "/v1/admin/keys/{purpose}/{version}/destroy", Body::None,  [401, 401, 401, 401, 401, 403, 403, 403, 409, 403, 403]),
+    ("POST",   "/v1/admin/keys/{purpose}/{version}/retire",  Body::None,  [401, 401, 401, 401, 401, 403, 403, 403, 409, 403, 403, 403]),
+    ("POST",   "/v1/admin/keys/{purpose}/{version}/destroy", Body::None,  [401, 401, 401, 401, 401, 403, 403, 403, 409, 403, 403, 403]),
     // The file KEK backend cannot rotate or destroy its KEK: 409 after authorization.
-    ("POST",   "/v1/admin/kek/rotate",                  Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 409, 403, 403]),
-    ("POST",   "/v1/admin/kek/destroy",                 Body::DestroyKek, [401, 401, 401, 401, 401, 403, 403, 403, 409, 403, 403]),
+    ("POST",   "/v1/admin/kek/rotate",                  Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 409, 403, 403, 403]),
+    ("POST",   "/v1/admin/kek/destroy",                 Body::DestroyKek, [401, 401, 401, 401, 401, 403, 403, 403, 409, 403, 403, 403]),
+    ("GET",    "/v1/admin/upstreams",                   Body::None,       [401, 401, 401, 401, 401, 403, 403, 200, 200, 403, 403, 403]),
+    // The test acquirer answers 200 to every method.
+    ("POST",   "/v1/forward/{upstream}/{path:.*}",      Body::Forward,    [401, 401, 401, 401, 401, 403, 403, 403, 403, 403, 403, 200]),
+    ("PUT",    "/v1/forward/{upstream}/{path:.*}",      Body::Forward,    [401, 401, 401, 401, 401, 403, 403, 403, 403, 403, 403, 200]),
+    ("PATCH",  "/v1/forward/{upstream}/{path:.*}",      Body::Forward,    [401, 401, 401, 401, 401, 403, 403, 403, 403, 403, 403, 200]),
     // Last: key_admin seals the service.
-    ("POST",   "/v1/admin/seal",                        Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403]),
+    ("POST",   "/v1/admin/seal",                        Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403, 403]),
 ];
 
 /// The tenant of [`Caller::TokenizeOtherTenant`].
@@ -171,7 +182,9 @@ fn the_table_lists_exactly_the_served_routes() {
 /// The request of one cell. Tokens are made fresh for every cell (DELETE
 /// consumes them).
 fn call(client: &Client, admin: &Client, method: &str, path: &str, body: Body) -> Resp {
-    let mut path = path.replace("{purpose}/{version}", "dek/1");
+    let mut path = path
+        .replace("{purpose}/{version}", "dek/1")
+        .replace("{upstream}/{path:.*}", "acq-a/v1/payments");
     let mut token = None;
     let mut secret = None;
     if path.contains("{session}") {
@@ -183,7 +196,7 @@ fn call(client: &Client, admin: &Client, method: &str, path: &str, body: Body) -
         path = path.replace("{session}", made.json["session"].as_str().unwrap());
         secret = made.json["client_secret"].as_str().map(str::to_owned);
     }
-    if path.contains("{token}") || body == Body::Detokenize {
+    if path.contains("{token}") || body == Body::Detokenize || body == Body::Forward {
         let t = token_for(admin, TENANT, &fresh_pan());
         path = path.replace("{token}", &t);
         token = Some(t);
@@ -207,6 +220,9 @@ fn call(client: &Client, admin: &Client, method: &str, path: &str, body: Body) -
         Body::CollectComplete => Some(json!({
             "client_secret": secret, "pan": fresh_pan(), "exp_month": 12, "exp_year": exp_year(),
         })),
+        Body::Forward => Some(json!({
+            "card": {"number": format!("{{{{{}.pan}}}}", token.as_deref().unwrap_or_default())},
+        })),
     };
     match value {
         Some(v) => client.send_raw(
@@ -225,8 +241,22 @@ fn authorization_matrix() {
     // The rotate cell makes a new DEK; the retire and destroy cells expect
     // the old one still in use (409). The background re-encryption pass
     // would race them (and win on a busy machine): it waits here.
+    let acquirer = Acquirer::start(AcquirerOptions::default());
+    let config = tempfile::tempdir().unwrap();
+    let config_file = config.path().join("tokenizer.toml");
+    std::fs::write(
+        &config_file,
+        acquirer.upstream_toml("acq-a", "paths = [\"/v1/payments\"]\ntenants = [\"*\"]\n"),
+    )
+    .unwrap();
+    e2e::give_to_service_user(config.path());
     let svc = Service::start_with(e2e::Options {
-        extra_args: vec!["--reencrypt-interval-ms".into(), "3600000".into()],
+        extra_args: vec![
+            "--reencrypt-interval-ms".into(),
+            "3600000".into(),
+            "--config".into(),
+            config_file.display().to_string(),
+        ],
         ..e2e::Options::default()
     });
     let admin = svc.principal_client("matrix-admin", &["tokenize", "detokenize"], &["*"]);
@@ -260,6 +290,7 @@ fn authorization_matrix() {
                 svc.principal_client("matrix-other-tenant", &["tokenize"], &[OTHER_TENANT])
             }
             Caller::Collect => svc.principal_client("matrix-collect", &["collect"], &["*"]),
+            Caller::Forward => svc.principal_client("matrix-forward", &["forward"], &["*"]),
         }
     };
     let clients: Vec<(Caller, Client)> = CALLERS.iter().map(|&c| (c, client_for(c))).collect();
@@ -319,7 +350,8 @@ fn every_route_in_the_source_is_served() {
         let path = path
             .replace("{token}", "tok_AAAAAAAAAAAAAAAAAAAAAA")
             .replace("{session}", "cs_AAAAAAAAAAAAAAAAAAAAAA")
-            .replace("{purpose}/{version}", "dek/1");
+            .replace("{purpose}/{version}", "dek/1")
+            .replace("{upstream}/{path:.*}", "acq-a/v1/payments");
         // Each route on each listener: served on its own (anything but 404
         // `not_found`), 404 `not_found` on the others.
         for listener in ["api", "reveal", "admin"] {
