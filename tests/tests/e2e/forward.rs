@@ -701,3 +701,158 @@ fn the_security_code_is_forwarded_once() {
     let meta = checkout.get(&format!("/v1/tokens/{tok}"));
     assert_eq!(meta.json["cvc_available"], false, "{meta}");
 }
+
+/// Hostile forwarding bodies: each a typed 4xx error before anything is
+/// sent; afterwards nothing reached the acquirer and no stored data (but
+/// the audit trail, which records the refusals) changed.
+#[test]
+fn hostile_forward_bodies_get_typed_errors_reach_nothing_and_change_nothing() {
+    let acq = Acquirer::start(AcquirerOptions::default());
+    let (mut svc, checkout, router, _files) = forwarding(&acq, "max_request_bytes = 2048\n");
+    let tok = token_of(&checkout, "4111111111111111");
+    let before = svc.dump_data();
+    let p = |field: &str| format!("{{{{{tok}.{field}}}}}");
+    let json = "application/json";
+    let form = "application/x-www-form-urlencoded";
+    let xml = "application/xml";
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        // JSON: not JSON, cut, placeholders outside the shapes allowed.
+        (
+            json,
+            format!(r#"{{"a":"{}""#, p("pan")).into_bytes(),
+            400,
+            "invalid_body",
+        ),
+        (
+            json,
+            format!(r#"{{"a":{}}}"#, p("pan")).into_bytes(),
+            400,
+            "invalid_body",
+        ),
+        (
+            json,
+            format!(r#"{{"a":"{{{{{tok}\u002epan}}}}"}}"#).into_bytes(),
+            400,
+            "invalid_placeholder",
+        ),
+        (
+            json,
+            format!(r#"{{"a":"{{{{{{{{{tok}.pan}}}}}}}}"}}"#).into_bytes(),
+            400,
+            "invalid_placeholder",
+        ),
+        (
+            json,
+            format!(r#"{{"a":"{{{{{tok}.pan}}"}}"#).into_bytes(),
+            400,
+            "invalid_placeholder",
+        ),
+        (
+            json,
+            format!(r#"{{"a":"{{{{{tok}.}}}}"}}"#).into_bytes(),
+            400,
+            "invalid_placeholder",
+        ),
+        (
+            json,
+            format!(r#"{{"a":"{{{{.pan}}}}"}}"#).into_bytes(),
+            400,
+            "invalid_placeholder",
+        ),
+        (json, b"{\"a\":\"\xff\xfe\"}".to_vec(), 400, "invalid_body"),
+        (
+            json,
+            format!("{{\"a\":\"{}\u{0}\"}}", p("pan")).into_bytes(),
+            400,
+            "invalid_body",
+        ),
+        (json, vec![b' '; 4096], 413, "payload_too_large"),
+        (json, b"".to_vec(), 400, "invalid_body"),
+        (
+            "application/json; charset=latin1",
+            format!(r#"{{"a":"{}"}}"#, p("pan")).into_bytes(),
+            400,
+            "invalid_body",
+        ),
+        // Form: broken percent-encoding.
+        (
+            form,
+            format!("a={}&b=%zz", p("pan")).into_bytes(),
+            400,
+            "invalid_body",
+        ),
+        // XML: a DOCTYPE (entity expansion, external entities), placeholders
+        // in names, comments and CDATA, unbalanced tags.
+        (
+            xml,
+            format!(
+                "<!DOCTYPE x [<!ENTITY e SYSTEM \"file:///etc/passwd\">]><x>&e;{}</x>",
+                p("pan")
+            )
+            .into_bytes(),
+            400,
+            "invalid_body",
+        ),
+        (
+            xml,
+            format!("<x><!-- {} --></x>", p("pan")).into_bytes(),
+            400,
+            "invalid_placeholder",
+        ),
+        (
+            xml,
+            format!("<x><![CDATA[{}]]></x>", p("pan")).into_bytes(),
+            400,
+            "invalid_placeholder",
+        ),
+        (
+            xml,
+            format!("<{}>1</{}>", p("pan"), p("pan")).into_bytes(),
+            400,
+            "invalid_placeholder",
+        ),
+        (
+            xml,
+            format!("<x><y>{}</x>", p("pan")).into_bytes(),
+            400,
+            "invalid_body",
+        ),
+        (
+            "text/plain",
+            p("pan").into_bytes(),
+            415,
+            "unsupported_content_type",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (ct, body, status, code) in &cases {
+        let r = router.send_raw("POST", "/v1/forward/acq-a/v1/payments", Some(ct), body);
+        if (r.status, r.error_code()) != (*status, Some(*code))
+            || r.source.as_deref() != Some("vault")
+        {
+            failures.push(format!(
+                "{ct} {:?}: want {status} {code}, got {r}",
+                String::from_utf8_lossy(body)
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {}:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    assert_eq!(
+        acq.request_count(),
+        0,
+        "a refused body reached the acquirer"
+    );
+    assert!(svc.is_running());
+    let after = svc.dump_data();
+    assert!(
+        before == after,
+        "hostile forwarding bodies changed stored data"
+    );
+    e2e::assert_no_leaks(&svc.scan_for_leaks(&["4111111111111111"]));
+}
