@@ -755,7 +755,7 @@ fn hostile_forward_bodies_get_typed_errors_reach_nothing_and_change_nothing() {
         ),
         (
             json,
-            format!(r#"{{"a":"{{{{.pan}}}}"}}"#).into_bytes(),
+            br#"{"a":"{{.pan}}"}"#.to_vec(),
             400,
             "invalid_placeholder",
         ),
