@@ -355,6 +355,14 @@ fn card_numbers_in_the_answer_come_back_as_tokens() {
             r.text
         );
     }
+    // The leak scanner over what the caller received: no card number in
+    // any form it knows.
+    let findings = e2e::scan_bytes(
+        "forwarded answer",
+        r.text.as_bytes(),
+        &["4111111111111111", "5555555555554444", "4012888888881881"],
+    );
+    assert!(findings.is_empty(), "{findings:?}");
     assert_eq!(
         r.json["echo"],
         tok.as_str(),
