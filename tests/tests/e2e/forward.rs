@@ -155,6 +155,15 @@ fn forwarding(
     acq: &Acquirer,
     extra: &str,
 ) -> (Service, e2e::Client, e2e::Client, tempfile::TempDir) {
+    forwarding_with(acq, "", extra)
+}
+
+/// [`forwarding`] with top-level configuration keys `top`.
+fn forwarding_with(
+    acq: &Acquirer,
+    top: &str,
+    extra: &str,
+) -> (Service, e2e::Client, e2e::Client, tempfile::TempDir) {
     let files = temp_data_dir();
     give_to_service_user(files.path());
     let table = acq.upstream_toml(
@@ -163,7 +172,7 @@ fn forwarding(
             "paths = [\"/v1/payments\", \"/v1/payments/*/capture\"]\ntenants = [\"*\"]\nforward_headers = [\"Idempotency-Key\"]\n{extra}"
         ),
     );
-    let svc = Service::start_with(with_config(files.path(), &table));
+    let svc = Service::start_with(with_config(files.path(), &format!("{top}{table}")));
     let checkout = svc.principal_client("checkout", &["tokenize"], &["*"]);
     let router = svc.principal_client("router", &["forward"], &["*"]);
     (svc, checkout, router, files)
@@ -863,4 +872,28 @@ fn hostile_forward_bodies_get_typed_errors_reach_nothing_and_change_nothing() {
         "hostile forwarding bodies changed stored data"
     );
     e2e::assert_no_leaks(&svc.scan_for_leaks(&["4111111111111111"]));
+}
+
+/// A token revealed to an upstream counts as a detokenize: past the
+/// principal's limit the call is 429 and nothing is sent.
+#[test]
+fn forwarded_tokens_count_in_the_detokenize_limits() {
+    let acq = Acquirer::start(AcquirerOptions::default());
+    let (_svc, checkout, router, _files) = forwarding_with(
+        &acq,
+        "detokenize_rate_per_principal = 1\ndetokenize_burst_per_principal = 2\n",
+        "",
+    );
+    let tok = token_of(&checkout, "4111111111111111");
+    for _ in 0..2 {
+        let r = pay(&router, "/v1/forward/acq-a/v1/payments", &tok);
+        assert_eq!(r.status, 200, "{r}");
+    }
+    let r = pay(&router, "/v1/forward/acq-a/v1/payments", &tok);
+    assert_eq!(
+        (r.status, r.error_code()),
+        (429, Some("rate_limited")),
+        "{r}"
+    );
+    assert_eq!(acq.request_count(), 2);
 }
