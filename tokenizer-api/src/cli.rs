@@ -218,7 +218,7 @@ async fn print_dev_example(
     print_dev_text(&format!(
         "\n# cardvault DEV MODE -- not a production setup. TLS with a dev CA ({d}/ca.pem).\n\
          # Dev principal `{}` (roles tokenize,detokenize; all tenants) with an API key, and one principal per\n\
-         # client certificate {d}/client-<role>.pem (tokenize, detokenize, auditor, key_admin, collect).\n\
+         # client certificate {d}/client-<role>.pem (tokenize, detokenize, auditor, key_admin, collect, forward).\n\
          # Tokenize a public test card with mutual TLS:\n\
          curl -s --cacert {d}/ca.pem --cert {d}/client-tokenize.pem --key {d}/client-tokenize.key \\\n  \
          https://{addr}/v1/tokens -H 'Content-Type: application/json' -d '{body}'\n\

@@ -356,7 +356,14 @@ pub fn client_config(
 }
 
 /// The roles `tokenizer dev-pki` makes a client certificate for.
-pub const DEV_ROLES: [&str; 5] = ["tokenize", "detokenize", "auditor", "key_admin", "collect"];
+pub const DEV_ROLES: [&str; 6] = [
+    "tokenize",
+    "detokenize",
+    "auditor",
+    "key_admin",
+    "collect",
+    "forward",
+];
 
 /// The URI identity of a dev client certificate.
 pub fn dev_identity(role: &str) -> String {
