@@ -33,6 +33,12 @@
 //!   zeroizing buffer); on the answer [`forward::find_card_numbers`] then
 //!   [`forward::replace_card_numbers`]; errors [`TemplateError`] (stable
 //!   `code()`, never a value);
+//! - idempotent forwarding (`Idempotency-Key`): [`Vault::forward_claim`]
+//!   before anything is released ([`IdempotentClaim::Fresh`]: call, then
+//!   [`Vault::forward_complete`] with the re-tokenized answer, or
+//!   [`Vault::forward_key_release`] if nothing was sent;
+//!   [`IdempotentClaim::Replay`]: answer from it), the request's
+//!   [`forward_request_hash`], [`Vault::purge_forward_keys`];
 //! - errors are [`VaultError`] (with a stable `code()`), per-card errors
 //!   [`CardError`].
 //!
@@ -72,4 +78,8 @@ pub use service::{
     Detokenized, ForwardOutcome, ForwardRelease, ForwardTarget, KeyLifecycleError,
     NewCollectSession, Released, RequestContext, SessionStatus, Submission, TokenInfo,
     TokenizeOptions, Vault, VaultError, VaultOptions, Wanted, MAX_BATCH, MAX_FORWARD_TOKENS,
+};
+pub use service::{
+    forward_request_hash, ClaimHandle, ForwardAnswer, IdempotentClaim, StoredAnswer,
+    FORWARD_ANSWER_TTL, MAX_IDEMPOTENCY_KEY_LEN,
 };
