@@ -518,15 +518,42 @@ mod tests {
         assert!(k.open(&answer, &card).is_err());
         // Every field is bound, an absent header differs from an empty one.
         for other in [
-            ForwardAnswerAad { principal_id: "p2", ..answer },
-            ForwardAnswerAad { upstream: "other", ..answer },
-            ForwardAnswerAad { key_hash: "ac", ..answer },
-            ForwardAnswerAad { request_hash: "ce", ..answer },
-            ForwardAnswerAad { tenant: "shop-43", ..answer },
-            ForwardAnswerAad { status: 201, ..answer },
-            ForwardAnswerAad { content_type: None, ..answer },
-            ForwardAnswerAad { location: Some(""), ..answer },
-            ForwardAnswerAad { key_version: 2, ..answer },
+            ForwardAnswerAad {
+                principal_id: "p2",
+                ..answer
+            },
+            ForwardAnswerAad {
+                upstream: "other",
+                ..answer
+            },
+            ForwardAnswerAad {
+                key_hash: "ac",
+                ..answer
+            },
+            ForwardAnswerAad {
+                request_hash: "ce",
+                ..answer
+            },
+            ForwardAnswerAad {
+                tenant: "shop-43",
+                ..answer
+            },
+            ForwardAnswerAad {
+                status: 201,
+                ..answer
+            },
+            ForwardAnswerAad {
+                content_type: None,
+                ..answer
+            },
+            ForwardAnswerAad {
+                location: Some(""),
+                ..answer
+            },
+            ForwardAnswerAad {
+                key_version: 2,
+                ..answer
+            },
         ] {
             assert!(k.open(&other, &sealed).is_err(), "{other:?}");
         }

@@ -74,12 +74,12 @@ pub use keys::KeysError;
 pub use pan::{Pan, PanError};
 pub use rotation::{Actor, CryptoPeriods, KeyInfo, KeyStatus, Progress, Rotation};
 pub use service::{
+    forward_request_hash, ClaimHandle, ForwardAnswer, IdempotentClaim, StoredAnswer,
+    FORWARD_ANSWER_TTL, MAX_IDEMPOTENCY_KEY_LEN,
+};
+pub use service::{
     AuditPage, AuditQuery, CardError, CardInput, CardUpdate, CollectSession, CollectSessionInput,
     Detokenized, ForwardOutcome, ForwardRelease, ForwardTarget, KeyLifecycleError,
     NewCollectSession, Released, RequestContext, SessionStatus, Submission, TokenInfo,
     TokenizeOptions, Vault, VaultError, VaultOptions, Wanted, MAX_BATCH, MAX_FORWARD_TOKENS,
-};
-pub use service::{
-    forward_request_hash, ClaimHandle, ForwardAnswer, IdempotentClaim, StoredAnswer,
-    FORWARD_ANSWER_TTL, MAX_IDEMPOTENCY_KEY_LEN,
 };

@@ -16,6 +16,7 @@
 //!    with the same key.
 //! 3. Once the upstream answered and its answer was re-tokenized:
 //!    [`Vault::forward_complete`]; then relay the answer.
+//!
 //! A claim that is neither completed nor released (the vault stopped, the
 //! store failed, the call timed out after it was sent) stays pending: a
 //! repeat is refused `idempotency_key_in_use` until `stale_after`, then
@@ -59,15 +60,15 @@ const PURGE_BATCH: u32 = 500;
 /// upstream's name and the path after it), content type and body (with its
 /// placeholders: tokens, not card data), each length-prefixed so no two
 /// requests share an encoding.
-pub fn forward_request_hash(
-    method: &str,
-    path: &str,
-    content_type: &str,
-    body: &[u8],
-) -> [u8; 32] {
+pub fn forward_request_hash(method: &str, path: &str, content_type: &str, body: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"cardvault/forward-request/v1\0");
-    for part in [method.as_bytes(), path.as_bytes(), content_type.as_bytes(), body] {
+    for part in [
+        method.as_bytes(),
+        path.as_bytes(),
+        content_type.as_bytes(),
+        body,
+    ] {
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
     }
@@ -159,7 +160,9 @@ fn valid_key(key: &str) -> bool {
 
 /// A header value that may be stored in clear: none with a card number.
 fn clean_header(value: Option<&str>) -> Option<&str> {
-    value.filter(|v| !contains_pan_like(v) && crate::forward::find_card_numbers(v.as_bytes()).is_empty())
+    value.filter(|v| {
+        !contains_pan_like(v) && crate::forward::find_card_numbers(v.as_bytes()).is_empty()
+    })
 }
 
 fn millis(d: Duration) -> i64 {
@@ -237,7 +240,7 @@ impl Vault {
                     created_at: row.created_at,
                 }))
             }
-            ForwardClaim::Existing(existing) => existing,
+            ForwardClaim::Existing(existing) => *existing,
         };
         if existing.request_hash != row.request_hash {
             return Err(self.fail(base, VaultError::IdempotencyKeyReused).await);
@@ -245,7 +248,9 @@ impl Vault {
         let answer = match (existing.state, &existing.answer) {
             (ForwardKeyState::Completed, Some(answer)) => answer,
             (ForwardKeyState::Completed, None) => {
-                return Err(self.fail(base.detail("integrity"), VaultError::Integrity).await)
+                return Err(self
+                    .fail(base.detail("integrity"), VaultError::Integrity)
+                    .await)
             }
             (ForwardKeyState::Pending, _) => {
                 let age = now.saturating_sub(existing.created_at);

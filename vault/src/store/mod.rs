@@ -303,7 +303,7 @@ pub enum ForwardClaim {
     Claimed,
     /// A row for the same principal, upstream and key exists (pending or
     /// completed); nothing was written.
-    Existing(ForwardKeyRow),
+    Existing(Box<ForwardKeyRow>),
 }
 
 /// A tenant: its policy, and the salt of its fingerprint key.

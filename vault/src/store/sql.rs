@@ -1233,7 +1233,7 @@ macro_rules! sql_store {
                         .await?;
                         tx.commit().await?;
                         if let Some(found) = found {
-                            return Ok(ForwardClaim::Existing(forward_key_from_row(&found)?));
+                            return Ok(ForwardClaim::Existing(Box::new(forward_key_from_row(&found)?)));
                         }
                     }
                     Err(StoreError::Conflict)

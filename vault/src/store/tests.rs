@@ -1161,7 +1161,7 @@ async fn forward_keys_are_claimed_once_completed_once_released_and_purged() {
         };
         assert_eq!(
             s.claim_forward_key(&again, 0).await.unwrap(),
-            ForwardClaim::Existing(k.clone()),
+            ForwardClaim::Existing(Box::new(k.clone())),
             "{name}"
         );
         // Another principal, another upstream: keys of their own.
@@ -1209,7 +1209,7 @@ async fn forward_keys_are_claimed_once_completed_once_released_and_purged() {
         assert_eq!(done.answer, Some(forward_answer(1)), "{name}");
         assert_eq!(
             s.claim_forward_key(&again, 0).await.unwrap(),
-            ForwardClaim::Existing(done.clone()),
+            ForwardClaim::Existing(Box::new(done.clone())),
             "{name}"
         );
         // A completed key is not released; a pending one is, once.
