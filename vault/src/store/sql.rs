@@ -1187,7 +1187,7 @@ macro_rules! sql_store {
                 expired_before: i64,
             ) -> Result<$crate::store::ForwardClaim, $crate::store::StoreError> {
                 use $crate::store::{ForwardClaim, ForwardKeyState, StoreError};
-                self.bounded(async {
+                let (claim, expired) = self.bounded(async {
                     // The found row may be released between the insert and
                     // the read (on PostgreSQL, in another transaction): try
                     // again, a few times.
@@ -1195,7 +1195,7 @@ macro_rules! sql_store {
                         let mut tx = self.pool.begin().await?;
                         // The first statement writes: SQLite takes its write
                         // lock here, so concurrent claims are serialised.
-                        sqlx::query(
+                        let expired = sqlx::query(
                             "DELETE FROM forward_idempotency
                               WHERE principal_id = $1 AND upstream = $2 AND key_hash = $3 AND created_at < $4",
                         )
@@ -1204,7 +1204,8 @@ macro_rules! sql_store {
                         .bind(&row.key_hash)
                         .bind(expired_before)
                         .execute(&mut *tx)
-                        .await?;
+                        .await?
+                        .rows_affected();
                         let inserted = sqlx::query(
                             "INSERT INTO forward_idempotency (principal_id, upstream, key_hash, request_hash, state, created_at)
                              VALUES ($1, $2, $3, $4, $5, $6)
@@ -1220,7 +1221,7 @@ macro_rules! sql_store {
                         .await?;
                         if inserted.rows_affected() == 1 {
                             tx.commit().await?;
-                            return Ok(ForwardClaim::Claimed);
+                            return Ok((ForwardClaim::Claimed, expired > 0));
                         }
                         let found = sqlx::query(&format!(
                             "SELECT {FORWARD_KEY_COLUMNS} FROM forward_idempotency
@@ -1233,12 +1234,17 @@ macro_rules! sql_store {
                         .await?;
                         tx.commit().await?;
                         if let Some(found) = found {
-                            return Ok(ForwardClaim::Existing(Box::new(forward_key_from_row(&found)?)));
+                            return Ok((ForwardClaim::Existing(Box::new(forward_key_from_row(&found)?)), expired > 0));
                         }
                     }
                     Err(StoreError::Conflict)
                 })
-                .await
+                .await?;
+                if expired {
+                    // An expired answer's ciphertext went: out of SQLite's WAL.
+                    self.after_delete().await;
+                }
+                Ok(claim)
             }
 
             async fn complete_forward_key(
