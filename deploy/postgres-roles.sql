@@ -36,6 +36,14 @@
 --                                    kek_id) -- KEK rotation re-wraps it
 --                      audit_archives  SELECT (backups read it; archiving
 --                                    runs as the owner)
+--                      collect_sessions  SELECT, INSERT, DELETE, UPDATE
+--                                    (failures, closed_at, completed_at,
+--                                    token, claimed_until)
+--                      forward_idempotency  SELECT, INSERT, DELETE, UPDATE
+--                                    (state, completed_at, tenant, status,
+--                                    content_type, location, key_version,
+--                                    nonce, ciphertext) -- completion of a
+--                                    claimed key only
 --                    plus CONNECT on the database and USAGE on the schema.
 --                    No sequence privilege: `audit_events.seq` is an identity
 --                    column, whose sequence INSERT advances without one.
@@ -270,6 +278,13 @@ GRANT SELECT, INSERT, UPDATE ON TABLE tenants TO :"app_role";
 -- closed_at), purged after they expire; nothing else of a session changes.
 GRANT SELECT, INSERT, DELETE ON TABLE collect_sessions TO :"app_role";
 GRANT UPDATE (failures, closed_at, completed_at, token, claimed_until) ON TABLE collect_sessions TO :"app_role";
+-- Idempotent forwarding: a key claimed (pending) before the acquirer is
+-- called, completed once with the sealed answer (the completion columns
+-- only: who, where, which key and which request never change), released
+-- when the call never left, purged 24 hours after the claim.
+GRANT SELECT, INSERT, DELETE ON TABLE forward_idempotency TO :"app_role";
+GRANT UPDATE (state, completed_at, tenant, status, content_type, location, key_version, nonce, ciphertext)
+    ON TABLE forward_idempotency TO :"app_role";
 
 -- The auditor role (`vault-audit verify`): reads the audit trail, nothing
 -- else.

@@ -152,6 +152,9 @@ pub enum Action {
     /// certificate, the count of card numbers replaced by tokens in its
     /// answer.
     ForwardCompleted,
+    /// Stored answers of forwarded calls with an `Idempotency-Key` were
+    /// purged 24 hours after their call (count only).
+    ForwardKeysExpired,
 }
 
 impl Action {
@@ -193,6 +196,7 @@ impl Action {
             Action::CollectSessionsExpired => "collect_sessions_expired",
             Action::Forward => "forward",
             Action::ForwardCompleted => "forward_completed",
+            Action::ForwardKeysExpired => "forward_keys_expired",
         }
     }
 
@@ -202,7 +206,7 @@ impl Action {
     }
 }
 
-const ALL_ACTIONS: [Action; 35] = [
+const ALL_ACTIONS: [Action; 36] = [
     Action::Tokenize,
     Action::Detokenize,
     Action::MetadataRead,
@@ -238,6 +242,7 @@ const ALL_ACTIONS: [Action; 35] = [
     Action::CollectSessionsExpired,
     Action::Forward,
     Action::ForwardCompleted,
+    Action::ForwardKeysExpired,
 ];
 
 /// How it ended.

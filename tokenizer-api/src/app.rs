@@ -390,6 +390,11 @@ async fn lifecycle_jobs(seal: Arc<SealControl>, state: web::Data<AppState>, ever
                         Ok(_) => {}
                         Err(e) => tracing::warn!(error = %e, "collection session purge failed; retrying at the next interval"),
                     }
+                    match vault.purge_forward_keys("service").await {
+                        Ok(n) if n > 0 => tracing::info!(deleted = n, "purge: forwarded answers older than a day deleted"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "forwarded answer purge failed; retrying at the next interval"),
+                    }
                 }
             }
             _ = sweep.tick() => {

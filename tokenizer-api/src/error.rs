@@ -147,6 +147,14 @@ fn vault_status(e: &VaultError) -> StatusCode {
         VaultError::TooManyTokens | VaultError::MixedTenants => StatusCode::BAD_REQUEST,
         VaultError::UpstreamTenant => StatusCode::FORBIDDEN,
         VaultError::CvcUnavailable => StatusCode::CONFLICT,
+        VaultError::InvalidIdempotencyKey => StatusCode::BAD_REQUEST,
+        VaultError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+        // Both about the key's state, never the upstream's answer: a 4xx,
+        // which generic clients do not retry blindly (with a new key, a
+        // retry after `upstream_outcome_unknown` could charge twice).
+        VaultError::IdempotencyKeyInUse | VaultError::UpstreamOutcomeUnknown => {
+            StatusCode::CONFLICT
+        }
         VaultError::KeyLifecycle(k) => match k {
             KeyLifecycleError::NotFound => StatusCode::NOT_FOUND,
             // The record exists but its key is gone for good (crypto-shred).
@@ -439,6 +447,10 @@ fn samples() -> Vec<ApiError> {
         VaultError::UpstreamTenant,
         VaultError::MixedTenants,
         VaultError::CvcUnavailable,
+        VaultError::InvalidIdempotencyKey,
+        VaultError::IdempotencyKeyReused,
+        VaultError::IdempotencyKeyInUse,
+        VaultError::UpstreamOutcomeUnknown,
     ];
     all.into_iter()
         .chain(card.into_iter().map(|c| ApiError::Vault(c.into())))

@@ -2,7 +2,9 @@
 //!
 //! - [`DataKey`]: AES-256-GCM under a versioned data key (DEK); a fresh
 //!   96-bit nonce from the OS CSPRNG per seal; associated data binding the
-//!   ciphertext to its tenant, token and key version ([`RecordAad`]).
+//!   ciphertext to its tenant, token and key version ([`RecordAad`]); a
+//!   stored forwarded answer is bound to its row by [`ForwardAnswerAad`]
+//!   (another label: neither opens as the other).
 //! - [`FingerprintKey`]: HMAC-SHA-256 of the whole PAN under a per-tenant key
 //!   derived from the fingerprint master key, shown as `fp_...`.
 //! - [`CardSecret`]: what is sealed (PAN, expiry, cardholder name) and its
@@ -67,6 +69,90 @@ impl RecordAad<'_> {
     }
 }
 
+/// What binds a stored forwarded answer (issue 18, `Idempotency-Key`) to its
+/// row: the principal, upstream and key it was stored for, the request it
+/// answers, and the answer's clear metadata (tenant, status, content type,
+/// location), so none of them can be changed or the ciphertext moved to
+/// another row. Its own domain-separation label: never confused with a
+/// card record's associated data.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardAnswerAad<'a> {
+    pub principal_id: &'a str,
+    pub upstream: &'a str,
+    /// Hex SHA-256 of the Idempotency-Key.
+    pub key_hash: &'a str,
+    /// Hex SHA-256 of the request.
+    pub request_hash: &'a str,
+    pub tenant: &'a str,
+    pub status: u16,
+    pub content_type: Option<&'a str>,
+    pub location: Option<&'a str>,
+    pub key_version: u32,
+}
+
+impl ForwardAnswerAad<'_> {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(b"cardvault/forward-answer/v1\0");
+        let mut field = |f: Option<&str>| match f {
+            None => out.push(0),
+            Some(f) => {
+                out.push(1);
+                // Headers and names are far below 4 GiB.
+                let len = u32::try_from(f.len()).unwrap_or(u32::MAX);
+                out.extend_from_slice(&len.to_be_bytes());
+                out.extend_from_slice(f.as_bytes());
+            }
+        };
+        field(Some(self.principal_id));
+        field(Some(self.upstream));
+        field(Some(self.key_hash));
+        field(Some(self.request_hash));
+        field(Some(self.tenant));
+        field(self.content_type);
+        field(self.location);
+        out.extend_from_slice(&self.status.to_be_bytes());
+        out.extend_from_slice(&self.key_version.to_be_bytes());
+        out
+    }
+}
+
+/// Associated data a [`DataKey`] seals under: [`RecordAad`] (card records)
+/// or [`ForwardAnswerAad`] (stored forwarded answers). Each encodes with a
+/// label of its own; no other type can implement it.
+pub trait AssociatedData: private::Encode {
+    /// The version of the key the data is sealed under.
+    fn key_version(&self) -> u32;
+}
+
+mod private {
+    pub trait Encode {
+        fn encode_aad(&self) -> Vec<u8>;
+    }
+    impl Encode for super::RecordAad<'_> {
+        fn encode_aad(&self) -> Vec<u8> {
+            self.encode()
+        }
+    }
+    impl Encode for super::ForwardAnswerAad<'_> {
+        fn encode_aad(&self) -> Vec<u8> {
+            self.encode()
+        }
+    }
+}
+
+impl AssociatedData for RecordAad<'_> {
+    fn key_version(&self) -> u32 {
+        self.key_version
+    }
+}
+
+impl AssociatedData for ForwardAnswerAad<'_> {
+    fn key_version(&self) -> u32 {
+        self.key_version
+    }
+}
+
 /// A sealed record: nonce and ciphertext (with the GCM tag appended).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sealed {
@@ -99,10 +185,14 @@ impl DataKey {
         self.version
     }
 
-    /// Seal `plaintext` with a fresh random nonce. `aad.key_version` must be
-    /// this key's version.
-    pub fn seal(&self, aad: &RecordAad<'_>, plaintext: &[u8]) -> Result<Sealed, CryptoError> {
-        debug_assert_eq!(aad.key_version, self.version);
+    /// Seal `plaintext` with a fresh random nonce. `aad`'s key version must
+    /// be this key's version.
+    pub fn seal<A: AssociatedData>(
+        &self,
+        aad: &A,
+        plaintext: &[u8],
+    ) -> Result<Sealed, CryptoError> {
+        debug_assert_eq!(aad.key_version(), self.version);
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::getrandom(&mut nonce).map_err(|_| CryptoError::Rng)?;
         let ciphertext = self
@@ -111,7 +201,7 @@ impl DataKey {
                 Nonce::from_slice(&nonce),
                 Payload {
                     msg: plaintext,
-                    aad: &aad.encode(),
+                    aad: &aad.encode_aad(),
                 },
             )
             .map_err(|_| CryptoError::Malformed)?;
@@ -120,12 +210,12 @@ impl DataKey {
 
     /// Open a sealed record; any change to nonce, ciphertext, tag or
     /// associated data fails.
-    pub fn open(
+    pub fn open<A: AssociatedData>(
         &self,
-        aad: &RecordAad<'_>,
+        aad: &A,
         sealed: &Sealed,
     ) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        if aad.key_version != self.version {
+        if aad.key_version() != self.version {
             return Err(CryptoError::Open);
         }
         self.cipher
@@ -133,7 +223,7 @@ impl DataKey {
                 Nonce::from_slice(&sealed.nonce),
                 Payload {
                     msg: &sealed.ciphertext,
-                    aad: &aad.encode(),
+                    aad: &aad.encode_aad(),
                 },
             )
             .map(Zeroizing::new)
@@ -404,6 +494,68 @@ mod tests {
             let mut longer = bytes.to_vec();
             longer.push(0);
             assert!(CardSecret::decode(&longer).is_err());
+        }
+    }
+
+    #[test]
+    fn a_forwarded_answer_and_a_card_record_never_open_as_each_other() {
+        let k = key(1);
+        let answer = ForwardAnswerAad {
+            principal_id: "p1",
+            upstream: "acquirer",
+            key_hash: "ab",
+            request_hash: "cd",
+            tenant: TENANT,
+            status: 200,
+            content_type: Some("application/json"),
+            location: None,
+            key_version: 1,
+        };
+        let sealed = k.seal(&answer, b"{}").unwrap();
+        assert_eq!(k.open(&answer, &sealed).unwrap().as_slice(), b"{}");
+        assert!(k.open(&aad(1), &sealed).is_err());
+        let card = k.seal(&aad(1), b"{}").unwrap();
+        assert!(k.open(&answer, &card).is_err());
+        // Every field is bound, an absent header differs from an empty one.
+        for other in [
+            ForwardAnswerAad {
+                principal_id: "p2",
+                ..answer
+            },
+            ForwardAnswerAad {
+                upstream: "other",
+                ..answer
+            },
+            ForwardAnswerAad {
+                key_hash: "ac",
+                ..answer
+            },
+            ForwardAnswerAad {
+                request_hash: "ce",
+                ..answer
+            },
+            ForwardAnswerAad {
+                tenant: "shop-43",
+                ..answer
+            },
+            ForwardAnswerAad {
+                status: 201,
+                ..answer
+            },
+            ForwardAnswerAad {
+                content_type: None,
+                ..answer
+            },
+            ForwardAnswerAad {
+                location: Some(""),
+                ..answer
+            },
+            ForwardAnswerAad {
+                key_version: 2,
+                ..answer
+            },
+        ] {
+            assert!(k.open(&other, &sealed).is_err(), "{other:?}");
         }
     }
 

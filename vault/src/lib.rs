@@ -33,6 +33,12 @@
 //!   zeroizing buffer); on the answer [`forward::find_card_numbers`] then
 //!   [`forward::replace_card_numbers`]; errors [`TemplateError`] (stable
 //!   `code()`, never a value);
+//! - idempotent forwarding (`Idempotency-Key`): [`Vault::forward_claim`]
+//!   before anything is released ([`IdempotentClaim::Fresh`]: call, then
+//!   [`Vault::forward_complete`] with the re-tokenized answer, or
+//!   [`Vault::forward_key_release`] if nothing was sent;
+//!   [`IdempotentClaim::Replay`]: answer from it), the request's
+//!   [`forward_request_hash`], [`Vault::purge_forward_keys`];
 //! - errors are [`VaultError`] (with a stable `code()`), per-card errors
 //!   [`CardError`].
 //!
@@ -67,6 +73,10 @@ pub use forward::{BodyKind, Field, Template, TemplateError};
 pub use keys::KeysError;
 pub use pan::{Pan, PanError};
 pub use rotation::{Actor, CryptoPeriods, KeyInfo, KeyStatus, Progress, Rotation};
+pub use service::{
+    forward_request_hash, ClaimHandle, ForwardAnswer, IdempotentClaim, StoredAnswer,
+    FORWARD_ANSWER_TTL, MAX_IDEMPOTENCY_KEY_LEN,
+};
 pub use service::{
     AuditPage, AuditQuery, CardError, CardInput, CardUpdate, CollectSession, CollectSessionInput,
     Detokenized, ForwardOutcome, ForwardRelease, ForwardTarget, KeyLifecycleError,

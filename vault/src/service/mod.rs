@@ -20,7 +20,10 @@
 //! - `lifecycle`: what the running service calls: lifecycle events,
 //!   readiness, key refresh, the security-code sweep;
 //! - `collect`: hosted collection sessions: opened by the checkout server,
-//!   read back by it, completed once by the edge.
+//!   read back by it, completed once by the edge;
+//! - `forward`: releasing cards to the forwarding proxy, its events;
+//! - `forward_idempotency`: a forwarded call's `Idempotency-Key`: claimed
+//!   before the upstream is called, its answer stored sealed and replayed.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -42,6 +45,7 @@ use crate::tenants::Tenants;
 mod audit_query;
 mod collect;
 mod forward;
+mod forward_idempotency;
 mod lifecycle;
 mod reveal;
 mod tokenize;
@@ -49,6 +53,8 @@ mod update;
 
 #[cfg(test)]
 mod collect_tests;
+#[cfg(test)]
+mod forward_idempotency_tests;
 #[cfg(test)]
 mod tests;
 
@@ -58,6 +64,10 @@ pub use collect::{
 };
 pub use forward::{
     ForwardOutcome, ForwardRelease, ForwardTarget, Released, Wanted, MAX_FORWARD_TOKENS,
+};
+pub use forward_idempotency::{
+    forward_request_hash, ClaimHandle, ForwardAnswer, IdempotentClaim, StoredAnswer,
+    FORWARD_ANSWER_TTL, MAX_IDEMPOTENCY_KEY_LEN,
 };
 pub use reveal::Detokenized;
 pub use tokenize::{CardInput, TokenizeOptions, MAX_BATCH};
@@ -212,6 +222,20 @@ pub enum VaultError {
     MixedTenants,
     #[error("no security code is held for a token whose cvc the call names")]
     CvcUnavailable,
+    #[error("the Idempotency-Key must be 1 to 255 visible ASCII characters and must not contain a card number")]
+    InvalidIdempotencyKey,
+    /// The key was used before with another request (method, path, content
+    /// type or body).
+    #[error("this Idempotency-Key was used with another request")]
+    IdempotencyKeyReused,
+    /// A call with this key is under way: retry shortly.
+    #[error("a call with this Idempotency-Key is in progress: retry shortly")]
+    IdempotencyKeyInUse,
+    /// A call with this key was sent and its answer never stored (the vault
+    /// stopped during it): the upstream may have acted on it. The vault
+    /// never calls the upstream again for this key.
+    #[error("the outcome of the call with this Idempotency-Key is unknown: check with the upstream before retrying with a new key")]
+    UpstreamOutcomeUnknown,
 }
 
 /// Why a key lifecycle operation was refused, or a record cannot be opened
@@ -286,6 +310,10 @@ impl VaultError {
             VaultError::UpstreamTenant => "tenant_not_allowed",
             VaultError::MixedTenants => "mixed_tenants",
             VaultError::CvcUnavailable => "cvc_unavailable",
+            VaultError::InvalidIdempotencyKey => "invalid_idempotency_key",
+            VaultError::IdempotencyKeyReused => "idempotency_key_reused",
+            VaultError::IdempotencyKeyInUse => "idempotency_key_in_use",
+            VaultError::UpstreamOutcomeUnknown => "upstream_outcome_unknown",
         }
     }
 }

@@ -237,6 +237,75 @@ pub struct CollectSessionRow {
     pub claimed_until: Option<i64>,
 }
 
+/// Where a forwarded call's `Idempotency-Key` stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardKeyState {
+    /// Claimed: the call is under way (or its vault stopped during it).
+    Pending,
+    /// The answer is stored.
+    Completed,
+}
+
+impl ForwardKeyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ForwardKeyState::Pending => "pending",
+            ForwardKeyState::Completed => "completed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ForwardKeyState> {
+        match s {
+            "pending" => Some(ForwardKeyState::Pending),
+            "completed" => Some(ForwardKeyState::Completed),
+            _ => None,
+        }
+    }
+}
+
+/// A forwarded call's `Idempotency-Key` (table `forward_idempotency`, see
+/// its migration): who claimed it for which upstream and request, and once
+/// completed, the answer sealed under a DEK. Holds no raw key and no clear
+/// answer body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardKeyRow {
+    pub principal_id: String,
+    pub upstream: String,
+    /// Hex SHA-256 of the Idempotency-Key.
+    pub key_hash: String,
+    /// Hex SHA-256 of method, path, content type and body.
+    pub request_hash: String,
+    pub state: ForwardKeyState,
+    pub created_at: i64,
+    /// The rest is set by the completion (`None` while pending).
+    pub completed_at: Option<i64>,
+    pub answer: Option<StoredForwardAnswer>,
+}
+
+/// The sealed answer of a completed forwarded call, with its clear
+/// metadata (all of it bound by `crypto::ForwardAnswerAad`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredForwardAnswer {
+    /// The tenant of the call's tokens.
+    pub tenant: String,
+    pub status: u16,
+    pub content_type: Option<String>,
+    pub location: Option<String>,
+    pub key_version: u32,
+    pub nonce: Vec<u8>,
+    pub ciphertext: Vec<u8>,
+}
+
+/// What [`Store::claim_forward_key`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ForwardClaim {
+    /// The new row was inserted: the caller holds the key.
+    Claimed,
+    /// A row for the same principal, upstream and key exists (pending or
+    /// completed); nothing was written.
+    Existing(Box<ForwardKeyRow>),
+}
+
 /// A tenant: its policy, and the salt of its fingerprint key.
 #[derive(Clone, PartialEq, Eq)]
 pub struct TenantRow {
@@ -512,6 +581,53 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         limit: u32,
         event: &(dyn Fn(u64, u64) -> AuditEvent + Send + Sync),
     ) -> Result<(u64, u64), StoreError>;
+    /// Claim a forwarded call's `Idempotency-Key`: insert `row` (pending)
+    /// unless a row with its principal, upstream and key hash exists, in one
+    /// atomic step (of concurrent claims exactly one is `Claimed`). A row
+    /// created before `expired_before` is gone as if purged: it is deleted
+    /// and the new one inserted in the same transaction.
+    async fn claim_forward_key(
+        &self,
+        row: &ForwardKeyRow,
+        expired_before: i64,
+    ) -> Result<ForwardClaim, StoreError>;
+    /// Complete the pending claim `(principal_id, upstream, key_hash)`
+    /// made at `created_at` with its sealed answer. False (nothing written)
+    /// if that claim is no longer pending (completed, released, purged), or
+    /// the answer's DEK is neither active nor decrypt-only.
+    async fn complete_forward_key(
+        &self,
+        principal_id: &str,
+        upstream: &str,
+        key_hash: &str,
+        created_at: i64,
+        completed_at: i64,
+        answer: &StoredForwardAnswer,
+    ) -> Result<bool, StoreError>;
+    /// Delete the pending claim made at `created_at` (its call never reached
+    /// the upstream); false if it is not there or not pending.
+    async fn release_forward_key(
+        &self,
+        principal_id: &str,
+        upstream: &str,
+        key_hash: &str,
+        created_at: i64,
+    ) -> Result<bool, StoreError>;
+    async fn find_forward_key(
+        &self,
+        principal_id: &str,
+        upstream: &str,
+        key_hash: &str,
+    ) -> Result<Option<ForwardKeyRow>, StoreError>;
+    /// Delete up to `limit` keys (pending or completed) claimed before
+    /// `before`; returns how many. `event` (given the count) is recorded in
+    /// the same transaction when any is deleted.
+    async fn purge_forward_keys(
+        &self,
+        before: i64,
+        limit: u32,
+        event: &(dyn Fn(u64) -> AuditEvent + Send + Sync),
+    ) -> Result<u64, StoreError>;
     /// Delete the card with this token and tenant and record `event` in the
     /// same transaction. Returns false (and writes nothing) if no such row.
     async fn delete_card(

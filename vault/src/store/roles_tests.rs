@@ -316,6 +316,18 @@ const APP_PRIVILEGES: &[&str] = &[
     "collect_sessions.failures UPDATE",
     "collect_sessions.token UPDATE",
     "database CONNECT",
+    "forward_idempotency DELETE",
+    "forward_idempotency INSERT",
+    "forward_idempotency SELECT",
+    "forward_idempotency.ciphertext UPDATE",
+    "forward_idempotency.completed_at UPDATE",
+    "forward_idempotency.content_type UPDATE",
+    "forward_idempotency.key_version UPDATE",
+    "forward_idempotency.location UPDATE",
+    "forward_idempotency.nonce UPDATE",
+    "forward_idempotency.state UPDATE",
+    "forward_idempotency.status UPDATE",
+    "forward_idempotency.tenant UPDATE",
     "principals INSERT",
     "principals SELECT",
     "principals.revoked_at UPDATE",
@@ -356,6 +368,7 @@ const TABLES: &[&str] = &[
     "audit_signing_keys",
     "cards",
     "collect_sessions",
+    "forward_idempotency",
     "principals",
     "tenants",
     "vault_keys",
@@ -638,6 +651,11 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         // The migration bookkeeping is the owner's alone.
         "SELECT * FROM _sqlx_migrations",
         "DELETE FROM _sqlx_migrations",
+        // An idempotency key's owner, upstream, key and request never
+        // change: only its completion is an update.
+        "UPDATE forward_idempotency SET principal_id = 'x'",
+        "UPDATE forward_idempotency SET request_hash = 'x'",
+        "UPDATE forward_idempotency SET created_at = 0",
     ] {
         assert_refused(&mut as_app, sql, DENIED).await;
     }
@@ -674,7 +692,7 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         .fetch_one(&mut admin)
         .await
         .unwrap();
-    assert_eq!(applied, 7);
+    assert_eq!(applied, 8);
     owner.migrate().await.unwrap();
 
     // `tokenizer restore` is an owner operation: as the runtime role the

@@ -8,7 +8,7 @@
 //! fields), opening, and `after_delete` (SQLite checkpoints its WAL there).
 //!
 //! One file on purpose. Most of it is a single `impl Store for $store`
-//! block (48 operations): a trait impl cannot be spread over several blocks,
+//! block (53 operations): a trait impl cannot be spread over several blocks,
 //! files or macros, so grouping the operations by table (cards, tenants,
 //! principals, audit, keys, archives, backup) would need a forwarding
 //! method for each, its signature written a third time. What precedes the
@@ -389,6 +389,45 @@ macro_rules! sql_store {
                 completed_at: r.try_get("completed_at")?,
                 token: r.try_get("token")?,
                 claimed_until: r.try_get("claimed_until")?,
+            })
+        }
+
+        const FORWARD_KEY_COLUMNS: &str = "principal_id, upstream, key_hash, request_hash, state, created_at, completed_at, tenant, status, content_type, location, key_version, nonce, ciphertext";
+
+        fn forward_key_from_row(r: &Row) -> Result<$crate::store::ForwardKeyRow, $crate::store::StoreError> {
+            use sqlx::Row as _;
+            use $crate::store::{ForwardKeyState, StoreError, StoredForwardAnswer};
+            let state: String = r.try_get("state")?;
+            let state = ForwardKeyState::parse(&state).ok_or(StoreError::Corrupt("forward_idempotency.state"))?;
+            let status: Option<i64> = r.try_get("status")?;
+            let key_version: Option<i64> = r.try_get("key_version")?;
+            let nonce: Option<Vec<u8>> = r.try_get("nonce")?;
+            let ciphertext: Option<Vec<u8>> = r.try_get("ciphertext")?;
+            let tenant: Option<String> = r.try_get("tenant")?;
+            let answer = match (state, tenant, status, key_version, nonce, ciphertext) {
+                (ForwardKeyState::Pending, ..) => None,
+                (ForwardKeyState::Completed, Some(tenant), Some(status), Some(key_version), Some(nonce), Some(ciphertext)) => {
+                    Some(StoredForwardAnswer {
+                        tenant,
+                        status: u16::try_from(status).map_err(|_| StoreError::Corrupt("forward_idempotency.status"))?,
+                        content_type: r.try_get("content_type")?,
+                        location: r.try_get("location")?,
+                        key_version: u32::try_from(key_version).map_err(|_| StoreError::Corrupt("forward_idempotency.key_version"))?,
+                        nonce,
+                        ciphertext,
+                    })
+                }
+                (ForwardKeyState::Completed, ..) => return Err(StoreError::Corrupt("forward_idempotency answer")),
+            };
+            Ok($crate::store::ForwardKeyRow {
+                principal_id: r.try_get("principal_id")?,
+                upstream: r.try_get("upstream")?,
+                key_hash: r.try_get("key_hash")?,
+                request_hash: r.try_get("request_hash")?,
+                state,
+                created_at: r.try_get("created_at")?,
+                completed_at: r.try_get("completed_at")?,
+                answer,
             })
         }
 
@@ -1142,6 +1181,218 @@ macro_rules! sql_store {
                 .await
             }
 
+            async fn claim_forward_key(
+                &self,
+                row: &$crate::store::ForwardKeyRow,
+                expired_before: i64,
+            ) -> Result<$crate::store::ForwardClaim, $crate::store::StoreError> {
+                use $crate::store::{ForwardClaim, ForwardKeyState, StoreError};
+                let (claim, expired) = self.bounded(async {
+                    // The found row may be released between the insert and
+                    // the read (on PostgreSQL, in another transaction): try
+                    // again, a few times.
+                    for _ in 0..3 {
+                        let mut tx = self.pool.begin().await?;
+                        // The first statement writes: SQLite takes its write
+                        // lock here, so concurrent claims are serialised.
+                        let expired = sqlx::query(
+                            "DELETE FROM forward_idempotency
+                              WHERE principal_id = $1 AND upstream = $2 AND key_hash = $3 AND created_at < $4",
+                        )
+                        .bind(&row.principal_id)
+                        .bind(&row.upstream)
+                        .bind(&row.key_hash)
+                        .bind(expired_before)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                        let inserted = sqlx::query(
+                            "INSERT INTO forward_idempotency (principal_id, upstream, key_hash, request_hash, state, created_at)
+                             VALUES ($1, $2, $3, $4, $5, $6)
+                             ON CONFLICT (principal_id, upstream, key_hash) DO NOTHING",
+                        )
+                        .bind(&row.principal_id)
+                        .bind(&row.upstream)
+                        .bind(&row.key_hash)
+                        .bind(&row.request_hash)
+                        .bind(ForwardKeyState::Pending.as_str())
+                        .bind(row.created_at)
+                        .execute(&mut *tx)
+                        .await?;
+                        if inserted.rows_affected() == 1 {
+                            tx.commit().await?;
+                            return Ok((ForwardClaim::Claimed, expired > 0));
+                        }
+                        let found = sqlx::query(&format!(
+                            "SELECT {FORWARD_KEY_COLUMNS} FROM forward_idempotency
+                              WHERE principal_id = $1 AND upstream = $2 AND key_hash = $3"
+                        ))
+                        .bind(&row.principal_id)
+                        .bind(&row.upstream)
+                        .bind(&row.key_hash)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                        tx.commit().await?;
+                        if let Some(found) = found {
+                            return Ok((ForwardClaim::Existing(Box::new(forward_key_from_row(&found)?)), expired > 0));
+                        }
+                    }
+                    Err(StoreError::Conflict)
+                })
+                .await?;
+                if expired {
+                    // An expired answer's ciphertext went: out of SQLite's WAL.
+                    self.after_delete().await;
+                }
+                Ok(claim)
+            }
+
+            async fn complete_forward_key(
+                &self,
+                principal_id: &str,
+                upstream: &str,
+                key_hash: &str,
+                created_at: i64,
+                completed_at: i64,
+                answer: &$crate::store::StoredForwardAnswer,
+            ) -> Result<bool, $crate::store::StoreError> {
+                self.bounded(async {
+                    let res = sqlx::query(
+                        "UPDATE forward_idempotency SET state = 'completed', completed_at = $5, tenant = $6, status = $7,
+                                content_type = $8, location = $9, key_version = $10, nonce = $11, ciphertext = $12
+                          WHERE principal_id = $1 AND upstream = $2 AND key_hash = $3 AND created_at = $4
+                            AND state = 'pending'
+                            AND EXISTS (SELECT 1 FROM vault_keys WHERE purpose = 'dek' AND version = $10
+                                          AND state IN ('active', 'decrypt_only'))",
+                    )
+                    .bind(principal_id)
+                    .bind(upstream)
+                    .bind(key_hash)
+                    .bind(created_at)
+                    .bind(completed_at)
+                    .bind(&answer.tenant)
+                    .bind(i64::from(answer.status))
+                    .bind(&answer.content_type)
+                    .bind(&answer.location)
+                    .bind(i64::from(answer.key_version))
+                    .bind(&answer.nonce)
+                    .bind(&answer.ciphertext)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(res.rows_affected() == 1)
+                })
+                .await
+            }
+
+            async fn release_forward_key(
+                &self,
+                principal_id: &str,
+                upstream: &str,
+                key_hash: &str,
+                created_at: i64,
+            ) -> Result<bool, $crate::store::StoreError> {
+                self.bounded(async {
+                    let res = sqlx::query(
+                        "DELETE FROM forward_idempotency
+                          WHERE principal_id = $1 AND upstream = $2 AND key_hash = $3 AND created_at = $4
+                            AND state = 'pending'",
+                    )
+                    .bind(principal_id)
+                    .bind(upstream)
+                    .bind(key_hash)
+                    .bind(created_at)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(res.rows_affected() == 1)
+                })
+                .await
+            }
+
+            async fn find_forward_key(
+                &self,
+                principal_id: &str,
+                upstream: &str,
+                key_hash: &str,
+            ) -> Result<Option<$crate::store::ForwardKeyRow>, $crate::store::StoreError> {
+                self.bounded(async {
+                    let row = sqlx::query(&format!(
+                        "SELECT {FORWARD_KEY_COLUMNS} FROM forward_idempotency
+                          WHERE principal_id = $1 AND upstream = $2 AND key_hash = $3"
+                    ))
+                    .bind(principal_id)
+                    .bind(upstream)
+                    .bind(key_hash)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                    row.as_ref().map(forward_key_from_row).transpose()
+                })
+                .await
+            }
+
+            async fn purge_forward_keys(
+                &self,
+                before: i64,
+                limit: u32,
+                event: &(dyn Fn(u64) -> audit::AuditEvent + Send + Sync),
+            ) -> Result<u64, $crate::store::StoreError> {
+                use sqlx::Row as _;
+                let n = self
+                    .bounded(async {
+                        let mut tx = self.pool.begin().await?;
+                        let rows = sqlx::query(
+                            "SELECT principal_id, upstream, key_hash FROM forward_idempotency
+                              WHERE created_at < $1 ORDER BY created_at LIMIT $2",
+                        )
+                        .bind(before)
+                        .bind(i64::from(limit.max(1)))
+                        .fetch_all(&mut *tx)
+                        .await?;
+                        if rows.is_empty() {
+                            tx.rollback().await?;
+                            return Ok(0);
+                        }
+                        let mut keys = Vec::with_capacity(rows.len());
+                        for r in &rows {
+                            let p: String = r.try_get("principal_id")?;
+                            let u: String = r.try_get("upstream")?;
+                            let k: String = r.try_get("key_hash")?;
+                            keys.push((p, u, k));
+                        }
+                        let mut deleted = 0u64;
+                        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+                            let mut q = sqlx::QueryBuilder::<$db>::new(
+                                "DELETE FROM forward_idempotency WHERE (principal_id, upstream, key_hash) IN (",
+                            );
+                            for (i, (p, u, k)) in chunk.iter().enumerate() {
+                                q.push(if i == 0 { "(" } else { ", (" });
+                                q.push_bind(p.clone());
+                                q.push(", ");
+                                q.push_bind(u.clone());
+                                q.push(", ");
+                                q.push_bind(k.clone());
+                                q.push(")");
+                            }
+                            // A key claimed again meanwhile stays.
+                            q.push(") AND created_at < ");
+                            q.push_bind(before);
+                            deleted += q.build().execute(&mut *tx).await?.rows_affected();
+                        }
+                        if deleted == 0 {
+                            tx.rollback().await?;
+                            return Ok(0);
+                        }
+                        insert_event(&mut tx, &event(deleted)).await?;
+                        tx.commit().await?;
+                        Ok(deleted)
+                    })
+                    .await?;
+                if n > 0 {
+                    // Deleted answers hold ciphertext: out of SQLite's WAL.
+                    self.after_delete().await;
+                }
+                Ok(n)
+            }
+
             async fn delete_card(
                 &self,
                 token: &str,
@@ -1604,6 +1855,12 @@ macro_rules! sql_store {
                     KeyPurpose::Dek => "key_version",
                     KeyPurpose::Fingerprint => "fingerprint_version",
                 };
+                // A DEK also seals stored forwarded answers (kept 24 hours):
+                // it is retired only once none uses it.
+                let answers = match purpose {
+                    KeyPurpose::Dek => " AND NOT EXISTS (SELECT 1 FROM forward_idempotency WHERE key_version = $2)",
+                    KeyPurpose::Fingerprint => "",
+                };
                 self.bounded(async {
                     let mut tx = self.pool.begin().await?;
                     // The change itself is the first statement (SQLite takes its
@@ -1612,7 +1869,7 @@ macro_rules! sql_store {
                         KeyChange::Retire => sqlx::query(&format!(
                             "UPDATE vault_keys SET state = 'retired', retired_at = $3
                               WHERE purpose = $1 AND version = $2 AND state = 'decrypt_only'
-                                AND NOT EXISTS (SELECT 1 FROM cards WHERE {column} = $2)"
+                                AND NOT EXISTS (SELECT 1 FROM cards WHERE {column} = $2){answers}"
                         ))
                         .bind(purpose.as_str())
                         .bind(i64::from(version))

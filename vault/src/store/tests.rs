@@ -1115,3 +1115,202 @@ async fn collect_sessions_complete_once_count_refusals_and_purge() {
         );
     }
 }
+
+fn forward_key(principal: &str, key_hash: &str, created_at: i64) -> ForwardKeyRow {
+    ForwardKeyRow {
+        principal_id: principal.into(),
+        upstream: "acquirer".into(),
+        key_hash: key_hash.into(),
+        request_hash: "r1".into(),
+        state: ForwardKeyState::Pending,
+        created_at,
+        completed_at: None,
+        answer: None,
+    }
+}
+
+fn forward_answer(key_version: u32) -> StoredForwardAnswer {
+    StoredForwardAnswer {
+        tenant: "t1".into(),
+        status: 201,
+        content_type: Some("application/json".into()),
+        location: None,
+        key_version,
+        nonce: vec![0; 12],
+        ciphertext: vec![1, 2, 3],
+    }
+}
+
+#[tokio::test]
+async fn forward_keys_are_claimed_once_completed_once_released_and_purged() {
+    for b in TestStore::all().await {
+        let s = b.store();
+        let name = b.name();
+        b.seed_keys().await;
+        let k = forward_key("p1", "k1", 100);
+        assert_eq!(
+            s.claim_forward_key(&k, 0).await.unwrap(),
+            ForwardClaim::Claimed,
+            "{name}"
+        );
+        // Claimed again (another request too): the existing row, unchanged.
+        let again = ForwardKeyRow {
+            request_hash: "r2".into(),
+            created_at: 150,
+            ..k.clone()
+        };
+        assert_eq!(
+            s.claim_forward_key(&again, 0).await.unwrap(),
+            ForwardClaim::Existing(Box::new(k.clone())),
+            "{name}"
+        );
+        // Another principal, another upstream: keys of their own.
+        for other in [
+            forward_key("p2", "k1", 100),
+            ForwardKeyRow {
+                upstream: "other".into(),
+                ..k.clone()
+            },
+        ] {
+            assert_eq!(
+                s.claim_forward_key(&other, 0).await.unwrap(),
+                ForwardClaim::Claimed,
+                "{name}"
+            );
+        }
+
+        // Completion: only of the pending claim made at its time, under a
+        // DEK that is loaded (version 9 does not exist).
+        assert!(!s
+            .complete_forward_key("p1", "acquirer", "k1", 101, 200, &forward_answer(1))
+            .await
+            .unwrap());
+        assert!(!s
+            .complete_forward_key("p1", "acquirer", "k1", 100, 200, &forward_answer(9))
+            .await
+            .unwrap());
+        assert!(s
+            .complete_forward_key("p1", "acquirer", "k1", 100, 200, &forward_answer(1))
+            .await
+            .unwrap());
+        assert!(
+            !s.complete_forward_key("p1", "acquirer", "k1", 100, 201, &forward_answer(1))
+                .await
+                .unwrap(),
+            "{name}: completed once"
+        );
+        let done = s
+            .find_forward_key("p1", "acquirer", "k1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.state, ForwardKeyState::Completed, "{name}");
+        assert_eq!(done.completed_at, Some(200), "{name}");
+        assert_eq!(done.answer, Some(forward_answer(1)), "{name}");
+        assert_eq!(
+            s.claim_forward_key(&again, 0).await.unwrap(),
+            ForwardClaim::Existing(Box::new(done.clone())),
+            "{name}"
+        );
+        // A completed key is not released; a pending one is, once.
+        assert!(!s
+            .release_forward_key("p1", "acquirer", "k1", 100)
+            .await
+            .unwrap());
+        assert!(!s
+            .release_forward_key("p2", "acquirer", "k1", 99)
+            .await
+            .unwrap());
+        assert!(s
+            .release_forward_key("p2", "acquirer", "k1", 100)
+            .await
+            .unwrap());
+        assert!(!s
+            .release_forward_key("p2", "acquirer", "k1", 100)
+            .await
+            .unwrap());
+        assert_eq!(
+            s.claim_forward_key(&forward_key("p2", "k1", 300), 0)
+                .await
+                .unwrap(),
+            ForwardClaim::Claimed,
+            "{name}: released, the key is free"
+        );
+
+        // An expired row is gone for a new claim, whatever its state.
+        let renewed = forward_key("p1", "k1", 500);
+        assert_eq!(
+            s.claim_forward_key(&renewed, 101).await.unwrap(),
+            ForwardClaim::Claimed,
+            "{name}"
+        );
+        assert_eq!(
+            s.find_forward_key("p1", "acquirer", "k1").await.unwrap(),
+            Some(renewed),
+            "{name}"
+        );
+
+        // Purge: keys claimed before the cutoff (p1/other at 100), one
+        // event with the count, in batches.
+        let before = s.audit_size().await.unwrap();
+        let event = |n: u64| ev().detail(format!("deleted={n}"));
+        assert_eq!(
+            s.purge_forward_keys(101, 10, &event).await.unwrap(),
+            1,
+            "{name}"
+        );
+        assert_eq!(s.purge_forward_keys(101, 10, &event).await.unwrap(), 0);
+        assert_eq!(s.audit_size().await.unwrap(), before + 1, "{name}");
+        assert_eq!(
+            s.find_forward_key("p1", "other", "k1").await.unwrap(),
+            None,
+            "{name}"
+        );
+        for i in 0..5 {
+            s.claim_forward_key(&forward_key("p3", &format!("b{i}"), 1000 + i), 0)
+                .await
+                .unwrap();
+        }
+        assert_eq!(s.purge_forward_keys(2000, 2, &event).await.unwrap(), 2);
+        assert_eq!(s.purge_forward_keys(2000, 10, &event).await.unwrap(), 5);
+        assert!(s
+            .find_forward_key("p3", "acquirer", "b4")
+            .await
+            .unwrap()
+            .is_none());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_claims_of_a_forward_key_have_one_winner() {
+    for b in TestStore::all().await {
+        let name = b.name();
+        for round in 0..5 {
+            let tasks: Vec<_> = (0..8)
+                .map(|i| {
+                    let s = b.store();
+                    tokio::spawn(async move {
+                        let row = ForwardKeyRow {
+                            request_hash: format!("r{i}"),
+                            ..forward_key("p1", &format!("c{round}"), 10 + i)
+                        };
+                        s.claim_forward_key(&row, 0).await.unwrap()
+                    })
+                })
+                .collect();
+            let mut claimed = 0;
+            let mut existing = std::collections::BTreeSet::new();
+            for t in tasks {
+                match t.await.unwrap() {
+                    ForwardClaim::Claimed => claimed += 1,
+                    ForwardClaim::Existing(row) => {
+                        existing.insert(row.request_hash);
+                    }
+                }
+            }
+            assert_eq!(claimed, 1, "{name}");
+            // Every loser saw the one winner's row.
+            assert_eq!(existing.len(), 1, "{name}");
+        }
+    }
+}
