@@ -2157,6 +2157,25 @@ impl Client {
         finish(method, path, req.send_bytes(body))
     }
 
+    /// [`Client::send_raw`] with extra request headers.
+    pub fn send_raw_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Resp {
+        let mut req = self.request(method, path);
+        if let Some(ct) = content_type {
+            req = req.set("Content-Type", ct);
+        }
+        for (name, value) in headers {
+            req = req.set(name, value);
+        }
+        finish(method, path, req.send_bytes(body))
+    }
+
     /// [`Client::send_raw`] that reports a transport failure (connection
     /// refused or reset, timeout) instead of panicking.
     pub fn try_send_raw(

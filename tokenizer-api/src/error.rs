@@ -67,10 +67,6 @@ pub enum ApiError {
     UpstreamResponseTooLarge,
     #[error("the upstream's answer holds a card number that could not be replaced by a token; it is not relayed")]
     UpstreamResponseUnsafe,
-    #[error("this Idempotency-Key was used with another request")]
-    IdempotencyKeyReused,
-    #[error("a call with this Idempotency-Key is in progress: retry shortly")]
-    IdempotencyKeyInUse,
 }
 
 impl ApiError {
@@ -99,8 +95,6 @@ impl ApiError {
             ApiError::UpstreamTimeout => "upstream_timeout",
             ApiError::UpstreamResponseTooLarge => "upstream_response_too_large",
             ApiError::UpstreamResponseUnsafe => "upstream_response_unsafe",
-            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
-            ApiError::IdempotencyKeyInUse => "idempotency_key_in_use",
         }
     }
 }
@@ -258,8 +252,6 @@ impl ResponseError for ApiError {
             | ApiError::UpstreamResponseTooLarge
             | ApiError::UpstreamResponseUnsafe => StatusCode::BAD_GATEWAY,
             ApiError::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::IdempotencyKeyInUse => StatusCode::CONFLICT,
         }
     }
 
@@ -364,8 +356,6 @@ fn samples() -> Vec<ApiError> {
         ApiError::UpstreamTimeout,
         ApiError::UpstreamResponseTooLarge,
         ApiError::UpstreamResponseUnsafe,
-        ApiError::IdempotencyKeyReused,
-        ApiError::IdempotencyKeyInUse,
     ];
     for e in &all {
         match e {
@@ -391,9 +381,7 @@ fn samples() -> Vec<ApiError> {
             | ApiError::UpstreamTls
             | ApiError::UpstreamTimeout
             | ApiError::UpstreamResponseTooLarge
-            | ApiError::UpstreamResponseUnsafe
-            | ApiError::IdempotencyKeyReused
-            | ApiError::IdempotencyKeyInUse => {}
+            | ApiError::UpstreamResponseUnsafe => {}
         }
     }
     let card = [

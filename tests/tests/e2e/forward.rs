@@ -897,3 +897,96 @@ fn forwarded_tokens_count_in_the_detokenize_limits() {
     );
     assert_eq!(acq.request_count(), 2);
 }
+
+fn pay_with_key(router: &e2e::Client, tok: &str, key: &str, amount: u32) -> e2e::Resp {
+    let body = format!(r#"{{"amount":{amount},"card":{{"number":"{{{{{tok}.pan}}}}"}}}}"#);
+    router.send_raw_with_headers(
+        "POST",
+        "/v1/forward/acq-a/v1/payments",
+        Some("application/json"),
+        &[("Idempotency-Key", key)],
+        body.as_bytes(),
+    )
+}
+
+/// A payment retried with its Idempotency-Key (a lost connection between
+/// router and vault) is answered from the stored answer, not sent again;
+/// the same key with another body is refused; a call whose outcome is
+/// unknown (the acquirer timed out) is never sent again with that key.
+#[test]
+fn an_idempotent_retry_never_reaches_the_acquirer_twice() {
+    use e2e::acquirer::Response;
+    let acq = Acquirer::start(AcquirerOptions::default());
+    let (svc, checkout, router, _files) = forwarding(&acq, "timeout_ms = 1000\n");
+    let tok = token_of(&checkout, "4111111111111111");
+    // The answer holds the card: the stored answer is the re-tokenized one.
+    acq.set_response(Response::json(
+        201,
+        &serde_json::json!({"id": "pay_1", "status": "authorised", "card": "4111111111111111"}),
+    ));
+    let first = pay_with_key(&router, &tok, "order-1001-auth", 1000);
+    assert_eq!(first.status, 201, "{first}");
+    assert_eq!(first.json["card"], tok.as_str());
+    for _ in 0..2 {
+        let again = pay_with_key(&router, &tok, "order-1001-auth", 1000);
+        assert_eq!(again.status, 201, "{again}");
+        assert_eq!(again.text, first.text, "a replay answers the stored answer");
+        assert_eq!(again.source.as_deref(), Some("upstream"));
+    }
+    assert_eq!(acq.request_count(), 1, "the retry reached the acquirer");
+    // Another body with the same key: refused, nothing sent.
+    let other = pay_with_key(&router, &tok, "order-1001-auth", 2000);
+    assert_eq!(
+        (other.status, other.error_code()),
+        (422, Some("idempotency_key_reused")),
+        "{other}"
+    );
+    // Another principal's same key is its own.
+    let router2 = svc.principal_client("router-2", &["forward"], &["*"]);
+    let theirs = pay_with_key(&router2, &tok, "order-1001-auth", 1000);
+    assert_eq!(theirs.status, 201, "{theirs}");
+    assert_eq!(acq.request_count(), 2);
+
+    // The acquirer does not answer in time: the outcome is unknown, so the
+    // key is never sent again (in use while the call could still be
+    // running, then outcome unknown).
+    acq.set_response(Response::approved().with_delay(Duration::from_secs(10)));
+    let slow = pay_with_key(&router, &tok, "order-1002-auth", 1000);
+    assert_eq!(
+        (slow.status, slow.error_code()),
+        (504, Some("upstream_timeout")),
+        "{slow}"
+    );
+    acq.set_response(Response::approved());
+    let retry = pay_with_key(&router, &tok, "order-1002-auth", 1000);
+    assert_eq!(
+        (retry.status, retry.error_code()),
+        (409, Some("idempotency_key_in_use")),
+        "{retry}"
+    );
+    assert_eq!(
+        acq.request_count(),
+        3,
+        "a call of unknown outcome was sent again"
+    );
+
+    // A call that never reached the acquirer (a refused token) leaves the
+    // key free.
+    let unknown = "tok_AAAAAAAAAAAAAAAAAAAAAA";
+    let refused = pay_with_key(&router, unknown, "order-1003-auth", 1000);
+    assert_eq!(refused.status, 404, "{refused}");
+    let ok = pay_with_key(&router, &tok, "order-1003-auth", 1000);
+    assert_eq!(
+        ok.status, 200,
+        "the key of a call that sent nothing is free: {ok}"
+    );
+    assert_eq!(acq.request_count(), 4);
+    let bad = pay_with_key(&router, &tok, "", 1000);
+    assert_eq!(
+        (bad.status, bad.error_code()),
+        (400, Some("invalid_idempotency_key")),
+        "{bad}"
+    );
+    let findings = svc.scan_for_leaks(&["4111111111111111"]);
+    assert!(findings.is_empty(), "{findings:?}");
+}

@@ -117,6 +117,8 @@ async fn forward_call(
     let kind = BodyKind::from_content_type(&content_type)?;
     let body = read_bytes(&req, payload, upstream.spec.max_request_bytes).await?;
     let template = Template::parse(kind, &body)?;
+    let request_hash =
+        vault::forward_request_hash(req.method().as_str(), rest, &content_type, &body);
     drop(body);
     let wanted: Vec<Wanted> = template
         .tokens()
@@ -131,9 +133,55 @@ async fn forward_call(
         path_pattern: pattern.as_str(),
         tenants: upstream.spec.tenants.as_deref(),
     };
-    let mut release = vault
+    // With an Idempotency-Key: claimed before any card is released; a
+    // completed call's stored answer is given again without calling the
+    // upstream (nor releasing a card, nor using a security code).
+    let mut claim = None;
+    if let Some(key) = req.headers().get("idempotency-key") {
+        let key = key
+            .to_str()
+            .map_err(|_| ApiError::Vault(vault::VaultError::InvalidIdempotencyKey))?;
+        // Longer than any call can take: the upstream's timeout, the
+        // answer's re-tokenization, clock skew between instances.
+        let stale_after = upstream.spec.timeout * 2 + std::time::Duration::from_secs(30);
+        match vault
+            .forward_claim(&ctx, target, key, request_hash, stale_after)
+            .await?
+        {
+            vault::IdempotentClaim::Fresh(handle) => claim = Some(handle),
+            vault::IdempotentClaim::Replay(answer) => {
+                let mut res = relay(
+                    answer.status,
+                    answer.content_type.as_deref(),
+                    answer.location.as_deref(),
+                    answer.body.to_vec(),
+                );
+                res.headers_mut().insert(
+                    HeaderName::from_static("x-cardvault-idempotent-replay"),
+                    HeaderValue::from_static("true"),
+                );
+                return Ok(res);
+            }
+        }
+    }
+    // Nothing reached the upstream: the claim goes, a retry is a new call.
+    let release_claim = |claim: Option<vault::ClaimHandle>| async {
+        if let Some(handle) = claim {
+            if let Err(e) = vault.forward_key_release(handle).await {
+                tracing::error!(error = %e, "an idempotency claim could not be released");
+            }
+        }
+    };
+    let mut release = match vault
         .forward_release(&ctx, target, &wanted, &state.monitor)
-        .await?;
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            release_claim(claim).await;
+            return Err(e.into());
+        }
+    };
     let rendered = template.render(|token, field| {
         let card = release.cards.iter().find(|c| c.asked == token.as_str())?;
         forward::format_field(
@@ -155,6 +203,7 @@ async fn forward_call(
                 error_code: Some(e.code()),
                 ..ForwardOutcome::default()
             };
+            release_claim(claim).await;
             vault
                 .forward_completed(&ctx, target, &release.tenant, &outcome)
                 .await?;
@@ -197,6 +246,14 @@ async fn forward_call(
                 bytes_sent: sent,
                 ..ForwardOutcome::default()
             };
+            match e {
+                // The connection or the handshake failed: nothing was sent.
+                SendError::Unreachable | SendError::Tls => release_claim(claim.take()).await,
+                // The upstream may have acted: the claim stays pending, a
+                // retry with the key is refused (in use, then outcome
+                // unknown), never sent again.
+                SendError::Timeout | SendError::TooLarge => drop(claim.take()),
+            }
             vault
                 .forward_completed(&ctx, target, &tenant, &outcome)
                 .await?;
@@ -233,23 +290,59 @@ async fn forward_call(
     vault
         .forward_completed(&ctx, target, &tenant, &outcome)
         .await?;
-    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    if let Some(handle) = claim {
+        let stored = vault
+            .forward_complete(
+                handle,
+                vault::ForwardAnswer {
+                    tenant: &tenant,
+                    status: answer.status,
+                    content_type: answer.content_type.as_deref(),
+                    location: answer.location.as_deref(),
+                    body: &body,
+                },
+            )
+            .await;
+        match stored {
+            Ok(true) => {}
+            // The answer is relayed anyway; a retry is refused (in use,
+            // then outcome unknown), never sent again.
+            Ok(false) => {
+                tracing::warn!("the forwarded answer could not be kept for its Idempotency-Key")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the forwarded answer could not be kept for its Idempotency-Key")
+            }
+        }
+    }
+    Ok(relay(
+        answer.status,
+        answer.content_type.as_deref(),
+        answer.location.as_deref(),
+        body,
+    ))
+}
+
+/// An upstream's answer as the caller gets it: its status, `Content-Type`
+/// and body, `x-cardvault-source: upstream`, never cached; a redirect's
+/// `Location` relayed (never followed), unless it holds a card number.
+fn relay(
+    status: u16,
+    content_type: Option<&str>,
+    location: Option<&str>,
+    body: Vec<u8>,
+) -> HttpResponse {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
     let mut res = HttpResponse::build(status);
     res.insert_header((header::CACHE_CONTROL, "no-store"))
         .insert_header((
             HeaderName::from_static(SOURCE_HEADER),
             HeaderValue::from_static("upstream"),
         ));
-    if let Some(ct) = answer
-        .content_type
-        .as_deref()
-        .and_then(|ct| HeaderValue::from_str(ct).ok())
-    {
+    if let Some(ct) = content_type.and_then(|ct| HeaderValue::from_str(ct).ok()) {
         res.insert_header((header::CONTENT_TYPE, ct));
     }
-    // A redirect is relayed, never followed; its target is the upstream's
-    // (dropped if it holds a card number).
-    if let Some(loc) = answer.location.as_deref() {
+    if let Some(loc) = location {
         if forward::find_card_numbers(loc.as_bytes()).is_empty() {
             if let Ok(v) = HeaderValue::from_str(loc) {
                 res.insert_header((header::LOCATION, v));
@@ -258,7 +351,7 @@ async fn forward_call(
             tracing::warn!("the upstream's Location holds a card number: not relayed");
         }
     }
-    Ok(res.body(body))
+    res.body(body)
 }
 
 /// `PUT /v1/forward/{upstream}/{path}`: as POST.

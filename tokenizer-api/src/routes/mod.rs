@@ -190,6 +190,10 @@ const FORWARD_ERRORS: &[&str] = &[
     "upstream_response_unsafe",
     "keys_unavailable",
     "integrity_error",
+    "invalid_idempotency_key",
+    "idempotency_key_reused",
+    "idempotency_key_in_use",
+    "upstream_outcome_unknown",
 ];
 const FORWARD: Access = Access::Roles(&["forward"]);
 
