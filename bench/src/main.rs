@@ -32,6 +32,27 @@
 //!   confirm (`GET /v1/collect/sessions/{session}`: completed, with the
 //!   token the edge answered); flows/s and latency per flow.
 //!
+//! and, also only when asked for (`--cases ...,forward,acquirer_direct`),
+//! the forwarding proxy (issue 18) against the test acquirer of the e2e
+//! harness (`e2e::acquirer`, in this process: HTTPS, a CA of its own, a
+//! client certificate required, answering `{"status":"approved"}` at once),
+//! configured as the vault's `[[upstream]]` `bench-acq`:
+//!
+//! - `forward`: the payment router's call, `POST /v1/forward/bench-acq/v1/payments`
+//!   on the reveal listener (role `forward`, API key) with one seeded
+//!   token's placeholder in a small JSON body; the vault detokenizes, calls
+//!   the acquirer over mutual TLS (its own keep-alive pool) and relays the
+//!   answer (scanned for card numbers);
+//! - `acquirer_direct`: the same request with the card number itself,
+//!   straight to the acquirer over mutual TLS with the client certificate
+//!   it issued, one keep-alive connection per client like every other case;
+//!   `forward / acquirer_direct` is "the latency the vault adds".
+//!
+//! The acquirer comes from the e2e crate rather than a copy: it is a plain
+//! library (`cardvault-e2e`, lib `e2e`) whose dependencies are the
+//! workspace's own, already compiled for the service and its tests, and
+//! one server shared by the end-to-end tests and the benchmark stays one.
+//!
 //! With `--edge-auth mtls` (the default) the api listener runs `--api-auth
 //! mtls` in those runs (the client CA of the dev PKI), the bench's own api
 //! clients present `client-tokenize.pem` and the edge `client-collect.pem`;
@@ -127,6 +148,13 @@ struct Args {
 
 /// The cases that need an edge (and sessions).
 const COLLECT_CASES: [&str; 3] = ["collect_submit", "collect_complete", "collect_flow"];
+
+/// The cases that need the test acquirer (and an `[[upstream]]`).
+const FORWARD_CASES: [&str; 2] = ["forward", "acquirer_direct"];
+
+/// The vault's name of the test acquirer, and the path it is called on.
+const UPSTREAM: &str = "bench-acq";
+const UPSTREAM_PATH: &str = "/v1/payments";
 
 fn is_collect(case: &str) -> bool {
     COLLECT_CASES.contains(&case)
@@ -345,6 +373,36 @@ fn bench(
         }
     }
 
+    // Forwarding: the test acquirer (its files given to the service user),
+    // the vault's `[[upstream]]` for it in a configuration file of its own,
+    // and the payment router's principal (role forward, API key).
+    let forwarding = args
+        .cases
+        .iter()
+        .any(|c| FORWARD_CASES.contains(&c.as_str()));
+    let acquirer = forwarding.then(|| e2e::acquirer::Acquirer::start(Default::default()));
+    let mut forward_key = None;
+    let mut serve_config = Vec::new();
+    if let Some(acq) = &acquirer {
+        let config = data.join("forward.toml");
+        let table = acq.upstream_toml(
+            UPSTREAM,
+            &format!("paths = [\"{UPSTREAM_PATH}\"]\ntenants = [\"*\"]\n"),
+        );
+        std::fs::write(&config, table).map_err(|e| format!("{}: {e}", config.display()))?;
+        serve_config = vec!["--config".to_owned(), config.display().to_string()];
+        forward_key = Some(api_key_of(&run_cli(&[
+            "principal",
+            "create",
+            "--name",
+            "bench-forward",
+            "--roles",
+            "forward",
+            "--tenants",
+            "*",
+        ])?)?);
+    }
+
     // Seed through the vault's batch path, in this process.
     let started = Instant::now();
     let sample = rt.block_on(seed(url, &data.join("kek.key"), args.seed))?;
@@ -389,6 +447,7 @@ fn bench(
             .map(str::to_owned),
         );
     }
+    serve_args.extend(serve_config);
     serve_args.extend(args.serve_args.iter().cloned());
     let mut service = Service::start(
         tokenizer,
@@ -418,6 +477,13 @@ fn bench(
             }
         }
     };
+    if let Some(acq) = &acquirer {
+        println!(
+            "test acquirer at {} (upstream {UPSTREAM}; mutual TLS, answers {{\"status\":\"approved\"}} at once; \
+             forward: reveal listener, API key of a principal with the role forward)",
+            acq.origin()
+        );
+    }
     if let Some(e) = &edge {
         println!(
             "edge at {} (TLS; to the vault over {}; --rate-per-source and --rate-per-session {}{})",
@@ -441,8 +507,23 @@ fn bench(
         key,
         collect_tls: tls_config(&ca, mtls.then(|| client_pair(&pki, "collect")).as_ref())?,
         collect_key: edge_key.map(|(k, _)| k),
+        forward_key,
+        acquirer_tls: match &acquirer {
+            Some(acq) => Some(tls_config(
+                &acq.server_ca_pem_path(),
+                Some(&(acq.client_cert_path(), acq.client_key_path())),
+            )?),
+            None => None,
+        },
     };
-    let result = load(args, &service, edge.as_ref(), &creds, &sample);
+    let result = load(
+        args,
+        &service,
+        edge.as_ref(),
+        acquirer.as_ref(),
+        &creds,
+        &sample,
+    );
     let edge_log_lines = edge.as_mut().map(|e| e.proc.stop());
     let log_lines = service.proc.stop();
     let (results, comparisons) = result?;
@@ -835,6 +916,10 @@ struct Creds {
     key: String,
     collect_tls: Arc<rustls::ClientConfig>,
     collect_key: Option<String>,
+    /// The payment router's key (role forward), forward cases only.
+    forward_key: Option<String>,
+    /// To the test acquirer: its server CA, its client certificate.
+    acquirer_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// What one client thread saw.
@@ -878,6 +963,10 @@ struct Client {
     auth: String,
     collect_agent: ureq::Agent,
     collect_auth: Option<String>,
+    /// `forward`'s credential (the router's key), and `acquirer_direct`'s
+    /// own connection to the acquirer (mutual TLS).
+    forward_auth: Option<String>,
+    acquirer_agent: ureq::Agent,
     sessions: Vec<Session>,
     tally: Tally,
 }
@@ -1046,6 +1135,8 @@ fn confirm(c: &Client, api: &str, s: &Session, token: &str) -> Result<(), String
 struct Targets {
     api: String,
     reveal: String,
+    /// The test acquirer's origin (forward cases only).
+    acquirer: Option<String>,
     /// The edge's origin (collect cases only).
     edge: Option<String>,
 }
@@ -1098,6 +1189,45 @@ fn iteration(
             }
         };
         return it;
+    }
+    if FORWARD_CASES.contains(&case) {
+        let direct = case == "acquirer_direct";
+        let url = if direct {
+            format!("{}{UPSTREAM_PATH}", t.acquirer.clone().unwrap_or_default())
+        } else {
+            format!("{}/v1/forward/{UPSTREAM}{UPSTREAM_PATH}", t.reveal)
+        };
+        let sample = sample.clone();
+        return Arc::new(move |c: &mut Client, rng: &mut u64| {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            let (i, token) = sample
+                .get((*rng % sample.len().max(1) as u64) as usize)
+                .cloned()?;
+            // The same small JSON either way: a placeholder for the vault,
+            // the card itself for the acquirer.
+            let number = if direct {
+                test_pan(i)
+            } else {
+                format!("{{{{{token}.pan}}}}")
+            };
+            let body =
+                json!({"card": {"number": number}, "amount": 1000, "currency": "EUR"}).to_string();
+            Some(timed(|| {
+                let (agent, auth) = if direct {
+                    (&c.acquirer_agent, None)
+                } else {
+                    (&c.agent, c.forward_auth.as_deref())
+                };
+                let answer = send(agent, "POST", &url, auth, &[], Some(&body))?;
+                if answer.contains("approved") {
+                    Ok(1)
+                } else {
+                    Err("not the acquirer's answer".to_owned())
+                }
+            }))
+        });
     }
     let case_name = case.to_owned();
     let sample = sample.clone();
@@ -1189,7 +1319,7 @@ fn percentile(sorted_us: &[u32], p: f64) -> f64 {
 
 /// The comparisons printed after the table: (case, reference, what it
 /// shows). Each at every client count both ran at.
-const COMPARISONS: [(&str, &str, &str); 4] = [
+const COMPARISONS: [(&str, &str, &str); 6] = [
     (
         "collect_submit",
         "tokenize_new",
@@ -1206,12 +1336,23 @@ const COMPARISONS: [(&str, &str, &str); 4] = [
         "tokenize_new",
         "a whole checkout (open, submit, confirm)",
     ),
+    (
+        "forward",
+        "acquirer_direct",
+        "the latency the vault adds over calling the acquirer directly",
+    ),
+    (
+        "forward",
+        "detokenize",
+        "the proxying's cost over a detokenize (the same card read and audit event)",
+    ),
 ];
 
 fn load(
     args: &Args,
     service: &Service,
     edge: Option<&Edge>,
+    acquirer: Option<&e2e::acquirer::Acquirer>,
     creds: &Creds,
     sample: &[(u64, String)],
 ) -> Res<(Vec<Value>, Vec<Value>)> {
@@ -1222,6 +1363,7 @@ fn load(
         api: format!("https://{}", service.api),
         reveal: format!("https://{}", service.reveal),
         edge: edge.map(|e| e.origin.clone()),
+        acquirer: acquirer.map(e2e::acquirer::Acquirer::origin),
     });
     let max_clients = args.clients.iter().copied().max().unwrap_or(1);
     let mut baseline: std::collections::HashMap<usize, f64> = Default::default();
@@ -1262,6 +1404,7 @@ fn load(
                 _ => 0,
             };
             let sample_rss = clients == max_clients;
+            let connections_before = acquirer.map(e2e::acquirer::Acquirer::connection_count);
             let (tallies, elapsed, rss, edge_rss, opening_secs) = drive(
                 clients,
                 args.seconds,
@@ -1272,6 +1415,16 @@ fn load(
                 sample_rss,
                 ahead,
             )?;
+            // What the acquirer saw (warm-up included), then forgotten: it
+            // keeps every request in memory.
+            let at_acquirer = acquirer.map(|a| {
+                let seen = (
+                    a.request_count(),
+                    a.connection_count() - connections_before.unwrap_or(0),
+                );
+                a.clear();
+                seen
+            });
             let latencies: Vec<u32> = {
                 let mut all: Vec<u32> = tallies
                     .iter()
@@ -1319,6 +1472,16 @@ fn load(
             });
             if let Some(e) = &first_error {
                 println!("{:<16} first error: {e}", "");
+            }
+            if let Some((requests, connections)) =
+                at_acquirer.filter(|_| FORWARD_CASES.contains(&case.as_str()))
+            {
+                row["acquirer_requests"] = json!(requests);
+                row["acquirer_connections"] = json!(connections);
+                println!(
+                    "{:<16} the acquirer received {requests} requests on {connections} new connections (warm-up included)",
+                    ""
+                );
             }
             if is_collect(case) {
                 let (ahead_n, ahead_err, inline) = (
@@ -1372,6 +1535,8 @@ fn load(
                     a.1 / b.1.max(1e-9),
                     a.2 / b.2.max(1e-9),
                     a.0 / b.0.max(1e-9),
+                    a.1 - b.1,
+                    a.2 - b.2,
                 ))
             })
             .collect();
@@ -1380,11 +1545,13 @@ fn load(
         }
         println!("\n{case} / {reference}: {what}");
         println!(
-            "{:>7} {:>9} {:>9} {:>12}",
-            "clients", "p50 x", "p99 x", "req/s x"
+            "{:>7} {:>9} {:>9} {:>12} {:>10} {:>10}",
+            "clients", "p50 x", "p99 x", "req/s x", "p50 +ms", "p99 +ms"
         );
-        for (n, p50, p99, rps) in rows {
-            println!("{n:>7} {p50:>9.2} {p99:>9.2} {rps:>12.2}");
+        for (n, p50, p99, rps, p50_added, p99_added) in rows {
+            println!(
+                "{n:>7} {p50:>9.2} {p99:>9.2} {rps:>12.2} {p50_added:>10.2} {p99_added:>10.2}"
+            );
             comparisons.push(json!({
                 "case": case,
                 "reference": reference,
@@ -1392,6 +1559,8 @@ fn load(
                 "p50_ratio": p50,
                 "p99_ratio": p99,
                 "throughput_ratio": rps,
+                "p50_added_ms": p50_added,
+                "p99_added_ms": p99_added,
             }));
         }
     }
@@ -1430,6 +1599,8 @@ fn drive(
                 auth: format!("Bearer {}", creds.key),
                 collect_agent: agent(&creds.collect_tls),
                 collect_auth: creds.collect_key.as_ref().map(|k| format!("Bearer {k}")),
+                forward_auth: creds.forward_key.as_ref().map(|k| format!("Bearer {k}")),
+                acquirer_agent: agent(creds.acquirer_tls.as_ref().unwrap_or(&creds.tls)),
                 sessions: Vec::new(),
                 tally: Tally::default(),
             };

@@ -6,19 +6,31 @@
 //! in `db`, the real `tokenizer` (TLS, client certificates from `tokenizer
 //! dev-pki`, as an unprivileged user) in `pci`, and the real hosted-collection
 //! edge (`tokenizer edge`: its own TLS certificate, the `collect` client
-//! certificate to the vault's api listener) in `dmz`. Every check is a real
-//! connection made with curl from the namespace of the caller, and one card
-//! is collected end to end through the edge across both firewalls.
+//! certificate to the vault's api listener) in `dmz`, and the test acquirer
+//! (`e2e::acquirer`: HTTPS with a CA of its own, client certificate
+//! required) in `acquirer`, the vault's one `[[upstream]]`. Every check is a
+//! real connection made with curl from the namespace of the caller; one
+//! card is collected end to end through the edge across both firewalls,
+//! and one forwarded from the payment router through the vault to the
+//! acquirer (the egress side: the tokenizer host opens connections to the
+//! acquirers' address . port pairs, set `acquirers`, and nothing else
+//! outside the segment).
 //!
 //! ```text
-//!   internet 198.51.100.10 ┐            ┌ dmz  10.230.7.10  tokenizer edge (collect)
-//!   checkout 10.230.1.10   ┤            ├ pci  10.230.4.5   tokenizer api/reveal/admin
-//!   router   10.230.2.10   ┼── core ────┤
-//!   ops      10.230.3.10   ┘ (forwards) └ db   10.230.5.10  PostgreSQL :5432
+//!   internet 198.51.100.10 ┐            ┌ dmz      10.230.7.10  tokenizer edge (collect)
+//!   checkout 10.230.1.10   ┤            ├ pci      10.230.4.5   tokenizer api/reveal/admin
+//!   router   10.230.2.10   ┼── core ────┼ db       10.230.5.10  PostgreSQL :5432
+//!   ops      10.230.3.10   ┘ (forwards) └ acquirer 10.230.8.10  test acquirer :9443
 //! ```
 //!
 //! The core namespace filters nothing: what stops a packet is the firewall
 //! of the host it is addressed to (or leaves from), as in the deployment.
+//! The acquirer's namespace gets a firewall of its own that is not ours
+//! (`ACQUIRER_ALLOWLIST`): acquirers admit their merchants' egress
+//! addresses only, so the internet and the other zones reach it no more than
+//! they would a real one; what the shipped rules hold (the edge, the
+//! database host and the tokenizer host on any other port or address) is
+//! proved by their own drop counters.
 //! PostgreSQL runs in a namespace of its own (not in `pci`) so that the
 //! tokenizer reaches it over the network, through both rulesets. No
 //! namespace has a link to the machine's own network: traffic stays inside.
@@ -31,6 +43,8 @@
 
 use std::fs;
 use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::os::fd::AsFd as _;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -40,6 +54,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use e2e::acquirer::{Acquirer, AcquirerOptions, Response};
 use e2e::{current_year_month, pg_bin_dir, tokenizer_bin, workspace_root};
 
 /// The namespaces around `core`, each with its address and the core's
@@ -52,6 +67,7 @@ const HOSTS: &[(&str, &str, &str)] = &[
     ("pci", "10.230.4.5", "10.230.4.1"),
     ("db", "10.230.5.10", "10.230.5.1"),
     ("dmz", "10.230.7.10", "10.230.7.1"),
+    ("acquirer", "10.230.8.10", "10.230.8.1"),
 ];
 const PCI: &str = "10.230.4.5";
 const DB: &str = "10.230.5.10";
@@ -60,6 +76,16 @@ const INTERNET: &str = "198.51.100.10";
 const CHECKOUT: &str = "10.230.1.10";
 const ROUTER: &str = "10.230.2.10";
 const OPS: &str = "10.230.3.10";
+/// The test acquirer: its HTTPS port (in the vault's egress set), and a
+/// second port there that is not (a plain listener: the set holds address
+/// . port pairs, not addresses).
+const ACQUIRER: &str = "10.230.8.10";
+const ACQUIRER_PORT: u16 = 9443;
+const ACQUIRER_OTHER_PORT: u16 = 9444;
+/// The vault's name for it (`[[upstream]]` `name`, the route's `{upstream}`).
+const UPSTREAM: &str = "acquirer-seg";
+/// Listeners in `internet` the card-data hosts must not reach.
+const INTERNET_PORTS: [u16; 2] = [443, ACQUIRER_PORT];
 /// The merchant's page the collection form is framed in.
 const SHOP: &str = "https://shop.example";
 
@@ -77,7 +103,22 @@ const ADDRESS_DEFINES: &[(&str, &str)] = &[
     ("ntp_servers", "{ 10.230.6.123 }"),
     ("dmz_dns_servers", "{ 10.230.7.53 }"),
     ("dmz_ntp_servers", "{ 10.230.7.123 }"),
+    // The test acquirer's HTTPS port only (ACQUIRER . ACQUIRER_PORT).
+    ("acquirer_endpoints", "{ 10.230.8.10 . 9443 }"),
 ];
+
+/// The acquirer's own firewall (not ours, not shipped): it admits the
+/// tokenizer host on its HTTPS port and nobody else, as an acquirer admits
+/// only its merchants' egress addresses.
+const ACQUIRER_ALLOWLIST: &str = "table inet acquirer {
+	chain input {
+		type filter hook input priority filter; policy drop;
+		iif \"lo\" accept
+		ct state established,related accept
+		ip saddr 10.230.4.5 tcp dport 9443 ct state new accept
+	}
+}
+";
 
 /// The unprivileged user the tokenizer and the edge run as.
 const SERVICE_UID: u32 = 65534;
@@ -230,6 +271,39 @@ struct Segment {
     tokenizer_log: Log,
     edge: Option<Child>,
     edge_log: Log,
+    /// The test acquirer, serving a listener bound in `acquirer`.
+    acquirer: Option<Acquirer>,
+    /// Plain listeners bound in other namespaces (never accepted from: the
+    /// kernel completes the handshake, which is all a probe looks at).
+    listeners: Vec<TcpListener>,
+}
+
+/// Runs `f` on a thread of its own inside network namespace `ns` (entered
+/// with setns through `/run/netns/<ns>`, as `ip netns exec` does): a socket
+/// it creates belongs to that namespace for good, whichever thread uses it
+/// later.
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Result<T, String> {
+    let path = format!("/run/netns/{ns}");
+    thread::scope(|s| {
+        s.spawn(|| {
+            let file = fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+            rustix::thread::move_into_link_name_space(
+                file.as_fd(),
+                Some(rustix::thread::LinkNameSpaceType::Network),
+            )
+            .map_err(|e| format!("setns {path}: {e}"))?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| format!("a thread in namespace {ns} panicked"))?
+    })
+}
+
+/// A TCP listener on `addr:port` inside namespace `ns`.
+fn listen_in(ns: &str, addr: &str, port: u16) -> TcpListener {
+    in_netns(ns, || TcpListener::bind((addr, port)))
+        .and_then(|r| r.map_err(|e| e.to_string()))
+        .unwrap_or_else(|e| panic!("cannot listen on {addr}:{port} in {ns}: {e}"))
 }
 
 /// A process's stderr lines, as read so far.
@@ -312,6 +386,8 @@ impl Segment {
             tokenizer_log: Default::default(),
             edge: None,
             edge_log: Default::default(),
+            acquirer: None,
+            listeners: Vec::new(),
         };
         let core = seg.ns("core");
         must(cmd("ip", &["netns", "add", &core]));
@@ -446,6 +522,7 @@ impl Segment {
                 &[&SERVICE_UID.to_string(), pki.join(key).to_str().unwrap()],
             ));
         }
+        forward_client_cert(&pki);
         pki
     }
 
@@ -473,6 +550,54 @@ impl Segment {
         pki
     }
 
+    /// The test acquirer in `acquirer`: a listener bound there (its HTTPS
+    /// port) served by `e2e::acquirer` in this process, its server
+    /// certificate for the acquirer's address; it answers with the card
+    /// number it was sent (the vault must turn it back into a token). A
+    /// plain listener on a second port beside it, outside the vault's
+    /// egress set. Returns the vault's `[[upstream]]` table for it.
+    fn start_acquirer(&mut self) -> String {
+        let ns = self.ns("acquirer");
+        let listener = listen_in(&ns, ACQUIRER, ACQUIRER_PORT);
+        let acquirer = Acquirer::start_on(
+            listener,
+            AcquirerOptions {
+                server_names: vec![ACQUIRER.to_string()],
+                ..AcquirerOptions::default()
+            },
+        );
+        acquirer.set_responder(|r| {
+            let number = serde_json::from_slice::<Value>(&r.body)
+                .ok()
+                .and_then(|v| v["card"]["number"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            Response::json(
+                200,
+                &json!({"status": "approved", "reference": "seg-1", "card": {"number": number}}),
+            )
+        });
+        let table = acquirer.upstream_toml(
+            UPSTREAM,
+            &format!("paths = [\"/v1/payments\"]\ntenants = [{TENANT:?}]\ntimeout_ms = 10000\n"),
+        );
+        assert!(
+            table.contains(&format!("https://{ACQUIRER}:{ACQUIRER_PORT}")),
+            "{table}"
+        );
+        self.acquirer = Some(acquirer);
+        self.listeners
+            .push(listen_in(&ns, ACQUIRER, ACQUIRER_OTHER_PORT));
+        for port in INTERNET_PORTS {
+            self.listeners
+                .push(listen_in(&self.ns("internet"), INTERNET, port));
+        }
+        table
+    }
+
+    fn acquirer(&self) -> &Acquirer {
+        self.acquirer.as_ref().expect("the acquirer runs")
+    }
+
     /// The service's data dir (owned by the service user, 0700), its KEK,
     /// and one principal per bound client certificate.
     fn prepare_service(&self) -> PathBuf {
@@ -497,6 +622,9 @@ impl Segment {
             ("payment-router", "detokenize", TENANT),
             ("operators", "key_admin", TENANT),
             ("edge", "collect", "*"),
+            // The payment router's forwarding principal (a certificate of
+            // its own, forward_client_cert).
+            ("payment-router-forward", "forward", TENANT),
         ] {
             let identity = format!("spiffe://cardvault.dev/{role}");
             let out = must(tokenizer_in_ns(
@@ -526,9 +654,13 @@ impl Segment {
     }
 
     /// `tokenizer serve` in `pci` with the three TLS listeners, the edge's
-    /// public origin as `--collect-public-url`; waits for its three
-    /// `listening on` lines.
-    fn start_tokenizer(&mut self, data: &Path, pki: &Path, ports: &Ports) {
+    /// public origin as `--collect-public-url`, a configuration file holding
+    /// `upstreams` (the `[[upstream]]` tables); waits for its three
+    /// `listening on` lines and the upstream's.
+    fn start_tokenizer(&mut self, data: &Path, pki: &Path, ports: &Ports, upstreams: &str) {
+        let config = self.path("tokenizer.toml");
+        fs::write(&config, upstreams).unwrap();
+        fs::set_permissions(&config, fs::Permissions::from_mode(0o644)).unwrap();
         let p = |f: &str| pki.join(f).to_str().unwrap().to_string();
         let api = format!("{PCI}:{}", ports.api);
         let reveal = format!("{PCI}:{}", ports.reveal);
@@ -555,12 +687,15 @@ impl Segment {
                 &p("ca.pem"),
                 "--collect-public-url",
                 &edge_origin(ports),
+                "--config",
+                config.to_str().unwrap(),
             ],
         );
-        let wanted: Vec<String> = [("api", &api), ("reveal", &reveal), ("admin", &admin)]
+        let mut wanted: Vec<String> = [("api", &api), ("reveal", &reveal), ("admin", &admin)]
             .iter()
             .map(|(what, addr)| format!("listening on {addr} ({what}"))
             .collect();
+        wanted.push("forwarding upstream configured".to_string());
         let log = self.tokenizer_log.clone();
         if let Err(e) = spawn_until(c, "the tokenizer", &wanted, &mut self.tokenizer, &log) {
             panic!("{e}; log:\n{}", self.log());
@@ -632,6 +767,24 @@ impl Segment {
             c.arg(&include).arg("-f").arg(shipped.join(file));
             must(c);
         }
+        // The acquirer's own (see ACQUIRER_ALLOWLIST).
+        let allowlist = self.path("acquirer-allowlist.nft");
+        fs::write(&allowlist, ACQUIRER_ALLOWLIST).unwrap();
+        must(in_ns(
+            &self.ns("acquirer"),
+            "nft",
+            &["-f", allowlist.to_str().unwrap()],
+        ));
+        // The tokenizer host's egress set holds the test's acquirer only.
+        let set = must(in_ns(
+            &self.ns("pci"),
+            "nft",
+            &["list", "set", "inet", "cardvault", "acquirers"],
+        ));
+        assert!(
+            set.contains(&format!("{ACQUIRER} . {ACQUIRER_PORT}")) && !set.contains("203.0.113."),
+            "the tokenizer host's set acquirers is not the test's:\n{set}"
+        );
         // The test's addresses are the ones in force.
         let rules = must(in_ns(
             &self.ns("pci"),
@@ -664,6 +817,20 @@ impl Drop for Segment {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // The acquirer stops by connecting to its own listener: from
+        // inside its namespace (from here the address has no route, and
+        // its accept loop would never wake). Left running (leaked) rather
+        // than hang if the namespace cannot be entered.
+        if let Some(acquirer) = self.acquirer.take() {
+            let ns = self.ns("acquirer");
+            let slot = std::sync::Mutex::new(Some(acquirer));
+            let dropped = in_netns(&ns, || drop(slot.lock().ok().and_then(|mut a| a.take())));
+            if let Err(e) = dropped {
+                eprintln!("segment: could not stop the test acquirer ({e})");
+                std::mem::forget(slot.into_inner());
+            }
+        }
+        self.listeners.clear();
         if self.pg_started {
             let pgdir = self.path("pg");
             let status = Command::new("runuser")
@@ -715,6 +882,35 @@ fn counted(seg: &Segment, ns: &str, table: &str, counter: &str) -> (u64, String)
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     (packets, listed)
+}
+
+/// `client-forward.pem`/`.key` in `pki`: a client certificate for the
+/// identity `spiffe://cardvault.dev/forward` signed by the dev CA (`tokenizer
+/// dev-pki` writes one per role it knows, and none for `forward`), for the
+/// payment router's forwarding principal.
+fn forward_client_cert(pki: &Path) {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
+    let ca_pem = fs::read_to_string(pki.join("ca.pem")).unwrap();
+    let ca_key = KeyPair::from_pem(&fs::read_to_string(pki.join("ca.key")).unwrap()).unwrap();
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![SanType::URI(
+        rcgen::string::Ia5String::try_from("spiffe://cardvault.dev/forward").unwrap(),
+    )];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(1);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    fs::write(pki.join("client-forward.pem"), cert.pem()).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(pki.join("client-forward.key"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, key.serialize_pem().as_bytes()))
+        .unwrap();
 }
 
 /// The ports of the shipped addresses file.
@@ -1002,7 +1198,8 @@ fn segment_firewalls_listeners_and_client_certificates() {
     let pki = seg.make_pki();
     let edge_pki = seg.make_edge_pki();
     let data = seg.prepare_service();
-    seg.start_tokenizer(&data, &pki, &ports);
+    let upstreams = seg.start_acquirer();
+    seg.start_tokenizer(&data, &pki, &ports, &upstreams);
     seg.start_edge(&pki, &edge_pki, &ports);
 
     // Every probe of the segment: (from, to, port) that must stay silent
@@ -1052,6 +1249,19 @@ fn segment_firewalls_listeners_and_client_certificates() {
     }
     // The vault never calls the edge.
     forbidden.push(("pci", DMZ, ports.collect));
+    // The acquirer: the tokenizer host reaches its HTTPS port (allowed,
+    // below) and nothing else there; no other zone reaches it (the edge and
+    // the database host by their own rules, the others by the acquirer's
+    // allowlist); nothing in the internet answers a card-data host.
+    for ns in ["internet", "checkout", "router", "ops", "dmz", "db"] {
+        forbidden.push((ns, ACQUIRER, ACQUIRER_PORT));
+    }
+    forbidden.push(("pci", ACQUIRER, ACQUIRER_OTHER_PORT));
+    forbidden.push(("pci", ACQUIRER, 22));
+    for port in INTERNET_PORTS {
+        forbidden.push(("pci", INTERNET, port));
+        forbidden.push(("db", INTERNET, port));
+    }
 
     let control: Vec<(&str, String, &str, u16)> = [
         ("internet", PCI, ports.api),
@@ -1064,6 +1274,14 @@ fn segment_firewalls_listeners_and_client_certificates() {
         ("dmz", PCI, ports.admin),
         ("dmz", DB, ports.db),
         ("pci", DMZ, ports.collect),
+        ("pci", ACQUIRER, ACQUIRER_PORT),
+        ("pci", ACQUIRER, ACQUIRER_OTHER_PORT),
+        ("internet", ACQUIRER, ACQUIRER_PORT),
+        ("checkout", ACQUIRER, ACQUIRER_PORT),
+        ("dmz", ACQUIRER, ACQUIRER_PORT),
+        ("db", ACQUIRER, ACQUIRER_PORT),
+        ("pci", INTERNET, 443),
+        ("pci", INTERNET, ACQUIRER_PORT),
     ]
     .into_iter()
     .map(|(ns, addr, port)| (ns, seg.ns(ns), addr, port))
@@ -1087,13 +1305,12 @@ fn segment_firewalls_listeners_and_client_certificates() {
         .iter()
         .map(|(ns, addr, port)| (*ns, seg.ns(ns), *addr, *port))
         .collect();
-    probes.push(("pci", seg.ns("pci"), INTERNET, 443));
-    probes.push(("db", seg.ns("db"), INTERNET, 443));
-    // Allowed: the tokenizer host opens new connections to the database,
-    // the internet to the edge's collect port, the edge host to the
-    // vault's api listener.
-    let allowed: [(&str, &str, u16); 3] = [
+    // Allowed: the tokenizer host opens new connections to the database
+    // and to the acquirer's HTTPS port, the internet to the edge's collect
+    // port, the edge host to the vault's api listener.
+    let allowed: [(&str, &str, u16); 4] = [
         ("pci", DB, ports.db),
+        ("pci", ACQUIRER, ACQUIRER_PORT),
         ("internet", DMZ, ports.collect),
         ("dmz", PCI, ports.api),
     ];
@@ -1142,26 +1359,45 @@ fn segment_firewalls_listeners_and_client_certificates() {
     }
 
     // Each layer holds alone: the edge host's own rules (edge.nft) drop
-    // its attempts on the card-data zone, before the tokenizer's and the
-    // database's rules would. One probe at a time, so that the edge's
-    // drop counter moves for that probe only.
-    for (addr, port) in [
-        (PCI, ports.reveal),
-        (PCI, ports.admin),
-        (PCI, 22),
-        (DB, ports.db),
+    // its attempts on the card-data zone and on the acquirer, before the
+    // tokenizer's, the database's or the acquirer's rules would; the
+    // tokenizer host's (cardvault.nft output) drop what is outside its
+    // egress set, the database host's (database.nft) the acquirer. One
+    // probe at a time, so that the counter moves for that probe only.
+    for (ns, table, addr, port, file) in [
+        ("dmz", "cardvault_edge", PCI, ports.reveal, "edge.nft"),
+        ("dmz", "cardvault_edge", PCI, ports.admin, "edge.nft"),
+        ("dmz", "cardvault_edge", PCI, 22, "edge.nft"),
+        ("dmz", "cardvault_edge", DB, ports.db, "edge.nft"),
+        ("dmz", "cardvault_edge", ACQUIRER, ACQUIRER_PORT, "edge.nft"),
+        (
+            "pci",
+            "cardvault",
+            ACQUIRER,
+            ACQUIRER_OTHER_PORT,
+            "cardvault.nft",
+        ),
+        ("pci", "cardvault", INTERNET, 443, "cardvault.nft"),
+        ("pci", "cardvault", INTERNET, ACQUIRER_PORT, "cardvault.nft"),
+        (
+            "db",
+            "cardvault_db",
+            ACQUIRER,
+            ACQUIRER_PORT,
+            "database.nft",
+        ),
     ] {
-        let (before, _) = counted(&seg, "dmz", "cardvault_edge", "dropped_out");
+        let (before, _) = counted(&seg, ns, table, "dropped_out");
         let reach = reach_of(&run_timeout(
-            reach_cmd(&seg.ns("dmz"), addr, port),
+            reach_cmd(&seg.ns(ns), addr, port),
             Duration::from_secs(20),
         ));
-        let (after, listed) = counted(&seg, "dmz", "cardvault_edge", "dropped_out");
-        assert_eq!(reach, Reach::Silent, "dmz -> {addr}:{port}");
+        let (after, listed) = counted(&seg, ns, table, "dropped_out");
+        assert_eq!(reach, Reach::Silent, "{ns} -> {addr}:{port}");
         assert!(
             after > before,
-            "dmz -> {addr}:{port} was not dropped by the edge host's own firewall \
-             (edge.nft output):\n{listed}"
+            "{ns} -> {addr}:{port} was not dropped by that host's own firewall \
+             ({file} output):\n{listed}"
         );
     }
 
@@ -1342,6 +1578,7 @@ fn segment_firewalls_listeners_and_client_certificates() {
     }
 
     let collected = collect_through_the_edge(&seg, &pki, &edge_pki, &ports, exp_year);
+    forward_to_the_acquirer(&seg, &pki, &ports, &token);
 
     let log = seg.log();
     assert!(!log.contains(PAN), "the tokenizer logged the PAN");
@@ -1353,8 +1590,8 @@ fn segment_firewalls_listeners_and_client_certificates() {
     );
     crate::report(&format!(
         "segment: {} forbidden flows silent, tokenize/detokenize/metrics through their own listeners, \
-         a card collected through the edge in the DMZ, in {:.1?}",
-        forbidden.len() + 2,
+         a card collected through the edge in the DMZ, a card forwarded to the acquirer, in {:.1?}",
+        forbidden.len(),
         started.elapsed()
     ));
 }
@@ -1546,4 +1783,95 @@ fn collect_through_the_edge(
     assert!(!resp.body.contains(PAN), "a refusal holds the PAN");
 
     Collected { client_secret }
+}
+
+/// One forwarded call end to end (the egress side): the payment router, with
+/// its `forward` certificate over TLS to the reveal listener, posts a
+/// placeholder of `token`; the vault puts the card in and calls the acquirer
+/// in `acquirer` over mutual TLS (the client certificate the acquirer
+/// issued) across the tokenizer host's firewall; the acquirer's answer
+/// comes back with its card number replaced by the token.
+fn forward_to_the_acquirer(seg: &Segment, pki: &Path, ports: &Ports, token: &str) {
+    let reveal = format!("https://{PCI}:{}", ports.reveal);
+    let acq = seg.acquirer();
+    acq.clear();
+    let placeholder = format!("{{{{{token}.pan}}}}");
+    let resp = https(
+        seg,
+        pki,
+        "router",
+        Some("forward"),
+        "POST",
+        &format!("{reveal}/v1/forward/{UPSTREAM}/v1/payments"),
+        Some(&json!({"card": {"number": placeholder}, "amount": 1000, "currency": "EUR"})),
+    );
+    assert!(
+        !resp.body.contains(PAN),
+        "the forwarded answer holds the PAN"
+    );
+    assert_eq!(
+        resp.status,
+        200,
+        "forward from the payment router: {resp}\n--- acquirer failures ---\n{:?}\n--- tokenizer log ---\n{}",
+        acq.failures(),
+        seg.log()
+    );
+    let answer = resp.json();
+    assert_eq!(answer["status"], "approved", "{resp}");
+    assert_eq!(answer["reference"], "seg-1", "{resp}");
+    assert_eq!(
+        answer["card"]["number"], token,
+        "the acquirer's card number is not the call's token: {resp}"
+    );
+
+    let seen = acq.wait_for_requests(1, Duration::from_secs(10));
+    assert_eq!(seen.len(), 1, "requests at the acquirer: {}", seen.len());
+    let got = &seen[0];
+    assert_eq!((got.method.as_str(), got.path()), ("POST", "/v1/payments"));
+    assert!(
+        got.json()["card"]["number"] == PAN,
+        "the acquirer did not receive the card number"
+    );
+    assert_eq!(got.json()["amount"], 1000);
+    assert_eq!(
+        got.peer.ip().to_string(),
+        PCI,
+        "the acquirer was called from elsewhere than the tokenizer host"
+    );
+    let cert = got
+        .client_cert
+        .as_ref()
+        .expect("the vault presented no client certificate");
+    assert_eq!(
+        cert.sha256,
+        acq.client_cert_sha256(),
+        "not the client certificate the acquirer issued"
+    );
+    assert!(
+        cert.names.iter().any(|n| n == acq.client_identity()),
+        "{cert:?}"
+    );
+
+    // The forward certificate is refused on the other listeners' routes
+    // (its role only: detokenize is not forward's).
+    let resp = https(
+        seg,
+        pki,
+        "router",
+        Some("forward"),
+        "POST",
+        &format!("{reveal}/v1/detokenize"),
+        Some(&json!({"token": token, "reason": "segment test: wrong role"})),
+    );
+    assert_eq!(
+        (resp.status, resp.error_code().as_str()),
+        (403, "forbidden"),
+        "{resp}"
+    );
+    assert!(!resp.body.contains(PAN), "a refusal holds the PAN");
+    assert_eq!(
+        acq.request_count(),
+        1,
+        "a refused call reached the acquirer"
+    );
 }
