@@ -505,6 +505,8 @@ impl Segment {
             "client-key_admin.key",
             "client-collect.pem",
             "client-collect.key",
+            "client-forward.pem",
+            "client-forward.key",
         ] {
             assert!(pki.join(f).is_file(), "dev-pki wrote no {f}");
         }
@@ -522,7 +524,6 @@ impl Segment {
                 &[&SERVICE_UID.to_string(), pki.join(key).to_str().unwrap()],
             ));
         }
-        forward_client_cert(&pki);
         pki
     }
 
@@ -622,8 +623,8 @@ impl Segment {
             ("payment-router", "detokenize", TENANT),
             ("operators", "key_admin", TENANT),
             ("edge", "collect", "*"),
-            // The payment router's forwarding principal (a certificate of
-            // its own, forward_client_cert).
+            // The payment router's forwarding principal (`dev-pki`'s
+            // client-forward.pem).
             ("payment-router-forward", "forward", TENANT),
         ] {
             let identity = format!("spiffe://cardvault.dev/{role}");
@@ -882,35 +883,6 @@ fn counted(seg: &Segment, ns: &str, table: &str, counter: &str) -> (u64, String)
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
     (packets, listed)
-}
-
-/// `client-forward.pem`/`.key` in `pki`: a client certificate for the
-/// identity `spiffe://cardvault.dev/forward` signed by the dev CA (`tokenizer
-/// dev-pki` writes one per role it knows, and none for `forward`), for the
-/// payment router's forwarding principal.
-fn forward_client_cert(pki: &Path) {
-    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, Issuer, KeyPair, SanType};
-    let ca_pem = fs::read_to_string(pki.join("ca.pem")).unwrap();
-    let ca_key = KeyPair::from_pem(&fs::read_to_string(pki.join("ca.key")).unwrap()).unwrap();
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = vec![SanType::URI(
-        rcgen::string::Ia5String::try_from("spiffe://cardvault.dev/forward").unwrap(),
-    )];
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::days(1);
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    fs::write(pki.join("client-forward.pem"), cert.pem()).unwrap();
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(pki.join("client-forward.key"))
-        .and_then(|mut f| std::io::Write::write_all(&mut f, key.serialize_pem().as_bytes()))
-        .unwrap();
 }
 
 /// The ports of the shipped addresses file.
