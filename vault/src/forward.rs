@@ -821,6 +821,13 @@ pub fn replace_card_numbers(
     let mut out = Vec::with_capacity(body.len() + 16 * found.len());
     let mut pos = 0;
     let mut json = JsonStrings::default();
+    // Bare JSON numbers are quoted only in valid JSON: there a number is
+    // followed by a delimiter, so taking the whole number never cuts a
+    // separator in half (in `[4111111111111111.14111%201511...`, not JSON,
+    // taking `.14111` would leave `%201511` to read as digits `201511`: a
+    // fuzz find). Anything else is text: the digits are replaced in place.
+    let valid_json = kind == Some(BodyKind::Json)
+        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
     // The end of the last range found (they never overlap).
     let mut last_end = 0;
     for (f, token) in found.iter().zip(tokens) {
@@ -837,7 +844,7 @@ pub fn replace_card_numbers(
             // Inside the JSON number just replaced (`4111111111111111e4111111111111111`).
             continue;
         }
-        let bare = kind == Some(BodyKind::Json) && !json.in_string_at(body, r.start);
+        let bare = valid_json && !json.in_string_at(body, r.start);
         let (start, end) = if bare {
             let number =
                 |b: &u8| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E');

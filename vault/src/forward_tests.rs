@@ -584,11 +584,10 @@ fn replace_in_text_form_xml_and_json() {
         .unwrap(),
         format!("a={t0}&b={t1}%20")
     );
-    // A JSON number token taking the start of the next number (not valid
-    // JSON): the rest of that number is replaced on its own.
+    // Not valid JSON: numbers are replaced in place, nothing is quoted.
     let body = "[4111111111111111.4242 4242%204242+4242]";
     let out = redact(body, Some(BodyKind::Json)).unwrap();
-    assert_eq!(out, format!("[\"{t0}\"\"{t1}\"]"));
+    assert_eq!(out, format!("[{t0}.{t1}]"));
     // JSON: in strings in place; bare numbers with their whole number token
     // become strings.
     let body = r#"{"a":"4111111111111111","b":4111111111111111,"c":[-378282246310005.25e+2, 1],"d":"x\"4242424242424242"}"#;
@@ -876,4 +875,21 @@ proptest! {
             prop_assert!(serde_json::from_str::<serde_json::Value>(&out).is_ok(), "{}", out);
         }
     }
+}
+
+#[test]
+fn a_bare_number_in_a_body_that_is_not_json_is_replaced_in_place() {
+    // A fuzz find: taking the whole JSON number `4111111111111111.14111`
+    // left `%201511-201111%201111`, whose `201511...` read as a new card
+    // number. In a body that is not valid JSON nothing is quoted.
+    let body = b"[4111111111111111.14111%201511-201111%201111\"}]";
+    let found = find_card_numbers(body);
+    assert_eq!(found.len(), 1);
+    let tokens = vec![Token::parse("tok_AAAAAAAAAAAAAAAAAAAAAA").unwrap()];
+    let out = replace_card_numbers(body, Some(BodyKind::Json), &found, &tokens).unwrap();
+    assert_eq!(
+        out,
+        b"[tok_AAAAAAAAAAAAAAAAAAAAAA.14111%201511-201111%201111\"}]".to_vec()
+    );
+    assert!(find_card_numbers(&out).is_empty());
 }
