@@ -868,6 +868,21 @@ pub fn replace_card_numbers(
             out.push(b'"');
         }
         pos = end;
+        // A `%20` that separated this number from more digits would, once
+        // the number is gone, read as the digits `20` joined to what
+        // follows (a new card-like run, a fuzz find): it is written as the
+        // space it encodes, `+` in a form.
+        if !quote
+            && body.get(pos..pos + 3) == Some(b"%20".as_slice())
+            && body.get(pos + 3).is_some_and(u8::is_ascii_digit)
+        {
+            out.push(if kind == Some(BodyKind::Form) {
+                b'+'
+            } else {
+                b' '
+            });
+            pos += 3;
+        }
     }
     out.extend_from_slice(&body[pos..]);
     if !find_card_numbers(&out).is_empty() {

@@ -893,3 +893,20 @@ fn a_bare_number_in_a_body_that_is_not_json_is_replaced_in_place() {
     );
     assert!(find_card_numbers(&out).is_empty());
 }
+
+#[test]
+fn a_percent_encoded_space_after_a_replaced_number_stays_a_space() {
+    // A fuzz find: `4111111111111111%201511-201111` with the number
+    // replaced left `%201511-201111`, where `201511201111...` could read as
+    // a new card number. The `%20` is written as the space it encodes.
+    let body = b"x 4111111111111111%2015112011111111 y";
+    let found = find_card_numbers(body);
+    let tokens: Vec<Token> = (0..found.len())
+        .map(|i| Token::parse(&format!("tok_{i:A<22}")).unwrap())
+        .collect();
+    for kind in [None, Some(BodyKind::Form), Some(BodyKind::Json)] {
+        let out = replace_card_numbers(body, kind, &found, &tokens).unwrap();
+        assert!(find_card_numbers(&out).is_empty(), "{kind:?}");
+        assert!(!out.windows(3).any(|w| w == b"%20"), "{kind:?}");
+    }
+}
