@@ -158,13 +158,23 @@ fn bind_dev_edge(
         );
         return Ok(None);
     }
-    let addr = match args.dev_edge_listen {
-        Some(addr) => addr,
-        None => crate::config::DEFAULT_EDGE_LISTEN
-            .parse()
-            .map_err(|e| format!("{e}"))?,
+    let edge = match args.dev_edge_listen {
+        Some(addr) => DevEdge::bind(addr)?,
+        // The default port taken (another trial, a `tokenizer edge`): the
+        // vault runs without its trial edge rather than not at all.
+        None => {
+            let addr = crate::config::DEFAULT_EDGE_LISTEN
+                .parse()
+                .map_err(|e| format!("{e}"))?;
+            match DevEdge::bind(addr) {
+                Ok(edge) => edge,
+                Err(e) => {
+                    tracing::warn!("no dev edge: {e}");
+                    return Ok(None);
+                }
+            }
+        }
     };
-    let edge = DevEdge::bind(addr)?;
     if settings.collect_public_url.is_none() {
         settings.collect_public_url = Some(edge.public_url());
     }
