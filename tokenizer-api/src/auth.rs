@@ -197,8 +197,18 @@ pub async fn admin_context(
     state: &AppState,
     action: Action,
 ) -> Result<RequestContext, ApiError> {
+    admin_context_for(req, state, action, &[Role::KeyAdmin]).await
+}
+
+/// [`admin_context`] for a principal holding any of `roles`.
+pub async fn admin_context_for(
+    req: &HttpRequest,
+    state: &AppState,
+    action: Action,
+    roles: &[Role],
+) -> Result<RequestContext, ApiError> {
     let ctx = authenticate(req, state).await?;
-    if ctx.principal.has_role(Role::KeyAdmin) {
+    if roles.iter().any(|r| ctx.principal.has_role(*r)) {
         return Ok(ctx);
     }
     let event = ctx

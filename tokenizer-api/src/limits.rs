@@ -17,6 +17,9 @@
 //!
 //! In memory, per instance; the source is the TCP peer (behind a proxy,
 //! every caller shares the proxy's address).
+//!
+//! Also here: [`append_within`], the size limit of a body (a request's, an
+//! upstream's answer) read into a zeroizing buffer.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -168,6 +171,26 @@ impl SourceGuard {
 }
 
 /// Seconds for `Retry-After`: rounded up, at least 1.
+/// Append `chunk` to `buf` unless that would pass `limit` bytes (then
+/// `false`, nothing appended). The buffer is grown by hand, into a new
+/// zeroizing one, so that no unzeroized copy of what it holds (it may be
+/// card data) is left behind by a reallocation.
+pub fn append_within(buf: &mut zeroize::Zeroizing<Vec<u8>>, chunk: &[u8], limit: usize) -> bool {
+    let needed = buf.len() + chunk.len();
+    if needed > limit {
+        return false;
+    }
+    if needed > buf.capacity() {
+        let mut bigger = zeroize::Zeroizing::new(Vec::with_capacity(
+            needed.max(buf.capacity() * 2).min(limit),
+        ));
+        bigger.extend_from_slice(buf);
+        *buf = bigger;
+    }
+    buf.extend_from_slice(chunk);
+    true
+}
+
 pub fn retry_after_secs(wait: Duration) -> u64 {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     secs.max(1)

@@ -110,20 +110,9 @@ impl Upstream {
         }
         let mut body = Zeroizing::new(Vec::new());
         while let Some(chunk) = response.chunk().await.map_err(classify)? {
-            if body.len() + chunk.len() > limit {
+            if !crate::limits::append_within(&mut body, &chunk, limit) {
                 return Err(SendError::TooLarge);
             }
-            // Grown by hand so that no unzeroized copy is left behind.
-            if body.capacity() < body.len() + chunk.len() {
-                let mut bigger = Zeroizing::new(Vec::with_capacity(
-                    (body.len() + chunk.len())
-                        .max(body.capacity() * 2)
-                        .min(limit),
-                ));
-                bigger.extend_from_slice(&body);
-                body = bigger;
-            }
-            body.extend_from_slice(&chunk);
         }
         Ok(Answer {
             status,

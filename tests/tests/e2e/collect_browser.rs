@@ -98,24 +98,7 @@ fn a_buyer_types_a_card_into_the_hosted_form_and_the_checkout_confirms_the_token
 
     // 1. Pointer and typing, with the security code.
     let (session, frame_url) = open_session(&checkout, merchant.origin(), true);
-    let frame_url = frame_url.replace("https://pay.cardvault.test", &edge.url);
-    merchant.put(
-        "/index.html",
-        "text/html; charset=utf-8",
-        &merchant_page(&edge.url),
-        &[],
-    );
-    merchant.put(
-        "/merchant.js",
-        "text/javascript; charset=utf-8",
-        &merchant_script(&frame_url),
-        &[],
-    );
-    browser.goto(&merchant.url("/index.html")).unwrap();
-    let frame = browser
-        .wait_for("the card frame", WAIT, |b| b.find_css("#card iframe").ok())
-        .unwrap();
-    browser.switch_to_frame(&frame).unwrap();
+    load_form(&browser, &merchant, &edge, &frame_url);
     let number = browser
         .wait_for("the card number field", WAIT, |b| {
             b.find_css(r#"input[autocomplete="cc-number"]"#).ok()
@@ -166,18 +149,7 @@ fn a_buyer_types_a_card_into_the_hosted_form_and_the_checkout_confirms_the_token
 
     // 2. Keyboard only: focus the number field, then Tab between fields.
     let (_, frame_url) = open_session(&checkout, merchant.origin(), false);
-    let frame_url = frame_url.replace("https://pay.cardvault.test", &edge.url);
-    merchant.put(
-        "/merchant.js",
-        "text/javascript; charset=utf-8",
-        &merchant_script(&frame_url),
-        &[],
-    );
-    browser.goto(&merchant.url("/index.html")).unwrap();
-    let frame = browser
-        .wait_for("the card frame", WAIT, |b| b.find_css("#card iframe").ok())
-        .unwrap();
-    browser.switch_to_frame(&frame).unwrap();
+    load_form(&browser, &merchant, &edge, &frame_url);
     let number = browser
         .wait_for("the card number field", WAIT, |b| {
             b.find_css(r#"input[autocomplete="cc-number"]"#).ok()

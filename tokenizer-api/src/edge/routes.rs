@@ -327,10 +327,9 @@ async fn read_body(
     let mut body = Zeroizing::new(Vec::with_capacity(limit));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|_| BodyError::Read)?;
-        if body.len() + chunk.len() > limit {
+        if !crate::limits::append_within(&mut body, &chunk, limit) {
             return Err(BodyError::TooLarge);
         }
-        body.extend_from_slice(&chunk);
     }
     Ok(body)
 }

@@ -324,22 +324,13 @@ pub async fn upstreams(
     req: HttpRequest,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let ctx = crate::auth::authenticate(&req, &state).await?;
-    if !(ctx.principal.has_role(vault::Role::KeyAdmin)
-        || ctx.principal.has_role(vault::Role::Auditor))
-    {
-        let event = ctx
-            .event(Action::AuthorizationDenied, audit::Outcome::Denied)
-            .error_code("forbidden")
-            .detail("upstreams: role_not_permitted");
-        state
-            .seal
-            .store()
-            .append_audit(event)
-            .await
-            .map_err(vault::VaultError::from)?;
-        return Err(vault::VaultError::Forbidden.into());
-    }
+    crate::auth::admin_context_for(
+        &req,
+        &state,
+        Action::Forward,
+        &[vault::Role::KeyAdmin, vault::Role::Auditor],
+    )
+    .await?;
     Ok(HttpResponse::Ok().json(UpstreamList {
         upstreams: state.upstreams.current().listing(),
     }))

@@ -119,19 +119,9 @@ async fn read_bytes_body(
     let mut body = Zeroizing::new(Vec::with_capacity(declared.unwrap_or(4096).min(limit)));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|_| ApiError::BodyRead)?;
-        if body.len() + chunk.len() > limit {
+        if !crate::limits::append_within(&mut body, &chunk, limit) {
             return Err(ApiError::PayloadTooLarge(limit));
         }
-        if body.len() + chunk.len() > body.capacity() {
-            let mut bigger = Zeroizing::new(Vec::with_capacity(
-                (body.len() + chunk.len())
-                    .max(body.capacity() * 2)
-                    .min(limit),
-            ));
-            bigger.extend_from_slice(&body);
-            body = bigger;
-        }
-        body.extend_from_slice(&chunk);
     }
     Ok(body)
 }

@@ -117,8 +117,10 @@ async fn forward_call(
     let kind = BodyKind::from_content_type(&content_type)?;
     let body = read_bytes(&req, payload, upstream.spec.max_request_bytes).await?;
     let template = Template::parse(kind, &body)?;
-    let request_hash =
-        vault::forward_request_hash(req.method().as_str(), rest, &content_type, &body);
+    // What a repeat with the same Idempotency-Key must match (only then).
+    let idempotency_key = req.headers().get("idempotency-key");
+    let request_hash = idempotency_key
+        .map(|_| vault::forward_request_hash(req.method().as_str(), rest, &content_type, &body));
     drop(body);
     let wanted: Vec<Wanted> = template
         .tokens()
@@ -137,7 +139,7 @@ async fn forward_call(
     // completed call's stored answer is given again without calling the
     // upstream (nor releasing a card, nor using a security code).
     let mut claim = None;
-    if let Some(key) = req.headers().get("idempotency-key") {
+    if let (Some(key), Some(request_hash)) = (idempotency_key, request_hash) {
         let key = key
             .to_str()
             .map_err(|_| ApiError::Vault(vault::VaultError::InvalidIdempotencyKey))?;

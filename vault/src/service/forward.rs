@@ -104,7 +104,7 @@ impl Vault {
         for w in wanted {
             if let Err(wait) = monitor.admit_principal(principal_id, Instant::now()) {
                 let ev = ctx.event(Action::Forward, Outcome::Denied);
-                return Err(self.forward_limited(ev, LimitScope::Principal, wait).await);
+                return Err(self.rate_limited(ev, LimitScope::Principal, wait).await);
             }
             let row = self.lookup(ctx, Action::Forward, &w.token).await?;
             if target.tenants.is_some_and(|t| !t.contains(&row.tenant)) {
@@ -129,7 +129,7 @@ impl Vault {
                     .event(Action::Forward, Outcome::Denied)
                     .tenant(row.tenant.clone())
                     .token(row.token.clone());
-                return Err(self.forward_limited(ev, LimitScope::Tenant, wait).await);
+                return Err(self.rate_limited(ev, LimitScope::Tenant, wait).await);
             }
             if w.cvc && !self.cvc.has(&row.token, Instant::now()) {
                 let ev = base
@@ -202,24 +202,7 @@ impl Vault {
             return Err(e.into());
         }
         for c in &cards {
-            if let Some(anomaly) = monitor.observe(principal_id, &c.token, Instant::now()) {
-                tracing::warn!(
-                    principal = %ctx.principal.name,
-                    tenant = %tenant,
-                    request_id = %ctx.request_id,
-                    distinct_tokens = anomaly.distinct,
-                    threshold = anomaly.threshold,
-                    baseline = anomaly.baseline,
-                    window_s = anomaly.window.as_secs(),
-                    "detokenize anomaly (forwarding): a principal revealed many more distinct tokens than its baseline"
-                );
-                let ev = ctx
-                    .event(Action::DetokenizeAnomaly, Outcome::Success)
-                    .tenant(tenant.clone())
-                    .token(c.token.clone())
-                    .detail(anomaly.detail());
-                self.write_event(ev).await?;
-            }
+            self.observe_reveal(ctx, monitor, &tenant, &c.token).await?;
         }
         Ok(ForwardRelease { tenant, cards })
     }
@@ -273,21 +256,6 @@ impl Vault {
                 // source fails, and then the code is gone as if used.
                 let _ = self.cvc.put(&c.token, cvc, now);
             }
-        }
-    }
-
-    async fn forward_limited(
-        &self,
-        event: audit::AuditEvent,
-        scope: LimitScope,
-        retry_after: std::time::Duration,
-    ) -> VaultError {
-        let event = event
-            .error_code("rate_limited")
-            .detail(format!("{}_rate_limit", scope.as_str()));
-        match self.write_event(event).await {
-            Ok(_) => VaultError::RateLimited { scope, retry_after },
-            Err(e) => e.into(),
         }
     }
 

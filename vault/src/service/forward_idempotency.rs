@@ -40,13 +40,12 @@ use audit::{Action, AuditEvent, Outcome};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use super::{ForwardTarget, KeyLifecycleError, RequestContext, Vault, VaultError};
+use super::{ForwardTarget, RequestContext, Vault, VaultError};
 use crate::access::Role;
-use crate::crypto::{ForwardAnswerAad, Sealed, NONCE_LEN};
+use crate::crypto::ForwardAnswerAad;
 use crate::pan::contains_pan_like;
 use crate::store::{
-    now_millis, ForwardClaim, ForwardKeyRow, ForwardKeyState, KeyPurpose, KeyState,
-    StoredForwardAnswer,
+    now_millis, ForwardClaim, ForwardKeyRow, ForwardKeyState, KeyPurpose, StoredForwardAnswer,
 };
 
 /// How long a completed call's answer is kept (and a key remembered).
@@ -392,22 +391,8 @@ impl Vault {
             self.refresh_keys().await?;
             keys = self.keys.keys();
         }
-        let Some(dek) = keys.dek(version) else {
-            return Err(match keys.state(KeyPurpose::Dek, version) {
-                Some(KeyState::Destroyed) => KeyLifecycleError::Destroyed.into(),
-                Some(KeyState::Retired) => KeyLifecycleError::Retired.into(),
-                _ => VaultError::Integrity,
-            });
-        };
-        let nonce: [u8; NONCE_LEN] = answer
-            .nonce
-            .as_slice()
-            .try_into()
-            .map_err(|_| VaultError::Integrity)?;
-        let sealed = Sealed {
-            nonce,
-            ciphertext: answer.ciphertext.clone(),
-        };
+        let dek = super::dek_of(&keys, version)?;
+        let sealed = super::sealed_of(&answer.nonce, &answer.ciphertext)?;
         let aad = answer_aad(
             &row.principal_id,
             &row.upstream,

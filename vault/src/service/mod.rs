@@ -579,27 +579,30 @@ impl Vault {
     }
 }
 
+/// The DEK of `version` from `keys`, or why there is none: destroyed or
+/// retired (gone for good), else an integrity error.
+pub(crate) fn dek_of(keys: &KeySet, version: u32) -> Result<&crate::crypto::DataKey, VaultError> {
+    keys.dek(version)
+        .ok_or_else(|| match keys.state(KeyPurpose::Dek, version) {
+            Some(KeyState::Destroyed) => KeyLifecycleError::Destroyed.into(),
+            Some(KeyState::Retired) => KeyLifecycleError::Retired.into(),
+            _ => VaultError::Integrity,
+        })
+}
+
+/// A stored nonce and ciphertext, as the DEK opens them.
+pub(crate) fn sealed_of(nonce: &[u8], ciphertext: &[u8]) -> Result<Sealed, VaultError> {
+    let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| VaultError::Integrity)?;
+    Ok(Sealed {
+        nonce,
+        ciphertext: ciphertext.to_vec(),
+    })
+}
+
 /// Open a stored record with the DEK of its version from `keys`.
 pub(crate) fn open_with(keys: &KeySet, row: &CardRow) -> Result<CardSecret, VaultError> {
-    let dek = match keys.dek(row.key_version) {
-        Some(dek) => dek,
-        None => {
-            return Err(match keys.state(KeyPurpose::Dek, row.key_version) {
-                Some(KeyState::Destroyed) => KeyLifecycleError::Destroyed.into(),
-                Some(KeyState::Retired) => KeyLifecycleError::Retired.into(),
-                _ => VaultError::Integrity,
-            })
-        }
-    };
-    let nonce: [u8; NONCE_LEN] = row
-        .nonce
-        .as_slice()
-        .try_into()
-        .map_err(|_| VaultError::Integrity)?;
-    let sealed = Sealed {
-        nonce,
-        ciphertext: row.ciphertext.clone(),
-    };
+    let dek = dek_of(keys, row.key_version)?;
+    let sealed = sealed_of(&row.nonce, &row.ciphertext)?;
     let plain = dek
         .open(&card_aad(row), &sealed)
         .map_err(|_: CryptoError| VaultError::Integrity)?;

@@ -122,25 +122,9 @@ impl Vault {
         let used = [row.token.as_str()];
         let (written, ()) = tokio::join!(self.write_event(event), self.touch(&used, now_millis()));
         written?;
-        if let Some(anomaly) =
-            monitor.and_then(|m| m.observe(principal_id, &row.token, Instant::now()))
-        {
-            tracing::warn!(
-                principal = %ctx.principal.name,
-                tenant = %row.tenant,
-                request_id = %ctx.request_id,
-                distinct_tokens = anomaly.distinct,
-                threshold = anomaly.threshold,
-                baseline = anomaly.baseline,
-                window_s = anomaly.window.as_secs(),
-                "detokenize anomaly: a principal detokenized many more distinct tokens than its baseline"
-            );
-            let ev = ctx
-                .event(Action::DetokenizeAnomaly, Outcome::Success)
-                .tenant(row.tenant.clone())
-                .token(row.token.clone())
-                .detail(anomaly.detail());
-            self.write_event(ev).await?;
+        if let Some(monitor) = monitor {
+            self.observe_reveal(ctx, monitor, &row.tenant, &row.token)
+                .await?;
         }
         let cvc_available = self.cvc.has(&row.token, Instant::now());
         Ok(Detokenized {
@@ -151,8 +135,42 @@ impl Vault {
         })
     }
 
-    /// Record a detokenize refused by a rate limit and return its error.
-    async fn rate_limited(
+    /// Count a revealed token (a detokenize, or a card put into a
+    /// forwarded call) for the anomaly rule; when it fires, a warning and a
+    /// `detokenize_anomaly` event (counts only).
+    pub(super) async fn observe_reveal(
+        &self,
+        ctx: &RequestContext,
+        monitor: &DetokenizeMonitor,
+        tenant: &str,
+        token: &str,
+    ) -> Result<(), VaultError> {
+        let Some(anomaly) = monitor.observe(ctx.principal.id.as_str(), token, Instant::now())
+        else {
+            return Ok(());
+        };
+        tracing::warn!(
+            principal = %ctx.principal.name,
+            tenant = %tenant,
+            request_id = %ctx.request_id,
+            distinct_tokens = anomaly.distinct,
+            threshold = anomaly.threshold,
+            baseline = anomaly.baseline,
+            window_s = anomaly.window.as_secs(),
+            "detokenize anomaly: a principal revealed many more distinct tokens than its baseline"
+        );
+        let ev = ctx
+            .event(Action::DetokenizeAnomaly, Outcome::Success)
+            .tenant(tenant)
+            .token(token)
+            .detail(anomaly.detail());
+        self.write_event(ev).await?;
+        Ok(())
+    }
+
+    /// Record a reveal (detokenize or forward) refused by a rate limit and
+    /// return its error.
+    pub(super) async fn rate_limited(
         &self,
         event: AuditEvent,
         scope: LimitScope,
