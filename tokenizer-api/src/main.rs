@@ -10,6 +10,13 @@ use tokenizer_api::config::{Cli, Command, EdgeCommand};
 #[actix_web::main]
 async fn main() -> ExitCode {
     install_panic_hook();
+    let code = run().await;
+    // The log writer thread's queue, before the process ends.
+    tokenizer_api::logging::flush();
+    code
+}
+
+async fn run() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => cli::serve(*args).await,
         Command::Principal { command } => cli::principal(command).await,
@@ -48,21 +55,33 @@ async fn main() -> ExitCode {
 /// Panics are logged with their location only. Our code never formats card
 /// data into a panic, and this keeps a future mistake from printing it.
 /// With JSON logs the hook writes one JSON event instead of a plain line.
+/// Written straight to stderr, not through the log writer thread: a panic
+/// that ends the process must not leave its line in that thread's queue.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         let location = info
             .location()
             .map(|l| format!("{}:{}", l.file(), l.line()))
             .unwrap_or_else(|| "unknown".to_owned());
-        if cli::json_logs() {
+        let message = format!("panic at {location} (message withheld)");
+        let line = if cli::json_logs() {
             // One JSON line, like every other line on stderr.
-            tracing::error!(%location, "panic at {location} (message withheld)");
-            return;
-        }
-        tracing::error!(%location, "panic (message withheld)");
+            serde_json::json!({
+                "timestamp": time::OffsetDateTime::now_utc()
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default(),
+                "level": "ERROR",
+                "target": "panic",
+                "location": location,
+                "message": message,
+            })
+            .to_string()
+        } else {
+            message
+        };
         #[allow(clippy::print_stderr)]
         {
-            eprintln!("panic at {location} (message withheld)");
+            eprintln!("{line}");
         }
     }));
 }

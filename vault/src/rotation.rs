@@ -86,7 +86,7 @@ pub struct Progress {
 /// from any starting point and with any estimate).
 #[derive(Debug, Default)]
 pub(crate) struct PassHint {
-    after: Option<String>,
+    after: Option<i64>,
     remaining: Option<u64>,
 }
 
@@ -300,7 +300,7 @@ impl Vault {
                     .pass
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                (hint.after.clone(), hint.remaining)
+                (hint.after, hint.remaining)
             };
             if estimate.is_none() {
                 // A first count, outside the batch: on a very large table it
@@ -359,7 +359,7 @@ impl Vault {
             after: if outcome.selected < u64::from(limit) {
                 None
             } else {
-                outcome.last_token.clone()
+                outcome.last_seq
             },
             remaining: Some(remaining),
         };

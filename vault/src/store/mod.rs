@@ -706,7 +706,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         events: Vec<AuditEvent>,
     ) -> Result<(), StoreError>;
     /// One batch of the re-encryption pass, in one transaction: the first
-    /// `pass.limit` cards in token order (after `pass.after`) under a DEK
+    /// `pass.limit` cards in insertion order (after `pass.after`) under a DEK
     /// older than `pass.dek_version` or a fingerprint key older than
     /// `pass.fingerprint_version`; `reseal` gives each one's new sealed record
     /// and fingerprint (None: skip it); each is updated only if still under
@@ -793,8 +793,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 pub struct PassBatch {
     pub dek_version: u32,
     pub fingerprint_version: u32,
-    /// Start after this token (a hint for speed; None: from the start).
-    pub after: Option<String>,
+    /// Start after this insertion sequence number (SQLite's rowid,
+    /// PostgreSQL's `seq`; a hint for speed; None: from the start).
+    pub after: Option<i64>,
     pub limit: u32,
     /// Count the rows still to move even if this batch is full (a count
     /// scans them; it is always done when a batch comes back short).
@@ -824,8 +825,9 @@ pub struct BatchOutcome {
     /// Rows still under an older key after this batch, if counted (see
     /// [`PassBatch::count`]).
     pub remaining: Option<u64>,
-    /// The last token read (where the next batch may start).
-    pub last_token: Option<String>,
+    /// The insertion sequence number of the last row read (where the next
+    /// batch may start).
+    pub last_seq: Option<i64>,
     /// This batch finished the pass (and recorded its event).
     pub finished: bool,
 }

@@ -135,6 +135,8 @@ impl PgStore {
     /// instance's batch holds: concurrent passes share the work instead of
     /// waiting for (or deadlocking on) each other.
     const PASS_LOCK: &'static str = " FOR UPDATE SKIP LOCKED";
+    /// The re-encryption pass's order: an identity column (migration 0009).
+    const CARD_SEQ: &'static str = "seq";
     /// Restored audit events keep their numbers; new ones continue after them.
     const AFTER_IMPORT: Option<&'static str> = Some(
         "SELECT setval(pg_get_serial_sequence('audit_events', 'seq'), COALESCE((SELECT MAX(seq) FROM audit_events), 0) + 1, false)",

@@ -1707,11 +1707,15 @@ macro_rules! sql_store {
                 self.bounded(async {
                     let mut tx = self.pool.begin().await?;
                     guard_keys(&mut tx, pass.dek_version, pass.fingerprint_version, false).await?;
-                    // The first `limit` cards in token order under any older
-                    // version: one range scan per older version on its
-                    // (version, token) index, merged here. Each scan reads
-                    // at most `limit` rows, whatever the size of the table
-                    // and however much of it was moved already.
+                    // The first `limit` cards in insertion order (`CARD_SEQ`:
+                    // SQLite's rowid, PostgreSQL's identity column) under any
+                    // older version: one range scan per older version on its
+                    // (version, seq) index, merged here. Each scan reads at
+                    // most `limit` rows, whatever the size of the table and
+                    // however much of it was moved already. The indexes end
+                    // in an append-ordered key, so a new card adds its entry
+                    // at their right edge instead of a random page
+                    // (migration 0009).
                     let older = sqlx::query(
                         "SELECT purpose, version FROM vault_keys
                           WHERE (purpose = 'dek' AND version < $1) OR (purpose = 'fingerprint' AND version < $2)",
@@ -1720,44 +1724,46 @@ macro_rules! sql_store {
                     .bind(fp)
                     .fetch_all(&mut *tx)
                     .await?;
-                    let after = pass.after.clone().unwrap_or_default();
-                    let mut found: std::collections::BTreeMap<String, $crate::store::CardRow> = std::collections::BTreeMap::new();
+                    let after = pass.after.unwrap_or(0);
+                    let seq = <$store>::CARD_SEQ;
+                    let mut found: std::collections::BTreeMap<i64, $crate::store::CardRow> = std::collections::BTreeMap::new();
                     for r in &older {
                         use sqlx::Row as _;
                         let purpose: String = r.try_get("purpose")?;
                         let version: i64 = r.try_get("version")?;
-                        // Rows under an older DEK, on (key_version, token); rows
+                        // Rows under an older DEK, on (key_version, seq); rows
                         // under an older fingerprint key only (already under
                         // the active DEK: the others are found by their DEK),
-                        // on (fingerprint_version, key_version, token).
+                        // on (fingerprint_version, key_version, seq).
                         let (range, under_active) = if purpose == "dek" {
                             ("key_version = $1", None)
                         } else {
                             ("fingerprint_version = $1 AND key_version = $4", Some(dek))
                         };
                         let sql = format!(
-                            "SELECT {CARD_COLUMNS} FROM cards WHERE {range} AND token > $2 ORDER BY token LIMIT $3{}",
+                            "SELECT {CARD_COLUMNS}, {seq} AS pass_seq FROM cards WHERE {range} AND {seq} > $2 ORDER BY {seq} LIMIT $3{}",
                             <$store>::PASS_LOCK
                         );
-                        let mut q = sqlx::query(&sql).bind(version).bind(&after).bind(i64::from(pass.limit));
+                        let mut q = sqlx::query(&sql).bind(version).bind(after).bind(i64::from(pass.limit));
                         if let Some(active) = under_active {
                             q = q.bind(active);
                         }
                         let rows = q.fetch_all(&mut *tx).await?;
-                        for row in rows.iter().map(card_from_row) {
-                            let row = row?;
-                            found.insert(row.token.clone(), row);
+                        for r in &rows {
+                            let n: i64 = r.try_get("pass_seq")?;
+                            found.insert(n, card_from_row(r)?);
                         }
                     }
-                    let rows: Vec<$crate::store::CardRow> = found
-                        .into_values()
+                    let rows: Vec<(i64, $crate::store::CardRow)> = found
+                        .into_iter()
                         .take(usize::try_from(pass.limit).unwrap_or(usize::MAX))
                         .collect();
                     let mut out = BatchOutcome {
                         selected: rows.len() as u64,
-                        last_token: rows.last().map(|r| r.token.clone()),
+                        last_seq: rows.last().map(|(n, _)| *n),
                         ..BatchOutcome::default()
                     };
+                    let rows: Vec<$crate::store::CardRow> = rows.into_iter().map(|(_, r)| r).collect();
                     let moves: Vec<_> = rows
                         .iter()
                         .filter_map(|r| reseal(r).map(|n| (r, n)))

@@ -128,6 +128,9 @@ impl SqliteStore {
     const KEY_GUARD_SHARED: &'static str = Self::KEY_GUARD;
     /// One writer at a time: nothing to lock or skip.
     const PASS_LOCK: &'static str = "";
+    /// The re-encryption pass's order: the rowid, append-ordered (a VACUUM
+    /// may renumber it; the pass's cursor is only a hint and wraps around).
+    const CARD_SEQ: &'static str = "rowid";
     /// AUTOINCREMENT follows explicitly inserted sequence numbers by itself.
     const AFTER_IMPORT: Option<&'static str> = None;
 
