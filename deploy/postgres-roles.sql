@@ -27,7 +27,11 @@
 --                      principals    SELECT, INSERT, UPDATE (revoked_at) --
 --                                    revocation is the only update; roles,
 --                                    tenants and key hashes cannot be changed
---                                    in place
+--                                    in place (each change is notified
+--                                    on channel cardvault_principals by
+--                                    migration 0010's trigger: firing a
+--                                    trigger, LISTEN and NOTIFY need no
+--                                    grant)
 --                      audit_events  SELECT, INSERT -- no UPDATE, DELETE or
 --                                    TRUNCATE
 --                      audit_head    SELECT, UPDATE (the chain head row)

@@ -387,6 +387,26 @@ pub struct PrincipalRow {
     pub cert_identity: Option<String>,
 }
 
+/// What a store's principal change feed ([`Store::principal_changes`])
+/// reports, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrincipalChange {
+    /// The feed's connection is listening, and every change committed
+    /// before `at` has been reported. Sent when LISTEN is (re)established
+    /// and then after each heartbeat on the listening connection.
+    Confirmed { at: std::time::Instant },
+    /// The row of this principal id changed (inserted, updated, deleted).
+    Changed(String),
+    /// Any row may have changed (a truncation).
+    All,
+    /// The listening connection is lost: changes may go unreported until
+    /// the next `Confirmed`.
+    Lost,
+}
+
+/// A principal change feed; ends when the store's listener task stops.
+pub type PrincipalChanges = tokio::sync::mpsc::UnboundedReceiver<PrincipalChange>;
+
 /// The connections of a store's pool at one moment (for metrics; the
 /// numbers are read one after the other, so they may disagree by one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -442,6 +462,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// (`sqlite_writer.rs`). None: the group commit writes through the
     /// store. Each call starts a new one.
     fn dedicated_writer(&self) -> Result<Option<Arc<dyn Writer>>, StoreError>;
+    /// A feed of principal changes made by any process sharing the
+    /// database, if the backend has one: PostgreSQL's LISTEN on
+    /// `cardvault_principals` (fed by a trigger, migration 0010), on a
+    /// connection and task of its own, started by this call (it needs a
+    /// Tokio runtime; without one, None). None on SQLite, whose principal
+    /// reads are inline and cheap. The task stops when the receiver is
+    /// dropped.
+    fn principal_changes(&self) -> Option<PrincipalChanges>;
     /// Cheap round trip to the database, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
     /// Close the pool (SQLite: checkpoints the WAL into the main file).

@@ -9,16 +9,38 @@
 //! every operation has a time bound, so requests fail fast with
 //! `storage_unavailable`; the pool reconnects by itself when the database
 //! returns.
+//!
+//! Principal changes: [`Store::principal_changes`](super::Store) starts a
+//! task holding a `PgListener` on [`PRINCIPAL_CHANNEL`] (notified by the
+//! trigger of migration 0010) on a connection of its own, named
+//! [`LISTENER_APPLICATION_NAME`]. Notifications sent while that connection
+//! is down are lost (PostgreSQL keeps none for a session that is gone), so
+//! the task reports every loss ([`PrincipalChange::Lost`]) and every
+//! re-established LISTEN, and checks the connection with a heartbeat query
+//! every [`HEARTBEAT`] (a connection that died silently, without a reset,
+//! would otherwise look alive forever).
 
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _, Postgres};
+use tokio::sync::mpsc::UnboundedSender;
 
 use super::sql::sql_store;
-use super::StoreError;
+use super::{PrincipalChange, PrincipalChanges, StoreError};
+
+/// The channel migration 0010's trigger notifies with a principal's id.
+pub const PRINCIPAL_CHANNEL: &str = "cardvault_principals";
+/// `application_name` of the listening connection (in `pg_stat_activity`).
+pub const LISTENER_APPLICATION_NAME: &str = "cardvault-principal-listener";
+/// How often an idle listening connection is checked.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A heartbeat slower than this counts as a lost connection.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest wait between attempts to listen again.
+const RETRY_MAX: Duration = Duration::from_secs(1);
 
 static MIGRATOR: Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -106,6 +128,18 @@ impl PgStore {
         Ok(None)
     }
 
+    /// A task listening on [`PRINCIPAL_CHANNEL`] on a connection of its own.
+    fn principal_feed(&self) -> Option<PrincipalChanges> {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let opts = self
+            .connect
+            .clone()
+            .application_name(LISTENER_APPLICATION_NAME);
+        runtime.spawn(listen_principals(opts, self.op_timeout, tx));
+        Some(rx)
+    }
+
     /// Every read is a network round trip: through the pool.
     #[allow(clippy::unused_self)]
     fn point_reader(&self) -> Option<&dyn super::PointReader> {
@@ -148,6 +182,120 @@ impl PgStore {
 }
 
 sql_store!(PgStore, Postgres);
+
+/// Listen on [`PRINCIPAL_CHANNEL`] and report to `tx` until it is closed:
+/// `Confirmed` once LISTEN is in force and after each heartbeat, `Changed`
+/// or `All` per notification, `Lost` when the connection fails; then listen
+/// again on a new connection (at most [`RETRY_MAX`] apart while that fails).
+async fn listen_principals(
+    opts: PgConnectOptions,
+    op_timeout: Duration,
+    tx: UnboundedSender<PrincipalChange>,
+) {
+    let mut retry = Duration::ZERO;
+    while !tx.is_closed() {
+        match tokio::time::timeout(op_timeout, subscribe(&opts, op_timeout)).await {
+            Ok(Ok(mut listener)) => {
+                retry = Duration::ZERO;
+                let lost = follow(&mut listener, &tx).await;
+                drop(listener);
+                if !lost {
+                    return;
+                }
+                tracing::warn!("principal change listener lost its connection; listening again");
+                if tx.send(PrincipalChange::Lost).is_err() {
+                    return;
+                }
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot listen for principal changes"),
+            Err(_) => tracing::warn!("cannot listen for principal changes: timed out"),
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).clamp(Duration::from_millis(50), RETRY_MAX);
+    }
+}
+
+/// A listener on [`PRINCIPAL_CHANNEL`], on a one-connection pool of its own.
+async fn subscribe(
+    opts: &PgConnectOptions,
+    op_timeout: Duration,
+) -> Result<PgListener, StoreError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(op_timeout)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .connect_with(opts.clone())
+        .await?;
+    let mut listener = PgListener::connect_with(&pool).await?;
+    // A lost connection is reported to us (and we start over on a new
+    // one), not silently replaced inside `try_recv`.
+    listener.eager_reconnect(false);
+    listener.listen(PRINCIPAL_CHANNEL).await?;
+    Ok(listener)
+}
+
+/// Report what `listener` receives until its connection fails (true) or
+/// `tx` is closed (false).
+async fn follow(listener: &mut PgListener, tx: &UnboundedSender<PrincipalChange>) -> bool {
+    // Everything committed after LISTEN took effect will be reported.
+    let mut confirmed = Instant::now();
+    if tx
+        .send(PrincipalChange::Confirmed { at: confirmed })
+        .is_err()
+    {
+        return false;
+    }
+    loop {
+        let wait = HEARTBEAT.saturating_sub(confirmed.elapsed());
+        // (`try_recv` is cancel-safe: a partly read message stays buffered.)
+        match tokio::time::timeout(wait, listener.try_recv()).await {
+            Ok(Ok(Some(notification))) => {
+                if tx.send(change_of(notification.payload())).is_err() {
+                    return false;
+                }
+            }
+            // `Ok(None)`: the connection closed (and, without eager
+            // reconnection, was dropped); an error: it failed.
+            Ok(Ok(None) | Err(_)) => return true,
+            Err(_) => {
+                if tx.is_closed() {
+                    return false;
+                }
+                let at = Instant::now();
+                // The server sends every notification committed before this
+                // query before its answer; those that arrive during it are
+                // buffered by the listener, and are reported first.
+                let beat = tokio::time::timeout(
+                    HEARTBEAT_TIMEOUT,
+                    sqlx::query("SELECT 1").execute(&mut *listener),
+                )
+                .await;
+                if !matches!(beat, Ok(Ok(_))) {
+                    return true;
+                }
+                while let Some(notification) = listener.next_buffered() {
+                    if tx.send(change_of(notification.payload())).is_err() {
+                        return false;
+                    }
+                }
+                confirmed = at;
+                if tx.send(PrincipalChange::Confirmed { at }).is_err() {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+fn change_of(payload: &str) -> PrincipalChange {
+    if payload == "*" {
+        PrincipalChange::All
+    } else {
+        PrincipalChange::Changed(payload.to_owned())
+    }
+}
 
 #[cfg(test)]
 mod pool_state_tests {

@@ -580,6 +580,20 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         revoked_at: None,
         cert_identity: None,
     };
+    // The principal change feed works as the runtime role: it may LISTEN,
+    // and the trigger of migration 0010 fires for its changes (a trigger
+    // function needs no EXECUTE grant to fire).
+    let mut changes = app.principal_changes().unwrap();
+    async fn next(changes: &mut crate::store::PrincipalChanges) -> crate::store::PrincipalChange {
+        tokio::time::timeout(std::time::Duration::from_secs(5), changes.recv())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+    assert!(matches!(
+        next(&mut changes).await,
+        crate::store::PrincipalChange::Confirmed { .. }
+    ));
     app.insert_principal(&principal, ev(Action::PrincipalCreated))
         .await
         .unwrap();
@@ -591,6 +605,19 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         .revoke_principal("checkout", 2, ev(Action::PrincipalRevoked))
         .await
         .unwrap());
+    for _ in 0..2 {
+        // (Heartbeats may come in between.)
+        loop {
+            match next(&mut changes).await {
+                crate::store::PrincipalChange::Confirmed { .. } => {}
+                other => {
+                    assert_eq!(other, crate::store::PrincipalChange::Changed("p1".into()));
+                    break;
+                }
+            }
+        }
+    }
+    drop(changes);
     assert_eq!(
         app.find_principal("p1").await.unwrap().unwrap().revoked_at,
         Some(2)

@@ -586,6 +586,10 @@ macro_rules! sql_store {
                 <$store>::own_writer(self)
             }
 
+            fn principal_changes(&self) -> Option<$crate::store::PrincipalChanges> {
+                <$store>::principal_feed(self)
+            }
+
             async fn ping(&self) -> Result<(), $crate::store::StoreError> {
                 self.bounded(async {
                     sqlx::query("SELECT 1").execute(&self.pool).await?;

@@ -105,6 +105,13 @@ impl SqliteStore {
         Ok(Some(Arc::new(writer)))
     }
 
+    /// No change feed: one process, and principal reads are inline and
+    /// cheap, so the authenticator reads the row on every request.
+    #[allow(clippy::unused_self)]
+    fn principal_feed(&self) -> Option<super::PrincipalChanges> {
+        None
+    }
+
     /// Card and principal lookups on the request path, inline.
     fn point_reader(&self) -> Option<&dyn super::PointReader> {
         Some(&*self.reader)
