@@ -719,7 +719,7 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         .fetch_one(&mut admin)
         .await
         .unwrap();
-    assert_eq!(applied, 9);
+    assert_eq!(applied, 10);
     owner.migrate().await.unwrap();
 
     // `tokenizer restore` is an owner operation: as the runtime role the
