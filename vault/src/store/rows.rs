@@ -14,6 +14,8 @@ use super::{check_event, CardRow, Inserted, NewCard, StoreError};
 pub(crate) const PRINCIPAL_COLUMNS: &str =
     "id, name, roles, tenants, key_hash, created_at, revoked_at, cert_identity";
 /// The columns of `cards`, in the order both drivers read and write them.
+pub(crate) const TENANT_COLUMNS: &str =
+    "name, fingerprint_salt, pan_shaped, token_ttl_days, retention_days, created_at, updated_at, deleted_at";
 pub(crate) const CARD_COLUMNS: &str = "token, tenant, fingerprint, brand, bin, last4, pan_len, key_version, nonce, ciphertext, created_at, fingerprint_version, expires_at, last_used_at, updated_at";
 
 /// The head of an `audit_events` insert; the values follow.

@@ -21,9 +21,7 @@
 /// `pool: sqlx::Pool<$db>` and `op_timeout: std::time::Duration`.
 macro_rules! sql_store {
     ($store:ty, $db:ty) => {
-        use $crate::store::rows::{CARD_COLUMNS, EVENT_INSERT, PRINCIPAL_COLUMNS};
-        const TENANT_COLUMNS: &str =
-            "name, fingerprint_salt, pan_shaped, token_ttl_days, retention_days, created_at, updated_at, deleted_at";
+        use $crate::store::rows::{CARD_COLUMNS, EVENT_INSERT, PRINCIPAL_COLUMNS, TENANT_COLUMNS};
         const KEY_COLUMNS: &str =
             "purpose, version, kek_id, wrapped, created_at, state, retired_at, destroyed_at, reencrypted_at";
         const EVENT_COLUMNS: &str =
@@ -920,6 +918,12 @@ macro_rules! sql_store {
             }
 
             async fn tenant(&self, name: &str) -> Result<Option<$crate::store::TenantRow>, $crate::store::StoreError> {
+                // On the request path (a tenant's policy, re-read every
+                // `tenants::FRESH`; with 30,000 tenants nearly every
+                // request's): inline where the backend can.
+                if let Some(reader) = <$store>::point_reader(self) {
+                    return reader.find_tenant(name);
+                }
                 self.bounded(async {
                     let row = sqlx::query(&format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE name = $1"))
                         .bind(name)

@@ -1,5 +1,5 @@
 //! SQLite's point reads on the request path (a card by its token, a
-//! principal by key id or certificate identity): read-only rusqlite
+//! principal by key id or certificate identity, a tenant's policy): read-only rusqlite
 //! connections of their own, used inline on the calling thread.
 //!
 //! Why: through sqlx a read is three hand-offs to a connection's worker
@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension as _};
 
-use super::rows::{CARD_COLUMNS, PRINCIPAL_COLUMNS};
-use super::{CardRow, PointReader, PrincipalRow, StoreError};
+use super::rows::{CARD_COLUMNS, PRINCIPAL_COLUMNS, TENANT_COLUMNS};
+use super::{CardRow, PointReader, PrincipalRow, StoreError, TenantRow};
 
 /// Idle connections kept for reuse; more are opened when more threads read
 /// at once, and closed after.
@@ -39,11 +39,12 @@ pub(crate) struct SqliteReader {
     path: PathBuf,
     busy: Duration,
     idle: Mutex<Vec<Connection>>,
-    /// The three statements, built once (the statement cache is keyed by
-    /// their text).
+    /// The statements, built once (the statement cache is keyed by their
+    /// text).
     card_sql: String,
     principal_sql: String,
     cert_sql: String,
+    tenant_sql: String,
 }
 
 impl std::fmt::Debug for SqliteReader {
@@ -68,6 +69,7 @@ impl SqliteReader {
                 "SELECT {PRINCIPAL_COLUMNS} FROM principals
                  WHERE cert_identity = ?1 AND revoked_at IS NULL"
             ),
+            tenant_sql: format!("SELECT {TENANT_COLUMNS} FROM tenants WHERE name = ?1"),
         }
     }
 
@@ -126,6 +128,41 @@ impl PointReader for SqliteReader {
                 .optional()
         })
     }
+
+    fn find_tenant(&self, name: &str) -> Result<Option<TenantRow>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(&self.tenant_sql)?
+                .query_row([name], tenant_row)
+                .optional()
+        })
+    }
+}
+
+/// A tenant row; the day counts as the pool's `tenant_from_row` checks them.
+fn tenant_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TenantRow> {
+    let days = |i: usize| -> rusqlite::Result<Option<u32>> {
+        r.get::<_, Option<i64>>(i)?
+            .map(|d| {
+                u32::try_from(d).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        i,
+                        rusqlite::types::Type::Integer,
+                        Box::new(e),
+                    )
+                })
+            })
+            .transpose()
+    };
+    Ok(TenantRow {
+        name: r.get(0)?,
+        fingerprint_salt: r.get(1)?,
+        pan_shaped: r.get::<_, i64>(2)? != 0,
+        token_ttl_days: days(3)?,
+        retention_days: days(4)?,
+        created_at: r.get(5)?,
+        updated_at: r.get(6)?,
+        deleted_at: r.get(7)?,
+    })
 }
 
 fn principal_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PrincipalRow> {
