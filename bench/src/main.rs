@@ -410,8 +410,12 @@ fn service_user() -> Option<(u32, u32)> {
 }
 
 fn chown_tree(path: &Path, owner: (u32, u32)) -> Res<()> {
-    std::os::unix::fs::lchown(path, Some(owner.0), Some(owner.1))
-        .map_err(|e| format!("chown {}: {e}", path.display()))?;
+    match std::os::unix::fs::lchown(path, Some(owner.0), Some(owner.1)) {
+        // SQLite's -shm and -wal files go when the seeding's last
+        // connection closes, maybe just after they were listed.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        r => r.map_err(|e| format!("chown {}: {e}", path.display()))?,
+    }
     if path.is_dir() {
         for entry in std::fs::read_dir(path).map_err(|e| e.to_string())? {
             chown_tree(&entry.map_err(|e| e.to_string())?.path(), owner)?;
