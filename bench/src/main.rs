@@ -339,7 +339,7 @@ fn compare(files: &[PathBuf]) -> Res<()> {
     let (a, b) = (load(a_path)?, load(b_path)?);
     for (tag, doc, path) in [("A", &a, a_path), ("B", &b, b_path)] {
         println!(
-            "{tag}: {} ({}, {} cards, {} tenants; service RSS after start {} MiB, after the cases {} MiB)",
+            "{tag}: {} ({}, {} cards, {} tenant(s); service RSS after start {} MiB, after the cases {} MiB)",
             path.display(),
             doc["backend"].as_str().unwrap_or("?"),
             doc["seeded_cards"].as_u64().unwrap_or(0),
@@ -644,6 +644,7 @@ fn bench(
         .build()
         .map_err(|e| e.to_string())?;
     let started = Instant::now();
+    let seed_cpu_from = cpu_ticks("self");
     let sample = seed_rt.block_on(seed(
         url,
         &data.join("kek.key"),
@@ -653,14 +654,23 @@ fn bench(
     ))?;
     let seed_secs = started.elapsed().as_secs_f64();
     drop(seed_rt);
+    // This process's CPU per seeded card (sealing, audit chain, the SQLite
+    // writer thread; not PostgreSQL's server): near 2 cores' worth of the
+    // wall time means the seeding is CPU-bound here.
+    let seed_cpu_secs = match (seed_cpu_from, cpu_ticks("self")) {
+        (Some(a), Some(b)) => b.saturating_sub(a) as f64 / clock_ticks(),
+        _ => 0.0,
+    };
     let seed_rate = seeded as f64 / seed_secs.max(1e-9);
     println!(
         "seeded {seeded} cards over {tenants} tenant{} on {} in {seed_secs:.1} s ({seed_rate:.0} cards/s; \
-         {} batch calls in flight, {seed_threads} runtime threads; {} kept for the load)",
+         {} batch calls in flight, {seed_threads} runtime threads; {} kept for the load; \
+         this process's CPU {seed_cpu_secs:.1} s, {:.0} µs per card)",
         if tenants == 1 { "" } else { "s" },
         args.backend,
         args.seed_in_flight.max(1),
         sample.len(),
+        seed_cpu_secs * 1e6 / seeded.max(1) as f64,
     );
     if let Some(owner) = owner {
         chown_tree(data, owner)?;
@@ -800,6 +810,7 @@ fn bench(
             "tenants": tenants,
             "seed_seconds": seed_secs,
             "seed_cards_per_second": seed_rate,
+            "seed_cpu_seconds": seed_cpu_secs,
             "seed_in_flight": args.seed_in_flight.max(1),
             "seed_threads": seed_threads,
             "service_rss_after_start_mib": rss_after_start,
