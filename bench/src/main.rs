@@ -62,12 +62,33 @@
 //! are raised to `--edge-rate`.
 //!
 //! Each case runs at each client count, printing requests/s (flows/s for
-//! `collect_flow`), cards/s, p50/p99/p99.9 latency, errors, and requests/s
-//! as a ratio to the baseline of the same run (machines here are shared
-//! and noisy: compare ratios of one run). The resident size of the service
-//! (and of the edge) is sampled during the largest client count.
-//! Everything is also written as JSON (`--json FILE`). No card number is
-//! printed or logged: errors are shown as status and error code only.
+//! `collect_flow`), cards/s, p50/p99/p99.9 latency, errors, requests/s as
+//! a ratio to the baseline of the same run (machines here are shared and
+//! noisy: compare ratios of one run), and the CPU time per request of the
+//! service process and of this one (utime + stime from /proc/<pid>/stat
+//! over the measured interval, divided by the requests measured): on a
+//! shared machine the load-independent figure. The resident size of the
+//! service (and of the edge) is sampled during the largest client count:
+//! at the first sample after warm-up, at the end, and the most seen (a
+//! long run: `--cases detokenize --clients 64 --seconds 600`). It is also
+//! printed after seeding and start, and after the cases, with what it
+//! consists of (RssAnon, RssFile, RssShmem of /proc/<pid>/status).
+//! Everything is also written as JSON (`--json FILE`); `--compare A B`
+//! prints, per case and client count of two such files, the req/s ratio
+//! B/A and the p99s. No card number is printed or logged: errors are shown
+//! as status and error code only.
+//!
+//! Scale (issue 19): `--tenants N` spreads the seeded cards over N tenants
+//! (`bench-00000`, ...; card `i` to tenant `i % N`; all created by the
+//! seeding); `tokenize_new`, `tokenize_repeat` (with the card's own
+//! tenant), `detokenize`, `batch100` and `mix` pick a uniformly random
+//! tenant per request (the kept tokens, about 100,000, span all tenants).
+//! The seeding is the vault's batch path itself (every card sealed, with
+//! its audit event, exactly as a batch call stores it): the card inputs are
+//! made on a thread of their own, `--seed-in-flight` batch calls (default
+//! 16) run at once on `--seed-threads` runtime threads, so that the vault's
+//! group commit merges them (up to 2000 cards per transaction) while the
+//! next ones are sealed.
 //!
 //! Card numbers are generated from the test BIN 411111 with a valid Luhn
 //! digit, as the project's test-card rules allow; every submission and
@@ -99,9 +120,27 @@ struct Args {
     /// default postgres://postgres@127.0.0.1:5432/postgres, dropped after).
     #[arg(long, default_value = "sqlite")]
     backend: String,
-    /// Cards stored before the load starts (seeded in-process).
+    /// Cards stored before the load starts (seeded in-process; at least
+    /// one per tenant: raised to `--tenants` if lower).
     #[arg(long, default_value_t = 1000)]
     seed: u64,
+    /// Tenants the seeded cards are spread over, round robin (1: the one
+    /// tenant `bench`; more: `bench-00000`, `bench-00001`, ...). The card
+    /// cases then pick a uniformly random tenant per request.
+    #[arg(long, default_value_t = 1)]
+    tenants: u64,
+    /// Seeding: batch calls (up to 1000 cards of one tenant each) in
+    /// flight at once; the vault's group commit merges concurrent batches
+    /// (up to 2000 cards per transaction).
+    #[arg(long, default_value_t = 16)]
+    seed_in_flight: usize,
+    /// Seeding: Tokio worker threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    seed_threads: usize,
+    /// Print the req/s ratio B/A and the p99s per case and client count of
+    /// two JSON files of this bench (e.g. one tenant vs 30,000), and exit.
+    #[arg(long, num_args = 2, value_names = ["A_JSON", "B_JSON"])]
+    compare: Option<Vec<PathBuf>>,
     /// Client counts, comma-separated.
     #[arg(long, default_value = "1,16,64", value_delimiter = ',')]
     clients: Vec<usize>,
@@ -168,7 +207,11 @@ type Res<T> = Result<T, String>;
 
 fn main() {
     let args = Args::parse();
-    if let Err(e) = run(&args) {
+    let result = match &args.compare {
+        Some(files) => compare(files),
+        None => run(&args),
+    };
+    if let Err(e) = result {
         eprintln!("cardvault-bench: {e}");
         std::process::exit(1);
     }
@@ -177,6 +220,184 @@ fn main() {
 /// A test-BIN (411111) card number with a correct Luhn digit, from `n`.
 fn test_pan(n: u64) -> String {
     vault::pan::with_check_digit(&format!("411111{:09}", n % 1_000_000_000)).unwrap_or_default()
+}
+
+/// The name of tenant `t` of `n`: `bench` alone, else `bench-00000`, ...
+fn tenant_name(t: u64, n: u64) -> String {
+    if n <= 1 {
+        "bench".to_owned()
+    } else {
+        format!("bench-{t:05}")
+    }
+}
+
+/// The next number of a client's xorshift generator.
+fn next_random(rng: &mut u64) -> u64 {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    *rng
+}
+
+/// A fixed scramble of `i` (splitmix64), to sample seeded cards evenly
+/// over all tenants whatever their number.
+fn mix64(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Clock ticks per second of /proc's CPU times (`getconf CLK_TCK`; Linux
+/// exports them in USER_HZ, 100 everywhere this runs).
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .filter(|&t| t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// User plus system CPU time of a process (`self` or a pid), in clock
+/// ticks, from /proc/<pid>/stat (fields 14 and 15; the name in field 2 may
+/// hold spaces, so counted after its closing parenthesis).
+fn cpu_ticks(pid: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime = fields.get(11)?.parse::<u64>().ok()?;
+    let stime = fields.get(12)?.parse::<u64>().ok()?;
+    Some(utime + stime)
+}
+
+/// The kB fields of /proc/<pid>/status named, in MiB (absent: 0).
+fn status_mib(pid: u32, names: &[&str]) -> Vec<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    names
+        .iter()
+        .map(|name| {
+            status
+                .lines()
+                .find(|l| l.split(':').next() == Some(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+                .map_or(0.0, |kb| kb / 1024.0)
+        })
+        .collect()
+}
+
+/// What the service's resident memory consists of (/proc/<pid>/status):
+/// a line to print, and as JSON.
+fn memory_breakdown(pid: u32) -> (String, Value) {
+    const FIELDS: [&str; 6] = ["VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM", "VmSwap"];
+    let values = status_mib(pid, &FIELDS);
+    let line: Vec<String> = FIELDS
+        .iter()
+        .zip(&values)
+        .map(|(n, v)| format!("{n} {v:.1}"))
+        .collect();
+    let line = format!(
+        "service memory after the cases (MiB, /proc/<pid>/status; RssAnon: heap and stacks, \
+         RssFile: the mapped binary and libraries, RssShmem: shared memory; VmHWM: the peak): {}",
+        line.join(", ")
+    );
+    let threads = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Threads:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse::<u64>().ok())
+        });
+    let mut doc = serde_json::Map::new();
+    for (n, v) in FIELDS.iter().zip(values) {
+        doc.insert(format!("{}_mib", n.to_lowercase()), json!(v));
+    }
+    doc.insert("threads".into(), json!(threads));
+    (
+        format!("{line}; threads {}", threads.unwrap_or_default()),
+        Value::Object(doc),
+    )
+}
+
+/// `--compare A B`: per case and client count of B also in A, the req/s
+/// of both, B/A, the p99s and the service CPU per request.
+fn compare(files: &[PathBuf]) -> Res<()> {
+    let load = |p: &PathBuf| -> Res<Value> {
+        let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    let (Some(a_path), Some(b_path)) = (files.first(), files.get(1)) else {
+        return Err("--compare needs two JSON files".into());
+    };
+    let (a, b) = (load(a_path)?, load(b_path)?);
+    for (tag, doc, path) in [("A", &a, a_path), ("B", &b, b_path)] {
+        println!(
+            "{tag}: {} ({}, {} cards, {} tenant(s); service RSS after start {} MiB, after the cases {} MiB)",
+            path.display(),
+            doc["backend"].as_str().unwrap_or("?"),
+            doc["seeded_cards"].as_u64().unwrap_or(0),
+            doc["tenants"].as_u64().unwrap_or(1),
+            fmt_mib(&doc["service_rss_after_start_mib"]),
+            fmt_mib(&doc["service_rss_after_cases_mib"]),
+        );
+    }
+    println!(
+        "\n{:<16} {:>7} {:>10} {:>10} {:>8} {:>9} {:>9} {:>10} {:>10}",
+        "case",
+        "clients",
+        "A req/s",
+        "B req/s",
+        "B/A",
+        "A p99 ms",
+        "B p99 ms",
+        "A svc µs",
+        "B svc µs"
+    );
+    let rows = |doc: &Value| doc["results"].as_array().cloned().unwrap_or_default();
+    let a_rows = rows(&a);
+    let mut compared = 0;
+    for rb in rows(&b) {
+        let Some(ra) = a_rows
+            .iter()
+            .find(|ra| ra["case"] == rb["case"] && ra["clients"] == rb["clients"])
+        else {
+            continue;
+        };
+        let f = |r: &Value, k: &str| r[k].as_f64().unwrap_or(0.0);
+        let us = |r: &Value| {
+            r["service_cpu_us_per_request"]
+                .as_f64()
+                .map_or("-".to_owned(), |v| format!("{v:.0}"))
+        };
+        println!(
+            "{:<16} {:>7} {:>10.0} {:>10.0} {:>8.2} {:>9.2} {:>9.2} {:>10} {:>10}",
+            rb["case"].as_str().unwrap_or("?"),
+            rb["clients"].as_u64().unwrap_or(0),
+            f(ra, "requests_per_second"),
+            f(&rb, "requests_per_second"),
+            f(&rb, "requests_per_second") / f(ra, "requests_per_second").max(1e-9),
+            f(ra, "p99_ms"),
+            f(&rb, "p99_ms"),
+            us(ra),
+            us(&rb),
+        );
+        compared += 1;
+    }
+    if compared == 0 {
+        return Err("no case and client count in both files".into());
+    }
+    Ok(())
+}
+
+fn fmt_mib(v: &Value) -> String {
+    v.as_f64().map_or("-".to_owned(), |m| format!("{m:.0}"))
 }
 
 /// The unprivileged user the service runs as when we are root (it refuses
@@ -189,8 +410,12 @@ fn service_user() -> Option<(u32, u32)> {
 }
 
 fn chown_tree(path: &Path, owner: (u32, u32)) -> Res<()> {
-    std::os::unix::fs::lchown(path, Some(owner.0), Some(owner.1))
-        .map_err(|e| format!("chown {}: {e}", path.display()))?;
+    match std::os::unix::fs::lchown(path, Some(owner.0), Some(owner.1)) {
+        // SQLite's -shm and -wal files go when the seeding's last
+        // connection closes, maybe just after they were listed.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        r => r.map_err(|e| format!("chown {}: {e}", path.display()))?,
+    }
     if path.is_dir() {
         for entry in std::fs::read_dir(path).map_err(|e| e.to_string())? {
             chown_tree(&entry.map_err(|e| e.to_string())?.path(), owner)?;
@@ -265,7 +490,7 @@ fn run(args: &Args) -> Res<()> {
         }
         other => return Err(format!("unknown backend {other}")),
     };
-    let result = bench(args, &tokenizer, &rt, &data, &url, owner);
+    let result = bench(args, &tokenizer, &data, &url, owner);
     if args.backend == "postgres" {
         let _ = rt.block_on(pg_execute(
             &admin_url,
@@ -287,7 +512,6 @@ async fn pg_execute(url: &str, sql: &str) -> Res<()> {
 fn bench(
     args: &Args,
     tokenizer: &Path,
-    rt: &tokio::runtime::Runtime,
     data: &Path,
     url: &str,
     owner: Option<(u32, u32)>,
@@ -403,15 +627,50 @@ fn bench(
         ])?)?);
     }
 
-    // Seed through the vault's batch path, in this process.
+    // Seed through the vault's batch path, in this process, on a runtime
+    // of its own (`--seed-threads` workers).
+    let tenants = args.tenants.max(1);
+    let seeded = args.seed.max(tenants);
+    if seeded > args.seed {
+        println!("--seed raised to {seeded}: at least one card per tenant");
+    }
+    let seed_threads = match args.seed_threads {
+        0 => std::thread::available_parallelism().map_or(2, usize::from),
+        n => n,
+    };
+    let seed_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(seed_threads)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
     let started = Instant::now();
-    let sample = rt.block_on(seed(url, &data.join("kek.key"), args.seed))?;
+    let seed_cpu_from = cpu_ticks("self");
+    let sample = seed_rt.block_on(seed(
+        url,
+        &data.join("kek.key"),
+        seeded,
+        tenants,
+        args.seed_in_flight,
+    ))?;
     let seed_secs = started.elapsed().as_secs_f64();
+    drop(seed_rt);
+    // This process's CPU per seeded card (sealing, audit chain, the SQLite
+    // writer thread; not PostgreSQL's server): near 2 cores' worth of the
+    // wall time means the seeding is CPU-bound here.
+    let seed_cpu_secs = match (seed_cpu_from, cpu_ticks("self")) {
+        (Some(a), Some(b)) => b.saturating_sub(a) as f64 / clock_ticks(),
+        _ => 0.0,
+    };
+    let seed_rate = seeded as f64 / seed_secs.max(1e-9);
     println!(
-        "seeded {} cards on {} in {seed_secs:.1} s ({:.0} cards/s)",
-        args.seed,
+        "seeded {seeded} cards over {tenants} tenant{} on {} in {seed_secs:.1} s ({seed_rate:.0} cards/s; \
+         {} batch calls in flight, {seed_threads} runtime threads; {} kept for the load; \
+         this process's CPU {seed_cpu_secs:.1} s, {:.0} µs per card)",
+        if tenants == 1 { "" } else { "s" },
         args.backend,
-        args.seed as f64 / seed_secs.max(1e-9)
+        args.seed_in_flight.max(1),
+        sample.len(),
+        seed_cpu_secs * 1e6 / seeded.max(1) as f64,
     );
     if let Some(owner) = owner {
         chown_tree(data, owner)?;
@@ -477,6 +736,11 @@ fn bench(
             }
         }
     };
+    let rss_after_start = service.proc.rss_mib();
+    println!(
+        "service resident size after seeding and start: {rss_after_start:.1} MiB ({tenants} tenant{} stored, none used yet)",
+        if tenants == 1 { "" } else { "s" }
+    );
     if let Some(acq) = &acquirer {
         println!(
             "test acquirer at {} (upstream {UPSTREAM}; mutual TLS, answers {{\"status\":\"approved\"}} at once; \
@@ -522,20 +786,37 @@ fn bench(
         edge.as_ref(),
         acquirer.as_ref(),
         &creds,
-        &sample,
+        sample,
     );
+    let rss_after_cases = service.proc.rss_mib();
+    let (memory_line, memory) = memory_breakdown(service.proc.child.id());
     let edge_log_lines = edge.as_mut().map(|e| e.proc.stop());
     let log_lines = service.proc.stop();
     let (results, comparisons) = result?;
-    println!("\nservice log lines: {log_lines}");
+    println!(
+        "\nservice resident size after the cases: {rss_after_cases:.1} MiB (after seeding and start: \
+         {rss_after_start:.1} MiB; {tenants} tenant{})",
+        if tenants == 1 { "" } else { "s" }
+    );
+    println!("{memory_line}");
+    println!("service log lines: {log_lines}");
     if let Some(n) = edge_log_lines {
         println!("edge log lines: {n}");
     }
     if let Some(path) = &args.json {
         let doc = json!({
             "backend": args.backend,
-            "seeded_cards": args.seed,
-            "seed_cards_per_second": args.seed as f64 / seed_secs.max(1e-9),
+            "seeded_cards": seeded,
+            "tenants": tenants,
+            "seed_seconds": seed_secs,
+            "seed_cards_per_second": seed_rate,
+            "seed_cpu_seconds": seed_cpu_secs,
+            "seed_in_flight": args.seed_in_flight.max(1),
+            "seed_threads": seed_threads,
+            "service_rss_after_start_mib": rss_after_start,
+            "service_rss_after_cases_mib": rss_after_cases,
+            "service_memory_after_cases": memory,
+            "clock_ticks_per_second": clock_ticks(),
             "seconds_per_case": args.seconds,
             "edge": edge_origin.as_ref().map(|_| json!({
                 "auth": if mtls { "mtls" } else { "api_key" },
@@ -576,15 +857,75 @@ fn write_secret_file(path: &Path, secret: &str) -> Res<()> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Seed `n` cards (tenant `bench`) with the batch path: 1000 per call, two
-/// calls in flight. Returns a sample of (card index, token) for the
-/// detokenize and repeat cases.
-async fn seed(url: &str, kek_file: &Path, n: u64) -> Res<Vec<(u64, String)>> {
+/// The seeded cards kept for the load, per tenant: (card index, token).
+/// Card `i` belongs to tenant `i % tenants`.
+struct Sample {
+    by_tenant: Vec<Vec<(u64, String)>>,
+}
+
+impl Sample {
+    fn tenants(&self) -> u64 {
+        self.by_tenant.len().max(1) as u64
+    }
+
+    /// A uniformly random tenant, then one of its kept cards.
+    fn pick(&self, rng: &mut u64) -> Option<(u64, String)> {
+        let t = (next_random(rng) % self.tenants()) as usize;
+        let cards = self.by_tenant.get(t)?;
+        cards
+            .get((next_random(rng) % cards.len().max(1) as u64) as usize)
+            .cloned()
+    }
+
+    fn len(&self) -> usize {
+        self.by_tenant.iter().map(Vec::len).sum()
+    }
+}
+
+/// One batch call of the seeding: cards `indices` of one tenant.
+struct SeedBatch {
+    tenant: String,
+    indices: Vec<u64>,
+    cards: Vec<CardInput>,
+}
+
+/// The batches of seeding `n` cards over `tenants`: card `i` goes to
+/// tenant `i % tenants`; each tenant's cards in calls of up to
+/// [`MAX_BATCH`], the tenants taken in turn (one round of calls over all
+/// tenants, then the next).
+fn seed_batches(n: u64, tenants: u64, mut each: impl FnMut(u64, Vec<u64>) -> bool) {
+    let per = MAX_BATCH as u64;
+    let tenants = tenants.max(1);
+    let most = n.div_ceil(tenants);
+    let mut round = 0;
+    while round * per < most {
+        for t in 0..tenants {
+            let count = n / tenants + u64::from(t < n % tenants);
+            let (from, to) = (round * per, ((round + 1) * per).min(count));
+            if from >= to {
+                continue;
+            }
+            if !each(t, (from..to).map(|k| t + k * tenants).collect()) {
+                return;
+            }
+        }
+        round += 1;
+    }
+}
+
+/// Seed `n` cards over `tenants` with the vault's batch path (every card
+/// sealed and audited as a batch call does it; the tenants are created by
+/// their first batch), `in_flight` calls at once. The card inputs are made
+/// on a thread of their own, off the runtime. Returns the cards kept for
+/// the detokenize and repeat cases: about 100,000, evenly over the tenants
+/// and at least one of each.
+async fn seed(url: &str, kek_file: &Path, n: u64, tenants: u64, in_flight: usize) -> Res<Sample> {
+    let in_flight = in_flight.max(1);
     let store: Arc<dyn Store> = store::open(&StoreConfig {
         url: url.to_owned(),
         migrate: true,
         op_timeout: Duration::from_secs(300),
-        max_connections: 4,
+        max_connections: u32::try_from(in_flight.clamp(4, 32)).unwrap_or(4),
     })
     .await
     .map_err(|e| e.to_string())?;
@@ -604,50 +945,93 @@ async fn seed(url: &str, kek_file: &Path, n: u64) -> Res<Vec<(u64, String)>> {
         source: "local".into(),
         request_id: "seed".into(),
     };
-    let per = MAX_BATCH as u64;
-    // Keep at most ~100k tokens for the load.
+    // The card inputs, made ahead on a plain thread.
+    let (tx, rx) = tokio::sync::mpsc::channel::<SeedBatch>(in_flight * 2);
+    let tenants = tenants.max(1);
+    let maker = std::thread::spawn(move || {
+        seed_batches(n, tenants, |t, indices| {
+            let cards = indices
+                .iter()
+                .map(|&i| CardInput {
+                    pan: Zeroizing::new(test_pan(i)),
+                    exp_month: 12,
+                    exp_year: 2035,
+                    cardholder_name: None,
+                    cvc: None,
+                })
+                .collect();
+            let batch = SeedBatch {
+                tenant: tenant_name(t, tenants),
+                indices,
+                cards,
+            };
+            tx.blocking_send(batch).is_ok()
+        });
+    });
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    // Keep about 100k tokens for the load, evenly (a scramble of the
+    // index, not every k-th: that could miss whole tenants), and the
+    // first card of every tenant.
     let keep_every = (n / 100_000).max(1);
-    let mut sample = Vec::new();
-    let mut next = 0;
-    while next < n {
-        let mut tasks = Vec::new();
-        for _ in 0..2 {
-            if next >= n {
-                break;
+    let keep = move |i: u64| i < tenants || mix64(i).is_multiple_of(keep_every);
+    let workers: Vec<_> = (0..in_flight)
+        .map(|_| {
+            let (vault, ctx, rx) = (vault.clone(), ctx.clone(), rx.clone());
+            tokio::spawn(async move {
+                let mut kept = Vec::new();
+                let mut refused = 0u64;
+                loop {
+                    let Some(batch) = rx.lock().await.recv().await else {
+                        break;
+                    };
+                    let infos = match vault.tokenize_many(&ctx, &batch.tenant, batch.cards).await {
+                        Ok(infos) => infos,
+                        Err(e) => {
+                            // The maker and the other workers stop.
+                            rx.lock().await.close();
+                            return Err(format!("seeding tenant {}: {e}", batch.tenant));
+                        }
+                    };
+                    for (r, i) in infos.into_iter().zip(batch.indices) {
+                        match r {
+                            Ok(info) if keep(i) => kept.push((i, info.token)),
+                            Ok(_) => {}
+                            Err(_) => refused += 1,
+                        }
+                    }
+                }
+                Ok::<_, String>((kept, refused))
+            })
+        })
+        .collect();
+    let mut by_tenant = vec![Vec::new(); usize::try_from(tenants).unwrap_or(1)];
+    let mut refused = 0;
+    let mut failed = None;
+    for w in workers {
+        match w.await.map_err(|e| e.to_string()).and_then(|r| r) {
+            Ok((kept, r)) => {
+                refused += r;
+                for (i, token) in kept {
+                    if let Some(v) = by_tenant.get_mut((i % tenants) as usize) {
+                        v.push((i, token));
+                    }
+                }
             }
-            let (from, to) = (next, (next + per).min(n));
-            next = to;
-            let (vault, ctx) = (vault.clone(), ctx.clone());
-            tasks.push(tokio::spawn(async move {
-                let cards = (from..to)
-                    .map(|i| CardInput {
-                        pan: Zeroizing::new(test_pan(i)),
-                        exp_month: 12,
-                        exp_year: 2035,
-                        cardholder_name: None,
-                        cvc: None,
-                    })
-                    .collect();
-                let infos = vault
-                    .tokenize_many(&ctx, "bench", cards)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok::<_, String>(
-                    infos
-                        .into_iter()
-                        .zip(from..to)
-                        .filter(|(_, i)| i % keep_every == 0)
-                        .filter_map(|(r, i)| r.ok().map(|info| (i, info.token)))
-                        .collect::<Vec<_>>(),
-                )
-            }));
-        }
-        for t in tasks {
-            sample.extend(t.await.map_err(|e| e.to_string())??);
+            Err(e) => {
+                rx.lock().await.close();
+                failed.get_or_insert(e);
+            }
         }
     }
+    let _ = maker.join();
     store.close().await;
-    Ok(sample)
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if refused > 0 {
+        return Err(format!("{refused} seeded cards were refused"));
+    }
+    Ok(Sample { by_tenant })
 }
 
 /// A running `tokenizer` process, its log drained (and counted).
@@ -730,15 +1114,10 @@ impl Proc {
 
     /// Resident set size now, in MiB.
     fn rss_mib(&self) -> f64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("VmRSS:"))
-                    .and_then(|l| l.split_whitespace().nth(1))
-                    .and_then(|kb| kb.parse::<f64>().ok())
-            })
-            .map_or(0.0, |kb| kb / 1024.0)
+        status_mib(self.child.id(), &["VmRSS"])
+            .first()
+            .copied()
+            .unwrap_or(0.0)
     }
 
     /// Stop it (TERM, then KILL after 15 s); returns its log line count.
@@ -1145,7 +1524,7 @@ struct Targets {
 fn iteration(
     case: &str,
     targets: &Arc<Targets>,
-    sample: &Arc<Vec<(u64, String)>>,
+    sample: &Arc<Sample>,
     fresh: &Arc<AtomicU64>,
 ) -> Iteration {
     let (t, fresh) = (targets.clone(), fresh.clone());
@@ -1199,12 +1578,7 @@ fn iteration(
         };
         let sample = sample.clone();
         return Arc::new(move |c: &mut Client, rng: &mut u64| {
-            *rng ^= *rng << 13;
-            *rng ^= *rng >> 7;
-            *rng ^= *rng << 17;
-            let (i, token) = sample
-                .get((*rng % sample.len().max(1) as u64) as usize)
-                .cloned()?;
+            let (i, token) = sample.pick(rng)?;
             // The same small JSON either way: a placeholder for the vault,
             // the card itself for the acquirer.
             let number = if direct {
@@ -1231,27 +1605,25 @@ fn iteration(
     }
     let case_name = case.to_owned();
     let sample = sample.clone();
+    let tenants = sample.tenants();
     let next = move |rng: &mut u64| -> Option<Step> {
         let (api, reveal) = (&t.api, &t.reveal);
-        let pick = |rng: &mut u64| {
-            *rng ^= *rng << 13;
-            *rng ^= *rng >> 7;
-            *rng ^= *rng << 17;
-            sample
-                .get((*rng % sample.len().max(1) as u64) as usize)
-                .cloned()
-        };
-        let new_card = || {
+        let pick = |rng: &mut u64| sample.pick(rng);
+        // A new card for a uniformly random tenant.
+        let new_card = |rng: &mut u64| {
             let i = fresh.fetch_add(1, Ordering::Relaxed);
-            json!({"tenant": "bench", "pan": test_pan(i), "exp_month": 12, "exp_year": 2035})
+            let tenant = tenant_name(next_random(rng) % tenants, tenants);
+            json!({"tenant": tenant, "pan": test_pan(i), "exp_month": 12, "exp_year": 2035})
                 .to_string()
         };
         match case_name.as_str() {
             "baseline" => Some(("GET", api.clone(), "/v1/ping", None, 0)),
-            "tokenize_new" => Some(("POST", api.clone(), "/v1/tokens", Some(new_card()), 1)),
+            "tokenize_new" => Some(("POST", api.clone(), "/v1/tokens", Some(new_card(rng)), 1)),
             "tokenize_repeat" => {
+                // The card's own tenant (else it would be a new card there).
                 let (i, _) = pick(rng)?;
-                let body = json!({"tenant": "bench", "pan": test_pan(i), "exp_month": 12, "exp_year": 2035});
+                let tenant = tenant_name(i % tenants, tenants);
+                let body = json!({"tenant": tenant, "pan": test_pan(i), "exp_month": 12, "exp_year": 2035});
                 Some(("POST", api.clone(), "/v1/tokens", Some(body.to_string()), 1))
             }
             "detokenize" => {
@@ -1272,7 +1644,8 @@ fn iteration(
                         json!({"pan": test_pan(i), "exp_month": 12, "exp_year": 2035})
                     })
                     .collect();
-                let body = json!({"tenant": "bench", "cards": cards});
+                let tenant = tenant_name(next_random(rng) % tenants, tenants);
+                let body = json!({"tenant": tenant, "cards": cards});
                 Some((
                     "POST",
                     api.clone(),
@@ -1293,7 +1666,7 @@ fn iteration(
                         1,
                     ))
                 } else {
-                    Some(("POST", api.clone(), "/v1/tokens", Some(new_card()), 1))
+                    Some(("POST", api.clone(), "/v1/tokens", Some(new_card(rng)), 1))
                 }
             }
             _ => None,
@@ -1354,11 +1727,12 @@ fn load(
     edge: Option<&Edge>,
     acquirer: Option<&e2e::acquirer::Acquirer>,
     creds: &Creds,
-    sample: &[(u64, String)],
+    sample: Sample,
 ) -> Res<(Vec<Value>, Vec<Value>)> {
-    let sample = Arc::new(sample.to_vec());
+    let sample = Arc::new(sample);
     // New cards get indices far above the seeded ones, per case and thread.
-    let fresh = Arc::new(AtomicU64::new(args.seed + 1_000_000));
+    let fresh = Arc::new(AtomicU64::new(args.seed.max(args.tenants) + 1_000_000));
+    let ticks = clock_ticks();
     let targets = Arc::new(Targets {
         api: format!("https://{}", service.api),
         reveal: format!("https://{}", service.reveal),
@@ -1372,8 +1746,18 @@ fn load(
     let mut seen: std::collections::HashMap<(String, usize), (f64, f64, f64)> = Default::default();
     let mut out = Vec::new();
     println!(
-        "\n{:<16} {:>7} {:>10} {:>10} {:>9} {:>9} {:>9} {:>7} {:>9}",
-        "case", "clients", "req/s", "cards/s", "p50 ms", "p99 ms", "p99.9 ms", "errors", "x base"
+        "\n{:<16} {:>7} {:>10} {:>10} {:>9} {:>9} {:>9} {:>7} {:>9} {:>11} {:>11}",
+        "case",
+        "clients",
+        "req/s",
+        "cards/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "errors",
+        "x base",
+        "svc µs/req",
+        "cli µs/req"
     );
     for case in &args.cases {
         for &clients in &args.clients {
@@ -1405,7 +1789,15 @@ fn load(
             };
             let sample_rss = clients == max_clients;
             let connections_before = acquirer.map(e2e::acquirer::Acquirer::connection_count);
-            let (tallies, elapsed, rss, edge_rss, opening_secs) = drive(
+            let Driven {
+                tallies,
+                elapsed,
+                rss,
+                edge_rss,
+                opening_secs,
+                service_ticks,
+                client_ticks,
+            } = drive(
                 clients,
                 args.seconds,
                 creds,
@@ -1444,8 +1836,15 @@ fn load(
             }
             seen.insert((case.clone(), clients), (rps, pct(0.50), pct(0.99)));
             let ratio = baseline.get(&clients).map(|b| rps / b.max(1e-9));
+            // CPU time over the measured interval per request measured
+            // (errors included: they took CPU too).
+            let per_request = |t: Option<u64>| {
+                t.map(|t| t as f64 / ticks * 1e6 / (requests + errors as f64).max(1.0))
+            };
+            let (service_us, client_us) = (per_request(service_ticks), per_request(client_ticks));
+            let us = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
             println!(
-                "{:<16} {:>7} {:>10.0} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>9}",
+                "{:<16} {:>7} {:>10.0} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>7} {:>9} {:>11} {:>11}",
                 case,
                 clients,
                 rps,
@@ -1454,7 +1853,9 @@ fn load(
                 pct(0.99),
                 pct(0.999),
                 errors,
-                ratio.map_or("-".to_owned(), |r| format!("{r:.2}"))
+                ratio.map_or("-".to_owned(), |r| format!("{r:.2}")),
+                us(service_us),
+                us(client_us),
             );
             let first_error = tallies.iter().find_map(|t| t.first_error.clone());
             let mut row = json!({
@@ -1468,7 +1869,11 @@ fn load(
                 "errors": errors,
                 "first_error": first_error,
                 "ratio_to_baseline": ratio,
-                "service_rss_mib": rss,
+                "service_cpu_us_per_request": service_us,
+                "client_cpu_us_per_request": client_us,
+                "service_rss_mib": rss.map(|r| r.max),
+                "service_rss_start_mib": rss.map(|r| r.start),
+                "service_rss_end_mib": rss.map(|r| r.end),
             });
             if let Some(e) = &first_error {
                 println!("{:<16} first error: {e}", "");
@@ -1508,10 +1913,10 @@ fn load(
                 }
             }
             out.push(row);
-            if let Some(rss) = rss {
+            if let Some(r) = rss {
                 println!(
-                    "{:<16} service resident size during the run: {rss:.0} MiB",
-                    ""
+                    "{:<16} service resident size: {:.1} MiB after warm-up, {:.1} MiB at the end, {:.1} MiB at most",
+                    "", r.start, r.end, r.max
                 );
             }
             if let Some(rss) = edge_rss.filter(|_| is_collect(case)) {
@@ -1567,7 +1972,49 @@ fn load(
     Ok((out, comparisons))
 }
 
-#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+/// The service's resident size over a measured interval, in MiB: at the
+/// first sample after warm-up, at the end, and the most seen.
+#[derive(Debug, Clone, Copy)]
+struct Rss {
+    start: f64,
+    end: f64,
+    max: f64,
+}
+
+impl Rss {
+    fn first(now: f64) -> Rss {
+        Rss {
+            start: now,
+            end: now,
+            max: now,
+        }
+    }
+
+    fn add(self, now: f64) -> Rss {
+        Rss {
+            end: now,
+            max: self.max.max(now),
+            ..self
+        }
+    }
+}
+
+/// What one run of a case at one client count gave.
+struct Driven {
+    tallies: Vec<Tally>,
+    /// The measured interval, seconds.
+    elapsed: f64,
+    rss: Option<Rss>,
+    edge_rss: Option<f64>,
+    opening_secs: f64,
+    /// CPU time (clock ticks) over the measured interval: the service
+    /// process, and this process (all client threads; the test acquirer
+    /// too in the forward cases).
+    service_ticks: Option<u64>,
+    client_ticks: Option<u64>,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn drive(
     clients: usize,
     seconds: u64,
@@ -1577,7 +2024,7 @@ fn drive(
     edge: Option<&Edge>,
     sample_rss: bool,
     sessions_ahead: usize,
-) -> Res<(Vec<Tally>, f64, Option<f64>, Option<f64>, f64)> {
+) -> Res<Driven> {
     let warmup = Duration::from_secs(1);
     let measure = Duration::from_secs(seconds.max(1));
     let stop = Arc::new(AtomicBool::new(false));
@@ -1646,22 +2093,47 @@ fn drive(
     ready.wait();
     let opening_secs = opening.elapsed().as_secs_f64();
     let start = Instant::now();
-    let (mut rss, mut edge_rss) = (None, None);
-    let max = |acc: Option<f64>, now: f64| Some(acc.map_or(now, |r: f64| r.max(now)));
-    while start.elapsed() < warmup + measure {
-        std::thread::sleep(Duration::from_millis(250));
-        if sample_rss && start.elapsed() > warmup {
-            rss = max(rss, service.proc.rss_mib());
-            if let Some(e) = edge {
-                edge_rss = max(edge_rss, e.proc.rss_mib());
-            }
+    let pid = service.proc.child.id().to_string();
+    let sample = |rss: Option<Rss>, edge_rss: Option<f64>| {
+        let now = service.proc.rss_mib();
+        let rss = Some(rss.map_or(Rss::first(now), |r| r.add(now)));
+        let edge_rss = edge.map(|e| edge_rss.unwrap_or(0.0_f64).max(e.proc.rss_mib()));
+        (rss, edge_rss)
+    };
+    std::thread::sleep(warmup);
+    // The measured interval starts here: CPU times, the first sample.
+    let (service_from, client_from) = (cpu_ticks(&pid), cpu_ticks("self"));
+    let (mut rss, mut edge_rss) = if sample_rss {
+        sample(None, None)
+    } else {
+        (None, None)
+    };
+    let end = start + warmup + measure;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(250)));
+        if sample_rss {
+            (rss, edge_rss) = sample(rss, edge_rss);
         }
     }
     stop.store(true, Ordering::Relaxed);
+    let (service_to, client_to) = (cpu_ticks(&pid), cpu_ticks("self"));
     let elapsed = (start.elapsed() - warmup).as_secs_f64();
     let tallies = handles
         .into_iter()
         .map(|h| h.join().map_err(|_| "a client thread panicked".to_owned()))
         .collect::<Res<Vec<_>>>()?;
-    Ok((tallies, elapsed, rss, edge_rss, opening_secs))
+    let spent = |from: Option<u64>, to: Option<u64>| Some(to?.saturating_sub(from?));
+    Ok(Driven {
+        tallies,
+        elapsed,
+        rss,
+        edge_rss,
+        opening_secs,
+        service_ticks: spent(service_from, service_to),
+        client_ticks: spent(client_from, client_to),
+    })
 }
