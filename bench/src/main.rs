@@ -105,6 +105,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::{json, Value};
+
+mod wrk;
 use vault::access::{Role, TenantScope};
 use vault::store::{self, Store, StoreConfig};
 use vault::{CardInput, Principal, RequestContext, Vault, MAX_BATCH};
@@ -171,6 +173,13 @@ struct Args {
     /// listener stays on API keys as in runs without a collect case).
     #[arg(long, default_value = "mtls")]
     edge_auth: String,
+    /// What drives the simple cases (baseline, tokenize_new,
+    /// tokenize_repeat, detokenize): `wrk` (Debian's wrk, a light C client:
+    /// the figures of issue 19) or `ureq` (threads of blocking clients, as
+    /// the other cases always are). Runs whose api listener needs client
+    /// certificates (collect cases with --edge-auth mtls) use ureq.
+    #[arg(long, default_value = "wrk")]
+    driver: String,
     /// The edge's `--rate-per-source` and `--rate-per-session` (a minute;
     /// 0: off). Its defaults, 30 and 10, would throttle a benchmark coming
     /// from one address.
@@ -274,6 +283,16 @@ fn cpu_ticks(pid: &str) -> Option<u64> {
     let utime = fields.get(11)?.parse::<u64>().ok()?;
     let stime = fields.get(12)?.parse::<u64>().ok()?;
     Some(utime + stime)
+}
+
+/// CPU time (clock ticks, user and system) of the waited-for children of
+/// this process: wrk's runs, once each has ended.
+fn children_cpu_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let cutime = fields.get(13)?.parse::<u64>().ok()?;
+    let cstime = fields.get(14)?.parse::<u64>().ok()?;
+    Some(cutime + cstime)
 }
 
 /// The kB fields of /proc/<pid>/status named, in MiB (absent: 0).
@@ -767,6 +786,7 @@ fn bench(
         );
     }
     let creds = Creds {
+        mtls_api: mtls,
         tls: tls_config(&ca, mtls.then(|| client_pair(&pki, "tokenize")).as_ref())?,
         key,
         collect_tls: tls_config(&ca, mtls.then(|| client_pair(&pki, "collect")).as_ref())?,
@@ -1299,6 +1319,8 @@ struct Creds {
     forward_key: Option<String>,
     /// To the test acquirer: its server CA, its client certificate.
     acquirer_tls: Option<Arc<rustls::ClientConfig>>,
+    /// The api listener authenticates by client certificate.
+    mtls_api: bool,
 }
 
 /// What one client thread saw.
@@ -1730,6 +1752,35 @@ fn load(
     sample: Sample,
 ) -> Res<(Vec<Value>, Vec<Value>)> {
     let sample = Arc::new(sample);
+    // The wrk driver: not when the api listener wants client certificates.
+    let use_wrk = match args.driver.as_str() {
+        "wrk" if creds.mtls_api => {
+            println!("(the api listener runs mutual TLS in this run: every case is driven by ureq)");
+            false
+        }
+        "wrk" if !wrk::available() => {
+            return Err("--driver wrk: no wrk (apt-get install wrk), or --driver ureq".to_owned())
+        }
+        "wrk" => true,
+        "ureq" => false,
+        other => return Err(format!("--driver must be wrk or ureq, not {other}")),
+    };
+    let wrk_dir = tempfile::Builder::new()
+        .prefix("cardvault-bench-wrk-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
+    let wrk_tenants: Vec<String> = (0..sample.tenants())
+        .map(|t| tenant_name(t, sample.tenants()))
+        .collect();
+    let wrk_sample: Vec<(u64, String, String)> = sample
+        .by_tenant
+        .iter()
+        .enumerate()
+        .flat_map(|(t, cards)| {
+            let name = tenant_name(t as u64, sample.tenants());
+            cards.iter().map(move |(i, token)| (*i, name.clone(), token.clone()))
+        })
+        .collect();
     // New cards get indices far above the seeded ones, per case and thread.
     let fresh = Arc::new(AtomicU64::new(args.seed.max(args.tenants) + 1_000_000));
     let ticks = clock_ticks();
@@ -1789,6 +1840,7 @@ fn load(
             };
             let sample_rss = clients == max_clients;
             let connections_before = acquirer.map(e2e::acquirer::Acquirer::connection_count);
+            let by_wrk = use_wrk && wrk::CASES.contains(&case.as_str());
             let Driven {
                 tallies,
                 elapsed,
@@ -1797,16 +1849,35 @@ fn load(
                 opening_secs,
                 service_ticks,
                 client_ticks,
-            } = drive(
-                clients,
-                args.seconds,
-                creds,
-                it,
-                service,
-                edge,
-                sample_rss,
-                ahead,
-            )?;
+                wrk: by_wrk_measured,
+            } = if by_wrk {
+                let auth = format!("Bearer {}", creds.key);
+                let prepared = wrk::prepare(
+                    case,
+                    clients,
+                    &wrk::Target {
+                        api: &targets.api,
+                        reveal: &targets.reveal,
+                        auth: &auth,
+                        tenants: &wrk_tenants,
+                    },
+                    &wrk_sample,
+                    fresh_span(&fresh)?,
+                    wrk_dir.path(),
+                )?;
+                drive_wrk(&prepared, args.seconds, service, sample_rss)?
+            } else {
+                drive(
+                    clients,
+                    args.seconds,
+                    creds,
+                    it,
+                    service,
+                    edge,
+                    sample_rss,
+                    ahead,
+                )?
+            };
             // What the acquirer saw (warm-up included), then forgotten: it
             // keeps every request in memory.
             let at_acquirer = acquirer.map(|a| {
@@ -1825,12 +1896,23 @@ fn load(
                 all.sort_unstable();
                 all
             };
-            let requests = latencies.len() as f64;
             let sum = |f: fn(&Tally) -> u64| -> u64 { tallies.iter().map(f).sum() };
-            let errors = sum(|t| t.errors);
-            let cards = sum(|t| t.cards);
-            let rps = requests / elapsed;
-            let pct = |p: f64| percentile(&latencies, p);
+            let (requests, errors, cards) = match &by_wrk_measured {
+                // One card per request but for the baseline.
+                Some(m) => (
+                    m.requests as f64,
+                    m.errors,
+                    if case == "baseline" { 0 } else { m.requests.saturating_sub(m.errors) },
+                ),
+                None => (latencies.len() as f64, sum(|t| t.errors), sum(|t| t.cards)),
+            };
+            let rps = (requests - errors as f64).max(0.0) / elapsed.max(1e-9);
+            let pct = |p: f64| match &by_wrk_measured {
+                Some(m) if p <= 0.5 => m.p50_ms,
+                Some(m) if p <= 0.99 => m.p99_ms,
+                Some(m) => m.p999_ms,
+                None => percentile(&latencies, p),
+            };
             if case == "baseline" {
                 baseline.insert(clients, rps);
             }
@@ -2012,6 +2094,63 @@ struct Driven {
     /// too in the forward cases).
     service_ticks: Option<u64>,
     client_ticks: Option<u64>,
+    /// wrk's figures (the wrk driver; `tallies` is then empty).
+    wrk: Option<wrk::Measured>,
+}
+
+/// The first of [`wrk::SPAN`] new card numbers for one wrk case: card
+/// numbers have nine digits of index, so the runs of one benchmark share a
+/// billion.
+fn fresh_span(fresh: &AtomicU64) -> Res<u64> {
+    let first = fresh.fetch_add(wrk::SPAN, Ordering::Relaxed);
+    if first + wrk::SPAN > 1_000_000_000 {
+        return Err("too many new-card runs in one benchmark for the nine digits of a test card's index".to_owned());
+    }
+    Ok(first)
+}
+
+/// [`drive`] by wrk: a warm-up run of one second, then the measured one,
+/// with the service's CPU time and resident size around it.
+fn drive_wrk(
+    prepared: &wrk::Prepared,
+    seconds: u64,
+    service: &Service,
+    sample_rss: bool,
+) -> Res<Driven> {
+    prepared.run(1, 0)?;
+    let pid = service.proc.child.id().to_string();
+    // The client is wrk: its CPU time is counted once it has ended.
+    let (service_from, client_from) = (cpu_ticks(&pid), children_cpu_ticks());
+    let stop = AtomicBool::new(false);
+    let (measured, rss) = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut rss: Option<Rss> = None;
+            while !stop.load(Ordering::Relaxed) {
+                if sample_rss {
+                    let now = service.proc.rss_mib();
+                    rss = Some(rss.map_or(Rss::first(now), |r| r.add(now)));
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            rss
+        });
+        let measured = prepared.run(seconds, wrk::MEASURED_OFFSET);
+        stop.store(true, Ordering::Relaxed);
+        (measured, sampler.join().ok().flatten())
+    });
+    let measured = measured?;
+    let (service_to, client_to) = (cpu_ticks(&pid), children_cpu_ticks());
+    let spent = |from: Option<u64>, to: Option<u64>| Some(to?.saturating_sub(from?));
+    Ok(Driven {
+        tallies: Vec::new(),
+        elapsed: measured.seconds,
+        rss: sample_rss.then_some(rss).flatten(),
+        edge_rss: None,
+        opening_secs: 0.0,
+        service_ticks: spent(service_from, service_to),
+        client_ticks: spent(client_from, client_to),
+        wrk: Some(measured),
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -2135,5 +2274,6 @@ fn drive(
         opening_secs,
         service_ticks: spent(service_from, service_to),
         client_ticks: spent(client_from, client_to),
+        wrk: None,
     })
 }

@@ -62,20 +62,36 @@ pub struct Target<'a> {
     pub tenants: &'a [String],
 }
 
-/// Run `case` with `clients` connections for `seconds` (after one second
-/// of warm-up, a run of its own whose figures are dropped). `sample`: the
+/// wrk threads (the machine's cores; more would only compete with the
+/// service). Each draws new card numbers from a range of
+/// [`PER_THREAD`] of its own.
+const THREADS: usize = 2;
+/// New card numbers per wrk thread and run.
+const PER_THREAD: u64 = 20_000_000;
+/// Where the measured run's new card numbers start, after the warm-up's.
+pub const MEASURED_OFFSET: u64 = 50_000_000;
+/// The card numbers one prepared case may use (warm-up and measured run).
+pub const SPAN: u64 = 100_000_000;
+
+/// A case made ready for wrk: its script and the sample file it reads.
+pub struct Prepared {
+    script: std::path::PathBuf,
+    base: String,
+    clients: usize,
+}
+
+/// Write the script of `case` for `clients` connections. `sample`: the
 /// seeded (card index, tenant, token) for repeat and detokenize; new cards
-/// are numbered from `fresh`. The script and the sample file go to `dir`.
-#[allow(clippy::too_many_arguments)]
-pub fn run(
+/// are numbered from `fresh` (up to `fresh + SPAN`). The script and the
+/// sample file go to `dir`.
+pub fn prepare(
     case: &str,
     clients: usize,
-    seconds: u64,
     target: &Target<'_>,
     sample: &[(u64, String, String)],
     fresh: u64,
     dir: &Path,
-) -> Res<Measured> {
+) -> Res<Prepared> {
     let samples = dir.join("wrk-sample.txt");
     {
         let mut text = String::with_capacity(sample.len() * 64);
@@ -96,32 +112,43 @@ pub fn run(
         "detokenize" => (target.reveal, "POST"),
         other => return Err(format!("the wrk driver has no case {other}")),
     };
-    let script = dir.join("wrk-case.lua");
+    let script = dir.join(format!("wrk-{case}.lua"));
     let lua = SCRIPT
         .replace("@CASE@", case)
         .replace("@METHOD@", method)
         .replace("@AUTH@", target.auth)
         .replace("@TENANTS@", &tenants)
         .replace("@SAMPLE@", &samples.display().to_string())
-        .replace("@FRESH@", &fresh.to_string());
+        .replace("@FRESH@", &fresh.to_string())
+        .replace("@PER_THREAD@", &PER_THREAD.to_string());
     std::fs::write(&script, lua).map_err(|e| format!("{}: {e}", script.display()))?;
-    let threads = clients.clamp(1, 2);
-    let wrk = |secs: u64, fresh_offset: u64| -> Res<Value> {
+    Ok(Prepared {
+        script,
+        base: base.to_owned(),
+        clients,
+    })
+}
+
+impl Prepared {
+    /// One wrk run of `seconds`; `fresh_offset` moves the new card numbers
+    /// (a warm-up run and the measured one never share one).
+    pub fn run(&self, seconds: u64, fresh_offset: u64) -> Res<Measured> {
+        let threads = self.clients.clamp(1, THREADS);
         let out = Command::new("wrk")
             .arg(format!("-t{threads}"))
-            .arg(format!("-c{}", clients.max(threads)))
-            .arg(format!("-d{secs}s"))
+            .arg(format!("-c{}", self.clients.max(threads)))
+            .arg(format!("-d{}s", seconds.max(1)))
             .arg("--timeout")
             .arg("30s")
             .arg("-s")
-            .arg(&script)
-            .arg(format!("{base}/"))
+            .arg(&self.script)
+            .arg(format!("{}/", self.base))
             .arg("--")
             .arg(fresh_offset.to_string())
             .output()
             .map_err(|e| format!("wrk: {e}"))?;
         let stdout = String::from_utf8_lossy(&out.stdout);
-        stdout
+        let v: Value = stdout
             .lines()
             .rev()
             .find_map(|l| l.strip_prefix("WRK-RESULT ").map(str::to_owned))
@@ -136,20 +163,17 @@ pub fn run(
                         .collect::<Vec<_>>()
                         .join(" / ")
                 )
-            })
-    };
-    // Warm-up, then the measured run on fresh card numbers of their own.
-    wrk(1, 0)?;
-    let v = wrk(seconds.max(1), 500_000_000)?;
-    let num = |k: &str| v[k].as_f64().unwrap_or(0.0);
-    Ok(Measured {
-        requests: num("requests") as u64,
-        seconds: num("duration_us") / 1e6,
-        errors: num("errors") as u64,
-        p50_ms: num("p50_us") / 1000.0,
-        p99_ms: num("p99_us") / 1000.0,
-        p999_ms: num("p999_us") / 1000.0,
-    })
+            })?;
+        let num = |k: &str| v[k].as_f64().unwrap_or(0.0);
+        Ok(Measured {
+            requests: num("requests") as u64,
+            seconds: num("duration_us") / 1e6,
+            errors: num("errors") as u64,
+            p50_ms: num("p50_us") / 1000.0,
+            p99_ms: num("p99_us") / 1000.0,
+            p999_ms: num("p999_us") / 1000.0,
+        })
+    }
 }
 
 /// The case's script. Placeholders `@...@` are filled in by [`run`]; the
@@ -189,7 +213,7 @@ end
 
 function init(args)
   local offset = tonumber(args[1] or "0")
-  fresh = fresh + offset + id * 100000000
+  fresh = fresh + offset + id * @PER_THREAD@
   wrk.method = "@METHOD@"
   wrk.headers["Authorization"] = auth
   wrk.headers["Content-Type"] = "application/json"
