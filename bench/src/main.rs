@@ -1810,7 +1810,17 @@ fn load(
         "svc µs/req",
         "cli µs/req"
     );
-    for case in &args.cases {
+    for named in &args.cases {
+        // `case@SECONDS`: this case runs that long (a soak run for memory
+        // growth: `detokenize@600`).
+        let (case, seconds) = match named.split_once('@') {
+            Some((c, secs)) => (
+                &c.to_owned(),
+                secs.parse::<u64>()
+                    .map_err(|_| format!("{named}: the seconds after @ are not a number"))?,
+            ),
+            None => (named, args.seconds),
+        };
         for &clients in &args.clients {
             let it = iteration(case, &targets, &sample, &fresh);
             // Sessions for the submissions of the timed part, opened
@@ -1833,7 +1843,7 @@ fn load(
                             .get(&("tokenize_new".to_owned(), clients))
                             .map_or((1500.0, 1.3), |r| (r.0, 1.3)),
                     };
-                    let total = rate * (1 + args.seconds.max(1)) as f64 * margin;
+                    let total = rate * (1 + seconds.max(1)) as f64 * margin;
                     (total / clients.max(1) as f64).ceil() as usize + 4
                 }
                 _ => 0,
@@ -1865,11 +1875,11 @@ fn load(
                     fresh_span(&fresh)?,
                     wrk_dir.path(),
                 )?;
-                drive_wrk(&prepared, args.seconds, service, sample_rss)?
+                drive_wrk(&prepared, seconds, service, sample_rss)?
             } else {
                 drive(
                     clients,
-                    args.seconds,
+                    seconds,
                     creds,
                     it,
                     service,
