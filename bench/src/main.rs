@@ -1811,17 +1811,18 @@ fn load(
         "cli µs/req"
     );
     for named in &args.cases {
-        // `case@SECONDS`: this case runs that long (a soak run for memory
-        // growth: `detokenize@600`).
-        let (case, seconds) = match named.split_once('@') {
+        // `case@SECONDS`: this case runs that long, at the largest client
+        // count only (a soak run for memory growth: `detokenize@600`).
+        let (case, seconds, counts) = match named.split_once('@') {
             Some((c, secs)) => (
                 &c.to_owned(),
                 secs.parse::<u64>()
                     .map_err(|_| format!("{named}: the seconds after @ are not a number"))?,
+                vec![max_clients],
             ),
-            None => (named, args.seconds),
+            None => (named, args.seconds, args.clients.clone()),
         };
-        for &clients in &args.clients {
+        for &clients in &counts {
             let it = iteration(case, &targets, &sample, &fresh);
             // Sessions for the submissions of the timed part, opened
             // before it: twice what the rate of a submission case already
