@@ -1009,7 +1009,7 @@ async fn seed(url: &str, kek_file: &Path, n: u64, tenants: u64, in_flight: usize
                         Err(e) => {
                             // The maker and the other workers stop.
                             rx.lock().await.close();
-                            return Err(format!("seeding tenant {}: {e}", batch.tenant));
+                            return Err(format!("seeding tenant {}: {e:?}", batch.tenant));
                         }
                     };
                     for (r, i) in infos.into_iter().zip(batch.indices) {
@@ -1755,7 +1755,9 @@ fn load(
     // The wrk driver: not when the api listener wants client certificates.
     let use_wrk = match args.driver.as_str() {
         "wrk" if creds.mtls_api => {
-            println!("(the api listener runs mutual TLS in this run: every case is driven by ureq)");
+            println!(
+                "(the api listener runs mutual TLS in this run: every case is driven by ureq)"
+            );
             false
         }
         "wrk" if !wrk::available() => {
@@ -1778,7 +1780,9 @@ fn load(
         .enumerate()
         .flat_map(|(t, cards)| {
             let name = tenant_name(t as u64, sample.tenants());
-            cards.iter().map(move |(i, token)| (*i, name.clone(), token.clone()))
+            cards
+                .iter()
+                .map(move |(i, token)| (*i, name.clone(), token.clone()))
         })
         .collect();
     // New cards get indices far above the seeded ones, per case and thread.
@@ -1879,14 +1883,7 @@ fn load(
                 drive_wrk(&prepared, seconds, service, sample_rss)?
             } else {
                 drive(
-                    clients,
-                    seconds,
-                    creds,
-                    it,
-                    service,
-                    edge,
-                    sample_rss,
-                    ahead,
+                    clients, seconds, creds, it, service, edge, sample_rss, ahead,
                 )?
             };
             // What the acquirer saw (warm-up included), then forgotten: it
@@ -1913,7 +1910,11 @@ fn load(
                 Some(m) => (
                     m.requests as f64,
                     m.errors,
-                    if case == "baseline" { 0 } else { m.requests.saturating_sub(m.errors) },
+                    if case == "baseline" {
+                        0
+                    } else {
+                        m.requests.saturating_sub(m.errors)
+                    },
                 ),
                 None => (latencies.len() as f64, sum(|t| t.errors), sum(|t| t.cards)),
             };
@@ -2115,7 +2116,10 @@ struct Driven {
 fn fresh_span(fresh: &AtomicU64) -> Res<u64> {
     let first = fresh.fetch_add(wrk::SPAN, Ordering::Relaxed);
     if first + wrk::SPAN > 1_000_000_000 {
-        return Err("too many new-card runs in one benchmark for the nine digits of a test card's index".to_owned());
+        return Err(
+            "too many new-card runs in one benchmark for the nine digits of a test card's index"
+                .to_owned(),
+        );
     }
     Ok(first)
 }

@@ -16,10 +16,8 @@
 //! the previous commit is in flight.
 //!
 //! The group's transaction is written by the store's dedicated writer if it
-//! has one (SQLite: a thread with its own connection, `sqlite_writer.rs`;
-//! the loop that forms the groups then runs on that very thread, so a group
-//! costs no hand-off to a task and back, and each caller is answered from
-//! there), else through the store's pool by a task (PostgreSQL).
+//! has one (SQLite: a thread with its own connection, `sqlite_writer.rs`),
+//! else through the store's pool (PostgreSQL).
 //!
 //! If a group fails as a whole (a refused audit event, stale keys, a token
 //! drawn twice), each of its requests is run again on its own, so one bad
@@ -32,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use async_trait::async_trait;
 
-use crate::store::{GroupLoop, Inserted, NewCard, Store, StoreError, Writer};
+use crate::store::{Inserted, NewCard, Store, StoreError, Writer};
 
 /// Most requests in one group.
 pub const MAX_JOBS: usize = 256;
@@ -88,33 +86,15 @@ impl GroupCommit {
     /// last handle is dropped (the vault sealed or closed).
     pub fn start(store: Arc<dyn Store>) -> GroupCommit {
         let (jobs, rx) = mpsc::unbounded_channel();
-        let through_store = |store, rx| {
-            tokio::spawn(async move { writer(&ThroughStore(store), rx).await });
-        };
-        match store.dedicated_writer() {
-            // The loop on the writer's own thread (SQLite): a group is
-            // formed, written and answered there, with no hand-off to a
-            // task of this runtime and back.
-            Ok(Some(w)) => {
-                let group_loop: GroupLoop = Box::new(move |sink: &dyn Writer| {
-                    match tokio::runtime::Builder::new_current_thread().build() {
-                        Ok(rt) => rt.block_on(writer(sink, rx)),
-                        Err(e) => tracing::error!(error = %e, "the group commit cannot run"),
-                    }
-                });
-                // Only if the thread died (it lives while a handle does):
-                // the loop and its queue are dropped, so every write fails
-                // at once (unavailable) rather than wait.
-                if w.run_group_loop(group_loop).is_err() {
-                    tracing::error!("the SQLite writer thread is gone; group commits cannot run");
-                }
-            }
-            Ok(None) => through_store(store, rx),
+        let sink: Arc<dyn Writer> = match store.dedicated_writer() {
+            Ok(Some(w)) => w,
+            Ok(None) => Arc::new(ThroughStore(store)),
             Err(e) => {
                 tracing::warn!(error = %e, "no dedicated writer; group commits go through the pool");
-                through_store(store, rx);
+                Arc::new(ThroughStore(store))
             }
-        }
+        };
+        tokio::spawn(writer(sink, rx));
         GroupCommit { jobs }
     }
 
@@ -188,7 +168,7 @@ impl Writer for ThroughStore {
     }
 }
 
-async fn writer(store: &dyn Writer, mut rx: mpsc::UnboundedReceiver<Job>) {
+async fn writer(store: Arc<dyn Writer>, mut rx: mpsc::UnboundedReceiver<Job>) {
     // A card job under other key versions than the group's waits for the
     // next group.
     let mut held: Option<Job> = None;
@@ -216,7 +196,7 @@ async fn writer(store: &dyn Writer, mut rx: mpsc::UnboundedReceiver<Job>) {
             cards += job.cards();
             group.push(job);
         }
-        commit(store, group).await;
+        commit(store.as_ref(), group).await;
     }
 }
 

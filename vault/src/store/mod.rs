@@ -443,17 +443,7 @@ pub trait Writer: Send + Sync + std::fmt::Debug {
         now: i64,
         granularity_ms: i64,
     ) -> Result<(), StoreError>;
-    /// Run the group commit's loop on this writer's own thread, handing it
-    /// a writer that writes right there (each group's transaction then
-    /// costs no hand-off to another thread and back). Given back if the
-    /// writer has no thread of its own: the loop then runs as a task.
-    fn run_group_loop(self: Arc<Self>, group_loop: GroupLoop) -> Result<(), GroupLoop> {
-        Err(group_loop)
-    }
 }
-
-/// The group commit's loop (`commit.rs`), given the writer to write with.
-pub type GroupLoop = Box<dyn FnOnce(&dyn Writer) + Send>;
 
 /// Point reads on the request path, answered without leaving the calling
 /// thread: SQLite's read-only connections (`sqlite_reader.rs`). Same

@@ -37,7 +37,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _, Transactio
 use tokio::sync::oneshot;
 
 use super::rows::{self, Found, CARD_COLUMNS, EVENT_INSERT};
-use super::{CardRow, GroupLoop, Inserted, NewCard, StoreError, Writer};
+use super::{CardRow, Inserted, NewCard, StoreError, Writer};
 
 /// Statements kept prepared on the writer's connection.
 const STATEMENT_CACHE: usize = 32;
@@ -69,108 +69,16 @@ const WAL_SIZE_LIMIT: i64 = 64 << 20;
 /// checkpointer falls behind (SQLite's default is 1000).
 const WRITER_AUTOCHECKPOINT: u32 = 32_768;
 
-/// One operation for the writer thread, run on the thread's connection.
-type Task = Box<dyn FnOnce(&mut Slot) + Send>;
-
-/// The writer thread's connection: opened by the first operation (and
-/// again after one was dropped), so a failure to open is that operation's
-/// error; left inside a transaction by a failure, it is rolled back or
-/// closed, never reused as is. After each operation the WAL is made to
-/// start over if the checkpointer asked for it.
-struct Slot {
-    path: std::path::PathBuf,
-    busy: Duration,
-    restart_due: Arc<AtomicBool>,
-    conn: Option<Connection>,
-}
-
-impl Slot {
-    fn run<T>(
-        &mut self,
-        op: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let c = match self
-            .conn
-            .take()
-            .map_or_else(|| open(&self.path, self.busy), Ok)
-        {
-            Ok(c) => self.conn.insert(c),
-            Err(e) => {
-                tracing::warn!(error = %e, "the SQLite writer cannot open its connection");
-                return Err(e);
-            }
-        };
-        let result = op(c);
-        if result.is_err() && !c.is_autocommit() {
-            // Still inside a transaction: roll it back, or close the
-            // connection (SQLite rolls back) and open a new one next time.
-            if c.execute_batch("ROLLBACK").is_err() || !c.is_autocommit() {
-                tracing::warn!("closing the SQLite writer's connection left inside a transaction");
-                self.conn = None;
-                return result;
-            }
-        }
-        if self.restart_due.swap(false, Ordering::Relaxed) {
-            restart_wal(c, self.busy);
-        }
-        result
-    }
-}
-
-/// The group commit's loop's writer on the writer thread: each call runs
-/// its transaction right here.
-struct Direct(std::sync::Mutex<Slot>);
-
-impl std::fmt::Debug for Direct {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Direct(sqlite-writer)")
-    }
-}
-
-impl Direct {
-    fn run<T>(
-        &self,
-        op: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).run(op)
-    }
-}
-
-#[async_trait]
-impl Writer for Direct {
-    async fn insert_cards(
-        &self,
-        cards: Vec<NewCard>,
-        events: Vec<AuditEvent>,
-    ) -> Result<Vec<Inserted>, StoreError> {
-        self.run(move |c| insert_cards(c, cards, events))
-    }
-
-    async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError> {
-        self.run(move |c| {
-            write(c, |tx| insert_events(tx, std::slice::from_ref(&event))).map(|_| ())
-        })
-    }
-
-    async fn touch_cards(
-        &self,
-        tokens: &[String],
-        now: i64,
-        granularity_ms: i64,
-    ) -> Result<(), StoreError> {
-        self.run(|c| write(c, |tx| touch(tx, tokens, now, granularity_ms)))
-    }
-}
+/// One operation for the writer thread: it runs on the thread's connection
+/// (or gets the error of opening one), answers its caller, and says whether
+/// it failed.
+type Task = Box<dyn FnOnce(Result<&mut Connection, StoreError>) -> bool + Send>;
 
 /// A handle on the writer thread; the thread ends when the last handle is
 /// dropped.
 #[derive(Debug)]
 pub(crate) struct SqliteWriter {
     tasks: mpsc::Sender<Task>,
-    /// The thread's file, and the checkpointer's flag (for the group loop
-    /// run on the thread).
-    path: std::path::PathBuf,
-    restart_due: Arc<AtomicBool>,
     op_timeout: Duration,
     /// Dropping it ends the checkpointer.
     _checkpoints: mpsc::Sender<()>,
@@ -183,27 +91,20 @@ impl SqliteWriter {
     pub(crate) fn start(path: &Path, op_timeout: Duration) -> Result<SqliteWriter, StoreError> {
         let (tasks, rx) = mpsc::channel();
         let restart_due = Arc::new(AtomicBool::new(false));
-        let slot = Slot {
-            path: path.to_path_buf(),
-            busy: op_timeout,
-            restart_due: restart_due.clone(),
-            conn: None,
-        };
-        std::thread::Builder::new()
-            .name("sqlite-writer".into())
-            .spawn(move || run(slot, &rx))
-            .map_err(|_| StoreError::Unavailable(sqlx::Error::WorkerCrashed))?;
-        let (checkpoints, stop) = mpsc::channel();
         let file = path.to_path_buf();
         let due = restart_due.clone();
         std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || run(&file, op_timeout, &rx, &due))
+            .map_err(|_| StoreError::Unavailable(sqlx::Error::WorkerCrashed))?;
+        let (checkpoints, stop) = mpsc::channel();
+        let file = path.to_path_buf();
+        std::thread::Builder::new()
             .name("sqlite-checkpoint".into())
-            .spawn(move || checkpointer(&file, op_timeout, &stop, &due))
+            .spawn(move || checkpointer(&file, op_timeout, &stop, &restart_due))
             .map_err(|_| StoreError::Unavailable(sqlx::Error::WorkerCrashed))?;
         Ok(SqliteWriter {
             tasks,
-            path: path.to_path_buf(),
-            restart_due,
             op_timeout,
             _checkpoints: checkpoints,
         })
@@ -215,8 +116,11 @@ impl SqliteWriter {
         op: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let task: Task = Box::new(move |slot| {
-            let _ = reply.send(slot.run(op));
+        let task: Task = Box::new(move |conn| {
+            let result = conn.and_then(op);
+            let failed = result.is_err();
+            let _ = reply.send(result);
+            failed
         });
         self.tasks
             .send(task)
@@ -258,41 +162,31 @@ impl Writer for SqliteWriter {
         self.call(move |c| write(c, |tx| touch(tx, &tokens, now, granularity_ms)))
             .await
     }
-
-    fn run_group_loop(self: Arc<Self>, group_loop: GroupLoop) -> Result<(), GroupLoop> {
-        // Taken back from here if the thread cannot take it.
-        let handed = Arc::new(std::sync::Mutex::new(Some(group_loop)));
-        let mine = handed.clone();
-        let me = self.clone();
-        // The loop holds the thread until the group commit ends; `me`
-        // keeps this handle, and with it the checkpointer, alive meanwhile.
-        let task: Task = Box::new(move |slot| {
-            let group_loop = mine.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(group_loop) = group_loop {
-                let direct = Direct(std::sync::Mutex::new(Slot {
-                    path: me.path.clone(),
-                    busy: slot.busy,
-                    restart_due: me.restart_due.clone(),
-                    conn: slot.conn.take(),
-                }));
-                group_loop(&direct);
-            }
-            drop(me);
-        });
-        match self.tasks.send(task) {
-            Ok(()) => Ok(()),
-            Err(_) => handed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .map_or(Ok(()), Err),
-        }
-    }
 }
 
-fn run(mut slot: Slot, tasks: &mpsc::Receiver<Task>) {
+fn run(path: &Path, busy: Duration, tasks: &mpsc::Receiver<Task>, restart_due: &AtomicBool) {
+    let mut conn: Option<Connection> = None;
     while let Ok(task) = tasks.recv() {
-        task(&mut slot);
+        let c = match conn.take().map_or_else(|| open(path, busy), Ok) {
+            Ok(c) => conn.insert(c),
+            Err(e) => {
+                tracing::warn!(error = %e, "the SQLite writer cannot open its connection");
+                task(Err(e));
+                continue;
+            }
+        };
+        if task(Ok(&mut *c)) && !c.is_autocommit() {
+            // Still inside a transaction: roll it back, or close the
+            // connection (SQLite rolls back) and open a new one next time.
+            if c.execute_batch("ROLLBACK").is_err() || !c.is_autocommit() {
+                tracing::warn!("closing the SQLite writer's connection left inside a transaction");
+                conn = None;
+                continue;
+            }
+        }
+        if restart_due.swap(false, Ordering::Relaxed) {
+            restart_wal(c, busy);
+        }
     }
 }
 
