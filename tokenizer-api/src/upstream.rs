@@ -35,7 +35,8 @@ pub struct Answer {
     /// At most `max_response_bytes`; zeroized when dropped (it may hold
     /// card numbers until they are replaced).
     pub body: Zeroizing<Vec<u8>>,
-    /// SHA-256 (hex) of the certificate the upstream presented.
+    /// SHA-256 of the certificate the upstream presented, as
+    /// `openssl x509 -fingerprint -sha256` prints it (`AB:01:...`).
     pub certificate_sha256: Option<String>,
     pub elapsed: Duration,
 }
@@ -92,7 +93,7 @@ impl Upstream {
             .extensions()
             .get::<reqwest::tls::TlsInfo>()
             .and_then(|i| i.peer_certificate())
-            .map(|der| hex(&sha2::Sha256::digest(der)));
+            .map(|der| fingerprint(&sha2::Sha256::digest(der)));
         let status = response.status().as_u16();
         let content_type = response
             .headers()
@@ -134,8 +135,20 @@ impl AsRef<[u8]> for ZeroizingBody {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Colon-separated upper-case hex, the form `openssl x509 -fingerprint`
+/// prints. The separators matter: it goes into the audit trail, whose guard
+/// refuses any run of 12 to 19 digits passing the Luhn check, and plain hex
+/// of a random digest holds such a run about once in seventy certificates.
+/// Here no digit run is longer than two.
+fn fingerprint(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 3);
+    for (i, b) in bytes.iter().enumerate() {
+        if i > 0 {
+            out.push(':');
+        }
+        out.push_str(&format!("{b:02X}"));
+    }
+    out
 }
 
 /// What went wrong, from reqwest's error and its sources: a rustls error
@@ -325,5 +338,26 @@ impl ReloadableUpstreams {
         let names = loaded.names().map(str::to_owned).collect();
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
         Ok(names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fingerprint;
+    use sha2::Digest;
+    use vault::pan::contains_pan_like;
+
+    #[test]
+    fn a_fingerprint_never_looks_like_a_card_number_to_the_audit_guard() {
+        // A digest whose plain hex is a test card number followed by more.
+        let digest = [0x41, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0xab];
+        let plain: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(contains_pan_like(&plain), "the case this form exists for");
+        assert_eq!(fingerprint(&digest), "41:11:11:11:11:11:11:11:AB");
+        assert!(!contains_pan_like(&fingerprint(&digest)));
+        for i in 0u32..20_000 {
+            let d = sha2::Sha256::digest(i.to_be_bytes());
+            assert!(!contains_pan_like(&fingerprint(&d)));
+        }
     }
 }
