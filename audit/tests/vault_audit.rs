@@ -221,6 +221,8 @@ impl Fixture {
         if witness {
             args.push("--witness".into());
             args.push(self.witness.display().to_string());
+        } else {
+            args.push("--no-witness".into());
         }
         run(&args)
     }
@@ -262,6 +264,16 @@ fn expect(run: &Run, code: i32, needle: &str) {
 
 #[test]
 fn untouched_trail_verifies_with_and_without_witness() {
+    // Every entry covered by a checkpoint: exit 0, and only then.
+    let f = Fixture::build("covered", 200, 100);
+    let r = f.verify(true);
+    expect(&r, 0, "verified 200 entries and 2 checkpoints");
+    assert!(!r.stdout.contains("not covered"), "{r:#?}");
+    let r = f.verify(false);
+    expect(&r, 0, "verified without the witness file (--no-witness)");
+
+    // A live database between checkpoints: the chain verifies, the tail is
+    // not covered yet: exit 3, saying how many.
     let f = Fixture::build("untouched", 250, 100);
     let root = audit::auditor::hex(&{
         let mut t = Trail::new();
@@ -271,18 +283,34 @@ fn untouched_trail_verifies_with_and_without_witness() {
     let r = f.verify(false);
     expect(
         &r,
-        0,
+        3,
         &format!(
             "verified 250 entries and 2 checkpoints (root {root}, last seq 250, anchored at 200)"
         ),
     );
-    expect(&r, 0, "warning: entries 201 to 250 are not yet covered");
+    expect(
+        &r,
+        3,
+        "not covered: 50 entries (201 to 250) are not yet covered by a signed checkpoint",
+    );
     let r = f.verify(true);
     expect(
         &r,
-        0,
+        3,
         "witness file: 2 checkpoints, each one present and identical in the database",
     );
+    expect(&r, 3, "not covered: 50 entries (201 to 250)");
+    // Without the witness file a database verification is refused unless
+    // --no-witness says so knowingly.
+    let r = run(&[
+        "verify",
+        "--key",
+        f.key.to_str().unwrap(),
+        "--database-url",
+        &f.url(),
+    ]);
+    expect(&r, 2, "--database-url needs the witness file");
+    assert!(!r.stdout.contains("verified"), "{r:#?}");
     // The database was not written (no new files, same bytes).
     let before = std::fs::read(&f.db).unwrap();
     f.verify(true);
@@ -366,10 +394,15 @@ fn tampering_is_located() {
 #[test]
 fn removed_or_rewritten_checkpoints_are_caught_by_the_witness() {
     let f = Fixture::build("witness", 250, 100);
-    // All checkpoints deleted and the tail cut: without the witness that
-    // looks like an intact, unanchored trail.
+    // All checkpoints deleted and the tail cut: without the witness the
+    // chain is intact, but with no signed checkpoint that proves nothing:
+    // a failure, never a success with a warning.
     f.tamper("DELETE FROM audit_checkpoints; DELETE FROM audit_events WHERE chain_seq > 150;");
-    expect(&f.verify(false), 0, "warning: no signed checkpoint");
+    expect(
+        &f.verify(false),
+        1,
+        "verification FAILED: 150 entries and no signed checkpoint",
+    );
     expect(
         &f.verify(true),
         1,
@@ -378,11 +411,10 @@ fn removed_or_rewritten_checkpoints_are_caught_by_the_witness() {
 
     let f = Fixture::build("witness", 250, 100);
     f.tamper("DELETE FROM audit_checkpoints WHERE tree_size = 200");
-    expect(
-        &f.verify(false),
-        0,
-        "verified 250 entries and 1 checkpoints",
-    );
+    let r = f.verify(false);
+    expect(&r, 3, "verified 250 entries and 1 checkpoints");
+    expect(&r, 3, "not covered: 150 entries (101 to 250)");
+    expect(&r, 3, "--no-witness");
     expect(
         &f.verify(true),
         1,
@@ -420,7 +452,7 @@ fn removed_or_rewritten_checkpoints_are_caught_by_the_witness() {
     };
     expect(
         &run(&args(&[&f.witness, &stale])),
-        0,
+        3,
         "witness file: 3 checkpoints",
     );
     f.tamper("DELETE FROM audit_checkpoints WHERE tree_size = 100");
@@ -533,8 +565,9 @@ fn export_then_verify_export() {
         "--witness",
         witness,
     ]);
-    expect(&r, 0, "verified 250 entries and 2 checkpoints");
-    expect(&r, 0, "identical in the export");
+    expect(&r, 3, "verified 250 entries and 2 checkpoints");
+    expect(&r, 3, "identical in the export");
+    expect(&r, 3, "not covered: 50 entries (201 to 250)");
 
     // Stdout export is the same bytes.
     let r = run(&["export", "--database-url", &f.url()]);
@@ -568,7 +601,11 @@ fn export_then_verify_export() {
         "--export",
         stripped.to_str().unwrap(),
     ]);
-    expect(&r, 0, "warning: no signed checkpoint");
+    expect(
+        &r,
+        1,
+        "verification FAILED: 250 entries and no signed checkpoint",
+    );
     let r = run(&[
         "verify",
         "--key",
@@ -602,8 +639,8 @@ fn export_then_verify_export() {
     let part = f.dir.join("part.jsonl");
     std::fs::write(&part, &r.stdout).unwrap();
     let r = run(&["verify", "--key", key, "--export", part.to_str().unwrap()]);
-    expect(&r, 0, "verified 50 entries and 1 checkpoints");
-    expect(&r, 0, "entries 101 to 150 are not yet covered");
+    expect(&r, 3, "verified 50 entries and 1 checkpoints");
+    expect(&r, 3, "not covered: 50 entries (101 to 150)");
     // A range between checkpoints: its anchor is confirmed by the next one.
     let r = run(&[
         "export",
@@ -759,6 +796,7 @@ fn usage_and_io_errors_exit_2() {
         key,
         "--database-url",
         &format!("sqlite://{}", missing.display()),
+        "--no-witness",
     ]);
     expect(&r, 2, "cannot open the database");
     assert!(!missing.exists(), "never created");
@@ -780,9 +818,24 @@ fn usage_and_io_errors_exit_2() {
         &run(&[
             "verify",
             "--key",
+            key,
+            "--database-url",
+            &f.url(),
+            "--no-witness",
+            "--witness",
+            f.witness.to_str().unwrap(),
+        ]),
+        2,
+        "cannot be used with",
+    );
+    expect(
+        &run(&[
+            "verify",
+            "--key",
             "/nonexistent",
             "--database-url",
             &f.url(),
+            "--no-witness",
         ]),
         2,
         "cannot read the key file",
@@ -796,12 +849,20 @@ fn usage_and_io_errors_exit_2() {
             bad_key.to_str().unwrap(),
             "--database-url",
             &f.url(),
+            "--no-witness",
         ]),
         2,
         "a public key line is",
     );
     expect(
-        &run(&["verify", "--key", key, "--database-url", "mysql://x"]),
+        &run(&[
+            "verify",
+            "--key",
+            key,
+            "--database-url",
+            "mysql://x",
+            "--no-witness",
+        ]),
         2,
         "unsupported database URL",
     );
@@ -834,6 +895,7 @@ fn usage_and_io_errors_exit_2() {
             other.to_str().unwrap(),
             "--database-url",
             &f.url(),
+            "--no-witness",
         ]),
         1,
         "not by the key given",

@@ -154,16 +154,26 @@ impl fmt::Debug for CardholderName {
     }
 }
 
-/// A token id. Either `tok_` + 22 characters of URL-safe base64 (128
-/// random bits; the default, [`TokenFormat::Random`]), or a pan-shaped token
+/// A token id. Either `tok_` + 22 characters of the URL-safe base64
+/// alphabet (a millisecond time prefix and 84 random bits, see
+/// [`Token::generate`]; the default, [`TokenFormat::Random`]), or a pan-shaped token
 /// ([`TokenFormat::PanShaped`]): as many digits as the card number, its
 /// first six and last four, random digits between, and a Luhn check that
 /// always fails, so that no system can take it for a card number.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Token(String);
 
-/// Random bytes in a token.
-pub const TOKEN_RANDOM_BYTES: usize = 16;
+/// Random bits in a token (after its time prefix).
+pub const TOKEN_RANDOM_BITS: u32 = 6 * TOKEN_RANDOM_CHARS as u32;
+
+/// The characters of a random token's body (base64url's, in ASCII order),
+/// so that a prefix encoding a number sorts as text as the number does.
+const TOKEN_ALPHABET: &[u8; 64] =
+    b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz";
+/// Characters of the time prefix: 48 bits of milliseconds since 1970.
+const TOKEN_TIME_CHARS: usize = 8;
+/// Characters drawn from the CSPRNG after the time prefix.
+const TOKEN_RANDOM_CHARS: usize = 14;
 
 /// How a new token looks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -209,15 +219,36 @@ pub fn pan_shaped_space(pan_len: usize) -> u64 {
 }
 
 impl Token {
-    /// A new token from the OS CSPRNG. Never derived from card data.
+    /// A new token: `tok_`, the time in milliseconds (8 characters, 48
+    /// bits), then 84 bits from the OS CSPRNG (14 characters). Never
+    /// derived from card data. Like a ULID, tokens made later sort later:
+    /// the token indexes (the cards' and the audit trail's) then grow at
+    /// their right edge, and a group commit of new cards dirties a few
+    /// adjacent index pages instead of one random page per card. The cost:
+    /// a token tells when it was made; 84 random bits per millisecond keep
+    /// it unguessable.
     pub fn generate() -> Result<Token, getrandom::Error> {
-        use base64::Engine as _;
-        let mut raw = [0u8; TOKEN_RANDOM_BYTES];
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        Self::generate_at(u64::try_from(now).unwrap_or(u64::MAX))
+    }
+
+    /// [`Token::generate`] at `unix_ms` (its low 48 bits).
+    fn generate_at(unix_ms: u64) -> Result<Token, getrandom::Error> {
+        let mut out = String::with_capacity(4 + TOKEN_TIME_CHARS + TOKEN_RANDOM_CHARS);
+        out.push_str("tok_");
+        for i in (0..TOKEN_TIME_CHARS).rev() {
+            let six = (unix_ms >> (6 * i)) & 63;
+            out.push(char::from(TOKEN_ALPHABET[six as usize]));
+        }
+        let mut raw = [0u8; TOKEN_RANDOM_CHARS];
         getrandom::getrandom(&mut raw)?;
-        Ok(Token(format!(
-            "tok_{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-        )))
+        // 256 is a multiple of 64: the low six bits of a byte are uniform.
+        for b in raw {
+            out.push(char::from(TOKEN_ALPHABET[usize::from(b & 63)]));
+        }
+        Ok(Token(out))
     }
 
     /// A new pan-shaped token for `pan`: its BIN and last four around
@@ -354,6 +385,32 @@ mod tests {
             format!("{:?}", CardholderName::parse("Jane").unwrap()),
             "CardholderName([REDACTED])"
         );
+    }
+
+    #[test]
+    fn tokens_sort_by_the_time_they_were_made_and_differ_within_a_millisecond() {
+        let a = Token::generate_at(1_764_800_000_000).unwrap();
+        let b = Token::generate_at(1_764_800_000_001).unwrap();
+        let c = Token::generate_at(1_764_800_000_000 + (1 << 30)).unwrap();
+        assert!(a.as_str() < b.as_str() && b.as_str() < c.as_str());
+        assert_eq!(
+            &a.as_str()[..12],
+            &Token::generate_at(1_764_800_000_000).unwrap().as_str()[..12]
+        );
+        let many: std::collections::HashSet<String> = (0..10_000)
+            .map(|_| Token::generate_at(1_764_800_000_000).unwrap().0)
+            .collect();
+        assert_eq!(many.len(), 10_000, "84 random bits per millisecond");
+        for t in &many {
+            assert!(Token::parse(t).is_some(), "{t}");
+        }
+        // Every character of the random part is used.
+        let used: std::collections::HashSet<u8> = many
+            .iter()
+            .flat_map(|t| t.as_bytes()[12..].to_vec())
+            .collect();
+        assert_eq!(used.len(), 64);
+        assert_eq!(TOKEN_RANDOM_BITS, 84);
     }
 
     #[test]

@@ -25,7 +25,7 @@
 //!   streamed in ascending tree size;
 //! - `verify_trail`: [`verify_database`], [`verify_archives`],
 //!   [`verify_export_file`], the merge of database and witness checkpoints,
-//!   and the verdicts ([`Verified`], [`TrailFailure`]);
+//!   and the verdicts ([`Verified`], [`Coverage`], [`TrailFailure`]);
 //! - `export_trail`: [`export_database`], the JSON Lines export of the
 //!   trail (or of a range, from its anchor);
 //! - `proofs`: [`prove_from_database`], [`prove_from_export`],
@@ -48,7 +48,7 @@ pub use proofs::{
     ProveError,
 };
 pub use verify_trail::{
-    verify_archives, verify_database, verify_export_file, Source, TrailFailure, Verified,
+    verify_archives, verify_database, verify_export_file, Coverage, Source, TrailFailure, Verified,
     VerifyError,
 };
 pub use witness::{Witness, WitnessError};

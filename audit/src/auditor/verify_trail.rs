@@ -138,8 +138,73 @@ pub struct Verified {
     pub archive_files: u64,
 }
 
+/// How far verified signed checkpoints reach over a trail whose chain
+/// verified: what `vault-audit verify`'s exit status says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coverage {
+    /// Every entry is covered by a signed checkpoint that verified (or
+    /// there are no entries): exit 0.
+    Complete,
+    /// The chain verifies, but entries `first..=last` come after the last
+    /// signed checkpoint: protected by the hash chain only until the next
+    /// one. The normal state of a live database between checkpoints: exit 3.
+    Uncovered { first: u64, last: u64 },
+    /// Entries and not one signed checkpoint verified: only the chain's own
+    /// consistency was checked, which anyone able to write the database can
+    /// rebuild. A failure: exit 1.
+    Unsigned { entries: u64 },
+}
+
+impl Coverage {
+    /// Entries not covered by a signed checkpoint.
+    pub fn uncovered(&self) -> u64 {
+        match *self {
+            Coverage::Complete => 0,
+            Coverage::Uncovered { first, last } => last - first + 1,
+            Coverage::Unsigned { entries } => entries,
+        }
+    }
+}
+
+impl fmt::Display for Coverage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Coverage::Complete => f.write_str("every entry is covered by a signed checkpoint"),
+            Coverage::Uncovered { first, last } => write!(
+                f,
+                "{} entries ({first} to {last}) are not yet covered by a signed checkpoint: until the next one they are protected by the hash chain only",
+                last - first + 1
+            ),
+            Coverage::Unsigned { entries } => write!(
+                f,
+                "{entries} entries and no signed checkpoint: only the chain's own consistency could be checked, which anyone able to write the database can rebuild"
+            ),
+        }
+    }
+}
+
 impl Verified {
-    /// The tool's report: one summary line, then notes and warnings.
+    /// Whether every entry is covered by a verified signed checkpoint. A
+    /// pass that starts from an anchor counts as signed only if a
+    /// checkpoint after the anchor confirmed it (or archive files did).
+    pub fn coverage(&self) -> Coverage {
+        let r = &self.report;
+        if r.entries == 0 {
+            Coverage::Complete
+        } else if r.checkpoints == 0 {
+            Coverage::Unsigned { entries: r.entries }
+        } else if r.anchored < r.last_seq {
+            Coverage::Uncovered {
+                first: r.anchored + 1,
+                last: r.last_seq,
+            }
+        } else {
+            Coverage::Complete
+        }
+    }
+
+    /// The tool's report: one summary line, then notes (the coverage
+    /// verdict is [`Verified::coverage`]).
     pub fn lines(&self) -> Vec<String> {
         let r = &self.report;
         let mut lines = vec![format!(
@@ -185,18 +250,6 @@ impl Verified {
         if let Some(n) = self.legacy_rows.filter(|&n| n > 0) {
             lines.push(format!(
                 "note: {n} audit rows predate the chain (no chain position); they are not covered by this verification"
-            ));
-        }
-        if r.checkpoints == 0 && r.entries > 0 {
-            lines.push(
-                "warning: no signed checkpoint: only the chain's own consistency was checked, which anyone able to write the database can rebuild"
-                    .to_string(),
-            );
-        } else if r.anchored < r.last_seq {
-            lines.push(format!(
-                "warning: entries {} to {} are not yet covered by a signed checkpoint: until the next one they are protected by the hash chain only",
-                r.anchored + 1,
-                r.last_seq
             ));
         }
         lines

@@ -5,9 +5,15 @@
 //! service's database (the runtime role's SELECT suffices; SQLite is opened
 //! read-only) or an export file.
 //!
-//! Exit status: 0 success, 1 verification failure (the trail, a checkpoint
-//! or a proof does not hold; the output says what and where), 2 usage or
-//! input/output error (nothing was concluded about the trail).
+//! Exit status: 0 success (for `verify`: every entry is covered by a signed
+//! checkpoint that verified), 1 verification failure (the trail, a
+//! checkpoint or a proof does not hold, or a trail with entries has no
+//! signed checkpoint; the output says what and where), 2 usage or
+//! input/output error (nothing was concluded about the trail), 3 (`verify`
+//! only) the chain verifies but its last N entries are not yet covered by a
+//! signed checkpoint (N printed; the normal state of a live database
+//! between two checkpoints). The tool fails closed: it never exits 0 about
+//! entries it could not check against a signature.
 #![forbid(unsafe_code)]
 // stdout is this tool's output (reports, exports, proofs); stderr carries
 // the errors.
@@ -19,7 +25,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use audit::auditor::{self, VerifyError, Witness};
+use audit::auditor::{self, Coverage, VerifyError, Witness};
 use audit::VerifyingKey;
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
@@ -31,7 +37,10 @@ use clap::{ArgGroup, Args, Parser, Subcommand};
 /// database. With the public key, anyone can check that no entry was
 /// changed, inserted, removed, reordered or cut off, and where.
 ///
-/// Exit status: 0 success, 1 verification failure, 2 usage or I/O error.
+/// Exit status: 0 success (verify: every entry covered by a verified
+/// signed checkpoint), 1 verification failure (including entries without any
+/// signed checkpoint), 2 usage or I/O error, 3 (verify) the chain verifies
+/// but the last N entries are not yet covered by a signed checkpoint.
 #[derive(Debug, Parser)]
 #[command(name = "vault-audit", version)]
 struct Cli {
@@ -46,12 +55,15 @@ enum Command {
     /// database unchanged.
     ///
     /// Prints `verified N entries and K checkpoints (root .., last seq ..,
-    /// anchored at ..)`, plus a warning when the last entries are not yet
-    /// covered by a signed checkpoint (they are protected by the hash chain
-    /// only until the next one). On failure, prints the first changed,
-    /// inserted, removed, reordered or truncated entry (or, for a chain
-    /// rebuilt with recomputed hashes, the checkpoint interval it lies in)
-    /// and exits 1.
+    /// anchored at ..)` and exits 0 only if every entry is covered by a
+    /// signed checkpoint it verified. Exits 3, printing how many, when the
+    /// chain verifies but the last entries are not yet covered (they are
+    /// protected by the hash chain only until the next checkpoint). Exits 1
+    /// on a trail with entries and no signed checkpoint, and on any
+    /// failure, printing the first changed, inserted, removed, reordered or
+    /// truncated entry (or, for a chain rebuilt with recomputed hashes, the
+    /// checkpoint interval it lies in). With --database-url the witness
+    /// file is required, unless --no-witness is given.
     Verify(VerifyArgs),
     /// Write the trail as JSON Lines: an anchor line when it does not start
     /// at entry 1, the checkpoints it reaches, then the entries.
@@ -96,9 +108,16 @@ struct VerifyArgs {
     /// checkpoints are verified too and must all be in the database (or
     /// export), unchanged. Without it, someone who can write the database
     /// could delete the checkpoints and rebuild the chain unnoticed. Repeat
-    /// for several instances' files.
+    /// for several instances' files. Required with --database-url unless
+    /// --no-witness is given.
     #[arg(long, value_name = "FILE")]
     witness: Vec<PathBuf>,
+    /// Verify the database without a witness file, knowingly: a checkpoint
+    /// deleted from the database together with the entries after it (and a
+    /// chain rebuilt after that point) then goes unnoticed. The output says
+    /// so.
+    #[arg(long, conflicts_with = "witness")]
+    no_witness: bool,
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +169,12 @@ struct CheckProofArgs {
 const FAILED: u8 = 1;
 /// Usage or input/output error: exit 2.
 const ERROR: u8 = 2;
+/// Verify: the chain verifies, its last entries are not yet covered by a
+/// signed checkpoint: exit 3.
+const UNCOVERED: u8 = 3;
+
+/// What `--no-witness` gives up, printed with its result.
+const NO_WITNESS: &str = "note: verified without the witness file (--no-witness): someone able to write the database could have deleted the last checkpoints and rebuilt the chain after the last one left, and this run could not tell";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -185,6 +210,11 @@ fn read_key(path: &Path) -> Result<VerifyingKey, u8> {
 }
 
 fn verify(args: VerifyArgs) -> Result<(), u8> {
+    if args.database_url.is_some() && args.witness.is_empty() && !args.no_witness {
+        return Err(error(
+            "--database-url needs the witness file (--witness FILE, <data-dir>/audit-checkpoints.jsonl): without it, checkpoints deleted from the database and a chain rebuilt after them go unnoticed; --no-witness verifies without it, knowingly",
+        ));
+    }
     let key = read_key(&args.key)?;
     let open = |path: &PathBuf| {
         Witness::open(path).map_err(|e| error(format!("{e} ({})", path.display())))
@@ -220,7 +250,21 @@ fn verify(args: VerifyArgs) -> Result<(), u8> {
             for line in verified.lines() {
                 println!("{line}");
             }
-            Ok(())
+            if args.no_witness {
+                println!("{NO_WITNESS}");
+            }
+            let coverage = verified.coverage();
+            match coverage {
+                Coverage::Complete => Ok(()),
+                Coverage::Uncovered { .. } => {
+                    println!("not covered: {coverage}");
+                    Err(UNCOVERED)
+                }
+                Coverage::Unsigned { .. } => {
+                    println!("verification FAILED: {coverage}");
+                    Err(FAILED)
+                }
+            }
         }
         Err(VerifyError::Failed(failure)) => {
             println!("verification FAILED: {failure}");

@@ -164,8 +164,9 @@ fn describe(out: &CliOutput) -> String {
 fn verify(url: &str, key: &Path, witness: Option<&Path>, code: i32, needle: &str) -> CliOutput {
     let key = key.to_str().unwrap();
     let mut args = vec!["verify", "--key", key, "--database-url", url];
-    if let Some(w) = witness {
-        args.extend(["--witness", w.to_str().unwrap()]);
+    match witness {
+        Some(w) => args.extend(["--witness", w.to_str().unwrap()]),
+        None => args.push("--no-witness"),
     }
     let out = run_vault_audit(&args);
     assert_eq!(
@@ -426,9 +427,10 @@ fn audit_trail_verifies_and_every_tampering_is_located() {
     record(&mut located, "forged entry appended, made-up hashes", &out);
 
     // The known limit: a forged entry appended with correct hashes after the
-    // last checkpoint is protected by the chain only. It verifies, with the
-    // warning that it is not covered by a signed checkpoint (after a clean
-    // shutdown, which signs a last checkpoint, that is itself a red flag).
+    // last checkpoint is protected by the chain only. The chain verifies,
+    // but the entry is not covered by a signed checkpoint: exit 3, never 0
+    // (after a clean shutdown, which signs a last checkpoint, an uncovered
+    // entry is itself a red flag).
     let db = copy("append-chained");
     let row = ChainState::resume(n, entries[(n - 1) as usize].chain_hash).append(forged);
     db.tamper(&insert_row(db, &row));
@@ -436,15 +438,15 @@ fn audit_trail_verifies_and_every_tampering_is_located() {
         &db.url,
         &key,
         Some(&witness),
-        0,
+        3,
         &format!(
-            "warning: entries {} to {} are not yet covered by a signed checkpoint",
+            "not covered: 1 entries ({} to {}) are not yet covered by a signed checkpoint",
             n + 1,
             n + 1
         ),
     );
     located.push(format!(
-        "  forged entry appended, correct hashes (known limit, exit 0): {}",
+        "  forged entry appended, correct hashes (known limit, exit 3): {}",
         out.stdout.lines().last().unwrap_or_default()
     ));
 
@@ -708,6 +710,7 @@ fn archived_segments_verify_alone_and_joined_to_the_database() {
         forged.to_str().unwrap(),
         "--database-url",
         &url,
+        "--no-witness",
     ]);
     assert_eq!(bad.status.code(), Some(1), "{}", describe(&bad));
     assert!(
@@ -736,6 +739,7 @@ fn archived_segments_verify_alone_and_joined_to_the_database() {
         tail.to_str().unwrap(),
         "--database-url",
         &url,
+        "--no-witness",
     ]);
     assert_eq!(gap.status.code(), Some(1), "{}", describe(&gap));
     assert!(gap.stdout.contains("overlap"), "{}", describe(&gap));
