@@ -789,15 +789,19 @@ fn prove_and_check_proof() {
 fn usage_and_io_errors_exit_2() {
     let f = Fixture::build("usage", 5, 5);
     let key = f.key.to_str().unwrap();
+    // A database verification, knowingly without a witness file.
+    let no_witness = |key: &str, url: &str| {
+        run(&[
+            "verify",
+            "--key",
+            key,
+            "--database-url",
+            url,
+            "--no-witness",
+        ])
+    };
     let missing = f.dir.join("missing.db");
-    let r = run(&[
-        "verify",
-        "--key",
-        key,
-        "--database-url",
-        &format!("sqlite://{}", missing.display()),
-        "--no-witness",
-    ]);
+    let r = no_witness(key, &format!("sqlite://{}", missing.display()));
     expect(&r, 2, "cannot open the database");
     assert!(!missing.exists(), "never created");
     expect(&run(&["verify", "--key", key]), 2, "--database-url");
@@ -829,43 +833,18 @@ fn usage_and_io_errors_exit_2() {
         "cannot be used with",
     );
     expect(
-        &run(&[
-            "verify",
-            "--key",
-            "/nonexistent",
-            "--database-url",
-            &f.url(),
-            "--no-witness",
-        ]),
+        &no_witness("/nonexistent", &f.url()),
         2,
         "cannot read the key file",
     );
     let bad_key = f.dir.join("bad.pub");
     std::fs::write(&bad_key, "ssh-ed25519 AAAA\n").unwrap();
     expect(
-        &run(&[
-            "verify",
-            "--key",
-            bad_key.to_str().unwrap(),
-            "--database-url",
-            &f.url(),
-            "--no-witness",
-        ]),
+        &no_witness(bad_key.to_str().unwrap(), &f.url()),
         2,
         "a public key line is",
     );
-    expect(
-        &run(&[
-            "verify",
-            "--key",
-            key,
-            "--database-url",
-            "mysql://x",
-            "--no-witness",
-        ]),
-        2,
-        "unsupported database URL",
-    );
+    expect(&no_witness(key, "mysql://x"), 2, "unsupported database URL");
     let bad_witness = f.dir.join("bad.jsonl");
     std::fs::write(&bad_witness, "not json\n").unwrap();
     expect(
@@ -889,14 +868,7 @@ fn usage_and_io_errors_exit_2() {
     )
     .unwrap();
     expect(
-        &run(&[
-            "verify",
-            "--key",
-            other.to_str().unwrap(),
-            "--database-url",
-            &f.url(),
-            "--no-witness",
-        ]),
+        &no_witness(other.to_str().unwrap(), &f.url()),
         1,
         "not by the key given",
     );

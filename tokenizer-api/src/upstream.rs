@@ -141,14 +141,11 @@ impl AsRef<[u8]> for ZeroizingBody {
 /// of a random digest holds such a run about once in seventy certificates.
 /// Here no digit run is longer than two.
 fn fingerprint(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 3);
-    for (i, b) in bytes.iter().enumerate() {
-        if i > 0 {
-            out.push(':');
-        }
-        out.push_str(&format!("{b:02X}"));
-    }
-    out
+    bytes
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// What went wrong, from reqwest's error and its sources: a rustls error

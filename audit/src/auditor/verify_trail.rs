@@ -155,17 +155,6 @@ pub enum Coverage {
     Unsigned { entries: u64 },
 }
 
-impl Coverage {
-    /// Entries not covered by a signed checkpoint.
-    pub fn uncovered(&self) -> u64 {
-        match *self {
-            Coverage::Complete => 0,
-            Coverage::Uncovered { first, last } => last - first + 1,
-            Coverage::Unsigned { entries } => entries,
-        }
-    }
-}
-
 impl fmt::Display for Coverage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
