@@ -37,7 +37,10 @@
 --                      audit_head    SELECT, UPDATE (the chain head row)
 --                      audit_checkpoints  SELECT, INSERT
 --                      audit_signing_keys  SELECT, INSERT, UPDATE (wrapped,
---                                    kek_id) -- KEK rotation re-wraps it
+--                                    kek_id, retired_at, destroyed_at) --
+--                                    KEK rotation re-wraps them, a
+--                                    signing key rotation retires one,
+--                                    destroy erases a retired one
 --                      audit_archives  SELECT (backups read it; archiving
 --                                    runs as the owner)
 --                      collect_sessions  SELECT, INSERT, DELETE, UPDATE
@@ -269,8 +272,12 @@ GRANT SELECT, INSERT ON TABLE audit_events TO :"app_role";
 -- The chain head: every audit append locks and advances it (UPDATE).
 GRANT SELECT, UPDATE ON TABLE audit_head TO :"app_role";
 GRANT SELECT, INSERT ON TABLE audit_checkpoints TO :"app_role";
--- KEK rotation re-wraps the signing key.
-GRANT SELECT, INSERT, UPDATE (wrapped, kek_id) ON TABLE audit_signing_keys TO :"app_role";
+-- KEK rotation re-wraps the signing keys; a signing key rotation retires
+-- the old generation (retired_at), destroying one erases its secret
+-- (wrapped, destroyed_at; migration 0012). key_id and public_key never
+-- change.
+GRANT SELECT, INSERT, UPDATE (wrapped, kek_id, retired_at, destroyed_at)
+    ON TABLE audit_signing_keys TO :"app_role";
 -- Backups read the archived segments; recording one (and deleting the
 -- archived entries) is `tokenizer audit archive`, run as the owner.
 GRANT SELECT ON TABLE audit_archives TO :"app_role";
@@ -289,6 +296,18 @@ GRANT UPDATE (failures, closed_at, completed_at, token, claimed_until) ON TABLE 
 GRANT SELECT, INSERT, DELETE ON TABLE forward_idempotency TO :"app_role";
 GRANT UPDATE (state, completed_at, tenant, status, content_type, location, key_version, nonce, ciphertext)
     ON TABLE forward_idempotency TO :"app_role";
+
+-- Readiness (migration 0011): `/readyz` commits one row to prove the
+-- database takes writes.
+GRANT SELECT, UPDATE (probed_at) ON TABLE storage_probe TO :"app_role";
+-- Cluster-wide detokenization monitoring (migration 0013): one rate-limit
+-- bucket per principal and per tenant, the anomaly rule's windows and the
+-- tokens of each principal's current window (older ones deleted).
+GRANT SELECT, INSERT, UPDATE ON TABLE rate_buckets TO :"app_role";
+GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE anomaly_windows TO :"app_role";
+GRANT SELECT, INSERT, DELETE ON TABLE anomaly_tokens TO :"app_role";
+-- The fleet's blocks of source addresses (migration 0014).
+GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE source_blocks TO :"app_role";
 
 -- The auditor role (`vault-audit verify`): reads the audit trail, nothing
 -- else.

@@ -229,6 +229,23 @@ impl Trail {
     pub fn checkpoint(&self, key: &SigningKey, time: OffsetDateTime) -> Checkpoint {
         key.sign_checkpoint(self.chain.size, self.tree.root(), self.chain.head, time)
     }
+
+    /// A key announcement of the trail as it is now: a checkpoint signed by
+    /// `key` that names `next`, the key signing every later checkpoint.
+    pub fn announce(
+        &self,
+        key: &SigningKey,
+        time: OffsetDateTime,
+        next: &crate::checkpoint::VerifyingKey,
+    ) -> Checkpoint {
+        key.sign_announcement(
+            self.chain.size,
+            self.tree.root(),
+            self.chain.head,
+            time,
+            next,
+        )
+    }
 }
 
 /// Deserialize an [`AuditEvent`] strictly: every field present (absent ones

@@ -18,13 +18,35 @@
 //! len(key_id) || key_id                u32 || UTF-8
 //! ```
 //!
+//! A *key announcement* (the hand-over to a new signing key, see
+//! [`SigningKey::sign_announcement`]) is a checkpoint that also names the
+//! next key: it is signed by the old key over
+//!
+//! ```text
+//! "cardvault/audit-checkpoint/v2"      29 bytes, domain tag
+//! tree_size, root, chain_head, time,   exactly as in v1
+//! len(key_id) || key_id
+//! next_key                             32 bytes, the new Ed25519 public key
+//! ```
+//!
+//! A checkpoint without `next_key` is signed over the v1 bytes, so trails
+//! from before key rotation verify as they always did.
+//!
 //! JSON (one object per line): `{"tree_size":N,"root":"<hex>","chain_head":
 //! "<hex>","time":"<RFC 3339, UTC>","key_id":"<16 hex>","signature":
-//! "<128 hex>"}`; unknown or missing fields are refused.
+//! "<128 hex>"}`; an announcement has `"next_key":"cardvault-audit-ed25519:
+//! <64 hex>"` between `key_id` and `signature`. Unknown or missing fields
+//! are refused.
 //!
 //! Key id: the first 8 bytes of SHA-256 of the 32-byte public key, in hex.
 //! Public key file for auditors: one line `cardvault-audit-ed25519:<64 hex>`
-//! ([`VerifyingKey`]'s `Display` and [`VerifyingKey::parse`]).
+//! ([`VerifyingKey`]'s `Display` and [`VerifyingKey::parse`]); a keys file
+//! holds several such lines ([`VerifyingKey::parse_many`]).
+//!
+//! Which keys a verifier accepts is a [`TrustedKeys`]: the keys the auditor
+//! gives, plus every key announced by a checkpoint of a trusted key that
+//! verified against the entries; a key that announced its successor is not
+//! accepted for any later checkpoint (it no longer signs).
 
 use std::fmt;
 use std::str::FromStr;
@@ -39,6 +61,9 @@ use crate::hex;
 
 /// Domain tag at the start of every checkpoint's signed bytes.
 pub const CHECKPOINT_TAG: &[u8] = b"cardvault/audit-checkpoint/v1";
+/// Domain tag of a key announcement's signed bytes (a checkpoint naming the
+/// next signing key).
+pub const ANNOUNCEMENT_TAG: &[u8] = b"cardvault/audit-checkpoint/v2";
 /// Prefix of the public key line.
 pub const PUBLIC_KEY_PREFIX: &str = "cardvault-audit-ed25519:";
 
@@ -59,6 +84,10 @@ pub struct Checkpoint {
     pub time: OffsetDateTime,
     /// Id of the key that signed it (see [`VerifyingKey::key_id`]).
     pub key_id: String,
+    /// A key announcement: the key that signs the checkpoints after this
+    /// one (signed by the key `key_id`, the one it replaces).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_key: Option<VerifyingKey>,
     #[serde(with = "hex::array")]
     pub signature: [u8; 64],
 }
@@ -72,6 +101,7 @@ impl Checkpoint {
             &self.chain_head,
             self.time,
             &self.key_id,
+            self.next_key.as_ref(),
         )
     }
 
@@ -97,9 +127,13 @@ fn signed_bytes(
     chain_head: &[u8; 32],
     time: OffsetDateTime,
     key_id: &str,
+    next_key: Option<&VerifyingKey>,
 ) -> Vec<u8> {
-    let mut out = Vec::with_capacity(CHECKPOINT_TAG.len() + 8 + 64 + 16 + 4 + key_id.len());
-    out.extend_from_slice(CHECKPOINT_TAG);
+    let mut out = Vec::with_capacity(CHECKPOINT_TAG.len() + 8 + 64 + 16 + 4 + key_id.len() + 32);
+    out.extend_from_slice(match next_key {
+        None => CHECKPOINT_TAG,
+        Some(_) => ANNOUNCEMENT_TAG,
+    });
     out.extend_from_slice(&tree_size.to_be_bytes());
     out.extend_from_slice(root);
     out.extend_from_slice(chain_head);
@@ -108,14 +142,23 @@ fn signed_bytes(
     let len = u32::try_from(key_id.len()).unwrap_or(u32::MAX);
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(key_id.as_bytes());
+    if let Some(next) = next_key {
+        out.extend_from_slice(next.key.as_bytes());
+    }
     out
 }
 
 /// Why a checkpoint does not verify.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CheckpointError {
-    #[error("checkpoint signed by key {key_id}, not by the key given")]
+    #[error("checkpoint signed by key {key_id}, which is not trusted (neither given nor announced by a trusted key)")]
     UnknownKey { key_id: String },
+    #[error("checkpoint signed by key {key_id}, which handed over to key {next_key_id} at the checkpoint for {handed_over_at} entries and signs nothing after it")]
+    RetiredKey {
+        key_id: String,
+        next_key_id: String,
+        handed_over_at: u64,
+    },
     #[error("checkpoint signature is invalid")]
     BadSignature,
 }
@@ -179,6 +222,13 @@ impl SigningKey {
         Zeroizing::new(self.key.to_bytes())
     }
 
+    /// Sign `message`, which must begin with a domain tag of its own (the
+    /// backup's `cardvault/backup/v1`, say) so that it can never be taken
+    /// for a checkpoint's signed bytes. The secret stays in this key.
+    pub fn sign_message(&self, message: &[u8]) -> [u8; 64] {
+        ed25519_dalek::Signer::sign(&self.key, message).to_bytes()
+    }
+
     /// The public half, for auditors.
     pub fn verifying_key(&self) -> VerifyingKey {
         self.public.clone()
@@ -198,9 +248,41 @@ impl SigningKey {
         chain_head: [u8; 32],
         time: OffsetDateTime,
     ) -> Checkpoint {
+        self.sign(tree_size, root, chain_head, time, None)
+    }
+
+    /// Sign a key announcement: a checkpoint for the first `tree_size`
+    /// entries that also names `next`, the key that signs every checkpoint
+    /// after it (v2 signed bytes, see the module doc).
+    pub fn sign_announcement(
+        &self,
+        tree_size: u64,
+        root: [u8; 32],
+        chain_head: [u8; 32],
+        time: OffsetDateTime,
+        next: &VerifyingKey,
+    ) -> Checkpoint {
+        self.sign(tree_size, root, chain_head, time, Some(next.clone()))
+    }
+
+    fn sign(
+        &self,
+        tree_size: u64,
+        root: [u8; 32],
+        chain_head: [u8; 32],
+        time: OffsetDateTime,
+        next_key: Option<VerifyingKey>,
+    ) -> Checkpoint {
         let time = time.to_offset(UtcOffset::UTC);
         let key_id = self.public.key_id.clone();
-        let bytes = signed_bytes(tree_size, &root, &chain_head, time, &key_id);
+        let bytes = signed_bytes(
+            tree_size,
+            &root,
+            &chain_head,
+            time,
+            &key_id,
+            next_key.as_ref(),
+        );
         let signature = self.key.sign(&bytes).to_bytes();
         Checkpoint {
             tree_size,
@@ -208,6 +290,7 @@ impl SigningKey {
             chain_head,
             time,
             key_id,
+            next_key,
             signature,
         }
     }
@@ -249,6 +332,21 @@ impl VerifyingKey {
         Self::from_bytes(&bytes)
     }
 
+    /// Parse a keys file: one public key line per key (blank lines and
+    /// lines starting with `#` are skipped). At least one key.
+    pub fn parse_many(text: &str) -> Result<Vec<Self>, KeyError> {
+        let keys = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(Self::parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        if keys.is_empty() {
+            return Err(KeyError::PublicKeyFormat);
+        }
+        Ok(keys)
+    }
+
     /// The 32-byte public key.
     pub fn to_bytes(&self) -> [u8; 32] {
         self.key.to_bytes()
@@ -277,6 +375,180 @@ impl FromStr for VerifyingKey {
     type Err = KeyError;
     fn from_str(s: &str) -> Result<Self, KeyError> {
         Self::parse(s)
+    }
+}
+
+/// As its public key line (`cardvault-audit-ed25519:<64 hex>`).
+impl Serialize for VerifyingKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for VerifyingKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let line = String::deserialize(d)?;
+        // Exactly the line, no surrounding whitespace (canonical form).
+        if line.trim() != line {
+            return Err(serde::de::Error::custom(KeyError::PublicKeyFormat));
+        }
+        Self::parse(&line).map_err(serde::de::Error::custom)
+    }
+}
+
+/// How a verifier came to trust a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Given by the auditor (a key file).
+    Given,
+    /// Announced by the checkpoint for `tree_size` entries, signed by the
+    /// trusted key `by`, which verified against the entries.
+    Announced { by: String, tree_size: u64 },
+}
+
+/// A key that handed over to its successor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handover {
+    /// The announcement's tree size: the old key signs nothing after it.
+    pub tree_size: u64,
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TrustedKey {
+    key: VerifyingKey,
+    trust: Trust,
+}
+
+/// The keys a verifier accepts checkpoints from: the auditor's keys, plus
+/// the keys announced along the trail (see the module doc). Build it from
+/// one key (`From<VerifyingKey>`) or several ([`TrustedKeys::new`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedKeys {
+    keys: std::collections::BTreeMap<String, TrustedKey>,
+    handovers: Vec<Handover>,
+}
+
+impl TrustedKeys {
+    /// The keys the auditor trusts from the start.
+    pub fn new(keys: impl IntoIterator<Item = VerifyingKey>) -> Self {
+        let mut out = Self::default();
+        for key in keys {
+            out.keys.insert(
+                key.key_id.clone(),
+                TrustedKey {
+                    key,
+                    trust: Trust::Given,
+                },
+            );
+        }
+        out
+    }
+
+    /// The trusted key with this id, if any (given or announced so far).
+    pub fn get(&self, key_id: &str) -> Option<&VerifyingKey> {
+        self.keys.get(key_id).map(|k| &k.key)
+    }
+
+    /// How the key with this id came to be trusted.
+    pub fn trust(&self, key_id: &str) -> Option<&Trust> {
+        self.keys.get(key_id).map(|k| &k.trust)
+    }
+
+    /// Every trusted key id, in key id order.
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
+    /// Hand-overs accepted so far, in trail order.
+    pub fn handovers(&self) -> &[Handover] {
+        &self.handovers
+    }
+
+    /// Check a checkpoint's signature: its key must be trusted, must not
+    /// have handed over to a successor at a smaller tree size, and an
+    /// announcement must not name a second successor.
+    pub fn verify(&self, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+        let key = self
+            .get(&checkpoint.key_id)
+            .ok_or_else(|| CheckpointError::UnknownKey {
+                key_id: checkpoint.key_id.clone(),
+            })?;
+        if let Some(h) = self
+            .handovers
+            .iter()
+            .find(|h| h.from == checkpoint.key_id && checkpoint.tree_size > h.tree_size)
+        {
+            return Err(CheckpointError::RetiredKey {
+                key_id: h.from.clone(),
+                next_key_id: h.to.clone(),
+                handed_over_at: h.tree_size,
+            });
+        }
+        // A key hands over once: a second announcement by it, naming
+        // another key (even at the same tree size, whose root and head are
+        // public), would let whoever holds the retired key mint a successor.
+        if let Some(next) = &checkpoint.next_key {
+            if let Some(h) = self
+                .handovers
+                .iter()
+                .find(|h| h.from == checkpoint.key_id && h.to != next.key_id)
+            {
+                return Err(CheckpointError::RetiredKey {
+                    key_id: h.from.clone(),
+                    next_key_id: h.to.clone(),
+                    handed_over_at: h.tree_size,
+                });
+            }
+        }
+        checkpoint.verify(key)
+    }
+
+    /// Record what a checkpoint that fully verified (its signature with
+    /// [`TrustedKeys::verify`], and its root and chain head against the
+    /// entries) announces: its next key becomes trusted, and its signer
+    /// signs nothing after it. Call only after both checks.
+    pub fn accept(&mut self, checkpoint: &Checkpoint) {
+        let Some(next) = &checkpoint.next_key else {
+            return;
+        };
+        let handover = Handover {
+            tree_size: checkpoint.tree_size,
+            from: checkpoint.key_id.clone(),
+            to: next.key_id.clone(),
+        };
+        if next.key_id == checkpoint.key_id || self.handovers.contains(&handover) {
+            return;
+        }
+        self.keys
+            .entry(next.key_id.clone())
+            .or_insert_with(|| TrustedKey {
+                key: next.clone(),
+                trust: Trust::Announced {
+                    by: checkpoint.key_id.clone(),
+                    tree_size: checkpoint.tree_size,
+                },
+            });
+        self.handovers.push(handover);
+    }
+}
+
+impl From<VerifyingKey> for TrustedKeys {
+    fn from(key: VerifyingKey) -> Self {
+        Self::new([key])
+    }
+}
+
+impl From<&VerifyingKey> for TrustedKeys {
+    fn from(key: &VerifyingKey) -> Self {
+        Self::new([key.clone()])
+    }
+}
+
+impl From<&TrustedKeys> for TrustedKeys {
+    fn from(keys: &TrustedKeys) -> Self {
+        keys.clone()
     }
 }
 

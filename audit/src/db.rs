@@ -90,8 +90,9 @@ const SQLITE_ENTRIES_SQL: &str = concat!("SELECT ", sqlite_packed_entry!(), all_
 const SQLITE_ENTRIES_RANGE_SQL: &str =
     concat!("SELECT ", sqlite_packed_entry!(), entries_in_range!());
 
-const CHECKPOINTS_SQL: &str = "SELECT tree_size, root, chain_head, time, key_id, signature \
-     FROM audit_checkpoints ORDER BY tree_size";
+// `*`: `next_key` (key announcements, migration 0012) is read when the
+// column exists, so databases from before it verify as well.
+const CHECKPOINTS_SQL: &str = "SELECT * FROM audit_checkpoints ORDER BY tree_size";
 
 /// SQLite's extended result code SQLITE_READONLY_DIRECTORY.
 const SQLITE_READONLY_DIRECTORY: &str = "1544";
@@ -109,6 +110,11 @@ pub enum DbError {
     UnsupportedUrl,
     #[error("invalid database URL: {0}")]
     InvalidUrl(#[source] sqlx::Error),
+    #[error(
+        "the database URL names several hosts: vault-audit reads one; give the primary's \
+         (or a standby's: it only reads, but a standby that lags shows a longer uncovered tail)"
+    )]
+    SeveralHosts,
     #[error("cannot open the database: {0}")]
     Open(#[source] sqlx::Error),
     #[error(
@@ -172,6 +178,15 @@ enum Conn {
     Postgres(sqlx::PgConnection),
 }
 
+/// Whether a `postgres://` URL's authority is a libpq host list
+/// (`db1:5432,db2:5432`), as the service accepts: sqlx takes one host.
+fn names_several_hosts(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let hosts = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    hosts.contains(',')
+}
+
 /// One read-only connection to the service's database.
 #[derive(Debug)]
 pub struct TrailDb {
@@ -204,6 +219,9 @@ impl TrailDb {
                 })?;
             Conn::Sqlite(conn)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            if names_several_hosts(url) {
+                return Err(DbError::SeveralHosts);
+            }
             let opts = sqlx::postgres::PgConnectOptions::from_str(url)
                 .map_err(DbError::InvalidUrl)?
                 .application_name("vault-audit")
@@ -444,6 +462,7 @@ where
     R: Row,
     &'static str: ColumnIndex<R>,
     String: Decode<'r, R::Database> + Type<R::Database>,
+    Option<String>: Decode<'r, R::Database> + Type<R::Database>,
     i64: Decode<'r, R::Database> + Type<R::Database>,
     Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
 {
@@ -458,6 +477,14 @@ where
     let head = bytes("chain_head", "chain_head is not 32 bytes")?;
     let signature = bytes("signature", "signature is not 64 bytes")?;
     let time: String = get(r, "time", "time is not text").map_err(bad)?;
+    let next_key = match r.try_get::<Option<String>, _>("next_key") {
+        Ok(Some(line)) => Some(
+            crate::checkpoint::VerifyingKey::parse(&line)
+                .map_err(|_| bad("next_key is not a public key line"))?,
+        ),
+        Ok(None) | Err(sqlx::Error::ColumnNotFound(_)) => None,
+        Err(_) => return Err(bad("next_key is not text")),
+    };
     Ok(Checkpoint {
         tree_size: u64::try_from(size).map_err(|_| bad("tree_size is negative"))?,
         root: root.try_into().map_err(|_| bad("root is not 32 bytes"))?,
@@ -466,6 +493,7 @@ where
             .map_err(|_| bad("chain_head is not 32 bytes"))?,
         time: OffsetDateTime::parse(&time, &Rfc3339).map_err(|_| bad("time is not RFC 3339"))?,
         key_id: get(r, "key_id", "key_id is not text").map_err(bad)?,
+        next_key,
         signature: signature
             .try_into()
             .map_err(|_| bad("signature is not 64 bytes"))?,
@@ -515,4 +543,36 @@ where
         file_sha256: get(r, "file_sha256", "file_sha256 is not text").map_err(bad)?,
         archived_at: get(r, "archived_at", "archived_at is not text").map_err(bad)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_host_list_is_refused_with_a_clear_error() {
+        for url in [
+            "postgres://u:p@db1:5432,db2:5432/cardvault",
+            "postgresql://db1,db2/cardvault?sslmode=require",
+        ] {
+            assert!(names_several_hosts(url), "{url}");
+        }
+        for url in [
+            "postgres://u:p,q@db1:5432/cardvault",
+            "postgres://db1/cardvault?options=a,b",
+            "postgres://db1:5432/card,vault",
+        ] {
+            assert!(!names_several_hosts(url), "{url}");
+        }
+        let err = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(TrailDb::open(
+                "postgres://u:secret@db1:5432,db2:5432/cardvault",
+            ))
+            .unwrap_err();
+        assert!(matches!(err, DbError::SeveralHosts), "{err}");
+        assert!(!err.to_string().contains("secret"));
+    }
 }

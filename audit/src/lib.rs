@@ -55,10 +55,14 @@ pub mod proof;
 pub mod verify;
 
 #[cfg(test)]
+mod rotation_tests;
+#[cfg(test)]
 mod tamper_tests;
 
 pub use chain::{chain_hash, leaf_hash, Anchor, ChainState, ChainedEvent, Trail};
-pub use checkpoint::{Checkpoint, CheckpointError, KeyError, SigningKey, VerifyingKey};
+pub use checkpoint::{
+    Checkpoint, CheckpointError, Handover, KeyError, SigningKey, Trust, TrustedKeys, VerifyingKey,
+};
 pub use export::{ExportReader, ReadError, Record};
 pub use merkle::Frontier;
 pub use proof::{EntryProof, ProofError};

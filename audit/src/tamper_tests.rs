@@ -144,6 +144,7 @@ fn untouched_trail_verifies() {
             chain_head: trail.chain().head,
             anchored: 330,
             end: trail.anchor(),
+            handovers: vec![],
         }
     );
     assert!(report
@@ -159,7 +160,7 @@ fn untouched_trail_verifies() {
     let owned = verify_trail(
         f.entries.clone(),
         f.checkpoints.clone(),
-        &f.key.verifying_key(),
+        f.key.verifying_key(),
     );
     assert_eq!(owned.unwrap(), report);
 }

@@ -21,6 +21,14 @@
 //! 5. at the end, a validly signed checkpoint beyond the last entry means
 //!    the tail was cut.
 //!
+//! Keys: a checkpoint must be signed by a key of the verifier's
+//! [`TrustedKeys`]: one the auditor gave, or one announced by an earlier
+//! checkpoint (smaller tree size) of a trusted key that verified against the
+//! entries (step 4). A key that announced its successor is refused for every
+//! checkpoint after its announcement. So one first key is enough to verify a
+//! trail across any number of key rotations, and a checkpoint signed by a
+//! key nobody trusted, or a forged announcement, fails as a bad signature.
+//!
 //! The first failure (lowest position) is reported. After it the pass goes
 //! on only as far as needed to tell its kind (e.g. whether a missing seq
 //! turns up later).
@@ -44,7 +52,7 @@ use std::fmt;
 use std::io::BufRead;
 
 use crate::chain::{chain_hash, leaf_hash, Anchor, ChainState, ChainedEvent};
-use crate::checkpoint::{Checkpoint, CheckpointError, VerifyingKey};
+use crate::checkpoint::{Checkpoint, CheckpointError, Handover, TrustedKeys};
 use crate::export::{ExportReader, LineError, Record};
 use crate::hex;
 use crate::merkle::Frontier;
@@ -71,6 +79,8 @@ pub struct Report {
     /// The trail's state after the last entry: where the next segment
     /// starts.
     pub end: Anchor,
+    /// Signing key hand-overs (announcements) verified, in trail order.
+    pub handovers: Vec<Handover>,
 }
 
 impl fmt::Display for Report {
@@ -85,6 +95,13 @@ impl fmt::Display for Report {
         )?;
         if self.start > 0 {
             write!(f, "; started after entry {} (from an anchor)", self.start)?;
+        }
+        for h in &self.handovers {
+            write!(
+                f,
+                "; signing key {} handed over to {} at {} entries",
+                h.from, h.to, h.tree_size
+            )?;
         }
         if self.checkpoints == 0 && self.entries > 0 {
             write!(
@@ -287,7 +304,7 @@ enum State {
 /// [`Verifier::finish`].
 #[derive(Debug)]
 pub struct Verifier {
-    key: VerifyingKey,
+    keys: TrustedKeys,
     start: u64,
     chain: ChainState,
     tree: Frontier,
@@ -299,9 +316,12 @@ pub struct Verifier {
 }
 
 impl Verifier {
-    pub fn new(key: VerifyingKey) -> Self {
+    /// A verifier that accepts checkpoints of `keys` (one
+    /// [`crate::VerifyingKey`] or a [`TrustedKeys`]) and of the keys they
+    /// announce.
+    pub fn new(keys: impl Into<TrustedKeys>) -> Self {
         Self {
-            key,
+            keys: keys.into(),
             start: 0,
             chain: ChainState::new(),
             tree: Frontier::new(),
@@ -315,13 +335,13 @@ impl Verifier {
 
     /// A verifier that starts after `anchor.tree_size` entries, from their
     /// chain head and Merkle frontier (see the module doc).
-    pub fn resume(key: VerifyingKey, anchor: &Anchor) -> Result<Self, Failure> {
+    pub fn resume(keys: impl Into<TrustedKeys>, anchor: &Anchor) -> Result<Self, Failure> {
         let tree = Frontier::from_parts(anchor.tree_size, anchor.frontier.clone()).ok_or(
             Failure::BadAnchor {
                 tree_size: anchor.tree_size,
             },
         )?;
-        let mut verifier = Self::new(key);
+        let mut verifier = Self::new(keys);
         verifier.start = anchor.tree_size;
         verifier.chain = ChainState::resume(anchor.tree_size, anchor.chain_head);
         verifier.tree = tree;
@@ -365,6 +385,12 @@ impl Verifier {
             queue.push(checkpoint);
         }
         true
+    }
+
+    /// The keys trusted so far (the given ones and those announced by the
+    /// checkpoints verified so far).
+    pub fn keys(&self) -> &TrustedKeys {
+        &self.keys
     }
 
     /// Entries read so far.
@@ -502,13 +528,20 @@ impl Verifier {
             Some((&first, _)) if first == size => {}
             _ => return Ok(()),
         }
-        let Some(due) = self.pending.remove(&size) else {
+        let Some(mut due) = self.pending.remove(&size) else {
             return Ok(());
         };
         let root = self.tree.root();
-        for checkpoint in due {
-            checkpoint
-                .verify(&self.key)
+        while !due.is_empty() {
+            // Checkpoints of keys already trusted first: one of them may
+            // announce the key of another.
+            let next = due
+                .iter()
+                .position(|c| self.keys.get(&c.key_id).is_some())
+                .unwrap_or(0);
+            let checkpoint = due.remove(next);
+            self.keys
+                .verify(&checkpoint)
                 .map_err(|error| Failure::BadCheckpointSignature {
                     tree_size: size,
                     error,
@@ -523,6 +556,7 @@ impl Verifier {
                     chain_head: chain_differs,
                 });
             }
+            self.keys.accept(&checkpoint);
             self.checked += 1;
         }
         self.anchored = size;
@@ -552,7 +586,7 @@ impl Verifier {
         let mut first_bad = None;
         let mut longest_valid = None;
         for checkpoint in self.pending.values().flatten() {
-            match checkpoint.verify(&self.key) {
+            match self.keys.verify(checkpoint) {
                 Ok(()) => longest_valid = Some(checkpoint.tree_size),
                 Err(error) => {
                     first_bad.get_or_insert(Failure::BadCheckpointSignature {
@@ -573,6 +607,7 @@ impl Verifier {
         }
         let end = self.anchor();
         Ok(Report {
+            handovers: self.keys.handovers().to_vec(),
             start: self.start,
             end,
             entries: self.position,
@@ -587,13 +622,17 @@ impl Verifier {
 
 /// Verify a trail: `entries` in trail order (an iterator of any length,
 /// owned or borrowed), `checkpoints` in any order.
-pub fn verify_trail<I, C>(entries: I, checkpoints: C, key: &VerifyingKey) -> Result<Report, Failure>
+pub fn verify_trail<I, C>(
+    entries: I,
+    checkpoints: C,
+    keys: impl Into<TrustedKeys>,
+) -> Result<Report, Failure>
 where
     I: IntoIterator,
     I::Item: Borrow<ChainedEvent>,
     C: IntoIterator<Item = Checkpoint>,
 {
-    let mut verifier = Verifier::new(key.clone());
+    let mut verifier = Verifier::new(keys);
     for checkpoint in checkpoints {
         verifier.add_checkpoint(checkpoint);
     }
@@ -608,20 +647,25 @@ where
 
 /// Verify an export read as JSON Lines (see [`crate::export`]), plus any
 /// `extra` checkpoints (e.g. from the external witness file), in one pass.
-pub fn verify_export<R, C>(input: R, extra: C, key: &VerifyingKey) -> Result<Report, Failure>
+pub fn verify_export<R, C>(
+    input: R,
+    extra: C,
+    keys: impl Into<TrustedKeys>,
+) -> Result<Report, Failure>
 where
     R: BufRead,
     C: IntoIterator<Item = Checkpoint>,
 {
+    let keys = keys.into();
     let mut reader = ExportReader::new(input);
     let mut first = reader.next();
     let mut verifier = match &first {
         Some(Ok(Record::Anchor(anchor))) => {
-            let verifier = Verifier::resume(key.clone(), anchor)?;
+            let verifier = Verifier::resume(keys, anchor)?;
             first = None;
             verifier
         }
-        _ => Verifier::new(key.clone()),
+        _ => Verifier::new(keys),
     };
     for checkpoint in extra {
         verifier.add_checkpoint(checkpoint);

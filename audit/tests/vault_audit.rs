@@ -782,7 +782,7 @@ fn prove_and_check_proof() {
         "--proof",
         file.to_str().unwrap(),
     ]);
-    expect(&r, 1, "not by the key given");
+    expect(&r, 1, "which is not trusted");
 }
 
 #[test]
@@ -870,7 +870,7 @@ fn usage_and_io_errors_exit_2() {
     expect(
         &no_witness(other.to_str().unwrap(), &f.url()),
         1,
-        "not by the key given",
+        "which is not trusted",
     );
     let r = run(&["--help"]);
     expect(&r, 0, "check-proof");
@@ -925,4 +925,237 @@ fn generate_bench_trail() {
         key.display(),
         witness_file.display()
     );
+}
+
+/// A trail whose signing key rotated: the old key signs checkpoints at 40
+/// and 80 and announces the new key at 100; the new key signs 140 and 180.
+/// In the database (with migration 0012's `next_key`), the witness file and
+/// an export.
+#[test]
+fn a_trail_across_a_signing_key_rotation_verifies_from_the_first_key() {
+    let dir = fresh_dir("rotation");
+    let db = dir.join("cardvault.db");
+    let old = SigningKey::generate().unwrap();
+    let new = SigningKey::generate().unwrap();
+    let stranger = SigningKey::generate().unwrap();
+    let mut trail = Trail::new();
+    let mut entries = Vec::new();
+    let mut checkpoints = Vec::new();
+    for i in 1..=180 {
+        entries.push(trail.append(event(i)));
+        let now = OffsetDateTime::now_utc();
+        match i {
+            40 | 80 => checkpoints.push(trail.checkpoint(&old, now)),
+            100 => checkpoints.push(trail.announce(&old, now, &new.verifying_key())),
+            140 | 180 => checkpoints.push(trail.checkpoint(&new, now)),
+            _ => {}
+        }
+    }
+    assert!(checkpoints[2].next_key.is_some());
+    block_on(async {
+        let mut conn = create_db(&db).await;
+        sqlx::raw_sql(include_str!(
+            "../../vault/migrations/sqlite/0012_audit_signing_rotation.sql"
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        insert_entries(&mut conn, &entries).await;
+        for cp in &checkpoints {
+            insert_checkpoint(&mut conn, cp).await;
+        }
+        conn.close().await.unwrap();
+    });
+    // `insert_checkpoint` writes the v1 columns: set the announcement's
+    // next key (append-only triggers dropped, as the service's own insert
+    // writes it in the row).
+    block_on(async {
+        let mut conn = SqliteConnectOptions::new()
+            .filename(&db)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::raw_sql(
+            "DROP TRIGGER IF EXISTS audit_checkpoints_no_update;
+             DROP TRIGGER IF EXISTS audit_checkpoints_no_delete;",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::query("UPDATE audit_checkpoints SET next_key = $1 WHERE tree_size = 100")
+            .bind(new.verifying_key().to_string())
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+    });
+    let url = format!("sqlite://{}", db.display());
+    let first = dir.join("first.pub");
+    std::fs::write(&first, format!("{}\n", old.verifying_key())).unwrap();
+    let second = dir.join("second.pub");
+    std::fs::write(&second, format!("{}\n", new.verifying_key())).unwrap();
+    let both = dir.join("both.pub");
+    std::fs::write(
+        &both,
+        format!("{}\n{}\n", old.verifying_key(), new.verifying_key()),
+    )
+    .unwrap();
+    let wrong = dir.join("wrong.pub");
+    std::fs::write(&wrong, format!("{}\n", stranger.verifying_key())).unwrap();
+    let witness = dir.join("audit-checkpoints.jsonl");
+    let lines: String = checkpoints
+        .iter()
+        .map(|c| audit::export::checkpoint_line(c).unwrap() + "\n")
+        .collect();
+    assert!(lines.contains("\"next_key\":\"cardvault-audit-ed25519:"));
+    std::fs::write(&witness, lines).unwrap();
+    let w = witness.to_str().unwrap();
+    let verify = |keys: &[&Path]| {
+        let mut args = vec!["verify".to_string()];
+        for k in keys {
+            args.push("--key".into());
+            args.push(k.display().to_string());
+        }
+        args.extend([
+            "--database-url".into(),
+            url.clone(),
+            "--witness".into(),
+            w.into(),
+        ]);
+        run(&args)
+    };
+
+    // The first key alone: the announcement carries the trust over.
+    let out = verify(&[&first]);
+    expect(&out, 0, "verified 180 entries and 5 checkpoints");
+    expect(
+        &out,
+        0,
+        &format!(
+            "signing key {} handed over to {} at the checkpoint for 100 entries",
+            old.key_id(),
+            new.key_id()
+        ),
+    );
+    // Both keys (one keys file, or --public-key twice): the same.
+    expect(&verify(&[&both]), 0, "verified 180 entries");
+    expect(
+        &run(&[
+            "verify",
+            "--public-key",
+            first.to_str().unwrap(),
+            "--public-key",
+            second.to_str().unwrap(),
+            "--database-url",
+            &url,
+            "--witness",
+            w,
+        ]),
+        0,
+        "verified 180 entries",
+    );
+    // The new key alone cannot vouch for the old checkpoints; a wrong key
+    // for none.
+    expect(
+        &verify(&[&second]),
+        1,
+        &format!(
+            "checkpoint signed by key {}, which is not trusted",
+            old.key_id()
+        ),
+    );
+    expect(
+        &verify(&[&wrong]),
+        1,
+        "the checkpoint for 40 entries is forged",
+    );
+
+    // The export carries the announcement and verifies the same way.
+    let export = dir.join("trail.jsonl");
+    let out = run(&[
+        "export",
+        "--database-url",
+        &url,
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    let text = std::fs::read_to_string(&export).unwrap();
+    assert!(text.contains(&format!(
+        "\"key_id\":\"{}\",\"next_key\":\"{}\"",
+        old.key_id(),
+        new.verifying_key()
+    )));
+    let e = export.to_str().unwrap();
+    expect(
+        &run(&["verify", "--key", first.to_str().unwrap(), "--export", e]),
+        0,
+        "verified 180 entries and 5 checkpoints",
+    );
+    expect(
+        &run(&["verify", "--key", wrong.to_str().unwrap(), "--export", e]),
+        1,
+        "verification FAILED",
+    );
+    // A proof against a checkpoint of the new key checks with the keys
+    // file that holds it (a single proof shows no announcement).
+    let proof = dir.join("proof.json");
+    let out = run(&["prove", "150", "--export", e]);
+    assert_eq!(out.code, 0, "{out:#?}");
+    std::fs::write(&proof, &out.stdout).unwrap();
+    let p = proof.to_str().unwrap();
+    expect(
+        &run(&["check-proof", "--key", both.to_str().unwrap(), "--proof", p]),
+        0,
+        "proven: entry 150",
+    );
+    expect(
+        &run(&[
+            "check-proof",
+            "--key",
+            first.to_str().unwrap(),
+            "--proof",
+            p,
+        ]),
+        1,
+        "proof REJECTED",
+    );
+
+    // A checkpoint by a key nobody announced, after the rotation: refused.
+    block_on(async {
+        let mut conn = SqliteConnectOptions::new()
+            .filename(&db)
+            .connect()
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM audit_checkpoints WHERE tree_size = 180")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        let mut t = Trail::new();
+        entries.iter().for_each(|e| assert!(t.append_chained(e)));
+        insert_checkpoint(
+            &mut conn,
+            &t.checkpoint(&stranger, OffsetDateTime::now_utc()),
+        )
+        .await;
+        conn.close().await.unwrap();
+    });
+    let out = run(&[
+        "verify",
+        "--key",
+        first.to_str().unwrap(),
+        "--database-url",
+        &url,
+        "--no-witness",
+    ]);
+    expect(
+        &out,
+        1,
+        &format!(
+            "the checkpoint for 180 entries is forged or damaged: checkpoint signed by key {}, which is not trusted",
+            stranger.key_id()
+        ),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -879,10 +879,33 @@ pub fn pg_bin_dir() -> PathBuf {
     }
 }
 
+/// As root: `chown -R postgres:` `paths` (the server runs as the `postgres`
+/// OS user there); otherwise nothing (the server runs as this user).
+fn give_to_postgres(paths: &[&Path]) {
+    if !running_as_root() {
+        return;
+    }
+    let out = Command::new("chown")
+        .arg("-R")
+        .arg("postgres:")
+        .args(paths)
+        .output()
+        .expect("cannot run chown");
+    assert!(
+        out.status.success(),
+        "chown -R postgres: {paths:?} failed (is there a `postgres` OS user?): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn running_as_root() -> bool {
     use std::os::unix::fs::MetadataExt;
     fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
+
+/// What a server (PostgreSQL, the tokenizer) says when a port it was told
+/// to listen on is taken: the harness then tries again.
+const PORT_TAKEN: &str = "Address already in use";
 
 /// A free TCP port on 127.0.0.1 (free when asked; good enough for tests).
 pub fn free_port() -> u16 {
@@ -904,35 +927,33 @@ pub struct PgCluster {
     dir: tempfile::TempDir,
 }
 
+/// A `pg_ctl start` that failed: whether the server found its port taken,
+/// and the message to panic with.
+struct StartError {
+    port_taken: bool,
+    message: String,
+}
+
 impl PgCluster {
     /// initdb and start. initdb refuses to run as root: as root the commands
     /// run as the `postgres` OS user (`runuser`), in a directory it owns.
     pub fn start() -> PgCluster {
+        let mut cluster = PgCluster::init();
+        cluster.start_on_a_free_port();
+        cluster
+    }
+
+    /// initdb only (not started; its port is chosen when it first starts),
+    /// so settings can go into `postgresql.conf` before the first start.
+    fn init() -> PgCluster {
         let bin = pg_bin_dir();
         let dir = tempfile::Builder::new()
             .prefix("cardvault-e2e-pg-")
             .tempdir()
             .expect("cannot create a temporary directory for PostgreSQL");
         fs::create_dir(dir.path().join("sock")).unwrap();
-        if running_as_root() {
-            let out = Command::new("chown")
-                .arg("-R")
-                .arg("postgres:")
-                .arg(dir.path())
-                .output()
-                .expect("cannot run chown");
-            assert!(
-                out.status.success(),
-                "chown -R postgres: {} failed (is there a `postgres` OS user?): {}",
-                dir.path().display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let cluster = PgCluster {
-            bin,
-            port: free_port(),
-            dir,
-        };
+        give_to_postgres(&[dir.path()]);
+        let cluster = PgCluster { bin, port: 0, dir };
         let data = cluster.data_dir();
         let data = data.to_str().unwrap();
         cluster.pg_command(
@@ -949,11 +970,33 @@ impl PgCluster {
                 "--no-sync",
             ],
         );
-        cluster.start_again();
         cluster
     }
 
+    /// The first start: on a free port, and on another one if something
+    /// took that port between [`free_port`] and the server's bind (tests
+    /// run in parallel, and every client connection takes an ephemeral
+    /// port from the same range).
+    fn start_on_a_free_port(&mut self) {
+        let mut tries = 0;
+        loop {
+            self.port = free_port();
+            match self.try_start() {
+                Ok(()) => return,
+                Err(e) if e.port_taken && tries < 5 => tries += 1,
+                Err(e) => panic!("{}", e.message),
+            }
+        }
+    }
+
     fn pg_command(&self, tool: &str, args: &[&str]) -> String {
+        self.try_pg_command(tool, args)
+            .unwrap_or_else(|message| panic!("{message}"))
+    }
+
+    /// Runs a PostgreSQL tool as the cluster's OS user; a failure is the
+    /// message to panic with (the tool's output and the server log).
+    fn try_pg_command(&self, tool: &str, args: &[&str]) -> Result<String, String> {
         let program = self.bin.join(tool);
         let mut cmd = if running_as_root() {
             let mut cmd = Command::new("runuser");
@@ -973,13 +1016,15 @@ impl PgCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(
-            out.status.success(),
-            "{what:?} failed ({}):\n{text}\n--- server log ---\n{}",
-            out.status,
-            self.log()
-        );
-        text
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(format!(
+                "{what:?} failed ({}):\n{text}\n--- server log ---\n{}",
+                out.status,
+                self.log()
+            ))
+        }
     }
 
     /// The cluster's data directory (PGDATA).
@@ -1005,14 +1050,32 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
-    /// `pg_ctl start` (waits until it accepts connections), same port.
+    /// `pg_ctl start` (waits until it accepts connections), same port. If
+    /// another test took the port while the server was down, tries again
+    /// for 10 s (the port is in the URLs the test handed out).
     pub fn start_again(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.try_start() {
+                Ok(()) => return,
+                Err(e) if e.port_taken && Instant::now() < deadline => {
+                    thread::sleep(Duration::from_millis(250))
+                }
+                Err(e) => panic!("{}", e.message),
+            }
+        }
+    }
+
+    /// `pg_ctl start -w` on `self.port`; a failure says whether the port
+    /// was taken (from the part of the server log this start wrote).
+    fn try_start(&self) -> Result<(), StartError> {
+        let log_before = fs::metadata(self.log_path()).map_or(0, |m| m.len() as usize);
         let options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1",
             self.port,
             self.dir.path().join("sock").display()
         );
-        self.pg_command(
+        self.try_pg_command(
             "pg_ctl",
             &[
                 "-D",
@@ -1026,7 +1089,17 @@ impl PgCluster {
                 &options,
                 "start",
             ],
-        );
+        )
+        .map(drop)
+        .map_err(|message| {
+            let log = self.log();
+            StartError {
+                port_taken: log
+                    .get(log_before..)
+                    .is_some_and(|new| new.contains(PORT_TAKEN)),
+                message,
+            }
+        })
     }
 
     /// `pg_ctl stop -m immediate`: every server process quits at once, no
@@ -1091,6 +1164,219 @@ impl Drop for PgCluster {
                 self.dir.path().display()
             );
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A primary and a synchronous standby
+// ---------------------------------------------------------------------------
+
+/// `cluster_name` of the standby of a [`PgReplicaPair`]: the name it
+/// streams under (`application_name` in `pg_stat_replication`) and the one
+/// the primary's `synchronous_standby_names` waits for.
+pub const STANDBY_NAME: &str = "cardvault_standby";
+
+impl PgCluster {
+    /// Appends settings to the cluster's `postgresql.conf` (a later line
+    /// wins over an earlier one); they apply at the next start.
+    pub fn append_conf(&self, lines: &str) {
+        let path = self.data_dir().join("postgresql.conf");
+        let mut file = fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+        writeln!(file, "\n# cardvault e2e\n{lines}")
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    }
+
+    /// `pg_ctl promote` (waits until the standby accepts writes).
+    pub fn promote(&self) {
+        self.pg_command(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data_dir().to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "promote",
+            ],
+        );
+    }
+
+    /// The first column of the first row of `query` on the cluster's
+    /// `postgres` database, as text (`NULL` and no row: `None`).
+    pub fn sql_text(&self, query: &str) -> Option<String> {
+        let url = self.url();
+        block_on(async {
+            use sqlx::Connection as _;
+            let mut conn = pg_connect(&url)
+                .await
+                .unwrap_or_else(|e| pg_unavailable(&e));
+            let value: Option<Option<String>> = sqlx::query_scalar(query)
+                .fetch_optional(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{query} on {} failed: {e}", redact_url(&url)));
+            let _ = conn.close().await;
+            value.flatten()
+        })
+    }
+
+    /// `query` (one `BIGINT` column, one row) on the cluster's `postgres`
+    /// database.
+    pub fn sql_i64(&self, query: &str) -> i64 {
+        let url = self.url();
+        block_on(async {
+            use sqlx::Connection as _;
+            let mut conn = pg_connect(&url)
+                .await
+                .unwrap_or_else(|e| pg_unavailable(&e));
+            let value: i64 = sqlx::query_scalar(query)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap_or_else(|e| panic!("{query} on {} failed: {e}", redact_url(&url)));
+            let _ = conn.close().await;
+            value
+        })
+    }
+}
+
+/// Two throwaway clusters in streaming replication: a primary (initdb,
+/// `wal_level = replica`, `synchronous_commit = on`,
+/// `synchronous_standby_names` naming the standby) and a standby made from
+/// it by `pg_basebackup -R` on another port, streaming synchronously when
+/// [`PgReplicaPair::start`] returns. The standby's own
+/// `synchronous_standby_names` is empty: once promoted it is a primary
+/// alone, committing without waiting for a standby it does not have.
+/// Trust authentication (initdb's `pg_hba.conf` lets local replication
+/// connections in). TLS on both (`ssl = on`, a self-signed certificate for
+/// 127.0.0.1 in the data directory, which the base backup copies), and
+/// [`PgReplicaPair::url`] asks for it (`sslmode=require`), as production
+/// does. Both are stopped and removed on drop.
+#[derive(Debug)]
+pub struct PgReplicaPair {
+    pub primary: PgCluster,
+    pub standby: PgCluster,
+}
+
+impl PgReplicaPair {
+    /// Primary, base backup, standby; waits (at most `bound`) until the
+    /// primary reports the standby `streaming` and `sync`.
+    pub fn start(bound: Duration) -> PgReplicaPair {
+        // Configured before its first start: a stop and start would leave
+        // its port free for another test to take in between.
+        let mut primary = PgCluster::init();
+        primary.install_server_certificate();
+        primary.append_conf(&format!(
+            "ssl = on\n\
+             wal_level = replica\n\
+             max_wal_senders = 4\n\
+             synchronous_commit = on\n\
+             synchronous_standby_names = '{STANDBY_NAME}'\n\
+             wal_sender_timeout = 5s"
+        ));
+        primary.start_on_a_free_port();
+        let mut standby = PgCluster::base_backup_of(&primary);
+        standby.append_conf(&format!(
+            "cluster_name = '{STANDBY_NAME}'\n\
+             synchronous_standby_names = ''\n\
+             wal_receiver_status_interval = 1s"
+        ));
+        standby.start_on_a_free_port();
+        let pair = PgReplicaPair { primary, standby };
+        pair.wait_until_synchronous(bound);
+        pair
+    }
+
+    /// A libpq-style URL naming both, primary first (superuser, `postgres`
+    /// database, TLS required).
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/postgres?sslmode=require",
+            self.primary.port(),
+            self.standby.port()
+        )
+    }
+
+    /// Polls `pg_stat_replication` on the primary until the standby is
+    /// `streaming` with `sync_state = 'sync'`; panics after `bound`.
+    pub fn wait_until_synchronous(&self, bound: Duration) {
+        let query = format!(
+            "SELECT state || '/' || sync_state FROM pg_stat_replication \
+             WHERE application_name = '{STANDBY_NAME}'"
+        );
+        let start = Instant::now();
+        loop {
+            let state = self.primary.sql_text(&query);
+            if state.as_deref() == Some("streaming/sync") {
+                return;
+            }
+            assert!(
+                start.elapsed() < bound,
+                "the standby is not a synchronous streaming standby after {bound:?} \
+                 (pg_stat_replication: {state:?})\n--- primary log ---\n{}\n--- standby log ---\n{}",
+                self.primary.log(),
+                self.standby.log()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl PgCluster {
+    /// `server.crt` and `server.key` (self-signed, 127.0.0.1 and
+    /// localhost) in the data directory, the key private to the server's
+    /// user: what `ssl = on` reads.
+    fn install_server_certificate(&self) {
+        use std::os::unix::fs::PermissionsExt as _;
+        let key = rcgen::KeyPair::generate().expect("a TLS key for PostgreSQL");
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
+            .and_then(|p| p.self_signed(&key))
+            .expect("a self-signed certificate for PostgreSQL");
+        let data = self.data_dir();
+        let (crt, pem) = (data.join("server.crt"), data.join("server.key"));
+        fs::write(&crt, cert.pem()).unwrap();
+        fs::write(&pem, key.serialize_pem()).unwrap();
+        fs::set_permissions(&pem, fs::Permissions::from_mode(0o600)).unwrap();
+        give_to_postgres(&[&crt, &pem]);
+    }
+
+    /// A standby of `primary`: `pg_basebackup -R -X stream` into a new
+    /// directory (not started; its port is chosen when it starts).
+    fn base_backup_of(primary: &PgCluster) -> PgCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("cardvault-e2e-pg-standby-")
+            .tempdir()
+            .expect("cannot create a temporary directory for PostgreSQL");
+        fs::create_dir(dir.path().join("sock")).unwrap();
+        give_to_postgres(&[dir.path()]);
+        let standby = PgCluster {
+            bin: primary.bin.clone(),
+            port: 0,
+            dir,
+        };
+        let data = standby.data_dir();
+        let port = primary.port().to_string();
+        standby.pg_command(
+            "pg_basebackup",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ],
+        );
+        standby
     }
 }
 
@@ -1480,12 +1766,30 @@ impl Service {
     }
 
     fn spawn(&mut self) {
-        let (launch, running) = launch(
-            self.data_dir.path(),
-            &self.opts,
-            &self.captured,
-            &self.endpoints.listeners,
-        );
+        // A restart comes back on its ports; another test may have taken one
+        // meanwhile (a free_port() probe, a throwaway PostgreSQL cluster):
+        // try again for a while, then take fresh ports (clients made before
+        // the restart then no longer reach it).
+        let mut previous = self.endpoints.listeners.clone();
+        let mut attempt = 0;
+        let (launch, running) = loop {
+            let (launch, running) =
+                launch(self.data_dir.path(), &self.opts, &self.captured, &previous);
+            match &launch {
+                Launch::Exited { stderr, .. }
+                    if !previous.is_empty() && stderr.contains(PORT_TAKEN) =>
+                {
+                    attempt += 1;
+                    if attempt == 20 {
+                        eprintln!("a port of the restarted service stays taken: fresh ports");
+                        previous.clear();
+                    } else {
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                }
+                _ => break (launch, running),
+            }
+        };
         match (launch, running) {
             (Launch::Started { listeners }, Some(running)) => {
                 let ca = match (self.opts.dev, self.opts.plain_http) {
@@ -3049,6 +3353,28 @@ mod tests {
         );
     }
 
+    /// A cluster restarted on its port while something else holds it
+    /// waits for the port (as it must: its URL is in the test's hands)
+    /// and comes up once it is free.
+    #[test]
+    fn a_restarted_cluster_waits_for_its_port() {
+        let cluster = PgCluster::start();
+        assert_eq!(cluster.sql_text("SELECT 1::text").as_deref(), Some("1"));
+        cluster.stop_fast();
+        let holder = std::net::TcpListener::bind(("127.0.0.1", cluster.port())).unwrap();
+        let release = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(1500));
+            drop(holder);
+        });
+        cluster.start_again();
+        release.join().unwrap();
+        assert_eq!(cluster.sql_text("SELECT 1::text").as_deref(), Some("1"));
+        assert!(
+            cluster.log().contains(PORT_TAKEN),
+            "the first try must have met the taken port"
+        );
+    }
+
     #[test]
     fn scanner_ignores_masked_and_short_fragments() {
         // BIN and last four, masked forms, and digit runs of at most ten
@@ -3249,9 +3575,22 @@ mod tests {
 // ---------------------------------------------------------------------------
 
 /// Whether a table holds the audit trail (or SQLite/sqlx bookkeeping), which
-/// legitimately grows with every request, refused or not.
+/// legitimately grows with every request, refused or not; the readiness
+/// probe's row (`/readyz` commits it); or the fleet's monitoring counters
+/// (PostgreSQL: rate-limit buckets, which count refused authentications
+/// too, anomaly windows, source blocks).
 pub fn is_audit_or_bookkeeping_table(name: &str) -> bool {
-    name.starts_with("audit") || name.starts_with("sqlite_") || name.starts_with("_sqlx")
+    name.starts_with("audit")
+        || name.starts_with("sqlite_")
+        || name.starts_with("_sqlx")
+        || matches!(
+            name,
+            "storage_probe"
+                | "rate_buckets"
+                | "anomaly_windows"
+                | "anomaly_tokens"
+                | "source_blocks"
+        )
 }
 
 impl Service {

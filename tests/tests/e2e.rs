@@ -5,8 +5,9 @@
 //!
 //! Every test runs on the backend chosen by `CARDVAULT_TEST_BACKEND`
 //! (`sqlite`, the default, or `postgres`: a fresh database per service on the
-//! server of `CARDVAULT_TEST_PG_URL`). `multi_instance` and `outage` test
-//! properties only PostgreSQL has and always use it.
+//! server of `CARDVAULT_TEST_PG_URL`). `multi_instance`, `outage`,
+//! `failover` and `readiness` test properties only PostgreSQL has and always
+//! use it (the last three on throwaway clusters of their own).
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
 // One test binary; its modules live in `e2e/`.
@@ -17,6 +18,8 @@ mod audit_trail;
 mod auth;
 #[path = "e2e/authz.rs"]
 mod authz;
+#[path = "e2e/backups.rs"]
+mod backups;
 #[path = "e2e/batch.rs"]
 mod batch;
 #[path = "e2e/browser_smoke.rs"]
@@ -39,6 +42,8 @@ mod edge;
 mod errors;
 #[path = "e2e/failclosed.rs"]
 mod failclosed;
+#[path = "e2e/failover.rs"]
+mod failover;
 #[path = "e2e/faults.rs"]
 mod faults;
 #[path = "e2e/forward.rs"]
@@ -47,6 +52,8 @@ mod forward;
 mod hardening;
 #[path = "e2e/hostile.rs"]
 mod hostile;
+#[path = "e2e/independent_verifier.rs"]
+mod independent_verifier;
 #[path = "e2e/leaks.rs"]
 mod leaks;
 #[path = "e2e/lifecycle.rs"]
@@ -61,6 +68,8 @@ mod multi_instance;
 mod outage;
 #[path = "e2e/pan_shaped.rs"]
 mod pan_shaped;
+#[path = "e2e/readiness.rs"]
+mod readiness;
 #[path = "e2e/roles.rs"]
 mod roles;
 #[path = "e2e/rotation.rs"]
@@ -75,6 +84,9 @@ mod segment;
 mod tenants;
 #[path = "e2e/tls.rs"]
 mod tls;
+// The write workload of `outage` and `failover` (no tests of its own).
+#[path = "e2e/workload.rs"]
+mod workload;
 
 use e2e::{current_year_month, Client, Resp, Service};
 use serde_json::{json, Value};

@@ -48,6 +48,8 @@ pub enum StartError {
     Audit(#[source] vault::VaultError),
     #[error("{0}")]
     Upstream(#[source] crate::upstream::UpstreamError),
+    #[error(transparent)]
+    BackupDir(#[from] crate::backups::BackupDirError),
 }
 
 /// Create the data dir (mode 0700) if missing; warn if others can read it.
@@ -99,6 +101,8 @@ pub struct Application {
     reencrypt_batch: u32,
     reencrypt_interval: Duration,
     purge_interval: Duration,
+    /// Scheduled backups (directory resolved and checked at build).
+    backup: Option<crate::config::BackupSchedule>,
     state: web::Data<AppState>,
     /// SIGHUP, watched from `build` on: a reload signal that arrives as
     /// soon as the listeners are up must not hit the default action (exit).
@@ -126,6 +130,14 @@ impl Application {
             }
         }
         prepare_data_dir(&settings.data_dir)?;
+        // Backups inside the data directory would be lost with it.
+        let backup = match &settings.backup {
+            Some(b) => Some(crate::config::BackupSchedule {
+                dir: crate::backups::prepare_dir(&b.dir, &settings.data_dir)?,
+                ..b.clone()
+            }),
+            None => None,
+        };
         // A missing or unsafe KEK (or keyring) file stops the start before
         // anything is written.
         let kek_error = |e| match e {
@@ -144,19 +156,23 @@ impl Application {
             upstreams,
         ));
         let store = open_store(settings, settings.migrate_on_start).await?;
-        // Auditors verify checkpoints with the public key, written to
-        // `audit-verify.pub` when the vault opens.
-        let seal = Arc::new(SealControl::new(
-            store.clone(),
-            settings.kek_source.clone(),
-            settings.data_dir.join("audit-verify.pub"),
-            vault::VaultOptions {
-                cvc_ttl: settings.cvc_ttl,
-                group_commit: settings.db_group_commit,
-                collect_http_loopback: settings.dev,
-                ..vault::VaultOptions::default()
-            },
-        ));
+        // Auditors verify checkpoints with the public keys, written to
+        // `audit-verify.pub` when the vault opens (and after a signing key
+        // rotation, whose announcement goes to the witness file).
+        let seal = Arc::new(
+            SealControl::new(
+                store.clone(),
+                settings.kek_source.clone(),
+                settings.data_dir.join("audit-verify.pub"),
+                vault::VaultOptions {
+                    cvc_ttl: settings.cvc_ttl,
+                    group_commit: settings.db_group_commit,
+                    collect_http_loopback: settings.dev,
+                    ..vault::VaultOptions::default()
+                },
+            )
+            .with_witness_file(settings.audit_witness_file.clone()),
+        );
         seal.start().await.map_err(kek_error)?;
         let start = AuditEvent::new(Action::ServiceStart, Outcome::Success)
             .source("local")
@@ -166,6 +182,12 @@ impl Application {
             .await
             .map_err(|e| StartError::Audit(e.into()))?;
 
+        let tls = match &settings.tls {
+            Some(files) => Some(Arc::new(
+                crate::tls::ReloadableTls::load(files.clone()).map_err(StartError::Tls)?,
+            )),
+            None => None,
+        };
         let state = web::Data::new(AppState {
             seal: seal.clone(),
             crypto_periods: settings.crypto_periods,
@@ -181,6 +203,7 @@ impl Application {
             ),
             collect_public_url: settings.collect_public_url.clone(),
             upstreams,
+            tls: tls.clone(),
         });
         let m = &settings.detokenize_monitor;
         tracing::info!(
@@ -193,14 +216,13 @@ impl Application {
             anomaly_min_distinct = m.anomaly.min_distinct,
             auth_failures_per_source = settings.auth_failures_per_source,
             auth_block_s = settings.auth_block.as_secs(),
-            "monitoring: limits and anomaly rule (per instance)"
+            kept = if store.shared_monitoring() {
+                "database, for every instance on it"
+            } else {
+                "memory, this process"
+            },
+            "monitoring: limits, anomaly rule and source guard"
         );
-        let tls = match &settings.tls {
-            Some(files) => Some(Arc::new(
-                crate::tls::ReloadableTls::load(files.clone()).map_err(StartError::Tls)?,
-            )),
-            None => None,
-        };
         let limits = crate::server::Limits {
             request_timeout: settings.request_timeout,
             idle_timeout: settings.idle_timeout,
@@ -227,6 +249,7 @@ impl Application {
             reencrypt_batch: settings.reencrypt_batch,
             reencrypt_interval: settings.reencrypt_interval,
             purge_interval: settings.purge_interval,
+            backup,
             state,
             hangup: match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
                 Ok(s) => Some(s),
@@ -301,6 +324,13 @@ impl Application {
             self.state.clone(),
             self.purge_interval,
         ));
+        let backups = self.backup.clone().map(|schedule| {
+            tokio::spawn(crate::backups::scheduler(
+                self.seal.clone(),
+                self.state.clone(),
+                schedule,
+            ))
+        });
         let reencryption = tokio::spawn(reencryption_pass(
             self.seal.clone(),
             self.reencrypt_batch,
@@ -333,8 +363,33 @@ impl Application {
                 }
             }))
         };
+        // The fleet's source blocks (PostgreSQL), into this instance's guard.
+        let source_watch = self
+            .store
+            .shared_monitoring()
+            .then(|| tokio::spawn(watch_source_blocks(self.state.clone())));
+        // A client CRL that goes past its nextUpdate while in use is said
+        // in the log once (the metrics show its age at every scrape).
+        let crl_watch = self.tls.clone().map(|tls| {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    tls.check_crl();
+                }
+            })
+        });
         let result = self.server.await;
+        if let Some(watch) = crl_watch {
+            watch.abort();
+        }
+        if let Some(watch) = source_watch {
+            watch.abort();
+        }
         checkpointer.abort();
+        if let Some(backups) = backups {
+            backups.abort();
+        }
         reencryption.abort();
         lifecycle.abort();
         if let Some(reloader) = reloader {
@@ -363,6 +418,30 @@ impl Application {
 /// past their expiry or their tenant's retention are deleted (batches, each
 /// audited `purged` with its counts; see `vault::tenants::purge`), and every
 /// few seconds the security codes past their time to live are dropped.
+/// Every second, the source blocks in force for the fleet (started by any
+/// instance, `source_blocks`) into this instance's flood guard, so that its
+/// check stays in memory; at start, the blocks a restart would forget.
+async fn watch_source_blocks(state: web::Data<AppState>) {
+    if state.sources.rate().is_off() {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        match state.seal.store().source_blocks().await {
+            Ok(blocks) => {
+                let now = std::time::Instant::now();
+                for (source, left) in blocks {
+                    if let Ok(ip) = source.parse::<std::net::IpAddr>() {
+                        state.sources.block(ip, left, now, false);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "source blocks unavailable"),
+        }
+    }
+}
+
 async fn lifecycle_jobs(seal: Arc<SealControl>, state: web::Data<AppState>, every: Duration) {
     let mut purge = tokio::time::interval(every);
     purge.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -407,7 +486,8 @@ async fn lifecycle_jobs(seal: Arc<SealControl>, state: web::Data<AppState>, ever
 }
 
 /// The background side of key rotation, on every instance: pick up keys
-/// rotated elsewhere (`refresh_keys`), then move records under older keys to
+/// rotated elsewhere (`refresh_keys`; a new audit signing generation is
+/// also written to `audit-verify.pub`), then move records under older keys to
 /// the active ones, one batch (one transaction) at a time, until none is
 /// left. Killed at any point, it loses nothing: a batch commits whole or not
 /// at all, and the next run finds what is left.
@@ -421,6 +501,7 @@ async fn reencryption_pass(seal: Arc<SealControl>, batch: u32, every: Duration) 
             tracing::warn!(error = %e, "cannot refresh the vault keys");
             continue;
         }
+        seal.sync_public_keys(&vault);
         loop {
             match vault.reencrypt_batch(batch).await {
                 Ok(p) if p.finished => {

@@ -162,7 +162,11 @@ pub(crate) async fn count_failure(
     request_id: &str,
 ) {
     let Some(ip) = ip else { return };
-    let Some(block) = state.sources.failed(ip, std::time::Instant::now()) else {
+    let block = match shared_failure(state, ip).await {
+        Some(shared) => shared,
+        None => state.sources.failed(ip, std::time::Instant::now()),
+    };
+    let Some(block) = block else {
         return;
     };
     let detail = format!(
@@ -179,6 +183,45 @@ pub(crate) async fn count_failure(
     // The block holds either way; a lost event is logged loudly.
     if let Err(e) = state.seal.store().append_audit(event).await {
         tracing::error!(error = %e, "cannot record a source block in the audit trail");
+    }
+}
+
+/// A failed authentication counted in the fleet's bucket of its source
+/// (PostgreSQL): `None` when the store shares no state, or cannot be asked
+/// (then the in-memory count decides); `Some(Some(block))` for the
+/// instance whose failure started the fleet's block.
+async fn shared_failure(
+    state: &AppState,
+    ip: std::net::IpAddr,
+) -> Option<Option<std::time::Duration>> {
+    let rate = state.sources.rate();
+    if rate.is_off() {
+        return Some(None);
+    }
+    let store = state.seal.store();
+    let id = crate::limits::source_id(ip);
+    let taken = match store.take_shared_rate("source", &id, rate).await {
+        Ok(taken) => taken?,
+        Err(e) => {
+            tracing::warn!(error = %e, "shared failure count unavailable; counting in memory");
+            return None;
+        }
+    };
+    if taken.is_ok() {
+        return Some(None);
+    }
+    let block = state.sources.block_duration();
+    let now = std::time::Instant::now();
+    match store.block_source(&id, block).await {
+        Ok(started) => {
+            state.sources.block(ip, block, now, started);
+            Some(started.then_some(block))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot record a source block for the fleet; blocking here");
+            state.sources.block(ip, block, now, true);
+            Some(Some(block))
+        }
     }
 }
 

@@ -121,7 +121,9 @@ fn vault_status(e: &VaultError) -> StatusCode {
         VaultError::Unauthenticated => StatusCode::UNAUTHORIZED,
         VaultError::Forbidden => StatusCode::FORBIDDEN,
         VaultError::NotFound => StatusCode::NOT_FOUND,
-        VaultError::Storage(_) | VaultError::Keys(_) => StatusCode::SERVICE_UNAVAILABLE,
+        VaultError::Storage(_) | VaultError::StorageReadOnly(_) | VaultError::Keys(_) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         VaultError::Integrity | VaultError::Rng => StatusCode::INTERNAL_SERVER_ERROR,
         VaultError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         VaultError::TokenFormatNotPermitted => StatusCode::FORBIDDEN,
@@ -265,6 +267,9 @@ impl ResponseError for ApiError {
             // Server-side details stay in the log.
             ApiError::Vault(VaultError::Storage(_)) => {
                 "storage is unavailable; retry later".to_owned()
+            }
+            ApiError::Vault(VaultError::StorageReadOnly(_)) => {
+                "storage cannot commit; retry later".to_owned()
             }
             ApiError::Vault(VaultError::Keys(_)) => "keys are unavailable; retry later".to_owned(),
             other => other.to_string(),

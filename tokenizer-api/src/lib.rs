@@ -33,6 +33,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod backups;
 pub mod cli;
 pub mod config;
 pub mod edge;

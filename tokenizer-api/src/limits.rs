@@ -15,7 +15,13 @@
 //! already verified (the authenticator's cache: one SHA-256, no I/O) is let
 //! through to the normal authentication.
 //!
-//! In memory, per instance; the source is the TCP peer (behind a proxy,
+//! In memory on SQLite (one process). On PostgreSQL the count is the
+//! fleet's: every instance takes a failure from the same bucket
+//! (`Store::take_shared_rate`, scope `source`), the instance that empties
+//! it records the block in `source_blocks` (once: `Store::block_source`),
+//! and every instance reads the blocks in force every second into this
+//! map (`app::watch_source_blocks`), so the check stays in memory and a
+//! restart keeps the blocks. The source is the TCP peer (behind a proxy,
 //! every caller shares the proxy's address).
 //!
 //! Also here: [`append_within`], the size limit of a body (a request's, an
@@ -168,6 +174,40 @@ impl SourceGuard {
     pub fn block_duration(&self) -> Duration {
         self.block
     }
+
+    /// The failure budget of a source (per minute, the same burst).
+    pub fn rate(&self) -> Rate {
+        self.rate
+    }
+
+    /// Block `ip` until `now + wait`, as decided elsewhere (a block of the
+    /// fleet, read from the database); a longer block in place stays.
+    /// `started`: this instance started it (counted in `blocks`).
+    pub fn block(&self, ip: IpAddr, wait: Duration, now: Instant, started: bool) {
+        if self.rate.is_off() {
+            return;
+        }
+        let until = now + wait;
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        if sources.len() >= MAX_KEYS {
+            sources.retain(|_, s| matches!(s, SourceState::Blocked { until } if *until > now));
+        }
+        let state = sources
+            .entry(source_key(ip))
+            .or_insert(SourceState::Blocked { until });
+        match state {
+            SourceState::Blocked { until: held } if *held >= until => {}
+            _ => *state = SourceState::Blocked { until },
+        }
+        if started {
+            self.blocks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The database key of a source (IPv4 address, IPv6 /64), as text.
+pub fn source_id(ip: IpAddr) -> String {
+    source_key(ip).to_string()
 }
 
 /// Seconds for `Retry-After`: rounded up, at least 1.

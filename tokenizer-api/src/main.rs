@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser as _;
 use tokenizer_api::cli;
-use tokenizer_api::config::{Cli, Command, EdgeCommand};
+use tokenizer_api::config::{BackupCommand, Cli, Command, EdgeCommand};
 
 #[actix_web::main]
 async fn main() -> ExitCode {
@@ -22,10 +22,22 @@ async fn run() -> ExitCode {
         Command::Principal { command } => cli::principal(command).await,
         Command::Migrate { vault, database } => cli::migrate(vault, database).await,
         Command::Backup {
+            command:
+                Some(BackupCommand::Verify {
+                    file,
+                    public_key,
+                    allow_unsigned,
+                }),
+            ..
+        } => cli::backup_verify(&file, &public_key, allow_unsigned),
+        Command::Backup {
             store,
             kek_file,
-            out,
+            out: Some(out),
+            command: None,
         } => cli::backup(store, kek_file, out).await,
+        // clap requires --out without a subcommand.
+        Command::Backup { .. } => ExitCode::from(2),
         Command::Restore {
             vault,
             database,

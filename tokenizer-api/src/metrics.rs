@@ -33,6 +33,7 @@ use vault::monitor::DetokenizeMonitor;
 
 use crate::limits::SourceGuard;
 use crate::seal::SealControl;
+use crate::tls::CrlStatus;
 
 /// The registry and its gauges.
 pub struct Metrics {
@@ -63,6 +64,13 @@ pub struct Metrics {
     purged: IntCounterVec,
     forward_calls: IntCounterVec,
     forward_duration: HistogramVec,
+    storage_writable: IntGauge,
+    crl_next_update: IntGauge,
+    crl_age: IntGauge,
+    crl_stale: IntGauge,
+    backup_last_success: IntGauge,
+    backup_failures: IntCounter,
+    backup_last_records: IntGauge,
 }
 
 /// Latency buckets, in seconds: 0.5 ms to 10 s.
@@ -239,6 +247,26 @@ impl Metrics {
         )?;
         registry.register(Box::new(cvc_held.clone()))?;
         registry.register(Box::new(purged.clone()))?;
+        let storage_writable = IntGauge::new(
+            "storage_writable",
+            "1 when the store answers and commits (the readiness probe's write), 0 when it cannot commit or does not answer",
+        )?;
+        let crl_next_update = IntGauge::new(
+            "tls_client_crl_next_update_timestamp_seconds",
+            "Earliest nextUpdate of the configured client CRLs, unix seconds (0: no CRL, or one without nextUpdate)",
+        )?;
+        let crl_age = IntGauge::new(
+            "tls_client_crl_age_seconds",
+            "Age of the oldest configured client CRL (now minus its thisUpdate), seconds",
+        )?;
+        let crl_stale = IntGauge::new(
+            "tls_client_crl_stale",
+            "1 when a configured client CRL is past its nextUpdate (crl_stale = refuse: its certificates are refused)",
+        )?;
+        registry.register(Box::new(storage_writable.clone()))?;
+        registry.register(Box::new(crl_next_update.clone()))?;
+        registry.register(Box::new(crl_age.clone()))?;
+        registry.register(Box::new(crl_stale.clone()))?;
         for reason in ["expired", "retention"] {
             purged.with_label_values(&[reason]);
         }
@@ -333,9 +361,31 @@ impl Metrics {
         )?;
         registry.register(Box::new(forward_calls.clone()))?;
         registry.register(Box::new(forward_duration.clone()))?;
+        let backup_last_success = IntGauge::new(
+            "backup_last_success_timestamp_seconds",
+            "When the newest scheduled backup was completed, Unix seconds (at start: the newest file in backup_dir; 0: none)",
+        )?;
+        let backup_failures = IntCounter::new(
+            "backup_failures_total",
+            "Scheduled backups that failed (audit action backup_exported, outcome failure)",
+        )?;
+        let backup_last_records = IntGauge::new(
+            "backup_last_records",
+            "Records in the newest scheduled backup written by this instance",
+        )?;
+        registry.register(Box::new(backup_last_success.clone()))?;
+        registry.register(Box::new(backup_failures.clone()))?;
+        registry.register(Box::new(backup_last_records.clone()))?;
         Ok(Self {
+            backup_last_success,
+            backup_failures,
+            backup_last_records,
             forward_calls,
             forward_duration,
+            storage_writable,
+            crl_next_update,
+            crl_age,
+            crl_stale,
             requests,
             request_duration,
             card_operations,
@@ -428,6 +478,24 @@ impl Metrics {
         }
     }
 
+    /// A scheduled backup completed at `at` (Unix seconds) with `records`.
+    pub fn backup_succeeded(&self, at: i64, records: u64) {
+        self.backup_last_success.set(at);
+        self.backup_last_records.set(gauge_value(records));
+    }
+
+    /// The newest backup found in the backup directory at start.
+    pub fn backup_seen(&self, at: i64) {
+        if at > self.backup_last_success.get() {
+            self.backup_last_success.set(at);
+        }
+    }
+
+    /// A scheduled backup failed.
+    pub fn backup_failed(&self) {
+        self.backup_failures.inc();
+    }
+
     /// Records a purge deleted.
     pub fn purged(&self, counts: vault::store::PurgeCounts) {
         self.purged
@@ -446,8 +514,17 @@ impl Metrics {
         periods: vault::CryptoPeriods,
         monitor: &DetokenizeMonitor,
         sources: &SourceGuard,
+        crl: Option<CrlStatus>,
     ) -> String {
         let vault = seal.vault();
+        // Whether the store commits: the readiness check (while sealed, the
+        // store's probe write alone).
+        let writable = match &vault {
+            Some(vault) => vault.ready().await,
+            None => vault::probe_commit(seal.store().as_ref()).await,
+        };
+        self.storage_writable.set(i64::from(writable.is_ok()));
+        self.crl(crl);
         self.sealed.set(i64::from(vault.is_none()));
         self.cvc_held
             .set(vault.as_ref().map_or(0, |v| gauge_value(v.cvc_held())));
@@ -459,7 +536,12 @@ impl Metrics {
                 Ok(status) => {
                     self.remaining
                         .set(i64::try_from(status.remaining).unwrap_or(i64::MAX));
-                    let past = status.keys.iter().filter(|k| k.past_crypto_period).count();
+                    let past = status.keys.iter().filter(|k| k.past_crypto_period).count()
+                        + status
+                            .signing_keys
+                            .iter()
+                            .filter(|k| k.past_crypto_period)
+                            .count();
                     self.past_period
                         .set(i64::try_from(past).unwrap_or(i64::MAX));
                     for k in &status.keys {
@@ -511,6 +593,21 @@ impl Metrics {
         let (size, at) = last.unwrap_or((0, 0));
         self.audit_checkpoint_size.set(gauge_value(size));
         self.audit_checkpoint_time.set(at);
+    }
+
+    fn crl(&self, crl: Option<CrlStatus>) {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let (next, age, stale) = match crl {
+            Some(c) => (
+                c.next_update.unwrap_or(0),
+                now.saturating_sub(c.this_update).max(0),
+                c.stale_at(now),
+            ),
+            None => (0, 0, false),
+        };
+        self.crl_next_update.set(next);
+        self.crl_age.set(age);
+        self.crl_stale.set(i64::from(stale));
     }
 
     fn pool(&self, store: &dyn vault::store::Store) {
@@ -715,5 +812,86 @@ mod tests {
             "# HELP x y\nx_sum{route=\"/v1/tokens\"} 0.3\nx_count 12\ny 1796000000\n"
         );
         assert!(!vault::pan::contains_pan_like(&tamed));
+    }
+
+    /// Every metric the alert rules, their tests and the Grafana dashboard
+    /// name (`cardvault_...`) is a family this registry exports (a
+    /// histogram's `_bucket`, `_sum` and `_count` as its family), and the
+    /// rules' annotations use no label but instance, job and scope (never
+    /// one that could hold a name).
+    #[test]
+    fn alert_rules_and_dashboard_name_only_exported_metrics() {
+        use prometheus::proto::MetricType;
+        use std::collections::{BTreeMap, BTreeSet};
+
+        // gather() leaves out a vector without children: one sample in each.
+        let m = Metrics::new().unwrap();
+        m.observe_request("api", "POST", "/v1/tokens", 200, Duration::ZERO);
+        m.auth_failure("api", "unknown_key");
+        m.tls_handshake_failure("api", "unknown_ca");
+        m.forward("acquirer", "2xx", Some(Duration::ZERO));
+        m.key_records.with_label_values(&["dek", "1"]).set(1);
+        m.key_state
+            .with_label_values(&["dek", "1", "active"])
+            .set(1);
+        m.key_age.with_label_values(&["dek", "1"]).set(1);
+        m.pool_connections.with_label_values(&["idle"]).set(1);
+        let families: BTreeMap<String, MetricType> = m
+            .registry
+            .gather()
+            .iter()
+            .map(|f| (f.get_name().to_owned(), f.get_field_type()))
+            .collect();
+        assert!(families.contains_key("cardvault_sealed"), "{families:?}");
+
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for file in [
+            "deploy/prometheus/cardvault.rules.yml",
+            "deploy/prometheus/cardvault.rules.test.yml",
+            "deploy/grafana/cardvault-dashboard.json",
+        ] {
+            let text =
+                std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            let name_byte = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_';
+            let mut named = BTreeSet::new();
+            for (at, _) in text.match_indices("cardvault_") {
+                if at > 0 && name_byte(text.as_bytes()[at - 1]) {
+                    continue;
+                }
+                let len = text[at..].bytes().take_while(|&b| name_byte(b)).count();
+                let name = &text[at..at + len];
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .filter_map(|suffix| name.strip_suffix(suffix))
+                    .find(|base| families.get(*base) == Some(&MetricType::HISTOGRAM))
+                    .unwrap_or(name);
+                named.insert(family.to_owned());
+            }
+            assert!(
+                named.contains("cardvault_sealed"),
+                "{file} names no cardvault_sealed: {named:?}"
+            );
+            let unknown: Vec<_> = named
+                .iter()
+                .filter(|n| !families.contains_key(n.as_str()))
+                .collect();
+            assert!(
+                unknown.is_empty(),
+                "{file} names metrics the service does not export: {unknown:?} (exported: {:?})",
+                families.keys().collect::<Vec<_>>()
+            );
+            if file.ends_with(".rules.yml") {
+                for (at, _) in text.match_indices("$labels.") {
+                    let label: String = text[at + 8..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    assert!(
+                        ["instance", "job", "scope"].contains(&label.as_str()),
+                        "{file}: an annotation uses label {label}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -163,8 +163,17 @@ pub struct SealControl {
     store: Arc<dyn Store>,
     auth: Authenticator,
     source: KekSource,
-    /// `<data-dir>/audit-verify.pub`, written when the vault opens.
+    /// `<data-dir>/audit-verify.pub`, written when the vault opens, after a
+    /// signing key rotation, and when the periodic key refresh finds a
+    /// generation another instance made: every generation's public key, one
+    /// line each, oldest first (a keys file for `vault-audit`).
     public_key_file: PathBuf,
+    /// What `public_key_file` was last written with (empty: not yet).
+    public_keys_written: Mutex<Vec<String>>,
+    /// The audit witness file: a signing key rotation appends its key
+    /// announcement to it (the periodic checkpoints are appended by the
+    /// checkpointer).
+    witness_file: Option<PathBuf>,
     vault: RwLock<Option<Arc<Vault>>>,
     /// Serialises unseal and seal (an unseal runs argon2, ~0.3 s).
     ceremony: tokio::sync::Mutex<Ceremony>,
@@ -196,9 +205,86 @@ impl SealControl {
             store,
             source,
             public_key_file,
+            public_keys_written: Mutex::new(Vec::new()),
+            witness_file: None,
             vault: RwLock::new(None),
             ceremony: tokio::sync::Mutex::new(Ceremony::default()),
             progress: Mutex::new(None),
+        }
+    }
+
+    /// Where key announcements are appended (the audit witness file).
+    #[must_use]
+    pub fn with_witness_file(mut self, path: PathBuf) -> Self {
+        self.witness_file = Some(path);
+        self
+    }
+
+    /// Rotate the audit signing key (`Vault::rotate_audit_signing`), then
+    /// append the key announcement to the witness file and rewrite
+    /// `audit-verify.pub` with every generation's public key. The rotation
+    /// itself is committed first: a failure to write either file is logged
+    /// (the announcement is in the database and in exports).
+    pub async fn rotate_audit_signing(
+        &self,
+        vault: &Vault,
+        ctx: &RequestContext,
+    ) -> Result<vault::SigningRotation, VaultError> {
+        let rotation = vault
+            .rotate_audit_signing(vault::Actor::Request(ctx))
+            .await?;
+        if let Some(path) = &self.witness_file {
+            if let Err(e) = append_witness(path, &rotation.announcement) {
+                tracing::error!(error = %e, witness = %path.display(), "cannot append the key announcement to the witness file");
+            }
+        }
+        self.write_public_keys(vault);
+        Ok(rotation)
+    }
+
+    /// `audit-verify.pub`: every signing key generation's public key line,
+    /// written to a temporary name and renamed (a reader never sees half a
+    /// file).
+    fn write_public_keys(&self, vault: &Vault) {
+        let keys = vault.audit_public_keys();
+        let mut text = keys.join("\n");
+        text.push('\n');
+        // Per process: instances sharing a data directory do not race on it.
+        let tmp = self
+            .public_key_file
+            .with_extension(format!("pub.tmp-{}", std::process::id()));
+        match std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.public_key_file))
+        {
+            Ok(()) => {
+                *self
+                    .public_keys_written
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = keys;
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::error!(error = %e, file = %self.public_key_file.display(), "cannot write the audit verification key");
+            }
+        }
+    }
+
+    /// After a key refresh: rewrite `audit-verify.pub` when the signing key
+    /// generations changed since it was written (another instance rotated
+    /// the signing key), or when the last write failed.
+    pub fn sync_public_keys(&self, vault: &Vault) {
+        let current = vault.audit_public_keys();
+        let stale = *self
+            .public_keys_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            != current;
+        if stale {
+            tracing::info!(
+                generations = current.len(),
+                file = %self.public_key_file.display(),
+                "audit signing key generations changed: rewriting the verification key file"
+            );
+            self.write_public_keys(vault);
         }
     }
 
@@ -571,12 +657,7 @@ impl SealControl {
         let vault = Vault::open_with(self.store.clone(), kek, self.options)
             .await
             .map_err(UnsealError::Keys)?;
-        if let Err(e) = std::fs::write(
-            &self.public_key_file,
-            format!("{}\n", vault.audit_public_key()),
-        ) {
-            tracing::error!(error = %e, file = %self.public_key_file.display(), "cannot write the audit verification key");
-        }
+        self.write_public_keys(&vault);
         *self.vault.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(vault));
         Ok(())
     }
@@ -623,4 +704,18 @@ impl ContextEvent for RequestContext {
             .source(self.source.clone())
             .request_id(self.request_id.clone())
     }
+}
+
+/// Append one checkpoint line to the witness file (created 0600), fsynced.
+fn append_witness(path: &std::path::Path, checkpoint: &audit::Checkpoint) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let line = audit::export::checkpoint_line(checkpoint).map_err(std::io::Error::other)?;
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(format!("{line}\n").as_bytes())?;
+    file.sync_data()
 }

@@ -22,8 +22,9 @@ pub struct AppState {
     pub max_batch_body_bytes: usize,
     /// Largest accepted request head (header names and values), in bytes.
     pub max_header_bytes: usize,
-    /// Detokenize rate limits and anomaly rule (per instance; survives
-    /// sealing).
+    /// Detokenize rate limits and anomaly rule: the in-memory state on
+    /// SQLite, the refusal counters everywhere (on PostgreSQL the limits
+    /// and counts are the database's; survives sealing).
     pub monitor: vault::monitor::DetokenizeMonitor,
     /// Failed authentications per source address.
     pub sources: crate::limits::SourceGuard,
@@ -31,6 +32,9 @@ pub struct AppState {
     pub collect_public_url: Option<String>,
     /// The forwarding proxy's upstreams (reloaded on SIGHUP).
     pub upstreams: Arc<crate::upstream::ReloadableUpstreams>,
+    /// The listeners' TLS material (None: plain HTTP, `--dev` only); the
+    /// metrics read the client CRLs' validity from it.
+    pub tls: Option<Arc<crate::tls::ReloadableTls>>,
 }
 
 impl AppState {

@@ -38,6 +38,103 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
     /// Certificate revocation lists of those CAs (PEM, one or more).
     pub client_crl: Option<PathBuf>,
+    /// What a CRL past its nextUpdate means (`tls_client_crl_stale`).
+    pub client_crl_stale: CrlStale,
+}
+
+/// What to do with client certificates while a CRL is past its nextUpdate
+/// (it may no longer list every revoked certificate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CrlStale {
+    /// Refuse every client certificate the stale CRL covers (handshake
+    /// failure `crl_expired`) until a fresh CRL is loaded (SIGHUP).
+    #[default]
+    Refuse,
+    /// Accept them; the log and the metrics say the CRL is stale.
+    Warn,
+}
+
+impl CrlStale {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CrlStale::Refuse => "refuse",
+            CrlStale::Warn => "warn",
+        }
+    }
+}
+
+/// The validity of the client CRLs loaded (unix seconds): the oldest
+/// thisUpdate and the earliest nextUpdate among them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrlStatus {
+    pub this_update: i64,
+    pub next_update: Option<i64>,
+}
+
+impl CrlStatus {
+    /// Whether a CRL is past its nextUpdate at `now` (unix seconds).
+    pub fn stale_at(&self, now: i64) -> bool {
+        self.next_update.is_some_and(|next| now > next)
+    }
+
+    fn of(crls: &[CertificateRevocationListDer<'_>], path: &Path) -> Result<CrlStatus, TlsError> {
+        let mut status: Option<CrlStatus> = None;
+        for der in crls {
+            let (_, crl) = x509_parser::parse_x509_crl(der)
+                .map_err(|e| TlsError::BadCrl(shown(path), e.to_string()))?;
+            let this = crl.last_update().timestamp();
+            let next = crl.next_update().map(|t| t.timestamp());
+            status = Some(match status {
+                None => CrlStatus {
+                    this_update: this,
+                    next_update: next,
+                },
+                Some(s) => CrlStatus {
+                    this_update: s.this_update.min(this),
+                    next_update: match (s.next_update, next) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    },
+                },
+            });
+        }
+        status.ok_or_else(|| TlsError::NoCrl(shown(path)))
+    }
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// Say in the log how old the client CRLs are, and what a stale one means.
+fn log_crl(status: &CrlStatus, policy: CrlStale) {
+    let now = unix_now();
+    let age_s = now.saturating_sub(status.this_update);
+    let next_update_in_s = status.next_update.map(|n| n - now);
+    if status.stale_at(now) {
+        match policy {
+            CrlStale::Refuse => tracing::error!(
+                crl_age_s = age_s,
+                next_update_in_s,
+                crl_stale = policy.as_str(),
+                "client CRL is past its nextUpdate: certificates it covers are refused until a fresh CRL is loaded (SIGHUP)"
+            ),
+            CrlStale::Warn => tracing::warn!(
+                crl_age_s = age_s,
+                next_update_in_s,
+                crl_stale = policy.as_str(),
+                "client CRL is past its nextUpdate: certificates are still accepted (crl_stale = warn); load a fresh CRL (SIGHUP)"
+            ),
+        }
+    } else {
+        tracing::info!(
+            crl_age_s = age_s,
+            next_update_in_s,
+            crl_stale = policy.as_str(),
+            "client CRL loaded"
+        );
+    }
 }
 
 /// Whether a listener asks for a client certificate.
@@ -63,6 +160,8 @@ pub enum TlsError {
     KeyPermissions(String),
     #[error("{0} holds no PEM certificate revocation list")]
     NoCrl(String),
+    #[error("certificate revocation list {0}: {1}")]
+    BadCrl(String, String),
     #[error("client CA bundle {0}: {1}")]
     ClientCa(String, String),
     #[error("a listener requires client certificates but no tls_client_ca_file is configured")]
@@ -100,6 +199,7 @@ struct Built {
     required: Option<Arc<ServerConfig>>,
     optional: Option<Arc<ServerConfig>>,
     none: Arc<ServerConfig>,
+    crl: Option<CrlStatus>,
 }
 
 /// TLS material that can be reloaded while serving: a new handshake uses
@@ -109,23 +209,50 @@ struct Built {
 pub struct ReloadableTls {
     files: TlsFiles,
     current: RwLock<Built>,
+    /// Whether the log already said that the loaded CRL went stale.
+    stale_logged: std::sync::atomic::AtomicBool,
 }
 
 impl ReloadableTls {
     /// Load every file now; an error stops the start.
     pub fn load(files: TlsFiles) -> Result<ReloadableTls, TlsError> {
         let built = build(&files)?;
+        let stale = built.crl.is_some_and(|c| c.stale_at(unix_now()));
         Ok(ReloadableTls {
             files,
             current: RwLock::new(built),
+            stale_logged: stale.into(),
         })
     }
 
     /// Read every file again. On error the old material stays in use.
     pub fn reload(&self) -> Result<(), TlsError> {
         let built = build(&self.files)?;
+        let stale = built.crl.is_some_and(|c| c.stale_at(unix_now()));
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = built;
+        self.stale_logged
+            .store(stale, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The loaded client CRLs' validity (None without a CRL).
+    pub fn crl_status(&self) -> Option<CrlStatus> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).crl
+    }
+
+    /// Say in the log, once per loading, that the client CRL went stale
+    /// while in use (the service calls this every minute).
+    pub fn check_crl(&self) {
+        let Some(status) = self.crl_status() else {
+            return;
+        };
+        if status.stale_at(unix_now())
+            && !self
+                .stale_logged
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            log_crl(&status, self.files.client_crl_stale);
+        }
     }
 
     /// The configuration for a new handshake.
@@ -174,7 +301,11 @@ pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> 
 
 /// The client-certificate verifiers (required, optional) from one reading
 /// of the CA bundle and the CRLs; none without a client CA.
-type Verifiers = (Arc<dyn ClientCertVerifier>, Arc<dyn ClientCertVerifier>);
+type Verifiers = (
+    Arc<dyn ClientCertVerifier>,
+    Arc<dyn ClientCertVerifier>,
+    Option<CrlStatus>,
+);
 
 fn verifiers(
     files: &TlsFiles,
@@ -199,17 +330,22 @@ fn verifiers(
             if crls.is_empty() {
                 return Err(TlsError::NoCrl(shown(path)));
             }
-            Some(crls)
+            let status = CrlStatus::of(&crls, path)?;
+            log_crl(&status, files.client_crl_stale);
+            Some((crls, status))
         }
         None => None,
     };
     let build = |optional: bool| {
         let mut builder =
             WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone());
-        if let Some(crls) = &crls {
+        if let Some((crls, _)) = &crls {
             builder = builder
                 .with_crls(crls.iter().cloned())
                 .only_check_end_entity_revocation();
+            if files.client_crl_stale == CrlStale::Refuse {
+                builder = builder.enforce_revocation_expiration();
+            }
         }
         if optional {
             builder = builder.allow_unauthenticated();
@@ -218,7 +354,11 @@ fn verifiers(
             .build()
             .map_err(|e| TlsError::ClientCa(shown(ca), e.to_string()))
     };
-    Ok(Some((build(false)?, build(true)?)))
+    Ok(Some((
+        build(false)?,
+        build(true)?,
+        crls.map(|(_, status)| status),
+    )))
 }
 
 fn build(files: &TlsFiles) -> Result<Built, TlsError> {
@@ -239,17 +379,19 @@ fn build(files: &TlsFiles) -> Result<Built, TlsError> {
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok::<_, TlsError>(Arc::new(config))
     };
-    let (required, optional) = match verifiers(files, &provider)? {
-        Some((required, optional)) => (
+    let (required, optional, crl) = match verifiers(files, &provider)? {
+        Some((required, optional, crl)) => (
             Some(server_config(Some(required))?),
             Some(server_config(Some(optional))?),
+            crl,
         ),
-        None => (None, None),
+        None => (None, None, None),
     };
     Ok(Built {
         required,
         optional,
         none: server_config(None)?,
+        crl,
     })
 }
 
@@ -280,6 +422,8 @@ pub fn failure_reason(error: &io::Error) -> &'static str {
             CertificateError::UnknownIssuer => "unknown_ca",
             CertificateError::Revoked => "revoked",
             CertificateError::UnknownRevocationStatus => "unknown_revocation_status",
+            CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. } => "crl_expired",
             CertificateError::BadSignature => "bad_signature",
             CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
                 "wrong_purpose"
@@ -511,6 +655,7 @@ mod tests {
             key: pki.server_key.clone(),
             client_ca: Some(pki.ca.clone()),
             client_crl: None,
+            client_crl_stale: crate::tls::CrlStale::default(),
         };
         let tls = ReloadableTls::load(files.clone()).unwrap();
         assert!(tls.config(ClientCerts::Required).is_ok());

@@ -128,7 +128,7 @@ async fn main() {
         entries.extend(page);
     }
     let read = t.elapsed().as_secs_f64();
-    let key = audit::VerifyingKey::parse(vault.audit_public_key()).unwrap();
+    let key = audit::VerifyingKey::parse(&vault.audit_public_key()).unwrap();
     let t = Instant::now();
     let report = audit::verify_trail(&entries, store.checkpoints().await.unwrap(), &key).unwrap();
     let verify = t.elapsed().as_secs_f64();

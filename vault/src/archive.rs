@@ -82,6 +82,9 @@ pub struct Archived {
     pub deleted: u64,
 }
 
+/// Bound on finding the primary of a host list for the export.
+const EXPORT_HOST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Archive the audit entries covered by the last checkpoint signed at or
 /// before `cutoff` (and not archived yet) to a file in `out_dir`, then delete
 /// them from the database. `database_url` is the store's (read separately
@@ -105,6 +108,12 @@ pub async fn archive_audit(
     };
     let from = last_end + 1;
     let key = verifying_key(store).await?;
+    // A host list (failover): the export reads the primary, one host.
+    let source = if database_url.starts_with("postgres") {
+        crate::store::postgres::writable_host_url(database_url, EXPORT_HOST_TIMEOUT).await?
+    } else {
+        database_url.to_owned()
+    };
 
     let name = format!("audit-archive-{from}-{to}.jsonl");
     let path = out_dir.join(&name);
@@ -126,7 +135,7 @@ pub async fn archive_audit(
         .open(&partial)
         .map_err(io(&partial))?;
     let mut out = BufWriter::new(file);
-    audit::auditor::export_database(database_url, Some((from, to)), &mut out).await?;
+    audit::auditor::export_database(&source, Some((from, to)), &mut out).await?;
     let file = out.into_inner().map_err(|e| io(&partial)(e.into_error()))?;
     file.sync_all().map_err(io(&partial))?;
     drop(file);
@@ -193,11 +202,18 @@ pub async fn archive_audit(
     })
 }
 
-/// The checkpoint public key, from the database (it is public).
-async fn verifying_key(store: &dyn Store) -> Result<VerifyingKey, ArchiveError> {
-    let keys = store.load_signing_keys().await?;
-    let newest = keys.last().ok_or(ArchiveError::NoSigningKey)?;
-    Ok(VerifyingKey::parse(&newest.public_key)?)
+/// Every checkpoint public key, from the database (they are public; a
+/// segment may hold checkpoints of several signing key generations).
+async fn verifying_key(store: &dyn Store) -> Result<audit::TrustedKeys, ArchiveError> {
+    let rows = store.load_signing_keys().await?;
+    if rows.is_empty() {
+        return Err(ArchiveError::NoSigningKey);
+    }
+    let keys = rows
+        .iter()
+        .map(|k| VerifyingKey::parse(&k.public_key))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(audit::TrustedKeys::new(keys))
 }
 
 async fn delete_archived(store: &dyn Store) -> Result<u64, ArchiveError> {

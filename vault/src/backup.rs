@@ -9,6 +9,22 @@
 //! keys only: without the KEK it reveals no card data, and a restore refuses
 //! it without the KEK that sealed it.
 //!
+//! Signature: the `end` line also carries an Ed25519 signature by the audit
+//! signing key (the newest generation in the snapshot) and that key's id, so
+//! that [`verify_backup`] checks a backup with the public key alone (the
+//! auditors' `audit-verify.pub`), no KEK. Signed bytes, integers big-endian:
+//!
+//! ```text
+//! "cardvault/backup/v1"                19 bytes, domain tag
+//! records                              u64
+//! sha256                               32 bytes (of every line before `end`)
+//! len(seal) || seal                    u32 || the seal's bytes
+//! len(key_id) || key_id                u32 || UTF-8
+//! ```
+//!
+//! Backups from before signing have neither field: they restore as before
+//! and verify as `unsigned`.
+//!
 //! Restore reads and checks the whole file first (shape, count, digest,
 //! seal, every wrapped key unwraps under this KEK), then inserts everything in
 //! one transaction into an empty database: a bad file restores nothing.
@@ -34,6 +50,8 @@ use crate::store::{
 const FORMAT: &str = "cardvault-backup";
 const VERSION: u32 = 1;
 const SEAL_LABEL: &str = "cardvault-backup-digest:v1";
+/// Domain tag of the backup signature's signed bytes (see the module doc).
+const SIGNATURE_TAG: &[u8] = b"cardvault/backup/v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
@@ -57,6 +75,10 @@ pub enum BackupError {
     NotEmpty,
     #[error("KEK operation failed: {0}")]
     Kek(#[from] hsm_shim::KekError),
+    #[error("the audit signing key in the backup is unusable: {0}")]
+    SigningKey(String),
+    #[error("backup signature check failed: {0}")]
+    Signature(String),
 }
 
 /// What a backup holds.
@@ -100,6 +122,11 @@ impl BackupSummary {
             self.audit_signing_keys,
             self.audit_archives
         )
+    }
+
+    /// The records the end line counts (tenants are not counted there).
+    pub fn records(&self) -> u64 {
+        self.total()
     }
 
     fn total(&self) -> u64 {
@@ -204,6 +231,10 @@ enum Line {
         wrapped: String,
         public_key: String,
         created_at: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retired_at: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        destroyed_at: Option<i64>,
     },
     /// An archived segment of the audit trail (its entries may no longer be
     /// in the backup: they are in the archive file).
@@ -219,6 +250,12 @@ enum Line {
         records: u64,
         sha256: String,
         seal: String,
+        /// Ed25519 signature (128 hex) by the audit signing key `signing_key_id`
+        /// over the bytes in the module doc; absent in older backups.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signature: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signing_key_id: Option<String>,
     },
 }
 
@@ -292,6 +329,8 @@ impl From<BackupRecord> for Line {
                 wrapped: B64.encode(k.wrapped),
                 public_key: k.public_key,
                 created_at: k.created_at,
+                retired_at: k.retired_at,
+                destroyed_at: k.destroyed_at,
             },
             BackupRecord::Archive(a) => Line::AuditArchive {
                 from_seq: a.from_seq,
@@ -328,14 +367,83 @@ fn write_line(
     out.write_all(&bytes)
 }
 
+/// Make a complete backup durable under its name: flush, fsync, rename the
+/// `.partial` file, fsync the directory (the rename is durable only then).
+fn finish(out: BufWriter<fs::File>, tmp: &Path, path: &Path) -> Result<(), BackupError> {
+    let file = out.into_inner().map_err(|e| io_err(tmp)(e.into_error()))?;
+    file.sync_all().map_err(io_err(tmp))?;
+    fs::rename(tmp, path).map_err(io_err(path))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// The bytes a backup's signature covers (layout in the module doc).
+fn signed_bytes(records: u64, digest: &[u8], seal: &[u8], key_id: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SIGNATURE_TAG.len() + 8 + 32 + 8 + seal.len() + key_id.len());
+    out.extend_from_slice(SIGNATURE_TAG);
+    out.extend_from_slice(&records.to_be_bytes());
+    out.extend_from_slice(digest);
+    let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes();
+    out.extend_from_slice(&len(seal.len()));
+    out.extend_from_slice(seal);
+    out.extend_from_slice(&len(key_id.len()));
+    out.extend_from_slice(key_id.as_bytes());
+    out
+}
+
+/// Sign with the audit signing key held (wrapped) in `row`.
+fn sign(
+    kek: &dyn KeyEncryptionKey,
+    row: &SigningKeyRow,
+    message: &[u8],
+) -> Result<String, BackupError> {
+    let secret = kek
+        .unwrap(&format!("audit_signing:{}", row.generation), &row.wrapped)
+        .map_err(|e| BackupError::SigningKey(e.to_string()))?;
+    let key = audit::SigningKey::from_secret_slice(&secret)
+        .map_err(|e| BackupError::SigningKey(e.to_string()))?;
+    if key.key_id() != row.key_id {
+        return Err(BackupError::SigningKey(
+            "the unwrapped key does not match its key id".into(),
+        ));
+    }
+    Ok(hex(&key.sign_message(message)))
+}
+
+/// A backup written: what it holds, when it began, which key signed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupWritten {
+    pub summary: BackupSummary,
+    /// The header's time, taken before the snapshot: every write
+    /// acknowledged before it is in the backup.
+    pub started_at: time::OffsetDateTime,
+    /// The audit signing key that signed it (None: the store had none).
+    pub signing_key_id: Option<String>,
+}
+
 /// Write a backup of `store` to `path` (created 0600; written to a temporary
-/// name, synced, then renamed, so a crash never leaves a half file under the
-/// final name). Records a `backup_exported` audit event.
+/// name, synced, then renamed, and the directory synced, so a crash never
+/// leaves a half file under the final name). Records a `backup_exported`
+/// audit event (counts and the file name).
 pub async fn write_backup(
     store: &dyn Store,
     kek: &dyn KeyEncryptionKey,
     path: &Path,
 ) -> Result<BackupSummary, BackupError> {
+    Ok(write_backup_file(store, kek, path).await?.summary)
+}
+
+/// [`write_backup`], saying when the backup began and who signed it.
+pub async fn write_backup_file(
+    store: &dyn Store,
+    kek: &dyn KeyEncryptionKey,
+    path: &Path,
+) -> Result<BackupWritten, BackupError> {
     if path.exists() {
         return Err(BackupError::Exists(path.display().to_string()));
     }
@@ -346,45 +454,90 @@ pub async fn write_backup(
         .mode(0o600)
         .open(&tmp)
         .map_err(io_err(&tmp))?;
-    let mut out = BufWriter::new(file);
+    // Large writes: fewer system calls on the runtime thread.
+    let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut hasher = Sha256::new();
     let mut summary = BackupSummary::default();
+    let started_at = time::OffsetDateTime::now_utc();
     let header = Line::Header {
         format: FORMAT.to_owned(),
         version: VERSION,
         kek_id: kek.kek_id().to_owned(),
-        created_at: time::OffsetDateTime::now_utc(),
+        created_at: started_at,
     };
+    // The newest signing key generation of the snapshot (rows come oldest
+    // first): the one that signs now.
+    let mut signer: Option<SigningKeyRow> = None;
     let result = async {
         write_line(&mut out, &header, &mut hasher).map_err(io_err(&tmp))?;
         store
             .export(&mut |record| {
                 summary.count(&record);
+                if let BackupRecord::SigningKey(k) = &record {
+                    signer = Some(k.clone());
+                }
                 write_line(&mut out, &Line::from(record), &mut hasher).map_err(StoreError::Output)
             })
             .await?;
         let digest = hasher.finalize();
+        let seal = kek.wrap(SEAL_LABEL, &digest)?;
+        let records = summary.total();
+        let signature = match &signer {
+            Some(row) => Some(sign(
+                kek,
+                row,
+                &signed_bytes(records, &digest, &seal, &row.key_id),
+            )?),
+            None => {
+                tracing::warn!("the store has no audit signing key: the backup is unsigned");
+                None
+            }
+        };
         let end = Line::End {
-            records: summary.total(),
+            records,
             sha256: hex(&digest),
-            seal: B64.encode(kek.wrap(SEAL_LABEL, &digest)?),
+            seal: B64.encode(&seal),
+            signing_key_id: signature
+                .as_ref()
+                .and(signer.as_ref())
+                .map(|r| r.key_id.clone()),
+            signature,
         };
         write_line(&mut out, &end, &mut Sha256::new()).map_err(io_err(&tmp))?;
-        let file = out.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
-        file.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, path).map_err(io_err(path))?;
-        Ok::<_, BackupError>(())
+        // The flush and the fsyncs of a large file take seconds: off the
+        // runtime thread, which also runs the service's background jobs.
+        let (partial, complete) = (tmp.clone(), path.to_path_buf());
+        tokio::task::spawn_blocking(move || finish(out, &partial, &complete))
+            .await
+            .map_err(|e| io_err(&tmp)(std::io::Error::other(e)))?
     }
     .await;
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let event = AuditEvent::new(Action::BackupExported, Outcome::Success)
         .source("local")
-        .detail(summary.describe());
+        .detail(format!("{} file={file_name}", summary.describe()));
     store.append_audit(event).await?;
-    Ok(summary)
+    Ok(BackupWritten {
+        summary,
+        started_at,
+        signing_key_id: signer.map(|r| r.key_id),
+    })
+}
+
+impl crate::Vault {
+    /// Write a backup of this vault's store (see [`write_backup_file`]),
+    /// sealed with the KEK the vault holds.
+    pub async fn write_backup(&self, path: &Path) -> Result<BackupWritten, BackupError> {
+        let kek = self.keys.kek();
+        write_backup_file(self.store().as_ref(), &*kek, path).await
+    }
 }
 
 fn decode_b64(s: &str, line: usize) -> Result<Vec<u8>, BackupError> {
@@ -531,6 +684,8 @@ fn to_record(line: Line, n: usize) -> Result<Option<BackupRecord>, BackupError> 
             wrapped,
             public_key,
             created_at,
+            retired_at,
+            destroyed_at,
         } => BackupRecord::SigningKey(SigningKeyRow {
             generation,
             key_id,
@@ -538,6 +693,8 @@ fn to_record(line: Line, n: usize) -> Result<Option<BackupRecord>, BackupError> 
             wrapped: decode_b64(&wrapped, n)?,
             public_key,
             created_at,
+            retired_at,
+            destroyed_at,
         }),
         Line::AuditArchive {
             from_seq,
@@ -564,11 +721,20 @@ fn to_record(line: Line, n: usize) -> Result<Option<BackupRecord>, BackupError> 
     }))
 }
 
-/// Read and fully check a backup file without touching any database.
-pub fn read_backup(
-    kek: &dyn KeyEncryptionKey,
-    path: &Path,
-) -> Result<(Vec<BackupRecord>, BackupSummary), BackupError> {
+/// A backup file read and checked for shape, count and digest.
+struct Scanned {
+    kek_id: String,
+    created_at: time::OffsetDateTime,
+    records: Vec<BackupRecord>,
+    summary: BackupSummary,
+    digest: Vec<u8>,
+    seal: String,
+    signature: Option<(String, String)>,
+}
+
+/// Read a backup; check its shape, record count and SHA-256. Records are
+/// kept only when `keep` (a restore needs them, a verification does not).
+fn scan(path: &Path, keep: bool) -> Result<Scanned, BackupError> {
     let file = fs::File::open(path).map_err(io_err(path))?;
     let mut reader = BufReader::new(file);
     let mut hasher = Sha256::new();
@@ -577,6 +743,7 @@ pub fn read_backup(
     let mut buf = Vec::new();
     let mut n = 0usize;
     let mut end = None;
+    let mut head = None;
     loop {
         buf.clear();
         let read = reader.read_until(b'\n', &mut buf).map_err(io_err(path))?;
@@ -601,25 +768,20 @@ pub fn read_backup(
             reason: "not a backup record",
         })?;
         if n == 1 {
-            match &line {
+            match line {
                 Line::Header {
                     format,
                     version,
                     kek_id,
-                    ..
+                    created_at,
                 } => {
-                    if format != FORMAT || version != &VERSION {
+                    if format != FORMAT || version != VERSION {
                         return Err(BackupError::Corrupt {
                             line: 1,
                             reason: "unknown format or version",
                         });
                     }
-                    if kek_id != kek.kek_id() {
-                        return Err(BackupError::WrongKek {
-                            backup: kek_id.clone(),
-                            configured: kek.kek_id().to_owned(),
-                        });
-                    }
+                    head = Some((kek_id, created_at));
                 }
                 _ => {
                     return Err(BackupError::Corrupt {
@@ -635,18 +797,36 @@ pub fn read_backup(
             records,
             sha256,
             seal,
+            signature,
+            signing_key_id,
         } = line
         {
-            end = Some((records, sha256, seal));
+            let signature = match (signature, signing_key_id) {
+                (Some(s), Some(k)) => Some((s, k)),
+                (None, None) => None,
+                _ => {
+                    return Err(BackupError::Corrupt {
+                        line: n,
+                        reason: "a signature without its key id, or a key id without a signature",
+                    })
+                }
+            };
+            end = Some((records, sha256, seal, signature));
             continue;
         }
         hasher.update(&buf);
         if let Some(record) = to_record(line, n)? {
             summary.count(&record);
-            records.push(record);
+            if keep {
+                records.push(record);
+            }
         }
     }
-    let (count, sha256, seal) =
+    let (kek_id, created_at) = head.ok_or(BackupError::Corrupt {
+        line: 1,
+        reason: "missing header",
+    })?;
+    let (count, sha256, seal, signature) =
         end.ok_or(BackupError::Integrity("no end line: the file is truncated"))?;
     let digest = hasher.finalize();
     if count != summary.total() {
@@ -654,6 +834,107 @@ pub fn read_backup(
     }
     if sha256 != hex(&digest) {
         return Err(BackupError::Integrity("SHA-256 does not match the content"));
+    }
+    Ok(Scanned {
+        kek_id,
+        created_at,
+        records,
+        summary,
+        digest: digest.to_vec(),
+        seal,
+        signature,
+    })
+}
+
+/// What [`verify_backup`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verified {
+    pub summary: BackupSummary,
+    /// The records the end line counts.
+    pub records: u64,
+    /// SHA-256 of the content (hex).
+    pub sha256: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: time::OffsetDateTime,
+    /// The KEK that sealed it (needed to restore it, not to verify it).
+    pub kek_id: String,
+    /// The signing key id whose signature verified; None: unsigned backup
+    /// (count and digest checked, nobody vouches for them).
+    pub signed_by: Option<String>,
+}
+
+/// Check a backup offline with the audit signing public keys alone (no KEK,
+/// no database): shape, record count, SHA-256, and the signature by one of
+/// `keys` (the one its key id names). An unsigned backup (from before
+/// signing) passes with `signed_by: None`; the caller decides.
+pub fn verify_backup(path: &Path, keys: &[audit::VerifyingKey]) -> Result<Verified, BackupError> {
+    let scanned = scan(path, false)?;
+    let seal = B64
+        .decode(&scanned.seal)
+        .map_err(|_| BackupError::Integrity("seal is malformed"))?;
+    let records = scanned.summary.total();
+    let signed_by = match &scanned.signature {
+        None => None,
+        Some((signature, key_id)) => {
+            let key = keys.iter().find(|k| k.key_id() == key_id).ok_or_else(|| {
+                BackupError::Signature(format!(
+                    "signed by key {key_id}, which is not among the given public keys"
+                ))
+            })?;
+            let bytes: [u8; 64] = decode_hex(signature)
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| BackupError::Signature("the signature is malformed".into()))?;
+            let public = ed25519_dalek::VerifyingKey::from_bytes(&key.to_bytes())
+                .map_err(|_| BackupError::Signature("the public key is invalid".into()))?;
+            public
+                .verify_strict(
+                    &signed_bytes(records, &scanned.digest, &seal, key_id),
+                    &ed25519_dalek::Signature::from_bytes(&bytes),
+                )
+                .map_err(|_| {
+                    BackupError::Signature(format!("the signature by key {key_id} does not verify"))
+                })?;
+            Some(key_id.clone())
+        }
+    };
+    Ok(Verified {
+        summary: scanned.summary,
+        records,
+        sha256: hex(&scanned.digest),
+        created_at: scanned.created_at,
+        kek_id: scanned.kek_id,
+        signed_by,
+    })
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Read and fully check a backup file without touching any database.
+pub fn read_backup(
+    kek: &dyn KeyEncryptionKey,
+    path: &Path,
+) -> Result<(Vec<BackupRecord>, BackupSummary), BackupError> {
+    let Scanned {
+        kek_id,
+        records,
+        summary,
+        digest,
+        seal,
+        ..
+    } = scan(path, true)?;
+    if kek_id != kek.kek_id() {
+        return Err(BackupError::WrongKek {
+            backup: kek_id,
+            configured: kek.kek_id().to_owned(),
+        });
     }
     let sealed = B64
         .decode(&seal)
@@ -667,6 +948,10 @@ pub fn read_backup(
     // A backup whose keys this KEK cannot open would restore a dead vault.
     for r in &records {
         if let BackupRecord::SigningKey(k) = r {
+            // A destroyed signing key keeps only its public key.
+            if k.destroyed_at.is_some() {
+                continue;
+            }
             kek.unwrap(&format!("audit_signing:{}", k.generation), &k.wrapped)
                 .map_err(|_| {
                     BackupError::Integrity("the audit signing key does not open under this KEK")
@@ -921,5 +1206,95 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, BackupError::WrongKek { .. }), "{err}");
         assert!(target.store().is_empty().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn backups_are_signed_and_verify_with_the_public_key_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let kek: Arc<dyn KeyEncryptionKey> =
+            Arc::new(hsm_shim::SoftwareKek::generate(&dir.path().join("kek.key")).unwrap());
+        let src = TestStore::sqlite().await;
+        populate(src.store(), kek.clone()).await;
+        let vault = Vault::open(src.store(), kek.clone()).await.unwrap();
+        let public = vault.keys.audit_public_key();
+        let key = audit::VerifyingKey::parse(&public).unwrap();
+        let good = dir.path().join("signed.backup");
+        let written = vault.write_backup(&good).await.unwrap();
+        assert_eq!(written.signing_key_id.as_deref(), Some(key.key_id()));
+        let v = verify_backup(&good, std::slice::from_ref(&key)).unwrap();
+        assert_eq!(v.signed_by.as_deref(), Some(key.key_id()));
+        assert_eq!(v.summary, written.summary);
+        assert_eq!(v.created_at, written.started_at);
+        // The audit event names the file and the counts, nothing else.
+        let events = src.store().audit_events(0, 10_000).await.unwrap();
+        let last = events
+            .iter()
+            .rev()
+            .find(|e| e.event.action == Action::BackupExported)
+            .unwrap();
+        assert!(
+            last.event
+                .detail
+                .as_deref()
+                .unwrap()
+                .ends_with(" file=signed.backup"),
+            "{:?}",
+            last.event.detail
+        );
+
+        // Another key: refused.
+        let other = audit::SigningKey::generate().unwrap().verifying_key();
+        assert!(matches!(
+            verify_backup(&good, std::slice::from_ref(&other)),
+            Err(BackupError::Signature(_))
+        ));
+        // Every single byte changed (outside the file's JSON syntax, which
+        // fails to parse anyway) is found: a few positions of every line.
+        let bytes = std::fs::read(&good).unwrap();
+        let mut positions = Vec::new();
+        let mut start = 0;
+        for (i, b) in bytes.iter().enumerate() {
+            if *b == b'\n' {
+                positions.extend([start + (i - start) / 2, i.saturating_sub(3)]);
+                start = i + 1;
+            }
+        }
+        for at in positions {
+            let mut bad = bytes.clone();
+            bad[at] = if bad[at] == b'0' { b'1' } else { b'0' };
+            let path = dir.path().join("tampered.backup");
+            std::fs::write(&path, &bad).unwrap();
+            let err = verify_backup(&path, std::slice::from_ref(&key)).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    BackupError::Corrupt { .. }
+                        | BackupError::Integrity(_)
+                        | BackupError::Signature(_)
+                ),
+                "byte {at}: {err}"
+            );
+        }
+        // An unsigned (older) backup: verifies as unsigned and restores.
+        let text = std::fs::read_to_string(&good).unwrap();
+        let (body, end) = text.trim_end().rsplit_once('\n').unwrap();
+        let mut end: serde_json::Value = serde_json::from_str(end).unwrap();
+        end.as_object_mut().unwrap().remove("signature");
+        end.as_object_mut().unwrap().remove("signing_key_id");
+        let unsigned = dir.path().join("unsigned.backup");
+        std::fs::write(&unsigned, format!("{body}\n{end}\n")).unwrap();
+        let v = verify_backup(&unsigned, std::slice::from_ref(&key)).unwrap();
+        assert_eq!(v.signed_by, None);
+        let target = TestStore::sqlite().await;
+        restore_backup(&*target.store(), &*kek, &unsigned)
+            .await
+            .unwrap();
+        // A signature without its key id is malformed.
+        end["signature"] = serde_json::json!("00");
+        std::fs::write(&unsigned, format!("{body}\n{end}\n")).unwrap();
+        assert!(matches!(
+            verify_backup(&unsigned, std::slice::from_ref(&key)),
+            Err(BackupError::Corrupt { .. })
+        ));
     }
 }

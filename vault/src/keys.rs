@@ -111,9 +111,21 @@ pub struct Keyring {
     kek: RwLock<Arc<dyn KeyEncryptionKey>>,
     /// Signs audit checkpoints; unlike the KEK it stays in memory, because
     /// the service signs periodically. The database holds it only wrapped.
-    audit_signing: audit::SigningKey,
-    /// `cardvault-audit-ed25519:<hex>`: what auditors verify with.
-    audit_public_key: String,
+    /// Replaced when the signing key rotates (here or on another instance).
+    audit_signing: RwLock<Arc<Signing>>,
+}
+
+/// The audit signing key in use and the public keys of every generation.
+#[derive(Debug)]
+pub struct Signing {
+    /// The newest generation: the one that signs.
+    pub generation: u32,
+    pub key: Arc<audit::SigningKey>,
+    /// `cardvault-audit-ed25519:<hex>` of `key`.
+    pub public_key: String,
+    /// Every generation's public key line, oldest first (destroyed ones
+    /// too: they verify the checkpoints they signed).
+    pub public_keys: Vec<String>,
 }
 
 pub(crate) fn signing_label(generation: u32) -> String {
@@ -124,7 +136,7 @@ pub(crate) fn signing_label(generation: u32) -> String {
 async fn load_or_init_signing(
     store: &Arc<dyn Store>,
     kek: &dyn KeyEncryptionKey,
-) -> Result<(audit::SigningKey, String), KeysError> {
+) -> Result<Signing, KeysError> {
     let mut rows = store.load_signing_keys().await?;
     if rows.is_empty() {
         let key = audit::SigningKey::generate().map_err(|e| KeysError::Signing(e.to_string()))?;
@@ -135,6 +147,8 @@ async fn load_or_init_signing(
             wrapped: kek.wrap(&signing_label(1), key.expose_secret().as_ref())?,
             public_key: key.verifying_key().to_string(),
             created_at: now_millis(),
+            retired_at: None,
+            destroyed_at: None,
         };
         let event = AuditEvent::new(Action::KeyGenerated, Outcome::Success)
             .source("local")
@@ -147,7 +161,21 @@ async fn load_or_init_signing(
         }
         rows = store.load_signing_keys().await?;
     }
+    unwrap_signing(&rows, kek)
+}
+
+/// Unwrap the newest of the stored signing keys (the one that signs).
+fn unwrap_signing(
+    rows: &[SigningKeyRow],
+    kek: &dyn KeyEncryptionKey,
+) -> Result<Signing, KeysError> {
     let row = rows.last().ok_or(KeysError::Missing("audit signing"))?;
+    if row.retired_at.is_some() {
+        return Err(KeysError::Signing(format!(
+            "the newest signing key ({}) is retired",
+            signing_label(row.generation)
+        )));
+    }
     if row.kek_id != kek.kek_id() {
         return Err(KeysError::WrongKek {
             label: signing_label(row.generation),
@@ -169,7 +197,12 @@ async fn load_or_init_signing(
             "stored public key does not match the unwrapped key".into(),
         ));
     }
-    Ok((key, public))
+    Ok(Signing {
+        generation: row.generation,
+        key: Arc::new(key),
+        public_key: public,
+        public_keys: rows.iter().map(|r| r.public_key.clone()).collect(),
+    })
 }
 
 /// The KEK wrap label of a vault key (associated data of its wrapped blob).
@@ -207,13 +240,12 @@ impl Keyring {
                 stored = store.load_keys().await?;
             }
         }
-        let (audit_signing, audit_public_key) = load_or_init_signing(store, &*kek).await?;
+        let audit_signing = load_or_init_signing(store, &*kek).await?;
         let set = build(&stored, &*kek, None)?;
         Ok(Keyring {
             current: RwLock::new(Arc::new(set)),
             kek: RwLock::new(kek),
-            audit_signing,
-            audit_public_key,
+            audit_signing: RwLock::new(Arc::new(audit_signing)),
         })
     }
 
@@ -231,6 +263,42 @@ impl Keyring {
     /// Returns whether anything changed. Several instances on one database
     /// pick up a rotation by calling this periodically.
     pub async fn refresh(&self, store: &Arc<dyn Store>) -> Result<bool, KeysError> {
+        let signing_changed = self.refresh_signing(store).await?;
+        Ok(self.refresh_vault_keys(store).await? || signing_changed)
+    }
+
+    /// Reload the audit signing key if another generation signs now (a
+    /// rotation by this or another instance), or a generation was added or
+    /// destroyed. Returns whether anything changed.
+    pub async fn refresh_signing(&self, store: &Arc<dyn Store>) -> Result<bool, KeysError> {
+        let rows = store.load_signing_keys().await?;
+        let old = self.signing();
+        let newest = rows.last().map(|r| r.generation);
+        if newest == Some(old.generation) && rows.len() == old.public_keys.len() {
+            return Ok(false);
+        }
+        let kek = self.kek();
+        let signing = if newest == Some(old.generation) {
+            Signing {
+                generation: old.generation,
+                key: old.key.clone(),
+                public_key: old.public_key.clone(),
+                public_keys: rows.iter().map(|r| r.public_key.clone()).collect(),
+            }
+        } else {
+            unwrap_signing(&rows, &*kek)?
+        };
+        if signing.generation != old.generation {
+            tracing::info!(generation = signing.generation, key_id = %signing.key.key_id(), "audit signing key changed");
+        }
+        *self
+            .audit_signing
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(signing);
+        Ok(true)
+    }
+
+    async fn refresh_vault_keys(&self, store: &Arc<dyn Store>) -> Result<bool, KeysError> {
         let stored = store.load_keys().await?;
         let old = self.keys();
         let kek = self.kek();
@@ -266,13 +334,22 @@ impl Keyring {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = kek;
     }
 
-    pub fn audit_signing_key(&self) -> &audit::SigningKey {
-        &self.audit_signing
+    /// The audit signing key in use and every generation's public key.
+    pub fn signing(&self) -> Arc<Signing> {
+        self.audit_signing
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
-    /// The auditors' verification key line.
-    pub fn audit_public_key(&self) -> &str {
-        &self.audit_public_key
+    /// The key that signs audit checkpoints now.
+    pub fn audit_signing_key(&self) -> Arc<audit::SigningKey> {
+        self.signing().key.clone()
+    }
+
+    /// The auditors' verification key line of the signing key in use.
+    pub fn audit_public_key(&self) -> String {
+        self.signing().public_key.clone()
     }
 
     /// The id of the KEK in use.

@@ -17,7 +17,8 @@
 //!   format and expiry), [`Vault::detokenize`], [`Vault::metadata`],
 //!   [`Vault::update`], [`Vault::delete`] with a [`RequestContext`];
 //! - [`Vault::detokenize_monitored`] with a [`monitor::DetokenizeMonitor`]:
-//!   rate limits and the anomaly rule of detokenize (per instance);
+//!   rate limits and the anomaly rule of detokenize (for the fleet on a
+//!   store with [`store::Store::shared_monitoring`], else per process);
 //! - hosted collection ([`collect`]): [`Vault::create_collect_session`],
 //!   [`Vault::collect_session`] (checkout server),
 //!   [`Vault::collect_session_public`] and
@@ -72,7 +73,10 @@ pub use crypto::CardSecret;
 pub use forward::{BodyKind, Field, Template, TemplateError};
 pub use keys::KeysError;
 pub use pan::{Pan, PanError};
-pub use rotation::{Actor, CryptoPeriods, KeyInfo, KeyStatus, Progress, Rotation};
+pub use rotation::{
+    Actor, CryptoPeriods, KeyInfo, KeyStatus, Progress, Rotation, SigningKeyInfo, SigningRotation,
+};
+pub use service::probe_commit;
 pub use service::{
     forward_request_hash, ClaimHandle, ForwardAnswer, IdempotentClaim, StoredAnswer,
     FORWARD_ANSWER_TTL, MAX_IDEMPOTENCY_KEY_LEN,

@@ -2,10 +2,14 @@
 //! principal and per tenant, and an anomaly rule on the distinct tokens a
 //! principal detokenizes.
 //!
-//! Everything here is in memory and per instance (several instances each
-//! apply the limits on their own). No I/O: [`crate::Vault::detokenize_monitored`]
-//! asks, and writes the audit events. Time is passed in, so the logic is
-//! tested without sleeping.
+//! Everything here is in memory and per instance. No I/O:
+//! [`crate::Vault::detokenize_monitored`] asks, and writes the audit events.
+//! Time is passed in, so the logic is tested without sleeping. On a store
+//! that shares limit state between instances (PostgreSQL: one bucket row
+//! per principal and per tenant, `Store::take_shared_rate`), the vault
+//! takes the rate limits' tokens there instead, with the rates configured
+//! here, and the buckets here are unused; the counters here count the
+//! refusals of both.
 //!
 //! - Limits are token buckets ([`TokenBucket`]): `per_minute` tokens a
 //!   minute, at most `burst` saved up. A refusal says how long until the
@@ -311,6 +315,145 @@ impl AnomalyDetector {
     }
 }
 
+/// What this instance knows of the anomaly rule's windows counted by the
+/// database (several instances, see
+/// [`crate::store::Store::record_shared_reveal`]): the threshold of a
+/// principal's window from the counts of the windows before it (computed
+/// once per principal and window), and the tokens this instance already
+/// recorded in the principal's current window and whether it fired, so
+/// that a repeat (which cannot change the fleet's distinct count) or any
+/// reveal after the window fired asks the database nothing.
+#[derive(Debug, Default)]
+pub struct SharedThresholds {
+    windows: Mutex<HashMap<String, SeenWindow>>,
+}
+
+/// A principal's current shared window as this instance saw it.
+#[derive(Debug)]
+struct SeenWindow {
+    window_start: i64,
+    ends: Instant,
+    hashes: HashSet<i64>,
+    fired: bool,
+    /// (threshold, baseline, baseline windows), once computed.
+    threshold: Option<(u64, f64, usize)>,
+}
+
+/// Token hashes remembered per principal and window (beyond: asked again).
+const MAX_SEEN_PER_WINDOW: usize = 10_000;
+
+impl SharedThresholds {
+    /// Whether recording `hash` for `principal` now would change nothing:
+    /// this instance recorded it in the current window already, or the
+    /// window fired.
+    pub fn already_counted(&self, principal: &str, hash: i64, now: Instant) -> bool {
+        let windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        windows
+            .get(principal)
+            .is_some_and(|w| w.ends > now && (w.fired || w.hashes.contains(&hash)))
+    }
+
+    /// Remember what the database answered for `hash` (a new window
+    /// replaces the principal's previous one).
+    pub fn note(
+        &self,
+        principal: &str,
+        hash: i64,
+        reveal: &crate::store::SharedReveal,
+        now: Instant,
+    ) {
+        let left = Duration::from_millis(u64::try_from(reveal.left_ms).unwrap_or(0));
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        if windows.len() >= MAX_KEYS && !windows.contains_key(principal) {
+            windows.clear();
+        }
+        let fresh = || SeenWindow {
+            window_start: reveal.window_start,
+            ends: now + left,
+            hashes: HashSet::new(),
+            fired: false,
+            threshold: None,
+        };
+        let w = windows.entry(principal.to_owned()).or_insert_with(fresh);
+        if w.window_start != reveal.window_start {
+            *w = fresh();
+        }
+        w.fired |= reveal.fired;
+        if w.hashes.len() < MAX_SEEN_PER_WINDOW {
+            w.hashes.insert(hash);
+        }
+    }
+
+    /// The principal's window fired (this instance claimed it).
+    pub fn note_fired(&self, principal: &str, window_start: i64) {
+        self.with_window(principal, window_start, |w| w.fired = true);
+    }
+
+    /// The (threshold, baseline, baseline windows) of the principal's
+    /// window starting at `window_start`, if computed here.
+    pub fn get(&self, principal: &str, window_start: i64) -> Option<(u64, f64, usize)> {
+        let windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        windows
+            .get(principal)
+            .filter(|w| w.window_start == window_start)
+            .and_then(|w| w.threshold)
+    }
+
+    /// Keep the threshold of the window (noted before by [`Self::note`]).
+    pub fn put(&self, principal: &str, window_start: i64, value: (u64, f64, usize)) {
+        self.with_window(principal, window_start, |w| w.threshold = Some(value));
+    }
+
+    fn with_window(&self, principal: &str, window_start: i64, f: impl FnOnce(&mut SeenWindow)) {
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(w) = windows
+            .get_mut(principal)
+            .filter(|w| w.window_start == window_start)
+        {
+            f(w);
+        }
+    }
+}
+
+impl AnomalyRule {
+    /// The window length in ms (at least 1).
+    pub fn window_ms(&self) -> i64 {
+        i64::try_from(self.window.as_millis())
+            .unwrap_or(i64::MAX)
+            .max(1)
+    }
+
+    /// The threshold of the window starting at `window_start` from the
+    /// principal's earlier windows (`(start, distinct)`, any order; idle
+    /// windows absent): the baseline is their mean over the windows since
+    /// the first of them, at most `baseline_windows` back, idle ones
+    /// counting 0 (the in-memory rule's baseline, over shared counts).
+    /// Returns (threshold, baseline, windows the baseline was taken over).
+    pub fn threshold_from(&self, history: &[(i64, u64)], window_start: i64) -> (u64, f64, usize) {
+        let w = self.window_ms();
+        let keep = i64::from(self.baseline_windows.max(1));
+        let earliest = window_start.saturating_sub(keep.saturating_mul(w));
+        let past: Vec<&(i64, u64)> = history
+            .iter()
+            .filter(|(s, _)| *s >= earliest && *s < window_start)
+            .collect();
+        let Some(first) = past.iter().map(|(s, _)| *s).min() else {
+            return (u64::from(self.min_distinct), 0.0, 0);
+        };
+        let windows = ((window_start - first) / w).clamp(1, keep);
+        let sum: u64 = past.iter().map(|(_, n)| *n).sum();
+        // Small counts over at most a few hundred windows: exact in f64.
+        let baseline = sum as f64 / windows as f64;
+        let scaled = (baseline * f64::from(self.factor)).ceil();
+        let threshold = u64::from(self.min_distinct).max(scaled as u64);
+        (
+            threshold,
+            baseline,
+            usize::try_from(windows).unwrap_or(usize::MAX),
+        )
+    }
+}
+
 /// Which limit refused a detokenize.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitScope {
@@ -358,6 +501,7 @@ pub struct DetokenizeMonitor {
     principals: KeyedBuckets,
     tenants: KeyedBuckets,
     anomaly: AnomalyDetector,
+    shared: SharedThresholds,
     limited_principal: AtomicU64,
     limited_tenant: AtomicU64,
     anomalies: AtomicU64,
@@ -369,6 +513,7 @@ impl DetokenizeMonitor {
             principals: KeyedBuckets::new(config.per_principal),
             tenants: KeyedBuckets::new(config.per_tenant),
             anomaly: AnomalyDetector::new(config.anomaly),
+            shared: SharedThresholds::default(),
             limited_principal: AtomicU64::new(0),
             limited_tenant: AtomicU64::new(0),
             anomalies: AtomicU64::new(0),
@@ -394,6 +539,39 @@ impl DetokenizeMonitor {
             self.principals.give_back(principal_id);
             self.limited_tenant.fetch_add(1, Ordering::Relaxed);
         })
+    }
+
+    /// The configured rate of a scope (the shared buckets of a PostgreSQL
+    /// store take it per call: see [`crate::Vault`]'s admission).
+    pub fn rate(&self, scope: LimitScope) -> Rate {
+        match scope {
+            LimitScope::Principal => self.principals.rate,
+            LimitScope::Tenant => self.tenants.rate,
+        }
+    }
+
+    /// The anomaly rule configured.
+    pub fn anomaly_rule(&self) -> AnomalyRule {
+        self.anomaly.rule
+    }
+
+    /// Count an anomaly decided elsewhere (by the shared windows).
+    pub fn count_anomaly(&self) {
+        self.anomalies.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The shared windows' thresholds known to this instance.
+    pub fn shared_thresholds(&self) -> &SharedThresholds {
+        &self.shared
+    }
+
+    /// Count a refusal decided elsewhere (by the shared buckets).
+    pub fn count_limited(&self, scope: LimitScope) {
+        match scope {
+            LimitScope::Principal => &self.limited_principal,
+            LimitScope::Tenant => &self.limited_tenant,
+        }
+        .fetch_add(1, Ordering::Relaxed);
     }
 
     /// A detokenize that happened; `Some` when the anomaly rule fires.
@@ -575,5 +753,27 @@ mod tests {
         for i in 0..1000 {
             assert_eq!(d.observe("p", &format!("t{i}"), t), None);
         }
+    }
+
+    #[test]
+    fn shared_thresholds_follow_the_baseline_of_earlier_windows() {
+        let rule = AnomalyRule {
+            window: Duration::from_secs(60),
+            factor: 5,
+            min_distinct: 10,
+            baseline_windows: 4,
+        };
+        let w = 60_000;
+        let now = 100 * w;
+        // No history: the minimum.
+        assert_eq!(rule.threshold_from(&[], now), (10, 0.0, 0));
+        // Four windows back, 4 and 8 distinct (two idle): baseline 3, x5.
+        let history = [(now - 4 * w, 4), (now - 2 * w, 8)];
+        assert_eq!(rule.threshold_from(&history, now), (15, 3.0, 4));
+        // Since the first window only: one window of 6 -> baseline 6.
+        assert_eq!(rule.threshold_from(&[(now - w, 6)], now), (30, 6.0, 1));
+        // Windows beyond baseline_windows, and the current one, do not count.
+        let history = [(now - 9 * w, 500), (now, 500), (now - w, 1)];
+        assert_eq!(rule.threshold_from(&history, now), (10, 1.0, 1));
     }
 }

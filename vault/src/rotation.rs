@@ -27,9 +27,18 @@
 //!   PostgreSQL the old bytes stay in dead tuples until VACUUM, and backups
 //!   taken before hold them (wrapped under the KEK).
 //! - [`Vault::rotate_kek`]: every vault key not destroyed and every audit
-//!   signing key re-wrapped under a new KEK in one transaction; other
-//!   instances must be restarted with the new KEK (their next refresh
-//!   reports the keys as wrapped by another KEK).
+//!   signing key not destroyed re-wrapped under a new KEK in one
+//!   transaction; other instances must be restarted with the new KEK (their
+//!   next refresh reports the keys as wrapped by another KEK).
+//! - [`Vault::rotate_audit_signing`]: a new Ed25519 checkpoint signing key
+//!   (wrapped by the KEK); in one transaction the old generation is retired,
+//!   the new one stored, `key_rotated` recorded and the *key announcement*
+//!   signed by the old key (a checkpoint of the trail up to that event that
+//!   names the new public key; see `audit::checkpoint`). Every later
+//!   checkpoint is signed by the new key: a retired key signs nothing (the
+//!   store refuses it, so another instance still holding it reloads).
+//!   [`Vault::destroy_audit_signing`] erases a retired generation's wrapped
+//!   secret; its public key stays, to verify what it signed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,6 +104,8 @@ pub(crate) struct PassHint {
 pub struct CryptoPeriods {
     pub dek: Duration,
     pub fingerprint: Duration,
+    /// How long an audit signing key may sign.
+    pub audit_signing: Duration,
 }
 
 impl Default for CryptoPeriods {
@@ -103,6 +114,7 @@ impl Default for CryptoPeriods {
         CryptoPeriods {
             dek: YEAR,
             fingerprint: YEAR,
+            audit_signing: YEAR,
         }
     }
 }
@@ -127,10 +139,44 @@ pub struct KeyInfo {
     pub records: u64,
 }
 
+/// One audit signing key generation in [`KeyStatus`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningKeyInfo {
+    pub generation: u32,
+    /// First 8 bytes of SHA-256 of the public key, hex (in every checkpoint
+    /// it signed).
+    pub key_id: String,
+    /// `cardvault-audit-ed25519:<hex>`.
+    pub public_key: String,
+    /// `active` (signs), `retired` or `destroyed`.
+    pub state: KeyState,
+    pub created_at: i64,
+    pub age: Duration,
+    pub crypto_period: Duration,
+    /// The active key is older than its crypto-period: rotate it.
+    pub past_crypto_period: bool,
+    pub retired_at: Option<i64>,
+    pub destroyed_at: Option<i64>,
+}
+
+/// What an audit signing key rotation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningRotation {
+    pub generation: u32,
+    pub key_id: String,
+    pub public_key: String,
+    pub previous_key_id: String,
+    /// The key announcement: signed by the previous key, naming the new
+    /// one. Append it to the witness file.
+    pub announcement: audit::Checkpoint,
+}
+
 /// Every key and the re-encryption progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyStatus {
     pub keys: Vec<KeyInfo>,
+    /// Audit signing key generations, oldest first.
+    pub signing_keys: Vec<SigningKeyInfo>,
     pub active_dek: u32,
     pub active_fingerprint: u32,
     /// Records still under an older DEK or fingerprint key.
@@ -479,6 +525,10 @@ impl Vault {
         }
         let mut signing = Vec::new();
         for k in self.store.load_signing_keys().await? {
+            // Destroyed: no secret left, only its public key.
+            if k.destroyed_at.is_some() {
+                continue;
+            }
             let l = signing_label(k.generation);
             let raw = unwrap(l.clone(), &k.wrapped)?;
             let wrapped = new_kek
@@ -512,6 +562,134 @@ impl Vault {
         self.refresh_keys().await?;
         tracing::info!("re-wrapped the vault keys under a new KEK");
         Ok(())
+    }
+
+    /// Rotate the audit signing key (see the module doc). Audited
+    /// (`key_rotated`, detail `audit_signing:N active, audit_signing:N-1
+    /// retired`) in the transaction that also stores the announcement.
+    pub async fn rotate_audit_signing(
+        &self,
+        actor: Actor<'_>,
+    ) -> Result<SigningRotation, VaultError> {
+        let base = self.key_event(actor, Action::KeyRotated).await?;
+        self.refresh_keys().await?;
+        let current = self.keys.signing();
+        let generation = current
+            .generation
+            .checked_add(1)
+            .ok_or(VaultError::Integrity)?;
+        let kek = self.keys.kek();
+        let key = audit::SigningKey::generate().map_err(|_| VaultError::Rng)?;
+        let wrapped = kek
+            .wrap(&signing_label(generation), key.expose_secret().as_ref())
+            .map_err(|e| VaultError::Keys(KeysError::Generate(e)))?;
+        let row = crate::store::SigningKeyRow {
+            generation,
+            key_id: key.key_id().to_owned(),
+            kek_id: kek.kek_id().to_owned(),
+            wrapped,
+            public_key: key.verifying_key().to_string(),
+            created_at: now_millis(),
+            retired_at: None,
+            destroyed_at: None,
+        };
+        // Labels, not key ids: 16 hex digits can form a Luhn-valid run,
+        // which the audit store refuses. The ids are in the announcement.
+        let event = base.clone().detail(format!(
+            "{} active, {} retired",
+            signing_label(generation),
+            signing_label(current.generation)
+        ));
+        let announcement = match self
+            .store
+            .rotate_signing_key(&current.key, &row, event)
+            .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                return Err(match conflict(e) {
+                    VaultError::KeyLifecycle(k) => self.refuse(base, k).await,
+                    other => other,
+                })
+            }
+        };
+        // Committed: a failed reload is retried by the periodic refresh and
+        // must not turn the rotation into an error (the caller would then
+        // not pin the announcement in the witness file).
+        if let Err(e) = self.refresh_keys().await {
+            tracing::warn!(error = %e, "audit signing key rotated; reloading the keys failed (retried by the periodic refresh)");
+        }
+        tracing::info!(
+            generation,
+            key_id = %row.key_id,
+            previous = %current.key.key_id(),
+            tree_size = announcement.tree_size,
+            "rotated the audit signing key"
+        );
+        Ok(SigningRotation {
+            generation,
+            key_id: row.key_id,
+            public_key: row.public_key,
+            previous_key_id: current.key.key_id().to_owned(),
+            announcement,
+        })
+    }
+
+    /// Retire an audit signing key generation: always refused, and the
+    /// refusal audited (`key_retired`, outcome failure). A signing key is
+    /// retired by its rotation, in the transaction that stores the
+    /// announcement of its successor; retiring one by itself would leave
+    /// the trail without a key that signs (`key_active`) or change nothing
+    /// (`key_state`; `not_found` for a generation that never was).
+    pub async fn retire_audit_signing(
+        &self,
+        actor: Actor<'_>,
+        generation: u32,
+    ) -> Result<std::convert::Infallible, VaultError> {
+        let event = self
+            .key_event(actor, Action::KeyRetired)
+            .await?
+            .detail(signing_label(generation));
+        let rows = self.store.load_signing_keys().await?;
+        let state = rows
+            .iter()
+            .find(|k| k.generation == generation)
+            .map(crate::store::SigningKeyRow::state);
+        let err = match state {
+            None => KeyLifecycleError::NotFound,
+            Some(KeyState::Active) => KeyLifecycleError::Active,
+            Some(other) => KeyLifecycleError::WrongState(other),
+        };
+        Err(self.refuse(event, err).await)
+    }
+
+    /// Destroy a retired audit signing key generation: its wrapped secret
+    /// is erased, its public key kept (`key_active` for the one that signs,
+    /// `key_state` if already destroyed). Audited (`key_destroyed`).
+    pub async fn destroy_audit_signing(
+        &self,
+        actor: Actor<'_>,
+        generation: u32,
+    ) -> Result<(), VaultError> {
+        let event = self
+            .key_event(actor, Action::KeyDestroyed)
+            .await?
+            .detail(signing_label(generation));
+        let outcome = self
+            .store
+            .destroy_signing_key(generation, now_millis(), event.clone())
+            .await?;
+        let err = match outcome {
+            KeyChangeOutcome::Done => {
+                self.refresh_keys().await?;
+                return Ok(());
+            }
+            KeyChangeOutcome::NotFound => KeyLifecycleError::NotFound,
+            KeyChangeOutcome::Active => KeyLifecycleError::Active,
+            KeyChangeOutcome::InUse => KeyLifecycleError::InUse,
+            KeyChangeOutcome::WrongState(s) => KeyLifecycleError::WrongState(s),
+        };
+        Err(self.refuse(event, err).await)
     }
 
     /// Every key with its state, age, crypto-period and record count, and
@@ -552,8 +730,31 @@ impl Vault {
             });
         }
         let remaining = self.store.count_outdated(active_dek, active_fp).await?;
+        let signing_keys = self
+            .store
+            .load_signing_keys()
+            .await?
+            .into_iter()
+            .map(|k| {
+                let age = Duration::from_millis(u64::try_from(now - k.created_at).unwrap_or(0));
+                let state = k.state();
+                SigningKeyInfo {
+                    generation: k.generation,
+                    key_id: k.key_id,
+                    public_key: k.public_key,
+                    state,
+                    created_at: k.created_at,
+                    age,
+                    crypto_period: periods.audit_signing,
+                    past_crypto_period: state == KeyState::Active && age > periods.audit_signing,
+                    retired_at: k.retired_at,
+                    destroyed_at: k.destroyed_at,
+                }
+            })
+            .collect();
         Ok(KeyStatus {
             keys: out,
+            signing_keys,
             active_dek,
             active_fingerprint: active_fp,
             remaining,

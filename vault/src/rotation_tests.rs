@@ -182,6 +182,7 @@ async fn rotation_and_the_pass_move_every_record_and_every_token_still_opens() {
             .key_status(CryptoPeriods {
                 dek: std::time::Duration::ZERO,
                 fingerprint: std::time::Duration::from_secs(3600),
+                audit_signing: std::time::Duration::from_secs(3600),
             })
             .await
             .unwrap();
@@ -598,5 +599,135 @@ async fn concurrent_passes_and_tokenizations_make_no_duplicate_and_one_finish() 
         assert_eq!(store.count_outdated(2, 2).await.unwrap(), 0);
         assert_eq!(count(&store, Action::ReencryptionFinished).await, 1);
         assert_all_readable(&c, &tokens, t.name()).await;
+    }
+}
+
+/// The whole chained trail and its checkpoints, verified with `keys`.
+async fn verify_stored(
+    store: &Arc<dyn Store>,
+    keys: impl Into<audit::TrustedKeys>,
+) -> Result<audit::Report, audit::Failure> {
+    let entries = store.chained_events(0, 100_000).await.unwrap();
+    let checkpoints = store.checkpoints().await.unwrap();
+    audit::verify_trail(&entries, checkpoints, keys)
+}
+
+#[tokio::test]
+async fn an_audit_signing_rotation_is_announced_by_the_old_key_and_verifies_from_it() {
+    for t in TestStore::all().await {
+        let e = env();
+        let store = t.store();
+        let vault = Vault::open(store.clone(), e.kek.clone()).await.unwrap();
+        // A second instance that still holds the first key.
+        let other = Vault::open(store.clone(), e.kek.clone()).await.unwrap();
+        let first = audit::VerifyingKey::parse(&vault.audit_public_key()).unwrap();
+        let tokens = populate(&vault, 4).await;
+        assert!(vault.checkpoint().await.unwrap().is_some());
+        let old_key = vault.keys.audit_signing_key();
+
+        let r = vault.rotate_audit_signing(Actor::Local).await.unwrap();
+        assert_eq!(r.generation, 2);
+        assert_eq!(r.previous_key_id, first.key_id());
+        let next = audit::VerifyingKey::parse(&r.public_key).unwrap();
+        assert_eq!(r.announcement.key_id, first.key_id());
+        assert_eq!(r.announcement.next_key.as_ref(), Some(&next));
+        assert_eq!(r.announcement.tree_size, store.audit_size().await.unwrap());
+        assert_eq!(vault.audit_public_key(), r.public_key);
+        assert_eq!(
+            vault.audit_public_keys(),
+            vec![first.to_string(), r.public_key.clone()]
+        );
+        let rotated: Vec<_> = store
+            .audit_events(0, 100_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.event.action == Action::KeyRotated)
+            .collect();
+        assert_eq!(
+            rotated.last().unwrap().event.detail.as_deref(),
+            Some("audit_signing:2 active, audit_signing:1 retired"),
+            "{}",
+            t.name()
+        );
+
+        // The other instance signs next: the store refuses its retired
+        // key, it reloads and signs with the new one.
+        populate(&other, 2).await;
+        let cp = other.checkpoint().await.unwrap().unwrap();
+        assert_eq!(cp.key_id, next.key_id(), "{}", t.name());
+        assert_eq!(other.audit_public_key(), r.public_key);
+        // The old key itself is refused by the store.
+        populate(&vault, 2).await;
+        assert!(matches!(
+            store.write_checkpoint(&old_key).await,
+            Err(crate::store::StoreError::StaleKeys)
+        ));
+        assert!(vault.checkpoint().await.unwrap().is_some());
+        let keys = store.load_signing_keys().await.unwrap();
+        assert_eq!(keys[0].state(), KeyState::Retired);
+        assert_eq!(keys[1].state(), KeyState::Active);
+
+        // The trail verifies from the first key alone, across the rotation.
+        let report = verify_stored(&store, &first).await.unwrap();
+        assert_eq!(report.handovers.len(), 1);
+        assert_eq!(report.handovers[0].to, next.key_id());
+        // The new key alone does not verify the checkpoints before it.
+        assert!(verify_stored(&store, &next).await.is_err());
+
+        // Destroy: only a retired generation; its secret erased, its public
+        // key kept.
+        assert_eq!(
+            vault
+                .destroy_audit_signing(Actor::Local, 2)
+                .await
+                .unwrap_err()
+                .code(),
+            "key_active"
+        );
+        assert_eq!(
+            vault
+                .destroy_audit_signing(Actor::Local, 7)
+                .await
+                .unwrap_err()
+                .code(),
+            "key_not_found"
+        );
+        vault.destroy_audit_signing(Actor::Local, 1).await.unwrap();
+        assert_eq!(
+            vault
+                .destroy_audit_signing(Actor::Local, 1)
+                .await
+                .unwrap_err()
+                .code(),
+            "key_state"
+        );
+        let keys = store.load_signing_keys().await.unwrap();
+        assert_eq!(keys[0].state(), KeyState::Destroyed);
+        assert!(keys[0].wrapped.is_empty());
+        assert_eq!(keys[0].public_key, first.to_string());
+        let status = vault.key_status(CryptoPeriods::default()).await.unwrap();
+        let states: Vec<_> = status.signing_keys.iter().map(|k| k.state).collect();
+        assert_eq!(states, vec![KeyState::Destroyed, KeyState::Active]);
+
+        // A KEK rotation skips the destroyed generation; reopened, the vault
+        // signs with generation 2 and a second rotation announces a third.
+        vault
+            .rotate_kek(Actor::Local, e.other_kek.clone())
+            .await
+            .unwrap();
+        let reopened = Vault::open(store.clone(), e.other_kek.clone())
+            .await
+            .unwrap();
+        assert_eq!(reopened.audit_public_key(), r.public_key);
+        assert_all_readable(&reopened, &tokens, t.name()).await;
+        let third = reopened.rotate_audit_signing(Actor::Local).await.unwrap();
+        assert_eq!(third.generation, 3);
+        assert_eq!(third.previous_key_id, next.key_id());
+        populate(&reopened, 2).await;
+        assert!(reopened.checkpoint().await.unwrap().is_some());
+        let report = verify_stored(&store, &first).await.unwrap();
+        assert_eq!(report.handovers.len(), 2, "{}", t.name());
+        assert_eq!(report.anchored, report.last_seq);
     }
 }

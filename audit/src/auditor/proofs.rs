@@ -10,7 +10,7 @@ use std::path::Path;
 use futures_util::stream::StreamExt;
 
 use crate::chain::ChainedEvent;
-use crate::checkpoint::{Checkpoint, VerifyingKey};
+use crate::checkpoint::{Checkpoint, CheckpointError, TrustedKeys};
 use crate::db::{BadRow, DbError, RowError, TrailDb};
 use crate::export::{ExportReader, ReadError, Record};
 use crate::proof::{EntryProof, ProofError};
@@ -219,8 +219,13 @@ pub enum CheckProofError {
 }
 
 /// Read a proof file (the JSON `vault-audit prove` prints) and check it
-/// with the public key alone.
-pub fn check_proof_file(path: &Path, key: &VerifyingKey) -> Result<EntryProof, CheckProofError> {
+/// with the public key alone: the one of `keys` its checkpoint names (a
+/// single proof shows no announcement, so the key must be given).
+pub fn check_proof_file(
+    path: &Path,
+    keys: impl Into<TrustedKeys>,
+) -> Result<EntryProof, CheckProofError> {
+    let keys: TrustedKeys = keys.into();
     let text = std::fs::read(path).map_err(CheckProofError::Io)?;
     // serde_json's messages may quote the input: only the kind and place.
     let proof: EntryProof = serde_json::from_slice(&text).map_err(|e| {
@@ -236,6 +241,11 @@ pub fn check_proof_file(path: &Path, key: &VerifyingKey) -> Result<EntryProof, C
             line: e.line(),
             column: e.column(),
         }
+    })?;
+    let key = keys.get(&proof.checkpoint.key_id).ok_or_else(|| {
+        ProofError::Checkpoint(CheckpointError::UnknownKey {
+            key_id: proof.checkpoint.key_id.clone(),
+        })
     })?;
     proof.verify(key)?;
     Ok(proof)

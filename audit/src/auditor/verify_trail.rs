@@ -15,7 +15,7 @@ use std::pin::Pin;
 use futures_util::stream::{BoxStream, Peekable, StreamExt};
 
 use crate::chain::Anchor;
-use crate::checkpoint::{Checkpoint, VerifyingKey};
+use crate::checkpoint::{Checkpoint, TrustedKeys};
 use crate::db::{ArchiveRow, BadRow, DbError, RowError, TrailDb};
 use crate::export::{ExportReader, ReadError, Record};
 use crate::verify::{verify_export, Failure, Report, Verifier};
@@ -230,6 +230,12 @@ impl Verified {
                 self.source, r.start
             ));
         }
+        for h in &r.handovers {
+            lines.push(format!(
+                "signing key {} handed over to {} at the checkpoint for {} entries (announced by the old key; later checkpoints verified with the new one)",
+                h.from, h.to, h.tree_size
+            ));
+        }
         if let Some(n) = self.witness_checkpoints {
             lines.push(format!(
                 "witness file: {n} checkpoints, each one present and identical in the {}",
@@ -349,10 +355,12 @@ impl Checkpoints<'_> {
 /// pass starts where the last archived segment ends, from its anchor.
 pub async fn verify_database(
     url: &str,
-    key: &VerifyingKey,
+    keys: impl Into<TrustedKeys>,
     mut witness: Option<Witness>,
     archives: &[&Path],
 ) -> Result<Verified, VerifyError> {
+    let keys: TrustedKeys = keys.into();
+    let key = &keys;
     // Two connections: one streams checkpoints, one entries. The checkpoint
     // query starts first (see the module doc).
     let mut cp_db = TrailDb::open(url).await?;
@@ -449,9 +457,11 @@ pub async fn verify_database(
 /// a database here).
 pub async fn verify_archives(
     archives: &[&Path],
-    key: &VerifyingKey,
+    keys: impl Into<TrustedKeys>,
     mut witness: Option<Witness>,
 ) -> Result<Verified, VerifyError> {
+    let keys: TrustedKeys = keys.into();
+    let key = &keys;
     let witness_count = witness.as_ref().map(Witness::len);
     let mut checkpoints = Checkpoints {
         db: futures_util::stream::empty().boxed().peekable(),
@@ -490,7 +500,7 @@ pub async fn verify_archives(
 /// own checkpoints are added too.
 async fn verify_archive_file(
     path: &Path,
-    key: &VerifyingKey,
+    key: &TrustedKeys,
     verifier: &mut Option<Verifier>,
     checkpoints: &mut Checkpoints<'_>,
 ) -> Result<Result<(), TrailFailure>, VerifyError> {
@@ -553,9 +563,10 @@ async fn verify_archive_file(
 /// recomputes the chain and the Merkle tree from the first entry.
 pub fn verify_export_file(
     path: &Path,
-    key: &VerifyingKey,
+    keys: impl Into<TrustedKeys>,
     witness: Option<Witness>,
 ) -> Result<Verified, VerifyError> {
+    let key: TrustedKeys = keys.into();
     let open = || {
         File::open(path)
             .map(BufReader::new)

@@ -1,7 +1,9 @@
 //! `vault-audit`: the auditor's tool for cardvault's tamper-evident audit
 //! trail. It needs the checkpoint public key (`<data-dir>/audit-verify.pub`
-//! of the service, one line `cardvault-audit-ed25519:<hex>`, to be kept by
-//! the auditor apart from the database) and read access to the trail: the
+//! of the service, lines `cardvault-audit-ed25519:<hex>`, to be kept by the
+//! auditor apart from the database; after a signing key rotation the first
+//! key is enough: later keys are followed through the announcements the old
+//! key signed) and read access to the trail: the
 //! service's database (the runtime role's SELECT suffices; SQLite is opened
 //! read-only) or an export file.
 //!
@@ -26,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use audit::auditor::{self, Coverage, VerifyError, Witness};
-use audit::VerifyingKey;
+use audit::{TrustedKeys, VerifyingKey};
 use clap::{ArgGroup, Args, Parser, Subcommand};
 
 /// Verify, export and prove cardvault's tamper-evident audit trail.
@@ -85,9 +87,19 @@ enum Command {
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("trail").required(true).multiple(true).args(["database_url", "export", "archive"])))]
 struct VerifyArgs {
-    /// The checkpoint public key file (`cardvault-audit-ed25519:<hex>`).
-    #[arg(long, value_name = "PUBKEY_FILE")]
-    key: PathBuf,
+    /// A checkpoint public key file: one or more lines
+    /// `cardvault-audit-ed25519:<hex>` (repeat the option for several
+    /// files). Checkpoints must be signed by one of these keys or by a key
+    /// a trusted key announced in a checkpoint that verified (a signing key
+    /// rotation): the first key alone verifies a trail across rotations.
+    /// A checkpoint signed by any other key fails verification.
+    #[arg(
+        long,
+        alias = "public-key",
+        value_name = "PUBKEY_FILE",
+        required = true
+    )]
+    key: Vec<PathBuf>,
     /// The service's database: `sqlite://PATH` (opened read-only) or
     /// `postgres://...`.
     #[arg(long, value_name = "URL")]
@@ -157,9 +169,16 @@ struct ProveArgs {
 
 #[derive(Debug, Args)]
 struct CheckProofArgs {
-    /// The checkpoint public key file (`cardvault-audit-ed25519:<hex>`).
-    #[arg(long, value_name = "PUBKEY_FILE")]
-    key: PathBuf,
+    /// A checkpoint public key file (lines `cardvault-audit-ed25519:<hex>`;
+    /// repeat for several files): the key the proof's checkpoint names must
+    /// be among them.
+    #[arg(
+        long,
+        alias = "public-key",
+        value_name = "PUBKEY_FILE",
+        required = true
+    )]
+    key: Vec<PathBuf>,
     /// A proof printed by `vault-audit prove`.
     #[arg(long, value_name = "FILE")]
     proof: PathBuf,
@@ -203,10 +222,18 @@ fn error(message: impl std::fmt::Display) -> u8 {
     ERROR
 }
 
-fn read_key(path: &Path) -> Result<VerifyingKey, u8> {
-    let text = fs::read_to_string(path)
-        .map_err(|e| error(format!("cannot read the key file {}: {e}", path.display())))?;
-    VerifyingKey::parse(&text).map_err(|e| error(format!("key file {}: {e}", path.display())))
+/// Every key of the key files (one or more key lines each).
+fn read_keys(paths: &[PathBuf]) -> Result<TrustedKeys, u8> {
+    let mut keys = Vec::new();
+    for path in paths {
+        let text = fs::read_to_string(path)
+            .map_err(|e| error(format!("cannot read the key file {}: {e}", path.display())))?;
+        keys.extend(
+            VerifyingKey::parse_many(&text)
+                .map_err(|e| error(format!("key file {}: {e}", path.display())))?,
+        );
+    }
+    Ok(TrustedKeys::new(keys))
 }
 
 fn verify(args: VerifyArgs) -> Result<(), u8> {
@@ -215,7 +242,7 @@ fn verify(args: VerifyArgs) -> Result<(), u8> {
             "--database-url needs the witness file (--witness FILE, <data-dir>/audit-checkpoints.jsonl): without it, checkpoints deleted from the database and a chain rebuilt after them go unnoticed; --no-witness verifies without it, knowingly",
         ));
     }
-    let key = read_key(&args.key)?;
+    let key = read_keys(&args.key)?;
     let open = |path: &PathBuf| {
         Witness::open(path).map_err(|e| error(format!("{e} ({})", path.display())))
     };
@@ -362,7 +389,7 @@ fn prove(args: ProveArgs) -> Result<(), u8> {
 }
 
 fn check_proof(args: CheckProofArgs) -> Result<(), u8> {
-    let key = read_key(&args.key)?;
+    let key = read_keys(&args.key)?;
     match auditor::check_proof_file(&args.proof, &key) {
         Ok(proof) => {
             for line in auditor::describe_proof(&proof) {

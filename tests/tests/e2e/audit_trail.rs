@@ -44,7 +44,7 @@ ALTER TABLE audit_checkpoints DISABLE TRIGGER USER;
 ";
 
 /// The checkpoints of the witness file.
-fn witness_checkpoints(path: &Path) -> Vec<Checkpoint> {
+pub(crate) fn witness_checkpoints(path: &Path) -> Vec<Checkpoint> {
     match File::open(path) {
         Ok(file) => audit::export::read_checkpoints(BufReader::new(file))
             .unwrap_or_else(|e| panic!("witness file {}: {e}", path.display())),
@@ -53,7 +53,7 @@ fn witness_checkpoints(path: &Path) -> Vec<Checkpoint> {
 }
 
 /// Waits until the witness file holds at least `n` checkpoints.
-fn wait_for_checkpoints(path: &Path, n: usize) {
+pub(crate) fn wait_for_checkpoints(path: &Path, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while witness_checkpoints(path).len() < n {
         assert!(
@@ -766,4 +766,159 @@ fn archived_segments_verify_alone_and_joined_to_the_database() {
         0,
         &format!("last seq {size_after}"),
     );
+}
+
+/// The audit signing key rotated through the admin API on the real
+/// service, with cards tokenized before and after: the old key announces the
+/// new one (in the database and the witness file), later checkpoints are
+/// signed by the new key, `audit-verify.pub` lists both, and `vault-audit
+/// verify` accepts the export and the database with the first key only
+/// (exit 0) and refuses them with a wrong key (exit 1).
+#[test]
+fn a_signing_key_rotation_verifies_from_the_first_key_only() {
+    let mut svc = Service::start_with(Options {
+        extra_args: vec![
+            "--audit-checkpoint-interval-ms".into(),
+            INTERVAL_MS.to_string(),
+        ],
+        ..Options::default()
+    });
+    let work = temp_data_dir();
+    let key = svc.data_dir().join("audit-verify.pub");
+    let witness = svc.data_dir().join("audit-checkpoints.jsonl");
+    let first = work.path().join("first.pub");
+    std::fs::copy(&key, &first).unwrap();
+    let first_key = audit::VerifyingKey::parse(&std::fs::read_to_string(&first).unwrap()).unwrap();
+
+    let client = admin(&svc);
+    let before = token_for(&client, TENANT, TEST_CARDS[0].0);
+    wait_for_checkpoints(&witness, 1);
+    let key_admin = svc.principal_client("key-admin", &["key_admin"], &["*"]);
+    let rotated = key_admin.post_json(
+        "/v1/admin/keys/audit_signing/rotate",
+        &serde_json::json!({}),
+    );
+    expect_status(&rotated, 200);
+    assert_eq!(rotated.json["generation"].as_u64(), Some(2), "{rotated}");
+    assert_eq!(
+        rotated.json["previous_key_id"].as_str(),
+        Some(first_key.key_id())
+    );
+    let new_key = audit::VerifyingKey::parse(rotated.json["public_key"].as_str().unwrap()).unwrap();
+    let announced = witness_checkpoints(&witness);
+    let announcement = announced.last().unwrap();
+    assert_eq!(announcement.key_id, first_key.key_id());
+    assert_eq!(announcement.next_key.as_ref(), Some(&new_key));
+    assert_eq!(
+        rotated.json["announced_at_tree_size"].as_u64(),
+        Some(announcement.tree_size)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&key).unwrap(),
+        format!("{first_key}\n{new_key}\n")
+    );
+    // Key status lists both generations.
+    let status = key_admin.get("/v1/admin/keys");
+    expect_status(&status, 200);
+    let states: Vec<&str> = status.json["audit_signing_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["retired", "active"], "{status}");
+    // A signing key is retired by its rotation only: retiring one is
+    // refused, and the refusal is in the trail.
+    for (generation, status, code) in [
+        (2, 409, "key_active"),
+        (1, 409, "key_state"),
+        (9, 404, "key_not_found"),
+    ] {
+        let resp = key_admin.post_json(
+            &format!("/v1/admin/keys/audit_signing/{generation}/retire"),
+            &serde_json::json!({}),
+        );
+        expect_status(&resp, status);
+        assert_eq!(resp.error_code(), Some(code), "{resp}");
+    }
+    let auditor = svc.principal_client("retire-auditor", &["auditor"], &["*"]);
+    let refused = auditor.get("/v1/audit/events?limit=1000&action=key_retired&outcome=failure");
+    expect_status(&refused, 200);
+    let details: Vec<(&str, &str)> = refused.json["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["event"]["detail"].as_str().unwrap_or(""),
+                e["event"]["error_code"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        details,
+        [
+            ("audit_signing:2", "key_active"),
+            ("audit_signing:1", "key_state"),
+            ("audit_signing:9", "key_not_found"),
+        ],
+        "{refused}"
+    );
+
+    let after = token_for(&client, TENANT, TEST_CARDS[1].0);
+    expect_status(&client.detokenize(&before, REASON), 200);
+    expect_status(&client.detokenize(&after, REASON), 200);
+    wait_for_checkpoints(&witness, announced.len() + 1);
+    let status = svc.terminate(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let checkpoints = witness_checkpoints(&witness);
+    let last = checkpoints.last().unwrap();
+    assert_eq!(last.key_id, new_key.key_id(), "signed by the new key");
+    assert!(checkpoints
+        .iter()
+        .filter(|c| c.tree_size > announcement.tree_size)
+        .all(|c| c.key_id == new_key.key_id()));
+
+    let url = svc.database_url();
+    let export = work.path().join("trail.jsonl");
+    let out = run_vault_audit(&[
+        "export",
+        "--database-url",
+        &url,
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(out.success(), "{}", describe(&out));
+    let wrong = work.path().join("wrong.pub");
+    std::fs::write(
+        &wrong,
+        format!(
+            "{}\n",
+            audit::SigningKey::generate().unwrap().verifying_key()
+        ),
+    )
+    .unwrap();
+    let handed_over = format!(
+        "signing key {} handed over to {}",
+        first_key.key_id(),
+        new_key.key_id()
+    );
+    let e = export.to_str().unwrap();
+    let w = witness.to_str().unwrap();
+    for (k, code) in [(&first, 0), (&wrong, 1)] {
+        let k = k.to_str().unwrap();
+        let out = run_vault_audit(&["verify", "--key", k, "--export", e, "--witness", w]);
+        assert_eq!(out.status.code(), Some(code), "{}", describe(&out));
+        let out = run_vault_audit(&["verify", "--key", k, "--database-url", &url, "--witness", w]);
+        assert_eq!(out.status.code(), Some(code), "{}", describe(&out));
+        if code == 0 {
+            assert!(out.stdout.contains(&handed_over), "{}", describe(&out));
+        } else {
+            assert!(
+                out.stdout.contains("verification FAILED"),
+                "{}",
+                describe(&out)
+            );
+        }
+    }
 }

@@ -117,6 +117,7 @@ const TABLE: &[Row] = &[
     ("POST",   "/v1/admin/unseal",                      Body::Unseal,     [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403, 403]),
     ("GET",    "/v1/admin/keys",                        Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403, 403]),
     ("POST",   "/v1/admin/keys/rotate",                 Body::Rotate,     [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403, 403]),
+    ("POST",   "/v1/admin/keys/audit_signing/rotate",   Body::None,       [401, 401, 401, 401, 401, 403, 403, 403, 200, 403, 403, 403]),
     // The active DEK cannot be retired, nor an unretired key destroyed: 409 after authorization.
     ("POST",   "/v1/admin/keys/{purpose}/{version}/retire",  Body::None,  [401, 401, 401, 401, 401, 403, 403, 403, 409, 403, 403, 403]),
     ("POST",   "/v1/admin/keys/{purpose}/{version}/destroy", Body::None,  [401, 401, 401, 401, 401, 403, 403, 403, 409, 403, 403, 403]),

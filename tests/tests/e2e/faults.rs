@@ -588,7 +588,11 @@ fn sqlite_disk_full_under_load_fails_clean_and_recovers() {
         "tokenize with the disk full: {one}"
     );
     expect_status(&probe.get("/healthz"), 200);
-    let ready_full = probe.get("/readyz").status;
+    // Readiness says why: the database answers but cannot commit.
+    let ready = probe.get("/readyz");
+    let ready_full = ready.status;
+    assert_eq!(ready_full, 503, "/readyz with the disk full: {ready}");
+    assert_eq!(ready.error_code(), Some("storage_read_only"), "{ready}");
     assert!(svc.is_running(), "the service died with its disk full");
 
     // Space comes back.
@@ -614,7 +618,18 @@ fn sqlite_disk_full_under_load_fails_clean_and_recovers() {
     };
     load.wait_for_acks(20, Duration::from_secs(30));
     let writes = load.finish();
-    expect_status(&probe.get("/readyz"), 200);
+    // Ready again by itself (a refused write holds readiness back for 10 s).
+    let ready_again = loop {
+        let r = probe.get("/readyz");
+        if r.status == 200 {
+            break freed_at.elapsed();
+        }
+        assert!(
+            freed_at.elapsed() < Duration::from_secs(45),
+            "/readyz not 200 within 45 s of the space coming back: {r}"
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
     assert!(svc.is_running(), "the service exited");
 
     let (acked, unavailable, no_answer, other) = outcomes(&writes);
@@ -650,11 +665,13 @@ fn sqlite_disk_full_under_load_fails_clean_and_recovers() {
         "faults disk-full (sqlite on a 24 MiB tmpfs): filler={} KiB | writes acknowledged={acked} \
          (during the full period after the first 503: {acked_full}) 503={unavailable} other=0 \
          | first_503_after_fill_ms={} recovered_after_free_ms={} readyz_while_full={ready_full} \
+         readyz_200_after_free_ms={} \
          | tokens verified={} (again after SIGKILL+restart: {}) rows={} \
          | unacknowledged: stored={} absent={} partial=0",
         filler_bytes / 1024,
         (first_503 - filled_at).as_millis(),
         recovered_after.as_millis(),
+        ready_again.as_millis(),
         v.tokens,
         again.tokens,
         v.rows,

@@ -8,6 +8,7 @@
 
 use std::sync::{Arc, Barrier};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use e2e::{
     fresh_pan, run_cli_on, temp_data_dir, Captured, Client, Options, PgDatabase, Resp, Service,
@@ -29,21 +30,21 @@ impl Fleet {
     /// One database, one KEK, and three instances started at the same time
     /// (so their first start races on migrations and key generation).
     fn start() -> Fleet {
+        Fleet::start_with(INSTANCES, &[])
+    }
+
+    /// `instances` instances with these extra `serve` arguments.
+    fn start_with(instances: usize, extra_args: &[&str]) -> Fleet {
         let db = PgDatabase::create();
         let dir = temp_data_dir();
-        let kek = run_cli_on(
-            dir.path(),
-            Some(db.url()),
-            &["kek", "generate"],
-            &Captured::default(),
-        );
-        assert!(kek.success(), "`kek generate` failed: {kek:?}");
-        let barrier = Arc::new(Barrier::new(INSTANCES));
-        let starts: Vec<_> = (0..INSTANCES)
+        generate_kek(dir.path(), &db);
+        let barrier = Arc::new(Barrier::new(instances));
+        let starts: Vec<_> = (0..instances)
             .map(|_| {
                 let path = dir.path().to_path_buf();
                 let opts = Options {
                     database_url: Some(db.url().to_string()),
+                    extra_args: extra_args.iter().map(|s| (*s).into()).collect(),
                     ..Options::default()
                 };
                 let barrier = Arc::clone(&barrier);
@@ -74,6 +75,17 @@ impl Fleet {
     fn count(&self, query: &str) -> i64 {
         self.services[0].sql_i64(query)
     }
+}
+
+/// `tokenizer kek generate` into `dir`, for the database `db`.
+fn generate_kek(dir: &std::path::Path, db: &PgDatabase) {
+    let kek = run_cli_on(
+        dir,
+        Some(db.url()),
+        &["kek", "generate"],
+        &Captured::default(),
+    );
+    assert!(kek.success(), "`kek generate` failed: {kek:?}");
 }
 
 #[test]
@@ -273,5 +285,266 @@ fn a_revocation_is_refused_by_every_instance_at_once() {
     // Only that principal.
     for client in &kept {
         expect_status(&client.metadata(&token), 200);
+    }
+}
+
+/// Detokenize `token` from `threads` threads per client until `for_`
+/// passes; (answers 200, answers 429, seconds from the first request to the
+/// last answer).
+fn hammer(clients: &[Client], token: &str, threads: usize, for_: Duration) -> (usize, usize, f64) {
+    let start = Instant::now();
+    let handles: Vec<_> = clients
+        .iter()
+        .flat_map(|c| (0..threads).map(move |_| c.clone()))
+        .map(|client| {
+            let token = token.to_owned();
+            thread::spawn(move || {
+                let (mut ok, mut limited) = (0, 0);
+                while start.elapsed() < for_ {
+                    let r = client.detokenize(&token, REASON);
+                    match r.status {
+                        200 => ok += 1,
+                        429 => {
+                            assert_eq!(r.error_code(), Some("rate_limited"), "{r}");
+                            limited += 1;
+                        }
+                        _ => panic!("detokenize under a shared limit: {r}"),
+                    }
+                }
+                (ok, limited)
+            })
+        })
+        .collect();
+    let (mut ok, mut limited) = (0, 0);
+    for h in handles {
+        let (o, l) = h.join().unwrap();
+        ok += o;
+        limited += l;
+    }
+    (ok, limited, start.elapsed().as_secs_f64())
+}
+
+#[test]
+fn instances_share_the_detokenize_rate_limit_of_a_principal() {
+    // 600 a minute (10/s), a burst of 20, for the principal; on two
+    // instances: in memory each would allow that much on its own.
+    const PER_MINUTE: f64 = 600.0;
+    const BURST: f64 = 20.0;
+    let fleet = Fleet::start_with(
+        2,
+        &[
+            "--detokenize-rate-per-principal",
+            "600",
+            "--detokenize-burst-per-principal",
+            "20",
+            // The anomaly rule would fire on nothing here (one token).
+        ],
+    );
+    let clients = fleet.principal("reader", &["tokenize", "detokenize"]);
+    let token = token_for(&clients[0], TENANT, TEST_CARDS[0].0);
+    let (ok, limited, secs) = hammer(&clients, &token, 2, Duration::from_secs(8));
+    let allowed = BURST + PER_MINUTE / 60.0 * secs;
+    crate::report(&format!(
+        "shared rate limit (2 instances, 600/min burst 20, {secs:.1} s): answered 200={ok} \
+         429={limited} allowed_by_the_limit={allowed:.0} ratio={:.3} \
+         (two separate in-memory limits would allow {:.0})",
+        ok as f64 / allowed,
+        2.0 * allowed
+    ));
+    assert!(limited > 0, "the clients must have hit the limit");
+    assert!(
+        (ok as f64) <= allowed * 1.1,
+        "{ok} detokenizes in {secs:.1} s on two instances: the limit allows {allowed:.0}"
+    );
+    // Below: the clients may stall for a while on a loaded machine (the
+    // bound that matters is the one above).
+    assert!(
+        (ok as f64) >= allowed * 0.8,
+        "{ok} detokenizes in {secs:.1} s: the shared limit must still allow {allowed:.0}"
+    );
+    // Refusals are in the audit trail, with the scope.
+    assert!(
+        fleet.count(
+            "SELECT COUNT(*) FROM audit_events WHERE action = 'detokenize' AND outcome = 'denied'"
+        ) >= i64::try_from(limited).unwrap()
+    );
+}
+
+#[test]
+fn a_restart_does_not_reset_a_shared_rate_limit() {
+    // 1 a minute, a burst of 3: after the burst, one token per 60 s (two
+    // restarts on a loaded machine stay well inside that).
+    let mut fleet = Fleet::start_with(
+        2,
+        &[
+            "--detokenize-rate-per-principal",
+            "1",
+            "--detokenize-burst-per-principal",
+            "3",
+        ],
+    );
+    let key = fleet.services[0].create_principal("reader", &["tokenize", "detokenize"], &["*"]);
+    let client = |fleet: &Fleet, i: usize| fleet.services[i].client(&key);
+    let token = token_for(&client(&fleet, 0), TENANT, TEST_CARDS[0].0);
+    for _ in 0..3 {
+        expect_status(&client(&fleet, 0).detokenize(&token, REASON), 200);
+    }
+    // The other instance sees the bucket empty.
+    expect_error(
+        &client(&fleet, 1).detokenize(&token, REASON),
+        429,
+        "rate_limited",
+        &[],
+    );
+    // A restart of either forgets nothing (in memory, each would allow
+    // its burst of 3 again).
+    fleet.services[1].restart();
+    expect_error(
+        &client(&fleet, 1).detokenize(&token, REASON),
+        429,
+        "rate_limited",
+        &[],
+    );
+    fleet.services[0].restart();
+    expect_error(
+        &client(&fleet, 0).detokenize(&token, REASON),
+        429,
+        "rate_limited",
+        &[],
+    );
+}
+
+#[test]
+fn the_anomaly_rule_counts_the_distinct_tokens_of_all_instances_and_fires_once() {
+    // Fires above 5 distinct tokens in a 300 s window (no baseline yet):
+    // 3 on each of two instances is 6 in all, which neither instance would
+    // see alone.
+    let fleet = Fleet::start_with(2, &["--detokenize-anomaly-min-distinct", "5"]);
+    let clients = fleet.principal("reader", &["tokenize", "detokenize"]);
+    let tokens: Vec<String> = (0..6)
+        .map(|_| token_for(&clients[0], TENANT, &fresh_pan()))
+        .collect();
+    for (i, token) in tokens.iter().enumerate() {
+        let r = clients[i % 2].detokenize(token, REASON);
+        expect_status(&r, 200);
+    }
+    // Again, on both: no new distinct token, no second event.
+    for token in &tokens {
+        expect_status(&clients[1].detokenize(token, REASON), 200);
+    }
+    let events =
+        fleet.count("SELECT COUNT(*) FROM audit_events WHERE action = 'detokenize_anomaly'");
+    assert_eq!(events, 1, "one anomaly for the fleet");
+    let detail = fleet.services[0]
+        .sql_strings("SELECT detail FROM audit_events WHERE action = 'detokenize_anomaly'");
+    assert!(
+        detail[0].starts_with("distinct_tokens=6 threshold=5 "),
+        "{detail:?}"
+    );
+}
+
+#[test]
+fn instances_share_the_failed_authentications_and_the_blocks_of_a_source() {
+    // 6 failed authentications a minute per source, then blocked for 60 s:
+    // 3 on each of two instances empties the fleet's budget (each alone
+    // would still have 3 left).
+    let mut fleet = Fleet::start_with(
+        2,
+        &["--auth-failures-per-source", "6", "--auth-block-secs", "60"],
+    );
+    let key = fleet.services[0].create_principal("checkout", &["tokenize"], &["*"]);
+    let mut bad = key.clone();
+    let last = bad.pop().unwrap();
+    bad.push(if last == 'A' { 'B' } else { 'A' });
+    let year = exp_year();
+    let attempt = |fleet: &Fleet, i: usize| {
+        fleet.services[i]
+            .client(&bad)
+            .tokenize(TENANT, TEST_CARDS[0].0, 12, year)
+    };
+    for i in 0..6 {
+        expect_status(&attempt(&fleet, i % 2), 401);
+    }
+    // The seventh failure, on the first instance, starts the block.
+    expect_status(&attempt(&fleet, 0), 401);
+    expect_error(&attempt(&fleet, 0), 429, "rate_limited", &[]);
+    // The other instance refuses the source too, within about a second
+    // (it reads the fleet's blocks every second).
+    let blocked_within = |fleet: &Fleet, i: usize| {
+        let start = Instant::now();
+        loop {
+            let r = attempt(fleet, i);
+            if r.status == 429 {
+                assert_eq!(r.error_code(), Some("rate_limited"), "{r}");
+                return start.elapsed();
+            }
+            expect_status(&r, 401);
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "instance {i} does not refuse the blocked source"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let other = blocked_within(&fleet, 1);
+    assert_eq!(
+        fleet.count("SELECT COUNT(*) FROM audit_events WHERE action = 'source_blocked'"),
+        1,
+        "one block for the fleet"
+    );
+    // A restart keeps the block.
+    fleet.services[1].restart();
+    let after_restart = blocked_within(&fleet, 1);
+    crate::report(&format!(
+        "shared source block (2 instances, 6 failures/min): other instance refused after {} ms, \
+         after a restart after {} ms",
+        other.as_millis(),
+        after_restart.as_millis()
+    ));
+}
+
+/// Two instances with data directories of their own (one KEK): after one
+/// rotates the audit signing key, the other's `audit-verify.pub` lists
+/// both generations too, written by its periodic key refresh, so an
+/// auditor may take the key file of any host.
+#[test]
+fn every_instance_rewrites_its_verification_key_file_after_a_signing_key_rotation() {
+    let db = PgDatabase::create();
+    let (a_dir, b_dir) = (temp_data_dir(), temp_data_dir());
+    generate_kek(a_dir.path(), &db);
+    std::fs::copy(a_dir.path().join("kek.key"), b_dir.path().join("kek.key")).unwrap();
+    let opts = || Options {
+        database_url: Some(db.url().to_string()),
+        extra_args: vec!["--reencrypt-interval-ms".into(), "200".into()],
+        ..Options::default()
+    };
+    let a = Service::start_in_dir(a_dir.path(), opts());
+    let b = Service::start_in_dir(b_dir.path(), opts());
+    let read =
+        |svc: &Service| std::fs::read_to_string(svc.data_dir().join("audit-verify.pub")).unwrap();
+    let before = read(&b);
+    assert_eq!(read(&a), before);
+    assert_eq!(before.lines().count(), 1, "{before}");
+
+    let key_admin = a.principal_client("key-admin", &["key_admin"], &["*"]);
+    let rotated = key_admin.post_json(
+        "/v1/admin/keys/audit_signing/rotate",
+        &serde_json::json!({}),
+    );
+    expect_status(&rotated, 200);
+    let both = format!(
+        "{}{}\n",
+        before,
+        rotated.json["public_key"].as_str().unwrap()
+    );
+    assert_eq!(read(&a), both, "the rotating instance");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while read(&b) != both {
+        assert!(
+            Instant::now() < deadline,
+            "the other instance's key file after 10 s: {}",
+            read(&b)
+        );
+        thread::sleep(Duration::from_millis(50));
     }
 }

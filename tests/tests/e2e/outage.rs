@@ -8,13 +8,12 @@
 //! directory), whatever `CARDVAULT_TEST_BACKEND` says.
 
 use std::fs;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use e2e::{assert_no_leaks, fresh_pan, scan_bytes, scan_dir, Client, Options, PgCluster, Service};
 
+use crate::workload::{self, ms, Outcome, Sample, Workload};
 use crate::{exp_year, expect_error, expect_status, REASON, TENANT};
 
 /// `db_timeout_ms` of the service under test.
@@ -30,65 +29,6 @@ const READY_DOWN_BOUND: Duration = Duration::from_secs(10);
 const RECOVERY_BOUND: Duration = Duration::from_secs(30);
 const WORKERS: usize = 4;
 
-/// One tokenize request of the workload.
-#[derive(Debug, Clone)]
-struct Sample {
-    pan: String,
-    started: Instant,
-    elapsed: Duration,
-    outcome: Outcome,
-}
-
-#[derive(Debug, Clone)]
-enum Outcome {
-    /// 201 or 200: acknowledged, with its token.
-    Acknowledged(String),
-    /// 503 `storage_unavailable`.
-    Unavailable,
-    /// Anything else (another status or code, a transport error).
-    Other(String),
-}
-
-/// Sets the stop flag when dropped: workers never outlive a failing test.
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
-
-fn worker(client: Client, stop: Arc<AtomicBool>, samples: Arc<Mutex<Vec<Sample>>>) {
-    let year = exp_year();
-    while !stop.load(Ordering::SeqCst) {
-        let pan = fresh_pan();
-        let started = Instant::now();
-        let result = client.try_tokenize(TENANT, &pan, 8, year);
-        let elapsed = started.elapsed();
-        let outcome = match &result {
-            Ok(r) if (r.status == 201 || r.status == 200) && r.json["token"].is_string() => {
-                Outcome::Acknowledged(r.str("token"))
-            }
-            Ok(r) if r.status == 503 && r.error_code() == Some("storage_unavailable") => {
-                Outcome::Unavailable
-            }
-            Ok(r) => Outcome::Other(r.to_string()),
-            Err(e) => Outcome::Other(e.clone()),
-        };
-        let failed = !matches!(outcome, Outcome::Acknowledged(_));
-        samples.lock().unwrap().push(Sample {
-            pan,
-            started,
-            elapsed,
-            outcome,
-        });
-        if failed {
-            // Keep asking while the database is down, without spinning.
-            thread::sleep(Duration::from_millis(25));
-        }
-    }
-}
-
 /// Polls `path` until it answers `status`; returns how long that took.
 fn wait_for_status(client: &Client, path: &str, status: u16, bound: Duration) -> Duration {
     let start = Instant::now();
@@ -103,10 +43,6 @@ fn wait_for_status(client: &Client, path: &str, status: u16, bound: Duration) ->
         );
         thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn ms(d: Duration) -> u128 {
-    d.as_millis()
 }
 
 #[test]
@@ -128,32 +64,8 @@ fn database_crash_fails_fast_recovers_and_loses_nothing() {
     expect_status(&probe.get("/readyz"), 200);
 
     // The workload: 4 threads tokenizing fresh cards until told to stop.
-    let stop = Arc::new(AtomicBool::new(false));
-    let _stop_guard = StopOnDrop(Arc::clone(&stop));
-    let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|_| {
-            let (client, stop, samples) = (client.clone(), Arc::clone(&stop), Arc::clone(&samples));
-            thread::spawn(move || worker(client, stop, samples))
-        })
-        .collect();
-    let acknowledged_so_far = || {
-        samples
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| matches!(s.outcome, Outcome::Acknowledged(_)))
-            .count()
-    };
-    let warm_up = Instant::now();
-    while acknowledged_so_far() < 20 {
-        assert!(
-            warm_up.elapsed() < Duration::from_secs(30),
-            "the workload got no 2xx before the outage: {:?}",
-            samples.lock().unwrap().last()
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
+    let load = Workload::start(&client, WORKERS);
+    load.wait_for_acknowledged(20, Duration::from_secs(30));
     thread::sleep(Duration::from_millis(500));
 
     // The database crashes.
@@ -164,14 +76,10 @@ fn database_crash_fails_fast_recovers_and_loses_nothing() {
     expect_status(&probe.get("/healthz"), 200);
     assert!(svc.is_running(), "the service died with its database");
     // Reads fail fast as well, and closed.
-    let (known_pan, known_token) = samples
-        .lock()
-        .unwrap()
+    let (known_pan, known_token) = load
+        .samples()
         .iter()
-        .find_map(|s| match &s.outcome {
-            Outcome::Acknowledged(token) => Some((s.pan.clone(), token.clone())),
-            _ => None,
-        })
+        .find_map(|s| s.token().map(|t| (s.pan.clone(), t.to_owned())))
         .unwrap();
     let read_started = Instant::now();
     let read = client.detokenize(&known_token, REASON);
@@ -196,60 +104,28 @@ fn database_crash_fails_fast_recovers_and_loses_nothing() {
     let up_at = Instant::now();
     // recovery: from the database accepting connections again to /readyz 200.
     let recovery = wait_for_status(&probe, "/readyz", 200, RECOVERY_BOUND);
-    let first_write = loop {
-        let first = samples
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.started >= up_at && matches!(s.outcome, Outcome::Acknowledged(_)))
-            .map(|s| s.started + s.elapsed - up_at)
-            .min();
-        if let Some(first) = first {
-            break first;
-        }
-        assert!(
-            up_at.elapsed() < RECOVERY_BOUND,
-            "no write succeeded within {RECOVERY_BOUND:?} of the database's return"
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
+    let first_write = load.first_acknowledged(|s| s.started >= up_at, RECOVERY_BOUND) - up_at;
     thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::SeqCst);
-    for w in workers {
-        w.join().expect("a workload thread panicked");
-    }
+    let samples = load.stop();
     assert!(svc.is_running(), "the service exited");
 
     // What the workload saw.
-    let samples = samples.lock().unwrap().clone();
-    let acked: Vec<(&str, &str, Instant)> = samples
-        .iter()
-        .filter_map(|s| match &s.outcome {
-            Outcome::Acknowledged(token) => Some((s.pan.as_str(), token.as_str(), s.started)),
-            _ => None,
-        })
+    let acked: Vec<(&str, &str, Instant)> = workload::acknowledged(&samples)
+        .into_iter()
+        .map(|(s, token)| (s.pan.as_str(), token, s.started))
         .collect();
-    let failed_503 = samples
-        .iter()
-        .filter(|s| matches!(s.outcome, Outcome::Unavailable))
-        .count();
-    let others: Vec<String> = samples
-        .iter()
-        .filter_map(|s| match &s.outcome {
-            Outcome::Other(what) => Some(format!("after {:?}: {what}", s.elapsed)),
-            _ => None,
-        })
-        .collect();
+    let failed_503 = workload::unavailable(&samples);
+    let others = workload::others(&samples);
     let slowest_failure = samples
         .iter()
-        .filter(|s| !matches!(s.outcome, Outcome::Acknowledged(_)))
-        .map(|s| s.elapsed)
+        .filter(|s| s.token().is_none())
+        .map(Sample::elapsed)
         .max()
         .unwrap_or_default();
     // Requests sent while the database was certainly down.
     let during: Vec<&Sample> = samples
         .iter()
-        .filter(|s| s.started >= down_done && s.started + s.elapsed <= up_begin)
+        .filter(|s| s.started >= down_done && s.finished <= up_begin)
         .collect();
     // Acknowledged writes by when they were sent: before the crash, in
     // flight when it happened, while `pg_ctl start` was bringing the
@@ -323,7 +199,7 @@ fn database_crash_fails_fast_recovers_and_loses_nothing() {
             matches!(s.outcome, Outcome::Unavailable),
             "while the database was down, a request got {:?} after {:?}",
             s.outcome,
-            s.elapsed
+            s.elapsed()
         );
     }
     assert!(
@@ -331,7 +207,7 @@ fn database_crash_fails_fast_recovers_and_loses_nothing() {
         "a failing request took {slowest_failure:?} (bound {FAIL_FAST_BOUND:?})"
     );
     assert!(
-        samples.iter().all(|s| s.elapsed < FAIL_FAST_BOUND),
+        samples.iter().all(|s| s.elapsed() < FAIL_FAST_BOUND),
         "a request took longer than {FAIL_FAST_BOUND:?}"
     );
     assert!(

@@ -293,6 +293,25 @@ fn signed_client_cert(
 
 /// A CRL of the harness CA revoking `serial`.
 fn crl_revoking(svc: &Service, path: &Path, serial: u64) {
+    let now = time::OffsetDateTime::now_utc();
+    write_crl(
+        svc,
+        path,
+        serial,
+        now - time::Duration::hours(1),
+        now + time::Duration::days(7),
+    );
+}
+
+/// A CRL of the harness CA revoking `serial`, valid from `this_update` to
+/// `next_update`.
+fn write_crl(
+    svc: &Service,
+    path: &Path,
+    serial: u64,
+    this_update: time::OffsetDateTime,
+    next_update: time::OffsetDateTime,
+) {
     use rcgen::{
         CertificateRevocationListParams, Issuer, KeyIdMethod, KeyPair, RevocationReason,
         RevokedCertParams, SerialNumber,
@@ -302,8 +321,8 @@ fn crl_revoking(svc: &Service, path: &Path, serial: u64) {
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
     let now = time::OffsetDateTime::now_utc();
     let crl = CertificateRevocationListParams {
-        this_update: now - time::Duration::hours(1),
-        next_update: now + time::Duration::days(7),
+        this_update,
+        next_update,
         crl_number: SerialNumber::from(1u64),
         issuing_distribution_point: None,
         revoked_certs: vec![RevokedCertParams {
@@ -411,6 +430,151 @@ fn wrong_ca_expired_and_revoked_certificates_are_refused_at_the_handshake_and_au
     );
     // Nothing was tokenized by the refused clients.
     assert_eq!(svc.sql_i64("SELECT COUNT(*) FROM cards"), 1);
+}
+
+/// The value of an unlabelled series in the admin listener's `/metrics`.
+fn gauge(svc: &Service, name: &str) -> f64 {
+    let text = svc.anonymous().get("/metrics").text;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
+fn sighup(svc: &Service) {
+    let pid = svc.pid().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+#[test]
+fn a_crl_past_its_next_update_refuses_client_certificates_unless_crl_stale_is_warn() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = e2e::temp_data_dir();
+    let crl = dir.path().join("clients.crl.pem");
+    // `database`: the database of an earlier service (on PostgreSQL each
+    // new service gets a fresh one otherwise; the CLI bindings live there).
+    let start = |extra: &[&str], database: Option<String>| {
+        // The admin listener (metrics) by API key: with `refuse`, the stale
+        // CRL refuses every certificate, the operators' too.
+        let mut args = vec![
+            "--tls-client-crl-file".to_owned(),
+            crl.display().to_string(),
+            "--admin-auth".to_owned(),
+            "api_key".to_owned(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        Service::start_in_dir(
+            dir.path(),
+            Options {
+                client_ca: true,
+                extra_args: args,
+                database_url: database,
+                ..Options::default()
+            },
+        )
+    };
+    // The harness CA first, then a CRL that went stale a day ago.
+    let mut svc = Service::start_in_dir(
+        dir.path(),
+        Options {
+            client_ca: true,
+            ..Options::default()
+        },
+    );
+    let now = time::OffsetDateTime::now_utc();
+    let stale = |svc: &Service| {
+        write_crl(
+            svc,
+            &crl,
+            0x0bad,
+            now - time::Duration::days(8),
+            now - time::Duration::days(1),
+        )
+    };
+    stale(&svc);
+    svc.kill();
+    drop(svc);
+
+    // Default (`refuse`): a certificate the CRL does not list is refused
+    // too, since the CRL may no longer list every revoked one.
+    let mut svc = start(&[], None);
+    bind(&svc, "checkout", "tokenize", &identity("tokenize"));
+    let (cert, key) = signed_client_cert(&svc, scratch.path(), "good", -1, 30, 0x600d);
+    let client = svc.anonymous().with_client_cert(&cert, &key);
+    let refused = client.try_tokenize(TENANT, "4111111111111111", 12, exp_year());
+    assert!(refused.is_err(), "a stale CRL must refuse: {refused:?}");
+    let audited = wait_for_refusals(&svc, 1);
+    assert!(
+        audited
+            .iter()
+            .any(|d| d == "client_certificate_refused: crl_expired (listener api)"),
+        "{audited:?}"
+    );
+    assert_eq!(gauge(&svc, "cardvault_tls_client_crl_stale"), 1.0);
+    let age = gauge(&svc, "cardvault_tls_client_crl_age_seconds");
+    assert!((8.0 * 86400.0..9.0 * 86400.0).contains(&age), "age {age}");
+    let next = gauge(
+        &svc,
+        "cardvault_tls_client_crl_next_update_timestamp_seconds",
+    );
+    let expected = (now - time::Duration::days(1)).unix_timestamp() as f64;
+    assert!((next - expected).abs() <= 1.0, "{next} vs {expected}");
+    assert!(
+        svc.stderr().contains("client CRL is past its nextUpdate"),
+        "the log says the CRL is stale"
+    );
+
+    // A fresh CRL on SIGHUP: accepted again without a restart.
+    crl_revoking(&svc, &crl, 0x0bad);
+    sighup(&svc);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client.try_tokenize(TENANT, "4111111111111111", 12, exp_year()) {
+            Ok(ok) => {
+                assert_eq!(ok.status, 201, "{ok}");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "no reload after SIGHUP: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(gauge(&svc, "cardvault_tls_client_crl_stale"), 0.0);
+    stale(&svc);
+    svc.kill();
+    // Kept (stopped) until the end: it holds the database on PostgreSQL.
+    let stopped = svc;
+
+    // `warn`: the stale CRL still refuses what it lists, accepts the rest,
+    // and says so in the log and the metrics.
+    let svc = start(
+        &["--tls-client-crl-stale", "warn"],
+        Some(stopped.database_url()),
+    );
+    let ok = svc.anonymous().with_client_cert(&cert, &key).tokenize(
+        TENANT,
+        "4111111111111111",
+        12,
+        exp_year(),
+    );
+    assert_eq!(ok.status, 200, "warn accepts (an idempotent repeat): {ok}");
+    let (revoked_cert, revoked_key) =
+        signed_client_cert(&svc, scratch.path(), "revoked", -1, 30, 0x0bad);
+    let revoked = svc
+        .anonymous()
+        .with_client_cert(&revoked_cert, &revoked_key)
+        .try_tokenize(TENANT, "4111111111111111", 12, exp_year());
+    assert!(
+        revoked.is_err(),
+        "a listed certificate stays refused: {revoked:?}"
+    );
+    assert_eq!(gauge(&svc, "cardvault_tls_client_crl_stale"), 1.0);
+    assert!(svc
+        .stderr()
+        .contains("certificates are still accepted (crl_stale = warn)"));
 }
 
 /// `curl` with the service's CA against the api listener, with extra

@@ -238,6 +238,10 @@ pub struct ServeOptions {
     /// Certificate revocation lists (PEM) of those CAs; reloaded on SIGHUP.
     #[arg(long, env = "TOKENIZER_TLS_CLIENT_CRL_FILE")]
     pub tls_client_crl_file: Option<PathBuf>,
+    /// A client CRL past its nextUpdate: refuse the certificates it covers
+    /// (default) or warn and accept them.
+    #[arg(long, env = "TOKENIZER_TLS_CLIENT_CRL_STALE", value_enum)]
+    pub tls_client_crl_stale: Option<crate::tls::CrlStale>,
     /// How callers of the api listener authenticate: mtls, api_key or
     /// mtls_and_api_key (default mtls when a client CA is configured, else
     /// api_key).
@@ -278,16 +282,17 @@ pub struct ServeOptions {
     /// listen backlog.
     #[arg(long, env = "TOKENIZER_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
-    /// Detokenize requests per minute and principal, on this instance;
-    /// beyond it 429 `rate_limited` (default 0: no limit; set it from the
-    /// principal's volume).
+    /// Detokenize requests per minute and principal (on PostgreSQL for all
+    /// instances together, on SQLite this process); beyond it 429
+    /// `rate_limited` (default 0: no limit; set it from the principal's
+    /// volume).
     #[arg(long, env = "TOKENIZER_DETOKENIZE_RATE_PER_PRINCIPAL")]
     pub detokenize_rate_per_principal: Option<u32>,
     /// Detokenize requests a principal may make at once (default 100).
     #[arg(long, env = "TOKENIZER_DETOKENIZE_BURST_PER_PRINCIPAL")]
     pub detokenize_burst_per_principal: Option<u32>,
-    /// Detokenize requests per minute and tenant (of the token), on this
-    /// instance (default 0: no limit).
+    /// Detokenize requests per minute and tenant (of the token), for all
+    /// instances together on PostgreSQL (default 0: no limit).
     #[arg(long, env = "TOKENIZER_DETOKENIZE_RATE_PER_TENANT")]
     pub detokenize_rate_per_tenant: Option<u32>,
     /// Detokenize requests of one tenant at once (default 100).
@@ -326,6 +331,18 @@ pub struct ServeOptions {
     /// tenant's retention, in seconds (default 3600).
     #[arg(long, env = "TOKENIZER_PURGE_INTERVAL_SECS")]
     pub purge_interval_secs: Option<u64>,
+    /// Where the scheduled backups go: a directory outside the data
+    /// directory (refused at start otherwise), created 0700.
+    #[arg(long, env = "TOKENIZER_BACKUP_DIR")]
+    pub backup_dir: Option<PathBuf>,
+    /// Write a backup every this many seconds (0 or absent: no scheduled
+    /// backups; needs backup_dir). On several instances, set it on one.
+    #[arg(long, env = "TOKENIZER_BACKUP_INTERVAL_SECS")]
+    pub backup_interval_secs: Option<u64>,
+    /// Scheduled backups kept: the newest N (default 7); older ones are
+    /// deleted once a new one is complete.
+    #[arg(long, env = "TOKENIZER_BACKUP_KEEP")]
+    pub backup_keep: Option<u32>,
     /// Concurrent requests share one transaction and one durable commit
     /// (default true; false commits every request on its own, for
     /// comparison).
@@ -357,6 +374,7 @@ impl FlagGroup for ServeOptions {
         flags
             .tls_client_crl_file
             .clone_from(&self.tls_client_crl_file);
+        flags.tls_client_crl_stale = self.tls_client_crl_stale;
         flags.api_auth.clone_from(&self.api_auth);
         flags.reveal_auth.clone_from(&self.reveal_auth);
         flags.admin_auth.clone_from(&self.admin_auth);
@@ -410,6 +428,11 @@ impl FlagGroup for ServeOptions {
         flags
             .purge_interval_secs
             .clone_from(&self.purge_interval_secs);
+        flags.backup_dir.clone_from(&self.backup_dir);
+        flags
+            .backup_interval_secs
+            .clone_from(&self.backup_interval_secs);
+        flags.backup_keep.clone_from(&self.backup_keep);
         flags.db_group_commit.clone_from(&self.db_group_commit);
     }
 }
@@ -446,6 +469,7 @@ pub const SERVE_ONLY_OPTIONS: &[&str] = &[
     "tls-key-file",
     "tls-client-ca-file",
     "tls-client-crl-file",
+    "tls-client-crl-stale",
     "api-auth",
     "reveal-auth",
     "admin-auth",
@@ -470,4 +494,7 @@ pub const SERVE_ONLY_OPTIONS: &[&str] = &[
     "cvc-ttl-secs",
     "purge-interval-secs",
     "db-group-commit",
+    "backup-dir",
+    "backup-interval-secs",
+    "backup-keep",
 ];

@@ -38,15 +38,19 @@ pub enum Command {
         #[command(flatten)]
         database: DatabaseArgs,
     },
-    /// Write a consistent, KEK-sealed backup of the vault to a new file.
+    /// Write a consistent, KEK-sealed backup of the vault to a new file,
+    /// signed with the audit signing key (`backup verify` checks it).
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Backup {
         #[command(flatten)]
         store: StoreArgs,
         #[command(flatten)]
         kek_file: KekFileArg,
         /// The backup file to create (mode 0600; never overwritten).
-        #[arg(long)]
-        out: PathBuf,
+        #[arg(long, required = true)]
+        out: Option<PathBuf>,
+        #[command(subcommand)]
+        command: Option<BackupCommand>,
     },
     /// Restore a backup into an empty database (either backend).
     Restore {
@@ -207,6 +211,29 @@ pub enum TenantCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Check a backup offline with the audit signing public key alone (no
+    /// KEK, no database): its shape, record count, SHA-256 and signature.
+    /// Prints one JSON line. Exit 0: verified; 1: it fails a check, is
+    /// signed by another key, or is unsigned (a backup from before signing;
+    /// 0 with --allow-unsigned when count and digest hold); 2: usage or a
+    /// file that cannot be read.
+    Verify {
+        /// The backup file.
+        file: PathBuf,
+        /// The public key: a line `cardvault-audit-ed25519:<hex>`, or a
+        /// file of such lines (`<data-dir>/audit-verify.pub`, vault-audit's
+        /// key file: every generation after a rotation). Repeatable.
+        #[arg(long, value_name = "KEY_OR_FILE", required = true)]
+        public_key: Vec<String>,
+        /// Accept a backup without a signature (older backups) when its
+        /// count and digest hold.
+        #[arg(long)]
+        allow_unsigned: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Archive the audit entries older than the retention period to a file
     /// in the archive directory, then delete them from the database.
@@ -259,8 +286,10 @@ pub enum KeysCommand {
     },
     /// Rotate: a new DEK becomes the active one (with --fingerprint, a new
     /// fingerprint key too) and the service re-encrypts every record in the
-    /// background; with --kek, a new KEK re-wraps every stored key instead.
-    /// Calls the admin API (TOKENIZER_API_KEY, role key_admin).
+    /// background; with --kek, a new KEK re-wraps every stored key instead;
+    /// with --audit-signing, a new audit checkpoint signing key, announced
+    /// in the trail by a checkpoint the old key signs (the old key is
+    /// retired). Calls the admin API (TOKENIZER_API_KEY, role key_admin).
     Rotate {
         #[arg(
             long,
@@ -272,6 +301,8 @@ pub enum KeysCommand {
         fingerprint: bool,
         #[arg(long, conflicts_with = "fingerprint")]
         kek: bool,
+        #[arg(long, conflicts_with_all = ["fingerprint", "kek"])]
+        audit_signing: bool,
     },
     /// Every key's version, state, age, crypto-period and records, and the
     /// re-encryption progress (JSON); --watch shows a progress bar until the
@@ -300,7 +331,9 @@ pub enum KeysCommand {
         version: u32,
     },
     /// Destroy a retired key: its wrapped material is erased (crypto-shred).
-    /// With --kek KEK_ID: destroy an old KEK instead.
+    /// With --kek KEK_ID: destroy an old KEK instead. `--purpose
+    /// audit_signing GENERATION` destroys a retired audit signing key (its
+    /// public key is kept: it verifies the checkpoints it signed).
     Destroy {
         #[arg(
             long,
@@ -308,6 +341,7 @@ pub enum KeysCommand {
             default_value = "https://127.0.0.1:8445"
         )]
         url: String,
+        /// `dek`, `fingerprint` or `audit_signing`.
         #[arg(long, default_value = "dek")]
         purpose: String,
         #[arg(required_unless_present = "kek")]

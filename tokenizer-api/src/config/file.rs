@@ -27,6 +27,8 @@ pub(super) struct FileConfig {
     pub(super) tls_key_file: Option<PathBuf>,
     pub(super) tls_client_ca_file: Option<PathBuf>,
     pub(super) tls_client_crl_file: Option<PathBuf>,
+    #[serde(alias = "crl_stale")]
+    pub(super) tls_client_crl_stale: Option<crate::tls::CrlStale>,
     pub(super) api_auth: Option<String>,
     pub(super) reveal_auth: Option<String>,
     pub(super) admin_auth: Option<String>,
@@ -69,6 +71,9 @@ pub(super) struct FileConfig {
     pub(super) cvc_ttl_secs: Option<u64>,
     pub(super) collect_public_url: Option<String>,
     pub(super) purge_interval_secs: Option<u64>,
+    pub(super) backup_dir: Option<PathBuf>,
+    pub(super) backup_interval_secs: Option<u64>,
+    pub(super) backup_keep: Option<u32>,
     pub(super) db_group_commit: Option<bool>,
     /// `[[upstream]]` tables: the forwarding proxy's destinations.
     #[serde(default)]

@@ -75,6 +75,7 @@ pub struct Flags {
     pub tls_key_file: Option<PathBuf>,
     pub tls_client_ca_file: Option<PathBuf>,
     pub tls_client_crl_file: Option<PathBuf>,
+    pub tls_client_crl_stale: Option<crate::tls::CrlStale>,
     pub api_auth: Option<String>,
     pub reveal_auth: Option<String>,
     pub admin_auth: Option<String>,
@@ -103,5 +104,8 @@ pub struct Flags {
     pub cvc_ttl_secs: Option<u64>,
     pub collect_public_url: Option<String>,
     pub purge_interval_secs: Option<u64>,
+    pub backup_dir: Option<PathBuf>,
+    pub backup_interval_secs: Option<u64>,
+    pub backup_keep: Option<u32>,
     pub db_group_commit: Option<bool>,
 }

@@ -37,7 +37,8 @@ pub use args::{
     SERVE_ONLY_OPTIONS,
 };
 pub use command::{
-    AuditCommand, Cli, Command, KekCommand, KeysCommand, PrincipalCommand, TenantCommand,
+    AuditCommand, BackupCommand, Cli, Command, KekCommand, KeysCommand, PrincipalCommand,
+    TenantCommand,
 };
 pub use edge::{
     EdgeArgs, EdgeCheckArgs, EdgeCommand, DEFAULT_EDGE_LISTEN, DEFAULT_EDGE_MAX_BODY_BYTES,
@@ -45,6 +46,7 @@ pub use edge::{
 };
 pub use flags::{FlagGroup, Flags};
 pub use settings::{
-    read_upstreams, ConfigError, LogFormat, Settings, DEFAULT_DATA_DIR, DEFAULT_LISTEN,
-    DEFAULT_LISTEN_ADMIN, DEFAULT_LISTEN_API, DEFAULT_LISTEN_REVEAL, DEV_DATA_DIR, DEV_TLS_DIR,
+    read_upstreams, BackupSchedule, ConfigError, LogFormat, Settings, DEFAULT_BACKUP_KEEP,
+    DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_LISTEN_ADMIN, DEFAULT_LISTEN_API,
+    DEFAULT_LISTEN_REVEAL, DEV_DATA_DIR, DEV_TLS_DIR,
 };

@@ -45,6 +45,10 @@ pub(super) fn listeners(
         .tls_client_crl_file
         .clone()
         .or(file.tls_client_crl_file.take());
+    let client_crl_stale = flags
+        .tls_client_crl_stale
+        .or(file.tls_client_crl_stale.take())
+        .unwrap_or_default();
     let dev_dir = data_dir.join(DEV_TLS_DIR);
     let (tls, dev_pki) = match (plain, cert, key) {
         (true, _, _) => (None, false),
@@ -54,6 +58,7 @@ pub(super) fn listeners(
                 key,
                 client_ca,
                 client_crl,
+                client_crl_stale,
             }),
             false,
         ),
@@ -63,6 +68,7 @@ pub(super) fn listeners(
                 key: dev_dir.join("server.key"),
                 client_ca: Some(dev_dir.join("ca.pem")),
                 client_crl,
+                client_crl_stale,
             }),
             true,
         ),

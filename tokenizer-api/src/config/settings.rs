@@ -56,7 +56,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Largest accepted body of batch requests.
     pub max_batch_body_bytes: usize,
-    /// Detokenize rate limits and anomaly rule (per instance).
+    /// Detokenize rate limits and anomaly rule (shared by the instances on
+    /// PostgreSQL, in memory on SQLite).
     pub detokenize_monitor: vault::monitor::MonitorConfig,
     /// Failed authentications per minute and source (0: no limit).
     pub auth_failures_per_source: u32,
@@ -74,7 +75,23 @@ pub struct Settings {
     pub config_file: Option<std::path::PathBuf>,
     /// Group commit of concurrent writes (see `vault::commit`).
     pub db_group_commit: bool,
+    /// Scheduled backups inside the service (None: off).
+    pub backup: Option<BackupSchedule>,
 }
+
+/// `backup_dir`, `backup_interval_secs`, `backup_keep`: the service writes
+/// a backup every `interval` into `dir` and keeps the newest `keep`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupSchedule {
+    /// Outside the data directory (checked at start).
+    pub dir: std::path::PathBuf,
+    pub interval: std::time::Duration,
+    /// At least 1.
+    pub keep: u32,
+}
+
+/// Backups kept by default (`backup_keep`).
+pub const DEFAULT_BACKUP_KEEP: u32 = 7;
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/cardvault";
 pub const DEV_DATA_DIR: &str = ".cardvault-dev";
@@ -142,6 +159,42 @@ pub enum ConfigError {
     CollectUrl,
     #[error(transparent)]
     Upstream(#[from] super::upstreams::UpstreamConfigError),
+    #[error("backup_interval_secs needs backup_dir (a directory outside the data directory)")]
+    BackupDirMissing,
+    #[error("backup_keep must be at least 1")]
+    BackupKeep,
+}
+
+/// Scheduled backups: on when `backup_interval_secs` is above 0, which
+/// needs `backup_dir`.
+fn backup_schedule(
+    flags: &super::Flags,
+    file: &super::file::FileConfig,
+) -> Result<Option<BackupSchedule>, ConfigError> {
+    let interval = flags
+        .backup_interval_secs
+        .or(file.backup_interval_secs)
+        .unwrap_or(0);
+    let keep = flags
+        .backup_keep
+        .or(file.backup_keep)
+        .unwrap_or(DEFAULT_BACKUP_KEEP);
+    if keep == 0 {
+        return Err(ConfigError::BackupKeep);
+    }
+    if interval == 0 {
+        return Ok(None);
+    }
+    let dir = flags
+        .backup_dir
+        .clone()
+        .or_else(|| file.backup_dir.clone())
+        .ok_or(ConfigError::BackupDirMissing)?;
+    Ok(Some(BackupSchedule {
+        dir,
+        interval: std::time::Duration::from_secs(interval),
+        keep,
+    }))
 }
 
 /// The edge's public base URL: its origin as a browser writes it (checked
@@ -206,6 +259,7 @@ impl Settings {
             pkcs11_kek_label: file.pkcs11_kek_label.take(),
         };
         let detokenize_monitor = monitor_config(flags, &file);
+        let backup = backup_schedule(flags, &file)?;
         let log_format = match flags.log_format.clone().or(file.log_format.take()) {
             Some(s) => LogFormat::parse(&s).ok_or(ConfigError::LogFormat)?,
             None => LogFormat::Text,
@@ -271,6 +325,7 @@ impl Settings {
                     .unwrap_or(3600)
                     .clamp(1, 3600),
             ),
+            backup,
             purge_interval: std::time::Duration::from_secs(
                 flags
                     .purge_interval_secs
@@ -324,6 +379,7 @@ impl Settings {
                 vault::CryptoPeriods {
                     dek: period,
                     fingerprint: period,
+                    audit_signing: period,
                 }
             },
             reencrypt_batch: flags

@@ -195,6 +195,7 @@ fn help_lists_only_the_options_a_subcommand_uses() {
         ("principal revoke", store.clone()),
         ("migrate", format!("{vault} {database}")),
         ("backup", format!("{store} kek-file out")),
+        ("backup verify", "public-key allow-unsigned".to_owned()),
         ("restore", format!("{vault} {database} kek-file from")),
         (
             "audit archive",
@@ -206,7 +207,10 @@ fn help_lists_only_the_options_a_subcommand_uses() {
             "keys init",
             format!("{vault} {keyring} shares threshold custodian"),
         ),
-        ("keys rotate", format!("{url} fingerprint kek")),
+        (
+            "keys rotate",
+            format!("{url} fingerprint kek audit-signing"),
+        ),
         ("keys status", format!("{url} watch")),
         ("keys retire", format!("{url} purpose")),
         ("keys destroy", format!("{url} purpose kek")),
@@ -344,6 +348,9 @@ fn existing_invocations_still_parse() {
         "tenant delete --data-dir /d shop-42",
         "purge --data-dir /d --database-url postgres://u@h/db",
         "backup --data-dir /d --out /b",
+        "backup verify /b --public-key /d/audit-verify.pub",
+        "backup verify /b --public-key cardvault-audit-ed25519:00 --public-key /k --allow-unsigned",
+        "serve --data-dir /d --backup-dir /b --backup-interval-secs 86400 --backup-keep 14 --tls-cert-file /s.pem --tls-key-file /s.key",
         "restore --data-dir /d --from /b",
         "audit archive --older-than-days 0 --below-pci-minimum --data-dir /d --database-url postgres://u@h/db",
         "keys status --url https://127.0.0.1:8445 --watch",
@@ -392,4 +399,51 @@ fn existing_invocations_still_parse() {
     assert_eq!(a.db_timeout, std::time::Duration::from_millis(7));
     assert!(!a.migrate_on_start);
     assert_eq!(a.log_format, LogFormat::Json);
+}
+
+/// Scheduled backups: off unless an interval is set, which needs a
+/// directory; keep at least one; the file and the flags agree.
+#[test]
+fn backup_settings() {
+    let s = Settings::resolve(&common(), false).unwrap();
+    assert_eq!(s.backup, None);
+    let mut flags = common();
+    flags.backup_interval_secs = Some(0);
+    flags.backup_dir = Some("/srv/backups".into());
+    assert_eq!(Settings::resolve(&flags, false).unwrap().backup, None);
+    flags.backup_interval_secs = Some(3600);
+    let b = Settings::resolve(&flags, false).unwrap().backup.unwrap();
+    assert_eq!(
+        (b.dir, b.interval.as_secs(), b.keep),
+        (PathBuf::from("/srv/backups"), 3600, DEFAULT_BACKUP_KEEP)
+    );
+    flags.backup_keep = Some(0);
+    assert!(matches!(
+        Settings::resolve(&flags, false),
+        Err(ConfigError::BackupKeep)
+    ));
+    flags.backup_keep = None;
+    flags.backup_dir = None;
+    assert!(matches!(
+        Settings::resolve(&flags, false),
+        Err(ConfigError::BackupDirMissing)
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("t.toml");
+    std::fs::write(
+        &file,
+        "backup_dir = \"/mnt/backups\"\nbackup_interval_secs = 60\nbackup_keep = 3\n",
+    )
+    .unwrap();
+    let mut flags = common();
+    flags.config = Some(file);
+    let b = Settings::resolve(&flags, false).unwrap().backup.unwrap();
+    assert_eq!(
+        (b.dir, b.interval.as_secs(), b.keep),
+        (PathBuf::from("/mnt/backups"), 60, 3)
+    );
+    // A flag wins over the file.
+    flags.backup_keep = Some(9);
+    let b = Settings::resolve(&flags, false).unwrap().backup.unwrap();
+    assert_eq!(b.keep, 9);
 }

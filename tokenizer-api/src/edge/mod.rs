@@ -99,6 +99,7 @@ pub async fn run(args: EdgeArgs) -> ExitCode {
                 key: key.clone(),
                 client_ca: None,
                 client_crl: None,
+                client_crl_stale: crate::tls::CrlStale::default(),
             };
             match ReloadableTls::load(files) {
                 Ok(tls) => Some(Arc::new(tls)),
@@ -270,6 +271,7 @@ impl DevEdge {
             key: tls_dir.join("server.key"),
             client_ca: None,
             client_crl: None,
+            client_crl_stale: crate::tls::CrlStale::default(),
         };
         let tls = ReloadableTls::load(files).map_err(|e| e.to_string())?;
         let limits = Limits {

@@ -107,6 +107,47 @@ impl KeyJson {
     }
 }
 
+/// One audit signing key generation.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SigningKeyJson {
+    generation: u32,
+    /// First 8 bytes of SHA-256 of the public key, hex (in every
+    /// checkpoint it signed).
+    key_id: String,
+    /// `cardvault-audit-ed25519:<hex>`.
+    public_key: String,
+    /// `active` (signs checkpoints), `retired` (replaced by a rotation; it
+    /// signs nothing more) or `destroyed` (secret erased; the public key
+    /// stays, to verify what it signed).
+    #[schema(value_type = String)]
+    state: &'static str,
+    /// RFC 3339.
+    created_at: String,
+    age_days: f64,
+    crypto_period_days: f64,
+    past_crypto_period: bool,
+    retired_at: Option<String>,
+    destroyed_at: Option<String>,
+}
+
+impl SigningKeyJson {
+    fn new(k: &vault::SigningKeyInfo) -> Self {
+        const DAY: f64 = 86_400.0;
+        SigningKeyJson {
+            generation: k.generation,
+            key_id: k.key_id.clone(),
+            public_key: k.public_key.clone(),
+            state: k.state.as_str(),
+            created_at: rfc3339_millis(k.created_at),
+            age_days: (k.age.as_secs_f64() / DAY * 10.0).round() / 10.0,
+            crypto_period_days: (k.crypto_period.as_secs_f64() / DAY).round(),
+            past_crypto_period: k.past_crypto_period,
+            retired_at: k.retired_at.map(rfc3339_millis),
+            destroyed_at: k.destroyed_at.map(rfc3339_millis),
+        }
+    }
+}
+
 /// Every key and the re-encryption progress.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct KeyStatus {
@@ -117,6 +158,8 @@ pub(crate) struct KeyStatus {
     /// RFC 3339: when the last pass finished.
     reencrypted_at: Option<String>,
     keys: Vec<KeyJson>,
+    /// The audit checkpoint signing key generations, oldest first.
+    audit_signing_keys: Vec<SigningKeyJson>,
 }
 
 /// `GET /v1/admin/keys` (role `key_admin`): every key's version, state,
@@ -138,6 +181,11 @@ pub async fn key_status(
             remaining: status.remaining,
             reencrypted_at: status.reencrypted_at.map(rfc3339_millis),
             keys: status.keys.iter().map(KeyJson::new).collect(),
+            audit_signing_keys: status
+                .signing_keys
+                .iter()
+                .map(SigningKeyJson::new)
+                .collect(),
         }))
 }
 
@@ -182,6 +230,44 @@ pub async fn rotate_keys(
     }))
 }
 
+/// The new audit signing key.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct SigningRotated {
+    generation: u32,
+    key_id: String,
+    /// `cardvault-audit-ed25519:<hex>`.
+    public_key: String,
+    /// The key it replaces (now retired: it signs nothing more).
+    previous_key_id: String,
+    /// The key announcement: the checkpoint for this many entries, signed
+    /// by the previous key, names the new one (also appended to the
+    /// witness file).
+    announced_at_tree_size: u64,
+}
+
+/// `POST /v1/admin/keys/audit_signing/rotate` (role `key_admin`): a new
+/// audit checkpoint signing key. The old key signs a key announcement (a
+/// checkpoint naming the new key) in the same transaction as the
+/// `key_rotated` event and is retired; every later checkpoint is signed by
+/// the new key. Auditors verify from the first key alone.
+#[utoipa::path(post, path = "/v1/admin/keys/audit_signing/rotate", tag = "admin",
+    responses((status = 200, description = "Rotated.", body = SigningRotated)))]
+pub async fn rotate_audit_signing(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let ctx = admin_context(&req, &state, Action::KeyRotated).await?;
+    let vault = state.vault()?;
+    let r = state.seal.rotate_audit_signing(&vault, &ctx).await?;
+    Ok(HttpResponse::Ok().json(SigningRotated {
+        generation: r.generation,
+        key_id: r.key_id,
+        public_key: r.public_key,
+        previous_key_id: r.previous_key_id,
+        announced_at_tree_size: r.announcement.tree_size,
+    }))
+}
+
 /// The `{purpose}/{version}` of a key route; 404 for anything else.
 fn key_path(path: &(String, String)) -> Result<(vault::store::KeyPurpose, u32), ApiError> {
     let purpose = vault::store::KeyPurpose::parse(&path.0).ok_or(ApiError::NotFound)?;
@@ -203,7 +289,7 @@ pub(crate) struct KeyChanged {
 /// `POST /v1/admin/keys/{purpose}/{version}/retire` (role `key_admin`).
 #[utoipa::path(post, path = "/v1/admin/keys/{purpose}/{version}/retire", tag = "admin",
     params(
-        ("purpose" = String, Path, description = "`dek` or `fingerprint`."),
+        ("purpose" = String, Path, description = "`dek` or `fingerprint` (`audit_signing`: retired by its rotation, so `key_active` or `key_state`)."),
         ("version" = String, Path, description = "The key version."),
     ),
     responses((status = 200, description = "Retired.", body = KeyChanged)))]
@@ -219,7 +305,7 @@ pub async fn retire_key(
 /// crypto-shred a retired key.
 #[utoipa::path(post, path = "/v1/admin/keys/{purpose}/{version}/destroy", tag = "admin",
     params(
-        ("purpose" = String, Path, description = "`dek` or `fingerprint`."),
+        ("purpose" = String, Path, description = "`dek`, `fingerprint` or `audit_signing` (the version is the signing key generation)."),
         ("version" = String, Path, description = "The key version."),
     ),
     responses((status = 200, description = "Destroyed.", body = KeyChanged)))]
@@ -239,6 +325,9 @@ async fn change_key(
     action: Action,
 ) -> Result<HttpResponse, ApiError> {
     let ctx = admin_context(&req, state, action).await?;
+    if path.0 == "audit_signing" {
+        return change_signing_key(&ctx, &path.1, state, action).await;
+    }
     let (purpose, version) = key_path(path)?;
     let vault = state.vault()?;
     let actor = vault::Actor::Request(&ctx);
@@ -254,6 +343,38 @@ async fn change_key(
         version,
         state: new_state,
     }))
+}
+
+/// Destroy an audit signing key generation (`audit_signing/{generation}`).
+/// Retiring one is the rotation's part: a signing key is retired when its
+/// successor is announced, so `retire` answers `key_state` for a retired
+/// one and `key_active` for the one that signs.
+async fn change_signing_key(
+    ctx: &vault::RequestContext,
+    generation: &str,
+    state: &AppState,
+    action: Action,
+) -> Result<HttpResponse, ApiError> {
+    let generation: u32 = generation.parse().map_err(|_| ApiError::NotFound)?;
+    let vault = state.vault()?;
+    if action == Action::KeyDestroyed {
+        vault
+            .destroy_audit_signing(vault::Actor::Request(ctx), generation)
+            .await?;
+        return Ok(HttpResponse::Ok().json(KeyChanged {
+            purpose: "audit_signing",
+            version: generation,
+            state: "destroyed",
+        }));
+    }
+    // Always refused (and the refusal audited): see the doc above.
+    match vault
+        .retire_audit_signing(vault::Actor::Request(ctx), generation)
+        .await
+    {
+        Ok(never) => match never {},
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The KEK version now in use.

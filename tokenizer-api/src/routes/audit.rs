@@ -163,16 +163,28 @@ pub(crate) struct CheckpointBody {
     chain_head: String,
     /// RFC 3339, UTC.
     time: String,
+    /// Id of the signing key: the first 8 bytes of SHA-256 of its public
+    /// key, hex.
     key_id: String,
+    /// Only on a key announcement (a signing key rotation): the new public
+    /// key (`cardvault-audit-ed25519:<hex>`), which signs every later
+    /// checkpoint. Signed by the old key over the v2 layout.
+    #[schema(nullable = false)]
+    next_key: Option<String>,
     /// Ed25519 signature, hex.
     signature: String,
 }
 
-/// Every checkpoint and the key that verifies them.
+/// Every checkpoint and the keys that verify them.
 #[derive(Serialize, ToSchema)]
 pub(crate) struct Checkpoints<'a> {
-    /// The Ed25519 public key (also in `<data-dir>/audit-verify.pub`).
+    /// The Ed25519 public key that signs now.
     public_key: &'a str,
+    /// Every signing key generation's public key, oldest first (also in
+    /// `<data-dir>/audit-verify.pub`). After a rotation the checkpoints
+    /// name their key (`key_id`), and the old key's announcement
+    /// (`next_key`) names the new one.
+    public_keys: Vec<String>,
     #[schema(value_type = Vec<CheckpointBody>)]
     checkpoints: Vec<audit::Checkpoint>,
 }
@@ -188,8 +200,10 @@ pub async fn checkpoints(
     let vault = state.vault()?;
     let ctx = authenticate(&req, &state).await?;
     let checkpoints = vault.audit_checkpoints(&ctx).await?;
+    let public_key = vault.audit_public_key();
     Ok(HttpResponse::Ok().json(Checkpoints {
-        public_key: vault.audit_public_key(),
+        public_key: &public_key,
+        public_keys: vault.audit_public_keys(),
         checkpoints,
     }))
 }

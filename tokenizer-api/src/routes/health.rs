@@ -51,8 +51,9 @@ pub(crate) struct Ready {
     /// `ready`.
     #[schema(example = "ready")]
     status: &'static str,
-    /// Keys in use past their crypto-period (`purpose:version`): flagged,
-    /// not fatal.
+    /// Keys in use past their crypto-period (`purpose:version`; the audit
+    /// signing key that signs as `audit_signing:generation`): flagged, not
+    /// fatal.
     keys_past_crypto_period: Vec<String>,
 }
 
@@ -68,19 +69,23 @@ pub(crate) struct NotReady {
     seal: Option<SealStatus>,
 }
 
-/// Why the service is not ready: `sealed`, `storage_unavailable` or
+/// Why the service is not ready: `sealed`, `storage_unavailable` (the
+/// database does not answer), `storage_read_only` (it answers but cannot
+/// commit: a full disk, a read-only database, a standby) or
 /// `keys_unavailable`.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct NotReadyCode {
     code: &'static str,
 }
 
-/// `GET /readyz` (no credentials): 200 when storage answers and keys are
-/// loaded; 503 while sealed or when storage or keys are unavailable.
+/// `GET /readyz` (no credentials): 200 when storage answers and commits
+/// (the probe writes one row) and keys are loaded; 503 while sealed, when
+/// storage does not answer, cannot commit, or keys are unavailable.
+/// Recovers by itself.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses(
-        (status = 200, description = "Storage answers and the keys are loaded.", body = Ready),
-        (status = 503, description = "Sealed (`status: sealed`), or storage or keys unavailable (`status: unavailable`).", body = NotReady),
+        (status = 200, description = "Storage answers and commits, and the keys are loaded.", body = Ready),
+        (status = 503, description = "Sealed (`status: sealed`), or storage or keys unavailable (`status: unavailable`; `error.code`: `storage_unavailable`, `storage_read_only` when the database answers but cannot commit, `keys_unavailable`).", body = NotReady),
     ))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let Ok(vault) = state.vault() else {
@@ -96,7 +101,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             // (from the key rows only: no record counting here).
             let now = vault::store::now_millis();
             let periods = state.crypto_periods;
-            let past: Vec<String> = match vault.store().load_keys().await {
+            let mut past: Vec<String> = match vault.store().load_keys().await {
                 Ok(keys) => keys
                     .iter()
                     .filter(|k| k.state.is_loaded())
@@ -111,6 +116,18 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
                     .collect(),
                 Err(_) => Vec::new(),
             };
+            // The audit signing key that signs (not retired) too.
+            if let Ok(rows) = vault.store().load_signing_keys().await {
+                past.extend(
+                    rows.iter()
+                        .filter(|k| k.retired_at.is_none())
+                        .filter(|k| {
+                            u128::try_from(now - k.created_at).unwrap_or(0)
+                                > periods.audit_signing.as_millis()
+                        })
+                        .map(|k| format!("audit_signing:{}", k.generation)),
+                );
+            }
             HttpResponse::Ok().json(Ready {
                 status: "ready",
                 keys_past_crypto_period: past,
@@ -140,6 +157,7 @@ pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
             state.crypto_periods,
             &state.monitor,
             &state.sources,
+            state.tls.as_ref().and_then(|t| t.crl_status()),
         )
         .await;
     HttpResponse::Ok()

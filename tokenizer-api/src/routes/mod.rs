@@ -474,6 +474,19 @@ pub static ROUTES: &[Route] = &[
     route!(
         ADMIN,
         POST,
+        "/v1/admin/keys/audit_signing/rotate",
+        KEY_ADMIN,
+        admin::rotate_audit_signing,
+        [
+            AUTH_ERRORS,
+            FORBIDDEN,
+            SEALED,
+            &["key_conflict", "keys_unavailable"],
+        ]
+    ),
+    route!(
+        ADMIN,
+        POST,
         "/v1/admin/keys/{purpose}/{version}/retire",
         KEY_ADMIN,
         admin::retire_key,

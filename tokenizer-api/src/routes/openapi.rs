@@ -63,6 +63,7 @@ use crate::error::{error_status, ErrorBody};
         admin::upstreams,
         admin::key_status,
         admin::rotate_keys,
+        admin::rotate_audit_signing,
         admin::retire_key,
         admin::destroy_key,
         admin::rotate_kek,

@@ -131,12 +131,24 @@ impl Vault {
         Ok(checkpoints)
     }
 
-    /// Sign a checkpoint of the audit trail if it grew since the last one.
+    /// Sign a checkpoint of the audit trail if it grew since the last one,
+    /// with the signing key in use. If another instance rotated it (the
+    /// store refuses a retired key), the new key is loaded and signs.
     pub async fn checkpoint(&self) -> Result<Option<audit::Checkpoint>, VaultError> {
-        Ok(self
+        match self
             .store
-            .write_checkpoint(self.keys.audit_signing_key())
-            .await?)
+            .write_checkpoint(&self.keys.audit_signing_key())
+            .await
+        {
+            Err(crate::store::StoreError::StaleKeys) => {
+                self.refresh_keys().await?;
+                Ok(self
+                    .store
+                    .write_checkpoint(&self.keys.audit_signing_key())
+                    .await?)
+            }
+            other => Ok(other?),
+        }
     }
 
     /// Number of entries in the audit chain.
@@ -144,8 +156,15 @@ impl Vault {
         Ok(self.store.audit_size().await?)
     }
 
-    /// The auditors' verification key (`cardvault-audit-ed25519:<hex>`).
-    pub fn audit_public_key(&self) -> &str {
+    /// The auditors' verification key (`cardvault-audit-ed25519:<hex>`) of
+    /// the signing key in use.
+    pub fn audit_public_key(&self) -> String {
         self.keys.audit_public_key()
+    }
+
+    /// Every signing key generation's public key line, oldest first (what
+    /// `<data-dir>/audit-verify.pub` holds: a keys file for `vault-audit`).
+    pub fn audit_public_keys(&self) -> Vec<String> {
+        self.keys.signing().public_keys.clone()
     }
 }

@@ -102,7 +102,7 @@ impl Vault {
         let mut rows = Vec::with_capacity(wanted.len());
         let mut tenant: Option<String> = None;
         for w in wanted {
-            if let Err(wait) = monitor.admit_principal(principal_id, Instant::now()) {
+            if let Err(wait) = self.admit_principal(monitor, principal_id).await? {
                 let ev = ctx.event(Action::Forward, Outcome::Denied);
                 return Err(self.rate_limited(ev, LimitScope::Principal, wait).await);
             }
@@ -124,7 +124,10 @@ impl Vault {
                 }
                 Some(_) => {}
             }
-            if let Err(wait) = monitor.admit_tenant(&row.tenant, principal_id, Instant::now()) {
+            if let Err(wait) = self
+                .admit_tenant(monitor, &row.tenant, principal_id)
+                .await?
+            {
                 let ev = ctx
                     .event(Action::Forward, Outcome::Denied)
                     .tenant(row.tenant.clone())

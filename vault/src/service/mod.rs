@@ -47,6 +47,7 @@ mod collect;
 mod forward;
 mod forward_idempotency;
 mod lifecycle;
+pub use lifecycle::probe_commit;
 mod reveal;
 mod tokenize;
 mod update;
@@ -162,6 +163,10 @@ pub enum VaultError {
     NotFound,
     #[error("storage unavailable")]
     Storage(#[source] StoreError),
+    /// The store answers but cannot commit (full disk, read-only database,
+    /// standby): readiness only; requests keep `storage_unavailable`.
+    #[error("storage cannot commit (read-only, full or a standby): {0}")]
+    StorageReadOnly(String),
     #[error("keys unavailable")]
     Keys(#[source] KeysError),
     #[error("a stored record failed its integrity check")]
@@ -286,6 +291,7 @@ impl VaultError {
             VaultError::Forbidden => "forbidden",
             VaultError::NotFound => "not_found",
             VaultError::Storage(_) => "storage_unavailable",
+            VaultError::StorageReadOnly(_) => "storage_read_only",
             VaultError::Keys(_) => "keys_unavailable",
             VaultError::Integrity => "integrity_error",
             VaultError::Rng => "internal_error",
@@ -366,6 +372,8 @@ pub struct Vault {
     touched: Mutex<HashMap<String, i64>>,
     /// The group-commit writer (None: every request commits on its own).
     commits: Option<crate::commit::GroupCommit>,
+    /// The outcome of the latest card and audit writes, for readiness.
+    writes: lifecycle::WriteHealth,
     /// Hosted collection: `http://` loopback origins allowed (`--dev`), and
     /// refused submissions before a session closes.
     collect_http_loopback: bool,
@@ -410,6 +418,7 @@ impl Vault {
             commits: options
                 .group_commit
                 .then(|| crate::commit::GroupCommit::start(store_for_commits)),
+            writes: lifecycle::WriteHealth::default(),
             collect_http_loopback: options.collect_http_loopback,
             collect_max_failures: options.collect_max_failures.max(1),
         })
@@ -421,18 +430,22 @@ impl Vault {
         cards: Vec<NewCard>,
         events: Vec<AuditEvent>,
     ) -> Result<Vec<crate::store::Inserted>, StoreError> {
-        match &self.commits {
+        let result = match &self.commits {
             Some(c) => c.insert_cards(cards, events).await,
             None => self.store.insert_cards(cards, events).await,
-        }
+        };
+        self.writes.record(&result);
+        result
     }
 
     /// Append an audit event, through the group commit if on.
     async fn write_event(&self, event: AuditEvent) -> Result<(), StoreError> {
-        match &self.commits {
+        let result = match &self.commits {
             Some(c) => c.append_audit(event).await,
             None => self.store.append_audit(event).await.map(|_| ()),
-        }
+        };
+        self.writes.record(&result);
+        result
     }
 
     /// Record that these cards were used (retention), at most once per card

@@ -5,7 +5,7 @@
 //! token up without an oracle, open the record (the expiry is inside the
 //! ciphertext) and write their audit event before anything is returned.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use audit::{Action, AuditEvent, Outcome};
 
@@ -14,9 +14,10 @@ use crate::access::Role;
 use crate::card::{Token, TokenFormat};
 use crate::crypto::CardSecret;
 use crate::cvc::Cvc;
-use crate::monitor::{DetokenizeMonitor, LimitScope};
+use crate::monitor::{Anomaly, DetokenizeMonitor, LimitScope};
 use crate::pan::contains_pan_like;
 use crate::store::now_millis;
+use sha2::{Digest, Sha256};
 
 /// A detokenized card: the secret, for the caller that is allowed to see it.
 #[derive(Debug)]
@@ -76,7 +77,11 @@ impl Vault {
             return Err(self.fail(ev, VaultError::InvalidReason).await);
         }
         let principal_id = ctx.principal.id.as_str();
-        if let Some(Err(wait)) = monitor.map(|m| m.admit_principal(principal_id, Instant::now())) {
+        let admitted = match monitor {
+            Some(m) => self.admit_principal(m, principal_id).await?,
+            None => Ok(()),
+        };
+        if let Err(wait) = admitted {
             let mut ev = ctx.event(Action::Detokenize, Outcome::Denied);
             // Not looked up yet: only a random token is recorded (see
             // `lookup`).
@@ -86,9 +91,11 @@ impl Vault {
             return Err(self.rate_limited(ev, LimitScope::Principal, wait).await);
         }
         let row = self.lookup(ctx, Action::Detokenize, token).await?;
-        if let Some(Err(wait)) =
-            monitor.map(|m| m.admit_tenant(&row.tenant, principal_id, Instant::now()))
-        {
+        let admitted = match monitor {
+            Some(m) => self.admit_tenant(m, &row.tenant, principal_id).await?,
+            None => Ok(()),
+        };
+        if let Err(wait) = admitted {
             let ev = ctx
                 .event(Action::Detokenize, Outcome::Denied)
                 .tenant(row.tenant.clone())
@@ -135,6 +142,67 @@ impl Vault {
         })
     }
 
+    /// Take a detokenize token of the principal's rate limit: from the
+    /// bucket every instance shares when the store keeps one (PostgreSQL),
+    /// else from this instance's. `Err(wait)`: refused (counted).
+    pub(super) async fn admit_principal(
+        &self,
+        monitor: &DetokenizeMonitor,
+        principal_id: &str,
+    ) -> Result<Result<(), Duration>, VaultError> {
+        self.admit(monitor, LimitScope::Principal, principal_id)
+            .await
+            .map(|shared| {
+                shared.unwrap_or_else(|| monitor.admit_principal(principal_id, Instant::now()))
+            })
+    }
+
+    /// The tenant's rate limit, as [`Vault::admit_principal`]; a refusal
+    /// gives the principal's token back (the request did not happen).
+    pub(super) async fn admit_tenant(
+        &self,
+        monitor: &DetokenizeMonitor,
+        tenant: &str,
+        principal_id: &str,
+    ) -> Result<Result<(), Duration>, VaultError> {
+        match self.admit(monitor, LimitScope::Tenant, tenant).await? {
+            Some(Ok(())) => Ok(Ok(())),
+            Some(Err(wait)) => {
+                let rate = monitor.rate(LimitScope::Principal);
+                if !rate.is_off() {
+                    self.store
+                        .give_back_shared_rate(LimitScope::Principal.as_str(), principal_id, rate)
+                        .await?;
+                }
+                Ok(Err(wait))
+            }
+            None => Ok(monitor.admit_tenant(tenant, principal_id, Instant::now())),
+        }
+    }
+
+    /// The shared bucket's answer, None when the store keeps none (or the
+    /// scope has no limit: then nothing is asked and the local check
+    /// admits at once).
+    async fn admit(
+        &self,
+        monitor: &DetokenizeMonitor,
+        scope: LimitScope,
+        key: &str,
+    ) -> Result<Option<Result<(), Duration>>, VaultError> {
+        let rate = monitor.rate(scope);
+        if rate.is_off() {
+            return Ok(None);
+        }
+        let decision = self
+            .store
+            .take_shared_rate(scope.as_str(), key, rate)
+            .await?;
+        if let Some(Err(_)) = decision {
+            monitor.count_limited(scope);
+        }
+        Ok(decision)
+    }
+
     /// Count a revealed token (a detokenize, or a card put into a
     /// forwarded call) for the anomaly rule; when it fires, a warning and a
     /// `detokenize_anomaly` event (counts only).
@@ -145,8 +213,12 @@ impl Vault {
         tenant: &str,
         token: &str,
     ) -> Result<(), VaultError> {
-        let Some(anomaly) = monitor.observe(ctx.principal.id.as_str(), token, Instant::now())
-        else {
+        let principal_id = ctx.principal.id.as_str();
+        let fired = match self.observe_shared(monitor, principal_id, token).await? {
+            Some(shared) => shared,
+            None => monitor.observe(principal_id, token, Instant::now()),
+        };
+        let Some(anomaly) = fired else {
             return Ok(());
         };
         tracing::warn!(
@@ -166,6 +238,76 @@ impl Vault {
             .detail(anomaly.detail());
         self.write_event(ev).await?;
         Ok(())
+    }
+
+    /// The anomaly rule over the counts every instance shares (PostgreSQL):
+    /// `None` when the store shares none (the in-memory rule decides),
+    /// `Some(None)` when the rule does not fire (or another instance fired
+    /// it for this window), `Some(Some(anomaly))` for the one instance that
+    /// claimed the window. Counted in the monitor's anomaly counter.
+    async fn observe_shared(
+        &self,
+        monitor: &DetokenizeMonitor,
+        principal_id: &str,
+        token: &str,
+    ) -> Result<Option<Option<Anomaly>>, VaultError> {
+        let rule = monitor.anomaly_rule();
+        if rule.is_off() {
+            return Ok(Some(None));
+        }
+        if !self.store.shared_monitoring() {
+            return Ok(None);
+        }
+        let digest = Sha256::digest(token.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        let hash = i64::from_be_bytes(first);
+        let thresholds = monitor.shared_thresholds();
+        if thresholds.already_counted(principal_id, hash, Instant::now()) {
+            return Ok(Some(None));
+        }
+        let Some(seen) = self
+            .store
+            .record_shared_reveal(principal_id, rule.window_ms(), hash)
+            .await?
+        else {
+            return Ok(None);
+        };
+        thresholds.note(principal_id, hash, &seen, Instant::now());
+        if !seen.new || seen.fired {
+            return Ok(Some(None));
+        }
+        let (threshold, baseline, windows) = match thresholds.get(principal_id, seen.window_start) {
+            Some(known) => known,
+            None => {
+                let keep = i64::from(rule.baseline_windows.max(1));
+                let from = seen.window_start - keep * rule.window_ms();
+                let history = self
+                    .store
+                    .shared_anomaly_history(principal_id, from, seen.window_start)
+                    .await?;
+                let computed = rule.threshold_from(&history, seen.window_start);
+                thresholds.put(principal_id, seen.window_start, computed);
+                computed
+            }
+        };
+        if seen.distinct <= threshold
+            || !self
+                .store
+                .claim_shared_anomaly(principal_id, seen.window_start)
+                .await?
+        {
+            return Ok(Some(None));
+        }
+        thresholds.note_fired(principal_id, seen.window_start);
+        monitor.count_anomaly();
+        Ok(Some(Some(Anomaly {
+            distinct: seen.distinct,
+            baseline,
+            threshold,
+            window: rule.window,
+            baseline_windows: windows,
+        })))
     }
 
     /// Record a reveal (detokenize or forward) refused by a rate limit and

@@ -19,6 +19,7 @@
 //! - key changes (rotation, retirement, destruction, re-wrapping, the end of
 //!   a re-encryption pass) and their audit events share one transaction.
 
+pub mod pg_hosts;
 pub mod postgres;
 #[cfg(test)]
 mod roles_tests;
@@ -73,6 +74,67 @@ pub enum StoreError {
     /// nothing was written; draw new tokens and try again.
     #[error("a new token is already in use")]
     TokenTaken,
+}
+
+impl StoreError {
+    /// Whether the database answered but refused to commit: a read-only
+    /// database or transaction, a standby (PostgreSQL SQLSTATE 25006), a
+    /// full disk (53100, SQLite's `SQLITE_FULL`), a read-only SQLite file
+    /// (`SQLITE_READONLY`) or a failed write or sync (`SQLITE_IOERR`).
+    /// Readiness reports it as `storage_read_only`, apart from a database
+    /// that cannot be reached (`storage_unavailable`).
+    pub fn is_read_only(&self) -> bool {
+        match self {
+            StoreError::Unavailable(sqlx::Error::Database(db)) => {
+                let code = db.code();
+                let code = code.as_deref().unwrap_or("");
+                if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                    code.parse::<i32>()
+                        .is_ok_and(|c| sqlite_cannot_write(c & 0xff))
+                } else {
+                    matches!(code, "25006" | "53100")
+                }
+            }
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                sqlite_cannot_write(e.extended_code & 0xff)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What [`Store::record_shared_reveal`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedReveal {
+    /// The window's start (unix ms, the database's clock).
+    pub window_start: i64,
+    /// Distinct tokens the principal revealed in it so far.
+    pub distinct: u64,
+    /// Whether the token was new in the window.
+    pub new: bool,
+    /// Whether the rule already fired in the window.
+    pub fired: bool,
+    /// Milliseconds until the window ends (the database's clock).
+    pub left_ms: i64,
+}
+
+/// Which backends share rate-limit state between instances
+/// ([`Store::take_shared_rate`]).
+impl postgres::PgStore {
+    /// Every instance on the database shares the buckets (`rate_buckets`,
+    /// migration 0013).
+    pub(crate) const SHARED_LIMITS: bool = true;
+}
+
+impl sqlite::SqliteStore {
+    /// One process: the buckets stay in memory (`monitor`).
+    pub(crate) const SHARED_LIMITS: bool = false;
+}
+
+/// SQLite's primary result codes for a write the database refused:
+/// `SQLITE_READONLY` (8), `SQLITE_IOERR` (10), `SQLITE_FULL` (13).
+fn sqlite_cannot_write(primary: i32) -> bool {
+    matches!(primary, 8 | 10 | 13)
 }
 
 /// A wrapped vault key as stored. A destroyed key has an empty `wrapped`.
@@ -473,6 +535,74 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn principal_changes(&self) -> Option<PrincipalChanges>;
     /// Cheap round trip to the database, for readiness.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// Write one row and commit (`storage_probe`, migration 0011): whether
+    /// the store can commit, for readiness. A query answering proves the
+    /// connection only; a full disk, a read-only database or a standby
+    /// fail here ([`StoreError::is_read_only`]).
+    async fn probe_write(&self) -> Result<(), StoreError>;
+    /// Take one token from the rate-limit bucket `(scope, key)` that every
+    /// instance sharing the database uses, refilled at `rate` by the
+    /// database's clock: PostgreSQL (`rate_buckets`, migration 0013; one
+    /// statement, committed without waiting for the WAL flush: the buckets
+    /// are counters, not records). `Some(Err(wait))`: refused, `wait` until
+    /// the next token. `None`: the backend keeps no shared state (SQLite,
+    /// one process: the in-memory buckets of `monitor` apply).
+    async fn take_shared_rate(
+        &self,
+        scope: &str,
+        key: &str,
+        rate: crate::monitor::Rate,
+    ) -> Result<Option<Result<(), std::time::Duration>>, StoreError>;
+    /// Return a token taken by [`Store::take_shared_rate`] for a request
+    /// refused later (nothing on a backend without shared buckets).
+    async fn give_back_shared_rate(
+        &self,
+        scope: &str,
+        key: &str,
+        rate: crate::monitor::Rate,
+    ) -> Result<(), StoreError>;
+    /// The anomaly rule's shared count (PostgreSQL, `anomaly_windows` and
+    /// `anomaly_tokens`, migration 0013): record that `principal` revealed
+    /// the token hashed to `token_hash` in the window of `window_ms` the
+    /// database's clock is in (unless the rule already fired there). None:
+    /// the backend shares no state (SQLite: the in-memory rule applies).
+    async fn record_shared_reveal(
+        &self,
+        principal: &str,
+        window_ms: i64,
+        token_hash: i64,
+    ) -> Result<Option<SharedReveal>, StoreError>;
+    /// The principal's windows in `[from_ms, to_ms)` with their distinct
+    /// counts (oldest first), after deleting its tokens of windows before
+    /// `to_ms` and its windows before `from_ms` (what the rule no longer
+    /// needs).
+    async fn shared_anomaly_history(
+        &self,
+        principal: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<(i64, u64)>, StoreError>;
+    /// Whether instances sharing the database share the monitoring state
+    /// (rate limits, anomaly counts, source blocks): PostgreSQL.
+    fn shared_monitoring(&self) -> bool;
+    /// Block a source for `block` from now (the database's clock) in
+    /// `source_blocks` (migration 0014), unless a block is in force: true
+    /// for the one caller that started it. Nothing on SQLite (false).
+    async fn block_source(
+        &self,
+        source: &str,
+        block: std::time::Duration,
+    ) -> Result<bool, StoreError>;
+    /// The source blocks in force and the time each has left (and the
+    /// ended ones deleted). Empty on SQLite.
+    async fn source_blocks(&self) -> Result<Vec<(String, std::time::Duration)>, StoreError>;
+    /// Mark the principal's window as fired; true for the one caller that
+    /// did (the others see it fired already).
+    async fn claim_shared_anomaly(
+        &self,
+        principal: &str,
+        window_start: i64,
+    ) -> Result<bool, StoreError>;
     /// Close the pool (SQLite: checkpoints the WAL into the main file).
     async fn close(&self);
     /// The pool's connections now (no database round trip).
@@ -712,7 +842,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The newest signed checkpoint (one row, for the metrics).
     async fn last_checkpoint(&self) -> Result<Option<audit::Checkpoint>, StoreError>;
     /// Sign and store a checkpoint of the chain as it is now, unless the
-    /// newest checkpoint already covers it.
+    /// newest checkpoint already covers it. [`StoreError::StaleKeys`] if
+    /// `key` is a stored signing key that was retired (another instance
+    /// rotated it): reload the signing key.
     async fn write_checkpoint(
         &self,
         key: &audit::SigningKey,
@@ -724,6 +856,28 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         key: &SigningKeyRow,
         event: AuditEvent,
     ) -> Result<bool, StoreError>;
+    /// Rotate the audit signing key, in one transaction: retire `old` (the
+    /// stored generation `new.generation - 1`, still signing), insert
+    /// `new`, record `event`, then sign with `old` and store the key
+    /// announcement: the checkpoint of the trail including `event` that
+    /// names `new`'s public key. Returns the announcement.
+    /// [`StoreError::Conflict`] if `old` is not the signing generation
+    /// (another rotation came first).
+    async fn rotate_signing_key(
+        &self,
+        old: &audit::SigningKey,
+        new: &SigningKeyRow,
+        event: AuditEvent,
+    ) -> Result<audit::Checkpoint, StoreError>;
+    /// Destroy a retired signing key: its wrapped secret is erased, its
+    /// public key kept (it verifies the checkpoints it signed); `event`
+    /// recorded in the same transaction.
+    async fn destroy_signing_key(
+        &self,
+        generation: u32,
+        at: i64,
+        event: AuditEvent,
+    ) -> Result<KeyChangeOutcome, StoreError>;
 
     /// Make `keys` (each the next version of its purpose, state active) the
     /// active keys, demote the keys they replace to decrypt-only, and record
@@ -940,6 +1094,23 @@ pub struct SigningKeyRow {
     /// `cardvault-audit-ed25519:<hex>`: what auditors verify with.
     pub public_key: String,
     pub created_at: i64,
+    /// When a rotation replaced it: it signs nothing after (None: the one
+    /// that signs, the newest generation).
+    pub retired_at: Option<i64>,
+    /// When its wrapped secret was erased (`wrapped` is then empty); the
+    /// public key stays.
+    pub destroyed_at: Option<i64>,
+}
+
+impl SigningKeyRow {
+    /// `active` (signs), `retired` or `destroyed`.
+    pub fn state(&self) -> KeyState {
+        match (self.retired_at, self.destroyed_at) {
+            (_, Some(_)) => KeyState::Destroyed,
+            (Some(_), None) => KeyState::Retired,
+            (None, None) => KeyState::Active,
+        }
+    }
 }
 
 /// Refuse to store an audit event with card-number-like text in any field.

@@ -292,6 +292,13 @@ async fn privileges_of(admin: &mut PgConnection, app: &str) -> Vec<String> {
 
 /// What the runtime role may do: exactly the list in deploy/postgres-roles.sql.
 const APP_PRIVILEGES: &[&str] = &[
+    "anomaly_tokens DELETE",
+    "anomaly_tokens INSERT",
+    "anomaly_tokens SELECT",
+    "anomaly_windows DELETE",
+    "anomaly_windows INSERT",
+    "anomaly_windows SELECT",
+    "anomaly_windows UPDATE",
     "audit_archives SELECT",
     "audit_checkpoints INSERT",
     "audit_checkpoints SELECT",
@@ -301,7 +308,9 @@ const APP_PRIVILEGES: &[&str] = &[
     "audit_head UPDATE",
     "audit_signing_keys INSERT",
     "audit_signing_keys SELECT",
+    "audit_signing_keys.destroyed_at UPDATE",
     "audit_signing_keys.kek_id UPDATE",
+    "audit_signing_keys.retired_at UPDATE",
     "audit_signing_keys.wrapped UPDATE",
     "cards DELETE",
     "cards INSERT",
@@ -331,7 +340,16 @@ const APP_PRIVILEGES: &[&str] = &[
     "principals INSERT",
     "principals SELECT",
     "principals.revoked_at UPDATE",
+    "rate_buckets INSERT",
+    "rate_buckets SELECT",
+    "rate_buckets UPDATE",
     "schema public USAGE",
+    "source_blocks DELETE",
+    "source_blocks INSERT",
+    "source_blocks SELECT",
+    "source_blocks UPDATE",
+    "storage_probe SELECT",
+    "storage_probe.probed_at UPDATE",
     "tenants INSERT",
     "tenants SELECT",
     "tenants UPDATE",
@@ -361,6 +379,8 @@ const AUDITOR_PRIVILEGES: &[&str] = &[
 /// `AUDITOR_PRIVILEGES`).
 const TABLES: &[&str] = &[
     "_sqlx_migrations",
+    "anomaly_tokens",
+    "anomaly_windows",
     "audit_archives",
     "audit_checkpoints",
     "audit_events",
@@ -370,6 +390,9 @@ const TABLES: &[&str] = &[
     "collect_sessions",
     "forward_idempotency",
     "principals",
+    "rate_buckets",
+    "source_blocks",
+    "storage_probe",
     "tenants",
     "vault_keys",
 ];
@@ -719,7 +742,7 @@ async fn the_runtime_role_runs_the_service_and_cannot_change_the_schema_or_the_a
         .fetch_one(&mut admin)
         .await
         .unwrap();
-    assert_eq!(applied, 10);
+    assert_eq!(applied, 14);
     owner.migrate().await.unwrap();
 
     // `tokenizer restore` is an owner operation: as the runtime role the

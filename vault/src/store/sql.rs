@@ -26,8 +26,8 @@ macro_rules! sql_store {
             "purpose, version, kek_id, wrapped, created_at, state, retired_at, destroyed_at, reencrypted_at";
         const EVENT_COLUMNS: &str =
             "seq, time, principal, source, action, tenant, token, outcome, error_code, request_id, reason, detail, chain_seq, leaf_hash, chain_hash";
-        const CHECKPOINT_COLUMNS: &str = "tree_size, root, chain_head, time, key_id, signature";
-        const SIGNING_KEY_COLUMNS: &str = "generation, key_id, kek_id, wrapped, public_key, created_at";
+        const CHECKPOINT_COLUMNS: &str = "tree_size, root, chain_head, time, key_id, next_key, signature";
+        const SIGNING_KEY_COLUMNS: &str = "generation, key_id, kek_id, wrapped, public_key, created_at, retired_at, destroyed_at";
         const ARCHIVE_COLUMNS: &str = "from_seq, to_seq, chain_head, frontier, file_name, file_sha256, archived_at";
         const COLLECT_COLUMNS: &str = "id, tenant, allowed_origin, secret_hash, code_required, token_format, reference, style, created_at, expires_at, failures, closed_at, completed_at, token, claimed_until";
 
@@ -52,6 +52,84 @@ macro_rules! sql_store {
                     .map_err(|_| $crate::store::StoreError::Timeout)?
             }
         }
+
+        /// Take one token from a shared rate-limit bucket (PostgreSQL only:
+        /// `rate_buckets`, migration 0013): a new bucket starts full ($3,
+        /// the burst) less the one taken; an existing one is refilled at $4
+        /// per millisecond of the database's clock since it last changed
+        /// and loses one token, only if it has one (else no row: refused,
+        /// and unchanged, so the refill is computed from its last change).
+        /// One statement under the row's lock, so concurrent instances
+        /// never both take the last token. `synchronous_commit` off for
+        /// this transaction only: a counter, not a record, need not wait
+        /// for the WAL flush (a database crash forgets at most the last
+        /// fraction of a second of takes). What is stored is rounded to
+        /// whole millionths of a token: a refill at a rate such as 1/60000
+        /// per ms leaves binary-float noise (`19.000000000000004`) whose
+        /// long runs of zeros read, in a dump of the table, like a
+        /// fragment of a card number with zeros in the middle; a rounded
+        /// value prints with at most six decimals, and the rounding error
+        /// (half a millionth of a token per change) is immaterial.
+        const SHARED_RATE_TAKE: &str = "WITH clock AS (
+                SELECT set_config('synchronous_commit', 'off', true) AS sync,
+                       (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms)
+            INSERT INTO rate_buckets AS b (scope, key, tokens, at_ms)
+            SELECT $1, $2, $3::float8 - 1, now_ms FROM clock
+            ON CONFLICT (scope, key) DO UPDATE
+            SET tokens = round((LEAST($3::float8, b.tokens + GREATEST(EXCLUDED.at_ms - b.at_ms, 0) * $4::float8) - 1)::numeric, 6)::float8,
+                at_ms = GREATEST(b.at_ms, EXCLUDED.at_ms)
+            WHERE LEAST($3::float8, b.tokens + GREATEST(EXCLUDED.at_ms - b.at_ms, 0) * $4::float8) >= 1
+            RETURNING b.tokens";
+        /// A bucket's tokens, last change and the database's clock (ms).
+        const SHARED_RATE_READ: &str = "SELECT tokens, at_ms,
+                (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+            FROM rate_buckets WHERE scope = $1 AND key = $2";
+        /// One token back, up to the burst ($3), rounded as a take rounds.
+        const SHARED_RATE_GIVE_BACK: &str = "WITH clock AS (
+                SELECT set_config('synchronous_commit', 'off', true) AS sync)
+            UPDATE rate_buckets SET tokens = round(LEAST($3::float8, tokens + 1)::numeric, 6)::float8
+            FROM clock WHERE scope = $1 AND key = $2";
+
+        /// Record a reveal for the shared anomaly rule (PostgreSQL only,
+        /// migration 0013): the window of $2 ms the database's clock is
+        /// in; the token hash $3 is added to the principal's window unless
+        /// the rule fired there already, and the window's distinct count
+        /// goes up when it was new. Answers (window start, distinct count,
+        /// fired, new). Data-modifying CTEs see the table as it was when
+        /// the statement began, so the count of a token already seen is
+        /// read from `before`. synchronous_commit off, as for the buckets.
+        const SHARED_REVEAL_RECORD: &str = "WITH clock AS (
+                SELECT set_config('synchronous_commit', 'off', true) AS sync, now_ms,
+                       (floor(now_ms / $2) * $2)::bigint AS win
+                  FROM (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms) t),
+            before AS (
+                SELECT w.distinct_tokens, w.fired FROM anomaly_windows w, clock
+                 WHERE w.principal = $1 AND w.window_start = clock.win),
+            new AS (
+                INSERT INTO anomaly_tokens (principal, window_start, token_hash)
+                SELECT $1, win, $3 FROM clock
+                 WHERE NOT EXISTS (SELECT 1 FROM before WHERE fired)
+                ON CONFLICT DO NOTHING
+                RETURNING window_start),
+            counted AS (
+                INSERT INTO anomaly_windows AS w (principal, window_start, distinct_tokens, fired)
+                SELECT $1, window_start, 1, false FROM new
+                ON CONFLICT (principal, window_start)
+                DO UPDATE SET distinct_tokens = w.distinct_tokens + 1
+                RETURNING w.distinct_tokens)
+            SELECT clock.win,
+                   COALESCE((SELECT distinct_tokens FROM counted),
+                            (SELECT distinct_tokens FROM before), 0)::bigint,
+                   COALESCE((SELECT fired FROM before), false),
+                   EXISTS (SELECT 1 FROM new),
+                   clock.win + $2 - clock.now_ms
+              FROM clock";
+        /// What the rule no longer needs of a principal: the tokens of
+        /// windows before the current one ($3), windows before the
+        /// baseline ($2).
+        const SHARED_ANOMALY_PRUNE: &str = "WITH tokens AS (
+                DELETE FROM anomaly_tokens WHERE principal = $1 AND window_start < $3)
+            DELETE FROM anomaly_windows WHERE principal = $1 AND window_start < $2";
 
         /// Most rows in one multi-row statement (SQLite allows 32766 bound
         /// parameters per statement, PostgreSQL 65535; rows here bind 11-14).
@@ -493,6 +571,10 @@ macro_rules! sql_store {
             let head: Vec<u8> = r.try_get("chain_head")?;
             let time: String = r.try_get("time")?;
             let sig: Vec<u8> = r.try_get("signature")?;
+            let next_key: Option<String> = r.try_get("next_key")?;
+            let next_key = next_key
+                .map(|k| audit::VerifyingKey::parse(&k).map_err(|_| StoreError::Corrupt("checkpoint next key")))
+                .transpose()?;
             Ok(audit::Checkpoint {
                 tree_size: u64::try_from(size).map_err(|_| StoreError::Corrupt("checkpoint size"))?,
                 root: root.try_into().map_err(|_| StoreError::Corrupt("checkpoint root"))?,
@@ -500,6 +582,7 @@ macro_rules! sql_store {
                 time: time::OffsetDateTime::parse(&time, &time::format_description::well_known::Rfc3339)
                     .map_err(|_| StoreError::Corrupt("checkpoint time"))?,
                 key_id: r.try_get("key_id")?,
+                next_key,
                 signature: sig.try_into().map_err(|_| StoreError::Corrupt("checkpoint signature"))?,
             })
         }
@@ -511,7 +594,7 @@ macro_rules! sql_store {
                 .format(&time::format_description::well_known::Rfc3339)
                 .map_err(|_| StoreError::Corrupt("checkpoint time"))?;
             sqlx::query(
-                "INSERT INTO audit_checkpoints (tree_size, root, chain_head, time, key_id, signature) VALUES ($1, $2, $3, $4, $5, $6)",
+                "INSERT INTO audit_checkpoints (tree_size, root, chain_head, time, key_id, signature, next_key) VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(i64::try_from(cp.tree_size).map_err(|_| StoreError::Corrupt("checkpoint size"))?)
             .bind(cp.root.to_vec())
@@ -519,6 +602,7 @@ macro_rules! sql_store {
             .bind(time)
             .bind(&cp.key_id)
             .bind(cp.signature.to_vec())
+            .bind(cp.next_key.as_ref().map(ToString::to_string))
             .execute(&mut **tx)
             .await?;
             Ok(())
@@ -526,7 +610,8 @@ macro_rules! sql_store {
 
         async fn insert_signing_key_row(tx: &mut Tx<'_>, k: &$crate::store::SigningKeyRow) -> Result<u64, $crate::store::StoreError> {
             let res = sqlx::query(
-                "INSERT INTO audit_signing_keys (generation, key_id, kek_id, wrapped, public_key, created_at) VALUES ($1, $2, $3, $4, $5, $6)
+                "INSERT INTO audit_signing_keys (generation, key_id, kek_id, wrapped, public_key, created_at, retired_at, destroyed_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (generation) DO NOTHING",
             )
             .bind(i64::from(k.generation))
@@ -535,6 +620,8 @@ macro_rules! sql_store {
             .bind(&k.wrapped)
             .bind(&k.public_key)
             .bind(k.created_at)
+            .bind(k.retired_at)
+            .bind(k.destroyed_at)
             .execute(&mut **tx)
             .await?;
             Ok(res.rows_affected())
@@ -550,6 +637,8 @@ macro_rules! sql_store {
                 wrapped: r.try_get("wrapped")?,
                 public_key: r.try_get("public_key")?,
                 created_at: r.try_get("created_at")?,
+                retired_at: r.try_get("retired_at")?,
+                destroyed_at: r.try_get("destroyed_at")?,
             })
         }
 
@@ -592,6 +681,229 @@ macro_rules! sql_store {
                 self.bounded(async {
                     sqlx::query("SELECT 1").execute(&self.pool).await?;
                     Ok(())
+                })
+                .await
+            }
+
+            async fn probe_write(&self) -> Result<(), $crate::store::StoreError> {
+                self.bounded(async {
+                    sqlx::query("UPDATE storage_probe SET probed_at = $1 WHERE id = 1")
+                        .bind($crate::store::now_millis())
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn take_shared_rate(
+                &self,
+                scope: &str,
+                key: &str,
+                rate: $crate::monitor::Rate,
+            ) -> Result<Option<Result<(), std::time::Duration>>, $crate::store::StoreError> {
+                if !<$store>::SHARED_LIMITS || rate.is_off() {
+                    return Ok(None);
+                }
+                let capacity = f64::from(rate.burst.max(1));
+                let per_ms = f64::from(rate.per_minute) / 60_000.0;
+                self.bounded(async {
+                    let taken = sqlx::query(SHARED_RATE_TAKE)
+                        .bind(scope)
+                        .bind(key)
+                        .bind(capacity)
+                        .bind(per_ms)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                    if taken.is_some() {
+                        return Ok(Some(Ok(())));
+                    }
+                    // Refused: how long until the next token.
+                    let row = sqlx::query(SHARED_RATE_READ)
+                        .bind(scope)
+                        .bind(key)
+                        .fetch_optional(&self.pool)
+                        .await?;
+                    let now_tokens = match row {
+                        Some(r) => {
+                            let tokens: f64 = sqlx::Row::try_get(&r, 0)?;
+                            let at: i64 = sqlx::Row::try_get(&r, 1)?;
+                            let now: i64 = sqlx::Row::try_get(&r, 2)?;
+                            // Milliseconds: exact in f64.
+                            (tokens + (now - at).max(0) as f64 * per_ms).min(capacity)
+                        }
+                        None => 0.0,
+                    };
+                    let wait_ms = ((1.0 - now_tokens) / per_ms).max(1.0);
+                    Ok(Some(Err(std::time::Duration::from_secs_f64(wait_ms / 1000.0))))
+                })
+                .await
+            }
+
+            async fn give_back_shared_rate(
+                &self,
+                scope: &str,
+                key: &str,
+                rate: $crate::monitor::Rate,
+            ) -> Result<(), $crate::store::StoreError> {
+                if !<$store>::SHARED_LIMITS || rate.is_off() {
+                    return Ok(());
+                }
+                self.bounded(async {
+                    sqlx::query(SHARED_RATE_GIVE_BACK)
+                        .bind(scope)
+                        .bind(key)
+                        .bind(f64::from(rate.burst.max(1)))
+                        .execute(&self.pool)
+                        .await?;
+                    Ok(())
+                })
+                .await
+            }
+
+            async fn record_shared_reveal(
+                &self,
+                principal: &str,
+                window_ms: i64,
+                token_hash: i64,
+            ) -> Result<Option<$crate::store::SharedReveal>, $crate::store::StoreError> {
+                if !<$store>::SHARED_LIMITS {
+                    return Ok(None);
+                }
+                self.bounded(async {
+                    let r = sqlx::query(SHARED_REVEAL_RECORD)
+                        .bind(principal)
+                        .bind(window_ms.max(1))
+                        .bind(token_hash)
+                        .fetch_one(&self.pool)
+                        .await?;
+                    let distinct: i64 = sqlx::Row::try_get(&r, 1)?;
+                    Ok(Some($crate::store::SharedReveal {
+                        window_start: sqlx::Row::try_get(&r, 0)?,
+                        distinct: u64::try_from(distinct).unwrap_or(0),
+                        fired: sqlx::Row::try_get(&r, 2)?,
+                        new: sqlx::Row::try_get(&r, 3)?,
+                        left_ms: sqlx::Row::try_get(&r, 4)?,
+                    }))
+                })
+                .await
+            }
+
+            async fn shared_anomaly_history(
+                &self,
+                principal: &str,
+                from_ms: i64,
+                to_ms: i64,
+            ) -> Result<Vec<(i64, u64)>, $crate::store::StoreError> {
+                if !<$store>::SHARED_LIMITS {
+                    return Ok(Vec::new());
+                }
+                self.bounded(async {
+                    sqlx::query(SHARED_ANOMALY_PRUNE)
+                        .bind(principal)
+                        .bind(from_ms)
+                        .bind(to_ms)
+                        .execute(&self.pool)
+                        .await?;
+                    let rows = sqlx::query(
+                        "SELECT window_start, distinct_tokens FROM anomaly_windows
+                          WHERE principal = $1 AND window_start >= $2 AND window_start < $3
+                          ORDER BY window_start",
+                    )
+                    .bind(principal)
+                    .bind(from_ms)
+                    .bind(to_ms)
+                    .fetch_all(&self.pool)
+                    .await?;
+                    rows.iter()
+                        .map(|r| {
+                            let n: i64 = sqlx::Row::try_get(r, 1)?;
+                            Ok((sqlx::Row::try_get(r, 0)?, u64::try_from(n).unwrap_or(0)))
+                        })
+                        .collect()
+                })
+                .await
+            }
+
+            fn shared_monitoring(&self) -> bool {
+                <$store>::SHARED_LIMITS
+            }
+
+            async fn block_source(
+                &self,
+                source: &str,
+                block: std::time::Duration,
+            ) -> Result<bool, $crate::store::StoreError> {
+                if !<$store>::SHARED_LIMITS {
+                    return Ok(false);
+                }
+                let block_ms = i64::try_from(block.as_millis()).unwrap_or(i64::MAX).max(1);
+                self.bounded(async {
+                    let started = sqlx::query(
+                        "WITH clock AS (
+                            SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms)
+                         INSERT INTO source_blocks AS b (source, until_ms)
+                         SELECT $1, now_ms + $2 FROM clock
+                         ON CONFLICT (source) DO UPDATE SET until_ms = EXCLUDED.until_ms
+                         WHERE b.until_ms <= EXCLUDED.until_ms - $2",
+                    )
+                    .bind(source)
+                    .bind(block_ms)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(started.rows_affected() == 1)
+                })
+                .await
+            }
+
+            async fn source_blocks(
+                &self,
+            ) -> Result<Vec<(String, std::time::Duration)>, $crate::store::StoreError> {
+                if !<$store>::SHARED_LIMITS {
+                    return Ok(Vec::new());
+                }
+                self.bounded(async {
+                    let rows = sqlx::query(
+                        "WITH clock AS (
+                            SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms),
+                         ended AS (
+                            DELETE FROM source_blocks USING clock WHERE until_ms < now_ms - 60000)
+                         SELECT source, until_ms - now_ms FROM source_blocks, clock
+                          WHERE until_ms > now_ms",
+                    )
+                    .fetch_all(&self.pool)
+                    .await?;
+                    rows.iter()
+                        .map(|r| {
+                            let left: i64 = sqlx::Row::try_get(r, 1)?;
+                            Ok((
+                                sqlx::Row::try_get(r, 0)?,
+                                std::time::Duration::from_millis(u64::try_from(left).unwrap_or(0)),
+                            ))
+                        })
+                        .collect()
+                })
+                .await
+            }
+
+            async fn claim_shared_anomaly(
+                &self,
+                principal: &str,
+                window_start: i64,
+            ) -> Result<bool, $crate::store::StoreError> {
+                if !<$store>::SHARED_LIMITS {
+                    return Ok(true);
+                }
+                self.bounded(async {
+                    let claimed = sqlx::query(
+                        "UPDATE anomaly_windows SET fired = true
+                          WHERE principal = $1 AND window_start = $2 AND NOT fired",
+                    )
+                    .bind(principal)
+                    .bind(window_start)
+                    .execute(&self.pool)
+                    .await?;
+                    Ok(claimed.rows_affected() == 1)
                 })
                 .await
             }
@@ -1629,6 +1941,18 @@ macro_rules! sql_store {
                         tx.rollback().await?;
                         return Ok(None);
                     }
+                    // A retired signing key signs nothing more (checked under
+                    // the head lock, which a rotation holds too).
+                    let retired: Option<bool> = sqlx::query_scalar(
+                        "SELECT retired_at IS NOT NULL FROM audit_signing_keys WHERE key_id = $1",
+                    )
+                    .bind(key.key_id())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if retired == Some(true) {
+                        tx.rollback().await?;
+                        return Err($crate::store::StoreError::StaleKeys);
+                    }
                     let cp = trail.checkpoint(key, time::OffsetDateTime::now_utc());
                     insert_checkpoint(&mut tx, &cp).await?;
                     tx.commit().await?;
@@ -1660,6 +1984,86 @@ macro_rules! sql_store {
                     }
                     tx.commit().await?;
                     Ok(inserted)
+                })
+                .await
+            }
+
+            async fn rotate_signing_key(
+                &self,
+                old: &audit::SigningKey,
+                new: &$crate::store::SigningKeyRow,
+                event: audit::AuditEvent,
+            ) -> Result<audit::Checkpoint, $crate::store::StoreError> {
+                use $crate::store::StoreError;
+                let next = audit::VerifyingKey::parse(&new.public_key).map_err(|_| StoreError::Corrupt("signing public key"))?;
+                let previous = new.generation.checked_sub(1).ok_or(StoreError::Corrupt("key generation"))?;
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    // `kek_id`: a KEK rotation that re-wrapped the old
+                    // generation meanwhile makes this a conflict, rather
+                    // than a new generation under the KEK it replaced.
+                    let retired = sqlx::query(
+                        "UPDATE audit_signing_keys SET retired_at = $3
+                          WHERE generation = $1 AND key_id = $2 AND retired_at IS NULL
+                            AND kek_id = $4",
+                    )
+                    .bind(i64::from(previous))
+                    .bind(old.key_id())
+                    .bind(new.created_at)
+                    .bind(&new.kek_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if retired != 1 || insert_signing_key_row(&mut tx, new).await? != 1 {
+                        tx.rollback().await?;
+                        return Err(StoreError::Conflict);
+                    }
+                    // The event first (it takes the head lock), then the
+                    // announcement covers it.
+                    insert_event(&mut tx, &event).await?;
+                    let trail = lock_head(&mut tx).await?;
+                    let announcement = trail.announce(old, time::OffsetDateTime::now_utc(), &next);
+                    insert_checkpoint(&mut tx, &announcement).await?;
+                    tx.commit().await?;
+                    Ok(announcement)
+                })
+                .await
+            }
+
+            async fn destroy_signing_key(
+                &self,
+                generation: u32,
+                at: i64,
+                event: audit::AuditEvent,
+            ) -> Result<$crate::store::KeyChangeOutcome, $crate::store::StoreError> {
+                use $crate::store::{KeyChangeOutcome, KeyState};
+                self.bounded(async {
+                    let mut tx = self.pool.begin().await?;
+                    let changed = sqlx::query(
+                        "UPDATE audit_signing_keys SET wrapped = $2, destroyed_at = $3
+                          WHERE generation = $1 AND retired_at IS NOT NULL AND destroyed_at IS NULL",
+                    )
+                    .bind(i64::from(generation))
+                    .bind(Vec::<u8>::new())
+                    .bind(at)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if changed == 1 {
+                        insert_event(&mut tx, &event).await?;
+                        tx.commit().await?;
+                        return Ok(KeyChangeOutcome::Done);
+                    }
+                    let row = sqlx::query(&format!("SELECT {SIGNING_KEY_COLUMNS} FROM audit_signing_keys WHERE generation = $1"))
+                        .bind(i64::from(generation))
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    tx.rollback().await?;
+                    Ok(match row.as_ref().map(signing_key_from_row).transpose()? {
+                        None => KeyChangeOutcome::NotFound,
+                        Some(k) if k.state() == KeyState::Active => KeyChangeOutcome::Active,
+                        Some(k) => KeyChangeOutcome::WrongState(k.state()),
+                    })
                 })
                 .await
             }
@@ -1958,7 +2362,7 @@ macro_rules! sql_store {
                     }
                     for k in signing {
                         changed += sqlx::query(
-                            "UPDATE audit_signing_keys SET wrapped = $2, kek_id = $3 WHERE generation = $1 AND kek_id = $4",
+                            "UPDATE audit_signing_keys SET wrapped = $2, kek_id = $3 WHERE generation = $1 AND kek_id = $4 AND destroyed_at IS NULL",
                         )
                         .bind(i64::from(k.generation))
                         .bind(&k.wrapped)
@@ -1972,7 +2376,7 @@ macro_rules! sql_store {
                     // concurrent rotation under the old KEK).
                     let left: i64 = sqlx::query_scalar(
                         "SELECT (SELECT COUNT(*) FROM vault_keys WHERE state <> 'destroyed' AND kek_id <> $1)
-                              + (SELECT COUNT(*) FROM audit_signing_keys WHERE kek_id <> $1)",
+                              + (SELECT COUNT(*) FROM audit_signing_keys WHERE destroyed_at IS NULL AND kek_id <> $1)",
                     )
                     .bind(&new_kek_id)
                     .fetch_one(&mut *tx)

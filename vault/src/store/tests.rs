@@ -726,6 +726,8 @@ async fn archiving_moves_old_segments_to_files_that_verify() {
                 wrapped: vec![0; 8],
                 public_key: vk.to_string(),
                 created_at: now_millis(),
+                retired_at: None,
+                destroyed_at: None,
             },
             ev().detail("audit_signing:1"),
         )
@@ -776,7 +778,13 @@ async fn archiving_moves_old_segments_to_files_that_verify() {
         assert_eq!((none.segment, none.deleted), (None, 0), "{name}");
 
         let later = time::OffsetDateTime::now_utc() + time::Duration::seconds(2);
-        let done = archive_audit(s.as_ref(), &b.url(), dir.path(), later, ev())
+        // PostgreSQL: through a host list whose first host is down (the
+        // export reads the host that accepts writes).
+        let url = match b.url() {
+            u if u.starts_with("postgres") => with_dead_first_host(&u),
+            u => u,
+        };
+        let done = archive_audit(s.as_ref(), &url, dir.path(), later, ev())
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let (row, path) = done.segment.unwrap();
@@ -1312,5 +1320,340 @@ async fn concurrent_claims_of_a_forward_key_have_one_winner() {
             // Every loser saw the one winner's row.
             assert_eq!(existing.len(), 1, "{name}");
         }
+    }
+}
+
+#[tokio::test]
+async fn the_write_probe_commits_and_a_refused_commit_is_read_only() {
+    for t in TestStore::all().await {
+        let store = t.store();
+        store.probe_write().await.unwrap();
+        let n = t
+            .exec("UPDATE storage_probe SET probed_at = probed_at WHERE probed_at > 0")
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "{}: the probe wrote its row", t.name());
+        // A duplicate key is a refusal of the statement, not of commits.
+        let dup = t
+            .exec("INSERT INTO storage_probe (id, probed_at) VALUES (1, 0)")
+            .await
+            .unwrap_err();
+        assert!(!StoreError::Unavailable(dup).is_read_only(), "{}", t.name());
+        assert!(!StoreError::Timeout.is_read_only());
+    }
+
+    // SQLite: a read-only file, through sqlx and through rusqlite (the
+    // dedicated writer's driver).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    store.close().await;
+    let ro = sqlx::sqlite::SqlitePoolOptions::new()
+        .connect_with(
+            sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .read_only(true),
+        )
+        .await
+        .unwrap();
+    let refused = sqlx::query("UPDATE storage_probe SET probed_at = 1")
+        .execute(&ro)
+        .await
+        .unwrap_err();
+    assert!(
+        StoreError::Unavailable(refused).is_read_only(),
+        "sqlx: SQLITE_READONLY"
+    );
+    ro.close().await;
+    let conn =
+        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let refused = conn
+        .execute("UPDATE storage_probe SET probed_at = 1", [])
+        .unwrap_err();
+    assert!(
+        StoreError::Sqlite(refused).is_read_only(),
+        "rusqlite: SQLITE_READONLY"
+    );
+
+    // PostgreSQL: a read-only session (what a standby or
+    // `default_transaction_read_only` gives): SQLSTATE 25006.
+    let db = PgTestDb::create().await;
+    PgStore::open(&db.url, PgSettings::default())
+        .await
+        .unwrap()
+        .close()
+        .await;
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    conn.execute("SET default_transaction_read_only = on")
+        .await
+        .unwrap();
+    let refused = conn
+        .execute("UPDATE storage_probe SET probed_at = 1")
+        .await
+        .unwrap_err();
+    assert!(StoreError::Unavailable(refused).is_read_only(), "25006");
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn shared_rate_buckets_hold_across_store_handles_on_postgres_only() {
+    use crate::monitor::Rate;
+    let rate = Rate {
+        per_minute: 60,
+        burst: 3,
+    };
+    let sqlite = TestStore::sqlite().await;
+    assert_eq!(
+        sqlite
+            .store()
+            .take_shared_rate("principal", "p1", rate)
+            .await
+            .unwrap(),
+        None,
+        "SQLite keeps its buckets in memory"
+    );
+    let t = TestStore::postgres().await;
+    // Two handles with pools of their own: two instances.
+    let a = t.store();
+    let TestStore::Postgres(db, _) = &t else {
+        unreachable!()
+    };
+    let b: Arc<dyn Store> = Arc::new(PgStore::open(&db.url, PgSettings::default()).await.unwrap());
+    assert_eq!(
+        a.take_shared_rate("principal", "p1", Rate::OFF)
+            .await
+            .unwrap(),
+        None,
+        "no limit: nothing asked"
+    );
+    for handle in [&a, &b, &a] {
+        assert_eq!(
+            handle
+                .take_shared_rate("principal", "p1", rate)
+                .await
+                .unwrap(),
+            Some(Ok(()))
+        );
+    }
+    // The burst is spent, whichever instance asks; the wait is about the
+    // time to one token (1 s at 60 a minute).
+    let Some(Err(wait)) = b.take_shared_rate("principal", "p1", rate).await.unwrap() else {
+        panic!("the fourth take must be refused");
+    };
+    assert!(
+        wait <= std::time::Duration::from_secs(1) && !wait.is_zero(),
+        "{wait:?}"
+    );
+    // Other keys and scopes have buckets of their own.
+    assert_eq!(
+        b.take_shared_rate("tenant", "p1", rate).await.unwrap(),
+        Some(Ok(()))
+    );
+    // A token given back can be taken again, by the other instance.
+    a.give_back_shared_rate("principal", "p1", rate)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.take_shared_rate("principal", "p1", rate).await.unwrap(),
+        Some(Ok(()))
+    );
+    // Concurrent takes never hand out more than the bucket holds.
+    let burst = Rate {
+        per_minute: 1,
+        burst: 20,
+    };
+    let takes = (0..60).map(|i| {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        async move {
+            s.take_shared_rate("principal", "race", burst)
+                .await
+                .unwrap()
+        }
+    });
+    let results = futures_util::future::join_all(takes).await;
+    let granted = results.iter().filter(|r| matches!(r, Some(Ok(())))).count();
+    assert_eq!(granted, 20, "{results:?}");
+
+    // What a bucket holds is stored in whole millionths of a token: a
+    // refill at 1/60000 per ms, taken and given back over a few
+    // milliseconds, never leaves float noise with long runs of zeros (a
+    // dump of the table would show `19.000000000000004`, which reads like
+    // a fragment of a card number with zeros in the middle).
+    let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    for _ in 0..20 {
+        a.give_back_shared_rate("principal", "race", burst)
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        let _ = b
+            .take_shared_rate("principal", "race", burst)
+            .await
+            .unwrap();
+        let stored: String = sqlx::query_scalar(
+            "SELECT tokens::text FROM rate_buckets WHERE scope = 'principal' AND key = 'race'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        // Shortest round-trip text: `19.000083`, or `1.7e-05` near zero.
+        let micro = stored.parse::<f64>().unwrap() * 1e6;
+        let decimals = stored
+            .split_once('.')
+            .map_or(0, |(_, d)| d.split('e').next().unwrap().len());
+        assert!(
+            (micro - micro.round()).abs() < 1e-3 && (stored.contains('e') || decimals <= 6),
+            "stored bucket {stored:?}"
+        );
+    }
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn shared_anomaly_windows_count_distinct_tokens_and_fire_once() {
+    let sqlite = TestStore::sqlite().await;
+    assert_eq!(
+        sqlite
+            .store()
+            .record_shared_reveal("p1", 60_000, 1)
+            .await
+            .unwrap(),
+        None,
+        "SQLite keeps the rule in memory"
+    );
+    let t = TestStore::postgres().await;
+    let a = t.store();
+    let TestStore::Postgres(db, _) = &t else {
+        unreachable!()
+    };
+    let b: Arc<dyn Store> = Arc::new(PgStore::open(&db.url, PgSettings::default()).await.unwrap());
+    // An hour-long window: the test does not cross its end (unless it
+    // starts within seconds of it: then the counts restart, checked below).
+    let window = 3_600_000;
+    let first = a
+        .record_shared_reveal("p1", window, 11)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.new && !first.fired);
+    let again = b
+        .record_shared_reveal("p1", window, 11)
+        .await
+        .unwrap()
+        .unwrap();
+    let second = b
+        .record_shared_reveal("p1", window, 12)
+        .await
+        .unwrap()
+        .unwrap();
+    if second.window_start != first.window_start {
+        return; // crossed a window boundary: nothing to compare
+    }
+    assert_eq!((first.distinct, again.distinct, again.new), (1, 1, false));
+    assert_eq!((second.distinct, second.new), (2, true));
+    assert_eq!(first.window_start % window, 0);
+    // Other principals count apart.
+    let other = a
+        .record_shared_reveal("p2", window, 11)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(other.distinct, 1);
+    // One claim wins; after it nothing more is recorded in the window.
+    assert!(a
+        .claim_shared_anomaly("p1", first.window_start)
+        .await
+        .unwrap());
+    assert!(!b
+        .claim_shared_anomaly("p1", first.window_start)
+        .await
+        .unwrap());
+    let after = a
+        .record_shared_reveal("p1", window, 13)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        after.fired && !after.new && after.distinct == 2,
+        "{after:?}"
+    );
+    // The history of earlier windows, and pruning.
+    t.exec(&format!(
+        "INSERT INTO anomaly_windows VALUES ('p1', {}, 7, false), ('p1', {}, 3, false)",
+        first.window_start - 2 * window,
+        first.window_start - 9 * window
+    ))
+    .await
+    .unwrap();
+    let history = b
+        .shared_anomaly_history("p1", first.window_start - 4 * window, first.window_start)
+        .await
+        .unwrap();
+    assert_eq!(history, vec![(first.window_start - 2 * window, 7)]);
+    let kept = t
+        .exec(&format!(
+            "DELETE FROM anomaly_windows WHERE principal = 'p1' AND window_start < {}",
+            first.window_start - 4 * window
+        ))
+        .await
+        .unwrap();
+    assert_eq!(kept, 0, "windows before the baseline were pruned");
+}
+
+/// `url` (one host) as a host list whose first host refuses connections
+/// (port 1, where nothing listens).
+fn with_dead_first_host(url: &str) -> String {
+    let (user, rest) = url
+        .split_once('@')
+        .expect("user@host in CARDVAULT_TEST_PG_URL");
+    format!("{user}@127.0.0.1:1,{rest}")
+}
+
+/// A host list where no host accepts writes: the error says what each host
+/// answered (one refuses connections, one is read-only), by name only, and
+/// comes within the probe bound over TLS too (sqlx's `close_hard` of the
+/// read-only host's connection never returned over TLS: the search hung).
+#[tokio::test]
+async fn no_writable_host_names_what_each_host_answered() {
+    let db = PgTestDb::create().await;
+    let (user, rest) = db
+        .url
+        .split_once('@')
+        .expect("user@host in CARDVAULT_TEST_PG_URL");
+    let host = rest.split_once('/').unwrap().0;
+    // A password the error must not show (trust authentication ignores it;
+    // the URL's own, if it has one, stays).
+    const SECRET: &str = "never-shown-2c9f";
+    let with_secret = if user.trim_start_matches("postgres://").contains(':') {
+        db.url.clone()
+    } else {
+        format!("{user}:{SECRET}@{rest}")
+    };
+    let settings = PgSettings {
+        op_timeout: std::time::Duration::from_secs(5),
+        ..PgSettings::default()
+    };
+    for tls in ["disable", "require"] {
+        // Port 1: nothing listens there. The real server in a read-only
+        // session.
+        let url = format!(
+            "{}?sslmode={tls}&options=-c%20default_transaction_read_only%3Don",
+            with_dead_first_host(&with_secret)
+        );
+        let err = PgStore::open(&url, settings)
+            .await
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no host of the database URL accepts writes"),
+            "sslmode={tls}: {err}"
+        );
+        assert!(err.contains("127.0.0.1:1: "), "{err}");
+        assert!(
+            err.contains(&format!("{host}: standby or read-only")),
+            "{err}"
+        );
+        assert!(!err.contains(SECRET), "{err}");
     }
 }
