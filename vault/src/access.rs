@@ -531,6 +531,8 @@ pub struct Authenticator {
     checks: AtomicU64,
     /// Principal rows read from the store so far.
     reads: AtomicU64,
+    /// Of those, the reads made while the row cache was not in use.
+    bypassed: AtomicU64,
 }
 
 impl Drop for Authenticator {
@@ -568,6 +570,7 @@ impl Authenticator {
             verifying: tokio::sync::Semaphore::new(cores),
             checks: AtomicU64::new(0),
             reads: AtomicU64::new(0),
+            bypassed: AtomicU64::new(0),
         }
     }
 
@@ -594,13 +597,23 @@ impl Authenticator {
         lock(&self.rows).generation
     }
 
+    /// Principal reads made while the row cache was not in use (a lapsed
+    /// lease or a lost listener: tests tell those from cache misses).
+    #[cfg(test)]
+    fn bypassed_reads(&self) -> u64 {
+        self.bypassed.load(Ordering::Relaxed)
+    }
+
     /// The principal row of key id `id`: cached, or read (and cached if no
     /// change was reported during the read).
     async fn principal_row(&self, id: &str) -> Result<Option<PrincipalRow>, StoreError> {
         let generation = match lock(&self.rows).by_id(id) {
             Cached::Hit(row) => return Ok(Some(row)),
             Cached::Miss(generation) => Some(generation),
-            Cached::Bypass => None,
+            Cached::Bypass => {
+                self.bypassed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
         };
         self.reads.fetch_add(1, Ordering::Relaxed);
         let row = self.store.find_principal(id).await?;
@@ -617,7 +630,10 @@ impl Authenticator {
         let generation = match lock(&self.rows).by_cert(identity) {
             Cached::Hit(row) => return Ok(row),
             Cached::Miss(generation) => Some(generation),
-            Cached::Bypass => None,
+            Cached::Bypass => {
+                self.bypassed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
         };
         self.reads.fetch_add(1, Ordering::Relaxed);
         let row = self.store.find_principal_by_cert(identity).await?;
