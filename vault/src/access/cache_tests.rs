@@ -343,8 +343,7 @@ async fn a_revocation_on_one_instance_or_by_sql_is_refused_on_the_other_at_once(
     })
     .await;
     assert!(revoked(&t.auth_a.authenticate(key.expose()).await));
-    // The refusal is from the row read after the notification, and that
-    // row is cached: later requests read nothing.
+    // The revoked row that B read is cached: later requests read nothing.
     let again = reads_while_cached(&t.auth_b, || async {
         for _ in 0..10 {
             assert!(revoked(&t.auth_b.authenticate(key.expose()).await));
