@@ -10,7 +10,7 @@ use serde::{Deserialize, Deserializer, Serializer};
 const DIGITS: &[u8; 16] = b"0123456789abcdef";
 
 /// Lowercase hex of `bytes`.
-pub(crate) fn encode(bytes: &[u8]) -> String {
+pub fn encode(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         out.push(char::from(DIGITS[usize::from(b >> 4)]));
@@ -20,7 +20,7 @@ pub(crate) fn encode(bytes: &[u8]) -> String {
 }
 
 /// Decode exactly `N` bytes from `2 * N` lowercase hex digits.
-pub(crate) fn decode_array<const N: usize>(text: &str) -> Option<[u8; N]> {
+pub fn decode_array<const N: usize>(text: &str) -> Option<[u8; N]> {
     let digits = text.as_bytes();
     if digits.len() != 2 * N {
         return None;

@@ -49,7 +49,7 @@ pub mod chain;
 pub mod checkpoint;
 pub mod db;
 pub mod export;
-mod hex;
+pub mod hex;
 pub mod merkle;
 pub mod proof;
 pub mod verify;

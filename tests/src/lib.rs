@@ -178,6 +178,18 @@ pub fn give_to_service_user(path: &Path) {
     });
 }
 
+/// A configuration file holding `toml`, given to the service user, and the
+/// `serve` arguments that name it (keep the directory until the service
+/// has stopped).
+pub fn config_file(toml: &str) -> (tempfile::TempDir, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.toml");
+    fs::write(&path, toml).unwrap();
+    give_to_service_user(dir.path());
+    let args = vec!["--config".to_owned(), path.display().to_string()];
+    (dir, args)
+}
+
 /// A file that vanishes meanwhile (a running instance renaming its own
 /// files) is skipped.
 fn chown_tree(path: &Path, user: ServiceUser) -> io::Result<()> {
@@ -496,9 +508,10 @@ pub fn run_cli_with_env(
     }
 }
 
-/// Runs a command to completion with piped output, killing it after
-/// `timeout`.
-fn wait_with_timeout(mut cmd: Command, timeout: Duration, what: &[&str]) -> Output {
+/// Runs a command to completion with piped output (read by threads of
+/// their own, so a chatty command cannot block on a full pipe), killing it
+/// after `timeout`.
+pub fn wait_with_timeout(mut cmd: Command, timeout: Duration, what: &[&str]) -> Output {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd
         .spawn()

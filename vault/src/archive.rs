@@ -173,9 +173,7 @@ pub async fn archive_audit(
     } else {
         fs::rename(&partial, &path).map_err(io(&path))?;
     }
-    File::open(out_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(out_dir))?;
+    crate::backup::sync_dir(out_dir).map_err(io(out_dir))?;
 
     let row = ArchiveRow {
         from_seq: from,

@@ -351,10 +351,6 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> BackupError + '_ {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Append one JSON line to the file and to the running digest.
 fn write_line(
     out: &mut impl Write,
@@ -377,9 +373,12 @@ fn finish(out: BufWriter<fs::File>, tmp: &Path, path: &Path) -> Result<(), Backu
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    sync_dir(dir).map_err(io_err(dir))
+}
+
+/// fsync a directory: a file renamed into it is durable only then.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir).and_then(|d| d.sync_all())
 }
 
 /// The bytes a backup's signature covers (layout in the module doc).
@@ -412,7 +411,7 @@ fn sign(
             "the unwrapped key does not match its key id".into(),
         ));
     }
-    Ok(hex(&key.sign_message(message)))
+    Ok(audit::hex::encode(&key.sign_message(message)))
 }
 
 /// A backup written: what it holds, when it began, which key signed it.
@@ -495,7 +494,7 @@ pub async fn write_backup_file(
         };
         let end = Line::End {
             records,
-            sha256: hex(&digest),
+            sha256: audit::hex::encode(&digest),
             seal: B64.encode(&seal),
             signing_key_id: signature
                 .as_ref()
@@ -832,7 +831,7 @@ fn scan(path: &Path, keep: bool) -> Result<Scanned, BackupError> {
     if count != summary.total() {
         return Err(BackupError::Integrity("record count does not match"));
     }
-    if sha256 != hex(&digest) {
+    if sha256 != audit::hex::encode(&digest) {
         return Err(BackupError::Integrity("SHA-256 does not match the content"));
     }
     Ok(Scanned {
@@ -881,8 +880,7 @@ pub fn verify_backup(path: &Path, keys: &[audit::VerifyingKey]) -> Result<Verifi
                     "signed by key {key_id}, which is not among the given public keys"
                 ))
             })?;
-            let bytes: [u8; 64] = decode_hex(signature)
-                .and_then(|b| b.try_into().ok())
+            let bytes: [u8; 64] = audit::hex::decode_array(signature)
                 .ok_or_else(|| BackupError::Signature("the signature is malformed".into()))?;
             let public = ed25519_dalek::VerifyingKey::from_bytes(&key.to_bytes())
                 .map_err(|_| BackupError::Signature("the public key is invalid".into()))?;
@@ -900,21 +898,11 @@ pub fn verify_backup(path: &Path, keys: &[audit::VerifyingKey]) -> Result<Verifi
     Ok(Verified {
         summary: scanned.summary,
         records,
-        sha256: hex(&scanned.digest),
+        sha256: audit::hex::encode(&scanned.digest),
         created_at: scanned.created_at,
         kek_id: scanned.kek_id,
         signed_by,
     })
-}
-
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// Read and fully check a backup file without touching any database.
@@ -1179,7 +1167,7 @@ mod tests {
             forged[card_line].replace("\"tenant\":\"shop-1\"", "\"tenant\":\"shop-2\"");
         forged[card_line] = &forged_card;
         let body = forged[..forged.len() - 1].join("\n") + "\n";
-        let digest = hex(&Sha256::digest(body.as_bytes()));
+        let digest = audit::hex::encode(&Sha256::digest(body.as_bytes()));
         let end: serde_json::Value = serde_json::from_str(lines[lines.len() - 1]).unwrap();
         let end = serde_json::json!({"type": "end", "records": end["records"], "sha256": digest, "seal": end["seal"]});
         cases.push(("forged with recomputed digest", format!("{body}{end}\n")));

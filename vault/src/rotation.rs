@@ -437,6 +437,16 @@ impl Vault {
             .store
             .change_key_state(purpose, version, change, now_millis(), event.clone())
             .await?;
+        self.finish_key_change(event, outcome).await
+    }
+
+    /// After a retirement or destruction: on success the keys in memory
+    /// follow the store; a refusal is audited and returned as its error.
+    async fn finish_key_change(
+        &self,
+        event: AuditEvent,
+        outcome: KeyChangeOutcome,
+    ) -> Result<(), VaultError> {
         let err = match outcome {
             KeyChangeOutcome::Done => {
                 self.refresh_keys().await?;
@@ -679,17 +689,7 @@ impl Vault {
             .store
             .destroy_signing_key(generation, now_millis(), event.clone())
             .await?;
-        let err = match outcome {
-            KeyChangeOutcome::Done => {
-                self.refresh_keys().await?;
-                return Ok(());
-            }
-            KeyChangeOutcome::NotFound => KeyLifecycleError::NotFound,
-            KeyChangeOutcome::Active => KeyLifecycleError::Active,
-            KeyChangeOutcome::InUse => KeyLifecycleError::InUse,
-            KeyChangeOutcome::WrongState(s) => KeyLifecycleError::WrongState(s),
-        };
-        Err(self.refuse(event, err).await)
+        self.finish_key_change(event, outcome).await
     }
 
     /// Every key with its state, age, crypto-period and record count, and

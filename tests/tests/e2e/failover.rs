@@ -10,7 +10,6 @@
 //! Always on PostgreSQL (two throwaway clusters: initdb, then
 //! `pg_basebackup -R`), whatever `CARDVAULT_TEST_BACKEND` says.
 
-use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -43,13 +42,10 @@ fn eventually(what: &str, bound: Duration, count: impl Fn() -> i64) {
 #[test]
 fn failover_to_a_synchronous_standby_loses_no_acknowledged_token() {
     let pair = PgReplicaPair::start(REPLICATION_BOUND);
-    let config_dir = tempfile::tempdir().unwrap();
-    let config = config_dir.path().join("tokenizer.toml");
-    fs::write(&config, format!("db_timeout_ms = {DB_TIMEOUT_MS}\n")).unwrap();
-    e2e::give_to_service_user(config_dir.path());
+    let (_config, config_args) = e2e::config_file(&format!("db_timeout_ms = {DB_TIMEOUT_MS}\n"));
     let mut svc = Service::start_with(Options {
         database_url: Some(pair.url()),
-        extra_args: vec!["--config".into(), config.display().to_string()],
+        extra_args: config_args,
         log_level: "debug".into(),
         ..Options::default()
     });

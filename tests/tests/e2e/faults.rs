@@ -375,13 +375,10 @@ fn sigkill_under_write_load_loses_no_acknowledged_token() {
 fn postgres_crashes_under_write_load_lose_nothing_and_write_nothing_in_part() {
     const CRASHES: usize = 2;
     let cluster = PgCluster::start();
-    let config_dir = tempfile::tempdir().unwrap();
-    let config = config_dir.path().join("tokenizer.toml");
-    std::fs::write(&config, "db_timeout_ms = 1000\n").unwrap();
-    e2e::give_to_service_user(config_dir.path());
+    let (_config, config_args) = e2e::config_file("db_timeout_ms = 1000\n");
     let mut svc = Service::start_with(Options {
         database_url: Some(cluster.url()),
-        extra_args: vec!["--config".into(), config.display().to_string()],
+        extra_args: config_args,
         log_level: "info".into(),
         ..Options::default()
     });

@@ -14,12 +14,11 @@
 //! wrong key only (1). The verifier's venv is made on the first run
 //! (python3 with venv, and PyPI); if it cannot be made the test fails.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use e2e::{run_vault_audit, temp_data_dir, workspace_root, Options, Service};
+use e2e::{run_vault_audit, temp_data_dir, wait_with_timeout, workspace_root, Options, Service};
 
 use crate::audit_trail::{wait_for_checkpoints, witness_checkpoints};
 use crate::{admin, expect_status, report, token_for, REASON, TENANT, TEST_CARDS};
@@ -29,35 +28,13 @@ const INTERVAL_MS: u64 = 200;
 /// The first run makes the venv and installs from PyPI.
 const VERIFIER_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Runs `scripts/independent-verify/run ARGS` (output into files in `dir`, so
-/// a long pip install cannot block on a full pipe); exit code, stdout, stderr.
-fn run_independent(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let script = workspace_root().join("scripts/independent-verify/run");
-    let (out_path, err_path) = (dir.join("verifier.stdout"), dir.join("verifier.stderr"));
-    let mut child = Command::new(&script)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(File::create(&out_path).unwrap())
-        .stderr(File::create(&err_path).unwrap())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    let deadline = Instant::now() + VERIFIER_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{} {args:?} did not finish within {VERIFIER_TIMEOUT:?}",
-                script.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let read = |p: &PathBuf| std::fs::read_to_string(p).unwrap_or_default();
-    (status.code(), read(&out_path), read(&err_path))
+/// Runs `scripts/independent-verify/run ARGS`: exit code, stdout, stderr.
+fn run_independent(args: &[&str]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(workspace_root().join("scripts/independent-verify/run"));
+    cmd.args(args).stdin(Stdio::null());
+    let out = wait_with_timeout(cmd, VERIFIER_TIMEOUT, args);
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
 }
 
 /// The export's lines, with `edit` applied; written to `dir/name`.
@@ -98,7 +75,7 @@ fn tree_size(line: &str) -> Option<u64> {
 fn the_independent_verifier_agrees_with_vault_audit_across_a_key_rotation() {
     let work = temp_data_dir();
     // Fail early, and plainly, when the verifier's venv cannot be made.
-    let (code, out, err) = run_independent(work.path(), &["--help"]);
+    let (code, out, err) = run_independent(&["--help"]);
     assert_eq!(
         code,
         Some(0),
@@ -253,7 +230,7 @@ fn the_independent_verifier_agrees_with_vault_audit_across_a_key_rotation() {
     for (case, file, key, expected) in cases {
         let (file, key) = (file.to_str().unwrap(), key.to_str().unwrap());
         let ours = run_vault_audit(&["verify", "--key", key, "--export", file]);
-        let (theirs, t_out, t_err) = run_independent(dir, &["--key", key, "--export", file]);
+        let (theirs, t_out, t_err) = run_independent(&["--key", key, "--export", file]);
         let both = format!(
             "{case}\n--- vault-audit ({:?}) ---\n{}{}--- independent ({theirs:?}) ---\n{t_out}{t_err}",
             ours.status.code(),

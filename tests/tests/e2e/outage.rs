@@ -7,7 +7,6 @@
 //! Always on PostgreSQL (a throwaway cluster: initdb in a temporary
 //! directory), whatever `CARDVAULT_TEST_BACKEND` says.
 
-use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -48,13 +47,10 @@ fn wait_for_status(client: &Client, path: &str, status: u16, bound: Duration) ->
 #[test]
 fn database_crash_fails_fast_recovers_and_loses_nothing() {
     let cluster = PgCluster::start();
-    let config_dir = tempfile::tempdir().unwrap();
-    let config = config_dir.path().join("tokenizer.toml");
-    fs::write(&config, format!("db_timeout_ms = {DB_TIMEOUT_MS}\n")).unwrap();
-    e2e::give_to_service_user(config_dir.path());
+    let (_config, config_args) = e2e::config_file(&format!("db_timeout_ms = {DB_TIMEOUT_MS}\n"));
     let mut svc = Service::start_with(Options {
         database_url: Some(cluster.url()),
-        extra_args: vec!["--config".into(), config.display().to_string()],
+        extra_args: config_args,
         log_level: "debug".into(),
         ..Options::default()
     });
