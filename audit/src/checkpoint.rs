@@ -456,11 +456,6 @@ impl TrustedKeys {
         self.keys.get(key_id).map(|k| &k.trust)
     }
 
-    /// Every trusted key id, in key id order.
-    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
-        self.keys.keys().map(String::as_str)
-    }
-
     /// Hand-overs accepted so far, in trail order.
     pub fn handovers(&self) -> &[Handover] {
         &self.handovers

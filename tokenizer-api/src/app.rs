@@ -52,21 +52,16 @@ pub enum StartError {
     BackupDir(#[from] crate::backups::BackupDirError),
 }
 
-/// Create `dir` and its missing parents with mode 0700 if it does not exist.
-pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    if dir.exists() {
-        return Ok(());
-    }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-}
-
 /// Create the data dir (mode 0700) if missing; warn if others can read it.
 pub fn prepare_data_dir(dir: &Path) -> Result<(), StartError> {
     let shown = || dir.display().to_string();
-    create_private_dir(dir).map_err(|e| StartError::DataDir(shown(), e))?;
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| StartError::DataDir(shown(), e))?;
+    }
     let mode = fs::metadata(dir)
         .map_err(|e| StartError::DataDir(shown(), e))?
         .permissions()

@@ -19,7 +19,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -55,7 +55,13 @@ pub enum BackupDirError {
 /// directory.
 pub fn prepare_dir(dir: &Path, data_dir: &Path) -> Result<PathBuf, BackupDirError> {
     let shown = || dir.display().to_string();
-    crate::app::create_private_dir(dir).map_err(|e| BackupDirError::Io(shown(), e))?;
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| BackupDirError::Io(shown(), e))?;
+    }
     let resolved = dir
         .canonicalize()
         .map_err(|e| BackupDirError::Io(shown(), e))?;
