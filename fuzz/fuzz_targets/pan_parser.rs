@@ -6,7 +6,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use vault::pan::{contains_pan_like, luhn_valid, masked_form};
-use vault::{Brand, CardholderName, Expiry, Pan, Tenant, Token};
+use vault::{Brand, CardDataError, CardholderName, Expiry, Pan, Tenant, Token};
 
 /// Textbook Luhn, independent of the code under test.
 fn reference_luhn(digits: &[u8]) -> bool {
@@ -94,10 +94,17 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(t.as_str(), input);
     }
     if let Err(e) = CardholderName::parse(input) {
-        let shown = format!("{e} {e:?}");
+        // One of the two name errors: fieldless variants, so their texts
+        // are fixed and cannot echo the input. (A search for the input in
+        // the text is no oracle: the fuzzer copies the fixed text from its
+        // dictionary, e.g. "cardholder name must be 1 to 64 printable
+        // characters CardholderNa", 65 characters, which is then "found".)
         assert!(
-            input.len() < 4 || !shown.contains(input),
-            "name error echoes input"
+            matches!(
+                e,
+                CardDataError::CardholderName | CardDataError::CardholderNameHasPan
+            ),
+            "a name error of another kind: {e:?}"
         );
     }
     if let Some(t) = Token::parse(input) {
